@@ -1,0 +1,136 @@
+//! The admin listener: `/live`, `/ready`, `/metrics`, `/config`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::config_store::ConfigStore;
+use crate::metrics::Metrics;
+use crate::runtime_config::RuntimeConfig;
+
+pub struct AdminState {
+    pub store: Arc<ConfigStore>,
+    pub metrics: Arc<Metrics>,
+    /// True once listeners are bound on a valid config; false again while draining.
+    pub ready: AtomicBool,
+}
+
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(respond(&state, &req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    resp
+}
+
+fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/live" => text(StatusCode::OK, "text/plain", "live\n".into()),
+        "/ready" => {
+            if state.ready.load(Ordering::Relaxed) {
+                text(StatusCode::OK, "text/plain", "ready\n".into())
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not ready\n".into(),
+                )
+            }
+        }
+        "/metrics" => text(
+            StatusCode::OK,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            state.metrics.encode(),
+        ),
+        "/config" => {
+            let body = serde_json::to_string_pretty(&config_json(state)).unwrap_or_default();
+            text(StatusCode::OK, "application/json", body + "\n")
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "endpoints: /live /ready /metrics /config\n".into(),
+        ),
+    }
+}
+
+fn config_json(state: &AdminState) -> serde_json::Value {
+    let config = state.store.current.load();
+    let rejection = state.store.last_rejection.load();
+    json!({
+        "version": config.version,
+        "source": config.source,
+        "loaded_at_unix": state.store.loaded_at_unix.load(Ordering::Relaxed),
+        "last_error": rejection.as_ref().map(|r| json!({
+            "message": r.error.to_string(),
+            "file": r.error.file,
+            "line": r.error.line,
+            "column": r.error.column,
+            "field": r.error.field,
+            "at_unix": r.at_unix,
+        })),
+        "snapshot": snapshot_json(&config),
+    })
+}
+
+fn snapshot_json(config: &RuntimeConfig) -> serde_json::Value {
+    let mut clusters: Vec<_> = config.clusters.values().collect();
+    clusters.sort_by(|a, b| a.name.cmp(&b.name));
+    json!({
+        "listeners": config.listeners.iter().map(|l| json!({
+            "name": l.name,
+            "address": l.address.to_string(),
+            "direction": format!("{:?}", l.direction).to_lowercase(),
+            "protocol": format!("{:?}", l.protocol).to_lowercase(),
+            "tcp_cluster": l.tcp.as_ref().map(|t| t.cluster.name.clone()),
+            "virtual_hosts": l.virtual_hosts.iter().map(|v| json!({
+                "name": v.name,
+                "domains": v.domains,
+                "routes": v.routes.iter().map(|r| json!({
+                    "name": r.name,
+                    "timeout_ms": r.timeout.as_millis() as u64,
+                    "backends": r.backends.iter().map(|b| json!({"cluster": b.cluster.name, "weight": b.weight})).collect::<Vec<_>>(),
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+        "clusters": clusters.iter().map(|c| json!({
+            "name": c.name,
+            "protocol": format!("{:?}", c.protocol).to_lowercase(),
+            "lb": format!("{:?}", c.lb),
+            "endpoints": c.endpoints.iter().map(|e| json!({
+                "address": e.addr.to_string(),
+                "outstanding": e.outstanding(),
+                "latency_estimate_ms": e.latency_estimate().as_secs_f64() * 1000.0,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}

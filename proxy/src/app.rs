@@ -1,0 +1,161 @@
+//! The whole proxy, assembled in one place: config → listeners → per-connection stages.
+//!
+//! ```text
+//! config_store (ArcSwap<RuntimeConfig>, file watch + SIGHUP)
+//!   └─ listener::accept_loop  (one per configured listener)
+//!        └─ detect → http_proxy::handle (router → balance → upstream) | tcp::proxy
+//! admin::serve (/live /ready /metrics /config)
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+
+use crate::admin::{self, AdminState};
+use crate::config::Direction;
+use crate::config_error::ConfigError;
+use crate::config_store::ConfigStore;
+use crate::http_proxy::HttpContext;
+use crate::listener::{self, Shutdown};
+use crate::metrics::Metrics;
+use crate::runtime_config::RuntimeConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("cannot bind listener `{name}` on {addr}: {source}")]
+    Bind {
+        name: String,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// A running proxy. Tests and the demo drive it through this; the binary waits on signals.
+pub struct ProxyHandle {
+    pub admin_addr: Option<SocketAddr>,
+    listener_addrs: Vec<(String, SocketAddr)>,
+    store: Arc<ConfigStore>,
+    admin: Arc<AdminState>,
+    metrics: Arc<Metrics>,
+    shutdown_tx: watch::Sender<bool>,
+    drained: mpsc::Receiver<()>,
+}
+
+impl ProxyHandle {
+    /// The bound address of a listener (useful when the config asked for port 0).
+    pub fn listener_addr(&self, name: &str) -> SocketAddr {
+        self.listener_addrs
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, a)| *a)
+            .expect("no such listener")
+    }
+
+    pub fn config(&self) -> Arc<RuntimeConfig> {
+        self.store.current.load_full()
+    }
+
+    /// Re-reads the config file now, as SIGHUP does.
+    pub fn reload(&self) -> Result<u64, ConfigError> {
+        self.store.reload()
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Stops accepting, lets connections in flight finish, and returns when they have or when
+    /// `deadline` passes. Returns whether everything finished in time.
+    pub async fn drain(mut self, deadline: Duration) -> bool {
+        self.admin.ready.store(false, Ordering::Relaxed);
+        let _ = self.shutdown_tx.send(true);
+        tracing::info!(?deadline, "draining");
+        tokio::time::timeout(deadline, self.drained.recv())
+            .await
+            .is_ok()
+    }
+}
+
+pub async fn start(config_path: PathBuf) -> Result<ProxyHandle, StartError> {
+    let metrics = Arc::new(Metrics::new());
+    let store = Arc::new(ConfigStore::load(config_path, metrics.clone())?);
+    let config = store.current.load_full();
+    tracing::info!(
+        version = config.version,
+        file = %config.source,
+        listeners = config.listeners.len(),
+        clusters = config.clusters.len(),
+        "config loaded"
+    );
+
+    let (shutdown_tx, signal) = watch::channel(false);
+    let (tracker, drained) = mpsc::channel(1);
+    let shutdown = Shutdown { signal, tracker };
+
+    let mut listener_addrs = Vec::new();
+    for (index, l) in config.listeners.iter().enumerate() {
+        let socket = TcpListener::bind(l.address)
+            .await
+            .map_err(|source| StartError::Bind {
+                name: l.name.clone(),
+                addr: l.address,
+                source,
+            })?;
+        let bound = socket.local_addr().unwrap_or(l.address);
+        tracing::info!(listener = %l.name, address = %bound, protocol = ?l.protocol, "listening");
+        listener_addrs.push((l.name.clone(), bound));
+        let ctx = Arc::new(HttpContext {
+            config: store.current.clone(),
+            listener: index,
+            direction: match l.direction {
+                Direction::Inbound => "inbound",
+                Direction::Outbound => "outbound",
+            },
+            metrics: metrics.clone(),
+        });
+        tokio::spawn(listener::accept_loop(socket, ctx, shutdown.clone()));
+    }
+    // Only connections hold the tracker from here on, so `drained` ends when they do.
+    drop(shutdown);
+
+    let admin = Arc::new(AdminState {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        ready: false.into(),
+    });
+    let admin_addr = match config.admin_address {
+        Some(addr) => {
+            let socket = TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind {
+                    name: "admin".into(),
+                    addr,
+                    source,
+                })?;
+            let bound = socket.local_addr().unwrap_or(addr);
+            tracing::info!(address = %bound, "admin listening");
+            tokio::spawn(admin::serve(socket, admin.clone()));
+            Some(bound)
+        }
+        None => None,
+    };
+    tokio::spawn(store.clone().watch());
+    admin.ready.store(true, Ordering::Relaxed);
+
+    Ok(ProxyHandle {
+        admin_addr,
+        listener_addrs,
+        store,
+        admin,
+        metrics,
+        shutdown_tx,
+        drained,
+    })
+}

@@ -1,0 +1,227 @@
+//! Choosing an endpoint: power-of-two-choices over peak-EWMA latency, or round robin.
+//!
+//! Peak-EWMA (as in Finagle and Linkerd) tracks a latency estimate that jumps up at once on a
+//! slow response and decays slowly back down, multiplied by the requests still in flight. Two
+//! endpoints are drawn at random and the cheaper one wins, which avoids the herd behaviour of
+//! always choosing the single best endpoint. All state is atomics: no lock on the hot path.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use crate::config::{LbPolicy, UpstreamProtocol};
+use crate::runtime_config::WeightedBackend;
+use crate::upstream::UpstreamClient;
+
+/// How fast the latency estimate forgets a slow response.
+const DECAY: Duration = Duration::from_secs(10);
+/// The estimate for an endpoint that has not answered yet: optimistic, so new endpoints get
+/// traffic, but not zero, so that in-flight requests still count against it.
+const DEFAULT_RTT_NANOS: f64 = 1_000_000.0;
+
+pub struct Cluster {
+    pub name: String,
+    pub protocol: UpstreamProtocol,
+    pub lb: LbPolicy,
+    pub connect_timeout: Duration,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    pub client: UpstreamClient,
+    next: AtomicUsize,
+}
+
+impl Cluster {
+    pub fn new(
+        name: String,
+        protocol: UpstreamProtocol,
+        lb: LbPolicy,
+        connect_timeout: Duration,
+        endpoints: Vec<Arc<Endpoint>>,
+        client: UpstreamClient,
+    ) -> Self {
+        Cluster {
+            name,
+            protocol,
+            lb,
+            connect_timeout,
+            endpoints,
+            client,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn pick(&self) -> Option<&Arc<Endpoint>> {
+        let n = self.endpoints.len();
+        match n {
+            0 => None,
+            1 => self.endpoints.first(),
+            _ => match self.lb {
+                LbPolicy::RoundRobin => {
+                    let i = self.next.fetch_add(1, Ordering::Relaxed) % n;
+                    Some(&self.endpoints[i])
+                }
+                LbPolicy::PeakEwma => {
+                    let a = fastrand::usize(..n);
+                    let mut b = fastrand::usize(..n - 1);
+                    if b >= a {
+                        b += 1;
+                    }
+                    let (ea, eb) = (&self.endpoints[a], &self.endpoints[b]);
+                    Some(if ea.cost() <= eb.cost() { ea } else { eb })
+                }
+            },
+        }
+    }
+}
+
+/// Picks one backend of a traffic split, in proportion to its weight.
+pub fn pick_backend(backends: &[WeightedBackend], total_weight: u32) -> &WeightedBackend {
+    if backends.len() == 1 {
+        return &backends[0];
+    }
+    let mut ticket = fastrand::u32(..total_weight);
+    for b in backends {
+        if ticket < b.weight {
+            return b;
+        }
+        ticket -= b.weight;
+    }
+    &backends[backends.len() - 1]
+}
+
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// `http://ip:port`, prepared once, for building upstream URIs.
+    pub base_uri: String,
+    outstanding: AtomicU64,
+    /// f64 bits of the latency estimate, in nanoseconds.
+    ewma: AtomicU64,
+    /// Nanoseconds since `epoch()` of the last update.
+    stamp: AtomicU64,
+}
+
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn now_nanos() -> u64 {
+    epoch().elapsed().as_nanos() as u64
+}
+
+impl Endpoint {
+    pub fn new(addr: SocketAddr) -> Self {
+        Endpoint {
+            addr,
+            base_uri: format!("http://{addr}"),
+            outstanding: AtomicU64::new(0),
+            ewma: AtomicU64::new(0f64.to_bits()),
+            stamp: AtomicU64::new(now_nanos()),
+        }
+    }
+
+    fn cost(&self) -> f64 {
+        let ewma = f64::from_bits(self.ewma.load(Ordering::Relaxed));
+        let rtt = if ewma > 0.0 { ewma } else { DEFAULT_RTT_NANOS };
+        rtt * (self.outstanding.load(Ordering::Relaxed) + 1) as f64
+    }
+
+    pub fn outstanding(&self) -> u64 {
+        self.outstanding.load(Ordering::Relaxed)
+    }
+
+    pub fn latency_estimate(&self) -> Duration {
+        Duration::from_nanos(f64::from_bits(self.ewma.load(Ordering::Relaxed)) as u64)
+    }
+
+    fn observe(&self, rtt: Duration) {
+        let rtt = rtt.as_nanos() as f64;
+        let now = now_nanos();
+        let elapsed = now.saturating_sub(self.stamp.swap(now, Ordering::Relaxed)) as f64;
+        let old = f64::from_bits(self.ewma.load(Ordering::Relaxed));
+        // Racing updates may lose one sample; the estimate is a heuristic, not an account.
+        let new = if rtt > old {
+            rtt
+        } else {
+            let w = (-elapsed / DECAY.as_nanos() as f64).exp();
+            old * w + rtt * (1.0 - w)
+        };
+        self.ewma.store(new.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Counts a request as in flight until the guard is dropped.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.outstanding.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            endpoint: self.clone(),
+            started: Instant::now(),
+        }
+    }
+}
+
+pub struct InFlight {
+    endpoint: Arc<Endpoint>,
+    started: Instant,
+}
+
+impl InFlight {
+    /// Records the time to the response head as a latency sample.
+    pub fn responded(&self) {
+        self.endpoint.observe(self.started.elapsed());
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.endpoint.outstanding.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(n: usize, lb: LbPolicy) -> Cluster {
+        let eps = (0..n)
+            .map(|i| {
+                Arc::new(Endpoint::new(SocketAddr::from((
+                    [127, 0, 0, 1],
+                    1000 + i as u16,
+                ))))
+            })
+            .collect();
+        Cluster::new(
+            "c".into(),
+            UpstreamProtocol::Http1,
+            lb,
+            Duration::from_secs(1),
+            eps,
+            UpstreamClient::new(UpstreamProtocol::Http1, Duration::from_secs(1)),
+        )
+    }
+
+    #[test]
+    fn round_robin_cycles() {
+        let c = cluster(3, LbPolicy::RoundRobin);
+        let ports: Vec<u16> = (0..6).map(|_| c.pick().unwrap().addr.port()).collect();
+        assert_eq!(ports, [1000, 1001, 1002, 1000, 1001, 1002]);
+    }
+
+    #[test]
+    fn peak_ewma_avoids_the_slow_endpoint() {
+        let c = cluster(2, LbPolicy::PeakEwma);
+        c.endpoints[0].observe(Duration::from_millis(200));
+        c.endpoints[1].observe(Duration::from_millis(2));
+        let slow_picks = (0..100)
+            .filter(|_| c.pick().unwrap().addr.port() == 1000)
+            .count();
+        assert_eq!(slow_picks, 0, "with two endpoints P2C always compares both");
+    }
+
+    #[test]
+    fn peak_ewma_counts_in_flight_requests() {
+        let c = cluster(2, LbPolicy::PeakEwma);
+        let _busy: Vec<_> = (0..5).map(|_| c.endpoints[0].start()).collect();
+        assert!((0..50).all(|_| c.pick().unwrap().addr.port() == 1001));
+    }
+}

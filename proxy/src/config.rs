@@ -1,0 +1,197 @@
+//! The standalone config file: what a user writes, exactly as written.
+//!
+//! This module only describes the YAML shape. Turning it into something the data path can
+//! use (compiled regexes, resolved cluster references, parsed durations) is the job of
+//! `runtime_config`, which reports every problem with the file, line and field.
+//!
+//! Values whose correctness can only be judged after parsing (durations, regexes, addresses,
+//! references to clusters) are `Spanned`, so that a validation error can still point at the
+//! line they came from.
+
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub admin: Option<AdminFile>,
+    /// Worker threads for the data path. 0 means one per core.
+    #[serde(default)]
+    pub workers: usize,
+    #[serde(default)]
+    pub listeners: Vec<ListenerFile>,
+    #[serde(default)]
+    pub clusters: Vec<ClusterFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminFile {
+    pub address: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+/// How a listener decides what its connections speak.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    /// Peek at the first bytes (the default).
+    #[default]
+    Detect,
+    Http1,
+    Http2,
+    /// Never wait for the client: server-speaks-first protocols need this.
+    Opaque,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerFile {
+    pub name: String,
+    pub address: Spanned<String>,
+    pub direction: Direction,
+    #[serde(default)]
+    pub protocol: ListenerProtocol,
+    /// How long detection waits for the first bytes before treating the stream as opaque.
+    #[serde(default)]
+    pub detect_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub virtual_hosts: Vec<VirtualHostFile>,
+    /// Where opaque TCP goes: connections declared or detected as opaque.
+    #[serde(default)]
+    pub tcp: Option<TcpRouteFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpRouteFile {
+    pub cluster: Spanned<String>,
+    #[serde(default)]
+    pub idle_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualHostFile {
+    pub name: String,
+    /// Host names, with an optional port; `*.example.com` and `*` are wildcards.
+    pub domains: Vec<String>,
+    #[serde(default)]
+    pub routes: Vec<RouteFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteFile {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default, rename = "match")]
+    pub matches: MatchFile,
+    pub backends: Vec<BackendFile>,
+    #[serde(default)]
+    pub timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub request_headers: HeaderChangesFile,
+    #[serde(default)]
+    pub response_headers: HeaderChangesFile,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MatchFile {
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub regex: Option<Spanned<String>>,
+    #[serde(default)]
+    pub headers: Vec<HeaderMatchFile>,
+    #[serde(default)]
+    pub methods: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatchFile {
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub regex: Option<Spanned<String>>,
+    /// Match when the header is present (true) or absent (false), whatever its value.
+    #[serde(default)]
+    pub present: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendFile {
+    pub cluster: Spanned<String>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderChangesFile {
+    /// Header name → value; an existing header of that name is replaced.
+    #[serde(default)]
+    pub set: Vec<HeaderValueFile>,
+    #[serde(default)]
+    pub remove: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderValueFile {
+    pub name: Spanned<String>,
+    pub value: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    Http2,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    #[default]
+    PeakEwma,
+    RoundRobin,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterFile {
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub protocol: UpstreamProtocol,
+    #[serde(default)]
+    pub lb: LbPolicy,
+    #[serde(default)]
+    pub connect_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointFile {
+    pub address: Spanned<String>,
+}

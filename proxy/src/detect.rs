@@ -1,0 +1,222 @@
+//! Protocol detection: read the first bytes of a connection and decide what it speaks.
+//!
+//! The bytes read are not lost: the stream is handed on as a `Prefixed` that replays them
+//! before reading from the socket again. Detection waits at most the listener's detect
+//! timeout; a client that says nothing by then is treated as opaque TCP, so a
+//! server-speaks-first protocol still works there, only late (declare its port `opaque`).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+    Tls,
+    Opaque,
+}
+
+impl Protocol {
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::Http2 => "http2",
+            Protocol::Tls => "tls",
+            Protocol::Opaque => "opaque",
+        }
+    }
+}
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const METHODS: &[&[u8]] = &[
+    b"GET ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"HEAD ",
+    b"OPTIONS ",
+    b"PATCH ",
+    b"CONNECT ",
+    b"TRACE ",
+];
+
+enum Verdict {
+    Known(Protocol),
+    NeedMore,
+}
+
+fn classify(buf: &[u8]) -> Verdict {
+    if buf.is_empty() {
+        return Verdict::NeedMore;
+    }
+    // A TLS record of type handshake (22), and a ClientHello inside (1) once we see it.
+    if buf[0] == 0x16 {
+        if buf.len() < 6 {
+            return Verdict::NeedMore;
+        }
+        return Verdict::Known(if buf[1] == 3 && buf[5] == 1 {
+            Protocol::Tls
+        } else {
+            Protocol::Opaque
+        });
+    }
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] {
+        return if n == H2_PREFACE.len() {
+            Verdict::Known(Protocol::Http2)
+        } else {
+            Verdict::NeedMore
+        };
+    }
+    let mut could_be_method = false;
+    for m in METHODS {
+        let n = buf.len().min(m.len());
+        if buf[..n] == m[..n] {
+            if n == m.len() {
+                return Verdict::Known(Protocol::Http1);
+            }
+            could_be_method = true;
+        }
+    }
+    if could_be_method {
+        Verdict::NeedMore
+    } else {
+        Verdict::Known(Protocol::Opaque)
+    }
+}
+
+/// Reads until the protocol is known, the peer stops sending, or `timeout` passes.
+pub async fn detect<S: AsyncRead + Unpin>(
+    mut stream: S,
+    timeout: Duration,
+) -> io::Result<(Protocol, Prefixed<S>)> {
+    let mut buf = BytesMut::with_capacity(64);
+    let deadline = tokio::time::Instant::now() + timeout;
+    let protocol = loop {
+        if let Verdict::Known(p) = classify(&buf) {
+            break p;
+        }
+        match tokio::time::timeout_at(deadline, stream.read_buf(&mut buf)).await {
+            Err(_) => break Protocol::Opaque,
+            Ok(Ok(0)) => break Protocol::Opaque,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e),
+        }
+    };
+    Ok((
+        protocol,
+        Prefixed {
+            prefix: buf,
+            inner: stream,
+        },
+    ))
+}
+
+/// A stream with some already-read bytes put back in front of it.
+pub struct Prefixed<S> {
+    prefix: BytesMut,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub fn new(inner: S) -> Self {
+        Prefixed {
+            prefix: BytesMut::new(),
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(out.remaining());
+            out.put_slice(&self.prefix[..n]);
+            self.prefix.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, out)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdict(bytes: &[u8]) -> Option<Protocol> {
+        match classify(bytes) {
+            Verdict::Known(p) => Some(p),
+            Verdict::NeedMore => None,
+        }
+    }
+
+    #[test]
+    fn classifies_first_bytes() {
+        assert_eq!(verdict(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
+        assert_eq!(verdict(b"POS"), None);
+        assert_eq!(verdict(H2_PREFACE), Some(Protocol::Http2));
+        assert_eq!(verdict(b"PRI * HTTP/2"), None);
+        assert_eq!(verdict(&[0x16, 3, 1, 0, 200, 1]), Some(Protocol::Tls));
+        assert_eq!(verdict(b"\x00\x01binary"), Some(Protocol::Opaque));
+        assert_eq!(verdict(b"HELLO"), Some(Protocol::Opaque));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_client_becomes_opaque_after_timeout() {
+        let (client, server) = tokio::io::duplex(64);
+        let started = tokio::time::Instant::now();
+        let (p, _) = detect(server, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(p, Protocol::Opaque);
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
+        drop(client);
+    }
+
+    #[tokio::test]
+    async fn replays_what_it_read() {
+        let (mut client, server) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"GET / HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        drop(client);
+        let (p, mut s) = detect(server, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(p, Protocol::Http1);
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).await.unwrap();
+        assert_eq!(all, b"GET / HTTP/1.1\r\n");
+    }
+}

@@ -1,0 +1,104 @@
+//! What can go wrong with a proxied request, and the one place where that becomes a response.
+//!
+//! Every synthetic response carries `x-outrigger-error` with a stable reason code and a body
+//! that starts with `outrigger:`, so nobody mistakes the proxy's answer for the app's.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+use crate::upstream::Body;
+
+pub const ERROR_HEADER: &str = "x-outrigger-error";
+
+/// Which side of the proxy a failure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Downstream,
+    Upstream,
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("no virtual host for host `{host}`")]
+    NoVirtualHost { host: String },
+    #[error("no route for host `{host}` path `{path}`")]
+    NoRoute { host: String, path: String },
+    #[error("no endpoint in cluster `{cluster}`")]
+    NoEndpoint { cluster: String },
+    #[error("cannot connect to cluster `{cluster}`: {reason}")]
+    UpstreamConnect { cluster: String, reason: String },
+    #[error("upstream did not answer within {after:?}")]
+    UpstreamTimeout { after: Duration },
+    #[error("upstream failed: {reason}")]
+    UpstreamFailed { reason: String },
+}
+
+impl ProxyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::NoVirtualHost { .. } | ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
+            ProxyError::NoEndpoint { .. } | ProxyError::UpstreamConnect { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            ProxyError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
+        }
+    }
+
+    /// A stable, machine-readable reason for the header and for metrics.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ProxyError::BadRequest(_) => "bad-request",
+            ProxyError::NoVirtualHost { .. } | ProxyError::NoRoute { .. } => "no-route",
+            ProxyError::NoEndpoint { .. } => "no-endpoint",
+            ProxyError::UpstreamConnect { .. } => "connect-failed",
+            ProxyError::UpstreamTimeout { .. } => "timeout",
+            ProxyError::UpstreamFailed { .. } => "upstream-failed",
+        }
+    }
+
+    pub fn side(&self) -> Side {
+        match self {
+            ProxyError::BadRequest(_) => Side::Downstream,
+            ProxyError::NoVirtualHost { .. }
+            | ProxyError::NoRoute { .. }
+            | ProxyError::NoEndpoint { .. } => Side::Internal,
+            ProxyError::UpstreamConnect { .. }
+            | ProxyError::UpstreamTimeout { .. }
+            | ProxyError::UpstreamFailed { .. } => Side::Upstream,
+        }
+    }
+
+    /// Whether the request may be sent again. A connect failure never reached the app;
+    /// anything after that might have had effects, so only the retry policy may decide.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            ProxyError::UpstreamConnect { .. } | ProxyError::NoEndpoint { .. }
+        )
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let body = format!("outrigger: {}\n", self);
+        let mut resp = Response::new(
+            Full::new(Bytes::from(body))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *resp.status_mut() = self.status();
+        let headers = resp.headers_mut();
+        headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        resp
+    }
+}

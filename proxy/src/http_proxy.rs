@@ -1,0 +1,220 @@
+//! One proxied HTTP request, top to bottom: route, choose a backend and an endpoint, rewrite
+//! the request, send it within the route's timeout, rewrite the response.
+//!
+//! Errors are not turned into responses here; they go back to `handle`, which is the only
+//! place that calls `ProxyError::into_response`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use crate::balance::pick_backend;
+use crate::config::UpstreamProtocol;
+use crate::error::ProxyError;
+use crate::metrics::Metrics;
+use crate::router::{self, RouteOutcome};
+use crate::runtime_config::{Route, RuntimeConfig};
+use crate::upstream::Body;
+
+/// What every request on one listener shares.
+pub struct HttpContext {
+    pub config: Arc<ArcSwap<RuntimeConfig>>,
+    /// Listeners are fixed for the life of the process, so the index is stable across swaps.
+    pub listener: usize,
+    pub direction: &'static str,
+    pub metrics: Arc<Metrics>,
+}
+
+pub async fn handle(
+    ctx: Arc<HttpContext>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let started = Instant::now();
+    // One snapshot for the whole request: a config swap mid-request cannot tear it.
+    let snapshot = ctx.config.load_full();
+    let mut route_label = "none";
+    let response = match forward(&ctx, &snapshot, req, &mut route_label).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            tracing::debug!(error = %err, side = ?err.side(), "synthetic response");
+            err.into_response()
+        }
+    };
+    ctx.metrics.record_request(
+        ctx.direction,
+        route_label,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    Ok(response)
+}
+
+async fn forward<'a>(
+    ctx: &HttpContext,
+    snapshot: &'a RuntimeConfig,
+    mut req: Request<Incoming>,
+    route_label: &mut &'a str,
+) -> Result<Response<Body>, ProxyError> {
+    let listener = &snapshot.listeners[ctx.listener];
+    let host = request_host(&req)?;
+    let (parts, body) = req.into_parts();
+    let route = match router::route(listener, &host, &parts) {
+        RouteOutcome::Matched(_, route) => route,
+        RouteOutcome::NoVirtualHost => return Err(ProxyError::NoVirtualHost { host }),
+        RouteOutcome::NoRoute(_) => {
+            return Err(ProxyError::NoRoute {
+                host,
+                path: parts.uri.path().to_string(),
+            });
+        }
+    };
+    *route_label = route.name.as_str();
+    req = Request::from_parts(parts, body);
+
+    let backend = pick_backend(&route.backends, route.total_weight);
+    let cluster = &backend.cluster;
+    let endpoint = cluster.pick().ok_or_else(|| ProxyError::NoEndpoint {
+        cluster: cluster.name.clone(),
+    })?;
+
+    let upgrade = is_upgrade(&req);
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let upstream_req = rewrite_request(
+        req,
+        route,
+        &endpoint.base_uri,
+        &host,
+        cluster.protocol,
+        upgrade,
+    )?;
+
+    let in_flight = endpoint.start();
+    let send = async {
+        if upgrade {
+            cluster
+                .client
+                .send_upgrade(&cluster.name, endpoint.addr, upstream_req)
+                .await
+        } else {
+            cluster.client.send(&cluster.name, upstream_req).await
+        }
+    };
+    let mut resp = tokio::time::timeout(route.timeout, send)
+        .await
+        .map_err(|_| ProxyError::UpstreamTimeout {
+            after: route.timeout,
+        })??;
+    in_flight.responded();
+    drop(in_flight);
+
+    if let Some(downstream) =
+        downstream_upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS)
+    {
+        let upstream = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            let (Ok(down), Ok(up)) = tokio::join!(downstream, upstream) else {
+                return;
+            };
+            let _ =
+                tokio::io::copy_bidirectional(&mut TokioIo::new(down), &mut TokioIo::new(up)).await;
+        });
+    } else {
+        strip_hop_by_hop(resp.headers_mut());
+    }
+    route.response_headers.apply(resp.headers_mut());
+    Ok(resp.map(|b| b.boxed()))
+}
+
+/// The host a request is for: `:authority` for HTTP/2 (and absolute-form HTTP/1), else `Host`.
+fn request_host(req: &Request<Incoming>) -> Result<String, ProxyError> {
+    if let Some(authority) = req.uri().authority() {
+        return Ok(authority.as_str().to_string());
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = match (hosts.next(), hosts.next()) {
+        (Some(h), None) => h,
+        (None, _) => return Err(ProxyError::BadRequest("missing Host header")),
+        (Some(_), Some(_)) => return Err(ProxyError::BadRequest("more than one Host header")),
+    };
+    let host = host
+        .to_str()
+        .map_err(|_| ProxyError::BadRequest("Host header is not ASCII"))?;
+    host.parse::<http::uri::Authority>()
+        .map_err(|_| ProxyError::BadRequest("Host header is not a valid authority"))?;
+    Ok(host.to_string())
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req.headers().get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+fn rewrite_request(
+    req: Request<Incoming>,
+    route: &Route,
+    base_uri: &str,
+    host: &str,
+    protocol: UpstreamProtocol,
+    upgrade: bool,
+) -> Result<Request<Body>, ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = Uri::try_from(format!("{base_uri}{path}"))
+        .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+    parts.version = match protocol {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::Http2 => Version::HTTP_2,
+    };
+    if !upgrade {
+        strip_hop_by_hop(&mut parts.headers);
+    }
+    // An HTTP/2 client sends no Host header; an HTTP/1 app behind us needs one.
+    if !parts.headers.contains_key(header::HOST) {
+        let value =
+            HeaderValue::from_str(host).map_err(|_| ProxyError::BadRequest("invalid host"))?;
+        parts.headers.insert(header::HOST, value);
+    }
+    route.request_headers.apply(&mut parts.headers);
+    Ok(Request::from_parts(parts, body.boxed()))
+}
+
+/// Connection-scoped headers describe one hop and must not be forwarded (RFC 9110 §7.6.1).
+/// `te: trailers` is the exception: gRPC needs it end to end.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::PROXY_AUTHORIZATION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
+    }
+    if headers.get(header::TE).is_some_and(|v| v != "trailers") {
+        headers.remove(header::TE);
+    }
+}

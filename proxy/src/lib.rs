@@ -1,0 +1,21 @@
+//! The Outrigger sidecar proxy.
+//!
+//! `app` assembles the stages; each other module is one stage or one building block.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod app;
+pub mod balance;
+pub mod config;
+pub mod config_error;
+pub mod config_store;
+pub mod demo;
+pub mod detect;
+pub mod error;
+pub mod http_proxy;
+pub mod listener;
+pub mod metrics;
+pub mod router;
+pub mod runtime_config;
+pub mod tcp;
+pub mod upstream;

@@ -1,0 +1,161 @@
+//! Accepting connections and serving each one with the protocol it speaks.
+//!
+//! Every connection watches the shutdown signal. On drain, HTTP/1 connections finish the
+//! request in flight and close; HTTP/2 connections send GOAWAY and finish their streams;
+//! opaque TCP runs on until the drain deadline.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::ListenerProtocol;
+use crate::detect::{self, Prefixed, Protocol};
+use crate::http_proxy::{self, HttpContext};
+use crate::tcp;
+
+/// Protects the proxy from peers that send huge or endless headers.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+const MAX_HEADERS: usize = 128;
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Shutdown {
+    pub signal: watch::Receiver<bool>,
+    /// Held by every open connection; the drain waits until all are dropped.
+    pub tracker: mpsc::Sender<()>,
+}
+
+impl Clone for Shutdown {
+    fn clone(&self) -> Self {
+        Shutdown {
+            signal: self.signal.clone(),
+            tracker: self.tracker.clone(),
+        }
+    }
+}
+
+pub async fn accept_loop(listener: TcpListener, ctx: Arc<HttpContext>, shutdown: Shutdown) {
+    let mut signal = shutdown.signal.clone();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(serve_connection(stream, ctx.clone(), shutdown.clone()));
+                }
+                // Out of file descriptors and the like: back off instead of spinning.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = signal.changed() => break,
+        }
+    }
+    // Dropping the socket here makes new connections fail at once.
+}
+
+async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Shutdown) {
+    let snapshot = ctx.config.load_full();
+    let listener = &snapshot.listeners[ctx.listener];
+    let name = listener.name.clone();
+    let open = ctx.metrics.open_connections(&name);
+    open.inc();
+    let (protocol, io) = match listener.protocol {
+        ListenerProtocol::Http1 => (Protocol::Http1, Prefixed::new(stream)),
+        ListenerProtocol::Http2 => (Protocol::Http2, Prefixed::new(stream)),
+        ListenerProtocol::Opaque => (Protocol::Opaque, Prefixed::new(stream)),
+        ListenerProtocol::Detect => match detect::detect(stream, listener.detect_timeout).await {
+            Ok(found) => found,
+            Err(_) => {
+                open.dec();
+                return;
+            }
+        },
+    };
+    ctx.metrics.connection_opened(&name, protocol.label());
+    match protocol {
+        Protocol::Http1 | Protocol::Http2 => {
+            drop(snapshot);
+            if serve_http(io, protocol, ctx.clone(), shutdown)
+                .await
+                .is_err()
+            {
+                ctx.metrics.connection_error(&name);
+            }
+        }
+        // TLS is passed through untouched until the proxy terminates mTLS itself.
+        Protocol::Tls | Protocol::Opaque => match &listener.tcp {
+            Some(route) => {
+                let (cluster, idle) = (route.cluster.clone(), route.idle_timeout);
+                drop(snapshot);
+                let _guard = shutdown.tracker;
+                match tcp::proxy(io, &cluster, idle).await {
+                    Ok(n) => ctx.metrics.tcp_bytes(&name, n),
+                    Err(e) => {
+                        tracing::debug!(error = %e, listener = %name, "tcp proxy ended");
+                        ctx.metrics.connection_error(&name);
+                    }
+                }
+            }
+            None => tracing::debug!(listener = %name, "no tcp route; closing opaque connection"),
+        },
+    }
+    open.dec();
+}
+
+async fn serve_http<I>(
+    io: I,
+    protocol: Protocol,
+    ctx: Arc<HttpContext>,
+    shutdown: Shutdown,
+) -> Result<(), hyper::Error>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Shutdown {
+        mut signal,
+        tracker,
+    } = shutdown;
+    let _guard = tracker;
+    let svc = service_fn(move |req| http_proxy::handle(ctx.clone(), req));
+    let io = TokioIo::new(io);
+    // Both connection types have the same graceful-shutdown dance but no common trait.
+    macro_rules! drive {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
+            if *signal.borrow() {
+                conn.as_mut().graceful_shutdown();
+            }
+            tokio::select! {
+                res = conn.as_mut() => res,
+                _ = signal.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }};
+    }
+    match protocol {
+        Protocol::Http2 => drive!(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(MAX_HEADER_BYTES as u32)
+                .serve_connection(io, svc)
+        ),
+        _ => drive!(
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_HEADER_BYTES)
+                .max_headers(MAX_HEADERS)
+                .serve_connection(io, svc)
+                .with_upgrades()
+        ),
+    }
+}

@@ -1,0 +1,141 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tokio::signal::unix::{SignalKind, signal};
+
+use outrigger_proxy::{app, runtime_config};
+
+#[derive(Parser)]
+#[command(
+    name = "outrigger-proxy",
+    version,
+    about = "The Outrigger sidecar proxy"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy on a standalone config file.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// How long in-flight work may take to finish after SIGTERM.
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        drain_timeout: Duration,
+        /// Data-path worker threads; overrides `workers` in the config file.
+        #[arg(long)]
+        workers: Option<usize>,
+        /// Log as JSON lines instead of text.
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// Run a local demo: two demo upstreams behind the proxy, traffic, and a live summary.
+    Demo {
+        /// How long to send traffic.
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        duration: Duration,
+    },
+    /// Check a config file and exit: 0 if valid, 1 with the error otherwise.
+    Check { config: PathBuf },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    runtime_config::parse_duration(s)
+        .ok_or_else(|| format!("`{s}` is not a duration such as 500ms or 30s"))
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if workers > 0 {
+        b.worker_threads(workers);
+    }
+    b.enable_all().build()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => {
+            let source = config.display().to_string();
+            let result = std::fs::read_to_string(&config)
+                .map_err(|e| outrigger_proxy::config_error::ConfigError::io(&source, &e))
+                .and_then(|text| runtime_config::RuntimeConfig::build(&source, &text, 1, None));
+            match result {
+                Ok(_) => {
+                    println!("{source}: ok");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo { duration } => {
+            init_logging(false);
+            let rt = runtime(0).expect("tokio runtime");
+            match rt.block_on(outrigger_proxy::demo::run(duration)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("demo failed: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Run {
+            config,
+            drain_timeout,
+            workers,
+            log_json,
+        } => {
+            init_logging(log_json);
+            // The thread count must be known before the runtime exists, so peek at the file.
+            let workers = workers.unwrap_or_else(|| {
+                std::fs::read_to_string(&config)
+                    .ok()
+                    .and_then(|t| runtime_config::RuntimeConfig::build("", &t, 0, None).ok())
+                    .map_or(0, |c| c.workers)
+            });
+            let rt = runtime(workers).expect("tokio runtime");
+            rt.block_on(async move {
+                let handle = match app::start(config).await {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+                let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM"),
+                    _ = int.recv() => tracing::info!("SIGINT"),
+                }
+                if handle.drain(drain_timeout).await {
+                    tracing::info!("drained; exiting");
+                } else {
+                    tracing::warn!("drain deadline passed; exiting with work in flight");
+                }
+                ExitCode::SUCCESS
+            })
+        }
+    }
+}

@@ -1,0 +1,202 @@
+//! Prometheus metrics for the admin `/metrics` endpoint.
+//!
+//! Labels are bounded by config, never by traffic: route names come from the config file,
+//! not from request paths, and no endpoint address becomes a label.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    direction: &'static str,
+    route: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    direction: &'static str,
+    route: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ConnectionLabels {
+    listener: String,
+    protocol: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+fn latency_histogram() -> Histogram {
+    // 0.5 ms … ~16 s.
+    Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    durations: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    open_connections: Family<ListenerLabels, Gauge>,
+    connections: Family<ConnectionLabels, Counter>,
+    connection_errors: Family<ListenerLabels, Counter>,
+    tcp_bytes: Family<ListenerLabels, Counter>,
+    reloads: Family<ResultLabels, Counter>,
+    config_version: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("outrigger");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let durations = Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        let open_connections = Family::<ListenerLabels, Gauge>::default();
+        let connections = Family::<ConnectionLabels, Counter>::default();
+        let connection_errors = Family::<ListenerLabels, Counter>::default();
+        let tcp_bytes = Family::<ListenerLabels, Counter>::default();
+        let reloads = Family::<ResultLabels, Counter>::default();
+        let config_version = Gauge::default();
+        registry.register(
+            "requests",
+            "HTTP requests by direction, route and status",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time to the response head",
+            durations.clone(),
+        );
+        registry.register(
+            "open_connections",
+            "Downstream connections now open",
+            open_connections.clone(),
+        );
+        registry.register(
+            "connections",
+            "Downstream connections accepted, by protocol",
+            connections.clone(),
+        );
+        registry.register(
+            "connection_errors",
+            "Downstream connections that ended in a protocol error (malformed or abandoned)",
+            connection_errors.clone(),
+        );
+        registry.register(
+            "tcp_bytes",
+            "Bytes copied by opaque TCP proxying, both ways",
+            tcp_bytes.clone(),
+        );
+        registry.register(
+            "config_reloads",
+            "Config loads by result (accepted or rejected)",
+            reloads.clone(),
+        );
+        registry.register(
+            "config_version",
+            "Version of the config now serving",
+            config_version.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            durations,
+            open_connections,
+            connections,
+            connection_errors,
+            tcp_bytes,
+            reloads,
+            config_version,
+        }
+    }
+
+    pub fn record_request(
+        &self,
+        direction: &'static str,
+        route: &str,
+        status: u16,
+        elapsed: Duration,
+    ) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                direction,
+                route: route.to_string(),
+                status,
+            })
+            .inc();
+        self.durations
+            .get_or_create(&RouteLabels {
+                direction,
+                route: route.to_string(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn connection_opened(&self, listener: &str, protocol: &'static str) {
+        self.connections
+            .get_or_create(&ConnectionLabels {
+                listener: listener.to_string(),
+                protocol,
+            })
+            .inc();
+    }
+
+    pub fn open_connections(&self, listener: &str) -> Gauge {
+        self.open_connections
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_string(),
+            })
+            .clone()
+    }
+
+    pub fn connection_error(&self, listener: &str) {
+        self.connection_errors
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn tcp_bytes(&self, listener: &str, n: u64) {
+        self.tcp_bytes
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_string(),
+            })
+            .inc_by(n);
+    }
+
+    pub fn config_reload(&self, accepted: bool, version: u64) {
+        let result = if accepted { "accepted" } else { "rejected" };
+        self.reloads.get_or_create(&ResultLabels { result }).inc();
+        if accepted {
+            self.config_version.set(version as i64);
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

@@ -1,0 +1,482 @@
+//! `RuntimeConfig`: the validated, compiled snapshot that the data path reads.
+//!
+//! A snapshot is immutable. The data path loads it once per connection or request from an
+//! `ArcSwap` and keeps it to the end, so a swap never tears a request. Building one either
+//! succeeds completely or returns the first problem with its file, line and field; a bad file
+//! never produces half a config.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Method;
+use http::header::{HeaderName, HeaderValue};
+use regex::Regex;
+use serde_saphyr::Spanned;
+
+use crate::balance::{Cluster, Endpoint};
+use crate::config::{
+    ConfigFile, Direction, HeaderChangesFile, ListenerFile, ListenerProtocol, RouteFile,
+};
+use crate::config_error::ConfigError;
+use crate::router::{DomainTable, HeaderMatch, PathMatch};
+use crate::upstream::UpstreamClient;
+
+pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+pub struct RuntimeConfig {
+    /// Increases by one with every accepted config.
+    pub version: u64,
+    pub source: String,
+    pub admin_address: Option<SocketAddr>,
+    pub workers: usize,
+    pub listeners: Vec<Listener>,
+    pub clusters: HashMap<String, Arc<Cluster>>,
+}
+
+pub struct Listener {
+    pub name: String,
+    /// As written, so a reload can tell whether the socket would have to change.
+    pub address_text: String,
+    pub address: SocketAddr,
+    pub direction: Direction,
+    pub protocol: ListenerProtocol,
+    pub detect_timeout: Duration,
+    pub domains: DomainTable,
+    pub virtual_hosts: Vec<VirtualHost>,
+    pub tcp: Option<TcpRoute>,
+}
+
+pub struct TcpRoute {
+    pub cluster: Arc<Cluster>,
+    pub idle_timeout: Duration,
+}
+
+pub struct VirtualHost {
+    pub name: String,
+    pub domains: Vec<String>,
+    pub routes: Vec<Route>,
+}
+
+pub struct Route {
+    /// Used as the metrics label; bounded because it comes from config, not from requests.
+    pub name: String,
+    pub path: PathMatch,
+    pub headers: Vec<HeaderMatch>,
+    pub methods: Vec<Method>,
+    pub backends: Vec<WeightedBackend>,
+    pub total_weight: u32,
+    pub timeout: Duration,
+    pub request_headers: HeaderChanges,
+    pub response_headers: HeaderChanges,
+}
+
+pub struct WeightedBackend {
+    pub cluster: Arc<Cluster>,
+    pub weight: u32,
+}
+
+#[derive(Default)]
+pub struct HeaderChanges {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+impl HeaderChanges {
+    pub fn apply(&self, headers: &mut http::HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+}
+
+impl RuntimeConfig {
+    pub fn listener(&self, name: &str) -> Option<&Listener> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+
+    /// Parses and validates `text`, read from `source`. Cluster clients and endpoint load
+    /// statistics are carried over from `previous` where a cluster is unchanged, so that a
+    /// reload keeps warm connection pools and latency estimates.
+    pub fn build(
+        source: &str,
+        text: &str,
+        version: u64,
+        previous: Option<&RuntimeConfig>,
+    ) -> Result<RuntimeConfig, ConfigError> {
+        let file: ConfigFile =
+            serde_saphyr::from_str(text).map_err(|e| ConfigError::from_yaml(source, &e))?;
+        Builder { source, previous }.build(file, version)
+    }
+}
+
+struct Builder<'a> {
+    source: &'a str,
+    previous: Option<&'a RuntimeConfig>,
+}
+
+impl Builder<'_> {
+    fn err<T>(&self, at: &Spanned<T>, field: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::at(self.source, Some(at.referenced), field, message)
+    }
+
+    fn duration(
+        &self,
+        value: &Option<Spanned<String>>,
+        field: &str,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        match value {
+            None => Ok(default),
+            Some(v) => parse_duration(&v.value).ok_or_else(|| {
+                self.err(
+                    v,
+                    field,
+                    format!("`{}` is not a duration (try `250ms`, `2s`, `1m`)", v.value),
+                )
+            }),
+        }
+    }
+
+    fn address(&self, value: &Spanned<String>, field: &str) -> Result<SocketAddr, ConfigError> {
+        value.value.parse().map_err(|_| {
+            self.err(
+                value,
+                field,
+                format!("`{}` is not an IP:port socket address", value.value),
+            )
+        })
+    }
+
+    fn build(&self, file: ConfigFile, version: u64) -> Result<RuntimeConfig, ConfigError> {
+        let admin_address = match &file.admin {
+            Some(admin) => Some(self.address(&admin.address, "admin.address")?),
+            None => None,
+        };
+        let mut clusters = HashMap::new();
+        for (i, c) in file.clusters.iter().enumerate() {
+            let field = format!("clusters[{i}]");
+            if clusters.contains_key(&c.name.value) {
+                return Err(self.err(
+                    &c.name,
+                    &format!("{field}.name"),
+                    format!("duplicate cluster `{}`", c.name.value),
+                ));
+            }
+            let connect_timeout = self.duration(
+                &c.connect_timeout,
+                &format!("{field}.connect_timeout"),
+                DEFAULT_CONNECT_TIMEOUT,
+            )?;
+            let mut addrs = Vec::with_capacity(c.endpoints.len());
+            for (j, e) in c.endpoints.iter().enumerate() {
+                addrs.push(self.address(&e.address, &format!("{field}.endpoints[{j}].address"))?);
+            }
+            let old = self.previous.and_then(|p| p.clusters.get(&c.name.value));
+            let client = match old {
+                Some(old)
+                    if old.protocol == c.protocol && old.connect_timeout == connect_timeout =>
+                {
+                    old.client.clone()
+                }
+                _ => UpstreamClient::new(c.protocol, connect_timeout),
+            };
+            let endpoints = addrs
+                .into_iter()
+                .map(|addr| {
+                    old.and_then(|o| o.endpoints.iter().find(|e| e.addr == addr).cloned())
+                        .unwrap_or_else(|| Arc::new(Endpoint::new(addr)))
+                })
+                .collect();
+            let cluster = Cluster::new(
+                c.name.value.clone(),
+                c.protocol,
+                c.lb,
+                connect_timeout,
+                endpoints,
+                client,
+            );
+            clusters.insert(c.name.value.clone(), Arc::new(cluster));
+        }
+
+        let mut listeners: Vec<Listener> = Vec::with_capacity(file.listeners.len());
+        for (i, l) in file.listeners.iter().enumerate() {
+            let field = format!("listeners[{i}]");
+            if listeners.iter().any(|other| other.name == l.name) {
+                return Err(self.err(
+                    &l.address,
+                    &format!("{field}.name"),
+                    format!("duplicate listener `{}`", l.name),
+                ));
+            }
+            listeners.push(self.listener(l, &field, &clusters)?);
+        }
+
+        Ok(RuntimeConfig {
+            version,
+            source: self.source.to_string(),
+            admin_address,
+            workers: file.workers,
+            listeners,
+            clusters,
+        })
+    }
+
+    fn cluster_ref(
+        &self,
+        name: &Spanned<String>,
+        field: &str,
+        clusters: &HashMap<String, Arc<Cluster>>,
+    ) -> Result<Arc<Cluster>, ConfigError> {
+        clusters
+            .get(&name.value)
+            .cloned()
+            .ok_or_else(|| self.err(name, field, format!("no cluster named `{}`", name.value)))
+    }
+
+    fn listener(
+        &self,
+        l: &ListenerFile,
+        field: &str,
+        clusters: &HashMap<String, Arc<Cluster>>,
+    ) -> Result<Listener, ConfigError> {
+        let address = self.address(&l.address, &format!("{field}.address"))?;
+        let detect_timeout = self.duration(
+            &l.detect_timeout,
+            &format!("{field}.detect_timeout"),
+            DEFAULT_DETECT_TIMEOUT,
+        )?;
+        let tcp = match &l.tcp {
+            Some(t) => Some(TcpRoute {
+                cluster: self.cluster_ref(&t.cluster, &format!("{field}.tcp.cluster"), clusters)?,
+                idle_timeout: self.duration(
+                    &t.idle_timeout,
+                    &format!("{field}.tcp.idle_timeout"),
+                    DEFAULT_TCP_IDLE_TIMEOUT,
+                )?,
+            }),
+            None => None,
+        };
+        if l.protocol == ListenerProtocol::Opaque && tcp.is_none() {
+            return Err(self.err(
+                &l.address,
+                &format!("{field}.tcp"),
+                "an opaque listener needs a `tcp` cluster",
+            ));
+        }
+        let mut virtual_hosts = Vec::with_capacity(l.virtual_hosts.len());
+        for (v, vh) in l.virtual_hosts.iter().enumerate() {
+            let vfield = format!("{field}.virtual_hosts[{v}]");
+            let mut routes = Vec::with_capacity(vh.routes.len());
+            for (r, route) in vh.routes.iter().enumerate() {
+                routes.push(self.route(
+                    route,
+                    &format!("{vfield}.routes[{r}]"),
+                    &vh.name,
+                    r,
+                    clusters,
+                )?);
+            }
+            virtual_hosts.push(VirtualHost {
+                name: vh.name.clone(),
+                domains: vh.domains.clone(),
+                routes,
+            });
+        }
+        let domains = DomainTable::new(&virtual_hosts)
+            .map_err(|msg| self.err(&l.address, &format!("{field}.virtual_hosts"), msg))?;
+        Ok(Listener {
+            name: l.name.clone(),
+            address_text: l.address.value.clone(),
+            address,
+            direction: l.direction,
+            protocol: l.protocol,
+            detect_timeout,
+            domains,
+            virtual_hosts,
+            tcp,
+        })
+    }
+
+    fn route(
+        &self,
+        r: &RouteFile,
+        field: &str,
+        vhost: &str,
+        index: usize,
+        clusters: &HashMap<String, Arc<Cluster>>,
+    ) -> Result<Route, ConfigError> {
+        let m = &r.matches;
+        let path = match (&m.exact, &m.prefix, &m.regex) {
+            (Some(p), None, None) => PathMatch::Exact(p.clone()),
+            (None, Some(p), None) => PathMatch::Prefix(p.clone()),
+            (None, None, Some(re)) => {
+                PathMatch::Regex(self.regex(re, &format!("{field}.match.regex"))?)
+            }
+            (None, None, None) => PathMatch::Prefix("/".into()),
+            _ => {
+                return Err(ConfigError::at(
+                    self.source,
+                    None,
+                    &format!("{field}.match"),
+                    "set at most one of `exact`, `prefix` and `regex`",
+                ));
+            }
+        };
+        let mut headers = Vec::with_capacity(m.headers.len());
+        for (h, hm) in m.headers.iter().enumerate() {
+            let hfield = format!("{field}.match.headers[{h}]");
+            let name = self.header_name(&hm.name, &format!("{hfield}.name"))?;
+            let matcher = match (&hm.exact, &hm.regex, hm.present) {
+                (Some(v), None, None) => HeaderMatch::Exact(name, v.clone()),
+                (None, Some(re), None) => {
+                    HeaderMatch::Regex(name, self.regex(re, &format!("{hfield}.regex"))?)
+                }
+                (None, None, Some(p)) => HeaderMatch::Present(name, p),
+                _ => {
+                    return Err(self.err(
+                        &hm.name,
+                        &hfield,
+                        "set exactly one of `exact`, `regex` and `present`",
+                    ));
+                }
+            };
+            headers.push(matcher);
+        }
+        let mut methods = Vec::with_capacity(m.methods.len());
+        for (k, method) in m.methods.iter().enumerate() {
+            let parsed =
+                Method::from_bytes(method.value.to_ascii_uppercase().as_bytes()).map_err(|_| {
+                    self.err(
+                        method,
+                        &format!("{field}.match.methods[{k}]"),
+                        "not an HTTP method",
+                    )
+                })?;
+            methods.push(parsed);
+        }
+        if r.backends.is_empty() {
+            return Err(ConfigError::at(
+                self.source,
+                None,
+                &format!("{field}.backends"),
+                "a route needs at least one backend",
+            ));
+        }
+        let mut backends = Vec::with_capacity(r.backends.len());
+        for (b, backend) in r.backends.iter().enumerate() {
+            let cluster = self.cluster_ref(
+                &backend.cluster,
+                &format!("{field}.backends[{b}].cluster"),
+                clusters,
+            )?;
+            backends.push(WeightedBackend {
+                cluster,
+                weight: backend.weight,
+            });
+        }
+        let total_weight: u32 = backends.iter().map(|b| b.weight).sum();
+        if total_weight == 0 {
+            return Err(self.err(
+                &r.backends[0].cluster,
+                &format!("{field}.backends"),
+                "backend weights add up to 0",
+            ));
+        }
+        Ok(Route {
+            name: r.name.clone().unwrap_or_else(|| format!("{vhost}/{index}")),
+            path,
+            headers,
+            methods,
+            backends,
+            total_weight,
+            timeout: self.duration(
+                &r.timeout,
+                &format!("{field}.timeout"),
+                DEFAULT_ROUTE_TIMEOUT,
+            )?,
+            request_headers: self
+                .header_changes(&r.request_headers, &format!("{field}.request_headers"))?,
+            response_headers: self
+                .header_changes(&r.response_headers, &format!("{field}.response_headers"))?,
+        })
+    }
+
+    fn regex(&self, re: &Spanned<String>, field: &str) -> Result<Regex, ConfigError> {
+        // Anchored: a path regex must match the whole path, as in Envoy's safe_regex.
+        Regex::new(&format!("^(?:{})$", re.value))
+            .map_err(|e| self.err(re, field, format!("invalid regex: {e}")))
+    }
+
+    fn header_name(&self, name: &Spanned<String>, field: &str) -> Result<HeaderName, ConfigError> {
+        HeaderName::from_bytes(name.value.to_ascii_lowercase().as_bytes()).map_err(|_| {
+            self.err(
+                name,
+                field,
+                format!("`{}` is not a valid header name", name.value),
+            )
+        })
+    }
+
+    fn header_changes(
+        &self,
+        h: &HeaderChangesFile,
+        field: &str,
+    ) -> Result<HeaderChanges, ConfigError> {
+        let mut out = HeaderChanges::default();
+        for (i, kv) in h.set.iter().enumerate() {
+            let name = self.header_name(&kv.name, &format!("{field}.set[{i}].name"))?;
+            let value = HeaderValue::from_str(&kv.value.value).map_err(|_| {
+                self.err(
+                    &kv.value,
+                    &format!("{field}.set[{i}].value"),
+                    "not a valid header value",
+                )
+            })?;
+            out.set.push((name, value));
+        }
+        for (i, name) in h.remove.iter().enumerate() {
+            out.remove
+                .push(self.header_name(name, &format!("{field}.remove[{i}]"))?);
+        }
+        Ok(out)
+    }
+}
+
+/// `250ms`, `2s`, `1m`, `1h`. Plain numbers are refused: a unit-less timeout is a classic
+/// source of 1000× mistakes.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => Some(Duration::from_secs(n.checked_mul(60)?)),
+        "h" => Some(Duration::from_secs(n.checked_mul(3600)?)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_duration("15"), None);
+        assert_eq!(parse_duration("1.5s"), None);
+        assert_eq!(parse_duration("s"), None);
+    }
+}
