@@ -1,0 +1,234 @@
+//! Upstream servers for tests, each on its own ephemeral loopback port.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::{SinkExt, StreamExt};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+type Body = BoxBody<Bytes, Infallible>;
+
+/// A running upstream; stopped when dropped.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve<F, Fut>(handler: F) -> Upstream
+where
+    F: FnOnce(TcpListener) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    Upstream { addr, task: tokio::spawn(handler(listener)) }
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).boxed()
+}
+
+/// An HTTP server (HTTP/1.1 and HTTP/2, by detection) that tells what it received.
+///
+/// - Response headers: `x-upstream` (its name), `x-method`, `x-path`, `x-version`, and
+///   `x-echo-<name>` for every request header whose name starts with `x-`, plus `host`.
+/// - `POST`/`PUT` bodies are echoed back; other methods get the upstream's name.
+/// - `/slow/<ms>` answers after that many milliseconds; `/status/<code>` with that status.
+pub async fn http(name: &'static str) -> Upstream {
+    serve(move |listener| async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| echo(name, req));
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    })
+    .await
+}
+
+async fn echo(name: &'static str, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/".to_string(), |p| p.to_string());
+    let mut status = StatusCode::OK;
+    if let Some(ms) = path.strip_prefix("/slow/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+    }
+    if let Some(code) = path.strip_prefix("/status/") {
+        status = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    let body = match parts.method.as_str() {
+        "POST" | "PUT" => body.collect().await.map(|c| c.to_bytes()).unwrap_or_default(),
+        _ => Bytes::from(name),
+    };
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert("x-upstream", HeaderValue::from_static(name));
+    h.insert("x-method", HeaderValue::from_str(parts.method.as_str()).unwrap());
+    h.insert("x-path", HeaderValue::from_str(&path).unwrap());
+    h.insert("x-version", HeaderValue::from_str(&format!("{:?}", parts.version)).unwrap());
+    for (k, v) in &parts.headers {
+        if k.as_str().starts_with("x-") || k == http::header::HOST {
+            let echoed = HeaderName::from_bytes(format!("x-echo-{}", k.as_str()).as_bytes()).unwrap();
+            h.append(echoed, v.clone());
+        }
+    }
+    Ok(resp)
+}
+
+/// A gRPC-over-HTTP/2 echo server speaking the real wire format: every length-prefixed
+/// message is echoed back as soon as it arrives (so bidirectional streaming is visible),
+/// then trailers `grpc-status: 0`, `grpc-message: ok` and a custom `x-trailer: kept`.
+/// The method `/test.Echo/Fail` ends with `grpc-status: 5` instead.
+pub async fn grpc() -> Upstream {
+    serve(|listener| async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let svc = service_fn(grpc_echo);
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    })
+    .await
+}
+
+async fn grpc_echo(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    let fail = req.uri().path() == "/test.Echo/Fail";
+    let mut body = req.into_body();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Frame<Bytes>>(16);
+    tokio::spawn(async move {
+        let mut buf = BytesMut::new();
+        while let Some(Ok(frame)) = body.frame().await {
+            if let Ok(data) = frame.into_data() {
+                buf.extend_from_slice(&data);
+                while buf.len() >= 5 {
+                    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+                    if buf.len() < 5 + len {
+                        break;
+                    }
+                    let msg = buf.split_to(5 + len).freeze();
+                    if tx.send(Frame::data(msg)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+        let mut trailers = http::HeaderMap::new();
+        if fail {
+            trailers.insert("grpc-status", HeaderValue::from_static("5"));
+            trailers.insert("grpc-message", HeaderValue::from_static("no such thing"));
+        } else {
+            trailers.insert("grpc-status", HeaderValue::from_static("0"));
+            trailers.insert("grpc-message", HeaderValue::from_static("ok"));
+        }
+        trailers.insert("x-trailer", HeaderValue::from_static("kept"));
+        let _ = tx.send(Frame::trailers(trailers)).await;
+    });
+    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|f| (Ok::<_, Infallible>(f), rx))
+    });
+    let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    resp.headers_mut().insert("content-type", HeaderValue::from_static("application/grpc"));
+    Ok(resp)
+}
+
+/// One gRPC message on the wire: uncompressed flag, big-endian length, payload.
+pub fn grpc_frame(payload: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(5 + payload.len());
+    out.extend_from_slice(&[0]);
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(payload);
+    out.freeze()
+}
+
+/// Splits complete gRPC messages off the front of `buf`.
+pub fn grpc_messages(buf: &mut BytesMut) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    while buf.len() >= 5 {
+        let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+        if buf.len() < 5 + len {
+            break;
+        }
+        let mut msg = buf.split_to(5 + len);
+        msg.advance(5);
+        out.push(msg.freeze());
+    }
+    out
+}
+
+/// A WebSocket server that echoes every text and binary message.
+pub async fn websocket() -> Upstream {
+    serve(|listener| async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    })
+    .await
+}
+
+/// A raw TCP echo server.
+pub async fn tcp_echo() -> Upstream {
+    serve(|listener| async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let (mut r, mut w) = stream.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    })
+    .await
+}
+
+/// A server-speaks-first protocol in the style of SMTP: a banner on connect, then one
+/// `250 <line>` reply per line received.
+pub async fn server_first() -> Upstream {
+    serve(|listener| async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                if w.write_all(b"220 outrigger-test ready\r\n").await.is_err() {
+                    return;
+                }
+                let mut lines = BufReader::new(r).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if w.write_all(format!("250 {line}\r\n").as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    })
+    .await
+}
