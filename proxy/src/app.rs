@@ -83,9 +83,24 @@ impl ProxyHandle {
     }
 }
 
-pub async fn start(config_path: PathBuf) -> Result<ProxyHandle, StartError> {
+pub struct Options {
+    pub config_path: PathBuf,
+    /// How often to look for a changed config file; `None` means only on SIGHUP.
+    pub watch_interval: Option<Duration>,
+}
+
+impl Options {
+    pub fn new(config_path: impl Into<PathBuf>) -> Self {
+        Options {
+            config_path: config_path.into(),
+            watch_interval: Some(crate::config_store::DEFAULT_POLL),
+        }
+    }
+}
+
+pub async fn start(options: Options) -> Result<ProxyHandle, StartError> {
     let metrics = Arc::new(Metrics::new());
-    let store = Arc::new(ConfigStore::load(config_path, metrics.clone())?);
+    let store = Arc::new(ConfigStore::load(options.config_path, metrics.clone())?);
     let config = store.current.load_full();
     tracing::info!(
         version = config.version,
@@ -146,7 +161,7 @@ pub async fn start(config_path: PathBuf) -> Result<ProxyHandle, StartError> {
         }
         None => None,
     };
-    tokio::spawn(store.clone().watch());
+    tokio::spawn(store.clone().watch(options.watch_interval));
     admin.ready.store(true, Ordering::Relaxed);
 
     Ok(ProxyHandle {

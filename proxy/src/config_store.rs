@@ -14,7 +14,7 @@ use crate::config_error::ConfigError;
 use crate::metrics::Metrics;
 use crate::runtime_config::RuntimeConfig;
 
-const POLL_EVERY: Duration = Duration::from_millis(200);
+pub const DEFAULT_POLL: Duration = Duration::from_millis(200);
 
 pub struct Rejection {
     pub error: ConfigError,
@@ -26,8 +26,9 @@ pub struct ConfigStore {
     pub current: Arc<ArcSwap<RuntimeConfig>>,
     pub last_rejection: ArcSwapOption<Rejection>,
     pub loaded_at_unix: std::sync::atomic::AtomicU64,
-    /// The text last looked at, accepted or not; the poller compares against it. Only the
-    /// reload path touches it, never a request.
+    /// The text last looked at, accepted or not; the poller compares against it. Holding
+    /// the lock for a whole reload also serialises reloads, so a slow one can never store an
+    /// older file over a newer one. Only the reload path takes it, never a request.
     last_seen: Mutex<String>,
     metrics: Arc<Metrics>,
 }
@@ -57,9 +58,10 @@ impl ConfigStore {
     /// Reads the file again and swaps it in if it is valid. Returns the version serving.
     pub fn reload(&self) -> Result<u64, ConfigError> {
         let source = self.path.display().to_string();
+        let mut seen = self.last_seen.lock().unwrap_or_else(|p| p.into_inner());
         let text = std::fs::read_to_string(&self.path).map_err(|e| ConfigError::io(&source, &e));
         let result = text.and_then(|text| {
-            *self.last_seen.lock().unwrap_or_else(|p| p.into_inner()) = text.clone();
+            seen.clone_from(&text);
             let old = self.current.load();
             let new = RuntimeConfig::build(&source, &text, old.version + 1, Some(&old))?;
             same_listeners(&source, &old, &new)?;
@@ -95,8 +97,9 @@ impl ConfigStore {
         }
     }
 
-    /// Reloads whenever the file's content changes or SIGHUP arrives, until the process ends.
-    pub async fn watch(self: Arc<Self>) {
+    /// Reloads on SIGHUP, and whenever the file's content changes if `poll` is set, until
+    /// the process ends.
+    pub async fn watch(self: Arc<Self>, poll: Option<Duration>) {
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         loop {
             let hup_recv = async {
@@ -110,13 +113,20 @@ impl ConfigStore {
                     tracing::info!("SIGHUP: reloading config");
                     let _ = self.reload();
                 }
-                _ = tokio::time::sleep(POLL_EVERY) => {
+                _ = sleep_or_forever(poll) => {
                     if self.changed_on_disk() {
                         let _ = self.reload();
                     }
                 }
             }
         }
+    }
+}
+
+async fn sleep_or_forever(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -33,6 +33,10 @@ enum Command {
         /// Log as JSON lines instead of text.
         #[arg(long)]
         log_json: bool,
+        /// How often to check the config file for changes; 0s turns polling off (SIGHUP
+        /// still reloads).
+        #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+        watch_interval: Duration,
     },
     /// Run a local demo: two demo upstreams behind the proxy, traffic, and a live summary.
     Demo {
@@ -105,6 +109,7 @@ fn main() -> ExitCode {
             drain_timeout,
             workers,
             log_json,
+            watch_interval,
         } => {
             init_logging(log_json);
             // The thread count must be known before the runtime exists, so peek at the file.
@@ -116,7 +121,11 @@ fn main() -> ExitCode {
             });
             let rt = runtime(workers).expect("tokio runtime");
             rt.block_on(async move {
-                let handle = match app::start(config).await {
+                let options = app::Options {
+                    config_path: config,
+                    watch_interval: (!watch_interval.is_zero()).then_some(watch_interval),
+                };
+                let handle = match app::start(options).await {
                     Ok(h) => h,
                     Err(e) => {
                         tracing::error!("{e}");

@@ -29,26 +29,44 @@ impl Reply {
 
 pub async fn collect(resp: Response<Incoming>) -> Result<Reply, String> {
     let (parts, body) = resp.into_parts();
-    let body = body.collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
-    Ok(Reply { status: parts.status, headers: parts.headers, body: String::from_utf8_lossy(&body).into_owned() })
+    let body = body
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
+    Ok(Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }
 
 /// A client as an app would have one: pooled keep-alive HTTP/1.1, or one multiplexed
 /// HTTP/2 (prior knowledge) connection, always to the proxy.
 #[derive(Clone)]
 pub enum TestClient {
-    Http1 { pool: Client<HttpConnector, Full<Bytes>>, proxy: SocketAddr },
-    Http2 { sender: http2::SendRequest<Full<Bytes>> },
+    Http1 {
+        pool: Client<HttpConnector, Full<Bytes>>,
+        proxy: SocketAddr,
+    },
+    Http2 {
+        sender: http2::SendRequest<Full<Bytes>>,
+    },
 }
 
 impl TestClient {
     pub fn http1(proxy: SocketAddr) -> Self {
-        TestClient::Http1 { pool: Client::builder(TokioExecutor::new()).build_http(), proxy }
+        TestClient::Http1 {
+            pool: Client::builder(TokioExecutor::new()).build_http(),
+            proxy,
+        }
     }
 
     pub async fn http2(proxy: SocketAddr) -> Self {
         let stream = TcpStream::connect(proxy).await.unwrap();
-        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await.unwrap();
+        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
         tokio::spawn(conn);
         TestClient::Http2 { sender }
     }
@@ -75,8 +93,14 @@ impl TestClient {
         }
         let req = b.body(Full::new(Bytes::from(body.to_string()))).unwrap();
         let resp = match self {
-            TestClient::Http1 { pool, .. } => pool.request(req).await.map_err(|e| format!("{e:?}"))?,
-            TestClient::Http2 { sender } => sender.clone().send_request(req).await.map_err(|e| format!("{e:?}"))?,
+            TestClient::Http1 { pool, .. } => {
+                pool.request(req).await.map_err(|e| format!("{e:?}"))?
+            }
+            TestClient::Http2 { sender } => sender
+                .clone()
+                .send_request(req)
+                .await
+                .map_err(|e| format!("{e:?}"))?,
         };
         collect(resp).await
     }
@@ -88,7 +112,10 @@ impl TestClient {
 
 /// A plain GET, e.g. to the admin listener.
 pub async fn get(addr: SocketAddr, path: &str) -> Reply {
-    TestClient::http1(addr).get(&addr.to_string(), path).await.expect("GET succeeds")
+    TestClient::http1(addr)
+        .get(&addr.to_string(), path)
+        .await
+        .expect("GET succeeds")
 }
 
 /// Writes raw bytes, half-closes, and reads everything the peer sends until it closes.

@@ -24,8 +24,13 @@ impl TestProxy {
     pub async fn start(yaml: &str) -> TestProxy {
         let config_path = temp_path("proxy.yaml");
         std::fs::write(&config_path, yaml).unwrap();
-        let handle = app::start(config_path.clone()).await.expect("proxy starts");
-        TestProxy { handle, config_path }
+        let handle = app::start(app::Options::new(config_path.clone()))
+            .await
+            .expect("proxy starts");
+        TestProxy {
+            handle,
+            config_path,
+        }
     }
 
     pub fn addr(&self, listener: &str) -> SocketAddr {
@@ -33,7 +38,9 @@ impl TestProxy {
     }
 
     pub fn admin(&self) -> SocketAddr {
-        self.handle.admin_addr.expect("config has an admin listener")
+        self.handle
+            .admin_addr
+            .expect("config has an admin listener")
     }
 
     /// Writes a new config file; the proxy notices on its own (file watch).
@@ -84,7 +91,15 @@ pub fn config(virtual_hosts: &str, clusters: &str) -> String {
 
 pub fn indent(text: &str, by: usize) -> String {
     let pad = " ".repeat(by);
-    text.lines().map(|l| if l.is_empty() { String::new() } else { format!("{pad}{l}\n") }).collect()
+    text.lines()
+        .map(|l| {
+            if l.is_empty() {
+                String::new()
+            } else {
+                format!("{pad}{l}\n")
+            }
+        })
+        .collect()
 }
 
 /// A cluster block for `config`.

@@ -37,7 +37,10 @@ where
 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    Upstream { addr, task: tokio::spawn(handler(listener)) }
+    Upstream {
+        addr,
+        task: tokio::spawn(handler(listener)),
+    }
 }
 
 fn full(b: impl Into<Bytes>) -> Body {
@@ -53,7 +56,9 @@ fn full(b: impl Into<Bytes>) -> Body {
 pub async fn http(name: &'static str) -> Upstream {
     serve(move |listener| async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let svc = service_fn(move |req| echo(name, req));
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -67,28 +72,43 @@ pub async fn http(name: &'static str) -> Upstream {
 
 async fn echo(name: &'static str, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let (parts, body) = req.into_parts();
-    let path = parts.uri.path_and_query().map_or("/".to_string(), |p| p.to_string());
+    let path = parts
+        .uri
+        .path_and_query()
+        .map_or("/".to_string(), |p| p.to_string());
     let mut status = StatusCode::OK;
     if let Some(ms) = path.strip_prefix("/slow/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
     }
     if let Some(code) = path.strip_prefix("/status/") {
-        status = StatusCode::from_u16(code.parse().unwrap_or(500)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        status = StatusCode::from_u16(code.parse().unwrap_or(500))
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     }
     let body = match parts.method.as_str() {
-        "POST" | "PUT" => body.collect().await.map(|c| c.to_bytes()).unwrap_or_default(),
+        "POST" | "PUT" => body
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default(),
         _ => Bytes::from(name),
     };
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert("x-upstream", HeaderValue::from_static(name));
-    h.insert("x-method", HeaderValue::from_str(parts.method.as_str()).unwrap());
+    h.insert(
+        "x-method",
+        HeaderValue::from_str(parts.method.as_str()).unwrap(),
+    );
     h.insert("x-path", HeaderValue::from_str(&path).unwrap());
-    h.insert("x-version", HeaderValue::from_str(&format!("{:?}", parts.version)).unwrap());
+    h.insert(
+        "x-version",
+        HeaderValue::from_str(&format!("{:?}", parts.version)).unwrap(),
+    );
     for (k, v) in &parts.headers {
         if k.as_str().starts_with("x-") || k == http::header::HOST {
-            let echoed = HeaderName::from_bytes(format!("x-echo-{}", k.as_str()).as_bytes()).unwrap();
+            let echoed =
+                HeaderName::from_bytes(format!("x-echo-{}", k.as_str()).as_bytes()).unwrap();
             h.append(echoed, v.clone());
         }
     }
@@ -102,7 +122,9 @@ async fn echo(name: &'static str, req: Request<Incoming>) -> Result<Response<Bod
 pub async fn grpc() -> Upstream {
     serve(|listener| async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let svc = service_fn(grpc_echo);
                 let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -150,7 +172,8 @@ async fn grpc_echo(req: Request<Incoming>) -> Result<Response<Body>, Infallible>
         rx.recv().await.map(|f| (Ok::<_, Infallible>(f), rx))
     });
     let mut resp = Response::new(BodyExt::boxed(StreamBody::new(stream)));
-    resp.headers_mut().insert("content-type", HeaderValue::from_static("application/grpc"));
+    resp.headers_mut()
+        .insert("content-type", HeaderValue::from_static("application/grpc"));
     Ok(resp)
 }
 
@@ -182,9 +205,13 @@ pub fn grpc_messages(buf: &mut BytesMut) -> Vec<Bytes> {
 pub async fn websocket() -> Upstream {
     serve(|listener| async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
                 while let Some(Ok(msg)) = ws.next().await {
                     if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
                         return;
@@ -200,7 +227,9 @@ pub async fn websocket() -> Upstream {
 pub async fn tcp_echo() -> Upstream {
     serve(|listener| async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else { continue };
+            let Ok((mut stream, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let (mut r, mut w) = stream.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
@@ -215,7 +244,9 @@ pub async fn tcp_echo() -> Upstream {
 pub async fn server_first() -> Upstream {
     serve(|listener| async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let (r, mut w) = stream.into_split();
                 if w.write_all(b"220 outrigger-test ready\r\n").await.is_err() {
@@ -223,7 +254,10 @@ pub async fn server_first() -> Upstream {
                 }
                 let mut lines = BufReader::new(r).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    if w.write_all(format!("250 {line}\r\n").as_bytes()).await.is_err() {
+                    if w.write_all(format!("250 {line}\r\n").as_bytes())
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }

@@ -19,8 +19,14 @@ use tokio_tungstenite::tungstenite::Message;
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
-async fn one_cluster_proxy(host: &str, protocol: &str, upstream: std::net::SocketAddr) -> TestProxy {
-    let vhosts = format!("- name: app\n  domains: [\"{host}\"]\n  routes:\n    - backends: [{{cluster: app}}]\n");
+async fn one_cluster_proxy(
+    host: &str,
+    protocol: &str,
+    upstream: std::net::SocketAddr,
+) -> TestProxy {
+    let vhosts = format!(
+        "- name: app\n  domains: [\"{host}\"]\n  routes:\n    - backends: [{{cluster: app}}]\n"
+    );
     TestProxy::start(&config(&vhosts, &cluster("app", protocol, &[upstream]))).await
 }
 
@@ -34,7 +40,11 @@ async fn http1_get_and_chunked_post_keep_alive() {
     assert_eq!(reply.status, 200);
     assert_eq!(reply.body, "app");
     assert_eq!(reply.header("x-path"), Some("/hello?x=1"));
-    assert_eq!(reply.header("x-echo-host"), Some("app.test"), "Host reaches the app unchanged");
+    assert_eq!(
+        reply.header("x-echo-host"),
+        Some("app.test"),
+        "Host reaches the app unchanged"
+    );
 
     // A chunked body: raw HTTP/1.1 on one connection, with keep-alive for a second request.
     let mut s = TcpStream::connect(proxy.addr("outbound")).await.unwrap();
@@ -49,17 +59,30 @@ async fn http1_get_and_chunked_post_keep_alive() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let body = read_body(&mut reader, &head).await;
     assert_eq!(body, "hello, world");
-    reader.get_mut().write_all(b"GET /again HTTP/1.1\r\nHost: app.test\r\n\r\n").await.unwrap();
+    reader
+        .get_mut()
+        .write_all(b"GET /again HTTP/1.1\r\nHost: app.test\r\n\r\n")
+        .await
+        .unwrap();
     let head = read_head(&mut reader).await;
-    assert!(head.starts_with("HTTP/1.1 200"), "second request on the same connection: {head}");
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "second request on the same connection: {head}"
+    );
 }
 
 async fn read_head(r: &mut BufReader<TcpStream>) -> String {
     let mut head = String::new();
     loop {
         let mut line = String::new();
-        let n = tokio::time::timeout(DEADLINE, r.read_line(&mut line)).await.unwrap().unwrap();
-        assert!(n > 0, "connection closed in the middle of a response head: {head}");
+        let n = tokio::time::timeout(DEADLINE, r.read_line(&mut line))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n > 0,
+            "connection closed in the middle of a response head: {head}"
+        );
         head.push_str(&line);
         if line == "\r\n" {
             return head;
@@ -69,7 +92,10 @@ async fn read_head(r: &mut BufReader<TcpStream>) -> String {
 
 async fn read_body(r: &mut BufReader<TcpStream>, head: &str) -> String {
     let lower = head.to_ascii_lowercase();
-    if let Some(len) = lower.lines().find_map(|l| l.strip_prefix("content-length: ")) {
+    if let Some(len) = lower
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length: "))
+    {
         let mut buf = vec![0; len.trim().parse().unwrap()];
         r.read_exact(&mut buf).await.unwrap();
         return String::from_utf8(buf).unwrap();
@@ -97,16 +123,29 @@ async fn http2_prior_knowledge_to_http2_and_http1_upstreams() {
         let client = TestClient::http2(proxy.addr("outbound")).await;
         let replies = futures_util::future::join_all((0..20).map(|i| {
             let client = client.clone();
-            async move { client.send(Method::POST, "app.test", "/h2", &[], &format!("body-{i}")).await.unwrap() }
+            async move {
+                client
+                    .send(Method::POST, "app.test", "/h2", &[], &format!("body-{i}"))
+                    .await
+                    .unwrap()
+            }
         }))
         .await;
         for (i, r) in replies.iter().enumerate() {
             assert_eq!(r.status, 200);
             assert_eq!(r.body, format!("body-{i}"));
-            let expected = if upstream_protocol == "http2" { "HTTP/2.0" } else { "HTTP/1.1" };
+            let expected = if upstream_protocol == "http2" {
+                "HTTP/2.0"
+            } else {
+                "HTTP/1.1"
+            };
             assert_eq!(r.header("x-version"), Some(expected));
         }
-        assert_eq!(replies[0].header("x-echo-host"), Some("app.test"), "the authority reaches the app as Host");
+        assert_eq!(
+            replies[0].header("x-echo-host"),
+            Some("app.test"),
+            "the authority reaches the app as Host"
+        );
     }
 }
 
@@ -115,16 +154,23 @@ type GrpcBody = BoxBody<Bytes, Infallible>;
 async fn grpc_call(
     proxy: std::net::SocketAddr,
     path: &str,
-) -> (tokio::sync::mpsc::Sender<Bytes>, hyper::Response<hyper::body::Incoming>) {
+) -> (
+    tokio::sync::mpsc::Sender<Bytes>,
+    hyper::Response<hyper::body::Incoming>,
+) {
     let stream = TcpStream::connect(proxy).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake::<_, _, GrpcBody>(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake::<_, _, GrpcBody>(
+        TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
     tokio::spawn(conn);
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
     let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, Infallible>(Frame::data(b)), rx))
     });
     let req = Request::builder()
         .method("POST")
@@ -135,7 +181,10 @@ async fn grpc_call(
         .unwrap();
     // The first message is queued before the call starts, as a client stub would send it.
     tx.send(grpc_frame(b"first")).await.unwrap();
-    let resp = tokio::time::timeout(DEADLINE, sender.send_request(req)).await.unwrap().unwrap();
+    let resp = tokio::time::timeout(DEADLINE, sender.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
     (tx, resp)
 }
 
@@ -158,7 +207,11 @@ async fn grpc_bidirectional_stream_with_trailers() {
     }
     drop(tx);
     let trailers = loop {
-        let frame = tokio::time::timeout(DEADLINE, body.frame()).await.unwrap().unwrap().unwrap();
+        let frame = tokio::time::timeout(DEADLINE, body.frame())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         if let Ok(t) = frame.into_trailers() {
             break t;
         }
@@ -173,7 +226,11 @@ async fn next_message(body: &mut hyper::body::Incoming, buf: &mut BytesMut) -> B
         if let Some(m) = grpc_messages(buf).into_iter().next() {
             return m;
         }
-        let frame = tokio::time::timeout(DEADLINE, body.frame()).await.unwrap().unwrap().unwrap();
+        let frame = tokio::time::timeout(DEADLINE, body.frame())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         if let Ok(d) = frame.into_data() {
             buf.extend_from_slice(&d);
         }
@@ -187,8 +244,14 @@ async fn grpc_unary_status_and_error_status() {
     for (path, status) in [("/test.Echo/Unary", "0"), ("/test.Echo/Fail", "5")] {
         let (tx, resp) = grpc_call(proxy.addr("outbound"), path).await;
         drop(tx);
-        let collected = tokio::time::timeout(DEADLINE, resp.into_body().collect()).await.unwrap().unwrap();
-        let trailers = collected.trailers().cloned().expect("trailers survive the proxy");
+        let collected = tokio::time::timeout(DEADLINE, resp.into_body().collect())
+            .await
+            .unwrap()
+            .unwrap();
+        let trailers = collected
+            .trailers()
+            .cloned()
+            .expect("trailers survive the proxy");
         let mut data = BytesMut::from(&collected.to_bytes()[..]);
         assert_eq!(grpc_messages(&mut data), vec![Bytes::from_static(b"first")]);
         assert_eq!(trailers["grpc-status"], status, "{path}");
@@ -201,15 +264,27 @@ async fn websocket_echo_through_upgrade() {
     let up = upstreams::websocket().await;
     let proxy = one_cluster_proxy("ws.test", "http1", up.addr).await;
     let stream = TcpStream::connect(proxy.addr("outbound")).await.unwrap();
-    let (mut ws, resp) = tokio_tungstenite::client_async("ws://ws.test/chat", stream).await.unwrap();
+    let (mut ws, resp) = tokio_tungstenite::client_async("ws://ws.test/chat", stream)
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 101);
     for text in ["hello", "through", "the mesh"] {
         ws.send(Message::text(text)).await.unwrap();
-        let echoed = tokio::time::timeout(DEADLINE, ws.next()).await.unwrap().unwrap().unwrap();
+        let echoed = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
         assert_eq!(echoed, Message::text(text));
     }
-    ws.send(Message::binary(vec![0u8, 1, 2, 255])).await.unwrap();
-    let echoed = tokio::time::timeout(DEADLINE, ws.next()).await.unwrap().unwrap().unwrap();
+    ws.send(Message::binary(vec![0u8, 1, 2, 255]))
+        .await
+        .unwrap();
+    let echoed = tokio::time::timeout(DEADLINE, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(echoed, Message::binary(vec![0u8, 1, 2, 255]));
 }
 
@@ -229,7 +304,10 @@ async fn opaque_tcp_echo_on_detecting_listener() {
     s.write_all(&payload).await.unwrap();
     s.shutdown().await.unwrap();
     let mut back = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back)).await.unwrap().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(back, payload);
 }
 
@@ -241,10 +319,16 @@ async fn server_speaks_first_on_opaque_port() {
     let mut r = BufReader::new(s);
     let mut banner = String::new();
     // The detect timeout is 10 s; an opaque port must not wait for it.
-    tokio::time::timeout(Duration::from_secs(2), r.read_line(&mut banner)).await.expect("banner arrives at once").unwrap();
+    tokio::time::timeout(Duration::from_secs(2), r.read_line(&mut banner))
+        .await
+        .expect("banner arrives at once")
+        .unwrap();
     assert_eq!(banner, "220 outrigger-test ready\r\n");
     r.get_mut().write_all(b"HELO mesh\r\n").await.unwrap();
     let mut reply = String::new();
-    tokio::time::timeout(DEADLINE, r.read_line(&mut reply)).await.unwrap().unwrap();
+    tokio::time::timeout(DEADLINE, r.read_line(&mut reply))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(reply, "250 HELO mesh\r\n");
 }
