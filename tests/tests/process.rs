@@ -1,0 +1,228 @@
+//! The real `outrigger-proxy` binary as a process: signals and the admin endpoints.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use outrigger_tests::clients::{TestClient, get};
+use outrigger_tests::{eventually, indent, temp_path, upstreams};
+
+fn proxy_binary() -> PathBuf {
+    // target/<profile>/deps/<this test> → target/<profile>/outrigger-proxy
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("outrigger-proxy");
+    assert!(
+        bin.exists(),
+        "{} is missing: the workspace test run builds it (cargo nextest run --workspace)",
+        bin.display()
+    );
+    bin
+}
+
+/// Ports that were free a moment ago. The binary binds them itself, so a test that needs to
+/// know its ports up front has to choose them.
+fn free_ports<const N: usize>() -> [SocketAddr; N] {
+    let listeners: Vec<_> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    std::array::from_fn(|i| listeners[i].local_addr().unwrap())
+}
+
+struct ProxyProcess {
+    child: Child,
+    outbound: SocketAddr,
+    admin: SocketAddr,
+    config_path: PathBuf,
+}
+
+impl ProxyProcess {
+    fn yaml(outbound: SocketAddr, admin: SocketAddr, upstream: SocketAddr, tag: &str) -> String {
+        let vhosts = format!(
+            "- name: app\n  domains: [app.test]\n  routes:\n    - response_headers:\n        set: [{{name: x-tag, value: {tag}}}]\n      backends: [{{cluster: app}}]\n"
+        );
+        format!(
+            "admin:\n  address: {admin}\nworkers: 1\nlisteners:\n  - name: outbound\n    address: {outbound}\n    direction: outbound\n    virtual_hosts:\n{}clusters:\n  - name: app\n    endpoints: [{{address: \"{upstream}\"}}]\n",
+            indent(&vhosts, 6)
+        )
+    }
+
+    async fn start(upstream: SocketAddr, extra_args: &[&str]) -> ProxyProcess {
+        let [outbound, admin] = free_ports::<2>();
+        let config_path = temp_path("process.yaml");
+        std::fs::write(&config_path, Self::yaml(outbound, admin, upstream, "one")).unwrap();
+        let child = Command::new(proxy_binary())
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .args(extra_args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let p = ProxyProcess {
+            child,
+            outbound,
+            admin,
+            config_path,
+        };
+        eventually(
+            "the proxy is ready",
+            Duration::from_secs(10),
+            || async move {
+                let client = TestClient::http1(admin);
+                let r = client.get("admin", "/ready").await.ok()?;
+                (r.status == 200).then_some(())
+            },
+        )
+        .await;
+        p
+    }
+
+    fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_in_flight_and_refuses_new_connections() {
+    let up = upstreams::http("app").await;
+    let mut proxy = ProxyProcess::start(up.addr, &["--drain-timeout", "20s"]).await;
+    let h1 = TestClient::http1(proxy.outbound);
+    let h2 = TestClient::http2(proxy.outbound).await;
+    let slow_h1 = tokio::spawn({
+        let h1 = h1.clone();
+        async move { h1.get("app.test", "/slow/1500").await }
+    });
+    let slow_h2 = tokio::spawn({
+        let h2 = h2.clone();
+        async move { h2.get("app.test", "/slow/1500").await }
+    });
+    let admin = proxy.admin;
+    eventually(
+        "both slow requests are in flight",
+        Duration::from_secs(5),
+        || async move {
+            get(admin, "/config")
+                .await
+                .body
+                .contains("\"outstanding\": 2")
+                .then_some(())
+        },
+    )
+    .await;
+
+    proxy.signal("TERM");
+    let outbound = proxy.outbound;
+    eventually(
+        "new connections are refused",
+        Duration::from_secs(5),
+        || async move {
+            tokio::net::TcpStream::connect(outbound)
+                .await
+                .is_err()
+                .then_some(())
+        },
+    )
+    .await;
+
+    let (r1, r2) = (
+        slow_h1.await.unwrap().unwrap(),
+        slow_h2.await.unwrap().unwrap(),
+    );
+    assert_eq!(
+        (r1.status.as_u16(), r1.body.as_str()),
+        (200, "app"),
+        "HTTP/1.1 request in flight completes"
+    );
+    assert_eq!(
+        (r2.status.as_u16(), r2.body.as_str()),
+        (200, "app"),
+        "HTTP/2 stream in flight completes"
+    );
+    // The HTTP/2 connection got GOAWAY: no new stream is accepted on it.
+    assert!(h2.get("app.test", "/").await.is_err());
+
+    let status = tokio::task::spawn_blocking(move || proxy.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_when_polling_is_off() {
+    let up = upstreams::http("app").await;
+    let proxy = ProxyProcess::start(up.addr, &["--watch-interval", "0s"]).await;
+    let client = TestClient::http1(proxy.outbound);
+    assert_eq!(
+        client.get("app.test", "/").await.unwrap().header("x-tag"),
+        Some("one")
+    );
+
+    std::fs::write(
+        &proxy.config_path,
+        ProxyProcess::yaml(proxy.outbound, proxy.admin, up.addr, "two"),
+    )
+    .unwrap();
+    // Polling is off: nothing changes until the signal.
+    assert_eq!(
+        client.get("app.test", "/").await.unwrap().header("x-tag"),
+        Some("one")
+    );
+    proxy.signal("HUP");
+    eventually(
+        "SIGHUP applied the new file",
+        Duration::from_secs(5),
+        || {
+            let client = client.clone();
+            async move {
+                (client.get("app.test", "/").await.ok()?.header("x-tag")? == "two").then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoints() {
+    let up = upstreams::http("app").await;
+    let proxy = ProxyProcess::start(up.addr, &[]).await;
+    let client = TestClient::http1(proxy.outbound);
+    for _ in 0..3 {
+        assert_eq!(client.get("app.test", "/").await.unwrap().status, 200);
+    }
+    assert_eq!(client.get("nowhere.test", "/").await.unwrap().status, 404);
+
+    assert_eq!(get(proxy.admin, "/live").await.status, 200);
+    assert_eq!(get(proxy.admin, "/ready").await.status, 200);
+    let metrics = get(proxy.admin, "/metrics").await.body;
+    for line in [
+        "outrigger_requests_total{direction=\"outbound\",route=\"app/0\",status=\"200\"} 3",
+        "outrigger_requests_total{direction=\"outbound\",route=\"none\",status=\"404\"} 1",
+        "outrigger_request_duration_seconds_count{direction=\"outbound\",route=\"app/0\"} 3",
+        "outrigger_open_connections{listener=\"outbound\"} 1",
+        "outrigger_config_reloads_total{result=\"accepted\"} 1",
+    ] {
+        assert!(metrics.contains(line), "missing `{line}` in:\n{metrics}");
+    }
+    let config = get(proxy.admin, "/config").await.body;
+    assert!(
+        config.contains("\"version\": 1") && config.contains("\"app.test\""),
+        "{config}"
+    );
+}
