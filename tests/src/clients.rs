@@ -46,7 +46,7 @@ pub async fn collect(resp: Response<Incoming>) -> Result<Reply, String> {
 #[derive(Clone)]
 pub enum TestClient {
     Http1 {
-        pool: Client<HttpConnector, Full<Bytes>>,
+        pool: Box<Client<HttpConnector, Full<Bytes>>>,
         proxy: SocketAddr,
     },
     Http2 {
