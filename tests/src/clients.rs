@@ -57,7 +57,7 @@ pub enum TestClient {
 impl TestClient {
     pub fn http1(proxy: SocketAddr) -> Self {
         TestClient::Http1 {
-            pool: Client::builder(TokioExecutor::new()).build_http(),
+            pool: Box::new(Client::builder(TokioExecutor::new()).build_http()),
             proxy,
         }
     }
