@@ -12,6 +12,9 @@ async fn closed_port() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
+/// Method, path, request headers, and the upstream that should answer.
+type Case<'a> = (Method, &'a str, &'a [(&'a str, &'a str)], &'a str);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn path_header_and_method_matching() {
     let (a, b, c, d, e) = (
@@ -49,7 +52,7 @@ async fn path_header_and_method_matching() {
     .concat();
     let proxy = TestProxy::start(&config(vhosts, &clusters)).await;
     let client = TestClient::http1(proxy.addr("outbound"));
-    let cases: &[(Method, &str, &[(&str, &str)], &str)] = &[
+    let cases: &[Case] = &[
         (Method::GET, "/checkout", &[], "exact"),
         (Method::GET, "/checkout/more", &[], "default"),
         (Method::GET, "/items/42", &[], "regex"),
