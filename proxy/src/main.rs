@@ -53,9 +53,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("`{s}` is not a duration such as 500ms or 30s"))
 }
 
-fn init_logging(json: bool) {
+fn init_logging(json: bool, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -94,7 +94,8 @@ fn main() -> ExitCode {
             }
         }
         Command::Demo { duration } => {
-            init_logging(false);
+            // The demo prints its own summary; only problems should interrupt it.
+            init_logging(false, "warn");
             let rt = runtime(0).expect("tokio runtime");
             match rt.block_on(outrigger_proxy::demo::run(duration)) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -111,7 +112,7 @@ fn main() -> ExitCode {
             log_json,
             watch_interval,
         } => {
-            init_logging(log_json);
+            init_logging(log_json, "info");
             // The thread count must be known before the runtime exists, so peek at the file.
             let workers = workers.unwrap_or_else(|| {
                 std::fs::read_to_string(&config)
