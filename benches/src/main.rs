@@ -1,1 +1,452 @@
-fn main() {}
+//! The comparison harness: the same load through no proxy, through Outrigger, and through
+//! Envoy, in one run, on one machine.
+//!
+//! Run it with `scripts/bench` (which builds the release proxy and installs Envoy into a
+//! local venv). It prints one table and writes the same rows as JSON under `target/bench/`.
+//!
+//! Latency percentiles come from h2load's per-request log, CPU from the proxy process's own
+//! user+system time in /proc, and memory from its VmRSS (idle, after start) and VmHWM (peak).
+
+use std::convert::Infallible;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::json;
+
+struct Args {
+    duration: u64,
+    rate: u64,
+    proxy_bin: PathBuf,
+    envoy_bin: Option<PathBuf>,
+    out_dir: PathBuf,
+}
+
+fn parse_args() -> Args {
+    let mut args = Args {
+        duration: 10,
+        rate: 1000,
+        proxy_bin: PathBuf::from("target/release/outrigger-proxy"),
+        envoy_bin: std::env::var_os("ENVOY_BIN").map(PathBuf::from),
+        out_dir: PathBuf::from("target/bench"),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--duration" => args.duration = value().parse().expect("--duration SECONDS"),
+            "--rate" => args.rate = value().parse().expect("--rate REQUESTS_PER_SECOND"),
+            "--proxy" => args.proxy_bin = value().into(),
+            "--envoy" => args.envoy_bin = Some(value().into()),
+            "--out" => args.out_dir = value().into(),
+            other => panic!(
+                "unknown flag {other}; flags: --duration S --rate RPS --proxy PATH --envoy PATH --out DIR"
+            ),
+        }
+    }
+    args
+}
+
+/// One load shape, driven by h2load against whichever address is under test.
+struct Scenario {
+    name: &'static str,
+    h2load: Vec<String>,
+    fixed_rate: bool,
+}
+
+fn scenarios(args: &Args) -> Vec<Scenario> {
+    let d = format!("{}", args.duration);
+    // h2load's --rps is per client: 10 clients share the total rate.
+    let per_client = (args.rate / 10).max(1).to_string();
+    let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    vec![
+        Scenario {
+            name: "http1 fixed rate",
+            h2load: [v(&[
+                "--h1",
+                "-c",
+                "10",
+                "-t",
+                "1",
+                "--rps",
+                &per_client,
+                "-D",
+                &d,
+            ])]
+            .concat(),
+            fixed_rate: true,
+        },
+        Scenario {
+            name: "http1 max",
+            h2load: v(&["--h1", "-c", "50", "-t", "1", "-D", &d]),
+            fixed_rate: false,
+        },
+        Scenario {
+            name: "http2 max",
+            h2load: v(&["-c", "10", "-m", "10", "-t", "1", "-D", &d]),
+            fixed_rate: false,
+        },
+    ]
+}
+
+struct Target {
+    name: &'static str,
+    addr: SocketAddr,
+    child: Option<Child>,
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn free_port() -> SocketAddr {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn wait_for_port(addr: SocketAddr) {
+    let until = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < until, "{addr} did not start listening");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The upstream every path ends at: a 1-thread hyper server answering a fixed 128-byte body.
+fn start_upstream() -> SocketAddr {
+    let std_listener = StdListener::bind("127.0.0.1:0").unwrap();
+    std_listener.set_nonblocking(true).unwrap();
+    let addr = std_listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+            let body = Bytes::from(vec![b'x'; 128]);
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req| {
+                        let body = body.clone();
+                        async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(body))) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+    });
+    addr
+}
+
+fn start_outrigger(args: &Args, upstream: SocketAddr, dir: &Path) -> Target {
+    let (addr, admin) = (free_port(), free_port());
+    let config = format!(
+        "admin:\n  address: {admin}\nworkers: 1\nlisteners:\n  - name: bench\n    address: {addr}\n    direction: outbound\n    virtual_hosts:\n      - name: all\n        domains: [\"*\"]\n        routes:\n          - backends: [{{cluster: upstream}}]\nclusters:\n  - name: upstream\n    endpoints: [{{address: \"{upstream}\"}}]\n"
+    );
+    let path = dir.join("outrigger.yaml");
+    std::fs::write(&path, config).unwrap();
+    let child = Command::new(&args.proxy_bin)
+        .args(["run", "--workers", "1", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot start {}: {e} (build it: cargo build --release)",
+                args.proxy_bin.display()
+            )
+        });
+    wait_for_port(addr);
+    Target {
+        name: "outrigger",
+        addr,
+        child: Some(child),
+    }
+}
+
+fn start_envoy(envoy: &Path, upstream: SocketAddr, dir: &Path) -> Target {
+    let (addr, admin) = (free_port(), free_port());
+    let config = format!(
+        r#"admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
+static_resources:
+  listeners:
+    - name: bench
+      address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: bench
+                codec_type: AUTO
+                route_config:
+                  virtual_hosts:
+                    - name: all
+                      domains: ["*"]
+                      routes:
+                        - match: {{prefix: "/"}}
+                          route: {{cluster: upstream}}
+                http_filters:
+                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+    - name: upstream
+      type: STATIC
+      connect_timeout: 1s
+      load_assignment:
+        cluster_name: upstream
+        endpoints:
+          - lb_endpoints:
+              - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {up_port}}}}}}}
+"#,
+        admin_port = admin.port(),
+        port = addr.port(),
+        up_port = upstream.port()
+    );
+    let path = dir.join("envoy.yaml");
+    std::fs::write(&path, config).unwrap();
+    let child = Command::new(envoy)
+        .args([
+            "--concurrency",
+            "1",
+            "--log-level",
+            "warn",
+            "--disable-hot-restart",
+            "-c",
+        ])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start envoy at {}: {e}", envoy.display()));
+    wait_for_port(addr);
+    Target {
+        name: "envoy",
+        addr,
+        child: Some(child),
+    }
+}
+
+/// utime + stime of a process, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // The command name may contain spaces; fields are counted after its closing parenthesis.
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    ticks / clock_ticks_per_second()
+}
+
+fn clock_ticks_per_second() -> f64 {
+    Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// A field of /proc/PID/status in KiB (VmRSS now, VmHWM at its peak).
+fn memory_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+struct Measured {
+    requests: u64,
+    failed: u64,
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    cpu_us_per_req: Option<f64>,
+}
+
+fn run_h2load(scenario: &Scenario, target: &Target, log: &Path) -> Measured {
+    let pid = target.child.as_ref().map(|c| c.id());
+    // h2load appends to its log; each run must start from an empty one.
+    let _ = std::fs::remove_file(log);
+    let cpu_before = pid.map(cpu_seconds);
+    let started = Instant::now();
+    let out = Command::new("h2load")
+        .args(&scenario.h2load)
+        .arg("--log-file")
+        .arg(log)
+        .arg(format!("http://{}/", target.addr))
+        .output()
+        .expect("h2load is installed (apt-get install nghttp2-client)");
+    let wall = started.elapsed().as_secs_f64();
+    let cpu = pid.map(|p| cpu_seconds(p) - cpu_before.unwrap());
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut lat: Vec<u64> = Vec::new();
+    let mut failed = 0;
+    for line in std::fs::read_to_string(log).unwrap_or_default().lines() {
+        let cols: Vec<&str> = line.split('\t').collect();
+        if cols.len() >= 3 {
+            if cols[1] != "200" {
+                failed += 1;
+            }
+            if let Ok(us) = cols[2].parse() {
+                lat.push(us);
+            }
+        }
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    let rps = text
+        .lines()
+        .find(|l| l.starts_with("finished in"))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|s| s.trim_end_matches(" req/s").parse().ok())
+        .unwrap_or(lat.len() as f64 / wall);
+    let requests = lat.len() as u64;
+    Measured {
+        requests,
+        failed,
+        rps,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        cpu_us_per_req: cpu.map(|c| c * 1e6 / requests.max(1) as f64),
+    }
+}
+
+fn main() {
+    let args = parse_args();
+    let dir = std::env::temp_dir().join(format!("outrigger-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(&args.out_dir).unwrap();
+    let upstream = start_upstream();
+    wait_for_port(upstream);
+
+    let mut rows = Vec::new();
+    let mut table = Vec::new();
+    let targets: Vec<Box<dyn Fn() -> Target>> = {
+        let mut t: Vec<Box<dyn Fn() -> Target>> = vec![
+            Box::new(move || Target {
+                name: "direct",
+                addr: upstream,
+                child: None,
+            }),
+            Box::new(|| start_outrigger(&args, upstream, &dir)),
+        ];
+        match &args.envoy_bin {
+            Some(envoy) => t.push(Box::new(|| start_envoy(envoy, upstream, &dir))),
+            None => {
+                eprintln!("ENVOY_BIN is not set: Envoy is left out (scripts/bench installs it)")
+            }
+        }
+        t
+    };
+    for start in &targets {
+        let target = start();
+        let pid = target.child.as_ref().map(|c| c.id());
+        // Let the process settle before calling its memory "idle".
+        std::thread::sleep(Duration::from_millis(500));
+        let idle_kib = pid.map(|p| memory_kib(p, "VmRSS:"));
+        // Warm up connection pools and caches so the first scenario is not penalised.
+        let _ = Command::new("h2load")
+            .args(["--h1", "-c", "10", "-n", "2000"])
+            .arg(format!("http://{}/", target.addr))
+            .output();
+        for scenario in scenarios(&args) {
+            eprintln!("running {:<16} through {}", scenario.name, target.name);
+            let m = run_h2load(&scenario, &target, &dir.join("h2load.log"));
+            let peak_kib = pid.map(|p| memory_kib(p, "VmHWM:"));
+            rows.push(json!({
+                "scenario": scenario.name,
+                "target": target.name,
+                "fixed_rate": scenario.fixed_rate,
+                "requests": m.requests,
+                "failed": m.failed,
+                "rps": m.rps,
+                "p50_ms": m.p50_ms,
+                "p99_ms": m.p99_ms,
+                "cpu_us_per_request": m.cpu_us_per_req,
+                "idle_rss_kib": idle_kib,
+                "peak_rss_kib": peak_kib,
+                "h2load_args": scenario.h2load.join(" "),
+            }));
+            table.push((scenario.name, target.name, m, idle_kib, peak_kib));
+        }
+    }
+
+    table.sort_by_key(|(s, _, _, _, _)| scenarios(&args).iter().position(|x| x.name == *s));
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{:<17} {:<10} {:>10} {:>9} {:>9} {:>11} {:>9} {:>9} {:>7}\n",
+        "scenario",
+        "target",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "cpu µs/req",
+        "idle MB",
+        "peak MB",
+        "failed"
+    ));
+    let mb = |k: Option<u64>| k.map_or("-".to_string(), |k| format!("{:.1}", k as f64 / 1024.0));
+    for (s, t, m, idle, peak) in &table {
+        out.push_str(&format!(
+            "{:<17} {:<10} {:>10.0} {:>9.3} {:>9.3} {:>11} {:>9} {:>9} {:>7}\n",
+            s,
+            t,
+            m.rps,
+            m.p50_ms,
+            m.p99_ms,
+            m.cpu_us_per_req.map_or("-".into(), |c| format!("{c:.1}")),
+            mb(*idle),
+            mb(*peak),
+            m.failed
+        ));
+    }
+    println!("\n{out}");
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let doc = json!({
+        "unix_time": stamp,
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "duration_s": args.duration,
+        "fixed_rate_rps": args.rate,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "rows": rows,
+    });
+    let path = args.out_dir.join("results.json");
+    let mut f = std::fs::File::create(&path).unwrap();
+    writeln!(f, "{}", serde_json::to_string_pretty(&doc).unwrap()).unwrap();
+    println!("wrote {}", path.display());
+    let _ = std::fs::remove_dir_all(&dir);
+}
