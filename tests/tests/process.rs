@@ -226,3 +226,35 @@ async fn admin_endpoints() {
         "{config}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_runs_and_reports_traffic() {
+    let out = tokio::task::spawn_blocking(|| {
+        Command::new(proxy_binary())
+            .args(["demo", "--duration", "2s"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let total = stdout
+        .lines()
+        .find(|l| l.starts_with("total"))
+        .unwrap_or_else(|| panic!("no total line:\n{stdout}"));
+    // The demo's config sends 90 % to v1 and 10 % to v2, times out /slow and 404s an unknown host.
+    for want in ["200:", "404:", "504:", "shop-v1", "shop-v2"] {
+        assert!(total.contains(want), "`{want}` missing from: {total}");
+    }
+    assert!(
+        stdout.contains(
+            "outrigger_requests_total{direction=\"outbound\",route=\"split\",status=\"200\"}"
+        ),
+        "{stdout}"
+    );
+}
