@@ -79,6 +79,26 @@ where
     }
 }
 
+/// Waits until the proxy behind `admin` reports `n` requests in flight to one endpoint.
+pub async fn wait_in_flight(admin: SocketAddr, n: usize) {
+    let needle = format!("\"outstanding\": {n}");
+    eventually(
+        &format!("{n} requests in flight"),
+        Duration::from_secs(5),
+        || {
+            let needle = needle.clone();
+            async move {
+                clients::get(admin, "/config")
+                    .await
+                    .body
+                    .contains(&needle)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+}
+
 /// A minimal proxy config: one outbound listener with the given virtual hosts, plus
 /// clusters, on ephemeral ports, with an admin listener.
 pub fn config(virtual_hosts: &str, clusters: &str) -> String {

@@ -145,13 +145,8 @@ async fn grpc_echo(req: Request<Incoming>) -> Result<Response<Body>, Infallible>
         while let Some(Ok(frame)) = body.frame().await {
             if let Ok(data) = frame.into_data() {
                 buf.extend_from_slice(&data);
-                while buf.len() >= 5 {
-                    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-                    if buf.len() < 5 + len {
-                        break;
-                    }
-                    let msg = buf.split_to(5 + len).freeze();
-                    if tx.send(Frame::data(msg)).await.is_err() {
+                for msg in grpc_messages(&mut buf) {
+                    if tx.send(Frame::data(grpc_frame(&msg))).await.is_err() {
                         return;
                     }
                 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use outrigger_tests::clients::{TestClient, get};
 use outrigger_tests::upstreams;
-use outrigger_tests::{TestProxy, cluster, config, eventually};
+use outrigger_tests::{TestProxy, cluster, config, eventually, wait_in_flight};
 
 /// Routes `app.test` to cluster `to`, tagging responses with the config generation.
 fn generation(
@@ -95,18 +95,7 @@ async fn request_in_flight_finishes_on_its_snapshot() {
         async move { client.get("app.test", "/slow/800").await.unwrap() }
     });
     let admin = proxy.admin();
-    eventually(
-        "the slow request is in flight",
-        Duration::from_secs(5),
-        || async move {
-            get(admin, "/config")
-                .await
-                .body
-                .contains("\"outstanding\": 1")
-                .then_some(())
-        },
-    )
-    .await;
+    wait_in_flight(admin, 1).await;
     proxy.write_config(&generation(2, "v2", v1.addr, v2.addr));
     proxy.handle.reload().unwrap();
     let fresh = client.get("app.test", "/").await.unwrap();

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use outrigger_tests::clients::{TestClient, get};
-use outrigger_tests::{eventually, indent, temp_path, upstreams};
+use outrigger_tests::{eventually, indent, temp_path, upstreams, wait_in_flight};
 
 fn proxy_binary() -> PathBuf {
     // target/<profile>/deps/<this test> → target/<profile>/outrigger-proxy
@@ -19,7 +19,7 @@ fn proxy_binary() -> PathBuf {
         .join("outrigger-proxy");
     assert!(
         bin.exists(),
-        "{} is missing: the workspace test run builds it (cargo nextest run --workspace)",
+        "{} is missing: run `cargo build --bins` first (scripts/test does)",
         bin.display()
     );
     bin
@@ -114,18 +114,7 @@ async fn sigterm_drains_in_flight_and_refuses_new_connections() {
         async move { h2.get("app.test", "/slow/1500").await }
     });
     let admin = proxy.admin;
-    eventually(
-        "both slow requests are in flight",
-        Duration::from_secs(5),
-        || async move {
-            get(admin, "/config")
-                .await
-                .body
-                .contains("\"outstanding\": 2")
-                .then_some(())
-        },
-    )
-    .await;
+    wait_in_flight(admin, 2).await;
 
     proxy.signal("TERM");
     let outbound = proxy.outbound;
