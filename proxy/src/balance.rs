@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{LbPolicy, UpstreamProtocol};
 use crate::runtime_config::WeightedBackend;
-use crate::upstream::UpstreamClient;
+use crate::upstream::{H2Connection, UpstreamClient};
 
 /// How fast the latency estimate forgets a slow response.
 const DECAY: Duration = Duration::from_secs(10);
@@ -91,8 +91,10 @@ pub fn pick_backend(backends: &[WeightedBackend], total_weight: u32) -> &Weighte
 
 pub struct Endpoint {
     pub addr: SocketAddr,
-    /// `http://ip:port`, prepared once, for building upstream URIs.
+    /// `http://ip:port`, prepared once, for building HTTP/1.1 upstream URIs.
     pub base_uri: String,
+    /// Used only when the endpoint's cluster speaks HTTP/2.
+    pub h2: H2Connection,
     outstanding: AtomicU64,
     /// f64 bits of the latency estimate, in nanoseconds.
     ewma: AtomicU64,
@@ -114,6 +116,7 @@ impl Endpoint {
         Endpoint {
             addr,
             base_uri: format!("http://{addr}"),
+            h2: H2Connection::default(),
             outstanding: AtomicU64::new(0),
             ewma: AtomicU64::new(0f64.to_bits()),
             stamp: AtomicU64::new(now_nanos()),
@@ -196,7 +199,7 @@ mod tests {
             lb,
             Duration::from_secs(1),
             eps,
-            UpstreamClient::new(UpstreamProtocol::Http1, Duration::from_secs(1)),
+            UpstreamClient::new(Duration::from_secs(1)),
         )
     }
 

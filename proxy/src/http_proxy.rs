@@ -97,13 +97,23 @@ async fn forward<'a>(
 
     let in_flight = endpoint.start();
     let send = async {
-        if upgrade {
-            cluster
-                .client
-                .send_upgrade(&cluster.name, endpoint.addr, upstream_req)
-                .await
-        } else {
-            cluster.client.send(&cluster.name, upstream_req).await
+        match (upgrade, cluster.protocol) {
+            (true, _) => {
+                cluster
+                    .client
+                    .send_upgrade(&cluster.name, endpoint.addr, upstream_req)
+                    .await
+            }
+            (false, UpstreamProtocol::Http1) => {
+                cluster.client.send(&cluster.name, upstream_req).await
+            }
+            (false, UpstreamProtocol::Http2) => {
+                let timeout = cluster.client.connect_timeout();
+                endpoint
+                    .h2
+                    .send(&cluster.name, endpoint.addr, timeout, upstream_req)
+                    .await
+            }
         }
     };
     let mut resp = tokio::time::timeout(route.timeout, send)
@@ -172,20 +182,28 @@ fn rewrite_request(
 ) -> Result<Request<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    parts.uri = Uri::try_from(format!("{base_uri}{path}"))
-        .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
-    parts.version = match protocol {
-        UpstreamProtocol::Http1 => Version::HTTP_11,
-        UpstreamProtocol::Http2 => Version::HTTP_2,
-    };
+    let invalid = |_| ProxyError::BadRequest("invalid request target");
     if !upgrade {
         strip_hop_by_hop(&mut parts.headers);
     }
-    // An HTTP/2 client sends no Host header; an HTTP/1 app behind us needs one.
-    if !parts.headers.contains_key(header::HOST) {
-        let value =
-            HeaderValue::from_str(host).map_err(|_| ProxyError::BadRequest("invalid host"))?;
-        parts.headers.insert(header::HOST, value);
+    match protocol {
+        UpstreamProtocol::Http1 => {
+            // The pool connects to the URI's authority: the endpoint. The name the client
+            // asked for rides in Host, which an HTTP/2 client did not send.
+            parts.uri = Uri::try_from(format!("{base_uri}{path}")).map_err(invalid)?;
+            parts.version = Version::HTTP_11;
+            if !parts.headers.contains_key(header::HOST) {
+                let value = HeaderValue::from_str(host)
+                    .map_err(|_| ProxyError::BadRequest("invalid host"))?;
+                parts.headers.insert(header::HOST, value);
+            }
+        }
+        UpstreamProtocol::Http2 => {
+            // The connection is already the endpoint's; the URI only supplies :authority.
+            parts.uri = Uri::try_from(format!("http://{host}{path}")).map_err(invalid)?;
+            parts.version = Version::HTTP_2;
+            parts.headers.remove(header::HOST);
+        }
     }
     route.request_headers.apply(&mut parts.headers);
     Ok(Request::from_parts(parts, body.boxed()))

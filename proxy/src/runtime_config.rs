@@ -181,12 +181,8 @@ impl Builder<'_> {
             }
             let old = self.previous.and_then(|p| p.clusters.get(&c.name.value));
             let client = match old {
-                Some(old)
-                    if old.protocol == c.protocol && old.connect_timeout == connect_timeout =>
-                {
-                    old.client.clone()
-                }
-                _ => UpstreamClient::new(c.protocol, connect_timeout),
+                Some(old) if old.connect_timeout == connect_timeout => old.client.clone(),
+                _ => UpstreamClient::new(connect_timeout),
             };
             let endpoints = addrs
                 .into_iter()

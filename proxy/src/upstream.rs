@@ -1,9 +1,19 @@
-//! Upstream HTTP connections: a keep-alive pool for HTTP/1.1 and one multiplexed
-//! connection per endpoint for HTTP/2, both from hyper-util's pooled client, keyed by the
-//! endpoint address. Upgrades (WebSocket) get a connection of their own, since an upgraded
-//! connection can never go back to a pool.
+//! Upstream HTTP connections.
+//!
+//! - HTTP/1.1: hyper-util's keep-alive pool, keyed by the endpoint address in the URI; the
+//!   original `Host` header travels as is.
+//! - HTTP/2: one multiplexed connection per endpoint (`H2Connection`, owned by the endpoint so
+//!   it survives config swaps). The request URI carries the original authority, so
+//!   `:authority` is the name the app asked for, not the endpoint address (RFC 9113 §8.3.1).
+//! - Upgrades (WebSocket) get an HTTP/1.1 connection of their own, since an upgraded
+//!   connection can never go back to a pool.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use hyper::client::conn::http2;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -14,7 +24,6 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-use crate::config::UpstreamProtocol;
 use crate::error::ProxyError;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -25,8 +34,25 @@ pub struct UpstreamClient {
     connect_timeout: Duration,
 }
 
+async fn connect(
+    cluster: &str,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream, ProxyError> {
+    let failed = |reason: String| ProxyError::UpstreamConnect {
+        cluster: cluster.to_string(),
+        reason,
+    };
+    let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+        .await
+        .map_err(|_| failed(format!("connect to {addr} timed out after {timeout:?}")))?
+        .map_err(|e| failed(format!("{addr}: {e}")))?;
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
 impl UpstreamClient {
-    pub fn new(protocol: UpstreamProtocol, connect_timeout: Duration) -> Self {
+    pub fn new(connect_timeout: Duration) -> Self {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(connect_timeout));
         connector.set_nodelay(true);
@@ -34,13 +60,14 @@ impl UpstreamClient {
         builder
             .pool_idle_timeout(Duration::from_secs(90))
             .pool_max_idle_per_host(256);
-        if protocol == UpstreamProtocol::Http2 {
-            builder.http2_only(true);
-        }
         UpstreamClient {
             inner: builder.build(connector),
             connect_timeout,
         }
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
     }
 
     pub async fn send(
@@ -66,21 +93,73 @@ impl UpstreamClient {
     pub async fn send_upgrade(
         &self,
         cluster: &str,
-        addr: std::net::SocketAddr,
+        addr: SocketAddr,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let connect_failed = |reason: String| ProxyError::UpstreamConnect {
-            cluster: cluster.to_string(),
-            reason,
-        };
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| connect_failed("connect timed out".into()))?
-            .map_err(|e| connect_failed(e.to_string()))?;
+        let stream = connect(cluster, addr, self.connect_timeout).await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
-            .map_err(|e| connect_failed(e.to_string()))?;
+            .map_err(|e| ProxyError::UpstreamConnect {
+                cluster: cluster.to_string(),
+                reason: e.to_string(),
+            })?;
         tokio::spawn(conn.with_upgrades());
+        sender
+            .send_request(req)
+            .await
+            .map_err(|e| ProxyError::UpstreamFailed {
+                reason: source_chain(&e),
+            })
+    }
+}
+
+/// One multiplexed HTTP/2 connection to one endpoint, made on first use and made again
+/// when it closes. Requests clone the sender without any lock; only connecting takes one,
+/// so that a burst of requests to a cold endpoint opens one connection, not a hundred.
+#[derive(Default)]
+pub struct H2Connection {
+    sender: ArcSwapOption<http2::SendRequest<Body>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl H2Connection {
+    fn live(&self) -> Option<http2::SendRequest<Body>> {
+        self.sender
+            .load()
+            .as_ref()
+            .filter(|s| !s.is_closed())
+            .map(|s| (**s).clone())
+    }
+
+    pub async fn send(
+        &self,
+        cluster: &str,
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let mut sender = match self.live() {
+            Some(s) => s,
+            None => {
+                let _one_at_a_time = self.connecting.lock().await;
+                match self.live() {
+                    Some(s) => s,
+                    None => {
+                        let stream = connect(cluster, addr, connect_timeout).await?;
+                        let (sender, conn) =
+                            http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                                .await
+                                .map_err(|e| ProxyError::UpstreamConnect {
+                                    cluster: cluster.to_string(),
+                                    reason: format!("{addr}: HTTP/2 handshake: {e}"),
+                                })?;
+                        tokio::spawn(conn);
+                        self.sender.store(Some(Arc::new(sender.clone())));
+                        sender
+                    }
+                }
+            }
+        };
         sender
             .send_request(req)
             .await

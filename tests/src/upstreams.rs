@@ -50,7 +50,8 @@ fn full(b: impl Into<Bytes>) -> Body {
 /// An HTTP server (HTTP/1.1 and HTTP/2, by detection) that tells what it received.
 ///
 /// - Response headers: `x-upstream` (its name), `x-method`, `x-path`, `x-version`, and
-///   `x-echo-<name>` for every request header whose name starts with `x-`, plus `host`.
+///   `x-echo-<name>` for every request header whose name starts with `x-`, plus `host`
+///   (from `:authority` for HTTP/2).
 /// - `POST`/`PUT` bodies are echoed back; other methods get the upstream's name.
 /// - `/slow/<ms>` answers after that many milliseconds; `/status/<code>` with that status.
 pub async fn http(name: &'static str) -> Upstream {
@@ -105,6 +106,14 @@ async fn echo(name: &'static str, req: Request<Incoming>) -> Result<Response<Bod
         "x-version",
         HeaderValue::from_str(&format!("{:?}", parts.version)).unwrap(),
     );
+    // HTTP/2 carries the host in :authority; report it the same way as an HTTP/1.1 Host.
+    if let (None, Some(authority)) = (parts.headers.get(http::header::HOST), parts.uri.authority())
+    {
+        h.insert(
+            "x-echo-host",
+            HeaderValue::from_str(authority.as_str()).unwrap(),
+        );
+    }
     for (k, v) in &parts.headers {
         if k.as_str().starts_with("x-") || k == http::header::HOST {
             let echoed =
