@@ -26,8 +26,13 @@ pub struct AdminState {
 
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            // Out of file descriptors and the like: back off instead of spinning.
+            Err(_) => {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let state = state.clone();
         tokio::spawn(async move {
