@@ -1,0 +1,193 @@
+//! The Aggregated Discovery Service, state of the world.
+//!
+//! One task per stream. It answers each new subscription at once, pushes every type again
+//! when its version moves (in make-before-break order: CDS, EDS, LDS, RDS), and reads each
+//! request that carries the nonce of our latest response as an ACK, or as a NACK when it has
+//! `error_detail`. A request with an older nonce is stale and ignored, as the protocol says.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::node_status::NodeRegistry;
+use crate::snapshot::{Publisher, Snapshot};
+use crate::translate::PUSH_ORDER;
+
+pub struct Ads {
+    pub publisher: Arc<Publisher>,
+    pub nodes: Arc<NodeRegistry>,
+    nonce: Arc<AtomicU64>,
+}
+
+impl Ads {
+    pub fn new(publisher: Arc<Publisher>, nodes: Arc<NodeRegistry>) -> Self {
+        Ads {
+            publisher,
+            nodes,
+            nonce: Arc::new(AtomicU64::new(0)),
+        }
+    }
+}
+
+type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// One type's subscription on one stream.
+#[derive(Default)]
+struct Subscription {
+    names: Vec<String>,
+    sent_version: Option<u64>,
+    sent_nonce: String,
+    sent_names: Vec<String>,
+}
+
+struct Stream_ {
+    node: String,
+    subs: HashMap<String, Subscription>,
+    out: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    nodes: Arc<NodeRegistry>,
+    nonce: Arc<AtomicU64>,
+}
+
+impl Stream_ {
+    /// Sends `type_url` if the subscriber has not seen this version (or `force`).
+    async fn push(&mut self, snapshot: &Snapshot, type_url: &str, force: bool) -> bool {
+        let version = snapshot.version_of(type_url);
+        let Some(sub) = self.subs.get_mut(type_url) else {
+            return true;
+        };
+        if !force && sub.sent_version == Some(version) {
+            return true;
+        }
+        let nonce = self.nonce.fetch_add(1, Ordering::Relaxed).to_string();
+        let response = DiscoveryResponse {
+            version_info: version.to_string(),
+            resources: snapshot.select(type_url, &sub.names),
+            type_url: type_url.to_string(),
+            nonce: nonce.clone(),
+            ..Default::default()
+        };
+        sub.sent_version = Some(version);
+        sub.sent_nonce = nonce;
+        sub.sent_names = sub.names.clone();
+        self.nodes.sent(&self.node, type_url, version);
+        self.out.send(Ok(response)).await.is_ok()
+    }
+
+    async fn on_request(&mut self, req: DiscoveryRequest, snapshot: &Snapshot) -> bool {
+        if req.type_url.is_empty() {
+            return true;
+        }
+        let sub = self.subs.entry(req.type_url.clone()).or_default();
+        if !req.response_nonce.is_empty() {
+            if req.response_nonce != sub.sent_nonce {
+                tracing::debug!(node = %self.node, type_url = %req.type_url, "stale nonce; ignored");
+                return true;
+            }
+            match &req.error_detail {
+                Some(err) => {
+                    tracing::warn!(node = %self.node, type_url = %req.type_url, version = %req.version_info, error = %err.message, "NACK");
+                    self.nodes
+                        .nacked(&self.node, &req.type_url, &req.version_info, &err.message);
+                }
+                None => self
+                    .nodes
+                    .acked(&self.node, &req.type_url, &req.version_info),
+            }
+        }
+        sub.names = req.resource_names;
+        // A new subscription, or a changed set of names, is answered now even at the same
+        // version; a plain ACK is not.
+        let force = sub.sent_version.is_none() || sub.names != sub.sent_names;
+        if force {
+            let type_url = req.type_url;
+            return self.push(snapshot, &type_url, true).await;
+        }
+        true
+    }
+}
+
+async fn run_stream(
+    mut inbound: Streaming<DiscoveryRequest>,
+    out: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    publisher: Arc<Publisher>,
+    nodes: Arc<NodeRegistry>,
+    nonce: Arc<AtomicU64>,
+) {
+    let mut snapshots = publisher.subscribe();
+    let mut stream: Option<Stream_> = None;
+    loop {
+        tokio::select! {
+            msg = inbound.message() => {
+                let Ok(Some(req)) = msg else { break };
+                let s = stream.get_or_insert_with(|| {
+                    let node = req.node.as_ref().map(|n| n.id.clone()).unwrap_or_else(|| "unknown".into());
+                    let cluster = req.node.as_ref().map(|n| n.cluster.clone()).unwrap_or_default();
+                    tracing::info!(%node, "ADS stream opened");
+                    nodes.connected(&node, &cluster);
+                    Stream_ { node, subs: HashMap::new(), out: out.clone(), nodes: nodes.clone(), nonce: nonce.clone() }
+                });
+                let snapshot = snapshots.borrow().clone();
+                if !s.on_request(req, &snapshot).await {
+                    break;
+                }
+            }
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let snapshot = snapshots.borrow_and_update().clone();
+                if let Some(s) = stream.as_mut() {
+                    for type_url in PUSH_ORDER {
+                        if !s.push(&snapshot, type_url, false).await {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if let Some(s) = stream {
+        tracing::info!(node = %s.node, "ADS stream closed");
+        nodes.disconnected(&s.node);
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for Ads {
+    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(run_stream(
+            request.into_inner(),
+            tx,
+            self.publisher.clone(),
+            self.nodes.clone(),
+            self.nonce.clone(),
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        Err(Status::unimplemented(
+            "delta xDS is not served yet; use state-of-the-world ADS",
+        ))
+    }
+}

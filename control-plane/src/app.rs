@@ -1,0 +1,244 @@
+//! The control plane, assembled: mesh source → publisher → ADS server, plus `/status`.
+//!
+//! ```text
+//! mesh file ──poll 200 ms, debounce 100 ms──► Mesh::parse ─ok─► Publisher (versioned snapshot)
+//!                                                  └─err─► last error (/status, metric, log)
+//! Publisher ──watch──► one ADS task per stream ──► Envoy / grpcio / outrigger-proxy
+//! ```
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwapOption;
+use bytes::Bytes;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use outrigger_proxy::config_error::ConfigError;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::ads::Ads;
+use crate::mesh::Mesh;
+use crate::node_status::NodeRegistry;
+use crate::snapshot::Publisher;
+
+const POLL: Duration = Duration::from_millis(200);
+/// Editors write a file in several steps; wait for it to settle before reading it.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+pub struct Options {
+    pub mesh_path: PathBuf,
+    pub xds_address: SocketAddr,
+    pub admin_address: SocketAddr,
+}
+
+pub struct ControlPlane {
+    pub xds_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub publisher: Arc<Publisher>,
+    pub nodes: Arc<NodeRegistry>,
+    source: Arc<MeshSource>,
+}
+
+impl ControlPlane {
+    /// Re-reads the mesh file now.
+    pub fn reload(&self) -> Result<u64, ConfigError> {
+        self.source.reload()
+    }
+}
+
+struct MeshSource {
+    path: PathBuf,
+    publisher: Arc<Publisher>,
+    last_text: std::sync::Mutex<String>,
+    last_error: ArcSwapOption<ConfigError>,
+    rejections: AtomicU64,
+}
+
+impl MeshSource {
+    fn reload(&self) -> Result<u64, ConfigError> {
+        let source = self.path.display().to_string();
+        let mut last = self.last_text.lock().unwrap_or_else(|p| p.into_inner());
+        let result = std::fs::read_to_string(&self.path)
+            .map_err(|e| ConfigError::io(&source, &e))
+            .and_then(|text| {
+                last.clone_from(&text);
+                Mesh::parse(&source, &text)
+            });
+        match result {
+            Ok(mesh) => {
+                self.publisher.publish(mesh);
+                self.last_error.store(None);
+                let version = self.publisher.current().mesh_version;
+                tracing::info!(version, file = %source, "mesh accepted");
+                Ok(version)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "mesh rejected; the last good mesh stays live");
+                self.rejections.fetch_add(1, Ordering::Relaxed);
+                self.last_error.store(Some(Arc::new(e.clone())));
+                Err(e)
+            }
+        }
+    }
+
+    fn changed(&self) -> bool {
+        std::fs::read_to_string(&self.path)
+            .is_ok_and(|t| *self.last_text.lock().unwrap_or_else(|p| p.into_inner()) != t)
+    }
+
+    async fn watch(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(POLL).await;
+            if self.changed() {
+                tokio::time::sleep(DEBOUNCE).await;
+                let _ = self.reload();
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Mesh(#[from] ConfigError),
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
+    let publisher = Arc::new(Publisher::default());
+    let nodes = Arc::new(NodeRegistry::default());
+    let source = Arc::new(MeshSource {
+        path: options.mesh_path,
+        publisher: publisher.clone(),
+        last_text: Default::default(),
+        last_error: ArcSwapOption::empty(),
+        rejections: AtomicU64::new(0),
+    });
+    // An invalid mesh at start is fatal: there is no last good one to keep serving.
+    source.reload()?;
+
+    let bind = |what, addr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { what, addr, source })
+    };
+    let xds = bind("xDS", options.xds_address).await?;
+    let xds_addr = xds.local_addr().unwrap_or(options.xds_address);
+    let admin = bind("admin", options.admin_address).await?;
+    let admin_addr = admin.local_addr().unwrap_or(options.admin_address);
+
+    let ads = Ads::new(publisher.clone(), nodes.clone());
+    tokio::spawn(async move {
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds);
+        let result = tonic::transport::Server::builder()
+            .add_service(AggregatedDiscoveryServiceServer::new(ads))
+            .serve_with_incoming(incoming)
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "xDS server stopped");
+        }
+    });
+    tokio::spawn(serve_admin(admin, source.clone(), nodes.clone()));
+    tokio::spawn(source.clone().watch());
+    tracing::info!(xds = %xds_addr, admin = %admin_addr, "control plane serving");
+    Ok(ControlPlane {
+        xds_addr,
+        admin_addr,
+        publisher,
+        nodes,
+        source,
+    })
+}
+
+async fn serve_admin(listener: TcpListener, source: Arc<MeshSource>, nodes: Arc<NodeRegistry>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (source, nodes) = (source.clone(), nodes.clone());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let body = match req.uri().path() {
+                    "/live" | "/ready" => Ok("ok\n".to_string()),
+                    "/status" => Ok(serde_json::to_string_pretty(&status_json(&source, &nodes))
+                        .unwrap_or_default()
+                        + "\n"),
+                    "/metrics" => Ok(metrics_text(&source, &nodes)),
+                    _ => Err("endpoints: /status /metrics /live /ready\n".to_string()),
+                };
+                let (status, text) = match body {
+                    Ok(t) => (StatusCode::OK, t),
+                    Err(t) => (StatusCode::NOT_FOUND, t),
+                };
+                let mut resp = Response::new(Full::new(Bytes::from(text)));
+                *resp.status_mut() = status;
+                async move { Ok::<_, std::convert::Infallible>(resp) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+fn status_json(source: &MeshSource, nodes: &NodeRegistry) -> serde_json::Value {
+    let snapshot = source.publisher.current();
+    let err = source.last_error.load();
+    json!({
+        "mesh": {
+            "file": source.path.display().to_string(),
+            "version": snapshot.mesh_version,
+            "type_versions": snapshot.types.iter().map(|(t, s)| (t.rsplit('.').next().unwrap_or(t).to_string(), json!(s.version.to_string()))).collect::<serde_json::Map<_, _>>(),
+            "last_error": err.as_ref().map(|e| json!({"message": e.to_string(), "line": e.line, "field": e.field})),
+        },
+        "nodes": nodes.to_json(),
+    })
+}
+
+fn metrics_text(source: &MeshSource, nodes: &NodeRegistry) -> String {
+    let mut out = String::new();
+    let snapshot = source.publisher.current();
+    out.push_str("# TYPE outrigger_cp_connected_proxies gauge\n");
+    out.push_str(&format!(
+        "outrigger_cp_connected_proxies {}\n",
+        nodes.connected_count()
+    ));
+    out.push_str("# TYPE outrigger_cp_mesh_version gauge\n");
+    out.push_str(&format!(
+        "outrigger_cp_mesh_version {}\n",
+        snapshot.mesh_version
+    ));
+    out.push_str("# TYPE outrigger_cp_mesh_rejections_total counter\n");
+    out.push_str(&format!(
+        "outrigger_cp_mesh_rejections_total {}\n",
+        source.rejections.load(Ordering::Relaxed)
+    ));
+    out.push_str("# TYPE outrigger_cp_nacks_total counter\n");
+    if let serde_json::Value::Object(map) = nodes.to_json() {
+        for (node, n) in map {
+            let total: u64 = n["types"]
+                .as_object()
+                .map_or(0, |t| t.values().filter_map(|v| v["nacks"].as_u64()).sum());
+            out.push_str(&format!(
+                "outrigger_cp_nacks_total{{node=\"{node}\"}} {total}\n"
+            ));
+        }
+    }
+    out
+}

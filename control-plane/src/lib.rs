@@ -1,0 +1,9 @@
+//! The Outrigger control plane: a mesh file in, Envoy xDS v3 out.
+#![forbid(unsafe_code)]
+
+pub mod ads;
+pub mod app;
+pub mod mesh;
+pub mod node_status;
+pub mod snapshot;
+pub mod translate;

@@ -1,0 +1,343 @@
+//! The mesh file: services, their endpoints and their routes, as a user writes them, and the
+//! validated `Mesh` the translator reads.
+//!
+//! Validation is strict and located: every problem names the file, line and field, and an
+//! invalid file never replaces the mesh that is serving.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use outrigger_proxy::config_error::ConfigError;
+use outrigger_proxy::runtime_config::parse_duration;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MeshFile {
+    #[serde(default)]
+    mesh: MeshSettingsFile,
+    #[serde(default)]
+    services: Vec<ServiceFile>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MeshSettingsFile {
+    /// Where every sidecar's outbound listener binds on loopback.
+    #[serde(default)]
+    outbound_port: Option<u16>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Http,
+    Http2,
+    Grpc,
+}
+
+impl Protocol {
+    pub fn is_http2(self) -> bool {
+        matches!(self, Protocol::Http2 | Protocol::Grpc)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ServiceFile {
+    name: Spanned<String>,
+    #[serde(default = "default_namespace")]
+    namespace: String,
+    #[serde(default)]
+    protocol: Protocol,
+    #[serde(default = "default_port")]
+    port: u16,
+    #[serde(default)]
+    endpoints: Vec<EndpointFile>,
+    #[serde(default)]
+    routes: Vec<RouteFile>,
+}
+
+fn default_namespace() -> String {
+    "default".into()
+}
+
+fn default_port() -> u16 {
+    80
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointFile {
+    address: Spanned<String>,
+    #[serde(default = "one")]
+    weight: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteFile {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default, rename = "match")]
+    matches: MatchFile,
+    /// Where matching requests go; the service itself when empty.
+    #[serde(default)]
+    backends: Vec<BackendFile>,
+    #[serde(default)]
+    timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MatchFile {
+    #[serde(default)]
+    exact: Option<String>,
+    #[serde(default)]
+    prefix: Option<String>,
+    #[serde(default)]
+    regex: Option<Spanned<String>>,
+    #[serde(default)]
+    headers: Vec<HeaderMatchFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeaderMatchFile {
+    name: String,
+    exact: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BackendFile {
+    service: Spanned<String>,
+    #[serde(default = "one")]
+    weight: u32,
+}
+
+/// The validated mesh.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mesh {
+    pub outbound_port: u16,
+    /// Keyed by cluster name (`name.namespace`), so output order is stable.
+    pub services: BTreeMap<String, Service>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Service {
+    pub name: String,
+    pub namespace: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub endpoints: Vec<(SocketAddr, u32)>,
+    pub routes: Vec<Route>,
+}
+
+impl Service {
+    /// The cluster and EDS name: `name.namespace`.
+    pub fn cluster_name(&self) -> String {
+        format!("{}.{}", self.name, self.namespace)
+    }
+
+    /// The host names a client may use for this service, as Kubernetes DNS would give them.
+    pub fn hostnames(&self) -> Vec<String> {
+        let (n, ns) = (&self.name, &self.namespace);
+        let names = [
+            n.clone(),
+            format!("{n}.{ns}"),
+            format!("{n}.{ns}.svc"),
+            format!("{n}.{ns}.svc.cluster.local"),
+        ];
+        names
+            .iter()
+            .flat_map(|h| [h.clone(), format!("{h}:{}", self.port)])
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+    Regex(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub name: String,
+    pub path: PathMatch,
+    pub headers: Vec<(String, String)>,
+    /// (cluster name, weight)
+    pub backends: Vec<(String, u32)>,
+    pub timeout: Option<Duration>,
+}
+
+pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+
+impl Mesh {
+    pub fn parse(source: &str, text: &str) -> Result<Mesh, ConfigError> {
+        let file: MeshFile =
+            serde_saphyr::from_str(text).map_err(|e| ConfigError::from_yaml(source, &e))?;
+        let err = |at: serde_saphyr::Location, field: &str, msg: String| {
+            ConfigError::at(source, Some(at), field, msg)
+        };
+
+        // Names first, so routes may point at services declared after them.
+        let mut names = BTreeMap::new();
+        for (i, s) in file.services.iter().enumerate() {
+            let cluster = format!("{}.{}", s.name.value, s.namespace);
+            if names
+                .insert(s.name.value.clone(), cluster.clone())
+                .is_some()
+            {
+                return Err(err(
+                    s.name.referenced,
+                    &format!("services[{i}].name"),
+                    format!("duplicate service `{}`", s.name.value),
+                ));
+            }
+        }
+
+        let mut services = BTreeMap::new();
+        for (i, s) in file.services.iter().enumerate() {
+            let field = format!("services[{i}]");
+            let mut endpoints = Vec::new();
+            for (j, e) in s.endpoints.iter().enumerate() {
+                let addr = e.address.value.parse().map_err(|_| {
+                    err(
+                        e.address.referenced,
+                        &format!("{field}.endpoints[{j}].address"),
+                        format!("`{}` is not an IP:port address", e.address.value),
+                    )
+                })?;
+                endpoints.push((addr, e.weight.max(1)));
+            }
+            let mut routes = Vec::new();
+            for (r, route) in s.routes.iter().enumerate() {
+                let rfield = format!("{field}.routes[{r}]");
+                let m = &route.matches;
+                let path = match (&m.exact, &m.prefix, &m.regex) {
+                    (Some(p), None, None) => PathMatch::Exact(p.clone()),
+                    (None, Some(p), None) => PathMatch::Prefix(p.clone()),
+                    (None, None, Some(re)) => {
+                        regex_check(&re.value)
+                            .map_err(|e| err(re.referenced, &format!("{rfield}.match.regex"), e))?;
+                        PathMatch::Regex(re.value.clone())
+                    }
+                    (None, None, None) => PathMatch::Prefix("/".into()),
+                    _ => {
+                        return Err(ConfigError::at(
+                            source,
+                            None,
+                            &format!("{rfield}.match"),
+                            "set at most one of `exact`, `prefix` and `regex`",
+                        ));
+                    }
+                };
+                let mut backends = Vec::new();
+                for (b, backend) in route.backends.iter().enumerate() {
+                    let cluster = names.get(&backend.service.value).ok_or_else(|| {
+                        err(
+                            backend.service.referenced,
+                            &format!("{rfield}.backends[{b}].service"),
+                            format!("no service named `{}`", backend.service.value),
+                        )
+                    })?;
+                    backends.push((cluster.clone(), backend.weight));
+                }
+                if backends.is_empty() {
+                    backends.push((names[&s.name.value].clone(), 1));
+                }
+                if backends.iter().all(|(_, w)| *w == 0) {
+                    return Err(err(
+                        s.name.referenced,
+                        &format!("{rfield}.backends"),
+                        "backend weights add up to 0".into(),
+                    ));
+                }
+                let timeout = match &route.timeout {
+                    Some(t) => Some(parse_duration(&t.value).ok_or_else(|| {
+                        err(
+                            t.referenced,
+                            &format!("{rfield}.timeout"),
+                            format!("`{}` is not a duration (try `250ms`, `2s`)", t.value),
+                        )
+                    })?),
+                    None => None,
+                };
+                routes.push(Route {
+                    name: route
+                        .name
+                        .clone()
+                        .unwrap_or_else(|| format!("{}/{r}", s.name.value)),
+                    path,
+                    headers: m
+                        .headers
+                        .iter()
+                        .map(|h| (h.name.to_ascii_lowercase(), h.exact.clone()))
+                        .collect(),
+                    backends,
+                    timeout,
+                });
+            }
+            let service = Service {
+                name: s.name.value.clone(),
+                namespace: s.namespace.clone(),
+                protocol: s.protocol,
+                port: s.port,
+                endpoints,
+                routes,
+            };
+            services.insert(service.cluster_name(), service);
+        }
+        Ok(Mesh {
+            outbound_port: file.mesh.outbound_port.unwrap_or(DEFAULT_OUTBOUND_PORT),
+            services,
+        })
+    }
+}
+
+/// Rust's regex and Envoy's RE2 accept nearly the same language (neither has
+/// backreferences or look-around), so a pattern that compiles here is one both proxies take.
+fn regex_check(re: &str) -> Result<(), String> {
+    regex::Regex::new(re)
+        .map(drop)
+        .map_err(|e| format!("invalid regex: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "mesh:\n  outbound_port: 15001\nservices:\n  - name: web\n    endpoints: [{address: 127.0.0.1:8080}]\n    routes:\n      - match: {prefix: /v2}\n        backends: [{service: web-v2}]\n  - name: web-v2\n    endpoints: [{address: 127.0.0.1:8081}]\n";
+
+    #[test]
+    fn parses_and_resolves_backends() {
+        let mesh = Mesh::parse("mesh.yaml", GOOD).unwrap();
+        let web = &mesh.services["web.default"];
+        assert_eq!(
+            web.routes[0].backends,
+            vec![("web-v2.default".to_string(), 1)]
+        );
+        assert!(
+            web.hostnames()
+                .contains(&"web.default.svc.cluster.local:80".to_string())
+        );
+    }
+
+    #[test]
+    fn unknown_backend_names_its_line() {
+        let bad = GOOD.replace("{service: web-v2}", "{service: nope}");
+        let e = Mesh::parse("mesh.yaml", &bad).unwrap_err();
+        assert_eq!(e.line, Some(8));
+        assert_eq!(e.field, "services[0].routes[0].backends[0].service");
+    }
+}

@@ -1,0 +1,299 @@
+//! Mesh → Envoy v3 resources: Cluster (EDS), ClusterLoadAssignment, Listener and
+//! RouteConfiguration. These are exactly what Envoy, gRPC clients and our own proxy consume.
+//!
+//! Every sidecar gets one outbound listener on loopback whose HTTP connection manager loads
+//! the route table `outbound` over ADS; each service is a virtual host answering to the names
+//! Kubernetes DNS would give it.
+
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, Http2ProtocolOptions, Locality,
+    SocketAddress, address, config_source, socket_address,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+use envoy_types::pb::envoy::config::route::v3::{
+    HeaderMatcher, Route as EnvoyRoute, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+    WeightedCluster, header_matcher, route, route_action, route_match, weighted_cluster,
+};
+use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
+};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    HttpProtocolOptions, http_protocol_options,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
+use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
+use prost::{Message, Name};
+
+use crate::mesh::{Mesh, PathMatch, Service};
+
+pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT_TYPE: &str =
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+
+/// The order Envoy asks in and we push in: clusters before the endpoints that fill them,
+/// listeners before the routes they name (make before break).
+pub const PUSH_ORDER: [&str; 4] = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE];
+
+pub const OUTBOUND: &str = "outbound";
+
+pub fn pack<M: Message + Name>(m: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: m.encode_to_vec(),
+    }
+}
+
+/// All resources of one type, by name.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Resources {
+    pub by_name: std::collections::BTreeMap<String, Any>,
+}
+
+/// The four resource sets for a mesh.
+pub fn translate(mesh: &Mesh) -> [(&'static str, Resources); 4] {
+    let mut clusters = Resources::default();
+    let mut endpoints = Resources::default();
+    for service in mesh.services.values() {
+        let name = service.cluster_name();
+        clusters
+            .by_name
+            .insert(name.clone(), pack(&cluster_for(service)));
+        endpoints
+            .by_name
+            .insert(name, pack(&load_assignment_for(service)));
+    }
+    let mut listeners = Resources::default();
+    listeners.by_name.insert(
+        OUTBOUND.into(),
+        pack(&outbound_listener(mesh.outbound_port)),
+    );
+    let mut routes = Resources::default();
+    routes
+        .by_name
+        .insert(OUTBOUND.into(), pack(&outbound_routes(mesh)));
+    [
+        (CLUSTER_TYPE, clusters),
+        (ENDPOINT_TYPE, endpoints),
+        (LISTENER_TYPE, listeners),
+        (ROUTE_TYPE, routes),
+    ]
+}
+
+fn ads() -> ConfigSource {
+    ConfigSource {
+        resource_api_version: ApiVersion::V3 as i32,
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
+        ..Default::default()
+    }
+}
+
+fn duration(d: std::time::Duration) -> PbDuration {
+    PbDuration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn socket_address(addr: std::net::SocketAddr) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: addr.ip().to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(addr.port() as u32)),
+            ..Default::default()
+        })),
+    }
+}
+
+fn cluster_for(service: &Service) -> Cluster {
+    let mut c = Cluster {
+        name: service.cluster_name(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(cluster::EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: String::new(),
+        }),
+        connect_timeout: Some(duration(std::time::Duration::from_secs(1))),
+        // Envoy's least-request is power-of-two-choices over outstanding requests: the nearest
+        // built-in to our peak-EWMA balancer.
+        lb_policy: cluster::LbPolicy::LeastRequest as i32,
+        ..Default::default()
+    };
+    if service.protocol.is_http2() {
+        let options = HttpProtocolOptions {
+            upstream_protocol_options: Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                http_protocol_options::ExplicitHttpConfig {
+                    protocol_config: Some(http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                        Http2ProtocolOptions::default(),
+                    )),
+                },
+            )),
+            ..Default::default()
+        };
+        c.typed_extension_protocol_options.insert(
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+            pack(&options),
+        );
+    }
+    c
+}
+
+fn load_assignment_for(service: &Service) -> ClusterLoadAssignment {
+    ClusterLoadAssignment {
+        cluster_name: service.cluster_name(),
+        endpoints: vec![LocalityLbEndpoints {
+            locality: Some(Locality::default()),
+            // gRPC clients silently drop a locality without a weight.
+            load_balancing_weight: Some(UInt32Value { value: 1 }),
+            lb_endpoints: service
+                .endpoints
+                .iter()
+                .map(|(addr, weight)| LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                        address: Some(socket_address(*addr)),
+                        ..Default::default()
+                    })),
+                    load_balancing_weight: Some(UInt32Value { value: *weight }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn outbound_listener(port: u16) -> Listener {
+    let hcm = HttpConnectionManager {
+        stat_prefix: OUTBOUND.into(),
+        codec_type: http_connection_manager::CodecType::Auto as i32,
+        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: OUTBOUND.into(),
+        })),
+        http_filters: vec![HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack(
+                &Router::default(),
+            ))),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Listener {
+        name: OUTBOUND.into(),
+        address: Some(socket_address(std::net::SocketAddr::from((
+            [127, 0, 0, 1],
+            port,
+        )))),
+        filter_chains: vec![FilterChain {
+            filters: vec![Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack(&hcm))),
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+fn outbound_routes(mesh: &Mesh) -> RouteConfiguration {
+    let virtual_hosts = mesh
+        .services
+        .values()
+        .map(|s| {
+            let mut routes: Vec<EnvoyRoute> = s.routes.iter().map(route_for).collect();
+            // Whatever no route matched goes to the service itself.
+            routes.push(EnvoyRoute {
+                name: format!("{}/default", s.name),
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
+                action: Some(route::Action::Route(RouteAction {
+                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                        s.cluster_name(),
+                    )),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            });
+            VirtualHost {
+                name: s.cluster_name(),
+                domains: s.hostnames(),
+                routes,
+                ..Default::default()
+            }
+        })
+        .collect();
+    RouteConfiguration {
+        name: OUTBOUND.into(),
+        virtual_hosts,
+        ..Default::default()
+    }
+}
+
+fn route_for(r: &crate::mesh::Route) -> EnvoyRoute {
+    let path_specifier = match &r.path {
+        PathMatch::Exact(p) => route_match::PathSpecifier::Path(p.clone()),
+        PathMatch::Prefix(p) => route_match::PathSpecifier::Prefix(p.clone()),
+        PathMatch::Regex(re) => route_match::PathSpecifier::SafeRegex(RegexMatcher {
+            regex: re.clone(),
+            ..Default::default()
+        }),
+    };
+    let headers = r
+        .headers
+        .iter()
+        .map(|(name, value)| HeaderMatcher {
+            name: name.clone(),
+            header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(
+                StringMatcher {
+                    match_pattern: Some(string_matcher::MatchPattern::Exact(value.clone())),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        })
+        .collect();
+    let cluster_specifier = if r.backends.len() == 1 {
+        route_action::ClusterSpecifier::Cluster(r.backends[0].0.clone())
+    } else {
+        route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters: r
+                .backends
+                .iter()
+                .map(|(name, weight)| weighted_cluster::ClusterWeight {
+                    name: name.clone(),
+                    weight: Some(UInt32Value { value: *weight }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })
+    };
+    EnvoyRoute {
+        name: r.name.clone(),
+        r#match: Some(RouteMatch {
+            path_specifier: Some(path_specifier),
+            headers,
+            ..Default::default()
+        }),
+        action: Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(cluster_specifier),
+            timeout: r.timeout.map(duration),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
