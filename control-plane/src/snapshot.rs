@@ -36,7 +36,12 @@ impl Snapshot {
             return Vec::new();
         };
         if names.is_empty() {
-            t.resources.by_name.values().cloned().collect()
+            let r = &t.resources;
+            r.by_name
+                .iter()
+                .filter(|(n, _)| !r.named_only.contains(*n))
+                .map(|(_, a)| a.clone())
+                .collect()
         } else {
             names
                 .iter()

@@ -5,15 +5,19 @@
 //! the route table `outbound` over ADS; each service is a virtual host answering to the names
 //! Kubernetes DNS would give it.
 
-use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::cluster::v3::{
+    Cluster, LoadBalancingPolicy, cluster, load_balancing_policy,
+};
 use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, ConfigSource, Http2ProtocolOptions, Locality,
-    SocketAddress, address, config_source, socket_address,
+    SocketAddress, TypedExtensionConfig, address, config_source, socket_address,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
-use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
+use envoy_types::pb::envoy::config::listener::v3::{
+    ApiListener, Filter, FilterChain, Listener, filter,
+};
 use envoy_types::pb::envoy::config::route::v3::{
     HeaderMatcher, Route as EnvoyRoute, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
     WeightedCluster, header_matcher, route, route_action, route_match, weighted_cluster,
@@ -22,6 +26,8 @@ use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
+use envoy_types::pb::envoy::extensions::load_balancing_policies::least_request::v3::LeastRequest;
+use envoy_types::pb::envoy::extensions::load_balancing_policies::round_robin::v3::RoundRobin;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
@@ -54,6 +60,9 @@ pub fn pack<M: Message + Name>(m: &M) -> Any {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Resources {
     pub by_name: std::collections::BTreeMap<String, Any>,
+    /// Sent only to a subscriber that names them, never to a wildcard one: the API listeners
+    /// for proxyless gRPC clients, which a sidecar has no use for.
+    pub named_only: std::collections::BTreeSet<String>,
 }
 
 /// The four resource sets for a mesh.
@@ -78,6 +87,21 @@ pub fn translate(mesh: &Mesh) -> [(&'static str, Resources); 4] {
     routes
         .by_name
         .insert(OUTBOUND.into(), pack(&outbound_routes(mesh)));
+    // Proxyless gRPC: `xds:///<host>` asks for a listener named exactly `<host>`.
+    for service in mesh.services.values() {
+        let route_name = service.cluster_name();
+        for host in service.hostnames() {
+            listeners
+                .by_name
+                .insert(host.clone(), pack(&api_listener(&host, &route_name)));
+            listeners.named_only.insert(host);
+        }
+        routes.by_name.insert(
+            route_name.clone(),
+            pack(&service_routes(service, &route_name)),
+        );
+        routes.named_only.insert(route_name);
+    }
     [
         (CLUSTER_TYPE, clusters),
         (ENDPOINT_TYPE, endpoints),
@@ -124,9 +148,21 @@ fn cluster_for(service: &Service) -> Cluster {
             service_name: String::new(),
         }),
         connect_timeout: Some(duration(std::time::Duration::from_secs(1))),
-        // Envoy's least-request is power-of-two-choices over outstanding requests: the nearest
-        // built-in to our peak-EWMA balancer.
-        lb_policy: cluster::LbPolicy::LeastRequest as i32,
+        // Least-request (power-of-two-choices over outstanding requests, the nearest built-in
+        // to our peak-EWMA balancer) where the client has it, else round robin: every client
+        // takes the first policy of the list it supports. gRPC NACKs `lb_policy: LEAST_REQUEST`.
+        load_balancing_policy: Some(LoadBalancingPolicy {
+            policies: vec![
+                lb_policy(
+                    "envoy.load_balancing_policies.least_request",
+                    pack(&LeastRequest::default()),
+                ),
+                lb_policy(
+                    "envoy.load_balancing_policies.round_robin",
+                    pack(&RoundRobin::default()),
+                ),
+            ],
+        }),
         ..Default::default()
     };
     if service.protocol.is_http2() {
@@ -146,6 +182,15 @@ fn cluster_for(service: &Service) -> Cluster {
         );
     }
     c
+}
+
+fn lb_policy(name: &str, config: Any) -> load_balancing_policy::Policy {
+    load_balancing_policy::Policy {
+        typed_extension_config: Some(TypedExtensionConfig {
+            name: name.into(),
+            typed_config: Some(config),
+        }),
+    }
 }
 
 fn load_assignment_for(service: &Service) -> ClusterLoadAssignment {
@@ -173,13 +218,15 @@ fn load_assignment_for(service: &Service) -> ClusterLoadAssignment {
     }
 }
 
-fn outbound_listener(port: u16) -> Listener {
-    let hcm = HttpConnectionManager {
-        stat_prefix: OUTBOUND.into(),
+/// An HTTP connection manager that loads `route_name` over ADS, with the router filter last
+/// (gRPC clients insist on it).
+fn http_connection_manager(stat_prefix: &str, route_name: &str) -> HttpConnectionManager {
+    HttpConnectionManager {
+        stat_prefix: stat_prefix.into(),
         codec_type: http_connection_manager::CodecType::Auto as i32,
         route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
             config_source: Some(ads()),
-            route_config_name: OUTBOUND.into(),
+            route_config_name: route_name.into(),
         })),
         http_filters: vec![HttpFilter {
             name: "envoy.filters.http.router".into(),
@@ -189,7 +236,32 @@ fn outbound_listener(port: u16) -> Listener {
             ..Default::default()
         }],
         ..Default::default()
-    };
+    }
+}
+
+fn api_listener(host: &str, route_name: &str) -> Listener {
+    Listener {
+        name: host.into(),
+        api_listener: Some(ApiListener {
+            api_listener: Some(pack(&http_connection_manager(host, route_name))),
+        }),
+        ..Default::default()
+    }
+}
+
+/// One service's routes on their own, for proxyless clients of that service.
+fn service_routes(service: &Service, route_name: &str) -> RouteConfiguration {
+    let mut vhost = virtual_host(service);
+    vhost.domains = vec!["*".into()];
+    RouteConfiguration {
+        name: route_name.into(),
+        virtual_hosts: vec![vhost],
+        ..Default::default()
+    }
+}
+
+fn outbound_listener(port: u16) -> Listener {
+    let hcm = http_connection_manager(OUTBOUND, OUTBOUND);
     Listener {
         name: OUTBOUND.into(),
         address: Some(socket_address(std::net::SocketAddr::from((
@@ -208,37 +280,33 @@ fn outbound_listener(port: u16) -> Listener {
 }
 
 fn outbound_routes(mesh: &Mesh) -> RouteConfiguration {
-    let virtual_hosts = mesh
-        .services
-        .values()
-        .map(|s| {
-            let mut routes: Vec<EnvoyRoute> = s.routes.iter().map(route_for).collect();
-            // Whatever no route matched goes to the service itself.
-            routes.push(EnvoyRoute {
-                name: format!("{}/default", s.name),
-                r#match: Some(RouteMatch {
-                    path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
-                    ..Default::default()
-                }),
-                action: Some(route::Action::Route(RouteAction {
-                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
-                        s.cluster_name(),
-                    )),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            });
-            VirtualHost {
-                name: s.cluster_name(),
-                domains: s.hostnames(),
-                routes,
-                ..Default::default()
-            }
-        })
-        .collect();
+    let virtual_hosts = mesh.services.values().map(virtual_host).collect();
     RouteConfiguration {
         name: OUTBOUND.into(),
         virtual_hosts,
+        ..Default::default()
+    }
+}
+
+fn virtual_host(s: &Service) -> VirtualHost {
+    let mut routes: Vec<EnvoyRoute> = s.routes.iter().map(route_for).collect();
+    // Whatever no route matched goes to the service itself.
+    routes.push(EnvoyRoute {
+        name: format!("{}/default", s.name),
+        r#match: Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+            ..Default::default()
+        }),
+        action: Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(s.cluster_name())),
+            ..Default::default()
+        })),
+        ..Default::default()
+    });
+    VirtualHost {
+        name: s.cluster_name(),
+        domains: s.hostnames(),
+        routes,
         ..Default::default()
     }
 }

@@ -5,6 +5,8 @@ No generated code: the methods use raw bytes, so no protoc is needed.
     python grpc_echo.py server            # prints "PORT <n>" once serving on 127.0.0.1
     python grpc_echo.py client HOST:PORT AUTHORITY
                                           # runs the calls, prints one JSON object, exits 0
+    python grpc_echo.py client xds:///SERVICE -
+                                          # the same through xDS (GRPC_XDS_BOOTSTRAP set)
 """
 
 import json
@@ -48,7 +50,7 @@ def serve():
 
 
 def client(target, authority):
-    options = (("grpc.default_authority", authority),)
+    options = () if authority == "-" else (("grpc.default_authority", authority),)
     out = {}
     with grpc.insecure_channel(target, options=options) as channel:
         grpc.channel_ready_future(channel).result(timeout=10)

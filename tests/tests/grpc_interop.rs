@@ -1,11 +1,12 @@
-//! A real gRPC stack on both ends (grpcio, from the venv that scripts/test makes) talking
-//! through the proxy: unary, bidirectional streaming, an error status, and trailing metadata.
+//! A real gRPC stack on both ends (grpcio, from the venv that scripts/test makes): through the
+//! proxy, and proxyless with an `xds:///` target resolved by our control plane. Each run
+//! covers unary, bidirectional streaming, an error status, and trailing metadata.
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 
-use outrigger_tests::{TestProxy, cluster, config};
+use outrigger_tests::{TestProxy, cluster, config, temp_path};
 
 fn python() -> PathBuf {
     let venv = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
@@ -62,12 +63,24 @@ async fn grpcio_client_and_server_through_the_proxy() {
     let proxy = TestProxy::start(&config(vhosts, &cluster("echo", "http2", &[upstream]))).await;
     let target = proxy.addr("outbound").to_string();
 
+    let out = run_client(&target, "grpc.test", None).await;
+    assert_echo_calls(&out);
+}
+
+/// Runs the grpcio client; `bootstrap` is the xDS bootstrap file for `xds:///` targets.
+async fn run_client(
+    target: &str,
+    authority: &str,
+    bootstrap: Option<PathBuf>,
+) -> serde_json::Value {
+    let (target, authority) = (target.to_string(), authority.to_string());
     let out = tokio::task::spawn_blocking(move || {
-        Command::new(python())
-            .arg(script())
-            .args(["client", &target, "grpc.test"])
-            .output()
-            .unwrap()
+        let mut cmd = Command::new(python());
+        cmd.arg(script()).args(["client", &target, &authority]);
+        if let Some(b) = bootstrap {
+            cmd.env("GRPC_XDS_BOOTSTRAP", b);
+        }
+        cmd.output().unwrap()
     })
     .await
     .unwrap();
@@ -76,8 +89,10 @@ async fn grpcio_client_and_server_through_the_proxy() {
         "client failed:\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_slice(&out.stdout).unwrap()
+}
 
+fn assert_echo_calls(v: &serde_json::Value) {
     assert_eq!(v["unary"]["reply"], "echo:hello");
     assert_eq!(v["unary"]["code"], "OK");
     assert_eq!(v["unary"]["trailers"]["x-trailer"], "kept");
@@ -92,4 +107,50 @@ async fn grpcio_client_and_server_through_the_proxy() {
     assert_eq!(v["fail"]["code"], "NOT_FOUND");
     assert_eq!(v["fail"]["details"], "no such thing");
     assert_eq!(v["fail"]["trailers"]["x-trailer"], "kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcio_xds_client_resolves_through_the_control_plane() {
+    let (_server, port) = tokio::task::spawn_blocking(start_server).await.unwrap();
+    let mesh_path = temp_path("mesh.yaml");
+    std::fs::write(
+        &mesh_path,
+        format!("services:\n  - name: echo\n    protocol: grpc\n    port: 50051\n    endpoints: [{{address: \"127.0.0.1:{port}\"}}]\n"),
+    )
+    .unwrap();
+    let cp = outrigger_control_plane::app::start(outrigger_control_plane::app::Options {
+        mesh_path,
+        xds_address: "127.0.0.1:0".parse().unwrap(),
+        admin_address: "127.0.0.1:0".parse().unwrap(),
+    })
+    .await
+    .unwrap();
+    let bootstrap = temp_path("grpc-bootstrap.json");
+    std::fs::write(
+        &bootstrap,
+        serde_json::json!({
+            "xds_servers": [{
+                "server_uri": cp.xds_addr.to_string(),
+                "channel_creds": [{"type": "insecure"}],
+                "server_features": ["xds_v3"],
+            }],
+            "node": {"id": "grpc-client", "cluster": "test", "locality": {}},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    // Both the short name and the full DNS name with its port resolve.
+    for target in ["xds:///echo", "xds:///echo.default.svc.cluster.local:50051"] {
+        let out = run_client(target, "-", Some(bootstrap.clone())).await;
+        assert_echo_calls(&out);
+    }
+    let status = cp.nodes.to_json();
+    assert_eq!(
+        status["grpc-client"]["types"]["Listener"]["nacks"], 0,
+        "{status}"
+    );
+    assert_eq!(
+        status["grpc-client"]["types"]["Cluster"]["nacks"], 0,
+        "{status}"
+    );
 }
