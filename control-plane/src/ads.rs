@@ -1,4 +1,4 @@
-//! The Aggregated Discovery Service, state of the world.
+//! The Aggregated Discovery Service, state of the world (delta is in `ads_delta`).
 //!
 //! One task per stream. It answers each new subscription at once, pushes every type again
 //! when its version moves (in make-before-break order: CDS, EDS, LDS, RDS), and reads each
@@ -184,10 +184,16 @@ impl AggregatedDiscoveryService for Ads {
 
     async fn delta_aggregated_resources(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented(
-            "delta xDS is not served yet; use state-of-the-world ADS",
-        ))
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(crate::ads_delta::run_stream(
+            request.into_inner(),
+            tx,
+            self.publisher.clone(),
+            self.nodes.clone(),
+            self.nonce.clone(),
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

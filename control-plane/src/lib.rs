@@ -2,6 +2,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ads;
+pub mod ads_delta;
 pub mod app;
 pub mod mesh;
 pub mod node_status;

@@ -45,14 +45,15 @@ impl Drop for Envoy {
     }
 }
 
-fn start_envoy(node: &str, xds: SocketAddr, admin: SocketAddr) -> Envoy {
+/// `api_type` is `GRPC` (state of the world) or `DELTA_GRPC`.
+fn start_envoy(node: &str, api_type: &str, xds: SocketAddr, admin: SocketAddr) -> Envoy {
     let bootstrap = format!(
         r#"node: {{id: {node}, cluster: test}}
 admin:
   address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
 dynamic_resources:
   ads_config:
-    api_type: GRPC
+    api_type: {api_type}
     transport_api_version: V3
     grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]
   cds_config: {{ads: {{}}, resource_api_version: V3}}
@@ -150,7 +151,7 @@ async fn envoy_follows_the_mesh_over_sotw_ads() {
     let (v1, v2) = (upstreams::http("v1").await, upstreams::http("v2").await);
     let (outbound, envoy_admin) = (free_port(), free_port());
     let (cp, mesh_path) = start_control_plane(&mesh(outbound, v1.addr, v2.addr, "web")).await;
-    let _envoy = start_envoy("envoy-sotw", cp.xds_addr, envoy_admin);
+    let _envoy = start_envoy("envoy-sotw", "GRPC", cp.xds_addr, envoy_admin);
 
     let upstream = eventually(
         "Envoy routes web to v1",
@@ -227,4 +228,62 @@ async fn envoy_follows_the_mesh_over_sotw_ads() {
         metrics.contains("outrigger_cp_nacks_total{node=\"envoy-sotw\"} 1"),
         "{metrics}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_follows_the_mesh_over_delta_ads() {
+    let (v1, v2) = (upstreams::http("v1").await, upstreams::http("v2").await);
+    let (outbound, envoy_admin) = (free_port(), free_port());
+    let (cp, mesh_path) = start_control_plane(&mesh(outbound, v1.addr, v2.addr, "web")).await;
+    let _envoy = start_envoy("envoy-delta", "DELTA_GRPC", cp.xds_addr, envoy_admin);
+
+    eventually(
+        "Envoy routes web to v1",
+        Duration::from_secs(30),
+        || async move { envoy_routes_to(outbound, "web").await.filter(|u| u == "v1") },
+    )
+    .await;
+    wait_all_acked(&cp, "envoy-delta").await;
+
+    std::fs::write(&mesh_path, mesh(outbound, v1.addr, v2.addr, "web-v2")).unwrap();
+    let changed = Instant::now();
+    eventually(
+        "Envoy routes web to v2",
+        Duration::from_secs(5),
+        || async move { envoy_routes_to(outbound, "web").await.filter(|u| u == "v2") },
+    )
+    .await;
+    let took = changed.elapsed();
+    assert!(took < Duration::from_secs(2), "the change took {took:?}");
+    wait_all_acked(&cp, "envoy-delta").await;
+
+    // Removing a service removes its cluster from Envoy: delta sends the name as removed.
+    let without_v2 = mesh(outbound, v1.addr, v2.addr, "web").replace(
+        &format!(
+            "  - name: web-v2\n    endpoints: [{{address: \"{}\"}}]\n",
+            v2.addr
+        ),
+        "",
+    );
+    std::fs::write(&mesh_path, without_v2).unwrap();
+    eventually(
+        "Envoy drops the web-v2 cluster",
+        Duration::from_secs(5),
+        || async move {
+            let clusters = get(envoy_admin, "/clusters").await.body;
+            (!clusters.contains("web-v2.default::") && clusters.contains("web.default::"))
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        envoy_routes_to(outbound, "web").await.as_deref(),
+        Some("v1")
+    );
+    let status = wait_all_acked(&cp, "envoy-delta").await;
+    assert_eq!(
+        status["nodes"]["envoy-delta"]["types"]["Cluster"]["nacks"], 0,
+        "{status}"
+    );
+    eprintln!("delta: mesh change reached Envoy's routing in {took:?}");
 }

@@ -1,0 +1,204 @@
+//! The Aggregated Discovery Service, incremental (delta) variant.
+//!
+//! Each resource has its own version: a hash of its bytes, so it moves only when the resource
+//! does. A stream remembers what the client holds (from our pushes, and from
+//! `initial_resource_versions` after a reconnect) and sends only what changed plus the names
+//! that went away. `system_version_info` carries the type's snapshot version, which is what an
+//! ACK or NACK is recorded against.
+
+use std::collections::{BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
+};
+use envoy_types::pb::google::protobuf::Any;
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use crate::node_status::NodeRegistry;
+use crate::snapshot::{Publisher, Snapshot};
+use crate::translate::PUSH_ORDER;
+
+/// A resource's version: a hash of its encoded bytes.
+pub fn resource_version(any: &Any) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    any.value.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+#[derive(Default)]
+struct DeltaSub {
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// What the client holds: name → version.
+    known: HashMap<String, String>,
+    /// Nonce → the type version it carried, for recording ACKs and NACKs.
+    in_flight: HashMap<String, u64>,
+}
+
+impl DeltaSub {
+    /// The resources this subscriber should hold now.
+    fn desired<'a>(&self, snapshot: &'a Snapshot, type_url: &str) -> Vec<(&'a String, &'a Any)> {
+        let Some(t) = snapshot.types.get(type_url) else {
+            return Vec::new();
+        };
+        let r = &t.resources;
+        r.by_name
+            .iter()
+            .filter(|(n, _)| {
+                if self.wildcard {
+                    !r.named_only.contains(*n) || self.names.contains(*n)
+                } else {
+                    self.names.contains(*n)
+                }
+            })
+            .collect()
+    }
+}
+
+struct DeltaStream {
+    node: String,
+    subs: HashMap<String, DeltaSub>,
+    out: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    nodes: Arc<NodeRegistry>,
+    nonce: Arc<AtomicU64>,
+}
+
+impl DeltaStream {
+    /// Sends what changed for `type_url`; with `always`, sends even an empty response (the
+    /// first answer to a subscription, which the client waits for).
+    async fn push(&mut self, snapshot: &Snapshot, type_url: &str, always: bool) -> bool {
+        let Some(sub) = self.subs.get_mut(type_url) else {
+            return true;
+        };
+        let desired = sub.desired(snapshot, type_url);
+        let mut resources = Vec::new();
+        let mut keep = BTreeSet::new();
+        for (name, any) in desired {
+            keep.insert(name.clone());
+            let version = resource_version(any);
+            if sub.known.get(name) != Some(&version) {
+                resources.push(Resource {
+                    name: name.clone(),
+                    version: version.clone(),
+                    resource: Some(any.clone()),
+                    ..Default::default()
+                });
+                sub.known.insert(name.clone(), version);
+            }
+        }
+        let removed: Vec<String> = sub
+            .known
+            .keys()
+            .filter(|n| !keep.contains(*n))
+            .cloned()
+            .collect();
+        for n in &removed {
+            sub.known.remove(n);
+        }
+        if resources.is_empty() && removed.is_empty() && !always {
+            return true;
+        }
+        let version = snapshot.version_of(type_url);
+        let nonce = self.nonce.fetch_add(1, Ordering::Relaxed).to_string();
+        sub.in_flight.insert(nonce.clone(), version);
+        self.nodes.sent(&self.node, type_url, version);
+        let response = DeltaDiscoveryResponse {
+            system_version_info: version.to_string(),
+            resources,
+            type_url: type_url.to_string(),
+            removed_resources: removed,
+            nonce,
+            ..Default::default()
+        };
+        self.out.send(Ok(response)).await.is_ok()
+    }
+
+    async fn on_request(&mut self, req: DeltaDiscoveryRequest, snapshot: &Snapshot) -> bool {
+        if req.type_url.is_empty() {
+            return true;
+        }
+        let first = !self.subs.contains_key(&req.type_url);
+        let sub = self.subs.entry(req.type_url.clone()).or_default();
+        if !req.response_nonce.is_empty() {
+            if let Some(version) = sub.in_flight.remove(&req.response_nonce) {
+                let version = version.to_string();
+                match &req.error_detail {
+                    Some(err) => {
+                        tracing::warn!(node = %self.node, type_url = %req.type_url, error = %err.message, "delta NACK");
+                        self.nodes
+                            .nacked(&self.node, &req.type_url, &version, &err.message);
+                    }
+                    None => self.nodes.acked(&self.node, &req.type_url, &version),
+                }
+            }
+        }
+        if first {
+            // No names on the first request (or "*") is a wildcard subscription.
+            sub.wildcard = req.resource_names_subscribe.is_empty()
+                || req.resource_names_subscribe.iter().any(|n| n == "*");
+            sub.known = req.initial_resource_versions.clone();
+        }
+        let mut changed = false;
+        for n in req.resource_names_subscribe.iter().filter(|n| *n != "*") {
+            changed |= sub.names.insert(n.clone());
+        }
+        for n in &req.resource_names_unsubscribe {
+            changed |= sub.names.remove(n);
+        }
+        if first || changed {
+            let type_url = req.type_url;
+            return self.push(snapshot, &type_url, first).await;
+        }
+        true
+    }
+}
+
+pub async fn run_stream(
+    mut inbound: Streaming<DeltaDiscoveryRequest>,
+    out: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    publisher: Arc<Publisher>,
+    nodes: Arc<NodeRegistry>,
+    nonce: Arc<AtomicU64>,
+) {
+    let mut snapshots = publisher.subscribe();
+    let mut stream: Option<DeltaStream> = None;
+    loop {
+        tokio::select! {
+            msg = inbound.message() => {
+                let Ok(Some(req)) = msg else { break };
+                let s = stream.get_or_insert_with(|| {
+                    let node = req.node.as_ref().map(|n| n.id.clone()).unwrap_or_else(|| "unknown".into());
+                    let cluster = req.node.as_ref().map(|n| n.cluster.clone()).unwrap_or_default();
+                    tracing::info!(%node, "delta ADS stream opened");
+                    nodes.connected(&node, &cluster);
+                    DeltaStream { node, subs: HashMap::new(), out: out.clone(), nodes: nodes.clone(), nonce: nonce.clone() }
+                });
+                let snapshot = snapshots.borrow().clone();
+                if !s.on_request(req, &snapshot).await {
+                    break;
+                }
+            }
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let snapshot = snapshots.borrow_and_update().clone();
+                if let Some(s) = stream.as_mut() {
+                    for type_url in PUSH_ORDER {
+                        if !s.push(&snapshot, type_url, false).await {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if let Some(s) = stream {
+        tracing::info!(node = %s.node, "delta ADS stream closed");
+        nodes.disconnected(&s.node);
+    }
+}
