@@ -6,10 +6,12 @@
 //! `error_detail`. A request with an older nonce is stale and ignored, as the protocol says.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
@@ -50,7 +52,7 @@ struct Subscription {
     sent_names: Vec<String>,
 }
 
-struct Stream_ {
+struct SotwStream {
     node: String,
     subs: HashMap<String, Subscription>,
     out: mpsc::Sender<Result<DiscoveryResponse, Status>>,
@@ -58,7 +60,107 @@ struct Stream_ {
     nonce: Arc<AtomicU64>,
 }
 
-impl Stream_ {
+/// What differs between state-of-the-world and delta; the stream loop is shared.
+pub(crate) trait Protocol: Sized + Send + 'static {
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    fn node(req: &Self::Request) -> Option<&Node>;
+    fn open(
+        node: String,
+        out: mpsc::Sender<Result<Self::Response, Status>>,
+        nodes: Arc<NodeRegistry>,
+        nonce: Arc<AtomicU64>,
+    ) -> Self;
+    fn node_id(&self) -> &str;
+    /// Handles one request; false when the stream is gone.
+    fn on_request(
+        &mut self,
+        req: Self::Request,
+        snapshot: &Snapshot,
+    ) -> impl Future<Output = bool> + Send;
+    /// Pushes `type_url` if the client lacks its current state; false when the stream is gone.
+    fn push(
+        &mut self,
+        snapshot: &Snapshot,
+        type_url: &str,
+        force: bool,
+    ) -> impl Future<Output = bool> + Send;
+}
+
+/// One ADS stream: requests in, pushes out on every snapshot change, in push order.
+pub(crate) async fn run_stream<P: Protocol>(
+    mut inbound: Streaming<P::Request>,
+    out: mpsc::Sender<Result<P::Response, Status>>,
+    publisher: Arc<Publisher>,
+    nodes: Arc<NodeRegistry>,
+    nonce: Arc<AtomicU64>,
+) {
+    let mut snapshots = publisher.subscribe();
+    let mut stream: Option<P> = None;
+    loop {
+        tokio::select! {
+            msg = inbound.message() => {
+                let Ok(Some(req)) = msg else { break };
+                let s = stream.get_or_insert_with(|| {
+                    let node = P::node(&req).map(|n| n.id.clone()).unwrap_or_else(|| "unknown".into());
+                    let cluster = P::node(&req).map(|n| n.cluster.clone()).unwrap_or_default();
+                    tracing::info!(%node, "ADS stream opened");
+                    nodes.connected(&node, &cluster);
+                    P::open(node, out.clone(), nodes.clone(), nonce.clone())
+                });
+                let snapshot = snapshots.borrow().clone();
+                if !s.on_request(req, &snapshot).await {
+                    break;
+                }
+            }
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let snapshot = snapshots.borrow_and_update().clone();
+                if let Some(s) = stream.as_mut() {
+                    for type_url in PUSH_ORDER {
+                        if !s.push(&snapshot, type_url, false).await {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if let Some(s) = stream {
+        tracing::info!(node = %s.node_id(), "ADS stream closed");
+        nodes.disconnected(s.node_id());
+    }
+}
+
+impl Protocol for SotwStream {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+
+    fn node(req: &DiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+
+    fn open(
+        node: String,
+        out: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+        nodes: Arc<NodeRegistry>,
+        nonce: Arc<AtomicU64>,
+    ) -> Self {
+        SotwStream {
+            node,
+            subs: HashMap::new(),
+            out,
+            nodes,
+            nonce,
+        }
+    }
+
+    fn node_id(&self) -> &str {
+        &self.node
+    }
+
     /// Sends `type_url` if the subscriber has not seen this version (or `force`).
     async fn push(&mut self, snapshot: &Snapshot, type_url: &str, force: bool) -> bool {
         let version = snapshot.version_of(type_url);
@@ -116,52 +218,6 @@ impl Stream_ {
     }
 }
 
-async fn run_stream(
-    mut inbound: Streaming<DiscoveryRequest>,
-    out: mpsc::Sender<Result<DiscoveryResponse, Status>>,
-    publisher: Arc<Publisher>,
-    nodes: Arc<NodeRegistry>,
-    nonce: Arc<AtomicU64>,
-) {
-    let mut snapshots = publisher.subscribe();
-    let mut stream: Option<Stream_> = None;
-    loop {
-        tokio::select! {
-            msg = inbound.message() => {
-                let Ok(Some(req)) = msg else { break };
-                let s = stream.get_or_insert_with(|| {
-                    let node = req.node.as_ref().map(|n| n.id.clone()).unwrap_or_else(|| "unknown".into());
-                    let cluster = req.node.as_ref().map(|n| n.cluster.clone()).unwrap_or_default();
-                    tracing::info!(%node, "ADS stream opened");
-                    nodes.connected(&node, &cluster);
-                    Stream_ { node, subs: HashMap::new(), out: out.clone(), nodes: nodes.clone(), nonce: nonce.clone() }
-                });
-                let snapshot = snapshots.borrow().clone();
-                if !s.on_request(req, &snapshot).await {
-                    break;
-                }
-            }
-            changed = snapshots.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                let snapshot = snapshots.borrow_and_update().clone();
-                if let Some(s) = stream.as_mut() {
-                    for type_url in PUSH_ORDER {
-                        if !s.push(&snapshot, type_url, false).await {
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-    }
-    if let Some(s) = stream {
-        tracing::info!(node = %s.node, "ADS stream closed");
-        nodes.disconnected(&s.node);
-    }
-}
-
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for Ads {
     type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
@@ -172,7 +228,7 @@ impl AggregatedDiscoveryService for Ads {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(run_stream(
+        tokio::spawn(run_stream::<SotwStream>(
             request.into_inner(),
             tx,
             self.publisher.clone(),
@@ -187,7 +243,7 @@ impl AggregatedDiscoveryService for Ads {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(crate::ads_delta::run_stream(
+        tokio::spawn(run_stream::<crate::ads_delta::DeltaStream>(
             request.into_inner(),
             tx,
             self.publisher.clone(),

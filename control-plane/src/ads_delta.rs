@@ -11,16 +11,17 @@ use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
 use envoy_types::pb::google::protobuf::Any;
 use tokio::sync::mpsc;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
+use crate::ads::Protocol;
 use crate::node_status::NodeRegistry;
-use crate::snapshot::{Publisher, Snapshot};
-use crate::translate::PUSH_ORDER;
+use crate::snapshot::Snapshot;
 
 /// A resource's version: a hash of its encoded bytes.
 pub fn resource_version(any: &Any) -> String {
@@ -59,7 +60,7 @@ impl DeltaSub {
     }
 }
 
-struct DeltaStream {
+pub struct DeltaStream {
     node: String,
     subs: HashMap<String, DeltaSub>,
     out: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
@@ -67,7 +68,33 @@ struct DeltaStream {
     nonce: Arc<AtomicU64>,
 }
 
-impl DeltaStream {
+impl Protocol for DeltaStream {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+
+    fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
+        req.node.as_ref()
+    }
+
+    fn open(
+        node: String,
+        out: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+        nodes: Arc<NodeRegistry>,
+        nonce: Arc<AtomicU64>,
+    ) -> Self {
+        DeltaStream {
+            node,
+            subs: HashMap::new(),
+            out,
+            nodes,
+            nonce,
+        }
+    }
+
+    fn node_id(&self) -> &str {
+        &self.node
+    }
+
     /// Sends what changed for `type_url`; with `always`, sends even an empty response (the
     /// first answer to a subscription, which the client waits for).
     async fn push(&mut self, snapshot: &Snapshot, type_url: &str, always: bool) -> bool {
@@ -123,17 +150,16 @@ impl DeltaStream {
         }
         let first = !self.subs.contains_key(&req.type_url);
         let sub = self.subs.entry(req.type_url.clone()).or_default();
-        if !req.response_nonce.is_empty() {
-            if let Some(version) = sub.in_flight.remove(&req.response_nonce) {
-                let version = version.to_string();
-                match &req.error_detail {
-                    Some(err) => {
-                        tracing::warn!(node = %self.node, type_url = %req.type_url, error = %err.message, "delta NACK");
-                        self.nodes
-                            .nacked(&self.node, &req.type_url, &version, &err.message);
-                    }
-                    None => self.nodes.acked(&self.node, &req.type_url, &version),
+        // An empty nonce (a new subscription) is never in flight.
+        if let Some(version) = sub.in_flight.remove(&req.response_nonce) {
+            let version = version.to_string();
+            match &req.error_detail {
+                Some(err) => {
+                    tracing::warn!(node = %self.node, type_url = %req.type_url, error = %err.message, "delta NACK");
+                    self.nodes
+                        .nacked(&self.node, &req.type_url, &version, &err.message);
                 }
+                None => self.nodes.acked(&self.node, &req.type_url, &version),
             }
         }
         if first {
@@ -154,51 +180,5 @@ impl DeltaStream {
             return self.push(snapshot, &type_url, first).await;
         }
         true
-    }
-}
-
-pub async fn run_stream(
-    mut inbound: Streaming<DeltaDiscoveryRequest>,
-    out: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-    publisher: Arc<Publisher>,
-    nodes: Arc<NodeRegistry>,
-    nonce: Arc<AtomicU64>,
-) {
-    let mut snapshots = publisher.subscribe();
-    let mut stream: Option<DeltaStream> = None;
-    loop {
-        tokio::select! {
-            msg = inbound.message() => {
-                let Ok(Some(req)) = msg else { break };
-                let s = stream.get_or_insert_with(|| {
-                    let node = req.node.as_ref().map(|n| n.id.clone()).unwrap_or_else(|| "unknown".into());
-                    let cluster = req.node.as_ref().map(|n| n.cluster.clone()).unwrap_or_default();
-                    tracing::info!(%node, "delta ADS stream opened");
-                    nodes.connected(&node, &cluster);
-                    DeltaStream { node, subs: HashMap::new(), out: out.clone(), nodes: nodes.clone(), nonce: nonce.clone() }
-                });
-                let snapshot = snapshots.borrow().clone();
-                if !s.on_request(req, &snapshot).await {
-                    break;
-                }
-            }
-            changed = snapshots.changed() => {
-                if changed.is_err() {
-                    break;
-                }
-                let snapshot = snapshots.borrow_and_update().clone();
-                if let Some(s) = stream.as_mut() {
-                    for type_url in PUSH_ORDER {
-                        if !s.push(&snapshot, type_url, false).await {
-                            break;
-                        }
-                    }
-                }
-            }
-        }
-    }
-    if let Some(s) = stream {
-        tracing::info!(node = %s.node, "delta ADS stream closed");
-        nodes.disconnected(&s.node);
     }
 }
