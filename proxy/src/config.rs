@@ -11,7 +11,7 @@
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     #[serde(default)]
@@ -23,9 +23,25 @@ pub struct ConfigFile {
     pub listeners: Vec<ListenerFile>,
     #[serde(default)]
     pub clusters: Vec<ClusterFile>,
+    /// Routes and clusters from a control plane over ADS, added to what this file declares.
+    #[serde(default)]
+    pub xds: Option<XdsFile>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XdsFile {
+    /// The control plane's ADS address, `IP:port`.
+    pub address: Spanned<String>,
+    /// This proxy's node id; defaults to the host name and process id.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// The service this proxy sits beside (the node's cluster).
+    #[serde(default)]
+    pub service: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminFile {
     pub address: Spanned<String>,
@@ -51,7 +67,7 @@ pub enum ListenerProtocol {
     Opaque,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerFile {
     pub name: String,
@@ -67,9 +83,13 @@ pub struct ListenerFile {
     /// Where opaque TCP goes: connections declared or detected as opaque.
     #[serde(default)]
     pub tcp: Option<TcpRouteFile>,
+    /// Take this listener's virtual hosts from the control plane's RouteConfiguration of
+    /// this name (added after any written here).
+    #[serde(default)]
+    pub rds: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TcpRouteFile {
     pub cluster: Spanned<String>,
@@ -77,7 +97,7 @@ pub struct TcpRouteFile {
     pub idle_timeout: Option<Spanned<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VirtualHostFile {
     pub name: String,
@@ -87,7 +107,7 @@ pub struct VirtualHostFile {
     pub routes: Vec<RouteFile>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteFile {
     #[serde(default)]
@@ -103,7 +123,7 @@ pub struct RouteFile {
     pub response_headers: HeaderChangesFile,
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct MatchFile {
     #[serde(default)]
@@ -118,7 +138,7 @@ pub struct MatchFile {
     pub methods: Vec<Spanned<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderMatchFile {
     pub name: Spanned<String>,
@@ -131,7 +151,7 @@ pub struct HeaderMatchFile {
     pub present: Option<bool>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackendFile {
     pub cluster: Spanned<String>,
@@ -143,7 +163,7 @@ fn default_weight() -> u32 {
     1
 }
 
-#[derive(Debug, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderChangesFile {
     /// Header name → value; an existing header of that name is replaced.
@@ -153,7 +173,7 @@ pub struct HeaderChangesFile {
     pub remove: Vec<Spanned<String>>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderValueFile {
     pub name: Spanned<String>,
@@ -176,7 +196,7 @@ pub enum LbPolicy {
     RoundRobin,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterFile {
     pub name: Spanned<String>,
@@ -190,7 +210,7 @@ pub struct ClusterFile {
     pub endpoints: Vec<EndpointFile>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointFile {
     pub address: Spanned<String>,

@@ -21,6 +21,8 @@ impl ConfigError {
         field: &str,
         message: impl Into<String>,
     ) -> Self {
+        // Values that came from xDS rather than a file carry no location.
+        let location = location.filter(|l| *l != Location::UNKNOWN);
         ConfigError {
             file: file.to_string(),
             line: location.map(|l| l.line()),

@@ -111,10 +111,23 @@ impl RuntimeConfig {
         version: u64,
         previous: Option<&RuntimeConfig>,
     ) -> Result<RuntimeConfig, ConfigError> {
-        let file: ConfigFile =
-            serde_saphyr::from_str(text).map_err(|e| ConfigError::from_yaml(source, &e))?;
+        Self::from_model(source, parse(source, text)?, version, previous)
+    }
+
+    /// Validates an already-parsed model: a file's, or one with routes and clusters from
+    /// xDS merged in.
+    pub fn from_model(
+        source: &str,
+        file: ConfigFile,
+        version: u64,
+        previous: Option<&RuntimeConfig>,
+    ) -> Result<RuntimeConfig, ConfigError> {
         Builder { source, previous }.build(file, version)
     }
+}
+
+pub fn parse(source: &str, text: &str) -> Result<ConfigFile, ConfigError> {
+    serde_saphyr::from_str(text).map_err(|e| ConfigError::from_yaml(source, &e))
 }
 
 struct Builder<'a> {
