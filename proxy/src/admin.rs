@@ -61,7 +61,9 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "text/plain", "live\n".into()),
         "/ready" => {
-            if state.ready.load(Ordering::Relaxed) {
+            // Not before the listeners are up, nor before a control plane (if any) has
+            // delivered a complete config.
+            if state.ready.load(Ordering::Relaxed) && state.store.is_synced() {
                 text(StatusCode::OK, "text/plain", "ready\n".into())
             } else {
                 text(

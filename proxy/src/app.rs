@@ -161,6 +161,27 @@ pub async fn start(options: Options) -> Result<ProxyHandle, StartError> {
         }
         None => None,
     };
+    if let Some(xds) = &store.xds {
+        let address = xds.address.value.parse().map_err(|_| {
+            ConfigError::at(
+                &config.source,
+                Some(xds.address.referenced),
+                "xds.address",
+                format!("`{}` is not an IP:port address", xds.address.value),
+            )
+        })?;
+        let settings = crate::xds_client::XdsSettings {
+            address,
+            node: xds
+                .node
+                .clone()
+                .unwrap_or_else(|| format!("outrigger-{}", std::process::id())),
+            service: xds.service.clone().unwrap_or_default(),
+            route_tables: store.rds_names(),
+        };
+        tracing::info!(%address, node = %settings.node, "taking routes and clusters from the control plane");
+        tokio::spawn(crate::xds_client::run(store.clone(), settings));
+    }
     tokio::spawn(store.clone().watch(options.watch_interval));
     admin.ready.store(true, Ordering::Relaxed);
 

@@ -47,6 +47,8 @@ pub struct ConfigStore {
     pub loaded_at_unix: AtomicU64,
     /// The file's `xds` section as it was at start; the client is started once.
     pub xds: Option<XdsFile>,
+    /// The route tables the listeners name (`rds`), as at start.
+    rds_names: Vec<String>,
     /// False while an `xds` section is set and no complete xDS config has been applied.
     xds_synced: AtomicBool,
     /// Holding the lock for a whole rebuild serialises rebuilds, so a slow one can never
@@ -92,6 +94,11 @@ impl ConfigStore {
         let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::io(&source, &e))?;
         let file = runtime_config::parse(&source, &text)?;
         let xds = file.xds.clone();
+        let rds_names = file
+            .listeners
+            .iter()
+            .filter_map(|l| l.rds.clone())
+            .collect();
         let config = RuntimeConfig::from_model(&source, file, 1, None)?;
         metrics.config_reload(true, 1);
         Ok(ConfigStore {
@@ -101,12 +108,17 @@ impl ConfigStore {
             loaded_at_unix: unix_now().into(),
             xds_synced: AtomicBool::new(xds.is_none()),
             xds,
+            rds_names,
             inputs: Mutex::new(Inputs {
                 text,
                 overlay: None,
             }),
             metrics,
         })
+    }
+
+    pub fn rds_names(&self) -> Vec<String> {
+        self.rds_names.clone()
     }
 
     /// True once the config is complete: always without xDS, after the first full xDS

@@ -19,3 +19,5 @@ pub mod router;
 pub mod runtime_config;
 pub mod tcp;
 pub mod upstream;
+pub mod xds_client;
+pub mod xds_translate;

@@ -1,0 +1,246 @@
+//! Our own proxies configured by our control plane over ADS.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::config::route::v3::{
+    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action,
+    route_match,
+};
+use outrigger_control_plane::app::{self, ControlPlane};
+use outrigger_control_plane::translate::{ROUTE_TYPE, pack};
+use outrigger_tests::clients::{TestClient, get};
+use outrigger_tests::{TestProxy, eventually, temp_path, upstreams};
+
+fn mesh(v1: SocketAddr, v2: SocketAddr, web_to: &str) -> String {
+    format!(
+        "services:\n  - name: web\n    endpoints: [{{address: \"{v1}\"}}]\n    routes:\n      - backends: [{{service: {web_to}}}]\n  - name: web-v2\n    protocol: http2\n    endpoints: [{{address: \"{v2}\"}}]\n"
+    )
+}
+
+fn proxy_config(xds: SocketAddr, node: &str) -> String {
+    format!(
+        "admin:\n  address: 127.0.0.1:0\nxds:\n  address: \"{xds}\"\n  node: {node}\n  service: client\nlisteners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    rds: outbound\n"
+    )
+}
+
+async fn routes_to(proxy: &TestProxy, host: &str) -> Option<String> {
+    let r = TestClient::http1(proxy.addr("outbound"))
+        .get(host, "/")
+        .await
+        .ok()?;
+    (r.status == 200).then(|| r.header("x-upstream").unwrap_or_default().to_string())
+}
+
+async fn all_route_to(proxies: &[TestProxy], want: &str, within: Duration) -> Duration {
+    let started = Instant::now();
+    for (i, p) in proxies.iter().enumerate() {
+        eventually(
+            &format!("proxy {i} routes web to {want}"),
+            within,
+            || async move {
+                routes_to(p, "web.default.svc.cluster.local")
+                    .await
+                    .filter(|u| u == want)
+            },
+        )
+        .await;
+    }
+    started.elapsed()
+}
+
+async fn start_cp(mesh_text: &str) -> (ControlPlane, PathBuf) {
+    let path = temp_path("mesh.yaml");
+    std::fs::write(&path, mesh_text).unwrap();
+    let options = app::Options {
+        mesh_path: path.clone(),
+        xds_address: "127.0.0.1:0".parse().unwrap(),
+        admin_address: "127.0.0.1:0".parse().unwrap(),
+    };
+    (app::start(options).await.unwrap(), path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_follow_the_mesh_and_nack_what_they_cannot_honour() {
+    let (v1, v2) = (upstreams::http("v1").await, upstreams::http("v2").await);
+    let (cp, mesh_path) = start_cp(&mesh(v1.addr, v2.addr, "web")).await;
+    let mut proxies = Vec::new();
+    for i in 0..3 {
+        proxies.push(TestProxy::start(&proxy_config(cp.xds_addr, &format!("proxy-{i}"))).await);
+    }
+    all_route_to(&proxies, "v1", Duration::from_secs(10)).await;
+    for p in &proxies {
+        assert_eq!(get(p.admin(), "/ready").await.status, 200);
+    }
+
+    // A mesh change reaches every proxy within a second (HTTP/2 to web-v2 on the way).
+    std::fs::write(&mesh_path, mesh(v1.addr, v2.addr, "web-v2")).unwrap();
+    let took = all_route_to(&proxies, "v2", Duration::from_secs(5)).await;
+    eprintln!(
+        "mesh change reached all {} proxies in {took:?}",
+        proxies.len()
+    );
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+
+    // A route using a field the proxy does not implement is NACKed with the field's name,
+    // and the proxies keep serving the last good config.
+    let rewriting = RouteConfiguration {
+        name: "outbound".into(),
+        virtual_hosts: vec![VirtualHost {
+            name: "web".into(),
+            domains: vec!["*".into()],
+            routes: vec![Route {
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
+                action: Some(route::Action::Route(RouteAction {
+                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                        "web.default".into(),
+                    )),
+                    prefix_rewrite: "/rewritten".into(),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    cp.publisher
+        .set_override(ROUTE_TYPE, "outbound", Some(pack(&rewriting)));
+    let admin = cp.admin_addr;
+    for i in 0..proxies.len() {
+        let message = eventually(&format!("proxy-{i} NACKs the rewrite"), Duration::from_secs(5), || async move {
+            let status: serde_json::Value = serde_json::from_str(&get(admin, "/status").await.body).ok()?;
+            status["nodes"][format!("proxy-{i}")]["types"]["RouteConfiguration"]["last_nack"]["message"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .await;
+        assert!(message.contains("prefix_rewrite"), "{message}");
+    }
+    for p in &proxies {
+        assert_eq!(
+            routes_to(p, "web").await.as_deref(),
+            Some("v2"),
+            "the old config keeps serving"
+        );
+    }
+}
+
+fn control_plane_binary() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("outrigger-control-plane");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --bins` first (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+struct CpProcess(Child);
+
+impl CpProcess {
+    fn start(mesh: &PathBuf, xds: SocketAddr, admin: SocketAddr) -> CpProcess {
+        let child = Command::new(control_plane_binary())
+            .args(["serve", "--mesh"])
+            .arg(mesh)
+            .args(["--xds", &xds.to_string(), "--admin", &admin.to_string()])
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        CpProcess(child)
+    }
+}
+
+impl Drop for CpProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_killed_under_load_then_restarted() {
+    let (v1, v2) = (upstreams::http("v1").await, upstreams::http("v2").await);
+    let mesh_path = temp_path("mesh.yaml");
+    std::fs::write(&mesh_path, mesh(v1.addr, v2.addr, "web")).unwrap();
+    let (xds, admin) = {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        (a.local_addr().unwrap(), b.local_addr().unwrap())
+    };
+    let mut cp = CpProcess::start(&mesh_path, xds, admin);
+    let proxies = vec![
+        TestProxy::start(&proxy_config(xds, "killed-0")).await,
+        TestProxy::start(&proxy_config(xds, "killed-1")).await,
+    ];
+    all_route_to(&proxies, "v1", Duration::from_secs(15)).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let mut load = Vec::new();
+    for p in &proxies {
+        let client = TestClient::http1(p.addr("outbound"));
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        load.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match client.get("web", "/").await {
+                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    other => {
+                        eprintln!("failed: {other:?}");
+                        failed.fetch_add(1, Ordering::Relaxed)
+                    }
+                };
+            }
+        }));
+    }
+
+    // Kill the control plane outright, and keep the load going without it.
+    cp.0.kill().unwrap();
+    cp.0.wait().unwrap();
+    let before = ok.load(Ordering::Relaxed);
+    eventually(
+        "traffic flows without the control plane",
+        Duration::from_secs(10),
+        || {
+            let ok = ok.clone();
+            async move { (ok.load(Ordering::Relaxed) > before + 500).then_some(()) }
+        },
+    )
+    .await;
+
+    // Restart it on the same address with a changed mesh: the proxies reconnect and resync.
+    std::fs::write(&mesh_path, mesh(v1.addr, v2.addr, "web-v2")).unwrap();
+    let _cp = CpProcess::start(&mesh_path, xds, admin);
+    all_route_to(&proxies, "v2", Duration::from_secs(20)).await;
+    stop.store(true, Ordering::Relaxed);
+    for l in load {
+        l.await.unwrap();
+    }
+    assert_eq!(
+        failed.load(Ordering::Relaxed),
+        0,
+        "requests failed while the control plane was away"
+    );
+    eprintln!(
+        "{} requests, none failed, across the control plane's death and restart",
+        ok.load(Ordering::Relaxed)
+    );
+    let status: serde_json::Value =
+        serde_json::from_str(&get(admin, "/status").await.body).unwrap();
+    for node in ["killed-0", "killed-1"] {
+        assert_eq!(status["nodes"][node]["connected"], true, "{status}");
+    }
+}
