@@ -244,3 +244,30 @@ async fn control_plane_killed_under_load_then_restarted() {
         assert_eq!(status["nodes"][node]["connected"], true, "{status}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_ready_until_the_first_complete_config() {
+    let v1 = upstreams::http("v1").await;
+    let mesh_path = temp_path("mesh.yaml");
+    std::fs::write(&mesh_path, mesh(v1.addr, v1.addr, "web")).unwrap();
+    let (xds, admin) = {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        (a.local_addr().unwrap(), b.local_addr().unwrap())
+    };
+    // The proxy starts first, with nobody at its control plane's address.
+    let proxy = TestProxy::start(&proxy_config(xds, "early")).await;
+    assert_eq!(get(proxy.admin(), "/ready").await.status, 503);
+    assert_eq!(get(proxy.admin(), "/live").await.status, 200);
+    assert_eq!(routes_to(&proxy, "web").await, None, "no routes yet: 404");
+
+    let _cp = CpProcess::start(&mesh_path, xds, admin);
+    let proxy_admin = proxy.admin();
+    eventually(
+        "ready once the control plane answered",
+        Duration::from_secs(20),
+        || async move { (get(proxy_admin, "/ready").await.status == 200).then_some(()) },
+    )
+    .await;
+    assert_eq!(routes_to(&proxy, "web").await.as_deref(), Some("v1"));
+}
