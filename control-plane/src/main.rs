@@ -29,16 +29,44 @@ enum Command {
     },
     /// Validate a mesh file and exit: 0 if valid, 1 with the error otherwise.
     Check { mesh: PathBuf },
+    /// Run the whole mesh locally: control plane, a sidecar, two upstreams, traffic, and a
+    /// live mesh-file change.
+    Demo {
+        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        duration: std::time::Duration,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    outrigger_proxy::runtime_config::parse_duration(s)
+        .ok_or_else(|| format!("`{s}` is not a duration such as 10s"))
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo prints its own summary; only problems should interrupt it.
+    let level = if matches!(cli.command, Command::Demo { .. }) {
+        "warn"
+    } else {
+        "info"
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().command {
+    match cli.command {
+        Command::Demo { duration } => {
+            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+            match rt.block_on(outrigger_control_plane::demo::run(duration)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("demo failed: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Check { mesh } => {
             let source = mesh.display().to_string();
             let result = std::fs::read_to_string(&mesh)

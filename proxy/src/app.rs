@@ -67,6 +67,11 @@ impl ProxyHandle {
         self.store.reload()
     }
 
+    /// What `/ready` says: listeners up and, with a control plane, a complete config.
+    pub fn is_ready(&self) -> bool {
+        self.admin.ready.load(Ordering::Relaxed) && self.store.is_synced()
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
     }

@@ -22,7 +22,7 @@ use crate::app;
 
 const CONFIG: &str = include_str!("demo.yaml");
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub async fn run(duration: Duration) -> Result<(), BoxError> {
     let v1 = demo_upstream("shop-v1").await?;
@@ -54,51 +54,7 @@ pub async fn run(duration: Duration) -> Result<(), BoxError> {
     );
     println!();
 
-    let (tx, mut rx) = mpsc::unbounded_channel::<Sample>();
-    let stop = Arc::new(AtomicBool::new(false));
-    for worker in 0..4 {
-        tokio::spawn(client_loop(worker, outbound, tx.clone(), stop.clone()));
-    }
-    drop(tx);
-
-    let started = Instant::now();
-    let mut total = Window::default();
-    let mut window = Window::default();
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            Some(s) = rx.recv() => {
-                window.add(&s);
-                total.add(&s);
-            }
-            _ = tick.tick() => {
-                println!("t={:>2}s  {}", started.elapsed().as_secs(), window.line(Duration::from_secs(1)));
-                window = Window::default();
-                if started.elapsed() >= duration {
-                    break;
-                }
-            }
-        }
-    }
-    stop.store(true, Ordering::Relaxed);
-    println!();
-    println!("total   {}", total.line(started.elapsed()));
-    let metrics = Client::builder(TokioExecutor::new())
-        .build_http::<Empty<Bytes>>()
-        .get(format!("http://{admin}/metrics").parse()?)
-        .await?
-        .into_body()
-        .collect()
-        .await?
-        .to_bytes();
-    println!("\nfrom the admin endpoint (/metrics):");
-    for line in String::from_utf8_lossy(&metrics)
-        .lines()
-        .filter(|l| l.starts_with("outrigger_requests_total"))
-    {
-        println!("  {line}");
-    }
+    drive(outbound, admin, "shop.demo", duration, |_| {}).await?;
     proxy.drain(Duration::from_secs(2)).await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
@@ -157,9 +113,77 @@ impl Window {
     }
 }
 
+/// Sends traffic from four clients to `host` through the proxy at `outbound` for `duration`,
+/// printing a summary line a second, then the totals and the proxy's request counters.
+/// `at_second` runs after each line with the seconds elapsed, so a demo can change
+/// something mid-run and show its effect.
+pub async fn drive(
+    outbound: SocketAddr,
+    admin: SocketAddr,
+    host: &'static str,
+    duration: Duration,
+    mut at_second: impl FnMut(u64),
+) -> Result<(), BoxError> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Sample>();
+    let stop = Arc::new(AtomicBool::new(false));
+    for worker in 0..4 {
+        tokio::spawn(client_loop(
+            worker,
+            outbound,
+            host,
+            tx.clone(),
+            stop.clone(),
+        ));
+    }
+    drop(tx);
+
+    let started = Instant::now();
+    let mut total = Window::default();
+    let mut window = Window::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            Some(s) = rx.recv() => {
+                window.add(&s);
+                total.add(&s);
+            }
+            _ = tick.tick() => {
+                let secs = started.elapsed().as_secs();
+                println!("t={secs:>2}s  {}", window.line(Duration::from_secs(1)));
+                window = Window::default();
+                if started.elapsed() >= duration {
+                    break;
+                }
+                at_second(secs);
+            }
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    println!();
+    println!("total   {}", total.line(started.elapsed()));
+    let metrics = Client::builder(TokioExecutor::new())
+        .build_http::<Empty<Bytes>>()
+        .get(format!("http://{admin}/metrics").parse()?)
+        .await?
+        .into_body()
+        .collect()
+        .await?
+        .to_bytes();
+    println!("\nfrom the proxy's admin endpoint (/metrics):");
+    for line in String::from_utf8_lossy(&metrics)
+        .lines()
+        .filter(|l| l.starts_with("outrigger_requests_total"))
+    {
+        println!("  {line}");
+    }
+    Ok(())
+}
+
 async fn client_loop(
     worker: usize,
     proxy: SocketAddr,
+    known_host: &'static str,
     tx: mpsc::UnboundedSender<Sample>,
     stop: Arc<AtomicBool>,
 ) {
@@ -169,9 +193,9 @@ async fn client_loop(
         i += 1;
         // Mostly ordinary requests; now and then a slow one and one for an unknown host.
         let (host, path) = match (i + worker as u64) % 200 {
-            0 => ("shop.demo", "/slow"),
+            0 => (known_host, "/slow"),
             1 => ("unknown.demo", "/"),
-            _ => ("shop.demo", "/"),
+            _ => (known_host, "/"),
         };
         let req = Request::builder()
             .uri(format!("http://{proxy}{path}"))
@@ -207,7 +231,7 @@ async fn client_loop(
 }
 
 /// A tiny upstream speaking HTTP/1.1 and HTTP/2; `/slow` takes 300 ms.
-async fn demo_upstream(name: &'static str) -> Result<SocketAddr, BoxError> {
+pub async fn demo_upstream(name: &'static str) -> Result<SocketAddr, BoxError> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {

@@ -253,3 +253,41 @@ async fn demo_runs_and_reports_traffic() {
         "{stdout}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_demo_shows_a_live_canary_shift() {
+    let bin = proxy_binary().with_file_name("outrigger-control-plane");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(bin)
+            .args(["demo", "--duration", "6s"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    // Before the edit the canary gets about 10 %; in the last second, about 50 %.
+    let share = |line: &str| -> f64 {
+        let v2 = line
+            .split("shop-v2 ")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no shop-v2 share in {line:?}"));
+        v2.trim_end_matches(|c| c == ']' || c == '%')
+            .parse()
+            .unwrap()
+    };
+    let seconds: Vec<&str> = stdout.lines().filter(|l| l.starts_with("t=")).collect();
+    assert!(seconds.len() >= 5, "{stdout}");
+    assert!(share(seconds[1]) < 20.0, "before the edit: {}", seconds[1]);
+    assert!(
+        share(seconds[seconds.len() - 1]) > 35.0,
+        "after the edit: {stdout}"
+    );
+    assert!(stdout.contains("mesh file edited"), "{stdout}");
+    assert!(stdout.contains("(NACKs: 0)"), "{stdout}");
+}
