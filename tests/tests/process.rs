@@ -277,9 +277,7 @@ async fn mesh_demo_shows_a_live_canary_shift() {
             .split("shop-v2 ")
             .nth(1)
             .unwrap_or_else(|| panic!("no shop-v2 share in {line:?}"));
-        v2.trim_end_matches(|c| c == ']' || c == '%')
-            .parse()
-            .unwrap()
+        v2.trim_end_matches([']', '%']).parse().unwrap()
     };
     let seconds: Vec<&str> = stdout.lines().filter(|l| l.starts_with("t=")).collect();
     assert!(seconds.len() >= 5, "{stdout}");
