@@ -3,6 +3,7 @@
 //!
 //! Run it with `scripts/bench` (which builds the release proxy and installs Envoy into a
 //! local venv). It prints one table and writes the same rows as JSON under `target/bench/`.
+//! `outrigger-bench xds-scale` measures the control plane instead (see `xds_scale.rs`).
 //!
 //! Latency percentiles come from h2load's per-request log, CPU from the proxy process's own
 //! user+system time in /proc, and memory from its VmRSS (idle, after start) and VmHWM (peak).
@@ -110,14 +111,14 @@ impl Drop for Target {
     }
 }
 
-fn free_port() -> SocketAddr {
+pub(crate) fn free_port() -> SocketAddr {
     StdListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
 }
 
-fn wait_for_port(addr: SocketAddr) {
+pub(crate) fn wait_for_port(addr: SocketAddr) {
     let until = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(addr).is_err() {
         assert!(Instant::now() < until, "{addr} did not start listening");
@@ -252,7 +253,7 @@ static_resources:
 }
 
 /// utime + stime of a process, in seconds.
-fn cpu_seconds(pid: u32) -> f64 {
+pub(crate) fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
     // The command name may contain spaces; fields are counted after its closing parenthesis.
     let after = &stat[stat.rfind(')').unwrap() + 2..];
@@ -271,7 +272,7 @@ fn clock_ticks_per_second() -> f64 {
 }
 
 /// A field of /proc/PID/status in KiB (VmRSS now, VmHWM at its peak).
-fn memory_kib(pid: u32, field: &str) -> u64 {
+pub(crate) fn memory_kib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
@@ -342,7 +343,14 @@ fn run_h2load(scenario: &Scenario, target: &Target, log: &Path) -> Measured {
     }
 }
 
+mod xds_scale;
+
 fn main() {
+    let raw: Vec<String> = std::env::args().skip(1).collect();
+    if raw.first().map(String::as_str) == Some("xds-scale") {
+        xds_scale::run(&raw[1..], Path::new("target/bench"));
+        return;
+    }
     let args = parse_args();
     let dir = std::env::temp_dir().join(format!("outrigger-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -26,6 +26,9 @@ enum Command {
         xds: SocketAddr,
         #[arg(long, default_value = "127.0.0.1:15014")]
         admin: SocketAddr,
+        /// Worker threads; 0 (the default) means one per core.
+        #[arg(long, default_value_t = 0)]
+        workers: usize,
     },
     /// Validate a mesh file and exit: 0 if valid, 1 with the error otherwise.
     Check { mesh: PathBuf },
@@ -83,8 +86,17 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Serve { mesh, xds, admin } => {
-            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+        Command::Serve {
+            mesh,
+            xds,
+            admin,
+            workers,
+        } => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if workers > 0 {
+                builder.worker_threads(workers);
+            }
+            let rt = builder.enable_all().build().expect("tokio runtime");
             rt.block_on(async move {
                 let options = app::Options {
                     mesh_path: mesh,
