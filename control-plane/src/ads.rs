@@ -97,6 +97,8 @@ pub(crate) async fn run_stream<P: Protocol>(
 ) {
     let mut snapshots = publisher.subscribe();
     let mut stream: Option<P> = None;
+    // The node's service, from its first request; it decides the node's scope.
+    let mut caller = String::new();
     loop {
         tokio::select! {
             msg = inbound.message() => {
@@ -104,11 +106,12 @@ pub(crate) async fn run_stream<P: Protocol>(
                 let s = stream.get_or_insert_with(|| {
                     let node = P::node(&req).map(|n| n.id.clone()).unwrap_or_else(|| "unknown".into());
                     let cluster = P::node(&req).map(|n| n.cluster.clone()).unwrap_or_default();
+                    caller.clone_from(&cluster);
                     tracing::info!(%node, "ADS stream opened");
                     nodes.connected(&node, &cluster);
                     P::open(node, out.clone(), nodes.clone(), nonce.clone())
                 });
-                let snapshot = snapshots.borrow().clone();
+                let snapshot = snapshots.borrow().clone().view_for(&caller);
                 if !s.on_request(req, &snapshot).await {
                     break;
                 }
@@ -117,7 +120,7 @@ pub(crate) async fn run_stream<P: Protocol>(
                 if changed.is_err() {
                     break;
                 }
-                let snapshot = snapshots.borrow_and_update().clone();
+                let snapshot = snapshots.borrow_and_update().clone().view_for(&caller);
                 if let Some(s) = stream.as_mut() {
                     for type_url in PUSH_ORDER {
                         if !s.push(&snapshot, type_url, false).await {

@@ -59,6 +59,10 @@ struct ServiceFile {
     endpoints: Vec<EndpointFile>,
     #[serde(default)]
     routes: Vec<RouteFile>,
+    /// The services this one may call; its sidecars get only those (and what their routes
+    /// lead to). Absent means all: simple, but every proxy then holds the whole mesh.
+    #[serde(default)]
+    calls: Option<Vec<Spanned<String>>>,
 }
 
 fn default_namespace() -> String {
@@ -139,6 +143,8 @@ pub struct Service {
     pub port: u16,
     pub endpoints: Vec<(SocketAddr, u32)>,
     pub routes: Vec<Route>,
+    /// Cluster names this service may call; `None` for all.
+    pub calls: Option<Vec<String>>,
 }
 
 impl Service {
@@ -288,6 +294,23 @@ impl Mesh {
                     timeout,
                 });
             }
+            let calls = match &s.calls {
+                None => None,
+                Some(list) => Some(
+                    list.iter()
+                        .enumerate()
+                        .map(|(c, callee)| {
+                            names.get(&callee.value).cloned().ok_or_else(|| {
+                                err(
+                                    callee.referenced,
+                                    &format!("{field}.calls[{c}]"),
+                                    format!("no service named `{}`", callee.value),
+                                )
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()?,
+                ),
+            };
             let service = Service {
                 name: s.name.value.clone(),
                 namespace: s.namespace.clone(),
@@ -295,6 +318,7 @@ impl Mesh {
                 port: s.port,
                 endpoints,
                 routes,
+                calls,
             };
             services.insert(service.cluster_name(), service);
         }
@@ -302,6 +326,33 @@ impl Mesh {
             outbound_port: file.mesh.outbound_port.unwrap_or(DEFAULT_OUTBOUND_PORT),
             services,
         })
+    }
+}
+
+impl Mesh {
+    /// The clusters a node of service `caller` (its name or `name.namespace`) should see:
+    /// what the service may call, plus every cluster those services' routes lead to. `None`
+    /// means everything: an unknown caller, or one without a `calls` list.
+    pub fn scope_for(&self, caller: &str) -> Option<std::collections::BTreeSet<String>> {
+        let service = self
+            .services
+            .values()
+            .find(|s| s.name == caller || s.cluster_name() == caller)?;
+        let mut scope = std::collections::BTreeSet::new();
+        let mut todo: Vec<String> = service.calls.clone()?;
+        while let Some(cluster) = todo.pop() {
+            if scope.insert(cluster.clone())
+                && let Some(callee) = self.services.get(&cluster)
+            {
+                todo.extend(
+                    callee
+                        .routes
+                        .iter()
+                        .flat_map(|r| r.backends.iter().map(|(c, _)| c.clone())),
+                );
+            }
+        }
+        Some(scope)
     }
 }
 
@@ -331,6 +382,22 @@ mod tests {
             web.hostnames()
                 .contains(&"web.default.svc.cluster.local:80".to_string())
         );
+    }
+
+    #[test]
+    fn scope_follows_calls_and_their_routes() {
+        let text = GOOD.replace(
+            "  - name: web-v2\n",
+            "  - name: web-v2\n    calls: []\n  - name: front\n    calls: [web]\n",
+        );
+        let mesh = Mesh::parse("mesh.yaml", &text).unwrap();
+        let scope = mesh.scope_for("front").unwrap();
+        assert_eq!(
+            scope.into_iter().collect::<Vec<_>>(),
+            ["web-v2.default", "web.default"]
+        );
+        assert_eq!(mesh.scope_for("web-v2").unwrap().len(), 0);
+        assert_eq!(mesh.scope_for("web"), None, "no calls list: everything");
     }
 
     #[test]

@@ -10,7 +10,12 @@ use envoy_types::pb::google::protobuf::Any;
 use tokio::sync::watch;
 
 use crate::mesh::Mesh;
-use crate::translate::{PUSH_ORDER, Resources, translate};
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use prost::Message;
+
+use crate::translate::{
+    CLUSTER_TYPE, ENDPOINT_TYPE, OUTBOUND, PUSH_ORDER, ROUTE_TYPE, Resources, pack, translate,
+};
 
 #[derive(Debug, Clone, Default)]
 pub struct TypeSnapshot {
@@ -23,9 +28,37 @@ pub struct Snapshot {
     /// Increases with every accepted mesh file.
     pub mesh_version: u64,
     pub types: BTreeMap<&'static str, TypeSnapshot>,
+    /// The mesh it was made from, for per-node scoping.
+    pub mesh: Option<Arc<Mesh>>,
 }
 
 impl Snapshot {
+    /// What a node of service `caller` should see: for a caller with a `calls` list, only
+    /// those clusters and their virtual hosts; otherwise everything (the same `Arc`).
+    /// Versions stay the snapshot's, so a scoped node moves in step with the mesh.
+    pub fn view_for(self: &Arc<Self>, caller: &str) -> Arc<Snapshot> {
+        let Some(scope) = self.mesh.as_ref().and_then(|m| m.scope_for(caller)) else {
+            return self.clone();
+        };
+        let mut view = (**self).clone();
+        for type_url in [CLUSTER_TYPE, ENDPOINT_TYPE] {
+            if let Some(t) = view.types.get_mut(type_url) {
+                t.resources.by_name.retain(|name, _| scope.contains(name));
+            }
+        }
+        if let Some(outbound) = view
+            .types
+            .get_mut(ROUTE_TYPE)
+            .and_then(|t| t.resources.by_name.get_mut(OUTBOUND))
+            && let Ok(mut routes) = RouteConfiguration::decode(outbound.value.as_slice())
+        {
+            // Virtual hosts are named after their service's cluster.
+            routes.virtual_hosts.retain(|vh| scope.contains(&vh.name));
+            *outbound = pack(&routes);
+        }
+        Arc::new(view)
+    }
+
     pub fn version_of(&self, type_url: &str) -> u64 {
         self.types.get(type_url).map_or(0, |t| t.version)
     }
@@ -130,6 +163,7 @@ impl Publisher {
         self.tx.send_replace(Arc::new(Snapshot {
             mesh_version: old.mesh_version + 1,
             types,
+            mesh: Some(Arc::new(mesh)),
         }));
     }
 }

@@ -271,3 +271,43 @@ async fn not_ready_until_the_first_complete_config() {
     .await;
     assert_eq!(routes_to(&proxy, "web").await.as_deref(), Some("v1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_gets_only_what_its_service_may_call() {
+    let (v1, v2) = (upstreams::http("v1").await, upstreams::http("v2").await);
+    let mesh_text = format!(
+        "services:\n  - name: front\n    calls: [web]\n  - name: web\n    endpoints: [{{address: \"{v1}\"}}]\n    routes:\n      - backends: [{{service: web-v2}}]\n  - name: web-v2\n    endpoints: [{{address: \"{v2}\"}}]\n  - name: billing\n    endpoints: [{{address: \"{v1}\"}}]\n",
+        v1 = v1.addr,
+        v2 = v2.addr
+    );
+    let (cp, _) = start_cp(&mesh_text).await;
+    let scoped = TestProxy::start(
+        &proxy_config(cp.xds_addr, "front-1").replace("service: client", "service: front"),
+    )
+    .await;
+    let everything = TestProxy::start(&proxy_config(cp.xds_addr, "client-1")).await;
+    for p in [&scoped, &everything] {
+        let admin = p.admin();
+        eventually("ready", Duration::from_secs(10), || async move {
+            (get(admin, "/ready").await.status == 200).then_some(())
+        })
+        .await;
+    }
+    // `front` may call `web`, whose route leads on to `web-v2`; `billing` is not its business.
+    assert_eq!(routes_to(&scoped, "web").await.as_deref(), Some("v2"));
+    assert_eq!(routes_to(&scoped, "billing").await, None);
+    let config: serde_json::Value =
+        serde_json::from_str(&get(scoped.admin(), "/config").await.body).unwrap();
+    let clusters: Vec<&str> = config["snapshot"]["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(clusters, ["web-v2.default", "web.default"]);
+    // A node whose service has no `calls` list gets the whole mesh.
+    assert_eq!(
+        routes_to(&everything, "billing").await.as_deref(),
+        Some("v1")
+    );
+}
