@@ -183,9 +183,10 @@ pub async fn start(options: Options) -> Result<ProxyHandle, StartError> {
                 .unwrap_or_else(|| format!("outrigger-{}", std::process::id())),
             service: xds.service.clone().unwrap_or_default(),
             route_tables: store.rds_names(),
+            cache: xds.cache.as_ref().map(std::path::PathBuf::from),
         };
         tracing::info!(%address, node = %settings.node, "taking routes and clusters from the control plane");
-        tokio::spawn(crate::xds_client::run(store.clone(), settings));
+        crate::xds_client::spawn(store.clone(), settings);
     }
     tokio::spawn(store.clone().watch(options.watch_interval));
     admin.ready.store(true, Ordering::Relaxed);

@@ -39,6 +39,10 @@ pub struct XdsFile {
     /// The service this proxy sits beside (the node's cluster).
     #[serde(default)]
     pub service: Option<String>,
+    /// A file to keep the last accepted xDS config in, so that a proxy restarted while the
+    /// control plane is away still serves.
+    #[serde(default)]
+    pub cache: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -19,7 +19,7 @@ use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
-use prost::Name;
+use prost::{Message, Name};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -36,6 +36,8 @@ pub struct XdsSettings {
     pub service: String,
     /// The RouteConfiguration names the listeners ask for.
     pub route_tables: Vec<String>,
+    /// Where to keep the last accepted responses (`xds.cache`).
+    pub cache: Option<std::path::PathBuf>,
 }
 
 /// Everything accepted so far; survives reconnects, so the proxy resends its versions.
@@ -49,6 +51,8 @@ struct State {
     endpoints: HashMap<String, Vec<crate::config::EndpointFile>>,
     routes: HashMap<String, Vec<VirtualHostFile>>,
     have_clusters: bool,
+    /// The last accepted response of each type, as received: what the cache file holds.
+    accepted: BTreeMap<String, DiscoveryResponse>,
 }
 
 impl State {
@@ -113,9 +117,78 @@ impl State {
     }
 }
 
-/// Runs until the process ends.
-pub async fn run(store: Arc<ConfigStore>, settings: XdsSettings) {
+/// The cache file: each accepted response, length-prefixed, in push order.
+fn save_cache(path: &std::path::Path, state: &State) {
+    let mut bytes = Vec::new();
+    for resp in state.accepted.values() {
+        let encoded = resp.encode_to_vec();
+        bytes.extend_from_slice(&(encoded.len() as u32).to_be_bytes());
+        bytes.extend_from_slice(&encoded);
+    }
+    let tmp = path.with_extension("tmp");
+    // Write then rename, so a crash mid-write never leaves half a cache.
+    if let Err(e) = std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, path)) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot write the xDS cache");
+    }
+}
+
+/// Replays a cache file through the same path as live responses.
+fn load_cache(
+    path: &std::path::Path,
+    store: &ConfigStore,
+    settings: &XdsSettings,
+) -> Option<State> {
+    let bytes = std::fs::read(path).ok()?;
+    let mut responses = Vec::new();
+    let mut rest = bytes.as_slice();
+    while rest.len() >= 4 {
+        let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        let body = rest.get(4..4 + len)?;
+        responses.push(DiscoveryResponse::decode(body).ok()?);
+        rest = &rest[4 + len..];
+    }
+    // Clusters before the endpoints and routes that refer to them.
+    responses.sort_by_key(|r| {
+        [Cluster::type_url(), ClusterLoadAssignment::type_url()]
+            .iter()
+            .position(|t| *t == r.type_url)
+            .unwrap_or(2)
+    });
     let mut state = State::default();
+    for resp in responses {
+        absorb(&mut state, &resp).ok()?;
+        state
+            .versions
+            .insert(resp.type_url.clone(), resp.version_info.clone());
+        state.accepted.insert(resp.type_url.clone(), resp);
+    }
+    if !state.complete(&settings.route_tables) {
+        return None;
+    }
+    match store.apply_xds(state.overlay()) {
+        Ok(_) => {
+            tracing::info!(path = %path.display(), "serving the cached xDS config until the control plane answers");
+            Some(state)
+        }
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "the xDS cache does not apply; ignoring it");
+            None
+        }
+    }
+}
+
+/// Restores the cached config (if any) before returning, so the proxy can serve and be
+/// ready at once, then runs the client until the process ends.
+pub fn spawn(store: Arc<ConfigStore>, settings: XdsSettings) {
+    let state = settings
+        .cache
+        .as_deref()
+        .and_then(|p| load_cache(p, &store, &settings))
+        .unwrap_or_default();
+    tokio::spawn(run(store, settings, state));
+}
+
+async fn run(store: Arc<ConfigStore>, settings: XdsSettings, mut state: State) {
     let mut attempt = 0u32;
     loop {
         match session(&store, &settings, &mut state, &mut attempt).await {
@@ -208,10 +281,10 @@ async fn session(
             if candidate.complete(&settings.route_tables) {
                 store
                     .apply_xds(candidate.overlay())
-                    .map(drop)
+                    .map(|_| true)
                     .map_err(|e| e.to_string())
             } else {
-                Ok(())
+                Ok(false)
             }
         });
         let names = match type_url.as_str() {
@@ -220,14 +293,18 @@ async fn session(
             _ => vec![],
         };
         match outcome {
-            Ok(()) => {
+            Ok(applied) => {
                 candidate
                     .versions
                     .insert(type_url.clone(), resp.version_info.clone());
                 candidate
                     .nonces
                     .insert(type_url.clone(), resp.nonce.clone());
+                candidate.accepted.insert(type_url.clone(), resp);
                 *state = candidate;
+                if let (true, Some(path)) = (applied, settings.cache.as_deref()) {
+                    save_cache(path, state);
+                }
                 tx.send(request(settings, state, &type_url, names, false))
                     .await?;
             }

@@ -311,3 +311,37 @@ async fn a_proxy_gets_only_what_its_service_may_call() {
         Some("v1")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_proxy_serves_its_cached_config_while_the_control_plane_is_away() {
+    let (v1, v2) = (upstreams::http("v1").await, upstreams::http("v2").await);
+    let mesh_path = temp_path("mesh.yaml");
+    std::fs::write(&mesh_path, mesh(v1.addr, v2.addr, "web-v2")).unwrap();
+    let (xds, admin) = {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        (a.local_addr().unwrap(), b.local_addr().unwrap())
+    };
+    let cache = temp_path("xds-cache.bin");
+    let config = proxy_config(xds, "cached").replace(
+        "  service: client\n",
+        &format!("  service: client\n  cache: \"{}\"\n", cache.display()),
+    );
+
+    let cp = CpProcess::start(&mesh_path, xds, admin);
+    let first = TestProxy::start(&config).await;
+    all_route_to(std::slice::from_ref(&first), "v2", Duration::from_secs(15)).await;
+    let cache_path = cache.clone();
+    eventually("the cache is written", Duration::from_secs(5), || {
+        let cache_path = cache_path.clone();
+        async move { cache_path.exists().then_some(()) }
+    })
+    .await;
+    drop(first);
+    drop(cp);
+
+    // A new proxy, and no control plane: it serves the cached config and says it is ready.
+    let second = TestProxy::start(&config).await;
+    assert_eq!(get(second.admin(), "/ready").await.status, 200);
+    assert_eq!(routes_to(&second, "web").await.as_deref(), Some("v2"));
+}
