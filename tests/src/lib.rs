@@ -53,6 +53,28 @@ impl TestProxy {
     }
 }
 
+/// A binary of this workspace (`outrigger-proxy`, `outrigger-control-plane`), built by
+/// `cargo build --bins` next to the test executables.
+pub fn workspace_binary(name: &str) -> PathBuf {
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let exe = std::env::current_exe().unwrap();
+    let bin = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --bins` first (scripts/test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A loopback address that was free a moment ago, for a process that binds it itself.
+pub fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
 /// A fresh path in a per-process scratch directory.
 pub fn temp_path(name: &str) -> PathBuf {
     static N: AtomicUsize = AtomicUsize::new(0);

@@ -10,7 +10,7 @@ use envoy_types::pb::google::protobuf::Any;
 use outrigger_control_plane::app::{self, ControlPlane};
 use outrigger_control_plane::translate::CLUSTER_TYPE;
 use outrigger_tests::clients::{TestClient, get};
-use outrigger_tests::{eventually, temp_path, upstreams};
+use outrigger_tests::{eventually, free_addr, temp_path, upstreams};
 
 fn envoy_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("ENVOY_BIN") {
@@ -27,13 +27,6 @@ fn envoy_binary() -> PathBuf {
         String::from_utf8_lossy(&out.stderr)
     );
     PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
 }
 
 struct Envoy(Child);
@@ -149,7 +142,7 @@ async fn envoy_routes_to(outbound: SocketAddr, host: &str) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_follows_the_mesh_over_sotw_ads() {
     let (v1, v2) = (upstreams::http("v1").await, upstreams::http("v2").await);
-    let (outbound, envoy_admin) = (free_port(), free_port());
+    let (outbound, envoy_admin) = (free_addr(), free_addr());
     let (cp, mesh_path) = start_control_plane(&mesh(outbound, v1.addr, v2.addr, "web")).await;
     let _envoy = start_envoy("envoy-sotw", "GRPC", cp.xds_addr, envoy_admin);
 
@@ -233,7 +226,7 @@ async fn envoy_follows_the_mesh_over_sotw_ads() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_follows_the_mesh_over_delta_ads() {
     let (v1, v2) = (upstreams::http("v1").await, upstreams::http("v2").await);
-    let (outbound, envoy_admin) = (free_port(), free_port());
+    let (outbound, envoy_admin) = (free_addr(), free_addr());
     let (cp, mesh_path) = start_control_plane(&mesh(outbound, v1.addr, v2.addr, "web")).await;
     let _envoy = start_envoy("envoy-delta", "DELTA_GRPC", cp.xds_addr, envoy_admin);
 

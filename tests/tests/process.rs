@@ -6,32 +6,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use outrigger_tests::clients::{TestClient, get};
-use outrigger_tests::{eventually, indent, temp_path, upstreams, wait_in_flight};
+use outrigger_tests::{
+    eventually, free_addr, indent, temp_path, upstreams, wait_in_flight, workspace_binary,
+};
 
 fn proxy_binary() -> PathBuf {
-    // target/<profile>/deps/<this test> → target/<profile>/outrigger-proxy
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("outrigger-proxy");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build --bins` first (scripts/test does)",
-        bin.display()
-    );
-    bin
-}
-
-/// Ports that were free a moment ago. The binary binds them itself, so a test that needs to
-/// know its ports up front has to choose them.
-fn free_ports<const N: usize>() -> [SocketAddr; N] {
-    let listeners: Vec<_> = (0..N)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    std::array::from_fn(|i| listeners[i].local_addr().unwrap())
+    workspace_binary("outrigger-proxy")
 }
 
 struct ProxyProcess {
@@ -53,7 +33,7 @@ impl ProxyProcess {
     }
 
     async fn start(upstream: SocketAddr, extra_args: &[&str]) -> ProxyProcess {
-        let [outbound, admin] = free_ports::<2>();
+        let (outbound, admin) = (free_addr(), free_addr());
         let config_path = temp_path("process.yaml");
         std::fs::write(&config_path, Self::yaml(outbound, admin, upstream, "one")).unwrap();
         let child = Command::new(proxy_binary())
@@ -256,7 +236,7 @@ async fn demo_runs_and_reports_traffic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_demo_shows_a_live_canary_shift() {
-    let bin = proxy_binary().with_file_name("outrigger-control-plane");
+    let bin = workspace_binary("outrigger-control-plane");
     let out = tokio::task::spawn_blocking(move || {
         Command::new(bin)
             .args(["demo", "--duration", "6s"])

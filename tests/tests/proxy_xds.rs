@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::config::route::v3::{
 use outrigger_control_plane::app::{self, ControlPlane};
 use outrigger_control_plane::translate::{ROUTE_TYPE, pack};
 use outrigger_tests::clients::{TestClient, get};
-use outrigger_tests::{TestProxy, eventually, temp_path, upstreams};
+use outrigger_tests::{TestProxy, eventually, free_addr, temp_path, upstreams, workspace_binary};
 
 fn mesh(v1: SocketAddr, v2: SocketAddr, web_to: &str) -> String {
     format!(
@@ -133,27 +133,11 @@ async fn proxies_follow_the_mesh_and_nack_what_they_cannot_honour() {
     }
 }
 
-fn control_plane_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let bin = exe
-        .parent()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .join("outrigger-control-plane");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build --bins` first (scripts/test does)",
-        bin.display()
-    );
-    bin
-}
-
 struct CpProcess(Child);
 
 impl CpProcess {
     fn start(mesh: &PathBuf, xds: SocketAddr, admin: SocketAddr) -> CpProcess {
-        let child = Command::new(control_plane_binary())
+        let child = Command::new(workspace_binary("outrigger-control-plane"))
             .args(["serve", "--mesh"])
             .arg(mesh)
             .args(["--xds", &xds.to_string(), "--admin", &admin.to_string()])
@@ -176,11 +160,7 @@ async fn control_plane_killed_under_load_then_restarted() {
     let (v1, v2) = (upstreams::http("v1").await, upstreams::http("v2").await);
     let mesh_path = temp_path("mesh.yaml");
     std::fs::write(&mesh_path, mesh(v1.addr, v2.addr, "web")).unwrap();
-    let (xds, admin) = {
-        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        (a.local_addr().unwrap(), b.local_addr().unwrap())
-    };
+    let (xds, admin) = (free_addr(), free_addr());
     let mut cp = CpProcess::start(&mesh_path, xds, admin);
     let proxies = vec![
         TestProxy::start(&proxy_config(xds, "killed-0")).await,
@@ -250,11 +230,7 @@ async fn not_ready_until_the_first_complete_config() {
     let v1 = upstreams::http("v1").await;
     let mesh_path = temp_path("mesh.yaml");
     std::fs::write(&mesh_path, mesh(v1.addr, v1.addr, "web")).unwrap();
-    let (xds, admin) = {
-        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        (a.local_addr().unwrap(), b.local_addr().unwrap())
-    };
+    let (xds, admin) = (free_addr(), free_addr());
     // The proxy starts first, with nobody at its control plane's address.
     let proxy = TestProxy::start(&proxy_config(xds, "early")).await;
     assert_eq!(get(proxy.admin(), "/ready").await.status, 503);
@@ -317,11 +293,7 @@ async fn a_restarted_proxy_serves_its_cached_config_while_the_control_plane_is_a
     let (v1, v2) = (upstreams::http("v1").await, upstreams::http("v2").await);
     let mesh_path = temp_path("mesh.yaml");
     std::fs::write(&mesh_path, mesh(v1.addr, v2.addr, "web-v2")).unwrap();
-    let (xds, admin) = {
-        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        (a.local_addr().unwrap(), b.local_addr().unwrap())
-    };
+    let (xds, admin) = (free_addr(), free_addr());
     let cache = temp_path("xds-cache.bin");
     let config = proxy_config(xds, "cached").replace(
         "  service: client\n",
