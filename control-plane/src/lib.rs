@@ -7,5 +7,6 @@ pub mod app;
 pub mod demo;
 pub mod mesh;
 pub mod node_status;
+pub mod policy;
 pub mod snapshot;
 pub mod translate;

@@ -13,6 +13,8 @@ use outrigger_proxy::runtime_config::parse_duration;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+use crate::policy::{self, Policy, PolicyFile, Retry, RetryFile};
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct MeshFile {
@@ -63,6 +65,9 @@ struct ServiceFile {
     /// lead to). Absent means all: simple, but every proxy then holds the whole mesh.
     #[serde(default)]
     calls: Option<Vec<Spanned<String>>>,
+    /// Resilience policy for calls to this service.
+    #[serde(default)]
+    policy: Option<PolicyFile>,
 }
 
 fn default_namespace() -> String {
@@ -97,6 +102,9 @@ struct RouteFile {
     backends: Vec<BackendFile>,
     #[serde(default)]
     timeout: Option<Spanned<String>>,
+    /// Overrides the service's retry policy for this route.
+    #[serde(default)]
+    retry: Option<RetryFile>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -145,6 +153,7 @@ pub struct Service {
     pub routes: Vec<Route>,
     /// Cluster names this service may call; `None` for all.
     pub calls: Option<Vec<String>>,
+    pub policy: Policy,
 }
 
 impl Service {
@@ -184,6 +193,8 @@ pub struct Route {
     /// (cluster name, weight)
     pub backends: Vec<(String, u32)>,
     pub timeout: Option<Duration>,
+    /// The route's own retry policy, else the service's.
+    pub retry: Option<Retry>,
 }
 
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
@@ -226,6 +237,10 @@ impl Mesh {
                 })?;
                 endpoints.push((addr, e.weight.max(1)));
             }
+            let policy = match &s.policy {
+                Some(p) => policy::check(source, p, &format!("{field}.policy"))?,
+                None => Policy::default(),
+            };
             let mut routes = Vec::new();
             for (r, route) in s.routes.iter().enumerate() {
                 let rfield = format!("{field}.routes[{r}]");
@@ -292,6 +307,14 @@ impl Mesh {
                         .collect(),
                     backends,
                     timeout,
+                    retry: match &route.retry {
+                        Some(retry) => Some(policy::check_retry(
+                            source,
+                            retry,
+                            &format!("{rfield}.retry"),
+                        )?),
+                        None => policy.retry.clone(),
+                    },
                 });
             }
             let calls = match &s.calls {
@@ -319,6 +342,7 @@ impl Mesh {
                 endpoints,
                 routes,
                 calls,
+                policy,
             };
             services.insert(service.cluster_name(), service);
         }
@@ -398,6 +422,20 @@ mod tests {
         );
         assert_eq!(mesh.scope_for("web-v2").unwrap().len(), 0);
         assert_eq!(mesh.scope_for("web"), None, "no calls list: everything");
+    }
+
+    #[test]
+    fn a_bad_retry_condition_names_its_line() {
+        let text = GOOD.replace(
+            "  - name: web-v2\n",
+            "  - name: web-v2\n    policy:\n      retry: {attempts: 2, on: [sometimes]}\n",
+        );
+        let e = Mesh::parse("mesh.yaml", &text).unwrap_err();
+        assert_eq!(
+            (e.line, e.field.as_str()),
+            (Some(11), "services[1].policy.retry.on[0]"),
+            "{e}"
+        );
     }
 
     #[test]

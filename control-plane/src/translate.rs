@@ -36,6 +36,7 @@ use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value
 use prost::{Message, Name};
 
 use crate::mesh::{Mesh, PathMatch, Service};
+use crate::policy;
 
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
@@ -163,6 +164,16 @@ fn cluster_for(service: &Service) -> Cluster {
                 ),
             ],
         }),
+        circuit_breakers: service
+            .policy
+            .circuit_breaker
+            .as_ref()
+            .map(policy::circuit_breakers),
+        outlier_detection: service
+            .policy
+            .outlier
+            .as_ref()
+            .map(policy::outlier_detection),
         ..Default::default()
     };
     if service.protocol.is_http2() {
@@ -299,6 +310,7 @@ fn virtual_host(s: &Service) -> VirtualHost {
         }),
         action: Some(route::Action::Route(RouteAction {
             cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(s.cluster_name())),
+            retry_policy: s.policy.retry.as_ref().map(policy::retry_policy),
             ..Default::default()
         })),
         ..Default::default()
@@ -360,6 +372,7 @@ fn route_for(r: &crate::mesh::Route) -> EnvoyRoute {
         action: Some(route::Action::Route(RouteAction {
             cluster_specifier: Some(cluster_specifier),
             timeout: r.timeout.map(duration),
+            retry_policy: r.retry.as_ref().map(policy::retry_policy),
             ..Default::default()
         })),
         ..Default::default()

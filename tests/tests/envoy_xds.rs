@@ -280,3 +280,51 @@ async fn envoy_follows_the_mesh_over_delta_ads() {
     );
     eprintln!("delta: mesh change reached Envoy's routing in {took:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_accepts_the_meshs_resilience_policies() {
+    let v1 = upstreams::http("v1").await;
+    let (outbound, envoy_admin) = (free_addr(), free_addr());
+    let mesh_text = format!(
+        r#"mesh:
+  outbound_port: {port}
+services:
+  - name: web
+    endpoints: [{{address: "{v1}"}}]
+    policy:
+      retry: {{attempts: 2, on: [connect-failure, gateway-error, unavailable], per_try_timeout: 500ms}}
+      circuit_breaker: {{max_connections: 100, max_pending: 50, max_requests: 200, max_retries: 3, retry_budget_percent: 20, retry_budget_min_concurrency: 10}}
+      outlier: {{consecutive_5xx: 5, consecutive_gateway_failure: 5, base_ejection: 30s, max_ejection: 300s, max_ejection_percent: 50}}
+    routes:
+      - match: {{prefix: /checkout}}
+        retry: {{attempts: 0}}
+"#,
+        port = outbound.port(),
+        v1 = v1.addr
+    );
+    let (cp, _) = start_control_plane(&mesh_text).await;
+    let _envoy = start_envoy("envoy-policy", "GRPC", cp.xds_addr, envoy_admin);
+    eventually("Envoy routes web", Duration::from_secs(30), || async move {
+        envoy_routes_to(outbound, "web").await.filter(|u| u == "v1")
+    })
+    .await;
+    let status = wait_all_acked(&cp, "envoy-policy").await;
+    for t in ["Cluster", "RouteConfiguration"] {
+        assert_eq!(
+            status["nodes"]["envoy-policy"]["types"][t]["nacks"], 0,
+            "{status}"
+        );
+    }
+    let dump = get(envoy_admin, "/config_dump").await.body;
+    for want in [
+        "\"retry_on\": \"connect-failure,gateway-error,unavailable\"",
+        "\"num_retries\": 2",
+        "\"retry_back_off\"",
+        "\"outlier_detection\"",
+        "\"consecutive_gateway_failure\": 5",
+        "\"retry_budget\"",
+        "\"max_retries\": 3",
+    ] {
+        assert!(dump.contains(want), "Envoy's config_dump lacks {want}");
+    }
+}

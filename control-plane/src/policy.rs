@@ -1,0 +1,317 @@
+//! Resilience policies in the mesh file, and their Envoy v3 form: `retry_policy` with
+//! `retry_back_off` on routes, `circuit_breakers` (with a retry budget) and
+//! `outlier_detection` on clusters.
+//!
+//! Only what a user writes is sent: no policy is invented by default here, because a proxy
+//! that cannot honour a field NACKs it, and a default would then block every update.
+
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::{
+    CircuitBreakers, OutlierDetection, circuit_breakers,
+};
+use envoy_types::pb::envoy::config::core::v3::RoutingPriority;
+use envoy_types::pb::envoy::config::route::v3::{RetryPolicy, retry_policy};
+use envoy_types::pb::envoy::r#type::v3::Percent;
+use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
+use outrigger_proxy::config_error::ConfigError;
+use outrigger_proxy::runtime_config::parse_duration;
+use serde::Deserialize;
+use serde_saphyr::Spanned;
+
+/// Envoy's retry conditions, HTTP and gRPC.
+const RETRY_ON: &[&str] = &[
+    "5xx",
+    "gateway-error",
+    "reset",
+    "connect-failure",
+    "refused-stream",
+    "retriable-4xx",
+    "retriable-status-codes",
+    "cancelled",
+    "deadline-exceeded",
+    "internal",
+    "resource-exhausted",
+    "unavailable",
+];
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    #[serde(default)]
+    pub retry: Option<RetryFile>,
+    #[serde(default)]
+    pub circuit_breaker: Option<CircuitBreakerFile>,
+    #[serde(default)]
+    pub outlier: Option<OutlierFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryFile {
+    /// Retries after the first attempt.
+    pub attempts: u32,
+    #[serde(default)]
+    pub on: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub per_try_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub backoff_base: Option<Spanned<String>>,
+    #[serde(default)]
+    pub backoff_max: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerFile {
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    #[serde(default)]
+    pub max_pending: Option<u32>,
+    #[serde(default)]
+    pub max_requests: Option<u32>,
+    #[serde(default)]
+    pub max_retries: Option<u32>,
+    /// Retries may be at most this share of active requests (percent).
+    #[serde(default)]
+    pub retry_budget_percent: Option<f64>,
+    #[serde(default)]
+    pub retry_budget_min_concurrency: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierFile {
+    #[serde(default)]
+    pub consecutive_5xx: Option<u32>,
+    #[serde(default)]
+    pub consecutive_gateway_failure: Option<u32>,
+    #[serde(default)]
+    pub interval: Option<Spanned<String>>,
+    #[serde(default)]
+    pub base_ejection: Option<Spanned<String>>,
+    #[serde(default)]
+    pub max_ejection: Option<Spanned<String>>,
+    #[serde(default)]
+    pub max_ejection_percent: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retry {
+    pub retries: u32,
+    pub on: Vec<String>,
+    pub per_try_timeout: Option<Duration>,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Policy {
+    pub retry: Option<Retry>,
+    pub circuit_breaker: Option<CircuitBreaker>,
+    pub outlier: Option<Outlier>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CircuitBreaker {
+    pub max_connections: Option<u32>,
+    pub max_pending: Option<u32>,
+    pub max_requests: Option<u32>,
+    pub max_retries: Option<u32>,
+    pub retry_budget_percent: Option<f64>,
+    pub retry_budget_min_concurrency: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outlier {
+    pub consecutive_5xx: Option<u32>,
+    pub consecutive_gateway_failure: Option<u32>,
+    pub interval: Option<Duration>,
+    pub base_ejection: Option<Duration>,
+    pub max_ejection: Option<Duration>,
+    pub max_ejection_percent: Option<u32>,
+}
+
+fn duration(
+    source: &str,
+    value: &Option<Spanned<String>>,
+    field: &str,
+) -> Result<Option<Duration>, ConfigError> {
+    match value {
+        None => Ok(None),
+        Some(v) => parse_duration(&v.value).map(Some).ok_or_else(|| {
+            ConfigError::at(
+                source,
+                Some(v.referenced),
+                field,
+                format!("`{}` is not a duration (try `250ms`, `2s`)", v.value),
+            )
+        }),
+    }
+}
+
+pub fn check_retry(source: &str, r: &RetryFile, field: &str) -> Result<Retry, ConfigError> {
+    let mut on = Vec::new();
+    for (i, cond) in r.on.iter().enumerate() {
+        if !RETRY_ON.contains(&cond.value.as_str()) {
+            return Err(ConfigError::at(
+                source,
+                Some(cond.referenced),
+                &format!("{field}.on[{i}]"),
+                format!(
+                    "`{}` is not a retry condition; one of {}",
+                    cond.value,
+                    RETRY_ON.join(", ")
+                ),
+            ));
+        }
+        on.push(cond.value.clone());
+    }
+    if on.is_empty() {
+        // The conditions under which a retry is safe whatever the app does.
+        on = [
+            "connect-failure",
+            "refused-stream",
+            "reset",
+            "gateway-error",
+            "unavailable",
+        ]
+        .map(String::from)
+        .to_vec();
+    }
+    Ok(Retry {
+        retries: r.attempts,
+        on,
+        per_try_timeout: duration(
+            source,
+            &r.per_try_timeout,
+            &format!("{field}.per_try_timeout"),
+        )?,
+        backoff_base: duration(source, &r.backoff_base, &format!("{field}.backoff_base"))?
+            .unwrap_or(Duration::from_millis(25)),
+        backoff_max: duration(source, &r.backoff_max, &format!("{field}.backoff_max"))?
+            .unwrap_or(Duration::from_millis(250)),
+    })
+}
+
+pub fn check(source: &str, p: &PolicyFile, field: &str) -> Result<Policy, ConfigError> {
+    let retry = match &p.retry {
+        Some(r) => Some(check_retry(source, r, &format!("{field}.retry"))?),
+        None => None,
+    };
+    let circuit_breaker = p.circuit_breaker.as_ref().map(|c| CircuitBreaker {
+        max_connections: c.max_connections,
+        max_pending: c.max_pending,
+        max_requests: c.max_requests,
+        max_retries: c.max_retries,
+        retry_budget_percent: c.retry_budget_percent,
+        retry_budget_min_concurrency: c.retry_budget_min_concurrency,
+    });
+    if let Some(pct) = circuit_breaker
+        .as_ref()
+        .and_then(|c| c.retry_budget_percent)
+        && !(0.0..=100.0).contains(&pct)
+    {
+        return Err(ConfigError::at(
+            source,
+            None,
+            &format!("{field}.circuit_breaker.retry_budget_percent"),
+            "must be 0 to 100",
+        ));
+    }
+    let outlier = match &p.outlier {
+        Some(o) => {
+            if o.max_ejection_percent.is_some_and(|p| p > 100) {
+                return Err(ConfigError::at(
+                    source,
+                    None,
+                    &format!("{field}.outlier.max_ejection_percent"),
+                    "must be 0 to 100",
+                ));
+            }
+            Some(Outlier {
+                consecutive_5xx: o.consecutive_5xx,
+                consecutive_gateway_failure: o.consecutive_gateway_failure,
+                interval: duration(source, &o.interval, &format!("{field}.outlier.interval"))?,
+                base_ejection: duration(
+                    source,
+                    &o.base_ejection,
+                    &format!("{field}.outlier.base_ejection"),
+                )?,
+                max_ejection: duration(
+                    source,
+                    &o.max_ejection,
+                    &format!("{field}.outlier.max_ejection"),
+                )?,
+                max_ejection_percent: o.max_ejection_percent,
+            })
+        }
+        None => None,
+    };
+    Ok(Policy {
+        retry,
+        circuit_breaker,
+        outlier,
+    })
+}
+
+fn pb(d: Duration) -> PbDuration {
+    PbDuration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+fn u32v(v: Option<u32>) -> Option<UInt32Value> {
+    v.map(|value| UInt32Value { value })
+}
+
+pub fn retry_policy(r: &Retry) -> RetryPolicy {
+    RetryPolicy {
+        retry_on: r.on.join(","),
+        num_retries: Some(UInt32Value { value: r.retries }),
+        per_try_timeout: r.per_try_timeout.map(pb),
+        retry_back_off: Some(retry_policy::RetryBackOff {
+            base_interval: Some(pb(r.backoff_base)),
+            max_interval: Some(pb(r.backoff_max)),
+        }),
+        ..Default::default()
+    }
+}
+
+pub fn circuit_breakers(c: &CircuitBreaker) -> CircuitBreakers {
+    let budget = (c.retry_budget_percent.is_some() || c.retry_budget_min_concurrency.is_some())
+        .then(|| circuit_breakers::thresholds::RetryBudget {
+            budget_percent: c.retry_budget_percent.map(|value| Percent { value }),
+            min_retry_concurrency: u32v(c.retry_budget_min_concurrency),
+            ..Default::default()
+        });
+    CircuitBreakers {
+        thresholds: vec![circuit_breakers::Thresholds {
+            priority: RoutingPriority::Default as i32,
+            max_connections: u32v(c.max_connections),
+            max_pending_requests: u32v(c.max_pending),
+            max_requests: u32v(c.max_requests),
+            max_retries: u32v(c.max_retries),
+            retry_budget: budget,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+pub fn outlier_detection(o: &Outlier) -> OutlierDetection {
+    OutlierDetection {
+        consecutive_5xx: u32v(o.consecutive_5xx),
+        consecutive_gateway_failure: u32v(o.consecutive_gateway_failure),
+        // Envoy counts gateway failures but does not act on them unless told to.
+        enforcing_consecutive_gateway_failure: o
+            .consecutive_gateway_failure
+            .map(|_| UInt32Value { value: 100 }),
+        interval: o.interval.map(pb),
+        base_ejection_time: o.base_ejection.map(pb),
+        max_ejection_time: o.max_ejection.map(pb),
+        max_ejection_percent: u32v(o.max_ejection_percent),
+        ..Default::default()
+    }
+}
