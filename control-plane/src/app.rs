@@ -65,12 +65,10 @@ impl MeshSource {
     fn reload(&self) -> Result<u64, ConfigError> {
         let source = self.path.display().to_string();
         let mut last = self.last_text.lock().unwrap_or_else(|p| p.into_inner());
-        let result = std::fs::read_to_string(&self.path)
-            .map_err(|e| ConfigError::io(&source, &e))
-            .and_then(|text| {
-                last.clone_from(&text);
-                Mesh::parse(&source, &text)
-            });
+        let result = read_inputs(&self.path).and_then(|inputs| {
+            *last = fingerprint(&inputs);
+            Mesh::parse_many(&inputs)
+        });
         match result {
             Ok(mesh) => {
                 self.publisher.publish(mesh);
@@ -89,8 +87,9 @@ impl MeshSource {
     }
 
     fn changed(&self) -> bool {
-        std::fs::read_to_string(&self.path)
-            .is_ok_and(|t| *self.last_text.lock().unwrap_or_else(|p| p.into_inner()) != t)
+        read_inputs(&self.path).is_ok_and(|inputs| {
+            *self.last_text.lock().unwrap_or_else(|p| p.into_inner()) != fingerprint(&inputs)
+        })
     }
 
     async fn watch(self: Arc<Self>) {
@@ -102,6 +101,35 @@ impl MeshSource {
             }
         }
     }
+}
+
+/// The mesh file, or every `*.yaml` / `*.yml` file of a mesh directory in name order.
+fn read_inputs(path: &std::path::Path) -> Result<Vec<(String, String)>, ConfigError> {
+    let read = |p: &std::path::Path| {
+        let source = p.display().to_string();
+        std::fs::read_to_string(p)
+            .map(|t| (source.clone(), t))
+            .map_err(|e| ConfigError::io(&source, &e))
+    };
+    if !path.is_dir() {
+        return Ok(vec![read(path)?]);
+    }
+    let listing =
+        std::fs::read_dir(path).map_err(|e| ConfigError::io(&path.display().to_string(), &e))?;
+    let mut files: Vec<PathBuf> = listing
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
+        .collect();
+    files.sort();
+    files.iter().map(|p| read(p)).collect()
+}
+
+/// What the poller compares: every file's name and content.
+fn fingerprint(inputs: &[(String, String)]) -> String {
+    inputs
+        .iter()
+        .map(|(source, text)| format!("{source}\0{text}\0"))
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -201,15 +201,35 @@ pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 
 impl Mesh {
     pub fn parse(source: &str, text: &str) -> Result<Mesh, ConfigError> {
-        let file: MeshFile =
-            serde_saphyr::from_str(text).map_err(|e| ConfigError::from_yaml(source, &e))?;
-        let err = |at: serde_saphyr::Location, field: &str, msg: String| {
-            ConfigError::at(source, Some(at), field, msg)
-        };
+        Self::parse_many(&[(source.to_string(), text.to_string())])
+    }
+
+    /// Several files (a mesh directory) make one mesh; each error names its own file.
+    pub fn parse_many(inputs: &[(String, String)]) -> Result<Mesh, ConfigError> {
+        let mut files = Vec::with_capacity(inputs.len());
+        for (source, text) in inputs {
+            let file: MeshFile =
+                serde_saphyr::from_str(text).map_err(|e| ConfigError::from_yaml(source, &e))?;
+            files.push((source.as_str(), file));
+        }
+        let outbound_port = files
+            .iter()
+            .find_map(|(_, f)| f.mesh.outbound_port)
+            .unwrap_or(DEFAULT_OUTBOUND_PORT);
+        let entries: Vec<(&str, usize, &ServiceFile)> = files
+            .iter()
+            .flat_map(|(source, f)| {
+                f.services
+                    .iter()
+                    .enumerate()
+                    .map(move |(i, s)| (*source, i, s))
+            })
+            .collect();
 
         // Names first, so routes may point at services declared after them.
         let mut names = BTreeMap::new();
-        for (i, s) in file.services.iter().enumerate() {
+        for &(source, i, s) in &entries {
+            let err = |at, field: &str, msg: String| ConfigError::at(source, Some(at), field, msg);
             let cluster = format!("{}.{}", s.name.value, s.namespace);
             if names
                 .insert(s.name.value.clone(), cluster.clone())
@@ -224,7 +244,8 @@ impl Mesh {
         }
 
         let mut services = BTreeMap::new();
-        for (i, s) in file.services.iter().enumerate() {
+        for &(source, i, s) in &entries {
+            let err = |at, field: &str, msg: String| ConfigError::at(source, Some(at), field, msg);
             let field = format!("services[{i}]");
             let mut endpoints = Vec::new();
             for (j, e) in s.endpoints.iter().enumerate() {
@@ -347,7 +368,7 @@ impl Mesh {
             services.insert(service.cluster_name(), service);
         }
         Ok(Mesh {
-            outbound_port: file.mesh.outbound_port.unwrap_or(DEFAULT_OUTBOUND_PORT),
+            outbound_port,
             services,
         })
     }

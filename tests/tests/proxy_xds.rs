@@ -317,3 +317,41 @@ async fn a_restarted_proxy_serves_its_cached_config_while_the_control_plane_is_a
     assert_eq!(get(second.admin(), "/ready").await.status, 200);
     assert_eq!(routes_to(&second, "web").await.as_deref(), Some("v2"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_directory_is_one_mesh_and_errors_name_their_file() {
+    let (v1, v2) = (upstreams::http("v1").await, upstreams::http("v2").await);
+    let dir = temp_path("mesh.d");
+    std::fs::create_dir_all(&dir).unwrap();
+    let web = format!(
+        "services:\n  - name: web\n    endpoints: [{{address: \"{}\"}}]\n    routes:\n      - backends: [{{service: web-v2}}]\n",
+        v1.addr
+    );
+    let web_v2 = format!(
+        "services:\n  - name: web-v2\n    endpoints: [{{address: \"{}\"}}]\n",
+        v2.addr
+    );
+    std::fs::write(dir.join("10-web.yaml"), &web).unwrap();
+    std::fs::write(dir.join("20-web-v2.yaml"), &web_v2).unwrap();
+    std::fs::write(dir.join("README.txt"), "not yaml: ignored").unwrap();
+    let cp = app::start(app::Options {
+        mesh_path: dir.clone(),
+        xds_address: "127.0.0.1:0".parse().unwrap(),
+        admin_address: "127.0.0.1:0".parse().unwrap(),
+    })
+    .await
+    .unwrap();
+    let proxy = TestProxy::start(&proxy_config(cp.xds_addr, "dir-1")).await;
+    all_route_to(std::slice::from_ref(&proxy), "v2", Duration::from_secs(10)).await;
+
+    // Break the second file: the error names it and its line; the mesh keeps serving.
+    std::fs::write(
+        dir.join("20-web-v2.yaml"),
+        web_v2.replace(&v2.addr.to_string(), "nowhere"),
+    )
+    .unwrap();
+    let err = cp.reload().unwrap_err();
+    assert!(err.file.ends_with("20-web-v2.yaml"), "{err}");
+    assert_eq!(err.line, Some(3), "{err}");
+    assert_eq!(routes_to(&proxy, "web").await.as_deref(), Some("v2"));
+}
