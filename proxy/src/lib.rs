@@ -15,6 +15,7 @@ pub mod error;
 pub mod http_proxy;
 pub mod listener;
 pub mod metrics;
+pub mod retry;
 pub mod router;
 pub mod runtime_config;
 pub mod tcp;
