@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use crate::config::{LbPolicy, UpstreamProtocol};
+use crate::retry::RetryBudget;
 use crate::runtime_config::WeightedBackend;
 use crate::upstream::{H2Connection, UpstreamClient};
 
@@ -27,6 +28,8 @@ pub struct Cluster {
     pub connect_timeout: Duration,
     pub endpoints: Vec<Arc<Endpoint>>,
     pub client: UpstreamClient,
+    /// Shared by the cluster's requests; carried over a reload of an unchanged budget.
+    pub retry_budget: Arc<RetryBudget>,
     next: AtomicUsize,
 }
 
@@ -46,7 +49,26 @@ impl Cluster {
             connect_timeout,
             endpoints,
             client,
+            retry_budget: Arc::new(RetryBudget::default()),
             next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Picks an endpoint other than `avoid` when the cluster has another: a retry should
+    /// not go back to the endpoint that just failed.
+    pub fn pick_avoiding(&self, avoid: Option<SocketAddr>) -> Option<&Arc<Endpoint>> {
+        let first = self.pick()?;
+        if avoid != Some(first.addr) || self.endpoints.len() < 2 {
+            return Some(first);
+        }
+        match self.lb {
+            LbPolicy::RoundRobin => self.pick(),
+            // Power of two choices may draw the same one again; take the best of the rest.
+            LbPolicy::PeakEwma => self
+                .endpoints
+                .iter()
+                .filter(|e| Some(e.addr) != avoid)
+                .min_by(|a, b| a.cost().total_cmp(&b.cost())),
         }
     }
 

@@ -125,6 +125,37 @@ pub struct RouteFile {
     pub request_headers: HeaderChangesFile,
     #[serde(default)]
     pub response_headers: HeaderChangesFile,
+    #[serde(default)]
+    pub retry: Option<RetryFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryFile {
+    /// Retries after the first attempt.
+    pub attempts: u32,
+    /// Envoy's `retry_on` names; default: connect-failure, refused-stream, reset,
+    /// gateway-error, unavailable.
+    #[serde(default)]
+    pub on: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub per_try_timeout: Option<Spanned<String>>,
+    #[serde(default)]
+    pub backoff_base: Option<Spanned<String>>,
+    #[serde(default)]
+    pub backoff_max: Option<Spanned<String>>,
+    /// Retry non-idempotent methods (POST, PATCH) too.
+    #[serde(default)]
+    pub non_idempotent: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudgetFile {
+    /// Retries in flight may be at most this share (percent) of requests in flight.
+    pub percent: f64,
+    /// …but never fewer than this many.
+    pub min_concurrency: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -212,6 +243,9 @@ pub struct ClusterFile {
     pub connect_timeout: Option<Spanned<String>>,
     #[serde(default)]
     pub endpoints: Vec<EndpointFile>,
+    /// On by default (20 %, at least 10).
+    #[serde(default)]
+    pub retry_budget: Option<RetryBudgetFile>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -15,13 +15,22 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use crate::balance::pick_backend;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+
+use crate::balance::{Cluster, Endpoint, pick_backend};
 use crate::config::UpstreamProtocol;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
+use crate::retry::{MAX_REPLAY_BODY, Outcome, RetryPolicy, retriable};
 use crate::router::{self, RouteOutcome};
 use crate::runtime_config::{Route, RuntimeConfig};
 use crate::upstream::Body;
+
+/// Tells the upstream which attempt this is (1 for the first).
+pub const ATTEMPT_HEADER: &str = "x-outrigger-attempt";
 
 /// What every request on one listener shares.
 pub struct HttpContext {
@@ -77,24 +86,82 @@ async fn forward<'a>(
     };
     *route_label = route.name.as_str();
     req = Request::from_parts(parts, body);
-
-    let backend = pick_backend(&route.backends, route.total_weight);
-    let cluster = &backend.cluster;
-    let endpoint = cluster.pick().ok_or_else(|| ProxyError::NoEndpoint {
-        cluster: cluster.name.clone(),
-    })?;
+    let cluster = &pick_backend(&route.backends, route.total_weight).cluster;
 
     let upgrade = is_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let retry = route
+        .retry
+        .as_ref()
+        .filter(|p| p.retries > 0 && !upgrade && p.allows_method(req.method()));
+    let send = async {
+        match retry {
+            Some(policy) => match replayable(req).await? {
+                Replay::Ready(head, body) => {
+                    send_with_retries(ctx, route, cluster, &host, policy, head, body).await
+                }
+                Replay::Once(req) => {
+                    send_once(route, cluster, &host, req.map(|b| b.boxed()), false).await
+                }
+            },
+            None => send_once(route, cluster, &host, req.map(|b| b.boxed()), upgrade).await,
+        }
+    };
+    let mut resp = tokio::time::timeout(route.timeout, send)
+        .await
+        .map_err(|_| ProxyError::UpstreamTimeout {
+            after: route.timeout,
+        })??;
+
+    if let Some(downstream) =
+        downstream_upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS)
+    {
+        let upstream = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            let (Ok(down), Ok(up)) = tokio::join!(downstream, upstream) else {
+                return;
+            };
+            let _ =
+                tokio::io::copy_bidirectional(&mut TokioIo::new(down), &mut TokioIo::new(up)).await;
+        });
+    } else {
+        strip_hop_by_hop(resp.headers_mut());
+    }
+    route.response_headers.apply(resp.headers_mut());
+    Ok(resp.map(|b| b.boxed()))
+}
+
+async fn send_once(
+    route: &Route,
+    cluster: &Cluster,
+    host: &str,
+    req: Request<Body>,
+    upgrade: bool,
+) -> Result<Response<Incoming>, ProxyError> {
+    let endpoint = cluster.pick().ok_or_else(|| ProxyError::NoEndpoint {
+        cluster: cluster.name.clone(),
+    })?;
+    attempt(route, cluster, endpoint, host, req, upgrade, None).await
+}
+
+/// One try at one endpoint.
+async fn attempt(
+    route: &Route,
+    cluster: &Cluster,
+    endpoint: &Arc<Endpoint>,
+    host: &str,
+    req: Request<Body>,
+    upgrade: bool,
+    per_try_timeout: Option<Duration>,
+) -> Result<Response<Incoming>, ProxyError> {
     let upstream_req = rewrite_request(
         req,
         route,
         &endpoint.base_uri,
-        &host,
+        host,
         cluster.protocol,
         upgrade,
     )?;
-
     let in_flight = endpoint.start();
     let send = async {
         match (upgrade, cluster.protocol) {
@@ -116,30 +183,122 @@ async fn forward<'a>(
             }
         }
     };
-    let mut resp = tokio::time::timeout(route.timeout, send)
-        .await
-        .map_err(|_| ProxyError::UpstreamTimeout {
-            after: route.timeout,
-        })??;
+    let resp = match per_try_timeout {
+        Some(t) => tokio::time::timeout(t, send)
+            .await
+            .map_err(|_| ProxyError::UpstreamTimeout { after: t })??,
+        None => send.await?,
+    };
     in_flight.responded();
-    drop(in_flight);
+    Ok(resp)
+}
 
-    if let Some(downstream) =
-        downstream_upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS)
-    {
-        let upstream = hyper::upgrade::on(&mut resp);
-        tokio::spawn(async move {
-            let (Ok(down), Ok(up)) = tokio::join!(downstream, upstream) else {
-                return;
-            };
-            let _ =
-                tokio::io::copy_bidirectional(&mut TokioIo::new(down), &mut TokioIo::new(up)).await;
-        });
-    } else {
-        strip_hop_by_hop(resp.headers_mut());
+/// What a retried request needs to be sent again.
+struct Head {
+    method: http::Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+enum Replay {
+    Ready(Head, Bytes),
+    /// Too large, or of unknown length: sent once, as it streams.
+    Once(Request<Incoming>),
+}
+
+async fn replayable(req: Request<Incoming>) -> Result<Replay, ProxyError> {
+    let length = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let small = hyper::body::Body::is_end_stream(req.body())
+        || length.is_some_and(|n| n <= MAX_REPLAY_BODY);
+    if !small {
+        return Ok(Replay::Once(req));
     }
-    route.response_headers.apply(resp.headers_mut());
-    Ok(resp.map(|b| b.boxed()))
+    let (parts, body) = req.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map_err(|_| ProxyError::BadRequest("the client stopped sending its body"))?
+        .to_bytes();
+    Ok(Replay::Ready(
+        Head {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers: parts.headers,
+        },
+        bytes,
+    ))
+}
+
+async fn send_with_retries(
+    ctx: &HttpContext,
+    route: &Route,
+    cluster: &Cluster,
+    host: &str,
+    policy: &RetryPolicy,
+    head: Head,
+    body: Bytes,
+) -> Result<Response<Incoming>, ProxyError> {
+    let _active = cluster.retry_budget.request();
+    // A retry holds its budget slot until the next attempt ends, so concurrent retries are
+    // what the budget counts.
+    let mut _retry_slot = None;
+    let mut avoid = None;
+    let mut number = 0u32;
+    loop {
+        let endpoint = cluster
+            .pick_avoiding(avoid)
+            .ok_or_else(|| ProxyError::NoEndpoint {
+                cluster: cluster.name.clone(),
+            })?;
+        let mut req = Request::new(
+            Full::new(body.clone())
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *req.method_mut() = head.method.clone();
+        *req.uri_mut() = head.uri.clone();
+        *req.version_mut() = head.version;
+        *req.headers_mut() = head.headers.clone();
+        // The app may want to know it is seeing a retry (and log it).
+        req.headers_mut()
+            .insert(ATTEMPT_HEADER, HeaderValue::from(number + 1));
+        let result = attempt(
+            route,
+            cluster,
+            endpoint,
+            host,
+            req,
+            false,
+            policy.per_try_timeout,
+        )
+        .await;
+        let outcome = match &result {
+            Ok(resp) => Outcome::Response(resp.status(), resp.headers()),
+            Err(ProxyError::UpstreamConnect { .. }) => Outcome::ConnectFailed,
+            Err(ProxyError::UpstreamTimeout { .. }) => Outcome::TimedOut,
+            Err(ProxyError::UpstreamFailed { .. }) => Outcome::Reset,
+            Err(_) => return result,
+        };
+        if number >= policy.retries || !retriable(&policy.on, &outcome) {
+            return result;
+        }
+        let Some(slot) = cluster.retry_budget.try_retry() else {
+            ctx.metrics.retry_budget_exhausted(&cluster.name);
+            return result;
+        };
+        ctx.metrics.retry(ctx.direction, &route.name);
+        _retry_slot = Some(slot);
+        avoid = Some(endpoint.addr);
+        drop(result);
+        tokio::time::sleep(policy.backoff(number)).await;
+        number += 1;
+    }
 }
 
 /// The host a request is for: `:authority` for HTTP/2 (and absolute-form HTTP/1), else `Host`.
@@ -173,7 +332,7 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
 }
 
 fn rewrite_request(
-    req: Request<Incoming>,
+    req: Request<Body>,
     route: &Route,
     base_uri: &str,
     host: &str,
@@ -206,7 +365,7 @@ fn rewrite_request(
         }
     }
     route.request_headers.apply(&mut parts.headers);
-    Ok(Request::from_parts(parts, body.boxed()))
+    Ok(Request::from_parts(parts, body))
 }
 
 /// Connection-scoped headers describe one hop and must not be forwarded (RFC 9110 §7.6.1).

@@ -56,6 +56,13 @@ pub struct Metrics {
     tcp_bytes: Family<ListenerLabels, Counter>,
     reloads: Family<ResultLabels, Counter>,
     config_version: Gauge,
+    retries: Family<RouteLabels, Counter>,
+    budget_exhausted: Family<ClusterLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterLabels {
+    cluster: String,
 }
 
 impl Default for Metrics {
@@ -77,6 +84,18 @@ impl Metrics {
         let tcp_bytes = Family::<ListenerLabels, Counter>::default();
         let reloads = Family::<ResultLabels, Counter>::default();
         let config_version = Gauge::default();
+        let retries = Family::<RouteLabels, Counter>::default();
+        let budget_exhausted = Family::<ClusterLabels, Counter>::default();
+        registry.register(
+            "retries",
+            "Retries sent, by direction and route",
+            retries.clone(),
+        );
+        registry.register(
+            "retry_budget_exhausted",
+            "Retries not sent because the cluster's retry budget was spent",
+            budget_exhausted.clone(),
+        );
         registry.register(
             "requests",
             "HTTP requests by direction, route and status",
@@ -127,6 +146,8 @@ impl Metrics {
             tcp_bytes,
             reloads,
             config_version,
+            retries,
+            budget_exhausted,
         }
     }
 
@@ -150,6 +171,23 @@ impl Metrics {
                 route: route.to_string(),
             })
             .observe(elapsed.as_secs_f64());
+    }
+
+    pub fn retry(&self, direction: &'static str, route: &str) {
+        self.retries
+            .get_or_create(&RouteLabels {
+                direction,
+                route: route.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn retry_budget_exhausted(&self, cluster: &str) {
+        self.budget_exhausted
+            .get_or_create(&ClusterLabels {
+                cluster: cluster.to_string(),
+            })
+            .inc();
     }
 
     pub fn connection_opened(&self, listener: &str, protocol: &'static str) {

@@ -84,6 +84,8 @@ impl RetryPolicy {
 pub enum Outcome<'a> {
     ConnectFailed,
     Reset,
+    /// The per-try timeout passed.
+    TimedOut,
     Response(StatusCode, &'a HeaderMap),
 }
 
@@ -91,6 +93,8 @@ pub fn retriable(on: &RetryOn, outcome: &Outcome<'_>) -> bool {
     match outcome {
         Outcome::ConnectFailed => on.connect_failure,
         Outcome::Reset => on.reset || on.refused_stream,
+        // As Envoy: a per-try timeout counts as a gateway error.
+        Outcome::TimedOut => on.gateway_error || on.server_error,
         Outcome::Response(status, headers) => {
             let code = status.as_u16();
             if (on.server_error && status.is_server_error())

@@ -17,9 +17,10 @@ use serde_saphyr::Spanned;
 
 use crate::balance::{Cluster, Endpoint};
 use crate::config::{
-    ConfigFile, Direction, HeaderChangesFile, ListenerFile, ListenerProtocol, RouteFile,
+    ConfigFile, Direction, HeaderChangesFile, ListenerFile, ListenerProtocol, RetryFile, RouteFile,
 };
 use crate::config_error::ConfigError;
+use crate::retry::{self, RetryBudget, RetryOn, RetryPolicy};
 use crate::router::{DomainTable, HeaderMatch, PathMatch};
 use crate::upstream::UpstreamClient;
 
@@ -73,6 +74,7 @@ pub struct Route {
     pub timeout: Duration,
     pub request_headers: HeaderChanges,
     pub response_headers: HeaderChanges,
+    pub retry: Option<RetryPolicy>,
 }
 
 pub struct WeightedBackend {
@@ -204,7 +206,7 @@ impl Builder<'_> {
                         .unwrap_or_else(|| Arc::new(Endpoint::new(addr)))
                 })
                 .collect();
-            let cluster = Cluster::new(
+            let mut cluster = Cluster::new(
                 c.name.value.clone(),
                 c.protocol,
                 c.lb,
@@ -212,6 +214,30 @@ impl Builder<'_> {
                 endpoints,
                 client,
             );
+            let (percent, min) = c.retry_budget.as_ref().map_or(
+                (
+                    retry::DEFAULT_BUDGET_PERCENT,
+                    retry::DEFAULT_BUDGET_MIN_CONCURRENCY,
+                ),
+                |b| (b.percent, b.min_concurrency),
+            );
+            if !(0.0..=100.0).contains(&percent) {
+                return Err(self.err(
+                    &c.name,
+                    &format!("{field}.retry_budget.percent"),
+                    "must be 0 to 100",
+                ));
+            }
+            cluster.retry_budget = match old {
+                // Keep counting requests already in flight against the same budget.
+                Some(o)
+                    if o.retry_budget.percent == percent
+                        && o.retry_budget.min_concurrency == min =>
+                {
+                    o.retry_budget.clone()
+                }
+                _ => Arc::new(RetryBudget::new(percent, min)),
+            };
             clusters.insert(c.name.value.clone(), Arc::new(cluster));
         }
 
@@ -415,6 +441,59 @@ impl Builder<'_> {
                 .header_changes(&r.request_headers, &format!("{field}.request_headers"))?,
             response_headers: self
                 .header_changes(&r.response_headers, &format!("{field}.response_headers"))?,
+            retry: match &r.retry {
+                Some(retry) => Some(self.retry(retry, &format!("{field}.retry"))?),
+                None => None,
+            },
+        })
+    }
+
+    fn retry(&self, r: &RetryFile, field: &str) -> Result<RetryPolicy, ConfigError> {
+        let on = if r.on.is_empty() {
+            // The conditions under which the request never reached the app, or the app
+            // said it is unavailable: safe to retry whatever the method.
+            RetryOn::parse([
+                "connect-failure",
+                "refused-stream",
+                "reset",
+                "gateway-error",
+                "unavailable",
+            ])
+            .expect("known names")
+        } else {
+            for (i, name) in r.on.iter().enumerate() {
+                RetryOn::parse([name.value.as_str()]).map_err(|_| {
+                    self.err(
+                        name,
+                        &format!("{field}.on[{i}]"),
+                        format!("`{}` is not a retry condition", name.value),
+                    )
+                })?;
+            }
+            RetryOn::parse(r.on.iter().map(|n| n.value.as_str())).expect("checked above")
+        };
+        Ok(RetryPolicy {
+            retries: r.attempts,
+            on,
+            per_try_timeout: match &r.per_try_timeout {
+                Some(_) => Some(self.duration(
+                    &r.per_try_timeout,
+                    &format!("{field}.per_try_timeout"),
+                    Duration::ZERO,
+                )?),
+                None => None,
+            },
+            backoff_base: self.duration(
+                &r.backoff_base,
+                &format!("{field}.backoff_base"),
+                Duration::from_millis(25),
+            )?,
+            backoff_max: self.duration(
+                &r.backoff_max,
+                &format!("{field}.backoff_max"),
+                Duration::from_millis(250),
+            )?,
+            non_idempotent: r.non_idempotent,
         })
     }
 

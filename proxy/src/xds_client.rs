@@ -107,6 +107,7 @@ impl State {
                     lb: Default::default(),
                     connect_timeout: None,
                     endpoints: Vec::new(),
+                    retry_budget: None,
                 });
             }
         }

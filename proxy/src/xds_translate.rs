@@ -5,12 +5,12 @@
 //! would change behaviour is refused with an error naming it, which the client sends back as
 //! a NACK; it is never silently ignored.
 
-use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::cluster::v3::{CircuitBreakers, Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::{HeaderValueOption, address, socket_address};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
 use envoy_types::pb::envoy::config::route::v3::{
-    HeaderMatcher, Route, RouteConfiguration, VirtualHost, header_matcher, route, route_action,
-    route_match,
+    HeaderMatcher, RetryPolicy, Route, RouteConfiguration, VirtualHost, header_matcher, route,
+    route_action, route_match,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
@@ -22,7 +22,7 @@ use serde_saphyr::{Location, Spanned};
 
 use crate::config::{
     BackendFile, ClusterFile, EndpointFile, HeaderChangesFile, HeaderMatchFile, HeaderValueFile,
-    LbPolicy, MatchFile, RouteFile, UpstreamProtocol, VirtualHostFile,
+    LbPolicy, MatchFile, RetryBudgetFile, RetryFile, RouteFile, UpstreamProtocol, VirtualHostFile,
 };
 
 fn sp<T>(value: T) -> Spanned<T> {
@@ -76,7 +76,6 @@ pub fn cluster(c: &Cluster) -> Result<TranslatedCluster, String> {
                 !c.transport_socket_matches.is_empty(),
                 "transport_socket_matches",
             ),
-            (c.circuit_breakers.is_some(), "circuit_breakers"),
             (c.outlier_detection.is_some(), "outlier_detection"),
             (!c.health_checks.is_empty(), "health_checks"),
             (c.lb_subset_config.is_some(), "lb_subset_config"),
@@ -86,6 +85,10 @@ pub fn cluster(c: &Cluster) -> Result<TranslatedCluster, String> {
             ),
         ],
     )?;
+    let retry_budget = match &c.circuit_breakers {
+        None => None,
+        Some(cb) => retry_budget(&what, cb)?,
+    };
     let eds_name = match &c.cluster_discovery_type {
         Some(cluster::ClusterDiscoveryType::Type(t))
             if *t == cluster::DiscoveryType::Eds as i32 =>
@@ -176,6 +179,7 @@ pub fn cluster(c: &Cluster) -> Result<TranslatedCluster, String> {
             lb,
             connect_timeout: c.connect_timeout.as_ref().map(|d| sp(duration_text(d))),
             endpoints,
+            retry_budget,
         },
         eds_name,
     })
@@ -344,7 +348,6 @@ fn route(what: &str, vhost: &str, index: usize, r: &Route) -> Result<RouteFile, 
                 action.host_rewrite_specifier.is_some(),
                 "route.host_rewrite_specifier",
             ),
-            (action.retry_policy.is_some(), "route.retry_policy"),
             (!action.hash_policy.is_empty(), "route.hash_policy"),
             (
                 !action.request_mirror_policies.is_empty(),
@@ -384,6 +387,10 @@ fn route(what: &str, vhost: &str, index: usize, r: &Route) -> Result<RouteFile, 
         timeout: action.timeout.as_ref().map(|d| sp(duration_text(d))),
         request_headers: header_changes(&r.request_headers_to_add, &r.request_headers_to_remove),
         response_headers: header_changes(&r.response_headers_to_add, &r.response_headers_to_remove),
+        retry: match &action.retry_policy {
+            Some(p) => Some(retry(&what, p)?),
+            None => None,
+        },
     })
 }
 
@@ -437,4 +444,108 @@ fn header_changes(add: &[HeaderValueOption], remove: &[String]) -> HeaderChanges
             .collect(),
         remove: remove.iter().map(|r| sp(r.clone())).collect(),
     }
+}
+
+/// Of the circuit-breaker thresholds, the proxy implements the retry budget so far.
+fn retry_budget(what: &str, cb: &CircuitBreakers) -> Result<Option<RetryBudgetFile>, String> {
+    let mut out = None;
+    for t in &cb.thresholds {
+        refuse(
+            what,
+            &[
+                (t.priority != 0, "circuit_breakers.thresholds.priority"),
+                (
+                    t.max_connections.is_some(),
+                    "circuit_breakers.thresholds.max_connections",
+                ),
+                (
+                    t.max_pending_requests.is_some(),
+                    "circuit_breakers.thresholds.max_pending_requests",
+                ),
+                (
+                    t.max_requests.is_some(),
+                    "circuit_breakers.thresholds.max_requests",
+                ),
+                (
+                    t.max_retries.is_some(),
+                    "circuit_breakers.thresholds.max_retries",
+                ),
+            ],
+        )?;
+        if let Some(b) = &t.retry_budget {
+            out = Some(RetryBudgetFile {
+                percent: b
+                    .budget_percent
+                    .as_ref()
+                    .map_or(crate::retry::DEFAULT_BUDGET_PERCENT, |p| p.value),
+                min_concurrency: b
+                    .min_retry_concurrency
+                    .as_ref()
+                    .map_or(crate::retry::DEFAULT_BUDGET_MIN_CONCURRENCY, |m| {
+                        u64::from(m.value)
+                    }),
+            });
+        }
+    }
+    Ok(out)
+}
+
+fn retry(what: &str, p: &RetryPolicy) -> Result<RetryFile, String> {
+    refuse(
+        what,
+        &[
+            (
+                p.retry_priority.is_some(),
+                "route.retry_policy.retry_priority",
+            ),
+            (
+                !p.retry_host_predicate.is_empty(),
+                "route.retry_policy.retry_host_predicate",
+            ),
+            (
+                !p.retriable_status_codes.is_empty(),
+                "route.retry_policy.retriable_status_codes",
+            ),
+            (
+                !p.retriable_headers.is_empty(),
+                "route.retry_policy.retriable_headers",
+            ),
+            (
+                !p.retriable_request_headers.is_empty(),
+                "route.retry_policy.retriable_request_headers",
+            ),
+            (
+                p.rate_limited_retry_back_off.is_some(),
+                "route.retry_policy.rate_limited_retry_back_off",
+            ),
+            (
+                p.per_try_idle_timeout.is_some(),
+                "route.retry_policy.per_try_idle_timeout",
+            ),
+        ],
+    )?;
+    let on: Vec<_> = p
+        .retry_on
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| sp(s.to_string()))
+        .collect();
+    crate::retry::RetryOn::parse(on.iter().map(|s| s.value.as_str())).map_err(|name| {
+        format!("{what}: field `route.retry_policy.retry_on`: `{name}` is not supported")
+    })?;
+    let back_off = p.retry_back_off.as_ref();
+    Ok(RetryFile {
+        // Envoy's default is one retry when num_retries is unset.
+        attempts: p.num_retries.as_ref().map_or(1, |n| n.value),
+        on,
+        per_try_timeout: p.per_try_timeout.as_ref().map(|d| sp(duration_text(d))),
+        backoff_base: back_off
+            .and_then(|b| b.base_interval.as_ref())
+            .map(|d| sp(duration_text(d))),
+        backoff_max: back_off
+            .and_then(|b| b.max_interval.as_ref())
+            .map(|d| sp(duration_text(d))),
+        non_idempotent: false,
+    })
 }

@@ -270,3 +270,55 @@ pub async fn server_first() -> Upstream {
     })
     .await
 }
+
+/// Requests seen per path by a `fail_first` upstream.
+pub type Seen = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>;
+
+/// An upstream that fails the first request for each `/fail-once/...` path with 503, fails
+/// every `/always-503/...` request, and otherwise answers 200 with the attempt number the
+/// proxy sent (`x-outrigger-attempt`) as the body.
+pub async fn fail_first() -> (Upstream, Seen) {
+    let seen: Seen = Default::default();
+    let shared = seen.clone();
+    let upstream = serve(move |listener| async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let seen = shared.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let seen = seen.clone();
+                    async move {
+                        let path = req.uri().path().to_string();
+                        let attempt = req
+                            .headers()
+                            .get("x-outrigger-attempt")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("none")
+                            .to_string();
+                        let _ = req.into_body().collect().await;
+                        let count = {
+                            let mut seen = seen.lock().unwrap();
+                            let c = seen.entry(path.clone()).or_default();
+                            *c += 1;
+                            *c
+                        };
+                        let fail = path.starts_with("/always-503/")
+                            || (path.starts_with("/fail-once/") && count == 1);
+                        let mut resp = Response::new(full(attempt));
+                        if fail {
+                            *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    })
+    .await;
+    (upstream, seen)
+}

@@ -355,3 +355,58 @@ async fn a_mesh_directory_is_one_mesh_and_errors_name_their_file() {
     assert_eq!(err.line, Some(3), "{err}");
     assert_eq!(routes_to(&proxy, "web").await.as_deref(), Some("v2"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_policy_in_the_mesh_changes_the_proxy_live() {
+    let (up, seen) = upstreams::fail_first().await;
+    let without = format!(
+        "services:\n  - name: web\n    endpoints: [{{address: \"{}\"}}]\n",
+        up.addr
+    );
+    let with = format!("{without}    policy:\n      retry: {{attempts: 2, on: [gateway-error]}}\n");
+    let (cp, mesh_path) = start_cp(&without).await;
+    let proxy = TestProxy::start(&proxy_config(cp.xds_addr, "retrying")).await;
+    let client = TestClient::http1(proxy.addr("outbound"));
+    let status_of = |path: String| {
+        let client = client.clone();
+        async move {
+            client
+                .get("web", &path)
+                .await
+                .ok()
+                .map(|r| r.status.as_u16())
+        }
+    };
+    eventually("routes arrive", Duration::from_secs(10), || async {
+        status_of("/warmup".into()).await.filter(|s| *s == 200)
+    })
+    .await;
+    assert_eq!(
+        status_of("/fail-once/before".into()).await,
+        Some(503),
+        "no retry policy yet"
+    );
+
+    std::fs::write(&mesh_path, with).unwrap();
+    let mut n = 0;
+    eventually(
+        "the retry policy takes effect",
+        Duration::from_secs(5),
+        || {
+            n += 1;
+            let attempt = status_of(format!("/fail-once/after-{n}"));
+            async move { attempt.await.filter(|s| *s == 200) }
+        },
+    )
+    .await;
+    let status: serde_json::Value =
+        serde_json::from_str(&get(cp.admin_addr, "/status").await.body).unwrap();
+    assert_eq!(
+        status["nodes"]["retrying"]["types"]["RouteConfiguration"]["nacks"], 0,
+        "{status}"
+    );
+    assert_eq!(
+        seen.lock().unwrap().get("/fail-once/before").copied(),
+        Some(1)
+    );
+}
