@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::circuit_breaker::CircuitBreaker;
 use crate::config::{LbPolicy, UpstreamProtocol};
 use crate::retry::RetryBudget;
 use crate::runtime_config::WeightedBackend;
@@ -30,6 +31,7 @@ pub struct Cluster {
     pub client: UpstreamClient,
     /// Shared by the cluster's requests; carried over a reload of an unchanged budget.
     pub retry_budget: Arc<RetryBudget>,
+    pub breaker: Arc<CircuitBreaker>,
     next: AtomicUsize,
 }
 
@@ -50,6 +52,7 @@ impl Cluster {
             endpoints,
             client,
             retry_budget: Arc::new(RetryBudget::default()),
+            breaker: Arc::new(CircuitBreaker::default()),
             next: AtomicUsize::new(0),
         }
     }

@@ -246,6 +246,19 @@ pub struct ClusterFile {
     /// On by default (20 %, at least 10).
     #[serde(default)]
     pub retry_budget: Option<RetryBudgetFile>,
+    #[serde(default)]
+    pub circuit_breaker: Option<CircuitBreakerFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerFile {
+    /// Requests in flight to the cluster; default 1024.
+    #[serde(default)]
+    pub max_requests: Option<u64>,
+    /// Retries in flight; unlimited by default (the retry budget applies either way).
+    #[serde(default)]
+    pub max_retries: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -12,6 +12,9 @@ use http_body_util::{BodyExt, Full};
 use crate::upstream::Body;
 
 pub const ERROR_HEADER: &str = "x-outrigger-error";
+/// Set on a fast failure from a circuit-breaker threshold, so a client can tell "the mesh
+/// shed load" from "the service is down".
+pub const OVERLOADED_HEADER: &str = "x-outrigger-overloaded";
 
 /// Which side of the proxy a failure came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -33,6 +36,11 @@ pub enum ProxyError {
     NoEndpoint { cluster: String },
     #[error("cannot connect to cluster `{cluster}`: {reason}")]
     UpstreamConnect { cluster: String, reason: String },
+    #[error("cluster `{cluster}` is over its {limit} limit")]
+    Overloaded {
+        cluster: String,
+        limit: &'static str,
+    },
     #[error("upstream did not answer within {after:?}")]
     UpstreamTimeout { after: Duration },
     #[error("upstream failed: {reason}")]
@@ -44,9 +52,9 @@ impl ProxyError {
         match self {
             ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::NoVirtualHost { .. } | ProxyError::NoRoute { .. } => StatusCode::NOT_FOUND,
-            ProxyError::NoEndpoint { .. } | ProxyError::UpstreamConnect { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            ProxyError::NoEndpoint { .. }
+            | ProxyError::UpstreamConnect { .. }
+            | ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
         }
@@ -59,6 +67,7 @@ impl ProxyError {
             ProxyError::NoVirtualHost { .. } | ProxyError::NoRoute { .. } => "no-route",
             ProxyError::NoEndpoint { .. } => "no-endpoint",
             ProxyError::UpstreamConnect { .. } => "connect-failed",
+            ProxyError::Overloaded { .. } => "overloaded",
             ProxyError::UpstreamTimeout { .. } => "timeout",
             ProxyError::UpstreamFailed { .. } => "upstream-failed",
         }
@@ -69,7 +78,8 @@ impl ProxyError {
             ProxyError::BadRequest(_) => Side::Downstream,
             ProxyError::NoVirtualHost { .. }
             | ProxyError::NoRoute { .. }
-            | ProxyError::NoEndpoint { .. } => Side::Internal,
+            | ProxyError::NoEndpoint { .. }
+            | ProxyError::Overloaded { .. } => Side::Internal,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamTimeout { .. }
             | ProxyError::UpstreamFailed { .. } => Side::Upstream,
@@ -95,6 +105,9 @@ impl ProxyError {
         *resp.status_mut() = self.status();
         let headers = resp.headers_mut();
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
+        if matches!(self, ProxyError::Overloaded { .. }) {
+            headers.insert(OVERLOADED_HEADER, HeaderValue::from_static("true"));
+        }
         headers.insert(
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; charset=utf-8"),

@@ -87,6 +87,14 @@ async fn forward<'a>(
     *route_label = route.name.as_str();
     req = Request::from_parts(parts, body);
     let cluster = &pick_backend(&route.backends, route.total_weight).cluster;
+    // Held until the response head: past the threshold, fail fast rather than queue.
+    let Some(_slot) = cluster.breaker.try_request() else {
+        ctx.metrics.overflow(&cluster.name, "requests");
+        return Err(ProxyError::Overloaded {
+            cluster: cluster.name.clone(),
+            limit: "max_requests",
+        });
+    };
 
     let upgrade = is_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -292,8 +300,12 @@ async fn send_with_retries(
             ctx.metrics.retry_budget_exhausted(&cluster.name);
             return result;
         };
+        let Some(breaker_slot) = cluster.breaker.try_retry() else {
+            ctx.metrics.overflow(&cluster.name, "retries");
+            return result;
+        };
         ctx.metrics.retry(ctx.direction, &route.name);
-        _retry_slot = Some(slot);
+        _retry_slot = Some((slot, breaker_slot));
         avoid = Some(endpoint.addr);
         drop(result);
         tokio::time::sleep(policy.backoff(number)).await;

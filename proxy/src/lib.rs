@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod app;
 pub mod balance;
+pub mod circuit_breaker;
 pub mod config;
 pub mod config_error;
 pub mod config_store;

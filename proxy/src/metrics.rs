@@ -58,6 +58,13 @@ pub struct Metrics {
     config_version: Gauge,
     retries: Family<RouteLabels, Counter>,
     budget_exhausted: Family<ClusterLabels, Counter>,
+    overflows: Family<OverflowLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OverflowLabels {
+    cluster: String,
+    limit: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -86,6 +93,12 @@ impl Metrics {
         let config_version = Gauge::default();
         let retries = Family::<RouteLabels, Counter>::default();
         let budget_exhausted = Family::<ClusterLabels, Counter>::default();
+        let overflows = Family::<OverflowLabels, Counter>::default();
+        registry.register(
+            "circuit_breaker_overflows",
+            "Requests failed fast at a circuit-breaker threshold, by cluster and limit",
+            overflows.clone(),
+        );
         registry.register(
             "retries",
             "Retries sent, by direction and route",
@@ -148,6 +161,7 @@ impl Metrics {
             config_version,
             retries,
             budget_exhausted,
+            overflows,
         }
     }
 
@@ -186,6 +200,15 @@ impl Metrics {
         self.budget_exhausted
             .get_or_create(&ClusterLabels {
                 cluster: cluster.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn overflow(&self, cluster: &str, limit: &'static str) {
+        self.overflows
+            .get_or_create(&OverflowLabels {
+                cluster: cluster.to_string(),
+                limit,
             })
             .inc();
     }

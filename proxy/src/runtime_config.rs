@@ -16,6 +16,7 @@ use regex::Regex;
 use serde_saphyr::Spanned;
 
 use crate::balance::{Cluster, Endpoint};
+use crate::circuit_breaker::{self, CircuitBreaker};
 use crate::config::{
     ConfigFile, Direction, HeaderChangesFile, ListenerFile, ListenerProtocol, RetryFile, RouteFile,
 };
@@ -237,6 +238,22 @@ impl Builder<'_> {
                     o.retry_budget.clone()
                 }
                 _ => Arc::new(RetryBudget::new(percent, min)),
+            };
+            let max_requests = c
+                .circuit_breaker
+                .as_ref()
+                .and_then(|b| b.max_requests)
+                .unwrap_or(circuit_breaker::DEFAULT_MAX_REQUESTS);
+            let max_retries = c.circuit_breaker.as_ref().and_then(|b| b.max_retries);
+            cluster.breaker = match old {
+                // The same limits keep counting the requests already in flight.
+                Some(o)
+                    if o.breaker.max_requests == max_requests
+                        && o.breaker.max_retries == max_retries =>
+                {
+                    o.breaker.clone()
+                }
+                _ => Arc::new(CircuitBreaker::new(max_requests, max_retries)),
             };
             clusters.insert(c.name.value.clone(), Arc::new(cluster));
         }

@@ -108,6 +108,7 @@ impl State {
                     connect_timeout: None,
                     endpoints: Vec::new(),
                     retry_budget: None,
+                    circuit_breaker: None,
                 });
             }
         }

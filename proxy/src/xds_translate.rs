@@ -21,8 +21,9 @@ use prost::{Message, Name};
 use serde_saphyr::{Location, Spanned};
 
 use crate::config::{
-    BackendFile, ClusterFile, EndpointFile, HeaderChangesFile, HeaderMatchFile, HeaderValueFile,
-    LbPolicy, MatchFile, RetryBudgetFile, RetryFile, RouteFile, UpstreamProtocol, VirtualHostFile,
+    BackendFile, CircuitBreakerFile, ClusterFile, EndpointFile, HeaderChangesFile, HeaderMatchFile,
+    HeaderValueFile, LbPolicy, MatchFile, RetryBudgetFile, RetryFile, RouteFile, UpstreamProtocol,
+    VirtualHostFile,
 };
 
 fn sp<T>(value: T) -> Spanned<T> {
@@ -85,9 +86,9 @@ pub fn cluster(c: &Cluster) -> Result<TranslatedCluster, String> {
             ),
         ],
     )?;
-    let retry_budget = match &c.circuit_breakers {
-        None => None,
-        Some(cb) => retry_budget(&what, cb)?,
+    let (retry_budget, circuit_breaker) = match &c.circuit_breakers {
+        None => (None, None),
+        Some(cb) => thresholds(&what, cb)?,
     };
     let eds_name = match &c.cluster_discovery_type {
         Some(cluster::ClusterDiscoveryType::Type(t))
@@ -180,6 +181,7 @@ pub fn cluster(c: &Cluster) -> Result<TranslatedCluster, String> {
             connect_timeout: c.connect_timeout.as_ref().map(|d| sp(duration_text(d))),
             endpoints,
             retry_budget,
+            circuit_breaker,
         },
         eds_name,
     })
@@ -446,9 +448,13 @@ fn header_changes(add: &[HeaderValueOption], remove: &[String]) -> HeaderChanges
     }
 }
 
-/// Of the circuit-breaker thresholds, the proxy implements the retry budget so far.
-fn retry_budget(what: &str, cb: &CircuitBreakers) -> Result<Option<RetryBudgetFile>, String> {
-    let mut out = None;
+/// Of the circuit-breaker thresholds, the proxy implements requests, retries and the retry
+/// budget so far.
+fn thresholds(
+    what: &str,
+    cb: &CircuitBreakers,
+) -> Result<(Option<RetryBudgetFile>, Option<CircuitBreakerFile>), String> {
+    let (mut budget, mut limits) = (None, None);
     for t in &cb.thresholds {
         refuse(
             what,
@@ -462,18 +468,16 @@ fn retry_budget(what: &str, cb: &CircuitBreakers) -> Result<Option<RetryBudgetFi
                     t.max_pending_requests.is_some(),
                     "circuit_breakers.thresholds.max_pending_requests",
                 ),
-                (
-                    t.max_requests.is_some(),
-                    "circuit_breakers.thresholds.max_requests",
-                ),
-                (
-                    t.max_retries.is_some(),
-                    "circuit_breakers.thresholds.max_retries",
-                ),
             ],
         )?;
+        if t.max_requests.is_some() || t.max_retries.is_some() {
+            limits = Some(CircuitBreakerFile {
+                max_requests: t.max_requests.as_ref().map(|v| u64::from(v.value)),
+                max_retries: t.max_retries.as_ref().map(|v| u64::from(v.value)),
+            });
+        }
         if let Some(b) = &t.retry_budget {
-            out = Some(RetryBudgetFile {
+            budget = Some(RetryBudgetFile {
                 percent: b
                     .budget_percent
                     .as_ref()
@@ -487,7 +491,7 @@ fn retry_budget(what: &str, cb: &CircuitBreakers) -> Result<Option<RetryBudgetFi
             });
         }
     }
-    Ok(out)
+    Ok((budget, limits))
 }
 
 fn retry(what: &str, p: &RetryPolicy) -> Result<RetryFile, String> {

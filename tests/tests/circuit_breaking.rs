@@ -1,0 +1,52 @@
+//! Circuit-breaker thresholds over real sockets: overflow fails fast, and recovers.
+
+use std::time::{Duration, Instant};
+
+use outrigger_tests::clients::{TestClient, get};
+use outrigger_tests::{TestProxy, config, upstreams};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overflow_fails_fast_with_the_header_and_recovers() {
+    let up = upstreams::http("app").await;
+    let vhosts =
+        "- name: app\n  domains: [app.test]\n  routes:\n    - backends: [{cluster: app}]\n";
+    let clusters = format!(
+        "- name: app\n  circuit_breaker: {{max_requests: 2}}\n  endpoints: [{{address: \"{}\"}}]\n",
+        up.addr
+    );
+    let proxy = TestProxy::start(&config(vhosts, &clusters)).await;
+    let client = TestClient::http2(proxy.addr("outbound")).await;
+
+    let started = Instant::now();
+    let calls = (0..5).map(|_| {
+        let client = client.clone();
+        async move {
+            let r = client.get("app.test", "/slow/800").await.unwrap();
+            (r, started.elapsed())
+        }
+    });
+    let results = futures_util::future::join_all(calls).await;
+    let ok = results.iter().filter(|(r, _)| r.status == 200).count();
+    let shed: Vec<_> = results.iter().filter(|(r, _)| r.status == 503).collect();
+    assert_eq!((ok, shed.len()), (2, 3), "{results:?}");
+    for (r, took) in &shed {
+        assert_eq!(r.header("x-outrigger-overloaded"), Some("true"));
+        assert_eq!(r.header("x-outrigger-error"), Some("overloaded"));
+        assert!(
+            *took < Duration::from_millis(500),
+            "shed at once, not after the slow upstream: {took:?}"
+        );
+    }
+    let metrics = get(proxy.admin(), "/metrics").await.body;
+    assert!(
+        metrics.contains(
+            "outrigger_circuit_breaker_overflows_total{cluster=\"app\",limit=\"requests\"} 3"
+        ),
+        "{metrics}"
+    );
+
+    // Load gone, slots free: requests pass again.
+    for _ in 0..3 {
+        assert_eq!(client.get("app.test", "/").await.unwrap().status, 200);
+    }
+}
