@@ -16,6 +16,7 @@ pub mod error;
 pub mod http_proxy;
 pub mod listener;
 pub mod metrics;
+pub mod outlier;
 pub mod retry;
 pub mod router;
 pub mod runtime_config;

@@ -1,0 +1,228 @@
+//! Outlier detection: an endpoint that keeps failing is ejected from load balancing for a
+//! while, instead of receiving its share of traffic and failing it.
+//!
+//! Triggers: consecutive 5xx, or consecutive gateway failures (502/503/504 and connect
+//! failures). An ejection lasts base × (number of ejections), capped, and never more than
+//! `max_ejection_percent` of the cluster is ejected at once. When an ejection ends the
+//! endpoint is on probation: its next result decides. A success clears its record; a failure
+//! ejects it again, for longer.
+//!
+//! The clock is tokio's, so ejection timing is tested on a paused clock. State is atomics on
+//! the endpoint; two racing failures may both count, which only makes an ejection a request
+//! sooner.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutlierPolicy {
+    pub consecutive_5xx: Option<u32>,
+    pub consecutive_gateway_failure: Option<u32>,
+    pub base_ejection: Duration,
+    pub max_ejection: Duration,
+    pub max_ejection_percent: u32,
+}
+
+impl Default for OutlierPolicy {
+    fn default() -> Self {
+        OutlierPolicy {
+            consecutive_5xx: Some(5),
+            consecutive_gateway_failure: Some(5),
+            base_ejection: Duration::from_secs(30),
+            max_ejection: Duration::from_secs(300),
+            max_ejection_percent: 50,
+        }
+    }
+}
+
+/// What one attempt told us about the endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    Success,
+    /// A 5xx other than a gateway error.
+    ServerError,
+    /// 502, 503, 504 or a failed connect.
+    GatewayFailure,
+}
+
+fn now_nanos() -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    Instant::now().saturating_duration_since(epoch).as_nanos() as u64 + 1
+}
+
+#[derive(Debug, Default)]
+pub struct OutlierState {
+    consecutive_5xx: AtomicU32,
+    consecutive_gateway: AtomicU32,
+    ejections: AtomicU32,
+    /// 0 when not ejected; else the end of the ejection, in `now_nanos` time.
+    ejected_until: AtomicU64,
+    /// Ejected before and now back: the next result decides.
+    probation: AtomicBool,
+}
+
+impl OutlierState {
+    pub fn is_ejected(&self) -> bool {
+        let until = self.ejected_until.load(Ordering::Relaxed);
+        if until == 0 {
+            return false;
+        }
+        if now_nanos() < until {
+            return true;
+        }
+        // The ejection is over: back in, on probation.
+        if self
+            .ejected_until
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            self.probation.store(true, Ordering::Relaxed);
+        }
+        false
+    }
+
+    pub fn ejections(&self) -> u32 {
+        self.ejections.load(Ordering::Relaxed)
+    }
+
+    /// Records an attempt's result. `may_eject` says whether the cluster can afford one more
+    /// ejection. Returns true when this result ejected the endpoint.
+    pub fn observe(&self, policy: &OutlierPolicy, health: Health, may_eject: bool) -> bool {
+        let tripped = match health {
+            Health::Success => {
+                self.consecutive_5xx.store(0, Ordering::Relaxed);
+                self.consecutive_gateway.store(0, Ordering::Relaxed);
+                if self.probation.swap(false, Ordering::Relaxed) {
+                    self.ejections.store(0, Ordering::Relaxed);
+                }
+                return false;
+            }
+            Health::ServerError | Health::GatewayFailure => {
+                let fives = self.consecutive_5xx.fetch_add(1, Ordering::Relaxed) + 1;
+                let gateway = if health == Health::GatewayFailure {
+                    self.consecutive_gateway.fetch_add(1, Ordering::Relaxed) + 1
+                } else {
+                    self.consecutive_gateway.store(0, Ordering::Relaxed);
+                    0
+                };
+                self.probation.load(Ordering::Relaxed)
+                    || policy.consecutive_5xx.is_some_and(|n| fives >= n)
+                    || policy
+                        .consecutive_gateway_failure
+                        .is_some_and(|n| gateway >= n)
+            }
+        };
+        if !tripped || !may_eject || self.is_ejected() {
+            return false;
+        }
+        let count = self.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let length = policy
+            .base_ejection
+            .saturating_mul(count)
+            .min(policy.max_ejection);
+        self.ejected_until
+            .store(now_nanos() + length.as_nanos() as u64, Ordering::Relaxed);
+        self.probation.store(false, Ordering::Relaxed);
+        self.consecutive_5xx.store(0, Ordering::Relaxed);
+        self.consecutive_gateway.store(0, Ordering::Relaxed);
+        true
+    }
+}
+
+/// Whether one more of `total` endpoints may be ejected while `ejected` already are.
+pub fn may_eject(policy: &OutlierPolicy, ejected: usize, total: usize) -> bool {
+    total > 0 && (ejected + 1) * 100 <= total * policy.max_ejection_percent as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> OutlierPolicy {
+        OutlierPolicy {
+            consecutive_5xx: Some(5),
+            consecutive_gateway_failure: Some(3),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn consecutive_failures_eject_for_base_times_count_capped() {
+        let (p, e) = (policy(), OutlierState::default());
+        for _ in 0..4 {
+            assert!(!e.observe(&p, Health::ServerError, true));
+        }
+        assert!(
+            e.observe(&p, Health::ServerError, true),
+            "the fifth 5xx ejects"
+        );
+        assert!(e.is_ejected());
+        tokio::time::advance(Duration::from_secs(29)).await;
+        assert!(e.is_ejected());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!e.is_ejected(), "30 s × 1 is over");
+
+        // On probation a single failure ejects again, for 30 s × 2.
+        assert!(e.observe(&p, Health::GatewayFailure, true));
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(e.is_ejected());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!e.is_ejected());
+
+        // The cap: 30 s × 11 would be 330 s; it is 300 s.
+        for _ in 0..9 {
+            assert!(e.observe(&p, Health::GatewayFailure, true));
+            tokio::time::advance(Duration::from_secs(301)).await;
+            assert!(!e.is_ejected());
+        }
+        assert!(e.observe(&p, Health::GatewayFailure, true));
+        tokio::time::advance(Duration::from_secs(299)).await;
+        assert!(e.is_ejected());
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(!e.is_ejected());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_successful_probe_clears_the_record() {
+        let (p, e) = (policy(), OutlierState::default());
+        for _ in 0..3 {
+            e.observe(&p, Health::GatewayFailure, true);
+        }
+        assert!(e.is_ejected());
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert!(!e.is_ejected());
+        assert!(!e.observe(&p, Health::Success, true));
+        assert_eq!(e.ejections(), 0);
+        // Off probation, one failure is just one failure again.
+        assert!(!e.observe(&p, Health::GatewayFailure, true));
+        assert!(!e.is_ejected());
+    }
+
+    #[test]
+    fn successes_reset_the_count_and_the_share_is_capped() {
+        let (p, e) = (policy(), OutlierState::default());
+        for _ in 0..10 {
+            e.observe(&p, Health::GatewayFailure, true);
+            e.observe(&p, Health::GatewayFailure, true);
+            e.observe(&p, Health::Success, true);
+        }
+        assert!(!e.is_ejected());
+        assert!(
+            !e.observe(&p, Health::GatewayFailure, false)
+                && !e.observe(&p, Health::GatewayFailure, false)
+        );
+        assert!(
+            !e.observe(&p, Health::GatewayFailure, false),
+            "the cluster cannot afford it"
+        );
+        assert!(
+            may_eject(&p, 0, 3) && !may_eject(&p, 1, 3),
+            "50 % of 3 is one endpoint"
+        );
+        assert!(may_eject(&p, 1, 4) && !may_eject(&p, 2, 4));
+    }
+}
