@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::circuit_breaker::CircuitBreaker;
 use crate::config::{LbPolicy, UpstreamProtocol};
+use crate::outlier::{self, Health, OutlierPolicy, OutlierState};
 use crate::retry::RetryBudget;
 use crate::runtime_config::WeightedBackend;
 use crate::upstream::{H2Connection, UpstreamClient};
@@ -32,6 +33,8 @@ pub struct Cluster {
     /// Shared by the cluster's requests; carried over a reload of an unchanged budget.
     pub retry_budget: Arc<RetryBudget>,
     pub breaker: Arc<CircuitBreaker>,
+    /// `None`: outlier detection is off for this cluster.
+    pub outlier: Option<OutlierPolicy>,
     next: AtomicUsize,
 }
 
@@ -53,6 +56,7 @@ impl Cluster {
             client,
             retry_budget: Arc::new(RetryBudget::default()),
             breaker: Arc::new(CircuitBreaker::default()),
+            outlier: None,
             next: AtomicUsize::new(0),
         }
     }
@@ -70,12 +74,49 @@ impl Cluster {
             LbPolicy::PeakEwma => self
                 .endpoints
                 .iter()
-                .filter(|e| Some(e.addr) != avoid)
+                .filter(|e| Some(e.addr) != avoid && !e.outlier.is_ejected())
                 .min_by(|a, b| a.cost().total_cmp(&b.cost())),
         }
     }
 
+    /// An endpoint that is not ejected. If draws keep landing on ejected ones, scan; if every
+    /// endpoint is ejected, use any (as Envoy's panic mode does): sending somewhere beats
+    /// failing for certain.
     pub fn pick(&self) -> Option<&Arc<Endpoint>> {
+        let first = self.pick_any()?;
+        if self.outlier.is_none() || !first.outlier.is_ejected() {
+            return Some(first);
+        }
+        for _ in 0..self.endpoints.len() {
+            let e = self.pick_any()?;
+            if !e.outlier.is_ejected() {
+                return Some(e);
+            }
+        }
+        self.endpoints
+            .iter()
+            .find(|e| !e.outlier.is_ejected())
+            .or(Some(first))
+    }
+
+    /// Records an attempt's result against the endpoint; true if it was ejected now.
+    pub fn observe(&self, endpoint: &Endpoint, health: Health) -> bool {
+        let Some(policy) = &self.outlier else {
+            return false;
+        };
+        let ejected = self
+            .endpoints
+            .iter()
+            .filter(|e| e.outlier.is_ejected())
+            .count();
+        endpoint.outlier.observe(
+            policy,
+            health,
+            outlier::may_eject(policy, ejected, self.endpoints.len()),
+        )
+    }
+
+    fn pick_any(&self) -> Option<&Arc<Endpoint>> {
         let n = self.endpoints.len();
         match n {
             0 => None,
@@ -120,6 +161,8 @@ pub struct Endpoint {
     pub base_uri: String,
     /// Used only when the endpoint's cluster speaks HTTP/2.
     pub h2: H2Connection,
+    /// Consecutive failures and ejection; kept across reloads with the endpoint.
+    pub outlier: OutlierState,
     outstanding: AtomicU64,
     /// f64 bits of the latency estimate, in nanoseconds.
     ewma: AtomicU64,
@@ -142,6 +185,7 @@ impl Endpoint {
             addr,
             base_uri: format!("http://{addr}"),
             h2: H2Connection::default(),
+            outlier: OutlierState::default(),
             outstanding: AtomicU64::new(0),
             ewma: AtomicU64::new(0f64.to_bits()),
             stamp: AtomicU64::new(now_nanos()),

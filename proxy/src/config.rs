@@ -248,6 +248,24 @@ pub struct ClusterFile {
     pub retry_budget: Option<RetryBudgetFile>,
     #[serde(default)]
     pub circuit_breaker: Option<CircuitBreakerFile>,
+    /// Off unless set; unset fields take the defaults (5, 5, 30s, 300s, 50 %).
+    #[serde(default)]
+    pub outlier: Option<OutlierFile>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierFile {
+    #[serde(default)]
+    pub consecutive_5xx: Option<u32>,
+    #[serde(default)]
+    pub consecutive_gateway_failure: Option<u32>,
+    #[serde(default)]
+    pub base_ejection: Option<Spanned<String>>,
+    #[serde(default)]
+    pub max_ejection: Option<Spanned<String>>,
+    #[serde(default)]
+    pub max_ejection_percent: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

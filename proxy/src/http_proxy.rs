@@ -24,6 +24,7 @@ use crate::balance::{Cluster, Endpoint, pick_backend};
 use crate::config::UpstreamProtocol;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
+use crate::outlier::Health;
 use crate::retry::{MAX_REPLAY_BODY, Outcome, RetryPolicy, retriable};
 use crate::router::{self, RouteOutcome};
 use crate::runtime_config::{Route, RuntimeConfig};
@@ -109,10 +110,10 @@ async fn forward<'a>(
                     send_with_retries(ctx, route, cluster, &host, policy, head, body).await
                 }
                 Replay::Once(req) => {
-                    send_once(route, cluster, &host, req.map(|b| b.boxed()), false).await
+                    send_once(ctx, route, cluster, &host, req.map(|b| b.boxed()), false).await
                 }
             },
-            None => send_once(route, cluster, &host, req.map(|b| b.boxed()), upgrade).await,
+            None => send_once(ctx, route, cluster, &host, req.map(|b| b.boxed()), upgrade).await,
         }
     };
     let mut resp = tokio::time::timeout(route.timeout, send)
@@ -140,6 +141,7 @@ async fn forward<'a>(
 }
 
 async fn send_once(
+    ctx: &HttpContext,
     route: &Route,
     cluster: &Cluster,
     host: &str,
@@ -149,11 +151,13 @@ async fn send_once(
     let endpoint = cluster.pick().ok_or_else(|| ProxyError::NoEndpoint {
         cluster: cluster.name.clone(),
     })?;
-    attempt(route, cluster, endpoint, host, req, upgrade, None).await
+    attempt(ctx, route, cluster, endpoint, host, req, upgrade, None).await
 }
 
 /// One try at one endpoint.
+#[allow(clippy::too_many_arguments)]
 async fn attempt(
+    ctx: &HttpContext,
     route: &Route,
     cluster: &Cluster,
     endpoint: &Arc<Endpoint>,
@@ -191,12 +195,31 @@ async fn attempt(
             }
         }
     };
-    let resp = match per_try_timeout {
+    let result = match per_try_timeout {
         Some(t) => tokio::time::timeout(t, send)
             .await
-            .map_err(|_| ProxyError::UpstreamTimeout { after: t })??,
-        None => send.await?,
+            .unwrap_or(Err(ProxyError::UpstreamTimeout { after: t })),
+        None => send.await,
     };
+    // 429 is a load signal, not a failure: it never counts toward ejection.
+    let health = match &result {
+        Ok(resp) if matches!(resp.status().as_u16(), 502..=504) => Some(Health::GatewayFailure),
+        Ok(resp) if resp.status().is_server_error() => Some(Health::ServerError),
+        Ok(_) => Some(Health::Success),
+        Err(
+            ProxyError::UpstreamConnect { .. }
+            | ProxyError::UpstreamTimeout { .. }
+            | ProxyError::UpstreamFailed { .. },
+        ) => Some(Health::GatewayFailure),
+        Err(_) => None,
+    };
+    if let Some(health) = health
+        && cluster.observe(endpoint, health)
+    {
+        tracing::warn!(cluster = %cluster.name, endpoint = %endpoint.addr, ejections = endpoint.outlier.ejections(), "endpoint ejected");
+        ctx.metrics.ejection(&cluster.name);
+    }
+    let resp = result?;
     in_flight.responded();
     Ok(resp)
 }
@@ -277,6 +300,7 @@ async fn send_with_retries(
         req.headers_mut()
             .insert(ATTEMPT_HEADER, HeaderValue::from(number + 1));
         let result = attempt(
+            ctx,
             route,
             cluster,
             endpoint,

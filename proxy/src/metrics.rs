@@ -59,6 +59,7 @@ pub struct Metrics {
     retries: Family<RouteLabels, Counter>,
     budget_exhausted: Family<ClusterLabels, Counter>,
     overflows: Family<OverflowLabels, Counter>,
+    ejections: Family<ClusterLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -94,6 +95,12 @@ impl Metrics {
         let retries = Family::<RouteLabels, Counter>::default();
         let budget_exhausted = Family::<ClusterLabels, Counter>::default();
         let overflows = Family::<OverflowLabels, Counter>::default();
+        let ejections = Family::<ClusterLabels, Counter>::default();
+        registry.register(
+            "outlier_ejections",
+            "Endpoints ejected by outlier detection",
+            ejections.clone(),
+        );
         registry.register(
             "circuit_breaker_overflows",
             "Requests failed fast at a circuit-breaker threshold, by cluster and limit",
@@ -162,6 +169,7 @@ impl Metrics {
             retries,
             budget_exhausted,
             overflows,
+            ejections,
         }
     }
 
@@ -198,6 +206,14 @@ impl Metrics {
 
     pub fn retry_budget_exhausted(&self, cluster: &str) {
         self.budget_exhausted
+            .get_or_create(&ClusterLabels {
+                cluster: cluster.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn ejection(&self, cluster: &str) {
+        self.ejections
             .get_or_create(&ClusterLabels {
                 cluster: cluster.to_string(),
             })

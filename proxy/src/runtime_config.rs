@@ -17,10 +17,12 @@ use serde_saphyr::Spanned;
 
 use crate::balance::{Cluster, Endpoint};
 use crate::circuit_breaker::{self, CircuitBreaker};
+use crate::config::OutlierFile;
 use crate::config::{
     ConfigFile, Direction, HeaderChangesFile, ListenerFile, ListenerProtocol, RetryFile, RouteFile,
 };
 use crate::config_error::ConfigError;
+use crate::outlier::OutlierPolicy;
 use crate::retry::{self, RetryBudget, RetryOn, RetryPolicy};
 use crate::router::{DomainTable, HeaderMatch, PathMatch};
 use crate::upstream::UpstreamClient;
@@ -255,6 +257,10 @@ impl Builder<'_> {
                 }
                 _ => Arc::new(CircuitBreaker::new(max_requests, max_retries)),
             };
+            cluster.outlier = match &c.outlier {
+                None => None,
+                Some(o) => Some(self.outlier(o, &format!("{field}.outlier"), &c.name)?),
+            };
             clusters.insert(c.name.value.clone(), Arc::new(cluster));
         }
 
@@ -462,6 +468,40 @@ impl Builder<'_> {
                 Some(retry) => Some(self.retry(retry, &format!("{field}.retry"))?),
                 None => None,
             },
+        })
+    }
+
+    fn outlier(
+        &self,
+        o: &OutlierFile,
+        field: &str,
+        at: &Spanned<String>,
+    ) -> Result<OutlierPolicy, ConfigError> {
+        let d = OutlierPolicy::default();
+        let percent = o.max_ejection_percent.unwrap_or(d.max_ejection_percent);
+        if percent > 100 {
+            return Err(self.err(
+                at,
+                &format!("{field}.max_ejection_percent"),
+                "must be 0 to 100",
+            ));
+        }
+        Ok(OutlierPolicy {
+            consecutive_5xx: o.consecutive_5xx.or(d.consecutive_5xx),
+            consecutive_gateway_failure: o
+                .consecutive_gateway_failure
+                .or(d.consecutive_gateway_failure),
+            base_ejection: self.duration(
+                &o.base_ejection,
+                &format!("{field}.base_ejection"),
+                d.base_ejection,
+            )?,
+            max_ejection: self.duration(
+                &o.max_ejection,
+                &format!("{field}.max_ejection"),
+                d.max_ejection,
+            )?,
+            max_ejection_percent: percent,
         })
     }
 

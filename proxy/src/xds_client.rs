@@ -109,6 +109,7 @@ impl State {
                     endpoints: Vec::new(),
                     retry_budget: None,
                     circuit_breaker: None,
+                    outlier: None,
                 });
             }
         }

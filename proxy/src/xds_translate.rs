@@ -5,7 +5,9 @@
 //! would change behaviour is refused with an error naming it, which the client sends back as
 //! a NACK; it is never silently ignored.
 
-use envoy_types::pb::envoy::config::cluster::v3::{CircuitBreakers, Cluster, cluster};
+use envoy_types::pb::envoy::config::cluster::v3::{
+    CircuitBreakers, Cluster, OutlierDetection, cluster,
+};
 use envoy_types::pb::envoy::config::core::v3::{HeaderValueOption, address, socket_address};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
 use envoy_types::pb::envoy::config::route::v3::{
@@ -16,14 +18,14 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
-use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
+use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
 use prost::{Message, Name};
 use serde_saphyr::{Location, Spanned};
 
 use crate::config::{
     BackendFile, CircuitBreakerFile, ClusterFile, EndpointFile, HeaderChangesFile, HeaderMatchFile,
-    HeaderValueFile, LbPolicy, MatchFile, RetryBudgetFile, RetryFile, RouteFile, UpstreamProtocol,
-    VirtualHostFile,
+    HeaderValueFile, LbPolicy, MatchFile, OutlierFile, RetryBudgetFile, RetryFile, RouteFile,
+    UpstreamProtocol, VirtualHostFile,
 };
 
 fn sp<T>(value: T) -> Spanned<T> {
@@ -77,7 +79,6 @@ pub fn cluster(c: &Cluster) -> Result<TranslatedCluster, String> {
                 !c.transport_socket_matches.is_empty(),
                 "transport_socket_matches",
             ),
-            (c.outlier_detection.is_some(), "outlier_detection"),
             (!c.health_checks.is_empty(), "health_checks"),
             (c.lb_subset_config.is_some(), "lb_subset_config"),
             (
@@ -182,6 +183,10 @@ pub fn cluster(c: &Cluster) -> Result<TranslatedCluster, String> {
             endpoints,
             retry_budget,
             circuit_breaker,
+            outlier: match &c.outlier_detection {
+                Some(o) => Some(outlier(&what, o)?),
+                None => None,
+            },
         },
         eds_name,
     })
@@ -551,5 +556,45 @@ fn retry(what: &str, p: &RetryPolicy) -> Result<RetryFile, String> {
             .and_then(|b| b.max_interval.as_ref())
             .map(|d| sp(duration_text(d))),
         non_idempotent: false,
+    })
+}
+
+/// Consecutive-failure ejection is implemented; success-rate and failure-percentage
+/// detection are not, so enforcing them is refused.
+fn outlier(what: &str, o: &OutlierDetection) -> Result<OutlierFile, String> {
+    let enforced =
+        |v: &Option<UInt32Value>, default: u32| v.as_ref().map_or(default, |v| v.value) > 0;
+    refuse(
+        what,
+        &[
+            (
+                enforced(&o.enforcing_success_rate, 100) && o.success_rate_minimum_hosts.is_some(),
+                "outlier_detection.success_rate",
+            ),
+            (
+                enforced(&o.enforcing_failure_percentage, 0),
+                "outlier_detection.enforcing_failure_percentage",
+            ),
+            (
+                o.split_external_local_origin_errors,
+                "outlier_detection.split_external_local_origin_errors",
+            ),
+        ],
+    )?;
+    let text = |d: &Option<PbDuration>| d.as_ref().map(|d| sp(duration_text(d)));
+    Ok(OutlierFile {
+        // Envoy enforces consecutive 5xx unless told not to, and gateway failures only if told to.
+        consecutive_5xx: enforced(&o.enforcing_consecutive_5xx, 100)
+            .then(|| o.consecutive_5xx.as_ref().map_or(5, |v| v.value)),
+        consecutive_gateway_failure: enforced(&o.enforcing_consecutive_gateway_failure, 0).then(
+            || {
+                o.consecutive_gateway_failure
+                    .as_ref()
+                    .map_or(5, |v| v.value)
+            },
+        ),
+        base_ejection: text(&o.base_ejection_time),
+        max_ejection: text(&o.max_ejection_time),
+        max_ejection_percent: o.max_ejection_percent.as_ref().map(|v| v.value),
     })
 }

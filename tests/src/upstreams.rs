@@ -35,7 +35,15 @@ where
     F: FnOnce(TcpListener) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_on("127.0.0.1:0".parse().unwrap(), handler).await
+}
+
+async fn serve_on<F, Fut>(addr: SocketAddr, handler: F) -> Upstream
+where
+    F: FnOnce(TcpListener) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = TcpListener::bind(addr).await.unwrap();
     let addr = listener.local_addr().unwrap();
     Upstream {
         addr,
@@ -55,7 +63,12 @@ fn full(b: impl Into<Bytes>) -> Body {
 /// - `POST`/`PUT` bodies are echoed back; other methods get the upstream's name.
 /// - `/slow/<ms>` answers after that many milliseconds; `/status/<code>` with that status.
 pub async fn http(name: &'static str) -> Upstream {
-    serve(move |listener| async move {
+    http_at(name, "127.0.0.1:0".parse().unwrap()).await
+}
+
+/// `http`, on a given address: an endpoint that comes back where it was.
+pub async fn http_at(name: &'static str, addr: SocketAddr) -> Upstream {
+    serve_on(addr, move |listener| async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
