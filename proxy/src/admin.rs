@@ -136,6 +136,8 @@ fn snapshot_json(config: &RuntimeConfig) -> serde_json::Value {
             "endpoints": c.endpoints.iter().map(|e| json!({
                 "address": e.addr.to_string(),
                 "outstanding": e.outstanding(),
+                "ejected": e.outlier.is_ejected(),
+                "ejections": e.outlier.ejections(),
                 "latency_estimate_ms": e.latency_estimate().as_secs_f64() * 1000.0,
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
