@@ -32,6 +32,22 @@ pub struct Ads {
 }
 
 impl Ads {
+    /// Starts the stream's task and hands tonic the receiving end.
+    fn serve<P: Protocol>(
+        &self,
+        request: Request<Streaming<P::Request>>,
+    ) -> Response<ResponseStream<P::Response>> {
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(run_stream::<P>(
+            request.into_inner(),
+            tx,
+            self.publisher.clone(),
+            self.nodes.clone(),
+            self.nonce.clone(),
+        ));
+        Response::new(Box::pin(ReceiverStream::new(rx)))
+    }
+
     pub fn new(publisher: Arc<Publisher>, nodes: Arc<NodeRegistry>) -> Self {
         Ads {
             publisher,
@@ -230,29 +246,13 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(run_stream::<SotwStream>(
-            request.into_inner(),
-            tx,
-            self.publisher.clone(),
-            self.nodes.clone(),
-            self.nonce.clone(),
-        ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(self.serve::<SotwStream>(request))
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(run_stream::<crate::ads_delta::DeltaStream>(
-            request.into_inner(),
-            tx,
-            self.publisher.clone(),
-            self.nodes.clone(),
-            self.nonce.clone(),
-        ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(self.serve::<crate::ads_delta::DeltaStream>(request))
     }
 }

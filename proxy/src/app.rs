@@ -43,7 +43,6 @@ pub struct ProxyHandle {
     listener_addrs: Vec<(String, SocketAddr)>,
     store: Arc<ConfigStore>,
     admin: Arc<AdminState>,
-    metrics: Arc<Metrics>,
     shutdown_tx: watch::Sender<bool>,
     drained: mpsc::Receiver<()>,
 }
@@ -70,10 +69,6 @@ impl ProxyHandle {
     /// What `/ready` says: listeners up and, with a control plane, a complete config.
     pub fn is_ready(&self) -> bool {
         self.admin.ready.load(Ordering::Relaxed) && self.store.is_synced()
-    }
-
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
     }
 
     /// Stops accepting, lets connections in flight finish, and returns when they have or when
@@ -196,7 +191,6 @@ pub async fn start(options: Options) -> Result<ProxyHandle, StartError> {
         listener_addrs,
         store,
         admin,
-        metrics,
         shutdown_tx,
         drained,
     })

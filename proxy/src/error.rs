@@ -86,15 +86,6 @@ impl ProxyError {
         }
     }
 
-    /// Whether the request may be sent again. A connect failure never reached the app;
-    /// anything after that might have had effects, so only the retry policy may decide.
-    pub fn retryable(&self) -> bool {
-        matches!(
-            self,
-            ProxyError::UpstreamConnect { .. } | ProxyError::NoEndpoint { .. }
-        )
-    }
-
     pub fn into_response(self) -> Response<Body> {
         let body = format!("outrigger: {}\n", self);
         let mut resp = Response::new(

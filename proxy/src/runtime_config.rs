@@ -103,10 +103,6 @@ impl HeaderChanges {
 }
 
 impl RuntimeConfig {
-    pub fn listener(&self, name: &str) -> Option<&Listener> {
-        self.listeners.iter().find(|l| l.name == name)
-    }
-
     /// Parses and validates `text`, read from `source`. Cluster clients and endpoint load
     /// statistics are carried over from `previous` where a cluster is unchanged, so that a
     /// reload keeps warm connection pools and latency estimates.
