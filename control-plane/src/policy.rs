@@ -76,7 +76,7 @@ pub struct CircuitBreakerFile {
     #[serde(default)]
     pub retry_budget_percent: Option<f64>,
     #[serde(default)]
-    pub retry_budget_min_concurrency: Option<u32>,
+    pub retry_budget_min_retries: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -119,7 +119,7 @@ pub struct CircuitBreaker {
     pub max_requests: Option<u32>,
     pub max_retries: Option<u32>,
     pub retry_budget_percent: Option<f64>,
-    pub retry_budget_min_concurrency: Option<u32>,
+    pub retry_budget_min_retries: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -205,7 +205,7 @@ pub fn check(source: &str, p: &PolicyFile, field: &str) -> Result<Policy, Config
         max_requests: c.max_requests,
         max_retries: c.max_retries,
         retry_budget_percent: c.retry_budget_percent,
-        retry_budget_min_concurrency: c.retry_budget_min_concurrency,
+        retry_budget_min_retries: c.retry_budget_min_retries,
     });
     if let Some(pct) = circuit_breaker
         .as_ref()
@@ -280,11 +280,13 @@ pub fn retry_policy(r: &Retry) -> RetryPolicy {
 }
 
 pub fn circuit_breakers(c: &CircuitBreaker) -> CircuitBreakers {
-    let budget = (c.retry_budget_percent.is_some() || c.retry_budget_min_concurrency.is_some())
-        .then(|| circuit_breakers::thresholds::RetryBudget {
-            budget_percent: c.retry_budget_percent.map(|value| Percent { value }),
-            min_retry_concurrency: u32v(c.retry_budget_min_concurrency),
-            ..Default::default()
+    let budget =
+        (c.retry_budget_percent.is_some() || c.retry_budget_min_retries.is_some()).then(|| {
+            circuit_breakers::thresholds::RetryBudget {
+                budget_percent: c.retry_budget_percent.map(|value| Percent { value }),
+                min_retry_concurrency: u32v(c.retry_budget_min_retries),
+                ..Default::default()
+            }
         });
     CircuitBreakers {
         thresholds: vec![circuit_breakers::Thresholds {

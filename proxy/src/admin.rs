@@ -73,11 +73,23 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
                 )
             }
         }
-        "/metrics" => text(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            state.metrics.encode(),
-        ),
+        "/metrics" => {
+            for (name, cluster) in &state.store.current.load().clusters {
+                if cluster.outlier.is_some() {
+                    let ejected = cluster
+                        .endpoints
+                        .iter()
+                        .filter(|e| e.outlier.is_ejected())
+                        .count();
+                    state.metrics.set_ejected(name, ejected);
+                }
+            }
+            text(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                state.metrics.encode(),
+            )
+        }
         "/config" => {
             let body = serde_json::to_string_pretty(&config_json(state)).unwrap_or_default();
             text(StatusCode::OK, "application/json", body + "\n")

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use crate::circuit_breaker::CircuitBreaker;
 use crate::config::{LbPolicy, UpstreamProtocol};
 use crate::outlier::{self, Health, OutlierPolicy, OutlierState};
-use crate::retry::RetryBudget;
+use crate::retry_budget::RetryBudget;
 use crate::runtime_config::WeightedBackend;
 use crate::upstream::{H2Connection, UpstreamClient};
 

@@ -91,6 +91,18 @@ pub struct ListenerFile {
     /// this name (added after any written here).
     #[serde(default)]
     pub rds: Option<String>,
+    /// One token bucket for every HTTP request this listener takes: the service's own limit.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitFile>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitFile {
+    pub requests_per_second: f64,
+    /// Requests that may arrive at once after a quiet spell; defaults to one second's worth.
+    #[serde(default)]
+    pub burst: Option<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -127,6 +139,8 @@ pub struct RouteFile {
     pub response_headers: HeaderChangesFile,
     #[serde(default)]
     pub retry: Option<RetryFile>,
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitFile>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -147,15 +161,19 @@ pub struct RetryFile {
     /// Retry non-idempotent methods (POST, PATCH) too.
     #[serde(default)]
     pub non_idempotent: bool,
+    /// Responses with these statuses are retried too (429, say).
+    #[serde(default)]
+    pub status_codes: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryBudgetFile {
-    /// Retries in flight may be at most this share (percent) of requests in flight.
+    /// Retries may be at most this share (percent) of requests, over the last second and
+    /// in flight.
     pub percent: f64,
-    /// …but never fewer than this many.
-    pub min_concurrency: u64,
+    /// …plus this many per second; and this many in flight are always allowed.
+    pub min_retries: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -243,7 +261,7 @@ pub struct ClusterFile {
     pub connect_timeout: Option<Spanned<String>>,
     #[serde(default)]
     pub endpoints: Vec<EndpointFile>,
-    /// On by default (20 %, at least 10).
+    /// On by default (20 % plus 10 per second).
     #[serde(default)]
     pub retry_budget: Option<RetryBudgetFile>,
     #[serde(default)]

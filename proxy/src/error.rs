@@ -45,6 +45,11 @@ pub enum ProxyError {
     UpstreamTimeout { after: Duration },
     #[error("upstream failed: {reason}")]
     UpstreamFailed { reason: String },
+    #[error("{scope} is over its rate limit")]
+    RateLimited {
+        scope: String,
+        retry_after: Duration,
+    },
 }
 
 impl ProxyError {
@@ -57,6 +62,7 @@ impl ProxyError {
             | ProxyError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
+            ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -70,6 +76,7 @@ impl ProxyError {
             ProxyError::Overloaded { .. } => "overloaded",
             ProxyError::UpstreamTimeout { .. } => "timeout",
             ProxyError::UpstreamFailed { .. } => "upstream-failed",
+            ProxyError::RateLimited { .. } => "rate-limited",
         }
     }
 
@@ -79,7 +86,8 @@ impl ProxyError {
             ProxyError::NoVirtualHost { .. }
             | ProxyError::NoRoute { .. }
             | ProxyError::NoEndpoint { .. }
-            | ProxyError::Overloaded { .. } => Side::Internal,
+            | ProxyError::Overloaded { .. }
+            | ProxyError::RateLimited { .. } => Side::Internal,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamTimeout { .. }
             | ProxyError::UpstreamFailed { .. } => Side::Upstream,
@@ -96,8 +104,16 @@ impl ProxyError {
         *resp.status_mut() = self.status();
         let headers = resp.headers_mut();
         headers.insert(ERROR_HEADER, HeaderValue::from_static(self.code()));
-        if matches!(self, ProxyError::Overloaded { .. }) {
-            headers.insert(OVERLOADED_HEADER, HeaderValue::from_static("true"));
+        match &self {
+            ProxyError::Overloaded { .. } => {
+                headers.insert(OVERLOADED_HEADER, HeaderValue::from_static("true"));
+            }
+            ProxyError::RateLimited { retry_after, .. } => {
+                // Retry-After counts whole seconds; rounding down would invite an early retry.
+                let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                headers.insert(http::header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+            }
+            _ => {}
         }
         headers.insert(
             http::header::CONTENT_TYPE,

@@ -25,7 +25,7 @@ use crate::config::UpstreamProtocol;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
 use crate::outlier::Health;
-use crate::retry::{MAX_REPLAY_BODY, Outcome, RetryPolicy, retriable};
+use crate::retry::{MAX_REPLAY_BODY, Outcome, RetryPolicy, retriable, retry_after};
 use crate::router::{self, RouteOutcome};
 use crate::runtime_config::{Route, RuntimeConfig};
 use crate::upstream::Body;
@@ -86,6 +86,24 @@ async fn forward<'a>(
         }
     };
     *route_label = route.name.as_str();
+    // The service's own limit first, then the route's: a request refused by either never
+    // reaches a cluster, so it costs the upstream nothing.
+    let limits = [
+        (&listener.rate_limit, "listener", &listener.name),
+        (&route.rate_limit, "route", &route.name),
+    ];
+    for (limiter, kind, name) in limits {
+        if let Some(Err(retry_after)) = limiter.as_ref().map(|l| l.acquire()) {
+            ctx.metrics.rate_limited(ctx.direction, &route.name);
+            return Err(ProxyError::RateLimited {
+                scope: format!("{kind} `{name}`"),
+                retry_after,
+            });
+        }
+    }
+    // A gRPC client's deadline is a timeout the proxy can honour: past it, nobody is
+    // waiting for the answer.
+    let timeout = grpc_timeout(&parts.headers).map_or(route.timeout, |t| t.min(route.timeout));
     req = Request::from_parts(parts, body);
     let cluster = &pick_backend(&route.backends, route.total_weight).cluster;
     // Held until the response head: past the threshold, fail fast rather than queue.
@@ -107,7 +125,14 @@ async fn forward<'a>(
         match retry {
             Some(policy) => match replayable(req).await? {
                 Replay::Ready(head, body) => {
-                    send_with_retries(ctx, route, cluster, &host, policy, head, body).await
+                    let deadline = tokio::time::Instant::now() + timeout;
+                    let call = Call {
+                        ctx,
+                        route,
+                        cluster,
+                        host: &host,
+                    };
+                    send_with_retries(call, policy, deadline, head, body).await
                 }
                 Replay::Once(req) => {
                     send_once(ctx, route, cluster, &host, req.map(|b| b.boxed()), false).await
@@ -116,11 +141,9 @@ async fn forward<'a>(
             None => send_once(ctx, route, cluster, &host, req.map(|b| b.boxed()), upgrade).await,
         }
     };
-    let mut resp = tokio::time::timeout(route.timeout, send)
+    let mut resp = tokio::time::timeout(timeout, send)
         .await
-        .map_err(|_| ProxyError::UpstreamTimeout {
-            after: route.timeout,
-        })??;
+        .map_err(|_| ProxyError::UpstreamTimeout { after: timeout })??;
 
     if let Some(downstream) =
         downstream_upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS)
@@ -266,15 +289,27 @@ async fn replayable(req: Request<Incoming>) -> Result<Replay, ProxyError> {
     ))
 }
 
+/// Where one request is going, as every attempt at it needs to know.
+struct Call<'a> {
+    ctx: &'a HttpContext,
+    route: &'a Route,
+    cluster: &'a Cluster,
+    host: &'a str,
+}
+
 async fn send_with_retries(
-    ctx: &HttpContext,
-    route: &Route,
-    cluster: &Cluster,
-    host: &str,
+    call: Call<'_>,
     policy: &RetryPolicy,
+    deadline: tokio::time::Instant,
     head: Head,
     body: Bytes,
 ) -> Result<Response<Incoming>, ProxyError> {
+    let Call {
+        ctx,
+        route,
+        cluster,
+        host,
+    } = call;
     let _active = cluster.retry_budget.request();
     // A retry holds its budget slot until the next attempt ends, so concurrent retries are
     // what the budget counts.
@@ -320,6 +355,17 @@ async fn send_with_retries(
         if number >= policy.retries || !retriable(&policy.on, &outcome) {
             return result;
         }
+        // An upstream that says when to come back is taken at its word. If that is past the
+        // deadline, its answer goes back now rather than a timeout later.
+        let mut wait = policy.backoff(number);
+        if let Ok(resp) = &result
+            && let Some(asked) = retry_after(resp.headers())
+        {
+            if tokio::time::Instant::now() + asked >= deadline {
+                return result;
+            }
+            wait = wait.max(asked);
+        }
         let Some(slot) = cluster.retry_budget.try_retry() else {
             ctx.metrics.retry_budget_exhausted(&cluster.name);
             return result;
@@ -332,9 +378,28 @@ async fn send_with_retries(
         _retry_slot = Some((slot, breaker_slot));
         avoid = Some(endpoint.addr);
         drop(result);
-        tokio::time::sleep(policy.backoff(number)).await;
+        tokio::time::sleep(wait).await;
         number += 1;
     }
+}
+
+/// `grpc-timeout`: an integer of up to 8 digits and a unit (gRPC over HTTP/2, "Timeout").
+fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// The host a request is for: `:authority` for HTTP/2 (and absolute-form HTTP/1), else `Host`.
@@ -429,5 +494,26 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     if headers.get(header::TE).is_some_and(|v| v != "trailers") {
         headers.remove(header::TE);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_units() {
+        let parse = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&h)
+        };
+        assert_eq!(parse("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse("100u"), Some(Duration::from_micros(100)));
+        assert_eq!(parse("5x"), None);
+        assert_eq!(parse("m"), None);
+        assert_eq!(parse("123456789S"), None, "more than 8 digits");
     }
 }

@@ -60,6 +60,8 @@ pub struct Metrics {
     budget_exhausted: Family<ClusterLabels, Counter>,
     overflows: Family<OverflowLabels, Counter>,
     ejections: Family<ClusterLabels, Counter>,
+    ejected: Family<ClusterLabels, Gauge>,
+    rate_limited: Family<RouteLabels, Counter>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -96,6 +98,18 @@ impl Metrics {
         let budget_exhausted = Family::<ClusterLabels, Counter>::default();
         let overflows = Family::<OverflowLabels, Counter>::default();
         let ejections = Family::<ClusterLabels, Counter>::default();
+        let ejected = Family::<ClusterLabels, Gauge>::default();
+        let rate_limited = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "outlier_ejected_endpoints",
+            "Endpoints ejected right now",
+            ejected.clone(),
+        );
+        registry.register(
+            "rate_limited",
+            "Requests answered 429 by a local rate limit, by direction and route",
+            rate_limited.clone(),
+        );
         registry.register(
             "outlier_ejections",
             "Endpoints ejected by outlier detection",
@@ -170,7 +184,27 @@ impl Metrics {
             budget_exhausted,
             overflows,
             ejections,
+            ejected,
+            rate_limited,
         }
+    }
+
+    /// Set from the live config just before each scrape, so it is never stale.
+    pub fn set_ejected(&self, cluster: &str, endpoints: usize) {
+        self.ejected
+            .get_or_create(&ClusterLabels {
+                cluster: cluster.to_string(),
+            })
+            .set(endpoints as i64);
+    }
+
+    pub fn rate_limited(&self, direction: &'static str, route: &str) {
+        self.rate_limited
+            .get_or_create(&RouteLabels {
+                direction,
+                route: route.to_string(),
+            })
+            .inc();
     }
 
     pub fn record_request(

@@ -1,12 +1,6 @@
-//! Retries: which outcomes may be retried, how long to wait, and whether the cluster's retry
-//! budget allows another one.
-//!
-//! The budget is Envoy's: retries in flight may be at most `percent` of the requests in
-//! flight, but never fewer than `min_concurrency`. It is on by default (20 %, 10), so a sick
-//! backend sees at most about 1.2× its normal load from retries instead of a storm.
+//! Retries: which outcomes may be retried and how long to wait before the next try. Whether
+//! the cluster can afford another one is `retry_budget`'s call.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::{HeaderMap, Method, StatusCode};
@@ -14,7 +8,7 @@ use http::{HeaderMap, Method, StatusCode};
 /// Bodies up to this size are kept for replay; a larger request is sent once.
 pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RetryOn {
     pub connect_failure: bool,
     pub refused_stream: bool,
@@ -28,6 +22,8 @@ pub struct RetryOn {
     pub grpc_cancelled: bool,
     pub grpc_deadline_exceeded: bool,
     pub grpc_resource_exhausted: bool,
+    /// Envoy's `retriable_status_codes`.
+    pub status_codes: Vec<u16>,
 }
 
 impl RetryOn {
@@ -45,6 +41,8 @@ impl RetryOn {
                 "cancelled" => on.grpc_cancelled = true,
                 "deadline-exceeded" => on.grpc_deadline_exceeded = true,
                 "resource-exhausted" => on.grpc_resource_exhausted = true,
+                // The codes themselves come in their own list.
+                "retriable-status-codes" => {}
                 other => return Err(other.to_string()),
             }
         }
@@ -80,6 +78,20 @@ impl RetryPolicy {
     }
 }
 
+/// How long the upstream asked us to wait, from `Retry-After` in delta-seconds. (The
+/// HTTP-date form is not read: a clock-skewed date is worse than none, and servers that shed
+/// load send seconds.)
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let seconds: u64 = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(seconds))
+}
+
 /// What one attempt came to, as far as retrying is concerned.
 pub enum Outcome<'a> {
     ConnectFailed,
@@ -99,6 +111,7 @@ pub fn retriable(on: &RetryOn, outcome: &Outcome<'_>) -> bool {
             let code = status.as_u16();
             if (on.server_error && status.is_server_error())
                 || (on.gateway_error && matches!(code, 502..=504))
+                || on.status_codes.contains(&code)
             {
                 return true;
             }
@@ -116,74 +129,6 @@ pub fn retriable(on: &RetryOn, outcome: &Outcome<'_>) -> bool {
                 _ => false,
             }
         }
-    }
-}
-
-#[derive(Debug)]
-pub struct RetryBudget {
-    pub percent: f64,
-    pub min_concurrency: u64,
-    active_requests: AtomicU64,
-    active_retries: AtomicU64,
-}
-
-pub const DEFAULT_BUDGET_PERCENT: f64 = 20.0;
-pub const DEFAULT_BUDGET_MIN_CONCURRENCY: u64 = 10;
-
-impl Default for RetryBudget {
-    fn default() -> Self {
-        RetryBudget::new(DEFAULT_BUDGET_PERCENT, DEFAULT_BUDGET_MIN_CONCURRENCY)
-    }
-}
-
-impl RetryBudget {
-    pub fn new(percent: f64, min_concurrency: u64) -> Self {
-        RetryBudget {
-            percent,
-            min_concurrency,
-            active_requests: AtomicU64::new(0),
-            active_retries: AtomicU64::new(0),
-        }
-    }
-
-    /// Counts a request as active until the guard drops.
-    pub fn request(self: &Arc<Self>) -> BudgetGuard {
-        self.active_requests.fetch_add(1, Ordering::Relaxed);
-        BudgetGuard {
-            budget: self.clone(),
-            retry: false,
-        }
-    }
-
-    /// A retry slot, if the budget has one.
-    pub fn try_retry(self: &Arc<Self>) -> Option<BudgetGuard> {
-        let requests = self.active_requests.load(Ordering::Relaxed) as f64;
-        let allowed = ((requests * self.percent / 100.0) as u64).max(self.min_concurrency);
-        let retries = self.active_retries.fetch_add(1, Ordering::Relaxed);
-        if retries >= allowed {
-            self.active_retries.fetch_sub(1, Ordering::Relaxed);
-            return None;
-        }
-        Some(BudgetGuard {
-            budget: self.clone(),
-            retry: true,
-        })
-    }
-}
-
-pub struct BudgetGuard {
-    budget: Arc<RetryBudget>,
-    retry: bool,
-}
-
-impl Drop for BudgetGuard {
-    fn drop(&mut self) {
-        let counter = if self.retry {
-            &self.budget.active_retries
-        } else {
-            &self.budget.active_requests
-        };
-        counter.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -256,6 +201,24 @@ mod tests {
         grpc.insert("grpc-status", "5".parse().unwrap());
         assert!(!retriable(&on, &Outcome::Response(StatusCode::OK, &grpc)));
         assert_eq!(RetryOn::parse(["sometimes"]), Err("sometimes".into()));
+        let mut with_codes = on.clone();
+        with_codes.status_codes = vec![429];
+        let too_many = Outcome::Response(StatusCode::TOO_MANY_REQUESTS, &empty);
+        assert!(!retriable(&on, &too_many));
+        assert!(retriable(&with_codes, &too_many));
+    }
+
+    #[test]
+    fn retry_after_in_seconds() {
+        let mut h = HeaderMap::new();
+        assert_eq!(retry_after(&h), None);
+        h.insert("retry-after", "3".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        h.insert(
+            "retry-after",
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
+        assert_eq!(retry_after(&h), None);
     }
 
     #[test]
@@ -265,19 +228,5 @@ mod tests {
         assert!(!p.allows_method(&Method::POST));
         p.non_idempotent = true;
         assert!(p.allows_method(&Method::POST));
-    }
-
-    #[test]
-    fn budget_is_a_share_of_active_requests_with_a_floor() {
-        let budget = Arc::new(RetryBudget::new(20.0, 2));
-        let requests: Vec<_> = (0..20).map(|_| budget.request()).collect();
-        // 20 % of 20 active requests is 4.
-        let retries: Vec<_> = (0..10).filter_map(|_| budget.try_retry()).collect();
-        assert_eq!(retries.len(), 4);
-        drop(retries);
-        drop(requests);
-        // With nothing active, the floor still allows 2.
-        let floor: Vec<_> = (0..10).filter_map(|_| budget.try_retry()).collect();
-        assert_eq!(floor.len(), 2);
     }
 }

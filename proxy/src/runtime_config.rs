@@ -19,11 +19,14 @@ use crate::balance::{Cluster, Endpoint};
 use crate::circuit_breaker::{self, CircuitBreaker};
 use crate::config::OutlierFile;
 use crate::config::{
-    ConfigFile, Direction, HeaderChangesFile, ListenerFile, ListenerProtocol, RetryFile, RouteFile,
+    ConfigFile, Direction, HeaderChangesFile, ListenerFile, ListenerProtocol, RateLimitFile,
+    RetryFile, RouteFile,
 };
 use crate::config_error::ConfigError;
 use crate::outlier::OutlierPolicy;
-use crate::retry::{self, RetryBudget, RetryOn, RetryPolicy};
+use crate::rate_limit::RateLimiter;
+use crate::retry::{RetryOn, RetryPolicy};
+use crate::retry_budget::{self, RetryBudget};
 use crate::router::{DomainTable, HeaderMatch, PathMatch};
 use crate::upstream::UpstreamClient;
 
@@ -53,6 +56,7 @@ pub struct Listener {
     pub domains: DomainTable,
     pub virtual_hosts: Vec<VirtualHost>,
     pub tcp: Option<TcpRoute>,
+    pub rate_limit: Option<Arc<RateLimiter>>,
 }
 
 pub struct TcpRoute {
@@ -78,6 +82,7 @@ pub struct Route {
     pub request_headers: HeaderChanges,
     pub response_headers: HeaderChanges,
     pub retry: Option<RetryPolicy>,
+    pub rate_limit: Option<Arc<RateLimiter>>,
 }
 
 pub struct WeightedBackend {
@@ -159,6 +164,48 @@ impl Builder<'_> {
         }
     }
 
+    /// A bucket keeps its tokens across reloads that leave its limits alone; otherwise every
+    /// config push would hand out a fresh burst.
+    fn rate_limiter(
+        &self,
+        limit: &Option<RateLimitFile>,
+        field: &str,
+        listener: &str,
+        route: Option<&str>,
+    ) -> Result<Option<Arc<RateLimiter>>, ConfigError> {
+        let Some(limit) = limit else {
+            return Ok(None);
+        };
+        let rate = limit.requests_per_second;
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err(ConfigError::at(
+                self.source,
+                None,
+                &format!("{field}.requests_per_second"),
+                "must be a number above 0",
+            ));
+        }
+        // One second's worth by default, and at least one request.
+        let burst = limit.burst.unwrap_or(rate.ceil() as u32).max(1);
+        let old = self.previous.and_then(|p| {
+            let l = p.listeners.iter().find(|l| l.name == listener)?;
+            match route {
+                None => l.rate_limit.clone(),
+                Some(name) => l
+                    .virtual_hosts
+                    .iter()
+                    .flat_map(|vh| &vh.routes)
+                    .find(|r| r.name == name)?
+                    .rate_limit
+                    .clone(),
+            }
+        });
+        Ok(Some(match old {
+            Some(old) if old.same_limits(rate, burst) => old,
+            _ => Arc::new(RateLimiter::new(rate, burst)),
+        }))
+    }
+
     fn address(&self, value: &Spanned<String>, field: &str) -> Result<SocketAddr, ConfigError> {
         value.value.parse().map_err(|_| {
             self.err(
@@ -215,10 +262,10 @@ impl Builder<'_> {
             );
             let (percent, min) = c.retry_budget.as_ref().map_or(
                 (
-                    retry::DEFAULT_BUDGET_PERCENT,
-                    retry::DEFAULT_BUDGET_MIN_CONCURRENCY,
+                    retry_budget::DEFAULT_BUDGET_PERCENT,
+                    retry_budget::DEFAULT_BUDGET_MIN,
                 ),
-                |b| (b.percent, b.min_concurrency),
+                |b| (b.percent, b.min_retries),
             );
             if !(0.0..=100.0).contains(&percent) {
                 return Err(self.err(
@@ -229,10 +276,7 @@ impl Builder<'_> {
             }
             cluster.retry_budget = match old {
                 // Keep counting requests already in flight against the same budget.
-                Some(o)
-                    if o.retry_budget.percent == percent
-                        && o.retry_budget.min_concurrency == min =>
-                {
+                Some(o) if o.retry_budget.percent == percent && o.retry_budget.min == min => {
                     o.retry_budget.clone()
                 }
                 _ => Arc::new(RetryBudget::new(percent, min)),
@@ -333,7 +377,7 @@ impl Builder<'_> {
                 routes.push(self.route(
                     route,
                     &format!("{vfield}.routes[{r}]"),
-                    &vh.name,
+                    (&l.name, &vh.name),
                     r,
                     clusters,
                 )?);
@@ -356,6 +400,12 @@ impl Builder<'_> {
             domains,
             virtual_hosts,
             tcp,
+            rate_limit: self.rate_limiter(
+                &l.rate_limit,
+                &format!("{field}.rate_limit"),
+                &l.name,
+                None,
+            )?,
         })
     }
 
@@ -363,10 +413,11 @@ impl Builder<'_> {
         &self,
         r: &RouteFile,
         field: &str,
-        vhost: &str,
+        (listener, vhost): (&str, &str),
         index: usize,
         clusters: &HashMap<String, Arc<Cluster>>,
     ) -> Result<Route, ConfigError> {
+        let name = r.name.clone().unwrap_or_else(|| format!("{vhost}/{index}"));
         let m = &r.matches;
         let path = match (&m.exact, &m.prefix, &m.regex) {
             (Some(p), None, None) => PathMatch::Exact(p.clone()),
@@ -445,7 +496,13 @@ impl Builder<'_> {
             ));
         }
         Ok(Route {
-            name: r.name.clone().unwrap_or_else(|| format!("{vhost}/{index}")),
+            rate_limit: self.rate_limiter(
+                &r.rate_limit,
+                &format!("{field}.rate_limit"),
+                listener,
+                Some(&name),
+            )?,
+            name,
             path,
             headers,
             methods,
@@ -525,6 +582,18 @@ impl Builder<'_> {
             }
             RetryOn::parse(r.on.iter().map(|n| n.value.as_str())).expect("checked above")
         };
+        let mut on = on;
+        for (i, code) in r.status_codes.iter().enumerate() {
+            if !(100..=599).contains(code) {
+                return Err(ConfigError::at(
+                    self.source,
+                    None,
+                    &format!("{field}.status_codes[{i}]"),
+                    format!("{code} is not an HTTP status"),
+                ));
+            }
+        }
+        on.status_codes = r.status_codes.clone();
         Ok(RetryPolicy {
             retries: r.attempts,
             on,

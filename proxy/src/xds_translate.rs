@@ -5,30 +5,28 @@
 //! would change behaviour is refused with an error naming it, which the client sends back as
 //! a NACK; it is never silently ignored.
 
-use envoy_types::pb::envoy::config::cluster::v3::{
-    CircuitBreakers, Cluster, OutlierDetection, cluster,
-};
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::{HeaderValueOption, address, socket_address};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
 use envoy_types::pb::envoy::config::route::v3::{
-    HeaderMatcher, RetryPolicy, Route, RouteConfiguration, VirtualHost, header_matcher, route,
-    route_action, route_match,
+    HeaderMatcher, Route, RouteConfiguration, VirtualHost, header_matcher, route, route_action,
+    route_match,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
-use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
+use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
 use prost::{Message, Name};
 use serde_saphyr::{Location, Spanned};
 
 use crate::config::{
-    BackendFile, CircuitBreakerFile, ClusterFile, EndpointFile, HeaderChangesFile, HeaderMatchFile,
-    HeaderValueFile, LbPolicy, MatchFile, OutlierFile, RetryBudgetFile, RetryFile, RouteFile,
-    UpstreamProtocol, VirtualHostFile,
+    BackendFile, ClusterFile, EndpointFile, HeaderChangesFile, HeaderMatchFile, HeaderValueFile,
+    LbPolicy, MatchFile, RouteFile, UpstreamProtocol, VirtualHostFile,
 };
+use crate::xds_policy;
 
-fn sp<T>(value: T) -> Spanned<T> {
+pub(crate) fn sp<T>(value: T) -> Spanned<T> {
     Spanned {
         value,
         referenced: Location::UNKNOWN,
@@ -44,7 +42,7 @@ pub fn decode<M: Message + Name + Default>(any: &Any) -> Result<M, String> {
 }
 
 /// Envoy reads a zero route timeout as "no timeout"; the proxy's durations are finite.
-fn duration_text(d: &PbDuration) -> String {
+pub(crate) fn duration_text(d: &PbDuration) -> String {
     let ms = d.seconds.max(0) as u64 * 1000 + (d.nanos.max(0) as u64) / 1_000_000;
     if ms == 0 {
         "8760h".to_string()
@@ -54,7 +52,7 @@ fn duration_text(d: &PbDuration) -> String {
 }
 
 /// Refuses the first set field of a list of (is set, field name).
-fn refuse(what: &str, fields: &[(bool, &str)]) -> Result<(), String> {
+pub(crate) fn refuse(what: &str, fields: &[(bool, &str)]) -> Result<(), String> {
     match fields.iter().find(|(set, _)| *set) {
         Some((_, field)) => Err(format!(
             "{what}: field `{field}` is not supported by this proxy"
@@ -89,7 +87,7 @@ pub fn cluster(c: &Cluster) -> Result<TranslatedCluster, String> {
     )?;
     let (retry_budget, circuit_breaker) = match &c.circuit_breakers {
         None => (None, None),
-        Some(cb) => thresholds(&what, cb)?,
+        Some(cb) => xds_policy::thresholds(&what, cb)?,
     };
     let eds_name = match &c.cluster_discovery_type {
         Some(cluster::ClusterDiscoveryType::Type(t))
@@ -184,7 +182,7 @@ pub fn cluster(c: &Cluster) -> Result<TranslatedCluster, String> {
             retry_budget,
             circuit_breaker,
             outlier: match &c.outlier_detection {
-                Some(o) => Some(outlier(&what, o)?),
+                Some(o) => Some(xds_policy::outlier(&what, o)?),
                 None => None,
             },
         },
@@ -294,16 +292,7 @@ fn route(what: &str, vhost: &str, index: usize, r: &Route) -> Result<RouteFile, 
         r.name.clone()
     };
     let what = format!("{what} route {name}");
-    refuse(
-        &what,
-        &[
-            (
-                !r.typed_per_filter_config.is_empty(),
-                "typed_per_filter_config",
-            ),
-            (r.decorator.is_some(), "decorator"),
-        ],
-    )?;
+    refuse(&what, &[(r.decorator.is_some(), "decorator")])?;
     let m = r
         .r#match
         .as_ref()
@@ -395,9 +384,10 @@ fn route(what: &str, vhost: &str, index: usize, r: &Route) -> Result<RouteFile, 
         request_headers: header_changes(&r.request_headers_to_add, &r.request_headers_to_remove),
         response_headers: header_changes(&r.response_headers_to_add, &r.response_headers_to_remove),
         retry: match &action.retry_policy {
-            Some(p) => Some(retry(&what, p)?),
+            Some(p) => Some(xds_policy::retry(&what, p)?),
             None => None,
         },
+        rate_limit: xds_policy::route_filters(&what, &r.typed_per_filter_config)?,
     })
 }
 
@@ -451,150 +441,4 @@ fn header_changes(add: &[HeaderValueOption], remove: &[String]) -> HeaderChanges
             .collect(),
         remove: remove.iter().map(|r| sp(r.clone())).collect(),
     }
-}
-
-/// Of the circuit-breaker thresholds, the proxy implements requests, retries and the retry
-/// budget so far.
-fn thresholds(
-    what: &str,
-    cb: &CircuitBreakers,
-) -> Result<(Option<RetryBudgetFile>, Option<CircuitBreakerFile>), String> {
-    let (mut budget, mut limits) = (None, None);
-    for t in &cb.thresholds {
-        refuse(
-            what,
-            &[
-                (t.priority != 0, "circuit_breakers.thresholds.priority"),
-                (
-                    t.max_connections.is_some(),
-                    "circuit_breakers.thresholds.max_connections",
-                ),
-                (
-                    t.max_pending_requests.is_some(),
-                    "circuit_breakers.thresholds.max_pending_requests",
-                ),
-            ],
-        )?;
-        if t.max_requests.is_some() || t.max_retries.is_some() {
-            limits = Some(CircuitBreakerFile {
-                max_requests: t.max_requests.as_ref().map(|v| u64::from(v.value)),
-                max_retries: t.max_retries.as_ref().map(|v| u64::from(v.value)),
-            });
-        }
-        if let Some(b) = &t.retry_budget {
-            budget = Some(RetryBudgetFile {
-                percent: b
-                    .budget_percent
-                    .as_ref()
-                    .map_or(crate::retry::DEFAULT_BUDGET_PERCENT, |p| p.value),
-                min_concurrency: b
-                    .min_retry_concurrency
-                    .as_ref()
-                    .map_or(crate::retry::DEFAULT_BUDGET_MIN_CONCURRENCY, |m| {
-                        u64::from(m.value)
-                    }),
-            });
-        }
-    }
-    Ok((budget, limits))
-}
-
-fn retry(what: &str, p: &RetryPolicy) -> Result<RetryFile, String> {
-    refuse(
-        what,
-        &[
-            (
-                p.retry_priority.is_some(),
-                "route.retry_policy.retry_priority",
-            ),
-            (
-                !p.retry_host_predicate.is_empty(),
-                "route.retry_policy.retry_host_predicate",
-            ),
-            (
-                !p.retriable_status_codes.is_empty(),
-                "route.retry_policy.retriable_status_codes",
-            ),
-            (
-                !p.retriable_headers.is_empty(),
-                "route.retry_policy.retriable_headers",
-            ),
-            (
-                !p.retriable_request_headers.is_empty(),
-                "route.retry_policy.retriable_request_headers",
-            ),
-            (
-                p.rate_limited_retry_back_off.is_some(),
-                "route.retry_policy.rate_limited_retry_back_off",
-            ),
-            (
-                p.per_try_idle_timeout.is_some(),
-                "route.retry_policy.per_try_idle_timeout",
-            ),
-        ],
-    )?;
-    let on: Vec<_> = p
-        .retry_on
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(|s| sp(s.to_string()))
-        .collect();
-    crate::retry::RetryOn::parse(on.iter().map(|s| s.value.as_str())).map_err(|name| {
-        format!("{what}: field `route.retry_policy.retry_on`: `{name}` is not supported")
-    })?;
-    let back_off = p.retry_back_off.as_ref();
-    Ok(RetryFile {
-        // Envoy's default is one retry when num_retries is unset.
-        attempts: p.num_retries.as_ref().map_or(1, |n| n.value),
-        on,
-        per_try_timeout: p.per_try_timeout.as_ref().map(|d| sp(duration_text(d))),
-        backoff_base: back_off
-            .and_then(|b| b.base_interval.as_ref())
-            .map(|d| sp(duration_text(d))),
-        backoff_max: back_off
-            .and_then(|b| b.max_interval.as_ref())
-            .map(|d| sp(duration_text(d))),
-        non_idempotent: false,
-    })
-}
-
-/// Consecutive-failure ejection is implemented; success-rate and failure-percentage
-/// detection are not, so enforcing them is refused.
-fn outlier(what: &str, o: &OutlierDetection) -> Result<OutlierFile, String> {
-    let enforced =
-        |v: &Option<UInt32Value>, default: u32| v.as_ref().map_or(default, |v| v.value) > 0;
-    refuse(
-        what,
-        &[
-            (
-                enforced(&o.enforcing_success_rate, 100) && o.success_rate_minimum_hosts.is_some(),
-                "outlier_detection.success_rate",
-            ),
-            (
-                enforced(&o.enforcing_failure_percentage, 0),
-                "outlier_detection.enforcing_failure_percentage",
-            ),
-            (
-                o.split_external_local_origin_errors,
-                "outlier_detection.split_external_local_origin_errors",
-            ),
-        ],
-    )?;
-    let text = |d: &Option<PbDuration>| d.as_ref().map(|d| sp(duration_text(d)));
-    Ok(OutlierFile {
-        // Envoy enforces consecutive 5xx unless told not to, and gateway failures only if told to.
-        consecutive_5xx: enforced(&o.enforcing_consecutive_5xx, 100)
-            .then(|| o.consecutive_5xx.as_ref().map_or(5, |v| v.value)),
-        consecutive_gateway_failure: enforced(&o.enforcing_consecutive_gateway_failure, 0).then(
-            || {
-                o.consecutive_gateway_failure
-                    .as_ref()
-                    .map_or(5, |v| v.value)
-            },
-        ),
-        base_ejection: text(&o.base_ejection_time),
-        max_ejection: text(&o.max_ejection_time),
-        max_ejection_percent: o.max_ejection_percent.as_ref().map(|v| v.value),
-    })
 }

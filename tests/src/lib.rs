@@ -4,6 +4,7 @@
 //! deadline (`eventually`), never a bare sleep.
 
 pub mod clients;
+pub mod faults;
 pub mod upstreams;
 
 use std::future::Future;
@@ -151,4 +152,12 @@ pub fn cluster(name: &str, protocol: &str, endpoints: &[SocketAddr]) -> String {
         s.push_str(&format!("    - address: {e}\n"));
     }
     s
+}
+
+/// The value of one series in a Prometheus text page (`name{labels}`, as printed), or 0.
+pub fn metric(page: &str, series: &str) -> u64 {
+    page.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
 }

@@ -24,6 +24,12 @@ pub struct Upstream {
     task: JoinHandle<()>,
 }
 
+impl Upstream {
+    pub fn from_task(addr: SocketAddr, task: JoinHandle<()>) -> Self {
+        Upstream { addr, task }
+    }
+}
+
 impl Drop for Upstream {
     fn drop(&mut self) {
         self.task.abort();

@@ -293,7 +293,7 @@ services:
     endpoints: [{{address: "{v1}"}}]
     policy:
       retry: {{attempts: 2, on: [connect-failure, gateway-error, unavailable], per_try_timeout: 500ms}}
-      circuit_breaker: {{max_connections: 100, max_pending: 50, max_requests: 200, max_retries: 3, retry_budget_percent: 20, retry_budget_min_concurrency: 10}}
+      circuit_breaker: {{max_connections: 100, max_pending: 50, max_requests: 200, max_retries: 3, retry_budget_percent: 20, retry_budget_min_retries: 10}}
       outlier: {{consecutive_5xx: 5, consecutive_gateway_failure: 5, base_ejection: 30s, max_ejection: 300s, max_ejection_percent: 50}}
     routes:
       - match: {{prefix: /checkout}}

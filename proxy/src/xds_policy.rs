@@ -1,0 +1,246 @@
+//! The resilience policies inside Envoy resources → the proxy's config model: a route's
+//! `retry_policy` and per-route `local_ratelimit`, a cluster's `circuit_breakers` (with the
+//! retry budget) and `outlier_detection`.
+//!
+//! As everywhere in xDS translation, a field the proxy cannot honour is refused by name.
+
+use std::collections::HashMap;
+
+use envoy_types::pb::envoy::config::cluster::v3::{CircuitBreakers, OutlierDetection};
+use envoy_types::pb::envoy::config::core::v3::RuntimeFractionalPercent;
+use envoy_types::pb::envoy::config::route::v3::RetryPolicy;
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType;
+use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
+
+use crate::config::{CircuitBreakerFile, OutlierFile, RateLimitFile, RetryBudgetFile, RetryFile};
+use crate::xds_translate::{decode, duration_text, refuse, sp};
+
+/// Of the circuit-breaker thresholds, the proxy implements requests, retries and the retry
+/// budget so far.
+pub(crate) fn thresholds(
+    what: &str,
+    cb: &CircuitBreakers,
+) -> Result<(Option<RetryBudgetFile>, Option<CircuitBreakerFile>), String> {
+    let (mut budget, mut limits) = (None, None);
+    for t in &cb.thresholds {
+        refuse(
+            what,
+            &[
+                (t.priority != 0, "circuit_breakers.thresholds.priority"),
+                (
+                    t.max_connections.is_some(),
+                    "circuit_breakers.thresholds.max_connections",
+                ),
+                (
+                    t.max_pending_requests.is_some(),
+                    "circuit_breakers.thresholds.max_pending_requests",
+                ),
+            ],
+        )?;
+        if t.max_requests.is_some() || t.max_retries.is_some() {
+            limits = Some(CircuitBreakerFile {
+                max_requests: t.max_requests.as_ref().map(|v| u64::from(v.value)),
+                max_retries: t.max_retries.as_ref().map(|v| u64::from(v.value)),
+            });
+        }
+        if let Some(b) = &t.retry_budget {
+            budget = Some(RetryBudgetFile {
+                percent: b
+                    .budget_percent
+                    .as_ref()
+                    .map_or(crate::retry_budget::DEFAULT_BUDGET_PERCENT, |p| p.value),
+                min_retries: b
+                    .min_retry_concurrency
+                    .as_ref()
+                    .map_or(crate::retry_budget::DEFAULT_BUDGET_MIN, |m| {
+                        u64::from(m.value)
+                    }),
+            });
+        }
+    }
+    Ok((budget, limits))
+}
+
+pub(crate) fn retry(what: &str, p: &RetryPolicy) -> Result<RetryFile, String> {
+    refuse(
+        what,
+        &[
+            (
+                p.retry_priority.is_some(),
+                "route.retry_policy.retry_priority",
+            ),
+            (
+                !p.retry_host_predicate.is_empty(),
+                "route.retry_policy.retry_host_predicate",
+            ),
+            (
+                !p.retriable_headers.is_empty(),
+                "route.retry_policy.retriable_headers",
+            ),
+            (
+                !p.retriable_request_headers.is_empty(),
+                "route.retry_policy.retriable_request_headers",
+            ),
+            (
+                p.rate_limited_retry_back_off.is_some(),
+                "route.retry_policy.rate_limited_retry_back_off",
+            ),
+            (
+                p.per_try_idle_timeout.is_some(),
+                "route.retry_policy.per_try_idle_timeout",
+            ),
+        ],
+    )?;
+    let on: Vec<_> = p
+        .retry_on
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| sp(s.to_string()))
+        .collect();
+    crate::retry::RetryOn::parse(on.iter().map(|s| s.value.as_str())).map_err(|name| {
+        format!("{what}: field `route.retry_policy.retry_on`: `{name}` is not supported")
+    })?;
+    let back_off = p.retry_back_off.as_ref();
+    if let Some(code) = p
+        .retriable_status_codes
+        .iter()
+        .find(|c| !(100..=599).contains(*c))
+    {
+        return Err(format!(
+            "{what}: field `route.retry_policy.retriable_status_codes`: {code} is not an HTTP status"
+        ));
+    }
+    // As in Envoy, the list means nothing unless `retry_on` asks for it.
+    let status_codes = if on.iter().any(|s| s.value == "retriable-status-codes") {
+        p.retriable_status_codes.iter().map(|&c| c as u16).collect()
+    } else {
+        Vec::new()
+    };
+    Ok(RetryFile {
+        // Envoy's default is one retry when num_retries is unset.
+        attempts: p.num_retries.as_ref().map_or(1, |n| n.value),
+        on,
+        per_try_timeout: p.per_try_timeout.as_ref().map(|d| sp(duration_text(d))),
+        backoff_base: back_off
+            .and_then(|b| b.base_interval.as_ref())
+            .map(|d| sp(duration_text(d))),
+        backoff_max: back_off
+            .and_then(|b| b.max_interval.as_ref())
+            .map(|d| sp(duration_text(d))),
+        non_idempotent: false,
+        status_codes,
+    })
+}
+
+/// Consecutive-failure ejection is implemented; success-rate and failure-percentage
+/// detection are not, so enforcing them is refused.
+pub(crate) fn outlier(what: &str, o: &OutlierDetection) -> Result<OutlierFile, String> {
+    let enforced =
+        |v: &Option<UInt32Value>, default: u32| v.as_ref().map_or(default, |v| v.value) > 0;
+    refuse(
+        what,
+        &[
+            (
+                enforced(&o.enforcing_success_rate, 100) && o.success_rate_minimum_hosts.is_some(),
+                "outlier_detection.success_rate",
+            ),
+            (
+                enforced(&o.enforcing_failure_percentage, 0),
+                "outlier_detection.enforcing_failure_percentage",
+            ),
+            (
+                o.split_external_local_origin_errors,
+                "outlier_detection.split_external_local_origin_errors",
+            ),
+        ],
+    )?;
+    let text = |d: &Option<PbDuration>| d.as_ref().map(|d| sp(duration_text(d)));
+    Ok(OutlierFile {
+        // Envoy enforces consecutive 5xx unless told not to, and gateway failures only if told to.
+        consecutive_5xx: enforced(&o.enforcing_consecutive_5xx, 100)
+            .then(|| o.consecutive_5xx.as_ref().map_or(5, |v| v.value)),
+        consecutive_gateway_failure: enforced(&o.enforcing_consecutive_gateway_failure, 0).then(
+            || {
+                o.consecutive_gateway_failure
+                    .as_ref()
+                    .map_or(5, |v| v.value)
+            },
+        ),
+        base_ejection: text(&o.base_ejection_time),
+        max_ejection: text(&o.max_ejection_time),
+        max_ejection_percent: o.max_ejection_percent.as_ref().map(|v| v.value),
+    })
+}
+
+/// A route's `typed_per_filter_config` may carry Envoy's local rate limit; nothing else.
+/// Envoy applies it only where `filter_enabled` and `filter_enforced` say so, and both default
+/// to 0 %: unset means no limit, and anything but 0 % or 100 % is refused.
+pub(crate) fn route_filters(
+    what: &str,
+    filters: &HashMap<String, Any>,
+) -> Result<Option<RateLimitFile>, String> {
+    let mut limit = None;
+    for (name, any) in filters {
+        let field = format!("typed_per_filter_config.{name}");
+        let rl: LocalRateLimit =
+            decode(any).map_err(|e| format!("{what}: field `{field}`: {e}"))?;
+        refuse(
+            what,
+            &[
+                (!rl.descriptors.is_empty(), "local_ratelimit.descriptors"),
+                (!rl.rate_limits.is_empty(), "local_ratelimit.rate_limits"),
+                (
+                    rl.local_rate_limit_per_downstream_connection,
+                    "local_ratelimit.local_rate_limit_per_downstream_connection",
+                ),
+                (
+                    rl.local_cluster_rate_limit.is_some(),
+                    "local_ratelimit.local_cluster_rate_limit",
+                ),
+                (
+                    rl.status.is_some_and(|s| s.code != 429),
+                    "local_ratelimit.status",
+                ),
+            ],
+        )?;
+        let share = |p: &Option<RuntimeFractionalPercent>, f: &str| -> Result<bool, String> {
+            let Some(fp) = p.as_ref().and_then(|p| p.default_value) else {
+                return Ok(false);
+            };
+            let whole = match DenominatorType::try_from(fp.denominator) {
+                Ok(DenominatorType::Hundred) => 100,
+                Ok(DenominatorType::TenThousand) => 10_000,
+                Ok(DenominatorType::Million) => 1_000_000,
+                Err(_) => return Err(format!("{what}: field `{f}`: unknown denominator")),
+            };
+            match fp.numerator {
+                0 => Ok(false),
+                n if n >= whole => Ok(true),
+                _ => Err(format!(
+                    "{what}: field `{f}`: only 0 % or 100 % is supported by this proxy"
+                )),
+            }
+        };
+        let on = share(&rl.filter_enabled, "local_ratelimit.filter_enabled")?
+            && share(&rl.filter_enforced, "local_ratelimit.filter_enforced")?;
+        let Some(bucket) = rl.token_bucket.filter(|_| on) else {
+            continue;
+        };
+        let per_fill = bucket.tokens_per_fill.map_or(1, |t| t.value);
+        let interval = bucket
+            .fill_interval
+            .map_or(0.0, |d| d.seconds as f64 + f64::from(d.nanos) / 1e9);
+        if interval <= 0.0 || per_fill == 0 {
+            return Err(format!(
+                "{what}: field `local_ratelimit.token_bucket`: fill_interval and tokens_per_fill must be above 0"
+            ));
+        }
+        limit = Some(RateLimitFile {
+            requests_per_second: f64::from(per_fill) / interval,
+            burst: Some(bucket.max_tokens),
+        });
+    }
+    Ok(limit)
+}
