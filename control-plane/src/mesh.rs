@@ -13,7 +13,7 @@ use outrigger_proxy::runtime_config::parse_duration;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use crate::policy::{self, Policy, PolicyFile, Retry, RetryFile};
+use crate::policy::{self, Policy, PolicyFile, RateLimit, RateLimitFile, Retry, RetryFile};
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -105,6 +105,9 @@ struct RouteFile {
     /// Overrides the service's retry policy for this route.
     #[serde(default)]
     retry: Option<RetryFile>,
+    /// Overrides the service's rate limit for this route.
+    #[serde(default)]
+    rate_limit: Option<RateLimitFile>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -195,6 +198,8 @@ pub struct Route {
     pub timeout: Option<Duration>,
     /// The route's own retry policy, else the service's.
     pub retry: Option<Retry>,
+    /// The route's own rate limit, else the service's.
+    pub rate_limit: Option<RateLimit>,
 }
 
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
@@ -335,6 +340,14 @@ impl Mesh {
                             &format!("{rfield}.retry"),
                         )?),
                         None => policy.retry.clone(),
+                    },
+                    rate_limit: match &route.rate_limit {
+                        Some(limit) => Some(policy::check_rate_limit(
+                            source,
+                            limit,
+                            &format!("{rfield}.rate_limit"),
+                        )?),
+                        None => policy.rate_limit,
                     },
                 });
             }

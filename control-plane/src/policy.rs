@@ -1,6 +1,6 @@
 //! Resilience policies in the mesh file, and their Envoy v3 form: `retry_policy` with
-//! `retry_back_off` on routes, `circuit_breakers` (with a retry budget) and
-//! `outlier_detection` on clusters.
+//! `retry_back_off` and a per-route `local_ratelimit` on routes, `circuit_breakers` (with a
+//! retry budget) and `outlier_detection` on clusters.
 //!
 //! Only what a user writes is sent: no policy is invented by default here, because a proxy
 //! that cannot honour a field NACKs it, and a default would then block every update.
@@ -11,13 +11,19 @@ use envoy_types::pb::envoy::config::cluster::v3::{
     CircuitBreakers, OutlierDetection, circuit_breakers,
 };
 use envoy_types::pb::envoy::config::core::v3::RoutingPriority;
-use envoy_types::pb::envoy::config::route::v3::{RetryPolicy, retry_policy};
-use envoy_types::pb::envoy::r#type::v3::Percent;
-use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
+use envoy_types::pb::envoy::config::core::v3::RuntimeFractionalPercent;
+use envoy_types::pb::envoy::config::route::v3::{FilterConfig, RetryPolicy, retry_policy};
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+use envoy_types::pb::envoy::r#type::v3::{
+    FractionalPercent, Percent, TokenBucket, fractional_percent,
+};
+use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
 use outrigger_proxy::config_error::ConfigError;
 use outrigger_proxy::runtime_config::parse_duration;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
+
+use crate::translate::pack;
 
 /// Envoy's retry conditions, HTTP and gRPC.
 const RETRY_ON: &[&str] = &[
@@ -44,6 +50,24 @@ pub struct PolicyFile {
     pub circuit_breaker: Option<CircuitBreakerFile>,
     #[serde(default)]
     pub outlier: Option<OutlierFile>,
+    /// A token bucket on every route to the service, kept by each calling proxy.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitFile {
+    pub requests_per_second: u32,
+    /// Defaults to one second's worth.
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimit {
+    pub requests_per_second: u32,
+    pub burst: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -59,6 +83,9 @@ pub struct RetryFile {
     pub backoff_base: Option<Spanned<String>>,
     #[serde(default)]
     pub backoff_max: Option<Spanned<String>>,
+    /// Responses with these statuses are retried too.
+    #[serde(default)]
+    pub status_codes: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -103,6 +130,7 @@ pub struct Retry {
     pub per_try_timeout: Option<Duration>,
     pub backoff_base: Duration,
     pub backoff_max: Duration,
+    pub status_codes: Vec<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -110,6 +138,7 @@ pub struct Policy {
     pub retry: Option<Retry>,
     pub circuit_breaker: Option<CircuitBreaker>,
     pub outlier: Option<Outlier>,
+    pub rate_limit: Option<RateLimit>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -179,8 +208,22 @@ pub fn check_retry(source: &str, r: &RetryFile, field: &str) -> Result<Retry, Co
         .map(String::from)
         .to_vec();
     }
+    if let Some((i, code)) = r
+        .status_codes
+        .iter()
+        .enumerate()
+        .find(|(_, c)| !(100..=599).contains(*c))
+    {
+        return Err(ConfigError::at(
+            source,
+            None,
+            &format!("{field}.status_codes[{i}]"),
+            format!("{code} is not an HTTP status"),
+        ));
+    }
     Ok(Retry {
         retries: r.attempts,
+        status_codes: r.status_codes.clone(),
         on,
         per_try_timeout: duration(
             source,
@@ -252,6 +295,63 @@ pub fn check(source: &str, p: &PolicyFile, field: &str) -> Result<Policy, Config
         retry,
         circuit_breaker,
         outlier,
+        rate_limit: match &p.rate_limit {
+            Some(r) => Some(check_rate_limit(source, r, &format!("{field}.rate_limit"))?),
+            None => None,
+        },
+    })
+}
+
+pub fn check_rate_limit(
+    source: &str,
+    r: &RateLimitFile,
+    field: &str,
+) -> Result<RateLimit, ConfigError> {
+    if r.requests_per_second == 0 {
+        return Err(ConfigError::at(
+            source,
+            None,
+            &format!("{field}.requests_per_second"),
+            "must be above 0",
+        ));
+    }
+    Ok(RateLimit {
+        requests_per_second: r.requests_per_second,
+        burst: r.burst.unwrap_or(r.requests_per_second).max(1),
+    })
+}
+
+/// The HTTP filter's name, in the listener's filter chain and in each route's config.
+pub const LOCAL_RATE_LIMIT_FILTER: &str = "envoy.filters.http.local_ratelimit";
+
+/// Envoy's local rate limit as a route's per-filter config. It is marked optional, so that a
+/// client without the filter (a gRPC library, say) skips it instead of refusing the route.
+pub fn local_rate_limit(r: &RateLimit) -> Any {
+    let all = || RuntimeFractionalPercent {
+        default_value: Some(FractionalPercent {
+            numerator: 100,
+            denominator: fractional_percent::DenominatorType::Hundred as i32,
+        }),
+        runtime_key: String::new(),
+    };
+    let limit = LocalRateLimit {
+        stat_prefix: "local_rate_limit".into(),
+        token_bucket: Some(TokenBucket {
+            max_tokens: r.burst,
+            tokens_per_fill: Some(UInt32Value {
+                value: r.requests_per_second,
+            }),
+            fill_interval: Some(pb(Duration::from_secs(1))),
+        }),
+        filter_enabled: Some(all()),
+        filter_enforced: Some(all()),
+        enable_retry_after_header: true,
+        ..Default::default()
+    };
+    pack(&FilterConfig {
+        config: Some(pack(&limit)),
+        is_optional: true,
+        ..Default::default()
     })
 }
 
@@ -267,8 +367,13 @@ fn u32v(v: Option<u32>) -> Option<UInt32Value> {
 }
 
 pub fn retry_policy(r: &Retry) -> RetryPolicy {
+    let mut on = r.on.clone();
+    if !r.status_codes.is_empty() && !on.iter().any(|c| c == "retriable-status-codes") {
+        on.push("retriable-status-codes".into());
+    }
     RetryPolicy {
-        retry_on: r.on.join(","),
+        retry_on: on.join(","),
+        retriable_status_codes: r.status_codes.iter().map(|&c| u32::from(c)).collect(),
         num_retries: Some(UInt32Value { value: r.retries }),
         per_try_timeout: r.per_try_timeout.map(pb),
         retry_back_off: Some(retry_policy::RetryBackOff {

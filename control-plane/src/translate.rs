@@ -22,6 +22,7 @@ use envoy_types::pb::envoy::config::route::v3::{
     HeaderMatcher, Route as EnvoyRoute, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
     WeightedCluster, header_matcher, route, route_action, route_match, weighted_cluster,
 };
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
@@ -230,7 +231,8 @@ fn load_assignment_for(service: &Service) -> ClusterLoadAssignment {
 }
 
 /// An HTTP connection manager that loads `route_name` over ADS, with the router filter last
-/// (gRPC clients insist on it).
+/// (gRPC clients insist on it). The local rate limit filter is there for routes that carry a
+/// limit; on its own it limits nothing, and it is optional for clients that lack it.
 fn http_connection_manager(stat_prefix: &str, route_name: &str) -> HttpConnectionManager {
     HttpConnectionManager {
         stat_prefix: stat_prefix.into(),
@@ -239,13 +241,26 @@ fn http_connection_manager(stat_prefix: &str, route_name: &str) -> HttpConnectio
             config_source: Some(ads()),
             route_config_name: route_name.into(),
         })),
-        http_filters: vec![HttpFilter {
-            name: "envoy.filters.http.router".into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack(
-                &Router::default(),
-            ))),
-            ..Default::default()
-        }],
+        http_filters: vec![
+            HttpFilter {
+                name: policy::LOCAL_RATE_LIMIT_FILTER.into(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(pack(
+                    &LocalRateLimit {
+                        stat_prefix: "local_rate_limit".into(),
+                        ..Default::default()
+                    },
+                ))),
+                is_optional: true,
+                ..Default::default()
+            },
+            HttpFilter {
+                name: "envoy.filters.http.router".into(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(pack(
+                    &Router::default(),
+                ))),
+                ..Default::default()
+            },
+        ],
         ..Default::default()
     }
 }
@@ -313,6 +328,7 @@ fn virtual_host(s: &Service) -> VirtualHost {
             retry_policy: s.policy.retry.as_ref().map(policy::retry_policy),
             ..Default::default()
         })),
+        typed_per_filter_config: rate_limit_config(s.policy.rate_limit.as_ref()),
         ..Default::default()
     });
     VirtualHost {
@@ -375,6 +391,19 @@ fn route_for(r: &crate::mesh::Route) -> EnvoyRoute {
             retry_policy: r.retry.as_ref().map(policy::retry_policy),
             ..Default::default()
         })),
+        typed_per_filter_config: rate_limit_config(r.rate_limit.as_ref()),
         ..Default::default()
     }
+}
+
+fn rate_limit_config(limit: Option<&policy::RateLimit>) -> std::collections::HashMap<String, Any> {
+    limit
+        .map(|l| {
+            (
+                policy::LOCAL_RATE_LIMIT_FILTER.to_string(),
+                policy::local_rate_limit(l),
+            )
+        })
+        .into_iter()
+        .collect()
 }

@@ -8,10 +8,12 @@ use std::collections::HashMap;
 
 use envoy_types::pb::envoy::config::cluster::v3::{CircuitBreakers, OutlierDetection};
 use envoy_types::pb::envoy::config::core::v3::RuntimeFractionalPercent;
-use envoy_types::pb::envoy::config::route::v3::RetryPolicy;
+use envoy_types::pb::envoy::config::route::v3::{FilterConfig, RetryPolicy};
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType;
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
+
+use prost::Name;
 
 use crate::config::{CircuitBreakerFile, OutlierFile, RateLimitFile, RetryBudgetFile, RetryFile};
 use crate::xds_translate::{decode, duration_text, refuse, sp};
@@ -174,7 +176,8 @@ pub(crate) fn outlier(what: &str, o: &OutlierDetection) -> Result<OutlierFile, S
     })
 }
 
-/// A route's `typed_per_filter_config` may carry Envoy's local rate limit; nothing else.
+/// A route's `typed_per_filter_config` may carry Envoy's local rate limit, bare or in a
+/// `FilterConfig` wrapper; any other filter's config is refused unless marked optional.
 /// Envoy applies it only where `filter_enabled` and `filter_enforced` say so, and both default
 /// to 0 %: unset means no limit, and anything but 0 % or 100 % is refused.
 pub(crate) fn route_filters(
@@ -184,8 +187,30 @@ pub(crate) fn route_filters(
     let mut limit = None;
     for (name, any) in filters {
         let field = format!("typed_per_filter_config.{name}");
+        let (any, optional) = if any.type_url == FilterConfig::type_url() {
+            let wrapper: FilterConfig =
+                decode(any).map_err(|e| format!("{what}: field `{field}`: {e}"))?;
+            if wrapper.disabled {
+                continue;
+            }
+            let inner = wrapper
+                .config
+                .ok_or_else(|| format!("{what}: field `{field}.config` is required"))?;
+            (inner, wrapper.is_optional)
+        } else {
+            (any.clone(), false)
+        };
+        if any.type_url != LocalRateLimit::type_url() {
+            if optional {
+                continue;
+            }
+            return Err(format!(
+                "{what}: field `{field}`: {} is not supported by this proxy",
+                any.type_url
+            ));
+        }
         let rl: LocalRateLimit =
-            decode(any).map_err(|e| format!("{what}: field `{field}`: {e}"))?;
+            decode(&any).map_err(|e| format!("{what}: field `{field}`: {e}"))?;
         refuse(
             what,
             &[

@@ -298,6 +298,9 @@ services:
     routes:
       - match: {{prefix: /checkout}}
         retry: {{attempts: 0}}
+      - match: {{prefix: /limited}}
+        retry: {{attempts: 1, on: [gateway-error], status_codes: [429]}}
+        rate_limit: {{requests_per_second: 1, burst: 1}}
 "#,
         port = outbound.port(),
         v1 = v1.addr
@@ -324,7 +327,17 @@ services:
         "\"consecutive_gateway_failure\": 5",
         "\"retry_budget\"",
         "\"max_retries\": 3",
+        "\"retriable_status_codes\"",
+        "envoy.filters.http.local_ratelimit",
     ] {
         assert!(dump.contains(want), "Envoy's config_dump lacks {want}");
     }
+    // Envoy enforces the route's limit: a burst of one, then 429.
+    let client = TestClient::http1(outbound);
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(client.get("web", "/limited").await.unwrap().status.as_u16());
+    }
+    assert_eq!(statuses[0], 200, "{statuses:?}");
+    assert!(statuses.contains(&429), "{statuses:?}");
 }

@@ -14,6 +14,7 @@ use envoy_types::pb::envoy::config::route::v3::{
 use outrigger_control_plane::app::{self, ControlPlane};
 use outrigger_control_plane::translate::{ROUTE_TYPE, pack};
 use outrigger_tests::clients::{TestClient, get};
+use outrigger_tests::faults;
 use outrigger_tests::{TestProxy, eventually, free_addr, temp_path, upstreams, workspace_binary};
 
 fn mesh(v1: SocketAddr, v2: SocketAddr, web_to: &str) -> String {
@@ -409,4 +410,90 @@ async fn a_retry_policy_in_the_mesh_changes_the_proxy_live() {
         seen.lock().unwrap().get("/fail-once/before").copied(),
         Some(1)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_and_rate_limit_policies_in_the_mesh_change_the_proxy_live() {
+    let (good, _) = faults::faulty("good").await;
+    let (bad, bad_faults) = faults::faulty("bad").await;
+    bad_faults.fail(100, 503);
+    let base = format!(
+        "services:\n  - name: web\n    endpoints: [{{address: \"{}\"}}, {{address: \"{}\"}}]\n",
+        good.addr, bad.addr
+    );
+    let (cp, mesh_path) = start_cp(&base).await;
+    let proxy = TestProxy::start(&proxy_config(cp.xds_addr, "policies")).await;
+    let client = TestClient::http1(proxy.addr("outbound"));
+    // Concurrent, so that the balancer spreads them: one at a time, the endpoint with the
+    // best latency record would take them all.
+    let statuses = |n: usize| {
+        let calls: Vec<_> = (0..n)
+            .map(|_| {
+                let client = client.clone();
+                async move {
+                    client
+                        .get("web", "/")
+                        .await
+                        .map_or(0, |r| r.status.as_u16())
+                }
+            })
+            .collect();
+        futures_util::future::join_all(calls)
+    };
+    eventually("routes arrive", Duration::from_secs(10), || async {
+        statuses(1)
+            .await
+            .iter()
+            .any(|s| [200, 503].contains(s))
+            .then_some(())
+    })
+    .await;
+    assert!(
+        statuses(40).await.contains(&503),
+        "without an outlier policy, the bad endpoint keeps its share"
+    );
+
+    // An outlier policy: the bad endpoint is ejected, and the client stops seeing it.
+    let with_outlier =
+        format!("{base}    policy:\n      outlier: {{consecutive_5xx: 3, base_ejection: 60s}}\n");
+    std::fs::write(&mesh_path, &with_outlier).unwrap();
+    eventually(
+        "the bad endpoint is ejected",
+        Duration::from_secs(10),
+        || async {
+            statuses(5).await;
+            get(proxy.admin(), "/metrics")
+                .await
+                .body
+                .lines()
+                .any(|l| l.starts_with("outrigger_outlier_ejected_endpoints{") && l.ends_with(" 1"))
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(statuses(40).await.iter().all(|s| *s == 200));
+
+    // A rate limit on top: one request a second gets through, the rest are told to wait.
+    std::fs::write(
+        &mesh_path,
+        format!("{with_outlier}      rate_limit: {{requests_per_second: 1, burst: 1}}\n"),
+    )
+    .unwrap();
+    eventually(
+        "the rate limit takes effect",
+        Duration::from_secs(10),
+        || async {
+            let r = client.get("web", "/").await.ok()?;
+            (r.status == 429 && r.header("retry-after") == Some("1")).then_some(())
+        },
+    )
+    .await;
+    let status: serde_json::Value =
+        serde_json::from_str(&get(cp.admin_addr, "/status").await.body).unwrap();
+    for t in ["Cluster", "RouteConfiguration"] {
+        assert_eq!(
+            status["nodes"]["policies"]["types"][t]["nacks"], 0,
+            "{status}"
+        );
+    }
 }
