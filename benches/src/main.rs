@@ -3,7 +3,8 @@
 //!
 //! Run it with `scripts/bench` (which builds the release proxy and installs Envoy into a
 //! local venv). It prints one table and writes the same rows as JSON under `target/bench/`.
-//! `outrigger-bench xds-scale` measures the control plane instead (see `xds_scale.rs`).
+//! `outrigger-bench xds-scale` measures the control plane instead (see `xds_scale.rs`), and
+//! `outrigger-bench resilience` a failing endpoint behind retries (see `resilience.rs`).
 //!
 //! Latency percentiles come from h2load's per-request log, CPU from the proxy process's own
 //! user+system time in /proc, and memory from its VmRSS (idle, after start) and VmHWM (peak).
@@ -55,7 +56,7 @@ fn parse_args() -> Args {
 }
 
 /// One load shape, driven by h2load against whichever address is under test.
-struct Scenario {
+pub(crate) struct Scenario {
     name: &'static str,
     h2load: Vec<String>,
     fixed_rate: bool,
@@ -96,7 +97,7 @@ fn scenarios(args: &Args) -> Vec<Scenario> {
     ]
 }
 
-struct Target {
+pub(crate) struct Target {
     name: &'static str,
     addr: SocketAddr,
     child: Option<Child>,
@@ -128,6 +129,13 @@ pub(crate) fn wait_for_port(addr: SocketAddr) {
 
 /// The upstream every path ends at: a 1-thread hyper server answering a fixed 128-byte body.
 fn start_upstream() -> SocketAddr {
+    start_upstream_failing(0)
+}
+
+/// An upstream that answers every `fail_every`-th request with 503 (0: never), so that a
+/// failure share is exact rather than sampled.
+pub(crate) fn start_upstream_failing(fail_every: u64) -> SocketAddr {
+    let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let std_listener = StdListener::bind("127.0.0.1:0").unwrap();
     std_listener.set_nonblocking(true).unwrap();
     let addr = std_listener.local_addr().unwrap();
@@ -144,11 +152,18 @@ fn start_upstream() -> SocketAddr {
                     continue;
                 };
                 let _ = stream.set_nodelay(true);
-                let body = body.clone();
+                let (body, counter) = (body.clone(), counter.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |_req| {
                         let body = body.clone();
-                        async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(body))) }
+                        let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                        async move {
+                            let mut resp = hyper::Response::new(Full::new(body));
+                            if fail_every > 0 && n % fail_every == 0 {
+                                *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                            }
+                            Ok::<_, Infallible>(resp)
+                        }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
@@ -165,9 +180,14 @@ fn start_outrigger(args: &Args, upstream: SocketAddr, dir: &Path) -> Target {
     let config = format!(
         "admin:\n  address: {admin}\nworkers: 1\nlisteners:\n  - name: bench\n    address: {addr}\n    direction: outbound\n    virtual_hosts:\n      - name: all\n        domains: [\"*\"]\n        routes:\n          - backends: [{{cluster: upstream}}]\nclusters:\n  - name: upstream\n    endpoints: [{{address: \"{upstream}\"}}]\n"
     );
+    spawn_outrigger(&args.proxy_bin, &config, addr, dir)
+}
+
+/// Runs our proxy, single worker, on a config that listens on `addr`.
+pub(crate) fn spawn_outrigger(bin: &Path, config: &str, addr: SocketAddr, dir: &Path) -> Target {
     let path = dir.join("outrigger.yaml");
     std::fs::write(&path, config).unwrap();
-    let child = Command::new(&args.proxy_bin)
+    let child = Command::new(bin)
         .args(["run", "--workers", "1", "--config"])
         .arg(&path)
         .env("RUST_LOG", "warn")
@@ -176,7 +196,7 @@ fn start_outrigger(args: &Args, upstream: SocketAddr, dir: &Path) -> Target {
         .unwrap_or_else(|e| {
             panic!(
                 "cannot start {}: {e} (build it: cargo build --release)",
-                args.proxy_bin.display()
+                bin.display()
             )
         });
     wait_for_port(addr);
@@ -228,6 +248,11 @@ static_resources:
         port = addr.port(),
         up_port = upstream.port()
     );
+    spawn_envoy(envoy, &config, addr, dir)
+}
+
+/// Runs Envoy, single worker, on a config that listens on `addr`.
+pub(crate) fn spawn_envoy(envoy: &Path, config: &str, addr: SocketAddr, dir: &Path) -> Target {
     let path = dir.join("envoy.yaml");
     std::fs::write(&path, config).unwrap();
     let child = Command::new(envoy)
@@ -281,7 +306,7 @@ pub(crate) fn memory_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-struct Measured {
+pub(crate) struct Measured {
     requests: u64,
     failed: u64,
     rps: f64,
@@ -290,7 +315,7 @@ struct Measured {
     cpu_us_per_req: Option<f64>,
 }
 
-fn run_h2load(scenario: &Scenario, target: &Target, log: &Path) -> Measured {
+pub(crate) fn run_h2load(scenario: &Scenario, target: &Target, log: &Path) -> Measured {
     let pid = target.child.as_ref().map(|c| c.id());
     // h2load appends to its log; each run must start from an empty one.
     let _ = std::fs::remove_file(log);
@@ -343,13 +368,15 @@ fn run_h2load(scenario: &Scenario, target: &Target, log: &Path) -> Measured {
     }
 }
 
+mod resilience;
 mod xds_scale;
 
 fn main() {
     let raw: Vec<String> = std::env::args().skip(1).collect();
-    if raw.first().map(String::as_str) == Some("xds-scale") {
-        xds_scale::run(&raw[1..], Path::new("target/bench"));
-        return;
+    match raw.first().map(String::as_str) {
+        Some("xds-scale") => return xds_scale::run(&raw[1..], Path::new("target/bench")),
+        Some("resilience") => return resilience::run(&raw[1..], Path::new("target/bench")),
+        _ => {}
     }
     let args = parse_args();
     let dir = std::env::temp_dir().join(format!("outrigger-bench-{}", std::process::id()));

@@ -295,6 +295,12 @@ pub struct CircuitBreakerFile {
     /// Retries in flight; unlimited by default (the retry budget applies either way).
     #[serde(default)]
     pub max_retries: Option<u64>,
+    /// HTTP/1.1 connections to the cluster; default 1024.
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    /// Requests waiting for one of those connections; default 1024.
+    #[serde(default)]
+    pub max_pending: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

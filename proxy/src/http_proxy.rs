@@ -21,6 +21,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 
 use crate::balance::{Cluster, Endpoint, pick_backend};
+use crate::circuit_breaker::Overflow;
 use crate::config::UpstreamProtocol;
 use crate::error::ProxyError;
 use crate::metrics::Metrics;
@@ -197,6 +198,20 @@ async fn attempt(
         cluster.protocol,
         upgrade,
     )?;
+    // An HTTP/1.1 request needs a connection to itself until its response head.
+    let _connection = match (upgrade, cluster.protocol) {
+        (false, UpstreamProtocol::Http1) => match cluster.breaker.connection().await {
+            Ok(permit) => Some(permit),
+            Err(Overflow::Pending) => {
+                ctx.metrics.overflow(&cluster.name, "pending");
+                return Err(ProxyError::Overloaded {
+                    cluster: cluster.name.clone(),
+                    limit: "max_pending",
+                });
+            }
+        },
+        _ => None,
+    };
     let in_flight = endpoint.start();
     let send = async {
         match (upgrade, cluster.protocol) {

@@ -287,15 +287,30 @@ impl Builder<'_> {
                 .and_then(|b| b.max_requests)
                 .unwrap_or(circuit_breaker::DEFAULT_MAX_REQUESTS);
             let max_retries = c.circuit_breaker.as_ref().and_then(|b| b.max_retries);
+            let max_connections = c
+                .circuit_breaker
+                .as_ref()
+                .and_then(|b| b.max_connections)
+                .unwrap_or(circuit_breaker::DEFAULT_MAX_CONNECTIONS);
+            let max_pending = c
+                .circuit_breaker
+                .as_ref()
+                .and_then(|b| b.max_pending)
+                .unwrap_or(circuit_breaker::DEFAULT_MAX_PENDING);
             cluster.breaker = match old {
                 // The same limits keep counting the requests already in flight.
                 Some(o)
                     if o.breaker.max_requests == max_requests
-                        && o.breaker.max_retries == max_retries =>
+                        && o.breaker.max_retries == max_retries
+                        && o.breaker.max_connections == max_connections
+                        && o.breaker.max_pending == max_pending =>
                 {
                     o.breaker.clone()
                 }
-                _ => Arc::new(CircuitBreaker::new(max_requests, max_retries)),
+                _ => Arc::new(
+                    CircuitBreaker::new(max_requests, max_retries)
+                        .with_connections(max_connections, max_pending),
+                ),
             };
             cluster.outlier = match &c.outlier {
                 None => None,

@@ -18,8 +18,8 @@ use prost::Name;
 use crate::config::{CircuitBreakerFile, OutlierFile, RateLimitFile, RetryBudgetFile, RetryFile};
 use crate::xds_translate::{decode, duration_text, refuse, sp};
 
-/// Of the circuit-breaker thresholds, the proxy implements requests, retries and the retry
-/// budget so far.
+/// The circuit-breaker thresholds of the default priority; the high-priority set has no
+/// meaning here, since the proxy routes every request at one priority.
 pub(crate) fn thresholds(
     what: &str,
     cb: &CircuitBreakers,
@@ -28,22 +28,18 @@ pub(crate) fn thresholds(
     for t in &cb.thresholds {
         refuse(
             what,
-            &[
-                (t.priority != 0, "circuit_breakers.thresholds.priority"),
-                (
-                    t.max_connections.is_some(),
-                    "circuit_breakers.thresholds.max_connections",
-                ),
-                (
-                    t.max_pending_requests.is_some(),
-                    "circuit_breakers.thresholds.max_pending_requests",
-                ),
-            ],
+            &[(t.priority != 0, "circuit_breakers.thresholds.priority")],
         )?;
-        if t.max_requests.is_some() || t.max_retries.is_some() {
+        if t.max_requests.is_some()
+            || t.max_retries.is_some()
+            || t.max_connections.is_some()
+            || t.max_pending_requests.is_some()
+        {
             limits = Some(CircuitBreakerFile {
                 max_requests: t.max_requests.as_ref().map(|v| u64::from(v.value)),
                 max_retries: t.max_retries.as_ref().map(|v| u64::from(v.value)),
+                max_connections: t.max_connections.as_ref().map(|v| v.value),
+                max_pending: t.max_pending_requests.as_ref().map(|v| u64::from(v.value)),
             });
         }
         if let Some(b) = &t.retry_budget {

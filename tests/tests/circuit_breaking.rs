@@ -50,3 +50,52 @@ async fn overflow_fails_fast_with_the_header_and_recovers() {
         assert_eq!(client.get("app.test", "/").await.unwrap().status, 200);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_max_connections_requests_queue_and_past_max_pending_they_fail_fast() {
+    let up = upstreams::http("app").await;
+    let vhosts =
+        "- name: app\n  domains: [app.test]\n  routes:\n    - backends: [{cluster: app}]\n";
+    let clusters = format!(
+        "- name: app\n  circuit_breaker: {{max_connections: 1, max_pending: 1}}\n  endpoints: [{{address: \"{}\"}}]\n",
+        up.addr
+    );
+    let proxy = TestProxy::start(&config(vhosts, &clusters)).await;
+    let client = TestClient::http2(proxy.addr("outbound")).await;
+
+    let started = Instant::now();
+    let calls = (0..3).map(|i| {
+        let client = client.clone();
+        async move {
+            // Staggered, so that the first holds the connection and the second is queued
+            // before the third arrives.
+            tokio::time::sleep(Duration::from_millis(100 * i)).await;
+            let r = client.get("app.test", "/slow/600").await.unwrap();
+            (r, started.elapsed())
+        }
+    });
+    let results = futures_util::future::join_all(calls).await;
+    let (first, second, third) = (&results[0], &results[1], &results[2]);
+    assert_eq!(first.0.status, 200);
+    assert_eq!(second.0.status, 200, "the pending request waited its turn");
+    assert!(
+        second.1 >= Duration::from_millis(1150),
+        "served after the first: {:?}",
+        second.1
+    );
+    assert_eq!(third.0.status, 503, "{:?}", third.0);
+    assert_eq!(third.0.header("x-outrigger-overloaded"), Some("true"));
+    assert!(
+        third.1 < Duration::from_millis(500),
+        "failed fast: {:?}",
+        third.1
+    );
+    let metrics = get(proxy.admin(), "/metrics").await.body;
+    assert!(
+        metrics.contains(
+            "outrigger_circuit_breaker_overflows_total{cluster=\"app\",limit=\"pending\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert_eq!(client.get("app.test", "/").await.unwrap().status, 200);
+}

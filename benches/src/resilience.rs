@@ -1,0 +1,209 @@
+//! The "resilience" scenario: three endpoints, one of which answers every tenth request
+//! with 503, behind our proxy and behind Envoy with the same retry and outlier policy.
+//!
+//! Both retry gateway errors twice, with backoff from 25 ms to 250 ms, to another endpoint
+//! where there is one, and eject an endpoint after 5 consecutive 5xx. The load is a fixed
+//! rate, so CPU per request compares like with like. What the client sees is the point:
+//! how many requests succeed, and what the retries cost in tail latency.
+//!
+//! `outrigger-bench resilience [--duration SECONDS] [--rate RPS]`
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::{
+    Scenario, Target, free_port, run_h2load, spawn_envoy, spawn_outrigger, start_upstream_failing,
+    wait_for_port,
+};
+
+fn outrigger_config(addr: SocketAddr, admin: SocketAddr, endpoints: &[SocketAddr]) -> String {
+    let list: Vec<String> = endpoints
+        .iter()
+        .map(|e| format!("{{address: \"{e}\"}}"))
+        .collect();
+    format!(
+        "admin:\n  address: {admin}\nworkers: 1\nlisteners:\n  - name: bench\n    address: {addr}\n    direction: outbound\n    virtual_hosts:\n      - name: all\n        domains: [\"*\"]\n        routes:\n          - retry: {{attempts: 2, on: [gateway-error], backoff_base: 25ms, backoff_max: 250ms}}\n            backends: [{{cluster: upstream}}]\nclusters:\n  - name: upstream\n    lb: round_robin\n    outlier: {{consecutive_5xx: 5, base_ejection: 30s, max_ejection_percent: 50}}\n    endpoints: [{}]\n",
+        list.join(", ")
+    )
+}
+
+fn envoy_config(addr: SocketAddr, admin: SocketAddr, endpoints: &[SocketAddr]) -> String {
+    let lb_endpoints: String = endpoints
+        .iter()
+        .map(|e| {
+            format!(
+                "              - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}\n",
+                e.port()
+            )
+        })
+        .collect();
+    format!(
+        r#"admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
+static_resources:
+  listeners:
+    - name: bench
+      address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: bench
+                codec_type: AUTO
+                route_config:
+                  virtual_hosts:
+                    - name: all
+                      domains: ["*"]
+                      routes:
+                        - match: {{prefix: "/"}}
+                          route:
+                            cluster: upstream
+                            retry_policy:
+                              retry_on: gateway-error
+                              num_retries: 2
+                              retry_back_off: {{base_interval: 0.025s, max_interval: 0.25s}}
+                              retry_host_predicate: [{{name: envoy.retry_host_predicates.previous_hosts, typed_config: {{"@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}}}}]
+                              host_selection_retry_max_attempts: 3
+                http_filters:
+                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+    - name: upstream
+      type: STATIC
+      lb_policy: ROUND_ROBIN
+      connect_timeout: 1s
+      outlier_detection: {{consecutive_5xx: 5, base_ejection_time: 30s, max_ejection_percent: 50}}
+      load_assignment:
+        cluster_name: upstream
+        endpoints:
+          - lb_endpoints:
+{lb_endpoints}"#,
+        admin_port = admin.port(),
+        port = addr.port(),
+    )
+}
+
+type Starter<'a> = Box<dyn Fn() -> Target + 'a>;
+
+pub fn run(raw: &[String], out_dir: &Path) {
+    let (mut duration, mut rate) = (10u64, 1000u64);
+    let mut proxy_bin = PathBuf::from("target/release/outrigger-proxy");
+    let mut it = raw.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--duration" => duration = value.parse().expect("--duration SECONDS"),
+            "--rate" => rate = value.parse().expect("--rate REQUESTS_PER_SECOND"),
+            "--proxy" => proxy_bin = value.into(),
+            other => panic!("unknown flag {other}; flags: --duration S --rate RPS --proxy PATH"),
+        }
+    }
+    let envoy = std::env::var_os("ENVOY_BIN").map(PathBuf::from);
+    let dir = std::env::temp_dir().join(format!("outrigger-bench-res-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::create_dir_all(out_dir).unwrap();
+    let endpoints = [
+        start_upstream_failing(0),
+        start_upstream_failing(0),
+        start_upstream_failing(10),
+    ];
+    for e in endpoints {
+        wait_for_port(e);
+    }
+    let per_client = (rate / 10).max(1).to_string();
+    let d = duration.to_string();
+    let scenario = Scenario {
+        name: "resilience",
+        h2load: [
+            "--h1",
+            "-c",
+            "10",
+            "-t",
+            "1",
+            "--rps",
+            &per_client,
+            "-D",
+            &d,
+        ]
+        .map(String::from)
+        .to_vec(),
+        fixed_rate: true,
+    };
+
+    let mut targets: Vec<(&str, Starter)> = vec![(
+        "outrigger",
+        Box::new(|| {
+            let (addr, admin) = (free_port(), free_port());
+            spawn_outrigger(
+                &proxy_bin,
+                &outrigger_config(addr, admin, &endpoints),
+                addr,
+                &dir,
+            )
+        }),
+    )];
+    match &envoy {
+        Some(envoy) => targets.push((
+            "envoy",
+            Box::new(|| {
+                let (addr, admin) = (free_port(), free_port());
+                spawn_envoy(envoy, &envoy_config(addr, admin, &endpoints), addr, &dir)
+            }),
+        )),
+        None => eprintln!("ENVOY_BIN is not set: Envoy is left out (scripts/bench installs it)"),
+    }
+
+    let mut rows = Vec::new();
+    let mut table = String::new();
+    table.push_str(&format!(
+        "{:<10} {:>9} {:>10} {:>9} {:>9} {:>11}\n",
+        "target", "requests", "success %", "p50 ms", "p99 ms", "cpu µs/req"
+    ));
+    for (name, start) in &targets {
+        let target = start();
+        std::thread::sleep(Duration::from_millis(500));
+        eprintln!("running resilience through {name}");
+        let m = run_h2load(&scenario, &target, &dir.join("h2load.log"));
+        let success = 100.0 * (m.requests - m.failed) as f64 / m.requests.max(1) as f64;
+        table.push_str(&format!(
+            "{:<10} {:>9} {:>10.3} {:>9.3} {:>9.3} {:>11}\n",
+            name,
+            m.requests,
+            success,
+            m.p50_ms,
+            m.p99_ms,
+            m.cpu_us_per_req.map_or("-".into(), |c| format!("{c:.1}"))
+        ));
+        rows.push(json!({
+            "scenario": "resilience",
+            "target": name,
+            "requests": m.requests,
+            "failed": m.failed,
+            "success_percent": success,
+            "p50_ms": m.p50_ms,
+            "p99_ms": m.p99_ms,
+            "cpu_us_per_request": m.cpu_us_per_req,
+            "h2load_args": scenario.h2load.join(" "),
+        }));
+    }
+    println!("\n{table}");
+    let doc = json!({
+        "command": std::env::args().collect::<Vec<_>>().join(" "),
+        "duration_s": duration,
+        "fixed_rate_rps": rate,
+        "endpoints": 3,
+        "failing": "one endpoint answers every 10th request with 503",
+        "rows": rows,
+    });
+    let path = out_dir.join("resilience.json");
+    let mut f = std::fs::File::create(&path).unwrap();
+    writeln!(f, "{}", serde_json::to_string_pretty(&doc).unwrap()).unwrap();
+    println!("wrote {}", path.display());
+    let _ = std::fs::remove_dir_all(&dir);
+}
