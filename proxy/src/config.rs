@@ -91,6 +91,9 @@ pub struct ListenerFile {
     /// this name (added after any written here).
     #[serde(default)]
     pub rds: Option<String>,
+    /// HTTP connections with no request in flight for this long are closed; default 1h.
+    #[serde(default)]
+    pub idle_timeout: Option<Spanned<String>>,
     /// One token bucket for every HTTP request this listener takes: the service's own limit.
     #[serde(default)]
     pub rate_limit: Option<RateLimitFile>,

@@ -118,10 +118,7 @@ async fn forward<'a>(
 
     let upgrade = is_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let retry = route
-        .retry
-        .as_ref()
-        .filter(|p| p.retries > 0 && !upgrade && p.allows_method(req.method()));
+    let retry = route.retry.as_ref().filter(|p| p.retries > 0 && !upgrade);
     let send = async {
         match retry {
             Some(policy) => match replayable(req).await? {
@@ -367,7 +364,10 @@ async fn send_with_retries(
             Err(ProxyError::UpstreamFailed { .. }) => Outcome::Reset,
             Err(_) => return result,
         };
-        if number >= policy.retries || !retriable(&policy.on, &outcome) {
+        if number >= policy.retries
+            || !retriable(&policy.on, &outcome)
+            || !policy.allows(&head.method, &head.headers, &outcome)
+        {
             return result;
         }
         // An upstream that says when to come back is taken at its word. If that is past the
@@ -389,7 +389,7 @@ async fn send_with_retries(
             ctx.metrics.overflow(&cluster.name, "retries");
             return result;
         };
-        ctx.metrics.retry(ctx.direction, &route.name);
+        ctx.metrics.retry(ctx.direction, &route.name, wait);
         _retry_slot = Some((slot, breaker_slot));
         avoid = Some(endpoint.addr);
         drop(result);

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod detect;
 pub mod error;
 pub mod http_proxy;
+pub mod idle;
 pub mod listener;
 pub mod metrics;
 pub mod outlier;

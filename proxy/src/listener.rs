@@ -4,6 +4,7 @@
 //! request in flight and close; HTTP/2 connections send GOAWAY and finish their streams;
 //! opaque TCP runs on until the drain deadline.
 
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::ListenerProtocol;
 use crate::detect::{self, Prefixed, Protocol};
 use crate::http_proxy::{self, HttpContext};
+use crate::idle::{Activity, Tracked};
 use crate::tcp;
 
 /// Protects the proxy from peers that send huge or endless headers.
@@ -80,8 +82,9 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
     ctx.metrics.connection_opened(&name, protocol.label());
     match protocol {
         Protocol::Http1 | Protocol::Http2 => {
+            let idle = listener.idle_timeout;
             drop(snapshot);
-            if serve_http(io, protocol, ctx.clone(), shutdown)
+            if serve_http(io, protocol, idle, ctx.clone(), shutdown)
                 .await
                 .is_err()
             {
@@ -111,6 +114,7 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
 async fn serve_http<I>(
     io: I,
     protocol: Protocol,
+    idle: Duration,
     ctx: Arc<HttpContext>,
     shutdown: Shutdown,
 ) -> Result<(), hyper::Error>
@@ -122,7 +126,17 @@ where
         tracker,
     } = shutdown;
     let _guard = tracker;
-    let svc = service_fn(move |req| http_proxy::handle(ctx.clone(), req));
+    let activity = Arc::new(Activity::default());
+    let svc = {
+        let activity = activity.clone();
+        service_fn(move |req| {
+            let (ctx, in_flight) = (ctx.clone(), activity.request());
+            async move {
+                let resp = http_proxy::handle(ctx, req).await?;
+                Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, in_flight)))
+            }
+        })
+    };
     let io = TokioIo::new(io);
     // Both connection types have the same graceful-shutdown dance but no common trait.
     macro_rules! drive {
@@ -135,6 +149,10 @@ where
             tokio::select! {
                 res = conn.as_mut() => res,
                 _ = signal.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                _ = activity.idle_for(idle) => {
                     conn.as_mut().graceful_shutdown();
                     conn.await
                 }

@@ -57,6 +57,7 @@ pub struct Metrics {
     reloads: Family<ResultLabels, Counter>,
     config_version: Gauge,
     retries: Family<RouteLabels, Counter>,
+    backoff: Family<RouteLabels, Histogram, fn() -> Histogram>,
     budget_exhausted: Family<ClusterLabels, Counter>,
     overflows: Family<OverflowLabels, Counter>,
     ejections: Family<ClusterLabels, Counter>,
@@ -95,6 +96,14 @@ impl Metrics {
         let reloads = Family::<ResultLabels, Counter>::default();
         let config_version = Gauge::default();
         let retries = Family::<RouteLabels, Counter>::default();
+        let backoff = Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+            latency_histogram,
+        );
+        registry.register(
+            "retry_backoff_seconds",
+            "How long each retry waited before it was sent (backoff or Retry-After)",
+            backoff.clone(),
+        );
         let budget_exhausted = Family::<ClusterLabels, Counter>::default();
         let overflows = Family::<OverflowLabels, Counter>::default();
         let ejections = Family::<ClusterLabels, Counter>::default();
@@ -181,6 +190,7 @@ impl Metrics {
             reloads,
             config_version,
             retries,
+            backoff,
             budget_exhausted,
             overflows,
             ejections,
@@ -229,13 +239,15 @@ impl Metrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    pub fn retry(&self, direction: &'static str, route: &str) {
-        self.retries
-            .get_or_create(&RouteLabels {
-                direction,
-                route: route.to_string(),
-            })
-            .inc();
+    pub fn retry(&self, direction: &'static str, route: &str, waited: Duration) {
+        let labels = RouteLabels {
+            direction,
+            route: route.to_string(),
+        };
+        self.retries.get_or_create(&labels).inc();
+        self.backoff
+            .get_or_create(&labels)
+            .observe(waited.as_secs_f64());
     }
 
     pub fn retry_budget_exhausted(&self, cluster: &str) {

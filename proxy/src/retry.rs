@@ -73,8 +73,19 @@ impl RetryPolicy {
         cap.mul_f64(fastrand::f64())
     }
 
-    pub fn allows_method(&self, method: &Method) -> bool {
-        self.non_idempotent || method.is_idempotent()
+    /// Whether a request may be sent again after this outcome. A request that never left
+    /// (the connection failed) may always be. Otherwise the method must be idempotent, or the
+    /// policy must opt in; gRPC calls are all POST, and their policy opts in by naming the
+    /// gRPC statuses to retry on, as gRPC's own retry policy does.
+    pub fn allows(&self, method: &Method, headers: &HeaderMap, outcome: &Outcome<'_>) -> bool {
+        let grpc = headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/grpc"));
+        matches!(outcome, Outcome::ConnectFailed)
+            || self.non_idempotent
+            || method.is_idempotent()
+            || grpc
     }
 }
 
@@ -224,9 +235,18 @@ mod tests {
     #[test]
     fn only_idempotent_methods_unless_opted_in() {
         let mut p = policy();
-        assert!(p.allows_method(&Method::GET) && p.allows_method(&Method::PUT));
-        assert!(!p.allows_method(&Method::POST));
+        let (plain, empty) = (HeaderMap::new(), HeaderMap::new());
+        let failed = Outcome::Response(StatusCode::SERVICE_UNAVAILABLE, &empty);
+        assert!(p.allows(&Method::GET, &plain, &failed) && p.allows(&Method::PUT, &plain, &failed));
+        assert!(!p.allows(&Method::POST, &plain, &failed));
+        assert!(
+            p.allows(&Method::POST, &plain, &Outcome::ConnectFailed),
+            "it never left"
+        );
+        let mut grpc = HeaderMap::new();
+        grpc.insert("content-type", "application/grpc+proto".parse().unwrap());
+        assert!(p.allows(&Method::POST, &grpc, &failed));
         p.non_idempotent = true;
-        assert!(p.allows_method(&Method::POST));
+        assert!(p.allows(&Method::POST, &plain, &failed));
     }
 }

@@ -34,6 +34,7 @@ pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 pub const DEFAULT_DETECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+pub const DEFAULT_HTTP_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 pub struct RuntimeConfig {
     /// Increases by one with every accepted config.
@@ -57,6 +58,8 @@ pub struct Listener {
     pub virtual_hosts: Vec<VirtualHost>,
     pub tcp: Option<TcpRoute>,
     pub rate_limit: Option<Arc<RateLimiter>>,
+    /// Downstream HTTP connections with nothing in flight this long are closed.
+    pub idle_timeout: Duration,
 }
 
 pub struct TcpRoute {
@@ -415,6 +418,11 @@ impl Builder<'_> {
             domains,
             virtual_hosts,
             tcp,
+            idle_timeout: self.duration(
+                &l.idle_timeout,
+                &format!("{field}.idle_timeout"),
+                DEFAULT_HTTP_IDLE_TIMEOUT,
+            )?,
             rate_limit: self.rate_limiter(
                 &l.rate_limit,
                 &format!("{field}.rate_limit"),

@@ -146,7 +146,9 @@ async fn echo(name: &'static str, req: Request<Incoming>) -> Result<Response<Bod
 /// A gRPC-over-HTTP/2 echo server speaking the real wire format: every length-prefixed
 /// message is echoed back as soon as it arrives (so bidirectional streaming is visible),
 /// then trailers `grpc-status: 0`, `grpc-message: ok` and a custom `x-trailer: kept`.
-/// The method `/test.Echo/Fail` ends with `grpc-status: 5` instead.
+/// The method `/test.Echo/Fail` ends with `grpc-status: 5` instead, and
+/// `/test.Echo/UnavailableOnce` answers the first call for each `x-key` with a trailers-only
+/// `grpc-status: 14` (UNAVAILABLE), as a server that is shedding load would.
 pub async fn grpc() -> Upstream {
     serve(|listener| async move {
         loop {
@@ -165,6 +167,25 @@ pub async fn grpc() -> Upstream {
 }
 
 async fn grpc_echo(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+    static SEEN: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    if req.uri().path() == "/test.Echo/UnavailableOnce" {
+        let key = req
+            .headers()
+            .get("x-key")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let mut seen = SEEN.lock().unwrap();
+        if !seen.contains(&key) {
+            seen.push(key);
+            let mut resp = Response::new(full(Bytes::new()));
+            let h = resp.headers_mut();
+            h.insert("content-type", HeaderValue::from_static("application/grpc"));
+            h.insert("grpc-status", HeaderValue::from_static("14"));
+            h.insert("grpc-message", HeaderValue::from_static("shedding load"));
+            return Ok(resp);
+        }
+    }
     let fail = req.uri().path() == "/test.Echo/Fail";
     let mut body = req.into_body();
     let (tx, rx) = tokio::sync::mpsc::channel::<Frame<Bytes>>(16);
