@@ -44,7 +44,11 @@ pub enum ProxyError {
     #[error("upstream did not answer within {after:?}")]
     UpstreamTimeout { after: Duration },
     #[error("upstream failed: {reason}")]
-    UpstreamFailed { reason: String },
+    UpstreamFailed {
+        reason: String,
+        /// HTTP/2 REFUSED_STREAM: the upstream did not process the request.
+        refused: bool,
+    },
     #[error("{scope} is over its rate limit")]
     RateLimited {
         scope: String,

@@ -361,6 +361,7 @@ async fn send_with_retries(
             Ok(resp) => Outcome::Response(resp.status(), resp.headers()),
             Err(ProxyError::UpstreamConnect { .. }) => Outcome::ConnectFailed,
             Err(ProxyError::UpstreamTimeout { .. }) => Outcome::TimedOut,
+            Err(ProxyError::UpstreamFailed { refused: true, .. }) => Outcome::Refused,
             Err(ProxyError::UpstreamFailed { .. }) => Outcome::Reset,
             Err(_) => return result,
         };

@@ -74,7 +74,7 @@ impl RetryPolicy {
     }
 
     /// Whether a request may be sent again after this outcome. A request that never left
-    /// (the connection failed) may always be. Otherwise the method must be idempotent, or the
+    /// (the connection failed) or was refused unprocessed may always be. Otherwise the method must be idempotent, or the
     /// policy must opt in; gRPC calls are all POST, and their policy opts in by naming the
     /// gRPC statuses to retry on, as gRPC's own retry policy does.
     pub fn allows(&self, method: &Method, headers: &HeaderMap, outcome: &Outcome<'_>) -> bool {
@@ -82,7 +82,7 @@ impl RetryPolicy {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("application/grpc"));
-        matches!(outcome, Outcome::ConnectFailed)
+        matches!(outcome, Outcome::ConnectFailed | Outcome::Refused)
             || self.non_idempotent
             || method.is_idempotent()
             || grpc
@@ -106,6 +106,8 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 /// What one attempt came to, as far as retrying is concerned.
 pub enum Outcome<'a> {
     ConnectFailed,
+    /// HTTP/2 REFUSED_STREAM: not processed.
+    Refused,
     Reset,
     /// The per-try timeout passed.
     TimedOut,
@@ -115,7 +117,8 @@ pub enum Outcome<'a> {
 pub fn retriable(on: &RetryOn, outcome: &Outcome<'_>) -> bool {
     match outcome {
         Outcome::ConnectFailed => on.connect_failure,
-        Outcome::Reset => on.reset || on.refused_stream,
+        Outcome::Refused => on.refused_stream || on.reset,
+        Outcome::Reset => on.reset,
         // As Envoy: a per-try timeout counts as a gateway error.
         Outcome::TimedOut => on.gateway_error || on.server_error,
         Outcome::Response(status, headers) => {

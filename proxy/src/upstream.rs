@@ -82,9 +82,7 @@ impl UpstreamClient {
                     reason: source_chain(&e),
                 }
             } else {
-                ProxyError::UpstreamFailed {
-                    reason: source_chain(&e),
-                }
+                failed(&e)
             }
         })
     }
@@ -104,12 +102,7 @@ impl UpstreamClient {
                 reason: e.to_string(),
             })?;
         tokio::spawn(conn.with_upgrades());
-        sender
-            .send_request(req)
-            .await
-            .map_err(|e| ProxyError::UpstreamFailed {
-                reason: source_chain(&e),
-            })
+        sender.send_request(req).await.map_err(|e| failed(&e))
     }
 }
 
@@ -160,16 +153,28 @@ impl H2Connection {
                 }
             }
         };
-        sender
-            .send_request(req)
-            .await
-            .map_err(|e| ProxyError::UpstreamFailed {
-                reason: source_chain(&e),
-            })
+        sender.send_request(req).await.map_err(|e| failed(&e))
     }
 }
 
 /// The innermost cause is usually the informative one ("connection refused").
+/// An exchange that broke after the connection was made. HTTP/2's REFUSED_STREAM is told
+/// apart: it promises the upstream did not process the request, so any method may be retried.
+fn failed(e: &(dyn std::error::Error + 'static)) -> ProxyError {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    let mut refused = false;
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            refused |= h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        cur = err.source();
+    }
+    ProxyError::UpstreamFailed {
+        reason: source_chain(e),
+        refused,
+    }
+}
+
 fn source_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();

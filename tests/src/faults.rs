@@ -185,3 +185,38 @@ async fn connection(name: &str, mut stream: TcpStream, faults: &Faults) -> std::
         stream.write_all(response.as_bytes()).await?;
     }
 }
+
+/// An HTTP/2 upstream that refuses the first stream it is sent (RST_STREAM with
+/// REFUSED_STREAM, which promises the request was not processed) and answers the rest with
+/// 200. Returns the upstream and how many streams it has seen.
+pub async fn refuses_first_stream() -> (Upstream, Arc<AtomicU32>) {
+    let seen = Arc::new(AtomicU32::new(0));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let counter = seen.clone();
+    let task = tokio::spawn(async move {
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let counter = counter.clone();
+            connections.spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(stream).await else {
+                    return;
+                };
+                while let Some(Ok((_req, mut respond))) = conn.accept().await {
+                    if counter.fetch_add(1, Ordering::Relaxed) == 0 {
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
+                    let resp = http::Response::new(());
+                    if let Ok(mut body) = respond.send_response(resp, false) {
+                        let _ = body.send_data(bytes::Bytes::from_static(b"ok"), true);
+                    }
+                }
+            });
+        }
+    });
+    (Upstream::from_task(addr, task), seen)
+}

@@ -287,3 +287,55 @@ async fn a_post_that_never_left_is_retried_whatever_the_method() {
         assert_eq!(faults.seen(&path), 1, "delivered exactly once");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_stream_is_retried() {
+    let (up, streams) = faults::refuses_first_stream().await;
+    let vhosts = "- name: app\n  domains: [app.test]\n  routes:\n    - retry: {attempts: 1, on: [refused-stream]}\n      backends: [{cluster: app}]\n";
+    let proxy = TestProxy::start(&config(
+        vhosts,
+        &outrigger_tests::cluster("app", "http2", &[up.addr]),
+    ))
+    .await;
+    let client = TestClient::http1(proxy.addr("outbound"));
+    let r = client
+        .send(Method::POST, "app.test", "/", &[], "order")
+        .await
+        .unwrap();
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "ok"), "{r:?}");
+    assert_eq!(streams.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_5xx_is_retried_under_5xx_but_only_gateway_errors_under_gateway_error() {
+    let (up, faults) = faults::faulty("app").await;
+    let any = proxy(&[up.addr], "{attempts: 1, on: [5xx]}").await;
+    let client = TestClient::http1(any.addr("outbound"));
+    assert_eq!(
+        client
+            .get("app.test", "/fail/1/500/a")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(faults.seen("/fail/1/500/a"), 2);
+    let gateway = proxy(&[up.addr], "{attempts: 1, on: [gateway-error]}").await;
+    let client = TestClient::http1(gateway.addr("outbound"));
+    assert_eq!(
+        client
+            .get("app.test", "/fail/1/500/b")
+            .await
+            .unwrap()
+            .status,
+        500
+    );
+    assert_eq!(
+        client
+            .get("app.test", "/fail/1/502/c")
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+}
