@@ -214,6 +214,29 @@ mod tests {
         assert!(retriable(&on, &Outcome::Response(StatusCode::OK, &grpc)));
         grpc.insert("grpc-status", "5".parse().unwrap());
         assert!(!retriable(&on, &Outcome::Response(StatusCode::OK, &grpc)));
+        let all = RetryOn::parse([
+            "unavailable",
+            "cancelled",
+            "deadline-exceeded",
+            "resource-exhausted",
+        ])
+        .unwrap();
+        for code in ["14", "1", "4", "8"] {
+            grpc.insert("grpc-status", code.parse().unwrap());
+            let outcome = Outcome::Response(StatusCode::OK, &grpc);
+            assert!(retriable(&all, &outcome), "grpc-status {code}");
+            assert!(
+                code == "14" || !retriable(&on, &outcome),
+                "grpc-status {code} only when named"
+            );
+        }
+        assert!(!retriable(&all, &Outcome::Refused));
+        let refused = RetryOn::parse(["refused-stream"]).unwrap();
+        assert!(retriable(&refused, &Outcome::Refused));
+        assert!(
+            !retriable(&refused, &Outcome::Reset),
+            "a plain reset is not a refusal"
+        );
         assert_eq!(RetryOn::parse(["sometimes"]), Err("sometimes".into()));
         let mut with_codes = on.clone();
         with_codes.status_codes = vec![429];
