@@ -4,6 +4,7 @@
 pub mod ads;
 pub mod ads_delta;
 pub mod app;
+pub mod ca;
 pub mod demo;
 pub mod mesh;
 pub mod node_status;

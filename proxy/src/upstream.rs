@@ -157,7 +157,6 @@ impl H2Connection {
     }
 }
 
-/// The innermost cause is usually the informative one ("connection refused").
 /// An exchange that broke after the connection was made. HTTP/2's REFUSED_STREAM is told
 /// apart: it promises the upstream did not process the request, so any method may be retried.
 fn failed(e: &(dyn std::error::Error + 'static)) -> ProxyError {
@@ -175,6 +174,7 @@ fn failed(e: &(dyn std::error::Error + 'static)) -> ProxyError {
     }
 }
 
+/// The innermost cause is usually the informative one ("connection refused").
 fn source_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cur = e.source();

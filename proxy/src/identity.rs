@@ -1,0 +1,154 @@
+//! The proxy's workload identity: its certificate chain and key, and the trust bundle it
+//! checks peers against. Both are swapped atomically, so a rotated certificate or a new root
+//! takes effect for the next handshake while established connections carry on.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::spiffe::SpiffeId;
+
+/// The one crypto provider, chosen explicitly rather than by whichever feature is on.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+pub struct Workload {
+    pub id: SpiffeId,
+    pub key: Arc<CertifiedKey>,
+    pub not_after: SystemTime,
+}
+
+pub struct IdentityStore {
+    workload: ArcSwapOption<Workload>,
+    roots: ArcSwap<RootCertStore>,
+    /// Rebuilt with each trust bundle: rustls's client-certificate chain check.
+    client_verifier: ArcSwapOption<Arc<dyn ClientCertVerifier>>,
+}
+
+impl Default for IdentityStore {
+    fn default() -> Self {
+        IdentityStore {
+            workload: ArcSwapOption::empty(),
+            roots: ArcSwap::from_pointee(RootCertStore::empty()),
+            client_verifier: ArcSwapOption::empty(),
+        }
+    }
+}
+
+fn certificates(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{what}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{what}: no PEM certificate"));
+    }
+    Ok(certs)
+}
+
+impl IdentityStore {
+    pub fn workload(&self) -> Option<Arc<Workload>> {
+        self.workload.load_full()
+    }
+
+    pub fn roots(&self) -> Arc<RootCertStore> {
+        self.roots.load_full()
+    }
+
+    pub fn client_verifier(&self) -> Option<Arc<dyn ClientCertVerifier>> {
+        self.client_verifier.load_full().map(|v| (*v).clone())
+    }
+
+    /// Replaces the trust bundle: every root in it is trusted (during a root rotation, the
+    /// old and the new).
+    pub fn set_bundle(&self, bundle_pem: &[u8]) -> Result<(), String> {
+        let mut roots = RootCertStore::empty();
+        for cert in certificates(bundle_pem, "trust bundle")? {
+            roots.add(cert).map_err(|e| format!("trust bundle: {e}"))?;
+        }
+        let roots = Arc::new(roots);
+        let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+            .build()
+            .map_err(|e| format!("trust bundle: {e}"))?;
+        self.roots.store(roots);
+        self.client_verifier.store(Some(Arc::new(verifier)));
+        Ok(())
+    }
+
+    /// Installs a certificate chain (leaf first) and its key, after checking that they belong
+    /// together and that the leaf carries a SPIFFE ID.
+    pub fn set_certificate(&self, chain_pem: &[u8], key_pem: &[u8]) -> Result<SpiffeId, String> {
+        let chain = certificates(chain_pem, "certificate")?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("key: {e}"))?;
+        let id = SpiffeId::from_certificate(&chain[0])?;
+        let (_, leaf) = X509Certificate::from_der(&chain[0]).map_err(|e| e.to_string())?;
+        let not_after = SystemTime::UNIX_EPOCH
+            + Duration::from_secs(leaf.validity().not_after.timestamp().max(0) as u64);
+        let key = CertifiedKey::from_der(chain, key, &provider())
+            .map_err(|e| format!("certificate and key: {e}"))?;
+        self.workload.store(Some(Arc::new(Workload {
+            id: id.clone(),
+            key: Arc::new(key),
+            not_after,
+        })));
+        Ok(id)
+    }
+}
+
+/// Where a file-based identity lives: what `outrigger-control-plane issue` writes, or what
+/// a Kubernetes secret mounts.
+#[derive(Debug, Clone)]
+pub struct IdentityFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub bundle: PathBuf,
+}
+
+impl IdentityFiles {
+    pub fn load_into(&self, store: &IdentityStore) -> Result<SpiffeId, String> {
+        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        store
+            .set_bundle(&read(&self.bundle)?)
+            .map_err(|e| format!("{}: {e}", self.bundle.display()))?;
+        store
+            .set_certificate(&read(&self.cert)?, &read(&self.key)?)
+            .map_err(|e| format!("{}: {e}", self.cert.display()))
+    }
+
+    fn stamp(&self) -> Option<Vec<SystemTime>> {
+        [&self.cert, &self.key, &self.bundle]
+            .iter()
+            .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+            .collect()
+    }
+
+    /// Reloads the files whenever they change. A bad set is logged and the identity in use
+    /// stays: a half-written rotation must not take traffic down.
+    pub async fn watch(self, store: Arc<IdentityStore>, every: Duration) {
+        let mut seen = self.stamp();
+        loop {
+            tokio::time::sleep(every).await;
+            let now = self.stamp();
+            if now == seen {
+                continue;
+            }
+            match self.load_into(&store) {
+                Ok(id) => {
+                    tracing::info!(identity = %id, "identity reloaded");
+                    seen = now;
+                }
+                Err(e) => tracing::warn!(error = %e, "identity not reloaded; keeping the old one"),
+            }
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! SPIFFE workload identities: `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`,
+//! carried as the only URI subject alternative name of an X.509-SVID.
+
+use std::fmt;
+
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SpiffeId {
+    pub trust_domain: String,
+    pub namespace: String,
+    pub service_account: String,
+}
+
+impl SpiffeId {
+    pub fn new(trust_domain: &str, namespace: &str, service_account: &str) -> Self {
+        SpiffeId {
+            trust_domain: trust_domain.to_string(),
+            namespace: namespace.to_string(),
+            service_account: service_account.to_string(),
+        }
+    }
+
+    /// Parses the mesh's form of ID; anything else is an error that says what was expected.
+    pub fn parse(text: &str) -> Result<SpiffeId, String> {
+        let bad = || format!("`{text}` is not spiffe://<trust-domain>/ns/<namespace>/sa/<account>");
+        let rest = text.strip_prefix("spiffe://").ok_or_else(bad)?;
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts.as_slice() {
+            [td, "ns", ns, "sa", sa]
+                if [td, ns, sa].iter().all(|p| {
+                    !p.is_empty()
+                        && p.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+                }) =>
+            {
+                Ok(SpiffeId::new(td, ns, sa))
+            }
+            _ => Err(bad()),
+        }
+    }
+
+    /// The identity in a certificate: its one `spiffe://` URI SAN.
+    pub fn from_certificate(der: &[u8]) -> Result<SpiffeId, String> {
+        let (_, cert) =
+            X509Certificate::from_der(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
+        let sans = cert
+            .subject_alternative_name()
+            .map_err(|e| format!("bad subjectAltName: {e}"))?
+            .ok_or("the certificate has no subjectAltName")?;
+        let uris: Vec<&str> = sans
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::URI(u) if u.starts_with("spiffe://") => Some(*u),
+                _ => None,
+            })
+            .collect();
+        match uris.as_slice() {
+            [one] => SpiffeId::parse(one),
+            [] => Err("the certificate has no spiffe:// URI SAN".into()),
+            _ => Err("the certificate has more than one spiffe:// URI SAN".into()),
+        }
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+/// Who may call: an exact identity, or every identity in a namespace
+/// (`spiffe://<td>/ns/<ns>/*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Principal {
+    Exact(SpiffeId),
+    Namespace {
+        trust_domain: String,
+        namespace: String,
+    },
+}
+
+impl Principal {
+    pub fn parse(text: &str) -> Result<Principal, String> {
+        if let Some(prefix) = text.strip_suffix("/*") {
+            // Reuse the ID grammar with a placeholder account.
+            let id = SpiffeId::parse(&format!("{prefix}/sa/x"))
+                .map_err(|_| format!("`{text}` is not spiffe://<trust-domain>/ns/<namespace>/*"))?;
+            return Ok(Principal::Namespace {
+                trust_domain: id.trust_domain,
+                namespace: id.namespace,
+            });
+        }
+        SpiffeId::parse(text).map(Principal::Exact)
+    }
+
+    pub fn matches(&self, id: &SpiffeId) -> bool {
+        match self {
+            Principal::Exact(want) => want == id,
+            Principal::Namespace {
+                trust_domain,
+                namespace,
+            } => &id.trust_domain == trust_domain && &id.namespace == namespace,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_and_principals() {
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/shop/sa/web").unwrap();
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+        for bad in [
+            "https://cluster.local/ns/shop/sa/web",
+            "spiffe://cluster.local/shop/web",
+            "spiffe://cluster.local/ns//sa/web",
+            "spiffe://cluster.local/ns/shop/sa/web/extra",
+        ] {
+            assert!(SpiffeId::parse(bad).is_err(), "{bad}");
+        }
+        let ns = Principal::parse("spiffe://cluster.local/ns/shop/*").unwrap();
+        assert!(ns.matches(&id));
+        assert!(!ns.matches(&SpiffeId::new("cluster.local", "pay", "web")));
+        assert!(!ns.matches(&SpiffeId::new("other.td", "shop", "web")));
+        let exact = Principal::parse("spiffe://cluster.local/ns/shop/sa/api").unwrap();
+        assert!(!exact.matches(&id));
+    }
+}
