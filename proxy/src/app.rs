@@ -16,6 +16,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 
+/// How often the identity files are checked for a rotated certificate or bundle.
+const IDENTITY_POLL: Duration = Duration::from_millis(500);
+
 use crate::admin::{self, AdminState};
 use crate::config::Direction;
 use crate::config_error::ConfigError;
@@ -184,6 +187,16 @@ pub async fn start(options: Options) -> Result<ProxyHandle, StartError> {
         crate::xds_client::spawn(store.clone(), settings);
     }
     tokio::spawn(store.clone().watch(options.watch_interval));
+    // Certificates rotate on their own schedule, not the config file's.
+    let current = store.current.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(IDENTITY_POLL).await;
+            if let Some(identity) = &current.load().identity {
+                identity.files.refresh(&identity.store);
+            }
+        }
+    });
     admin.ready.store(true, Ordering::Relaxed);
 
     Ok(ProxyHandle {

@@ -35,7 +35,14 @@ pub struct Cluster {
     pub breaker: Arc<CircuitBreaker>,
     /// `None`: outlier detection is off for this cluster.
     pub outlier: Option<OutlierPolicy>,
+    /// `Some`: mTLS to the endpoints, which must prove one of these identities.
+    pub tls: Option<ClusterTls>,
     next: AtomicUsize,
+}
+
+pub struct ClusterTls {
+    pub config: Arc<rustls::ClientConfig>,
+    pub identities: Vec<crate::spiffe::SpiffeId>,
 }
 
 impl Cluster {
@@ -57,6 +64,7 @@ impl Cluster {
             retry_budget: Arc::new(RetryBudget::default()),
             breaker: Arc::new(CircuitBreaker::default()),
             outlier: None,
+            tls: None,
             next: AtomicUsize::new(0),
         }
     }

@@ -26,6 +26,52 @@ pub struct ConfigFile {
     /// Routes and clusters from a control plane over ADS, added to what this file declares.
     #[serde(default)]
     pub xds: Option<XdsFile>,
+    /// This workload's certificate, key and trust bundle, as PEM files; reloaded when they
+    /// change. Needed by any `tls` below.
+    #[serde(default)]
+    pub identity: Option<IdentityFile>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityFile {
+    pub cert: Spanned<String>,
+    pub key: Spanned<String>,
+    pub bundle: Spanned<String>,
+}
+
+/// Whether a listener also takes plaintext.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum TlsMode {
+    /// mTLS only: plaintext connections are closed.
+    Strict,
+    /// mTLS and plaintext, while a service moves onto the mesh.
+    Permissive,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsFile {
+    pub mode: TlsMode,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationFile {
+    /// What happens to a caller no rule names: `deny` (the default) or `allow`.
+    #[serde(default)]
+    pub default: Option<Spanned<String>>,
+    /// SPIFFE IDs, or `spiffe://<td>/ns/<namespace>/*` for a whole namespace.
+    #[serde(default)]
+    pub allow: Vec<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterTlsFile {
+    /// The SPIFFE IDs the endpoints may have; any other peer is refused.
+    pub identities: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -97,6 +143,12 @@ pub struct ListenerFile {
     /// One token bucket for every HTTP request this listener takes: the service's own limit.
     #[serde(default)]
     pub rate_limit: Option<RateLimitFile>,
+    /// Terminate mTLS from other proxies.
+    #[serde(default)]
+    pub tls: Option<ListenerTlsFile>,
+    /// Which callers may use this listener's HTTP routes, by SPIFFE ID.
+    #[serde(default)]
+    pub authorization: Option<AuthorizationFile>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -272,6 +324,9 @@ pub struct ClusterFile {
     /// Off unless set; unset fields take the defaults (5, 5, 30s, 300s, 50 %).
     #[serde(default)]
     pub outlier: Option<OutlierFile>,
+    /// Originate mTLS to the endpoints (as HTTP/2, whatever `protocol` says).
+    #[serde(default)]
+    pub tls: Option<ClusterTlsFile>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

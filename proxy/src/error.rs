@@ -49,6 +49,8 @@ pub enum ProxyError {
         /// HTTP/2 REFUSED_STREAM: the upstream did not process the request.
         refused: bool,
     },
+    #[error("caller {peer} may not use this service")]
+    Denied { peer: String },
     #[error("{scope} is over its rate limit")]
     RateLimited {
         scope: String,
@@ -67,6 +69,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamFailed { .. } => StatusCode::BAD_GATEWAY,
             ProxyError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ProxyError::Denied { .. } => StatusCode::FORBIDDEN,
         }
     }
 
@@ -81,6 +84,7 @@ impl ProxyError {
             ProxyError::UpstreamTimeout { .. } => "timeout",
             ProxyError::UpstreamFailed { .. } => "upstream-failed",
             ProxyError::RateLimited { .. } => "rate-limited",
+            ProxyError::Denied { .. } => "denied",
         }
     }
 
@@ -91,7 +95,8 @@ impl ProxyError {
             | ProxyError::NoRoute { .. }
             | ProxyError::NoEndpoint { .. }
             | ProxyError::Overloaded { .. }
-            | ProxyError::RateLimited { .. } => Side::Internal,
+            | ProxyError::RateLimited { .. }
+            | ProxyError::Denied { .. } => Side::Internal,
             ProxyError::UpstreamConnect { .. }
             | ProxyError::UpstreamTimeout { .. }
             | ProxyError::UpstreamFailed { .. } => Side::Upstream,

@@ -24,6 +24,7 @@ use crate::balance::{Cluster, Endpoint, pick_backend};
 use crate::circuit_breaker::Overflow;
 use crate::config::UpstreamProtocol;
 use crate::error::ProxyError;
+use crate::listener::Peer;
 use crate::metrics::Metrics;
 use crate::outlier::Health;
 use crate::retry::{MAX_REPLAY_BODY, Outcome, RetryPolicy, retriable, retry_after};
@@ -33,6 +34,8 @@ use crate::upstream::Body;
 
 /// Tells the upstream which attempt this is (1 for the first).
 pub const ATTEMPT_HEADER: &str = "x-outrigger-attempt";
+/// Tells the app behind an mTLS listener the caller's verified SPIFFE ID.
+pub const CLIENT_ID_HEADER: &str = "x-outrigger-client-id";
 
 /// What every request on one listener shares.
 pub struct HttpContext {
@@ -74,6 +77,26 @@ async fn forward<'a>(
     route_label: &mut &'a str,
 ) -> Result<Response<Body>, ProxyError> {
     let listener = &snapshot.listeners[ctx.listener];
+    let peer = req.extensions().get::<Peer>().and_then(|p| p.0.clone());
+    if let Some(authz) = &listener.authorization
+        && !authz.allows(peer.as_deref())
+    {
+        let peer = peer.map(|p| p.to_string());
+        ctx.metrics.denied(&listener.name, peer.as_deref());
+        return Err(ProxyError::Denied {
+            peer: peer.unwrap_or_else(|| "without an identity".into()),
+        });
+    }
+    if listener.tls.is_some() {
+        // Only the proxy may say who the caller is; a header from the caller is a lie.
+        let headers = req.headers_mut();
+        headers.remove(CLIENT_ID_HEADER);
+        if let Some(peer) = &peer
+            && let Ok(value) = HeaderValue::from_str(&peer.to_string())
+        {
+            headers.insert(CLIENT_ID_HEADER, value);
+        }
+    }
     let host = request_host(&req)?;
     let (parts, body) = req.into_parts();
     let route = match router::route(listener, &host, &parts) {
@@ -223,9 +246,10 @@ async fn attempt(
             }
             (false, UpstreamProtocol::Http2) => {
                 let timeout = cluster.client.connect_timeout();
+                let tls = cluster.tls.as_ref().map(|t| &t.config);
                 endpoint
                     .h2
-                    .send(&cluster.name, endpoint.addr, timeout, upstream_req)
+                    .send(&cluster.name, endpoint.addr, timeout, tls, upstream_req)
                     .await
             }
         }

@@ -107,22 +107,40 @@ impl IdentityStore {
 
 /// Where a file-based identity lives: what `outrigger-control-plane issue` writes, or what
 /// a Kubernetes secret mounts.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct IdentityFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub bundle: PathBuf,
+    /// The files' modification times when last loaded.
+    loaded: std::sync::Mutex<Option<Vec<SystemTime>>>,
 }
 
 impl IdentityFiles {
+    pub fn new(cert: PathBuf, key: PathBuf, bundle: PathBuf) -> Self {
+        IdentityFiles {
+            cert,
+            key,
+            bundle,
+            loaded: std::sync::Mutex::new(None),
+        }
+    }
+
+    pub fn same_paths(&self, other: &IdentityFiles) -> bool {
+        (&self.cert, &self.key, &self.bundle) == (&other.cert, &other.key, &other.bundle)
+    }
+
     pub fn load_into(&self, store: &IdentityStore) -> Result<SpiffeId, String> {
+        let stamp = self.stamp();
         let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
         store
             .set_bundle(&read(&self.bundle)?)
             .map_err(|e| format!("{}: {e}", self.bundle.display()))?;
-        store
+        let id = store
             .set_certificate(&read(&self.cert)?, &read(&self.key)?)
-            .map_err(|e| format!("{}: {e}", self.cert.display()))
+            .map_err(|e| format!("{}: {e}", self.cert.display()))?;
+        *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
+        Ok(id)
     }
 
     fn stamp(&self) -> Option<Vec<SystemTime>> {
@@ -132,23 +150,16 @@ impl IdentityFiles {
             .collect()
     }
 
-    /// Reloads the files whenever they change. A bad set is logged and the identity in use
-    /// stays: a half-written rotation must not take traffic down.
-    pub async fn watch(self, store: Arc<IdentityStore>, every: Duration) {
-        let mut seen = self.stamp();
-        loop {
-            tokio::time::sleep(every).await;
-            let now = self.stamp();
-            if now == seen {
-                continue;
-            }
-            match self.load_into(&store) {
-                Ok(id) => {
-                    tracing::info!(identity = %id, "identity reloaded");
-                    seen = now;
-                }
-                Err(e) => tracing::warn!(error = %e, "identity not reloaded; keeping the old one"),
-            }
+    /// Reloads the files if they changed since the last load. A bad set is logged and the
+    /// identity in use stays: a half-written rotation must not take traffic down.
+    pub fn refresh(&self, store: &IdentityStore) {
+        let now = self.stamp();
+        if now.is_none() || *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) == now {
+            return;
+        }
+        match self.load_into(store) {
+            Ok(id) => tracing::info!(identity = %id, "identity reloaded"),
+            Err(e) => tracing::warn!(error = %e, "identity not reloaded; keeping the old one"),
         }
     }
 }

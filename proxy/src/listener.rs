@@ -14,16 +14,23 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::ListenerProtocol;
+use crate::config::{ListenerProtocol, TlsMode};
 use crate::detect::{self, Prefixed, Protocol};
 use crate::http_proxy::{self, HttpContext};
 use crate::idle::{Activity, Tracked};
+use crate::mtls;
+use crate::spiffe::SpiffeId;
 use crate::tcp;
 
 /// Protects the proxy from peers that send huge or endless headers.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 const MAX_HEADERS: usize = 128;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The caller's verified identity, on every request of an mTLS connection.
+#[derive(Clone)]
+pub struct Peer(pub Option<Arc<SpiffeId>>);
 
 pub struct Shutdown {
     pub signal: watch::Receiver<bool>,
@@ -80,11 +87,46 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
         },
     };
     ctx.metrics.connection_opened(&name, protocol.label());
+    let strict = listener
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.mode == TlsMode::Strict);
     match protocol {
+        Protocol::Tls if listener.tls.is_some() => {
+            let acceptor = listener.tls.as_ref().expect("checked").acceptor.clone();
+            let idle = listener.idle_timeout;
+            drop(snapshot);
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+                Ok(Ok(stream)) => {
+                    let conn = stream.get_ref().1;
+                    let peer = mtls::peer_identity(conn).map(Arc::new);
+                    let protocol = match conn.alpn_protocol() {
+                        Some(mtls::ALPN_H2) => Protocol::Http2,
+                        _ => Protocol::Http1,
+                    };
+                    if serve_http(stream, protocol, idle, peer, ctx.clone(), shutdown)
+                        .await
+                        .is_err()
+                    {
+                        ctx.metrics.connection_error(&name);
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, listener = %name, "TLS handshake failed");
+                    ctx.metrics.tls_handshake_failure(&name);
+                }
+                Err(_) => ctx.metrics.tls_handshake_failure(&name),
+            }
+        }
+        // Strict mTLS: whatever is not TLS is closed unread.
+        _ if strict => {
+            tracing::debug!(listener = %name, "plaintext refused in strict mTLS mode");
+            ctx.metrics.plaintext_refused(&name);
+        }
         Protocol::Http1 | Protocol::Http2 => {
             let idle = listener.idle_timeout;
             drop(snapshot);
-            if serve_http(io, protocol, idle, ctx.clone(), shutdown)
+            if serve_http(io, protocol, idle, None, ctx.clone(), shutdown)
                 .await
                 .is_err()
             {
@@ -115,6 +157,7 @@ async fn serve_http<I>(
     io: I,
     protocol: Protocol,
     idle: Duration,
+    peer: Option<Arc<SpiffeId>>,
     ctx: Arc<HttpContext>,
     shutdown: Shutdown,
 ) -> Result<(), hyper::Error>
@@ -129,7 +172,8 @@ where
     let activity = Arc::new(Activity::default());
     let svc = {
         let activity = activity.clone();
-        service_fn(move |req| {
+        service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(Peer(peer.clone()));
             let (ctx, in_flight) = (ctx.clone(), activity.request());
             async move {
                 let resp = http_proxy::handle(ctx, req).await?;

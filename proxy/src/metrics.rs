@@ -63,6 +63,16 @@ pub struct Metrics {
     ejections: Family<ClusterLabels, Counter>,
     ejected: Family<ClusterLabels, Gauge>,
     rate_limited: Family<RouteLabels, Counter>,
+    tls_failures: Family<ListenerLabels, Counter>,
+    plaintext_refused: Family<ListenerLabels, Counter>,
+    denied: Family<DeniedLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeniedLabels {
+    listener: String,
+    /// Bounded by the workloads in the mesh; "none" for a caller without an identity.
+    peer: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -109,6 +119,24 @@ impl Metrics {
         let ejections = Family::<ClusterLabels, Counter>::default();
         let ejected = Family::<ClusterLabels, Gauge>::default();
         let rate_limited = Family::<RouteLabels, Counter>::default();
+        let tls_failures = Family::<ListenerLabels, Counter>::default();
+        let plaintext_refused = Family::<ListenerLabels, Counter>::default();
+        let denied = Family::<DeniedLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "Inbound mTLS handshakes that failed (bad, expired or foreign certificates)",
+            tls_failures.clone(),
+        );
+        registry.register(
+            "plaintext_refused",
+            "Plaintext connections closed by a strict mTLS listener",
+            plaintext_refused.clone(),
+        );
+        registry.register(
+            "authorization_denied",
+            "Requests refused by authorization, by listener and caller identity",
+            denied.clone(),
+        );
         registry.register(
             "outlier_ejected_endpoints",
             "Endpoints ejected right now",
@@ -196,7 +224,35 @@ impl Metrics {
             ejections,
             ejected,
             rate_limited,
+            tls_failures,
+            plaintext_refused,
+            denied,
         }
+    }
+
+    pub fn tls_handshake_failure(&self, listener: &str) {
+        self.tls_failures
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn plaintext_refused(&self, listener: &str) {
+        self.plaintext_refused
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn denied(&self, listener: &str, peer: Option<&str>) {
+        self.denied
+            .get_or_create(&DeniedLabels {
+                listener: listener.to_string(),
+                peer: peer.unwrap_or("none").to_string(),
+            })
+            .inc();
     }
 
     /// Set from the live config just before each scrape, so it is never stale.

@@ -15,19 +15,22 @@ use http::header::{HeaderName, HeaderValue};
 use regex::Regex;
 use serde_saphyr::Spanned;
 
-use crate::balance::{Cluster, Endpoint};
+use crate::balance::{Cluster, ClusterTls, Endpoint};
 use crate::circuit_breaker::{self, CircuitBreaker};
 use crate::config::OutlierFile;
 use crate::config::{
     ConfigFile, Direction, HeaderChangesFile, ListenerFile, ListenerProtocol, RateLimitFile,
-    RetryFile, RouteFile,
+    RetryFile, RouteFile, TlsMode, UpstreamProtocol,
 };
 use crate::config_error::ConfigError;
+use crate::identity::{IdentityFiles, IdentityStore};
+use crate::mtls;
 use crate::outlier::OutlierPolicy;
 use crate::rate_limit::RateLimiter;
 use crate::retry::{RetryOn, RetryPolicy};
 use crate::retry_budget::{self, RetryBudget};
 use crate::router::{DomainTable, HeaderMatch, PathMatch};
+use crate::spiffe::{Principal, SpiffeId};
 use crate::upstream::UpstreamClient;
 
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -44,6 +47,33 @@ pub struct RuntimeConfig {
     pub workers: usize,
     pub listeners: Vec<Listener>,
     pub clusters: HashMap<String, Arc<Cluster>>,
+    pub identity: Option<Identity>,
+}
+
+/// The workload identity, and the files it is kept fresh from.
+pub struct Identity {
+    pub files: Arc<IdentityFiles>,
+    pub store: Arc<IdentityStore>,
+}
+
+pub struct ListenerTls {
+    pub mode: TlsMode,
+    pub acceptor: tokio_rustls::TlsAcceptor,
+}
+
+pub struct Authorization {
+    pub default_allow: bool,
+    pub allow: Vec<Principal>,
+}
+
+impl Authorization {
+    /// A caller without an identity (plaintext, in permissive mode) gets only the default.
+    pub fn allows(&self, peer: Option<&SpiffeId>) -> bool {
+        match peer {
+            Some(id) if self.allow.iter().any(|p| p.matches(id)) => true,
+            _ => self.default_allow,
+        }
+    }
 }
 
 pub struct Listener {
@@ -60,6 +90,8 @@ pub struct Listener {
     pub rate_limit: Option<Arc<RateLimiter>>,
     /// Downstream HTTP connections with nothing in flight this long are closed.
     pub idle_timeout: Duration,
+    pub tls: Option<ListenerTls>,
+    pub authorization: Option<Authorization>,
 }
 
 pub struct TcpRoute {
@@ -131,7 +163,12 @@ impl RuntimeConfig {
         version: u64,
         previous: Option<&RuntimeConfig>,
     ) -> Result<RuntimeConfig, ConfigError> {
-        Builder { source, previous }.build(file, version)
+        Builder {
+            source,
+            previous,
+            identity: None,
+        }
+        .build(file, version)
     }
 }
 
@@ -139,9 +176,11 @@ pub fn parse(source: &str, text: &str) -> Result<ConfigFile, ConfigError> {
     serde_saphyr::from_str(text).map_err(|e| ConfigError::from_yaml(source, &e))
 }
 
+#[derive(Clone)]
 struct Builder<'a> {
     source: &'a str,
     previous: Option<&'a RuntimeConfig>,
+    identity: Option<Arc<IdentityStore>>,
 }
 
 impl Builder<'_> {
@@ -219,7 +258,45 @@ impl Builder<'_> {
         })
     }
 
+    /// The identity first: listeners and clusters with `tls` need it.
     fn build(&self, file: ConfigFile, version: u64) -> Result<RuntimeConfig, ConfigError> {
+        let identity = match &file.identity {
+            None => None,
+            Some(f) => {
+                let files = Arc::new(IdentityFiles::new(
+                    f.cert.value.clone().into(),
+                    f.key.value.clone().into(),
+                    f.bundle.value.clone().into(),
+                ));
+                let kept = self
+                    .previous
+                    .and_then(|p| p.identity.as_ref())
+                    .filter(|old| old.files.same_paths(&files));
+                Some(match kept {
+                    Some(old) => Identity {
+                        files: old.files.clone(),
+                        store: old.store.clone(),
+                    },
+                    None => {
+                        let store = Arc::new(IdentityStore::default());
+                        files
+                            .load_into(&store)
+                            .map_err(|e| self.err(&f.cert, "identity", e))?;
+                        Identity { files, store }
+                    }
+                })
+            }
+        };
+        let with_identity = Builder {
+            identity: identity.as_ref().map(|i| i.store.clone()),
+            ..self.clone()
+        };
+        let mut config = with_identity.build_config(file, version)?;
+        config.identity = identity;
+        Ok(config)
+    }
+
+    fn build_config(&self, file: ConfigFile, version: u64) -> Result<RuntimeConfig, ConfigError> {
         let admin_address = match &file.admin {
             Some(admin) => Some(self.address(&admin.address, "admin.address")?),
             None => None,
@@ -243,7 +320,36 @@ impl Builder<'_> {
             for (j, e) in c.endpoints.iter().enumerate() {
                 addrs.push(self.address(&e.address, &format!("{field}.endpoints[{j}].address"))?);
             }
-            let old = self.previous.and_then(|p| p.clusters.get(&c.name.value));
+            let tls = match &c.tls {
+                None => None,
+                Some(t) => {
+                    let store = self.identity_for(&format!("{field}.tls"))?;
+                    let mut identities = Vec::with_capacity(t.identities.len());
+                    for (k, id) in t.identities.iter().enumerate() {
+                        identities.push(SpiffeId::parse(&id.value).map_err(|e| {
+                            self.err(id, &format!("{field}.tls.identities[{k}]"), e)
+                        })?);
+                    }
+                    if identities.is_empty() {
+                        return Err(self.err(
+                            &c.name,
+                            &format!("{field}.tls.identities"),
+                            "name at least one identity the endpoints may have",
+                        ));
+                    }
+                    Some(ClusterTls {
+                        config: mtls::client_config(store, identities.clone()),
+                        identities,
+                    })
+                }
+            };
+            // A connection made with other security settings must not be reused.
+            let old = self
+                .previous
+                .and_then(|p| p.clusters.get(&c.name.value))
+                .filter(|o| {
+                    o.tls.as_ref().map(|t| &t.identities) == tls.as_ref().map(|t| &t.identities)
+                });
             let client = match old {
                 Some(old) if old.connect_timeout == connect_timeout => old.client.clone(),
                 _ => UpstreamClient::new(connect_timeout),
@@ -257,12 +363,18 @@ impl Builder<'_> {
                 .collect();
             let mut cluster = Cluster::new(
                 c.name.value.clone(),
-                c.protocol,
+                // Proxies talk HTTP/2 to each other over mTLS, whatever the app spoke.
+                if tls.is_some() {
+                    UpstreamProtocol::Http2
+                } else {
+                    c.protocol
+                },
                 c.lb,
                 connect_timeout,
                 endpoints,
                 client,
             );
+            cluster.tls = tls;
             let (percent, min) = c.retry_budget.as_ref().map_or(
                 (
                     retry_budget::DEFAULT_BUDGET_PERCENT,
@@ -342,7 +454,62 @@ impl Builder<'_> {
             workers: file.workers,
             listeners,
             clusters,
+            identity: None,
         })
+    }
+
+    fn identity_for(&self, field: &str) -> Result<Arc<IdentityStore>, ConfigError> {
+        self.identity.clone().ok_or_else(|| {
+            ConfigError::at(
+                self.source,
+                None,
+                field,
+                "mTLS needs this proxy's `identity` (cert, key and bundle)",
+            )
+        })
+    }
+
+    fn listener_tls(
+        &self,
+        l: &ListenerFile,
+        field: &str,
+    ) -> Result<(Option<ListenerTls>, Option<Authorization>), ConfigError> {
+        let tls = match &l.tls {
+            None => None,
+            Some(t) => Some(ListenerTls {
+                mode: t.mode,
+                acceptor: tokio_rustls::TlsAcceptor::from(mtls::server_config(
+                    self.identity_for(&format!("{field}.tls"))?,
+                )),
+            }),
+        };
+        let authorization = match &l.authorization {
+            None => None,
+            Some(a) => {
+                let default_allow = match a.default.as_ref().map(|d| d.value.as_str()) {
+                    None | Some("deny") => false,
+                    Some("allow") => true,
+                    Some(other) => {
+                        return Err(self.err(
+                            a.default.as_ref().expect("matched Some"),
+                            &format!("{field}.authorization.default"),
+                            format!("`{other}` is neither `allow` nor `deny`"),
+                        ));
+                    }
+                };
+                let mut allow = Vec::with_capacity(a.allow.len());
+                for (i, p) in a.allow.iter().enumerate() {
+                    allow.push(Principal::parse(&p.value).map_err(|e| {
+                        self.err(p, &format!("{field}.authorization.allow[{i}]"), e)
+                    })?);
+                }
+                Some(Authorization {
+                    default_allow,
+                    allow,
+                })
+            }
+        };
+        Ok((tls, authorization))
     }
 
     fn cluster_ref(
@@ -408,6 +575,7 @@ impl Builder<'_> {
         }
         let domains = DomainTable::new(&virtual_hosts)
             .map_err(|msg| self.err(&l.address, &format!("{field}.virtual_hosts"), msg))?;
+        let (tls, authorization) = self.listener_tls(l, field)?;
         Ok(Listener {
             name: l.name.clone(),
             address_text: l.address.value.clone(),
@@ -418,6 +586,8 @@ impl Builder<'_> {
             domains,
             virtual_hosts,
             tcp,
+            tls,
+            authorization,
             idle_timeout: self.duration(
                 &l.idle_timeout,
                 &format!("{field}.idle_timeout"),

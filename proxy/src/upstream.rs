@@ -22,6 +22,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use crate::error::ProxyError;
@@ -124,11 +125,14 @@ impl H2Connection {
             .map(|s| (**s).clone())
     }
 
+    /// Sends on the endpoint's connection, making it first if there is none: over mTLS when
+    /// `tls` is given, with the peer's identity checked during the handshake.
     pub async fn send(
         &self,
         cluster: &str,
         addr: SocketAddr,
         connect_timeout: Duration,
+        tls: Option<&Arc<rustls::ClientConfig>>,
         req: Request<Body>,
     ) -> Result<Response<Incoming>, ProxyError> {
         let mut sender = match self.live() {
@@ -139,14 +143,28 @@ impl H2Connection {
                     Some(s) => s,
                     None => {
                         let stream = connect(cluster, addr, connect_timeout).await?;
-                        let (sender, conn) =
-                            http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                        let sender = match tls {
+                            None => handshake(cluster, addr, stream).await?,
+                            Some(config) => {
+                                let tls = tokio::time::timeout(
+                                    connect_timeout,
+                                    tokio_rustls::TlsConnector::from(config.clone())
+                                        .connect(ServerName::IpAddress(addr.ip().into()), stream),
+                                )
                                 .await
-                                .map_err(|e| ProxyError::UpstreamConnect {
+                                .map_err(|_| ProxyError::UpstreamConnect {
                                     cluster: cluster.to_string(),
-                                    reason: format!("{addr}: HTTP/2 handshake: {e}"),
+                                    reason: format!("{addr}: TLS handshake timed out"),
+                                })?
+                                .map_err(|e| {
+                                    ProxyError::UpstreamConnect {
+                                        cluster: cluster.to_string(),
+                                        reason: format!("{addr}: TLS handshake: {e}"),
+                                    }
                                 })?;
-                        tokio::spawn(conn);
+                                handshake(cluster, addr, tls).await?
+                            }
+                        };
                         self.sender.store(Some(Arc::new(sender.clone())));
                         sender
                     }
@@ -155,6 +173,24 @@ impl H2Connection {
         };
         sender.send_request(req).await.map_err(|e| failed(&e))
     }
+}
+
+async fn handshake<S>(
+    cluster: &str,
+    addr: SocketAddr,
+    stream: S,
+) -> Result<http2::SendRequest<Body>, ProxyError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .map_err(|e| ProxyError::UpstreamConnect {
+            cluster: cluster.to_string(),
+            reason: format!("{addr}: HTTP/2 handshake: {e}"),
+        })?;
+    tokio::spawn(conn);
+    Ok(sender)
 }
 
 /// An exchange that broke after the connection was made. HTTP/2's REFUSED_STREAM is told

@@ -110,6 +110,7 @@ impl State {
                     retry_budget: None,
                     circuit_breaker: None,
                     outlier: None,
+                    tls: None,
                 });
             }
         }

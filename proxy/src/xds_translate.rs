@@ -185,6 +185,7 @@ pub fn cluster(c: &Cluster) -> Result<TranslatedCluster, String> {
                 Some(o) => Some(xds_policy::outlier(&what, o)?),
                 None => None,
             },
+            tls: None,
         },
         eds_name,
     })
