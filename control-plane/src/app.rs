@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use http::{Response, StatusCode};
@@ -24,6 +24,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::ads::Ads;
+use crate::ca::Ca;
+use crate::identity_service::IdentityService;
 use crate::mesh::Mesh;
 use crate::node_status::NodeRegistry;
 use crate::snapshot::Publisher;
@@ -36,6 +38,23 @@ pub struct Options {
     pub mesh_path: PathBuf,
     pub xds_address: SocketAddr,
     pub admin_address: SocketAddr,
+    pub identity: IdentityOptions,
+}
+
+/// The CA: loaded from a directory (`ca.crt`, `ca.key`, maybe `bundle.crt`), or a root made
+/// at start that lives as long as the process.
+pub struct IdentityOptions {
+    pub ca_dir: Option<PathBuf>,
+    pub cert_lifetime: std::time::Duration,
+}
+
+impl Default for IdentityOptions {
+    fn default() -> Self {
+        IdentityOptions {
+            ca_dir: None,
+            cert_lifetime: crate::ca::DEFAULT_LIFETIME,
+        }
+    }
 }
 
 pub struct ControlPlane {
@@ -43,6 +62,10 @@ pub struct ControlPlane {
     pub admin_addr: SocketAddr,
     pub publisher: Arc<Publisher>,
     pub nodes: Arc<NodeRegistry>,
+    /// The CA in use; replace it to rotate to a new root.
+    pub ca: Arc<ArcSwap<Ca>>,
+    /// Certificates signed since start.
+    pub issued: Arc<AtomicU64>,
     source: Arc<MeshSource>,
 }
 
@@ -142,6 +165,8 @@ pub enum StartError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("the CA: {0}")]
+    Ca(crate::ca::CaError),
 }
 
 pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
@@ -167,11 +192,32 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
     let admin = bind("admin", options.admin_address).await?;
     let admin_addr = admin.local_addr().unwrap_or(options.admin_address);
 
+    let trust_domain = publisher
+        .current()
+        .mesh
+        .as_ref()
+        .map_or(crate::mesh::DEFAULT_TRUST_DOMAIN.to_string(), |m| {
+            m.trust_domain.clone()
+        });
+    let ca = match &options.identity.ca_dir {
+        Some(dir) => Ca::load(dir, &trust_domain),
+        None => Ca::generate(&trust_domain),
+    }
+    .map_err(StartError::Ca)?;
+    let identity = IdentityService {
+        ca: Arc::new(ArcSwap::from_pointee(ca)),
+        publisher: publisher.clone(),
+        default_lifetime: options.identity.cert_lifetime,
+        issued: Arc::new(AtomicU64::new(0)),
+    };
+    let ca = identity.ca.clone();
+    let issued = identity.issued.clone();
     let ads = Ads::new(publisher.clone(), nodes.clone());
     tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds);
         let result = tonic::transport::Server::builder()
             .add_service(AggregatedDiscoveryServiceServer::new(ads))
+            .add_service(identity)
             .serve_with_incoming(incoming)
             .await;
         if let Err(e) = result {
@@ -186,6 +232,8 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
         admin_addr,
         publisher,
         nodes,
+        ca,
+        issued,
         source,
     })
 }

@@ -27,6 +27,7 @@ pub async fn run(duration: Duration) -> Result<(), BoxError> {
         mesh_path: mesh_path.clone(),
         xds_address: "127.0.0.1:0".parse()?,
         admin_address: "127.0.0.1:0".parse()?,
+        identity: Default::default(),
     })
     .await?;
     let proxy_path = dir.join("sidecar.yaml");

@@ -6,6 +6,7 @@ pub mod ads_delta;
 pub mod app;
 pub mod ca;
 pub mod demo;
+pub mod identity_service;
 pub mod mesh;
 pub mod node_status;
 pub mod policy;

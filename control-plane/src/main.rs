@@ -102,6 +102,7 @@ fn main() -> ExitCode {
                     mesh_path: mesh,
                     xds_address: xds,
                     admin_address: admin,
+                    identity: Default::default(),
                 };
                 match app::start(options).await {
                     Ok(_cp) => {

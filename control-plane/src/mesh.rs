@@ -13,6 +13,9 @@ use outrigger_proxy::runtime_config::parse_duration;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+use outrigger_proxy::spiffe::SpiffeId;
+use time::OffsetDateTime;
+
 use crate::policy::{self, Policy, PolicyFile, RateLimit, RateLimitFile, Retry, RetryFile};
 
 #[derive(Debug, Deserialize)]
@@ -30,6 +33,19 @@ struct MeshSettingsFile {
     /// Where every sidecar's outbound listener binds on loopback.
     #[serde(default)]
     outbound_port: Option<u16>,
+    /// The SPIFFE trust domain of every workload identity; default `cluster.local`.
+    #[serde(default)]
+    trust_domain: Option<String>,
+}
+
+/// A credential a workload presents to get its first certificate, outside Kubernetes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenFile {
+    token: Spanned<String>,
+    /// RFC 3339; the token is refused after it.
+    #[serde(default)]
+    expires: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
@@ -68,6 +84,12 @@ struct ServiceFile {
     /// Resilience policy for calls to this service.
     #[serde(default)]
     policy: Option<PolicyFile>,
+    /// The identity its workloads run as; default: the service's name.
+    #[serde(default)]
+    service_account: Option<String>,
+    /// Bootstrap tokens that prove this service's identity to the CA.
+    #[serde(default)]
+    tokens: Vec<TokenFile>,
 }
 
 fn default_namespace() -> String {
@@ -142,6 +164,9 @@ struct BackendFile {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mesh {
     pub outbound_port: u16,
+    pub trust_domain: String,
+    /// Bootstrap token → the identity it proves, and until when.
+    pub tokens: BTreeMap<String, (SpiffeId, Option<OffsetDateTime>)>,
     /// Keyed by cluster name (`name.namespace`), so output order is stable.
     pub services: BTreeMap<String, Service>,
 }
@@ -157,6 +182,7 @@ pub struct Service {
     /// Cluster names this service may call; `None` for all.
     pub calls: Option<Vec<String>>,
     pub policy: Policy,
+    pub identity: SpiffeId,
 }
 
 impl Service {
@@ -203,6 +229,29 @@ pub struct Route {
 }
 
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
+/// Why a bootstrap token proves nothing.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TokenError {
+    Unknown,
+    Expired,
+}
+
+impl Mesh {
+    /// The identity a bootstrap token proves, at `now`.
+    pub fn identity_for_token(
+        &self,
+        token: &str,
+        now: OffsetDateTime,
+    ) -> Result<&SpiffeId, TokenError> {
+        match self.tokens.get(token) {
+            None => Err(TokenError::Unknown),
+            Some((_, Some(expires))) if *expires <= now => Err(TokenError::Expired),
+            Some((id, _)) => Ok(id),
+        }
+    }
+}
 
 impl Mesh {
     pub fn parse(source: &str, text: &str) -> Result<Mesh, ConfigError> {
@@ -221,6 +270,11 @@ impl Mesh {
             .iter()
             .find_map(|(_, f)| f.mesh.outbound_port)
             .unwrap_or(DEFAULT_OUTBOUND_PORT);
+        let trust_domain = files
+            .iter()
+            .find_map(|(_, f)| f.mesh.trust_domain.clone())
+            .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_string());
+        let mut tokens = BTreeMap::new();
         let entries: Vec<(&str, usize, &ServiceFile)> = files
             .iter()
             .flat_map(|(source, f)| {
@@ -377,11 +431,50 @@ impl Mesh {
                 routes,
                 calls,
                 policy,
+                identity: SpiffeId::new(
+                    &trust_domain,
+                    &s.namespace,
+                    s.service_account.as_deref().unwrap_or(&s.name.value),
+                ),
             };
+            for (t, token) in s.tokens.iter().enumerate() {
+                let tfield = format!("{field}.tokens[{t}]");
+                let expires = match &token.expires {
+                    None => None,
+                    Some(e) => Some(
+                        OffsetDateTime::parse(
+                            &e.value,
+                            &time::format_description::well_known::Rfc3339,
+                        )
+                        .map_err(|_| {
+                            err(
+                                e.referenced,
+                                &format!("{tfield}.expires"),
+                                format!("`{}` is not an RFC 3339 time", e.value),
+                            )
+                        })?,
+                    ),
+                };
+                if tokens
+                    .insert(
+                        token.token.value.clone(),
+                        (service.identity.clone(), expires),
+                    )
+                    .is_some()
+                {
+                    return Err(err(
+                        token.token.referenced,
+                        &format!("{tfield}.token"),
+                        "this token is already given to another workload".into(),
+                    ));
+                }
+            }
             services.insert(service.cluster_name(), service);
         }
         Ok(Mesh {
             outbound_port,
+            trust_domain,
+            tokens,
             services,
         })
     }

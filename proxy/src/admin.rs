@@ -63,7 +63,15 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
         "/ready" => {
             // Not before the listeners are up, nor before a control plane (if any) has
             // delivered a complete config.
-            if state.ready.load(Ordering::Relaxed) && state.store.is_synced() {
+            // Nor, with mTLS, before it has a certificate to prove who it is.
+            let has_identity = state
+                .store
+                .current
+                .load()
+                .identity
+                .as_ref()
+                .is_none_or(|i| i.store.workload().is_some());
+            if state.ready.load(Ordering::Relaxed) && state.store.is_synced() && has_identity {
                 text(StatusCode::OK, "text/plain", "ready\n".into())
             } else {
                 text(

@@ -19,6 +19,31 @@ use tokio::sync::{mpsc, watch};
 /// How often the identity files are checked for a rotated certificate or bundle.
 const IDENTITY_POLL: Duration = Duration::from_millis(500);
 
+/// Rereads changed identity files, and starts one CA renewal task per identity store, which
+/// ends once a config with another identity replaces it.
+async fn keep_identity_fresh(current: Arc<arc_swap::ArcSwap<RuntimeConfig>>) {
+    loop {
+        if let Some(identity) = &current.load().identity {
+            match &identity.source {
+                IdentitySource::Files(files) => files.refresh(&identity.store),
+                IdentitySource::Ca(client) if !client.started.swap(true, Ordering::AcqRel) => {
+                    let (watched, store) = (current.clone(), identity.store.clone());
+                    let still_wanted = move || {
+                        watched
+                            .load()
+                            .identity
+                            .as_ref()
+                            .is_some_and(|i| Arc::ptr_eq(&i.store, &store))
+                    };
+                    tokio::spawn(client.clone().run(identity.store.clone(), still_wanted));
+                }
+                IdentitySource::Ca(_) => {}
+            }
+        }
+        tokio::time::sleep(IDENTITY_POLL).await;
+    }
+}
+
 use crate::admin::{self, AdminState};
 use crate::config::Direction;
 use crate::config_error::ConfigError;
@@ -26,7 +51,7 @@ use crate::config_store::ConfigStore;
 use crate::http_proxy::HttpContext;
 use crate::listener::{self, Shutdown};
 use crate::metrics::Metrics;
-use crate::runtime_config::RuntimeConfig;
+use crate::runtime_config::{IdentitySource, RuntimeConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -188,15 +213,7 @@ pub async fn start(options: Options) -> Result<ProxyHandle, StartError> {
     }
     tokio::spawn(store.clone().watch(options.watch_interval));
     // Certificates rotate on their own schedule, not the config file's.
-    let current = store.current.clone();
-    tokio::spawn(async move {
-        loop {
-            tokio::time::sleep(IDENTITY_POLL).await;
-            if let Some(identity) = &current.load().identity {
-                identity.files.refresh(&identity.store);
-            }
-        }
-    });
+    tokio::spawn(keep_identity_fresh(store.current.clone()));
     admin.ready.store(true, Ordering::Relaxed);
 
     Ok(ProxyHandle {

@@ -32,12 +32,33 @@ pub struct ConfigFile {
     pub identity: Option<IdentityFile>,
 }
 
+/// Either PEM files kept fresh by someone else (`cert`, `key`, `bundle`), or `ca`: the proxy
+/// makes its own key and has the control plane's CA sign it.
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct IdentityFile {
-    pub cert: Spanned<String>,
-    pub key: Spanned<String>,
-    pub bundle: Spanned<String>,
+    #[serde(default)]
+    pub cert: Option<Spanned<String>>,
+    #[serde(default)]
+    pub key: Option<Spanned<String>>,
+    #[serde(default)]
+    pub bundle: Option<Spanned<String>>,
+    #[serde(default)]
+    pub ca: Option<CaIdentityFile>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CaIdentityFile {
+    /// The control plane's gRPC address, `IP:port` (its xDS port).
+    pub address: Spanned<String>,
+    /// The bootstrap token the mesh file gives this workload.
+    pub token: String,
+    /// The identity to ask for; the CA signs it only if the token proves it.
+    pub id: Spanned<String>,
+    /// Default 24h; renewed at about half of it.
+    #[serde(default)]
+    pub lifetime: Option<Spanned<String>>,
 }
 
 /// Whether a listener also takes plaintext.

@@ -15,6 +15,8 @@ pub mod detect;
 pub mod error;
 pub mod http_proxy;
 pub mod identity;
+pub mod identity_api;
+pub mod identity_client;
 pub mod idle;
 pub mod listener;
 pub mod metrics;

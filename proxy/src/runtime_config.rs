@@ -19,11 +19,12 @@ use crate::balance::{Cluster, ClusterTls, Endpoint};
 use crate::circuit_breaker::{self, CircuitBreaker};
 use crate::config::OutlierFile;
 use crate::config::{
-    ConfigFile, Direction, HeaderChangesFile, ListenerFile, ListenerProtocol, RateLimitFile,
-    RetryFile, RouteFile, TlsMode, UpstreamProtocol,
+    ConfigFile, Direction, HeaderChangesFile, IdentityFile, ListenerFile, ListenerProtocol,
+    RateLimitFile, RetryFile, RouteFile, TlsMode, UpstreamProtocol,
 };
 use crate::config_error::ConfigError;
 use crate::identity::{IdentityFiles, IdentityStore};
+use crate::identity_client::CaClient;
 use crate::mtls;
 use crate::outlier::OutlierPolicy;
 use crate::rate_limit::RateLimiter;
@@ -50,10 +51,25 @@ pub struct RuntimeConfig {
     pub identity: Option<Identity>,
 }
 
-/// The workload identity, and the files it is kept fresh from.
+/// The workload identity, and where it is kept fresh from.
 pub struct Identity {
-    pub files: Arc<IdentityFiles>,
+    pub source: IdentitySource,
     pub store: Arc<IdentityStore>,
+}
+
+pub enum IdentitySource {
+    Files(Arc<IdentityFiles>),
+    Ca(Arc<CaClient>),
+}
+
+impl IdentitySource {
+    fn same(&self, other: &IdentitySource) -> bool {
+        match (self, other) {
+            (IdentitySource::Files(a), IdentitySource::Files(b)) => a.same_paths(b),
+            (IdentitySource::Ca(a), IdentitySource::Ca(b)) => a.same_settings(b),
+            _ => false,
+        }
+    }
 }
 
 pub struct ListenerTls {
@@ -263,26 +279,29 @@ impl Builder<'_> {
         let identity = match &file.identity {
             None => None,
             Some(f) => {
-                let files = Arc::new(IdentityFiles::new(
-                    f.cert.value.clone().into(),
-                    f.key.value.clone().into(),
-                    f.bundle.value.clone().into(),
-                ));
+                let source = self.identity_source(f)?;
                 let kept = self
                     .previous
                     .and_then(|p| p.identity.as_ref())
-                    .filter(|old| old.files.same_paths(&files));
+                    .filter(|old| old.source.same(&source));
                 Some(match kept {
                     Some(old) => Identity {
-                        files: old.files.clone(),
+                        source: match &old.source {
+                            IdentitySource::Files(f) => IdentitySource::Files(f.clone()),
+                            IdentitySource::Ca(c) => IdentitySource::Ca(c.clone()),
+                        },
                         store: old.store.clone(),
                     },
                     None => {
                         let store = Arc::new(IdentityStore::default());
-                        files
-                            .load_into(&store)
-                            .map_err(|e| self.err(&f.cert, "identity", e))?;
-                        Identity { files, store }
+                        // Files are read now, so a bad path is a config error. A CA-signed
+                        // identity arrives later; until then the proxy is not ready.
+                        if let (IdentitySource::Files(files), Some(cert)) = (&source, &f.cert) {
+                            files
+                                .load_into(&store)
+                                .map_err(|e| self.err(cert, "identity", e))?;
+                        }
+                        Identity { source, store }
                     }
                 })
             }
@@ -456,6 +475,40 @@ impl Builder<'_> {
             clusters,
             identity: None,
         })
+    }
+
+    fn identity_source(&self, f: &IdentityFile) -> Result<IdentitySource, ConfigError> {
+        match (&f.cert, &f.key, &f.bundle, &f.ca) {
+            (Some(cert), Some(key), Some(bundle), None) => {
+                Ok(IdentitySource::Files(Arc::new(IdentityFiles::new(
+                    cert.value.clone().into(),
+                    key.value.clone().into(),
+                    bundle.value.clone().into(),
+                ))))
+            }
+            (None, None, None, Some(ca)) => {
+                self.address(&ca.address, "identity.ca.address")?;
+                let id = SpiffeId::parse(&ca.id.value)
+                    .map_err(|e| self.err(&ca.id, "identity.ca.id", e))?;
+                Ok(IdentitySource::Ca(Arc::new(CaClient {
+                    endpoint: format!("http://{}", ca.address.value),
+                    token: ca.token.clone(),
+                    id,
+                    lifetime: self.duration(
+                        &ca.lifetime,
+                        "identity.ca.lifetime",
+                        Duration::from_secs(24 * 3600),
+                    )?,
+                    started: Default::default(),
+                })))
+            }
+            _ => Err(ConfigError::at(
+                self.source,
+                None,
+                "identity",
+                "set either `cert`, `key` and `bundle`, or `ca`",
+            )),
+        }
     }
 
     fn identity_for(&self, field: &str) -> Result<Arc<IdentityStore>, ConfigError> {

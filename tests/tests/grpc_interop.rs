@@ -122,6 +122,7 @@ async fn grpcio_xds_client_resolves_through_the_control_plane() {
         mesh_path,
         xds_address: "127.0.0.1:0".parse().unwrap(),
         admin_address: "127.0.0.1:0".parse().unwrap(),
+        identity: Default::default(),
     })
     .await
     .unwrap();

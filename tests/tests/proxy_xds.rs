@@ -61,6 +61,7 @@ async fn start_cp(mesh_text: &str) -> (ControlPlane, PathBuf) {
         mesh_path: path.clone(),
         xds_address: "127.0.0.1:0".parse().unwrap(),
         admin_address: "127.0.0.1:0".parse().unwrap(),
+        identity: Default::default(),
     };
     (app::start(options).await.unwrap(), path)
 }
@@ -339,6 +340,7 @@ async fn a_mesh_directory_is_one_mesh_and_errors_name_their_file() {
         mesh_path: dir.clone(),
         xds_address: "127.0.0.1:0".parse().unwrap(),
         admin_address: "127.0.0.1:0".parse().unwrap(),
+        identity: Default::default(),
     })
     .await
     .unwrap();

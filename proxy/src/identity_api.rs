@@ -1,0 +1,60 @@
+//! The certificate-signing API between proxies and the control plane's CA: one unary gRPC
+//! method. The proxy sends a CSR for the identity it claims, with its bootstrap token as a
+//! bearer credential; the CA signs it only if the token proves that identity.
+
+use std::time::Duration;
+
+use tonic::codegen::http::uri::PathAndQuery;
+
+pub const SIGN_PATH: &str = "/outrigger.identity.v1.Identity/Sign";
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SignRequest {
+    /// A PKCS#10 request, DER.
+    #[prost(bytes = "vec", tag = "1")]
+    pub csr: Vec<u8>,
+    /// How long the certificate should last; 0 for the CA's default.
+    #[prost(uint64, tag = "2")]
+    pub lifetime_seconds: u64,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct SignResponse {
+    /// The chain, leaf first, PEM.
+    #[prost(string, tag = "1")]
+    pub chain_pem: String,
+    /// The roots to trust, PEM: during a root rotation, the old and the new.
+    #[prost(string, tag = "2")]
+    pub bundle_pem: String,
+}
+
+/// Calls `Sign` on the control plane at `endpoint` (`http://host:port`).
+pub async fn sign(
+    endpoint: &str,
+    token: &str,
+    request: SignRequest,
+    timeout: Duration,
+) -> Result<SignResponse, tonic::Status> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
+        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect()
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("{endpoint}: {e}")))?;
+    let mut client = tonic::client::Grpc::new(channel);
+    client
+        .ready()
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut req = tonic::Request::new(request);
+    let bearer = format!("Bearer {token}")
+        .parse()
+        .map_err(|_| tonic::Status::invalid_argument("the token is not a valid header value"))?;
+    req.metadata_mut().insert("authorization", bearer);
+    let codec = tonic_prost::ProstCodec::<SignRequest, SignResponse>::default();
+    client
+        .unary(req, PathAndQuery::from_static(SIGN_PATH), codec)
+        .await
+        .map(tonic::Response::into_inner)
+}
