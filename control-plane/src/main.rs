@@ -1,9 +1,11 @@
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use outrigger_control_plane::ca::Ca;
 use outrigger_control_plane::{app, mesh::Mesh};
+use outrigger_proxy::spiffe::SpiffeId;
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +31,33 @@ enum Command {
         /// Worker threads; 0 (the default) means one per core.
         #[arg(long, default_value_t = 0)]
         workers: usize,
+        /// The CA's directory (`ca.crt`, `ca.key`, optional `bundle.crt`); without it, a
+        /// root is generated at start and lives as long as the process.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+        /// How long the certificates the CA signs last, unless a proxy asks for less.
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        cert_lifetime: std::time::Duration,
+    },
+    /// Make a new root CA in a directory, for `serve --ca`.
+    CaInit {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+    },
+    /// Issue a key and certificate for a workload outside the mesh (a test client, an Envoy):
+    /// writes `cert.pem`, `key.pem` and `bundle.pem` to `--out`.
+    Issue {
+        #[arg(long)]
+        ca: PathBuf,
+        /// spiffe://<trust-domain>/ns/<namespace>/sa/<account>
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        lifetime: std::time::Duration,
     },
     /// Validate a mesh file and exit: 0 if valid, 1 with the error otherwise.
     Check { mesh: PathBuf },
@@ -86,11 +115,40 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::CaInit { dir, trust_domain } => {
+            match Ca::generate(&trust_domain).and_then(|ca| ca.save(&dir)) {
+                Ok(()) => {
+                    println!("{}: new root CA for {trust_domain}", dir.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Issue {
+            ca,
+            id,
+            out,
+            lifetime,
+        } => match issue(&ca, &id, &out, lifetime) {
+            Ok(()) => {
+                println!("{}: {id}, valid for {lifetime:?}", out.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Serve {
             mesh,
             xds,
             admin,
             workers,
+            ca,
+            cert_lifetime,
         } => {
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             if workers > 0 {
@@ -102,7 +160,10 @@ fn main() -> ExitCode {
                     mesh_path: mesh,
                     xds_address: xds,
                     admin_address: admin,
-                    identity: Default::default(),
+                    identity: app::IdentityOptions {
+                        ca_dir: ca,
+                        cert_lifetime,
+                    },
                 };
                 match app::start(options).await {
                     Ok(_cp) => {
@@ -117,4 +178,17 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+fn issue(ca_dir: &Path, id: &str, out: &Path, lifetime: std::time::Duration) -> Result<(), String> {
+    let id = SpiffeId::parse(id)?;
+    let ca = Ca::load(ca_dir, &id.trust_domain).map_err(|e| e.to_string())?;
+    let (chain, key) = ca.issue(&id, lifetime).map_err(|e| e.to_string())?;
+    let write = |name: &str, text: &str| {
+        std::fs::write(out.join(name), text).map_err(|e| format!("{}: {e}", out.join(name).display()))
+    };
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    write("cert.pem", &chain)?;
+    write("key.pem", &key)?;
+    write("bundle.pem", ca.bundle_pem())
 }
