@@ -185,7 +185,8 @@ fn issue(ca_dir: &Path, id: &str, out: &Path, lifetime: std::time::Duration) -> 
     let ca = Ca::load(ca_dir, &id.trust_domain).map_err(|e| e.to_string())?;
     let (chain, key) = ca.issue(&id, lifetime).map_err(|e| e.to_string())?;
     let write = |name: &str, text: &str| {
-        std::fs::write(out.join(name), text).map_err(|e| format!("{}: {e}", out.join(name).display()))
+        std::fs::write(out.join(name), text)
+            .map_err(|e| format!("{}: {e}", out.join(name).display()))
     };
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     write("cert.pem", &chain)?;

@@ -4,6 +4,7 @@
 //! deadline (`eventually`), never a bare sleep.
 
 pub mod clients;
+pub mod envoy;
 pub mod faults;
 pub mod upstreams;
 

