@@ -128,7 +128,7 @@ pub(crate) fn wait_for_port(addr: SocketAddr) {
 }
 
 /// The upstream every path ends at: a 1-thread hyper server answering a fixed 128-byte body.
-fn start_upstream() -> SocketAddr {
+pub(crate) fn start_upstream() -> SocketAddr {
     start_upstream_failing(0)
 }
 
@@ -180,16 +180,15 @@ fn start_outrigger(args: &Args, upstream: SocketAddr, dir: &Path) -> Target {
     let config = format!(
         "admin:\n  address: {admin}\nworkers: 1\nlisteners:\n  - name: bench\n    address: {addr}\n    direction: outbound\n    virtual_hosts:\n      - name: all\n        domains: [\"*\"]\n        routes:\n          - backends: [{{cluster: upstream}}]\nclusters:\n  - name: upstream\n    endpoints: [{{address: \"{upstream}\"}}]\n"
     );
-    spawn_outrigger(&args.proxy_bin, &config, addr, dir)
+    spawn_outrigger(&args.proxy_bin, &config, addr, &dir.join("outrigger.yaml"))
 }
 
-/// Runs our proxy, single worker, on a config that listens on `addr`.
-pub(crate) fn spawn_outrigger(bin: &Path, config: &str, addr: SocketAddr, dir: &Path) -> Target {
-    let path = dir.join("outrigger.yaml");
-    std::fs::write(&path, config).unwrap();
+/// Runs our proxy, single worker, on a config (written to `path`) that listens on `addr`.
+pub(crate) fn spawn_outrigger(bin: &Path, config: &str, addr: SocketAddr, path: &Path) -> Target {
+    std::fs::write(path, config).unwrap();
     let child = Command::new(bin)
         .args(["run", "--workers", "1", "--config"])
-        .arg(&path)
+        .arg(path)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
@@ -248,13 +247,12 @@ static_resources:
         port = addr.port(),
         up_port = upstream.port()
     );
-    spawn_envoy(envoy, &config, addr, dir)
+    spawn_envoy(envoy, &config, addr, &dir.join("envoy.yaml"))
 }
 
-/// Runs Envoy, single worker, on a config that listens on `addr`.
-pub(crate) fn spawn_envoy(envoy: &Path, config: &str, addr: SocketAddr, dir: &Path) -> Target {
-    let path = dir.join("envoy.yaml");
-    std::fs::write(&path, config).unwrap();
+/// Runs Envoy, single worker, on a config (written to `path`) that listens on `addr`.
+pub(crate) fn spawn_envoy(envoy: &Path, config: &str, addr: SocketAddr, path: &Path) -> Target {
+    std::fs::write(path, config).unwrap();
     let child = Command::new(envoy)
         .args([
             "--concurrency",
@@ -264,7 +262,7 @@ pub(crate) fn spawn_envoy(envoy: &Path, config: &str, addr: SocketAddr, dir: &Pa
             "--disable-hot-restart",
             "-c",
         ])
-        .arg(&path)
+        .arg(path)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -368,6 +366,7 @@ pub(crate) fn run_h2load(scenario: &Scenario, target: &Target, log: &Path) -> Me
     }
 }
 
+mod mesh_hop;
 mod resilience;
 mod xds_scale;
 
@@ -376,6 +375,7 @@ fn main() {
     match raw.first().map(String::as_str) {
         Some("xds-scale") => return xds_scale::run(&raw[1..], Path::new("target/bench")),
         Some("resilience") => return resilience::run(&raw[1..], Path::new("target/bench")),
+        Some("mesh-hop") => return mesh_hop::run(&raw[1..], Path::new("target/bench")),
         _ => {}
     }
     let args = parse_args();

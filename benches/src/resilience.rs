@@ -144,7 +144,7 @@ pub fn run(raw: &[String], out_dir: &Path) {
                 &proxy_bin,
                 &outrigger_config(addr, admin, &endpoints),
                 addr,
-                &dir,
+                &dir.join("outrigger.yaml"),
             )
         }),
     )];
@@ -153,7 +153,12 @@ pub fn run(raw: &[String], out_dir: &Path) {
             "envoy",
             Box::new(|| {
                 let (addr, admin) = (free_port(), free_port());
-                spawn_envoy(envoy, &envoy_config(addr, admin, &endpoints), addr, &dir)
+                spawn_envoy(
+                    envoy,
+                    &envoy_config(addr, admin, &endpoints),
+                    addr,
+                    &dir.join("envoy.yaml"),
+                )
             }),
         )),
         None => eprintln!("ENVOY_BIN is not set: Envoy is left out (scripts/bench installs it)"),
