@@ -41,7 +41,10 @@ pub struct Cluster {
 }
 
 pub struct ClusterTls {
+    /// HTTP/2 over mTLS.
     pub config: Arc<rustls::ClientConfig>,
+    /// Opaque TCP over mTLS.
+    pub tcp_config: Arc<rustls::ClientConfig>,
     pub identities: Vec<crate::spiffe::SpiffeId>,
 }
 

@@ -95,9 +95,36 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
         Protocol::Tls if listener.tls.is_some() => {
             let acceptor = listener.tls.as_ref().expect("checked").acceptor.clone();
             let idle = listener.idle_timeout;
-            drop(snapshot);
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+                Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(mtls::ALPN_TCP) => {
+                    let peer = mtls::peer_identity(stream.get_ref().1);
+                    let allowed = listener
+                        .authorization
+                        .as_ref()
+                        .is_none_or(|a| a.allows(peer.as_ref()));
+                    let route = listener
+                        .tcp
+                        .as_ref()
+                        .map(|r| (r.cluster.clone(), r.idle_timeout));
+                    drop(snapshot);
+                    match route {
+                        // Denied TCP has no status code to carry: the connection just closes.
+                        _ if !allowed => {
+                            let peer = peer.map(|p| p.to_string());
+                            ctx.metrics.denied(&name, peer.as_deref());
+                        }
+                        Some((cluster, idle)) => {
+                            let _guard = shutdown.tracker;
+                            match tcp::proxy(stream, &cluster, idle).await {
+                                Ok(n) => ctx.metrics.tcp_bytes(&name, n),
+                                Err(_) => ctx.metrics.connection_error(&name),
+                            }
+                        }
+                        None => tracing::debug!(listener = %name, "no tcp route for mTLS TCP"),
+                    }
+                }
                 Ok(Ok(stream)) => {
+                    drop(snapshot);
                     let conn = stream.get_ref().1;
                     let peer = mtls::peer_identity(conn).map(Arc::new);
                     let protocol = match conn.alpn_protocol() {

@@ -26,6 +26,8 @@ use crate::spiffe::SpiffeId;
 
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
+/// Opaque TCP between proxies: the inbound side hands it to its `tcp` route.
+pub const ALPN_TCP: &[u8] = b"outrigger-tcp";
 
 struct Resolver(Arc<IdentityStore>);
 
@@ -187,12 +189,17 @@ pub fn server_config(store: Arc<IdentityStore>) -> Arc<ServerConfig> {
         .expect("ring supports the default versions")
         .with_client_cert_verifier(Arc::new(CallerVerifier(store.clone())))
         .with_cert_resolver(Arc::new(Resolver(store)));
-    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
+    config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_TCP.to_vec()];
     Arc::new(config)
 }
 
-/// The outbound side, for a destination whose workloads have one of `expected` identities.
-pub fn client_config(store: Arc<IdentityStore>, expected: Vec<SpiffeId>) -> Arc<ClientConfig> {
+/// The outbound side, for a destination whose workloads have one of `expected` identities,
+/// offering `alpn` (HTTP/2, or opaque TCP).
+pub fn client_config(
+    store: Arc<IdentityStore>,
+    expected: Vec<SpiffeId>,
+    alpn: &[u8],
+) -> Arc<ClientConfig> {
     let mut config = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("ring supports the default versions")
@@ -202,7 +209,7 @@ pub fn client_config(store: Arc<IdentityStore>, expected: Vec<SpiffeId>) -> Arc<
             expected,
         }))
         .with_client_cert_resolver(Arc::new(Resolver(store)));
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Arc::new(config)
 }
 

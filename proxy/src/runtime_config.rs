@@ -357,7 +357,12 @@ impl Builder<'_> {
                         ));
                     }
                     Some(ClusterTls {
-                        config: mtls::client_config(store, identities.clone()),
+                        config: mtls::client_config(
+                            store.clone(),
+                            identities.clone(),
+                            mtls::ALPN_H2,
+                        ),
+                        tcp_config: mtls::client_config(store, identities.clone(), mtls::ALPN_TCP),
                         identities,
                     })
                 }

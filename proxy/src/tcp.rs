@@ -29,7 +29,20 @@ where
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     upstream.set_nodelay(true)?;
     let _in_flight = endpoint.start();
-    copy_with_idle_timeout(downstream, upstream, idle_timeout).await
+    match &cluster.tls {
+        None => copy_with_idle_timeout(downstream, upstream, idle_timeout).await,
+        // To another proxy: mTLS, with the ALPN that tells its inbound side this is opaque TCP.
+        Some(tls) => {
+            let name = rustls_pki_types::ServerName::IpAddress(endpoint.addr.ip().into());
+            let upstream = tokio::time::timeout(
+                cluster.connect_timeout,
+                tokio_rustls::TlsConnector::from(tls.tcp_config.clone()).connect(name, upstream),
+            )
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
+            copy_with_idle_timeout(downstream, upstream, idle_timeout).await
+        }
+    }
 }
 
 pub async fn copy_with_idle_timeout<A, B>(a: A, b: B, idle: Duration) -> io::Result<u64>

@@ -215,3 +215,56 @@ async fn authorization_denies_an_identity_it_does_not_list() {
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-echo-x-outrigger-client-id"), Some(payer));
 }
+
+/// A's opaque listener sends TCP to B over mTLS; B hands it to an echo server if the
+/// caller is allowed. Returns what came back for `message`.
+async fn tcp_through(ca: &Ca, caller: &str, b_inbound: SocketAddr, message: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let a = TestProxy::start(&format!(
+        "{}listeners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    protocol: opaque\n    tcp: {{cluster: peer}}\nclusters:\n  - name: peer\n    tls: {{identities: [\"{API}\"]}}\n    endpoints: [{{address: \"{b_inbound}\"}}]\n",
+        identity(ca, issue(ca, caller))
+    ))
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(a.addr("outbound"))
+        .await
+        .unwrap();
+    conn.write_all(message).await.unwrap();
+    conn.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        conn.read_to_end(&mut back),
+    )
+    .await
+    .expect("the connection ends");
+    back
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opaque_tcp_rides_mtls_and_a_denied_caller_is_closed() {
+    let ca = Ca::generate("mesh.test").unwrap();
+    let echo = upstreams::tcp_echo().await;
+    let b = TestProxy::start(&format!(
+        "{}admin:\n  address: 127.0.0.1:0\nlisteners:\n  - name: inbound\n    address: 127.0.0.1:0\n    direction: inbound\n    tls: {{mode: strict}}\n    authorization: {{allow: [\"{WEB}\"]}}\n    tcp: {{cluster: echo}}\nclusters:\n  - name: echo\n    endpoints: [{{address: \"{}\"}}]\n",
+        identity(&ca, issue(&ca, API)),
+        echo.addr
+    ))
+    .await;
+    let back = tcp_through(&ca, WEB, b.addr("inbound"), b"over mTLS").await;
+    assert_eq!(back, b"over mTLS");
+
+    let stranger = "spiffe://mesh.test/ns/shop/sa/stranger";
+    let back = tcp_through(&ca, stranger, b.addr("inbound"), b"let me in").await;
+    assert!(back.is_empty(), "a denied caller got {back:?}");
+    let page = get(b.admin(), "/metrics").await.body;
+    assert_eq!(
+        metric(
+            &page,
+            &format!(
+                "outrigger_authorization_denied_total{{listener=\"inbound\",peer=\"{stranger}\"}}"
+            )
+        ),
+        1,
+        "{page}"
+    );
+}
