@@ -22,8 +22,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::node_status::NodeRegistry;
+use crate::secure_xds::ProvenIdentity;
 use crate::snapshot::{Publisher, Snapshot};
 use crate::translate::PUSH_ORDER;
+use outrigger_proxy::spiffe::SpiffeId;
 
 pub struct Ads {
     pub publisher: Arc<Publisher>,
@@ -38,7 +40,15 @@ impl Ads {
         request: Request<Streaming<P::Request>>,
     ) -> Response<ResponseStream<P::Response>> {
         let (tx, rx) = mpsc::channel(16);
+        // Over mTLS, the certificate says who the node is; its metadata only claims it.
+        let proven = request
+            .extensions()
+            .get::<Option<ProvenIdentity>>()
+            .cloned()
+            .flatten()
+            .map(|p| p.0);
         tokio::spawn(run_stream::<P>(
+            proven,
             request.into_inner(),
             tx,
             self.publisher.clone(),
@@ -103,8 +113,16 @@ pub(crate) trait Protocol: Sized + Send + 'static {
     ) -> impl Future<Output = bool> + Send;
 }
 
+fn view(snapshot: Arc<Snapshot>, proven: &Option<SpiffeId>, claimed: &str) -> Arc<Snapshot> {
+    match proven {
+        Some(id) => snapshot.view_for_identity(id),
+        None => snapshot.view_for(claimed),
+    }
+}
+
 /// One ADS stream: requests in, pushes out on every snapshot change, in push order.
 pub(crate) async fn run_stream<P: Protocol>(
+    proven: Option<SpiffeId>,
     mut inbound: Streaming<P::Request>,
     out: mpsc::Sender<Result<P::Response, Status>>,
     publisher: Arc<Publisher>,
@@ -127,7 +145,7 @@ pub(crate) async fn run_stream<P: Protocol>(
                     nodes.connected(&node, &cluster);
                     P::open(node, out.clone(), nodes.clone(), nonce.clone())
                 });
-                let snapshot = snapshots.borrow().clone().view_for(&caller);
+                let snapshot = view(snapshots.borrow().clone(), &proven, &caller);
                 if !s.on_request(req, &snapshot).await {
                     break;
                 }
@@ -136,7 +154,7 @@ pub(crate) async fn run_stream<P: Protocol>(
                 if changed.is_err() {
                     break;
                 }
-                let snapshot = snapshots.borrow_and_update().clone().view_for(&caller);
+                let snapshot = view(snapshots.borrow_and_update().clone(), &proven, &caller);
                 if let Some(s) = stream.as_mut() {
                     for type_url in PUSH_ORDER {
                         if !s.push(&snapshot, type_url, false).await {

@@ -46,6 +46,8 @@ pub struct Options {
 pub struct IdentityOptions {
     pub ca_dir: Option<PathBuf>,
     pub cert_lifetime: std::time::Duration,
+    /// Also serve ADS over mTLS here, scoping each node by the identity it proves.
+    pub secure_xds_address: Option<SocketAddr>,
 }
 
 impl Default for IdentityOptions {
@@ -53,12 +55,15 @@ impl Default for IdentityOptions {
         IdentityOptions {
             ca_dir: None,
             cert_lifetime: crate::ca::DEFAULT_LIFETIME,
+            secure_xds_address: None,
         }
     }
 }
 
 pub struct ControlPlane {
     pub xds_addr: SocketAddr,
+    /// ADS (and signing) over mTLS, if asked for.
+    pub secure_xds_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub publisher: Arc<Publisher>,
     pub nodes: Arc<NodeRegistry>,
@@ -212,6 +217,27 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
     };
     let ca = identity.ca.clone();
     let issued = identity.issued.clone();
+    let secure_xds_addr = match options.identity.secure_xds_address {
+        None => None,
+        Some(addr) => {
+            let socket = bind("xDS (mTLS)", addr).await?;
+            let bound = socket.local_addr().unwrap_or(addr);
+            let config = crate::secure_xds::server_config(&ca.load())
+                .map_err(|e| StartError::Ca(crate::ca::CaError::Files(e)))?;
+            let (ads, identity) = (Ads::new(publisher.clone(), nodes.clone()), identity.clone());
+            tokio::spawn(async move {
+                let result = tonic::transport::Server::builder()
+                    .add_service(AggregatedDiscoveryServiceServer::new(ads))
+                    .add_service(identity)
+                    .serve_with_incoming(crate::secure_xds::incoming(socket, config))
+                    .await;
+                if let Err(e) = result {
+                    tracing::error!(error = %e, "xDS (mTLS) server stopped");
+                }
+            });
+            Some(bound)
+        }
+    };
     let ads = Ads::new(publisher.clone(), nodes.clone());
     tokio::spawn(async move {
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds);
@@ -228,6 +254,7 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
     tokio::spawn(source.clone().watch());
     tracing::info!(xds = %xds_addr, admin = %admin_addr, "control plane serving");
     Ok(ControlPlane {
+        secure_xds_addr,
         xds_addr,
         admin_addr,
         publisher,

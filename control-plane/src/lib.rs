@@ -10,5 +10,6 @@ pub mod identity_service;
 pub mod mesh;
 pub mod node_status;
 pub mod policy;
+pub mod secure_xds;
 pub mod snapshot;
 pub mod translate;

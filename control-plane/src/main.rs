@@ -38,6 +38,10 @@ enum Command {
         /// How long the certificates the CA signs last, unless a proxy asks for less.
         #[arg(long, default_value = "24h", value_parser = parse_duration)]
         cert_lifetime: std::time::Duration,
+        /// Also serve ADS over mTLS on this address; each proxy then gets the config of the
+        /// identity its certificate proves.
+        #[arg(long)]
+        secure_xds: Option<SocketAddr>,
     },
     /// Make a new root CA in a directory, for `serve --ca`.
     CaInit {
@@ -149,6 +153,7 @@ fn main() -> ExitCode {
             workers,
             ca,
             cert_lifetime,
+            secure_xds,
         } => {
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             if workers > 0 {
@@ -163,6 +168,7 @@ fn main() -> ExitCode {
                     identity: app::IdentityOptions {
                         ca_dir: ca,
                         cert_lifetime,
+                        secure_xds_address: secure_xds,
                     },
                 };
                 match app::start(options).await {

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 
 use crate::mesh::Mesh;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use outrigger_proxy::spiffe::SpiffeId;
 use prost::Message;
 
 use crate::translate::{
@@ -37,9 +38,26 @@ impl Snapshot {
     /// those clusters and their virtual hosts; otherwise everything (the same `Arc`).
     /// Versions stay the snapshot's, so a scoped node moves in step with the mesh.
     pub fn view_for(self: &Arc<Self>, caller: &str) -> Arc<Snapshot> {
-        let Some(scope) = self.mesh.as_ref().and_then(|m| m.scope_for(caller)) else {
-            return self.clone();
-        };
+        match self.mesh.as_ref().and_then(|m| m.scope_for(caller)) {
+            None => self.clone(),
+            Some(scope) => self.view_scoped(&scope),
+        }
+    }
+
+    /// What a node that proved the identity `id` should see: its service's view, or nothing
+    /// if no service runs as `id`.
+    pub fn view_for_identity(self: &Arc<Self>, id: &SpiffeId) -> Arc<Snapshot> {
+        let service = self
+            .mesh
+            .as_ref()
+            .and_then(|m| m.services.values().find(|s| &s.identity == id));
+        match service {
+            Some(s) => self.view_for(&s.cluster_name()),
+            None => self.view_scoped(&std::collections::BTreeSet::new()),
+        }
+    }
+
+    fn view_scoped(self: &Arc<Self>, scope: &std::collections::BTreeSet<String>) -> Arc<Snapshot> {
         let mut view = (**self).clone();
         for type_url in [CLUSTER_TYPE, ENDPOINT_TYPE] {
             if let Some(t) = view.types.get_mut(type_url) {

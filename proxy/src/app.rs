@@ -52,6 +52,7 @@ use crate::http_proxy::HttpContext;
 use crate::listener::{self, Shutdown};
 use crate::metrics::Metrics;
 use crate::runtime_config::{IdentitySource, RuntimeConfig};
+use crate::spiffe::SpiffeId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -198,7 +199,33 @@ pub async fn start(options: Options) -> Result<ProxyHandle, StartError> {
                 format!("`{}` is not an IP:port address", xds.address.value),
             )
         })?;
+        let tls = match &xds.identity {
+            None => None,
+            Some(id) => {
+                let expected = SpiffeId::parse(&id.value).map_err(|e| {
+                    ConfigError::at(&config.source, Some(id.referenced), "xds.identity", e)
+                })?;
+                let store = config
+                    .identity
+                    .as_ref()
+                    .map(|i| i.store.clone())
+                    .ok_or_else(|| {
+                        ConfigError::at(
+                            &config.source,
+                            Some(id.referenced),
+                            "xds.identity",
+                            "mTLS to the control plane needs this proxy's `identity`",
+                        )
+                    })?;
+                Some(crate::mtls::client_config(
+                    store,
+                    vec![expected],
+                    crate::mtls::ALPN_H2,
+                ))
+            }
+        };
         let settings = crate::xds_client::XdsSettings {
+            tls,
             address,
             node: xds
                 .node

@@ -110,6 +110,10 @@ pub struct XdsFile {
     /// control plane is away still serves.
     #[serde(default)]
     pub cache: Option<String>,
+    /// Talk to the control plane over mTLS (with this proxy's `identity`), and accept only a
+    /// control plane with this SPIFFE ID.
+    #[serde(default)]
+    pub identity: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -38,6 +38,45 @@ pub struct XdsSettings {
     pub route_tables: Vec<String>,
     /// Where to keep the last accepted responses (`xds.cache`).
     pub cache: Option<std::path::PathBuf>,
+    /// mTLS to the control plane, with this proxy's certificate and the control plane's
+    /// expected identity.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// Dials the control plane over mTLS for tonic's channel.
+#[derive(Clone)]
+struct TlsConnect {
+    addr: std::net::SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+}
+
+type Dialed = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+impl tonic::codegen::Service<tonic::codegen::http::Uri> for TlsConnect {
+    type Response = Dialed;
+    type Error = std::io::Error;
+    type Future =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Dialed, std::io::Error>> + Send>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: tonic::codegen::http::Uri) -> Self::Future {
+        let (addr, config) = (self.addr, self.config.clone());
+        Box::pin(async move {
+            let tcp = tokio::net::TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
+            Ok(hyper_util::rt::TokioIo::new(tls))
+        })
+    }
 }
 
 /// Everything accepted so far; survives reconnects, so the proxy resends its versions.
@@ -242,10 +281,19 @@ async fn session(
     state: &mut State,
     attempt: &mut u32,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", settings.address))?
-        .connect_timeout(Duration::from_secs(1))
-        .connect()
-        .await?;
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", settings.address))?
+        .connect_timeout(Duration::from_secs(1));
+    let channel = match &settings.tls {
+        None => endpoint.connect().await?,
+        Some(config) => {
+            endpoint
+                .connect_with_connector(TlsConnect {
+                    addr: settings.address,
+                    config: config.clone(),
+                })
+                .await?
+        }
+    };
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(16);
     // A new stream knows no nonces; versions are kept so an unchanged config is not resent.

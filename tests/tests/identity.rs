@@ -193,3 +193,70 @@ async fn certificates_and_the_root_rotate_under_load_without_a_failed_request() 
     assert!(sent > 100);
     assert_eq!(failed, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mtls_xds_a_node_gets_the_config_of_the_identity_it_proves() {
+    let (api_app, secret_app) = (
+        upstreams::http("api").await,
+        upstreams::http("secret").await,
+    );
+    let mesh = format!(
+        "mesh: {{trust_domain: mesh.test}}\nservices:\n  - name: web\n    namespace: shop\n    calls: [api]\n    tokens: [{{token: web-token}}]\n  - name: api\n    namespace: shop\n    endpoints: [{{address: \"{}\"}}]\n  - name: secret\n    namespace: shop\n    endpoints: [{{address: \"{}\"}}]\n",
+        api_app.addr, secret_app.addr
+    );
+    let path = temp_path("mesh.yaml");
+    std::fs::write(&path, mesh).unwrap();
+    let cp = app::start(app::Options {
+        mesh_path: path,
+        xds_address: "127.0.0.1:0".parse().unwrap(),
+        admin_address: "127.0.0.1:0".parse().unwrap(),
+        identity: app::IdentityOptions {
+            secure_xds_address: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
+        },
+    })
+    .await
+    .unwrap();
+    let secure = cp.secure_xds_addr.unwrap();
+    // The node claims to be `secret` (which may call anything); its certificate says `web`.
+    let proxy = TestProxy::start(&format!(
+        "{}admin:\n  address: 127.0.0.1:0\nxds:\n  address: \"{secure}\"\n  node: liar\n  service: secret\n  identity: \"spiffe://mesh.test/ns/outrigger/sa/control-plane\"\nlisteners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    rds: outbound\n",
+        identity(&cp, "web-token", WEB, "24h")
+    ))
+    .await;
+    ready(&proxy).await;
+    let client = TestClient::http1(proxy.addr("outbound"));
+    let r = client.get("api", "/").await.unwrap();
+    assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "api"));
+    let r = client.get("secret", "/").await.unwrap();
+    assert_eq!(r.status, 404, "web may not call secret: {r:?}");
+
+    // Without a certificate from our CA, there is no xDS at all.
+    let ca = Ca::generate("mesh.test").unwrap();
+    let files = temp_path("foreign");
+    std::fs::create_dir_all(&files).unwrap();
+    let (chain, key) = ca
+        .issue(
+            &outrigger_proxy::spiffe::SpiffeId::parse(WEB).unwrap(),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    for (name, text) in [
+        ("cert.pem", chain),
+        ("key.pem", key),
+        ("bundle.pem", cp.ca.load().bundle_pem().to_string()),
+    ] {
+        std::fs::write(files.join(name), text).unwrap();
+    }
+    let outsider = TestProxy::start(&format!(
+        "identity:\n  cert: {0}/cert.pem\n  key: {0}/key.pem\n  bundle: {0}/bundle.pem\nadmin:\n  address: 127.0.0.1:0\nxds:\n  address: \"{secure}\"\n  identity: \"spiffe://mesh.test/ns/outrigger/sa/control-plane\"\nlisteners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    rds: outbound\n",
+        files.display()
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        get(outsider.admin(), "/ready").await.status,
+        503,
+        "a foreign certificate gets no config"
+    );
+}

@@ -1,0 +1,140 @@
+//! ADS over mTLS: the control plane presents a certificate from its own CA, requires one from
+//! every proxy, and tells the ADS server who the caller proved to be, so that a node is
+//! served the config of the service its certificate names, whatever its node metadata claims.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use outrigger_proxy::spiffe::SpiffeId;
+use rustls::ServerConfig;
+use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tonic::transport::server::Connected;
+
+use crate::ca::Ca;
+
+/// The identity a proxy proved on an mTLS xDS connection, in each request's extensions.
+#[derive(Clone, Debug)]
+pub struct ProvenIdentity(pub SpiffeId);
+
+/// The control plane's own identity: `spiffe://<td>/ns/outrigger/sa/control-plane`.
+pub fn control_plane_id(trust_domain: &str) -> SpiffeId {
+    SpiffeId::new(trust_domain, "outrigger", "control-plane")
+}
+
+/// A server config with a fresh certificate for the control plane, valid for a year, and a
+/// client certificate required from the CA's roots.
+pub fn server_config(ca: &Ca) -> Result<Arc<ServerConfig>, String> {
+    let id = control_plane_id(&ca.trust_domain);
+    let (chain, key) = ca
+        .issue(&id, Duration::from_secs(365 * 24 * 3600))
+        .map_err(|e| e.to_string())?;
+    let chain = CertificateDer::pem_slice_iter(chain.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| e.to_string())?;
+    let mut roots = rustls::RootCertStore::empty();
+    for root in CertificateDer::pem_slice_iter(ca.bundle_pem().as_bytes()) {
+        roots
+            .add(root.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    let provider = outrigger_proxy::identity::provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// One accepted mTLS connection and the identity its client proved.
+pub struct SecureConn {
+    inner: TlsStream<TcpStream>,
+    peer: Option<SpiffeId>,
+}
+
+impl Connected for SecureConn {
+    type ConnectInfo = Option<ProvenIdentity>;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.peer.clone().map(ProvenIdentity)
+    }
+}
+
+impl AsyncRead for SecureConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for SecureConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Accepts TCP, completes each handshake in its own task (a slow client must not hold up the
+/// others), and yields the finished connections.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<SecureConn>> {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                let accepted =
+                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
+                match accepted {
+                    Ok(Ok(inner)) => {
+                        let peer = inner
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(|leaf| SpiffeId::from_certificate(leaf).ok());
+                        let _ = tx.send(Ok(SecureConn { inner, peer })).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(error = %e, "xDS mTLS handshake failed"),
+                    Err(_) => tracing::debug!("xDS mTLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
