@@ -48,6 +48,8 @@ pub struct IdentityOptions {
     pub cert_lifetime: std::time::Duration,
     /// Also serve ADS over mTLS here, scoping each node by the identity it proves.
     pub secure_xds_address: Option<SocketAddr>,
+    /// Check service-account tokens with this Kubernetes API server.
+    pub token_review: Option<Arc<crate::token_review::TokenReviewer>>,
 }
 
 impl Default for IdentityOptions {
@@ -56,6 +58,7 @@ impl Default for IdentityOptions {
             ca_dir: None,
             cert_lifetime: crate::ca::DEFAULT_LIFETIME,
             secure_xds_address: None,
+            token_review: None,
         }
     }
 }
@@ -214,6 +217,7 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
         publisher: publisher.clone(),
         default_lifetime: options.identity.cert_lifetime,
         issued: Arc::new(AtomicU64::new(0)),
+        token_review: options.identity.token_review.clone(),
     };
     let ca = identity.ca.clone();
     let issued = identity.issued.clone();

@@ -21,6 +21,8 @@ use tonic::{Request, Response, Status};
 use crate::ca::{Ca, CaError};
 use crate::mesh::TokenError;
 use crate::snapshot::Publisher;
+use crate::token_review::TokenReviewer;
+use outrigger_proxy::spiffe::SpiffeId;
 
 /// The longest certificate the CA will sign, whatever a caller asks for.
 const MAX_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -31,10 +33,14 @@ pub struct IdentityService {
     pub publisher: Arc<Publisher>,
     pub default_lifetime: Duration,
     pub issued: Arc<AtomicU64>,
+    /// In Kubernetes: tokens the mesh file does not know are service-account tokens.
+    pub token_review: Option<Arc<TokenReviewer>>,
 }
 
 impl IdentityService {
-    fn sign(&self, token: Option<&str>, req: SignRequest) -> Result<SignResponse, Status> {
+    /// The identity a bootstrap token proves: a token from the mesh file, else (in
+    /// Kubernetes) a service-account token the API server vouches for.
+    async fn prove(&self, token: Option<&str>) -> Result<SpiffeId, Status> {
         let token = token.ok_or_else(|| {
             Status::unauthenticated("no bootstrap token: send `authorization: Bearer <token>`")
         })?;
@@ -43,12 +49,22 @@ impl IdentityService {
             .mesh
             .as_ref()
             .ok_or_else(|| Status::unavailable("no mesh loaded yet"))?;
-        let proved = mesh
-            .identity_for_token(token, OffsetDateTime::now_utc())
-            .map_err(|e| match e {
-                TokenError::Unknown => Status::unauthenticated("unknown bootstrap token"),
-                TokenError::Expired => Status::unauthenticated("the bootstrap token has expired"),
-            })?;
+        match mesh.identity_for_token(token, OffsetDateTime::now_utc()) {
+            Ok(id) => Ok(id.clone()),
+            Err(TokenError::Expired) => {
+                Err(Status::unauthenticated("the bootstrap token has expired"))
+            }
+            Err(TokenError::Unknown) => match &self.token_review {
+                None => Err(Status::unauthenticated("unknown bootstrap token")),
+                Some(reviewer) => reviewer
+                    .review(token, &mesh.trust_domain)
+                    .await
+                    .map_err(Status::unauthenticated),
+            },
+        }
+    }
+
+    fn sign(&self, proved: &SpiffeId, req: SignRequest) -> Result<SignResponse, Status> {
         let lifetime = match req.lifetime_seconds {
             0 => self.default_lifetime,
             s => Duration::from_secs(s).min(MAX_LIFETIME),
@@ -85,8 +101,9 @@ impl UnaryService<SignRequest> for Sign {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .map(str::to_string);
+            let proved = service.prove(token.as_deref()).await?;
             service
-                .sign(token.as_deref(), request.into_inner())
+                .sign(&proved, request.into_inner())
                 .map(Response::new)
         })
     }

@@ -12,4 +12,5 @@ pub mod node_status;
 pub mod policy;
 pub mod secure_xds;
 pub mod snapshot;
+pub mod token_review;
 pub mod translate;

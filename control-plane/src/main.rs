@@ -42,6 +42,22 @@ enum Command {
         /// identity its certificate proves.
         #[arg(long)]
         secure_xds: Option<SocketAddr>,
+        /// Check bootstrap tokens the mesh file does not know with this Kubernetes API server's
+        /// TokenReview (for example https://kubernetes.default.svc).
+        #[arg(long)]
+        kube_api: Option<String>,
+        /// The control plane's own credential for the API server.
+        #[arg(
+            long,
+            default_value = "/var/run/secrets/kubernetes.io/serviceaccount/token"
+        )]
+        kube_token_file: PathBuf,
+        /// The CA that signs the API server's certificate.
+        #[arg(
+            long,
+            default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+        )]
+        kube_ca_file: PathBuf,
     },
     /// Make a new root CA in a directory, for `serve --ca`.
     CaInit {
@@ -154,7 +170,20 @@ fn main() -> ExitCode {
             ca,
             cert_lifetime,
             secure_xds,
+            kube_api,
+            kube_token_file,
+            kube_ca_file,
         } => {
+            let token_review = match kube_api {
+                None => None,
+                Some(api) => match token_reviewer(&api, &kube_token_file, &kube_ca_file) {
+                    Ok(r) => Some(std::sync::Arc::new(r)),
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             if workers > 0 {
                 builder.worker_threads(workers);
@@ -169,6 +198,7 @@ fn main() -> ExitCode {
                         ca_dir: ca,
                         cert_lifetime,
                         secure_xds_address: secure_xds,
+                        token_review,
                     },
                 };
                 match app::start(options).await {
@@ -198,4 +228,15 @@ fn issue(ca_dir: &Path, id: &str, out: &Path, lifetime: std::time::Duration) -> 
     write("cert.pem", &chain)?;
     write("key.pem", &key)?;
     write("bundle.pem", ca.bundle_pem())
+}
+
+fn token_reviewer(
+    api: &str,
+    token_file: &Path,
+    ca_file: &Path,
+) -> Result<outrigger_control_plane::token_review::TokenReviewer, String> {
+    let token = std::fs::read_to_string(token_file)
+        .map_err(|e| format!("{}: {e}", token_file.display()))?;
+    let ca = std::fs::read(ca_file).map_err(|e| format!("{}: {e}", ca_file.display()))?;
+    outrigger_control_plane::token_review::TokenReviewer::new(api, token.trim().to_string(), &ca)
 }
