@@ -248,6 +248,51 @@ mod tests {
     }
 
     #[test]
+    fn an_operators_intermediate_signs_chains_that_reach_the_root() {
+        // The operator's root, kept offline, and an intermediate it signed for the mesh.
+        let root_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut root_params = CertificateParams::default();
+        root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        root_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let root = root_params.self_signed(&root_key).unwrap();
+        let inter_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut inter_params = CertificateParams::default();
+        inter_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        inter_params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        let inter = inter_params
+            .signed_by(&inter_key, &Issuer::new(root_params, &root_key))
+            .unwrap();
+        let dir = std::env::temp_dir().join(format!("outrigger-ica-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("ca.crt"), inter.pem()).unwrap();
+        std::fs::write(dir.join("ca.key"), inter_key.serialize_pem()).unwrap();
+        std::fs::write(dir.join("bundle.crt"), root.pem()).unwrap();
+
+        let ca = Ca::load(&dir, "cluster.local").unwrap();
+        assert_eq!(ca.bundle_pem(), root.pem(), "workloads trust the root only");
+        let id = SpiffeId::new("cluster.local", "shop", "web");
+        let (chain, _) = ca.issue(&id, DEFAULT_LIFETIME).unwrap();
+        let chain: Vec<_> = rustls_pki_types::CertificateDer::pem_slice_iter(chain.as_bytes())
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(chain.len(), 2, "leaf and intermediate");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(root.der().clone()).unwrap();
+        let leaf = rustls::server::ParsedCertificate::try_from(&chain[0]).unwrap();
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &leaf,
+            &roots,
+            &chain[1..],
+            rustls_pki_types::UnixTime::now(),
+            outrigger_proxy::identity::provider()
+                .signature_verification_algorithms
+                .all,
+        )
+        .expect("the chain reaches the operator's root");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
     fn saves_and_loads() {
         let dir = std::env::temp_dir().join(format!("outrigger-ca-{}", std::process::id()));
         let ca = Ca::generate("cluster.local").unwrap();
