@@ -30,6 +30,29 @@ pub struct ConfigFile {
     /// change. Needed by any `tls` below.
     #[serde(default)]
     pub identity: Option<IdentityFile>,
+    /// OpenTelemetry spans for every proxied request, sent over OTLP.
+    #[serde(default)]
+    pub tracing: Option<TracingFile>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TracingFile {
+    /// `service.name` of the spans: the workload's service.
+    pub service_name: String,
+    /// The share of new traces sampled, 0 to 1 (default 1). A request that arrives with a
+    /// trace context follows its caller's decision.
+    #[serde(default)]
+    pub sampling: Option<f64>,
+    /// A collector's OTLP/gRPC address, `host:port` (4317).
+    #[serde(default)]
+    pub otlp_grpc: Option<Spanned<String>>,
+    /// A collector's OTLP/HTTP URL (`http://host:4318/v1/traces`).
+    #[serde(default)]
+    pub otlp_http: Option<Spanned<String>>,
+    /// Spans waiting for export; beyond it they are dropped and counted. Default 2048.
+    #[serde(default)]
+    pub queue: Option<usize>,
 }
 
 /// Either PEM files kept fresh by someone else (`cert`, `key`, `bundle`), or `ca`: the proxy

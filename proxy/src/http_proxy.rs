@@ -27,9 +27,11 @@ use crate::error::ProxyError;
 use crate::listener::Peer;
 use crate::metrics::Metrics;
 use crate::outlier::Health;
+use crate::request_trace::{self, AttemptSpan, RequestFacts, Trace};
 use crate::retry::{MAX_REPLAY_BODY, Outcome, RetryPolicy, retriable, retry_after};
 use crate::router::{self, RouteOutcome};
 use crate::runtime_config::{Route, RuntimeConfig};
+use crate::trace_context;
 use crate::upstream::Body;
 
 /// Tells the upstream which attempt this is (1 for the first).
@@ -53,20 +55,53 @@ pub async fn handle(
     let started = Instant::now();
     // One snapshot for the whole request: a config swap mid-request cannot tear it.
     let snapshot = ctx.config.load_full();
+    let trace = snapshot
+        .tracing
+        .as_ref()
+        .and_then(|t| Trace::start(t, req.headers()));
+    // What the span needs after the request itself is gone.
+    let facts = trace.as_ref().map(|_| {
+        let peer = req.extensions().get::<Peer>().cloned();
+        let host = req
+            .uri()
+            .authority()
+            .map(|a| a.as_str().to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        (req.method().clone(), host, peer)
+    });
     let mut route_label = "none";
-    let response = match forward(&ctx, &snapshot, req, &mut route_label).await {
+    let response = match forward(&ctx, &snapshot, req, &mut route_label, trace.as_ref()).await {
         Ok(resp) => resp,
         Err(err) => {
             tracing::debug!(error = %err, side = ?err.side(), "synthetic response");
             err.into_response()
         }
     };
-    ctx.metrics.record_request(
-        ctx.direction,
-        route_label,
-        response.status().as_u16(),
-        started.elapsed(),
-    );
+    let status = response.status().as_u16();
+    ctx.metrics
+        .record_request(ctx.direction, route_label, status, started.elapsed());
+    if let (Some(trace), Some((method, host, peer))) = (trace, facts) {
+        let facts = RequestFacts {
+            inbound: ctx.direction == "inbound",
+            method: &method,
+            host: &host,
+            route: route_label,
+            status,
+            client: peer.as_ref().and_then(|p| p.addr),
+            peer_identity: peer.and_then(|p| p.identity.map(|i| i.to_string())),
+            synthetic: response
+                .headers()
+                .get(crate::error::ERROR_HEADER)
+                .and_then(|v| v.to_str().ok()),
+        };
+        request_trace::record_request(trace, facts, &ctx.metrics);
+    }
     Ok(response)
 }
 
@@ -75,9 +110,13 @@ async fn forward<'a>(
     snapshot: &'a RuntimeConfig,
     mut req: Request<Incoming>,
     route_label: &mut &'a str,
+    trace: Option<&Trace>,
 ) -> Result<Response<Body>, ProxyError> {
     let listener = &snapshot.listeners[ctx.listener];
-    let peer = req.extensions().get::<Peer>().and_then(|p| p.0.clone());
+    let peer = req
+        .extensions()
+        .get::<Peer>()
+        .and_then(|p| p.identity.clone());
     if let Some(authz) = &listener.authorization
         && !authz.allows(peer.as_deref())
     {
@@ -142,24 +181,23 @@ async fn forward<'a>(
     let upgrade = is_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let retry = route.retry.as_ref().filter(|p| p.retries > 0 && !upgrade);
+    let call = Call {
+        ctx,
+        route,
+        cluster,
+        host: &host,
+        trace,
+    };
     let send = async {
         match retry {
             Some(policy) => match replayable(req).await? {
                 Replay::Ready(head, body) => {
                     let deadline = tokio::time::Instant::now() + timeout;
-                    let call = Call {
-                        ctx,
-                        route,
-                        cluster,
-                        host: &host,
-                    };
-                    send_with_retries(call, policy, deadline, head, body).await
+                    send_with_retries(&call, policy, deadline, head, body).await
                 }
-                Replay::Once(req) => {
-                    send_once(ctx, route, cluster, &host, req.map(|b| b.boxed()), false).await
-                }
+                Replay::Once(req) => send_once(&call, req.map(|b| b.boxed()), false).await,
             },
-            None => send_once(ctx, route, cluster, &host, req.map(|b| b.boxed()), upgrade).await,
+            None => send_once(&call, req.map(|b| b.boxed()), upgrade).await,
         }
     };
     let mut resp = tokio::time::timeout(timeout, send)
@@ -185,32 +223,46 @@ async fn forward<'a>(
 }
 
 async fn send_once(
-    ctx: &HttpContext,
-    route: &Route,
-    cluster: &Cluster,
-    host: &str,
+    call: &Call<'_>,
     req: Request<Body>,
     upgrade: bool,
 ) -> Result<Response<Incoming>, ProxyError> {
-    let endpoint = cluster.pick().ok_or_else(|| ProxyError::NoEndpoint {
-        cluster: cluster.name.clone(),
+    let endpoint = call.cluster.pick().ok_or_else(|| ProxyError::NoEndpoint {
+        cluster: call.cluster.name.clone(),
     })?;
-    attempt(ctx, route, cluster, endpoint, host, req, upgrade, None).await
+    let try_ = Try {
+        number: 1,
+        waited: Duration::ZERO,
+        per_try_timeout: None,
+    };
+    attempt(call, endpoint, req, upgrade, try_).await
+}
+
+/// Which try this is, for retries and for its span.
+struct Try {
+    number: u32,
+    waited: Duration,
+    per_try_timeout: Option<Duration>,
 }
 
 /// One try at one endpoint.
-#[allow(clippy::too_many_arguments)]
 async fn attempt(
-    ctx: &HttpContext,
-    route: &Route,
-    cluster: &Cluster,
+    call: &Call<'_>,
     endpoint: &Arc<Endpoint>,
-    host: &str,
     req: Request<Body>,
     upgrade: bool,
-    per_try_timeout: Option<Duration>,
+    try_: Try,
 ) -> Result<Response<Incoming>, ProxyError> {
-    let upstream_req = rewrite_request(
+    let Call {
+        ctx,
+        route,
+        cluster,
+        host,
+        trace,
+    } = *call;
+    let per_try_timeout = try_.per_try_timeout;
+    let span = trace.map(|t| AttemptSpan::begin(t, try_.number, try_.waited));
+    let mut upstream_req = rewrite_request(
         req,
         route,
         &endpoint.base_uri,
@@ -218,6 +270,10 @@ async fn attempt(
         cluster.protocol,
         upgrade,
     )?;
+    if let Some(span) = &span {
+        // The upstream's parent is this attempt.
+        trace_context::inject(upstream_req.headers_mut(), &span.ctx);
+    }
     // An HTTP/1.1 request needs a connection to itself until its response head.
     let _connection = match (upgrade, cluster.protocol) {
         (false, UpstreamProtocol::Http1) => match cluster.breaker.connection().await {
@@ -272,11 +328,24 @@ async fn attempt(
         ) => Some(Health::GatewayFailure),
         Err(_) => None,
     };
-    if let Some(health) = health
-        && cluster.observe(endpoint, health)
-    {
+    let ejected = health.is_some_and(|h| cluster.observe(endpoint, h));
+    if ejected {
         tracing::warn!(cluster = %cluster.name, endpoint = %endpoint.addr, ejections = endpoint.outlier.ejections(), "endpoint ejected");
         ctx.metrics.ejection(&cluster.name);
+    }
+    if let (Some(span), Some(trace)) = (span, trace) {
+        let outcome = match &result {
+            Ok(resp) => Ok(resp.status().as_u16()),
+            Err(e) => Err(e.code()),
+        };
+        span.end(
+            trace,
+            &ctx.metrics,
+            &cluster.name,
+            endpoint.addr,
+            outcome,
+            ejected,
+        );
     }
     let resp = result?;
     in_flight.responded();
@@ -326,15 +395,17 @@ async fn replayable(req: Request<Incoming>) -> Result<Replay, ProxyError> {
 }
 
 /// Where one request is going, as every attempt at it needs to know.
+#[derive(Clone, Copy)]
 struct Call<'a> {
     ctx: &'a HttpContext,
     route: &'a Route,
     cluster: &'a Cluster,
     host: &'a str,
+    trace: Option<&'a Trace>,
 }
 
 async fn send_with_retries(
-    call: Call<'_>,
+    call: &Call<'_>,
     policy: &RetryPolicy,
     deadline: tokio::time::Instant,
     head: Head,
@@ -344,14 +415,15 @@ async fn send_with_retries(
         ctx,
         route,
         cluster,
-        host,
-    } = call;
+        ..
+    } = *call;
     let _active = cluster.retry_budget.request();
     // A retry holds its budget slot until the next attempt ends, so concurrent retries are
     // what the budget counts.
     let mut _retry_slot = None;
     let mut avoid = None;
     let mut number = 0u32;
+    let mut waited = Duration::ZERO;
     loop {
         let endpoint = cluster
             .pick_avoiding(avoid)
@@ -370,17 +442,12 @@ async fn send_with_retries(
         // The app may want to know it is seeing a retry (and log it).
         req.headers_mut()
             .insert(ATTEMPT_HEADER, HeaderValue::from(number + 1));
-        let result = attempt(
-            ctx,
-            route,
-            cluster,
-            endpoint,
-            host,
-            req,
-            false,
-            policy.per_try_timeout,
-        )
-        .await;
+        let try_ = Try {
+            number: number + 1,
+            waited,
+            per_try_timeout: policy.per_try_timeout,
+        };
+        let result = attempt(call, endpoint, req, false, try_).await;
         let outcome = match &result {
             Ok(resp) => Outcome::Response(resp.status(), resp.headers()),
             Err(ProxyError::UpstreamConnect { .. }) => Outcome::ConnectFailed,
@@ -419,6 +486,7 @@ async fn send_with_retries(
         avoid = Some(endpoint.addr);
         drop(result);
         tokio::time::sleep(wait).await;
+        waited = wait;
         number += 1;
     }
 }

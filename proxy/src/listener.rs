@@ -28,9 +28,13 @@ const MAX_HEADERS: usize = 128;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The caller's verified identity, on every request of an mTLS connection.
+/// Who is calling, on every request: the downstream address, and the verified identity on
+/// an mTLS connection.
 #[derive(Clone)]
-pub struct Peer(pub Option<Arc<SpiffeId>>);
+pub struct Peer {
+    pub identity: Option<Arc<SpiffeId>>,
+    pub addr: Option<std::net::SocketAddr>,
+}
 
 pub struct Shutdown {
     pub signal: watch::Receiver<bool>,
@@ -69,6 +73,7 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<HttpContext>, shutdown:
 }
 
 async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Shutdown) {
+    let client_addr = stream.peer_addr().ok();
     let snapshot = ctx.config.load_full();
     let listener = &snapshot.listeners[ctx.listener];
     let name = listener.name.clone();
@@ -131,6 +136,10 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
                         Some(mtls::ALPN_H2) => Protocol::Http2,
                         _ => Protocol::Http1,
                     };
+                    let peer = Peer {
+                        identity: peer,
+                        addr: client_addr,
+                    };
                     if serve_http(stream, protocol, idle, peer, ctx.clone(), shutdown)
                         .await
                         .is_err()
@@ -153,7 +162,11 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
         Protocol::Http1 | Protocol::Http2 => {
             let idle = listener.idle_timeout;
             drop(snapshot);
-            if serve_http(io, protocol, idle, None, ctx.clone(), shutdown)
+            let peer = Peer {
+                identity: None,
+                addr: client_addr,
+            };
+            if serve_http(io, protocol, idle, peer, ctx.clone(), shutdown)
                 .await
                 .is_err()
             {
@@ -184,7 +197,7 @@ async fn serve_http<I>(
     io: I,
     protocol: Protocol,
     idle: Duration,
-    peer: Option<Arc<SpiffeId>>,
+    peer: Peer,
     ctx: Arc<HttpContext>,
     shutdown: Shutdown,
 ) -> Result<(), hyper::Error>
@@ -200,7 +213,7 @@ where
     let svc = {
         let activity = activity.clone();
         service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(Peer(peer.clone()));
+            req.extensions_mut().insert(peer.clone());
             let (ctx, in_flight) = (ctx.clone(), activity.request());
             async move {
                 let resp = http_proxy::handle(ctx, req).await?;

@@ -66,6 +66,13 @@ pub struct Metrics {
     tls_failures: Family<ListenerLabels, Counter>,
     plaintext_refused: Family<ListenerLabels, Counter>,
     denied: Family<DeniedLabels, Counter>,
+    spans_exported: Counter,
+    spans_dropped: Family<DropLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DropLabels {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -122,6 +129,18 @@ impl Metrics {
         let tls_failures = Family::<ListenerLabels, Counter>::default();
         let plaintext_refused = Family::<ListenerLabels, Counter>::default();
         let denied = Family::<DeniedLabels, Counter>::default();
+        let spans_exported = Counter::default();
+        let spans_dropped = Family::<DropLabels, Counter>::default();
+        registry.register(
+            "spans_exported",
+            "Spans the OTLP collector accepted",
+            spans_exported.clone(),
+        );
+        registry.register(
+            "spans_dropped",
+            "Spans lost: the export queue was full, or the collector failed",
+            spans_dropped.clone(),
+        );
         registry.register(
             "tls_handshake_failures",
             "Inbound mTLS handshakes that failed (bad, expired or foreign certificates)",
@@ -227,7 +246,19 @@ impl Metrics {
             tls_failures,
             plaintext_refused,
             denied,
+            spans_exported,
+            spans_dropped,
         }
+    }
+
+    pub fn spans_exported(&self, n: u64) {
+        self.spans_exported.inc_by(n);
+    }
+
+    pub fn spans_dropped(&self, reason: &'static str, n: u64) {
+        self.spans_dropped
+            .get_or_create(&DropLabels { reason })
+            .inc_by(n);
     }
 
     pub fn tls_handshake_failure(&self, listener: &str) {

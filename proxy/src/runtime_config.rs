@@ -20,7 +20,7 @@ use crate::circuit_breaker::{self, CircuitBreaker};
 use crate::config::OutlierFile;
 use crate::config::{
     ConfigFile, Direction, HeaderChangesFile, IdentityFile, ListenerFile, ListenerProtocol,
-    RateLimitFile, RetryFile, RouteFile, TlsMode, UpstreamProtocol,
+    RateLimitFile, RetryFile, RouteFile, TlsMode, TracingFile, UpstreamProtocol,
 };
 use crate::config_error::ConfigError;
 use crate::identity::{IdentityFiles, IdentityStore};
@@ -31,6 +31,7 @@ use crate::rate_limit::RateLimiter;
 use crate::retry::{RetryOn, RetryPolicy};
 use crate::retry_budget::{self, RetryBudget};
 use crate::router::{DomainTable, HeaderMatch, PathMatch};
+use crate::span_export::{Collector, Tracer};
 use crate::spiffe::{Principal, SpiffeId};
 use crate::upstream::UpstreamClient;
 
@@ -49,6 +50,7 @@ pub struct RuntimeConfig {
     pub listeners: Vec<Listener>,
     pub clusters: HashMap<String, Arc<Cluster>>,
     pub identity: Option<Identity>,
+    pub tracing: Option<Arc<Tracer>>,
 }
 
 /// The workload identity, and where it is kept fresh from.
@@ -310,8 +312,13 @@ impl Builder<'_> {
             identity: identity.as_ref().map(|i| i.store.clone()),
             ..self.clone()
         };
+        let tracing = match &file.tracing {
+            None => None,
+            Some(t) => Some(self.tracer(t)?),
+        };
         let mut config = with_identity.build_config(file, version)?;
         config.identity = identity;
+        config.tracing = tracing;
         Ok(config)
     }
 
@@ -479,6 +486,50 @@ impl Builder<'_> {
             listeners,
             clusters,
             identity: None,
+            tracing: None,
+        })
+    }
+
+    /// A reload with the same tracing settings keeps the exporter (and its queue).
+    fn tracer(&self, t: &TracingFile) -> Result<Arc<Tracer>, ConfigError> {
+        let ratio = t.sampling.unwrap_or(1.0);
+        if !(0.0..=1.0).contains(&ratio) {
+            return Err(ConfigError::at(
+                self.source,
+                None,
+                "tracing.sampling",
+                "must be between 0 and 1",
+            ));
+        }
+        let collector = match (&t.otlp_grpc, &t.otlp_http) {
+            (Some(addr), None) => Collector::Grpc(format!("http://{}", addr.value)),
+            (None, Some(url)) => {
+                url.value
+                    .parse::<http::Uri>()
+                    .ok()
+                    .filter(|u| u.scheme_str() == Some("http"))
+                    .ok_or_else(|| self.err(url, "tracing.otlp_http", "not an http:// URL"))?;
+                Collector::Http(url.value.clone())
+            }
+            _ => {
+                return Err(ConfigError::at(
+                    self.source,
+                    None,
+                    "tracing",
+                    "set one of `otlp_grpc` and `otlp_http`",
+                ));
+            }
+        };
+        let queue = t.queue.unwrap_or(2048);
+        let old = self.previous.and_then(|p| p.tracing.clone());
+        Ok(match old {
+            Some(old) if old.same_settings(&t.service_name, ratio, &collector, queue) => old,
+            _ => Arc::new(Tracer::start(
+                t.service_name.clone(),
+                ratio,
+                collector,
+                queue,
+            )),
         })
     }
 

@@ -65,7 +65,7 @@ fn full(b: impl Into<Bytes>) -> Body {
 ///
 /// - Response headers: `x-upstream` (its name), `x-method`, `x-path`, `x-version`, and
 ///   `x-echo-<name>` for every request header whose name starts with `x-`, plus `host`
-///   (from `:authority` for HTTP/2).
+///   (from `:authority` for HTTP/2) and the trace context headers.
 /// - `POST`/`PUT` bodies are echoed back; other methods get the upstream's name.
 /// - `/slow/<ms>` answers after that many milliseconds; `/status/<code>` with that status.
 pub async fn http(name: &'static str) -> Upstream {
@@ -134,7 +134,8 @@ async fn echo(name: &'static str, req: Request<Incoming>) -> Result<Response<Bod
         );
     }
     for (k, v) in &parts.headers {
-        if k.as_str().starts_with("x-") || k == http::header::HOST {
+        let traced = matches!(k.as_str(), "traceparent" | "tracestate" | "b3");
+        if k.as_str().starts_with("x-") || k == http::header::HOST || traced {
             let echoed =
                 HeaderName::from_bytes(format!("x-echo-{}", k.as_str()).as_bytes()).unwrap();
             h.append(echoed, v.clone());

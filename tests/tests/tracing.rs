@@ -1,0 +1,225 @@
+//! Traces over real sockets into a real OTLP receiver (the official opentelemetry-proto
+//! service): app A → sidecar A → sidecar B → app B is one trace, parented under A's own
+//! span; retries show as attempt spans; B3 in, W3C out; a dead collector costs nothing.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::Method;
+use outrigger_tests::clients::{TestClient, get};
+use outrigger_tests::otlp::{self, Received, Spans};
+use outrigger_tests::{TestProxy, eventually, faults, metric, upstreams};
+
+const APP_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const APP_SPAN: &str = "00f067aa0ba902b7";
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn tracing_block(service: &str, collector: &str) -> String {
+    format!("tracing:\n  service_name: {service}\n  {collector}\n")
+}
+
+async fn sidecar(tracing: &str, direction: &str, to: SocketAddr, retry: &str) -> TestProxy {
+    TestProxy::start(&format!(
+        "{tracing}admin:\n  address: 127.0.0.1:0\nlisteners:\n  - name: {direction}\n    address: 127.0.0.1:0\n    direction: {direction}\n    virtual_hosts:\n      - name: app\n        domains: ['*']\n        routes:\n          - name: main\n{retry}            backends: [{{cluster: next}}]\nclusters:\n  - name: next\n    lb: round_robin\n    endpoints: [{{address: \"{to}\"}}]\n"
+    ))
+    .await
+}
+
+async fn spans_at_least(spans: &Spans, n: usize) -> Vec<Received> {
+    eventually(
+        &format!("{n} spans at the collector"),
+        Duration::from_secs(10),
+        || async {
+            let got = spans.lock().unwrap().clone();
+            (got.len() >= n).then_some(got)
+        },
+    )
+    .await
+}
+
+fn find<'a>(spans: &'a [Received], service: &str, name_prefix: &str) -> Vec<&'a Received> {
+    spans
+        .iter()
+        .filter(|r| r.service == service && r.span.name.starts_with(name_prefix))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_across_two_sidecars_parented_under_the_apps_span() {
+    let (collector, spans) = otlp::grpc_receiver().await;
+    let grpc = format!("otlp_grpc: \"{}\"", collector.addr);
+    let app_b = upstreams::http("b").await;
+    let b = sidecar(&tracing_block("b", &grpc), "inbound", app_b.addr, "").await;
+    let a = sidecar(
+        &tracing_block("a", &grpc),
+        "outbound",
+        b.addr("inbound"),
+        "",
+    )
+    .await;
+    let traceparent = format!("00-{APP_TRACE}-{APP_SPAN}-01");
+    let r = TestClient::http1(a.addr("outbound"))
+        .send(
+            Method::GET,
+            "b.test",
+            "/hello",
+            &[("traceparent", &traceparent)],
+            "",
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+
+    let all = spans_at_least(&spans, 4).await;
+    assert!(
+        all.iter().all(|s| hex(&s.span.trace_id) == APP_TRACE),
+        "one trace: {all:#?}"
+    );
+    let a_request = find(&all, "a", "GET main")[0];
+    let a_attempt = find(&all, "a", "attempt 1")[0];
+    let b_request = find(&all, "b", "GET main")[0];
+    let b_attempt = find(&all, "b", "attempt 1")[0];
+    // A's span hangs under the app's; each hop under the one before it.
+    assert_eq!(hex(&a_request.span.parent_span_id), APP_SPAN);
+    assert_eq!(a_attempt.span.parent_span_id, a_request.span.span_id);
+    assert_eq!(b_request.span.parent_span_id, a_attempt.span.span_id);
+    assert_eq!(b_attempt.span.parent_span_id, b_request.span.span_id);
+    // App B's parent is B's attempt.
+    let seen = r.header("x-echo-traceparent").unwrap();
+    assert_eq!(
+        seen,
+        format!("00-{APP_TRACE}-{}-01", hex(&b_attempt.span.span_id))
+    );
+    // Client on the outbound side, server on the inbound side, with the HTTP conventions.
+    assert_eq!((a_request.span.kind, b_request.span.kind), (3, 2));
+    assert_eq!(
+        a_request.attr("http.request.method").as_deref(),
+        Some("GET")
+    );
+    assert_eq!(a_request.attr("http.route").as_deref(), Some("main"));
+    assert_eq!(
+        a_request.attr("http.response.status_code").as_deref(),
+        Some("200")
+    );
+    assert_eq!(a_request.attr("server.address").as_deref(), Some("b.test"));
+    assert!(b_request.attr("network.peer.address").is_some());
+    assert_eq!(
+        a_attempt.attr("outrigger.upstream.endpoint"),
+        Some(b.addr("inbound").to_string())
+    );
+    let page = get(a.admin(), "/metrics").await.body;
+    assert!(
+        metric(&page, "outrigger_spans_exported_total") >= 2,
+        "{page}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_shows_as_a_second_attempt_span_with_its_backoff() {
+    let (collector, spans) = otlp::grpc_receiver().await;
+    let grpc = format!("otlp_grpc: \"{}\"", collector.addr);
+    let (up, _) = faults::faulty("b").await;
+    let a = sidecar(
+        &tracing_block("a", &grpc),
+        "outbound",
+        up.addr,
+        "            retry: {attempts: 2, on: [gateway-error]}\n",
+    )
+    .await;
+    let r = TestClient::http1(a.addr("outbound"))
+        .get("b.test", "/fail/1/503/x")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    let all = spans_at_least(&spans, 3).await;
+    let request = find(&all, "a", "GET main")[0];
+    let (first, second) = (
+        find(&all, "a", "attempt 1")[0],
+        find(&all, "a", "attempt 2")[0],
+    );
+    for attempt in [first, second] {
+        assert_eq!(attempt.span.parent_span_id, request.span.span_id);
+    }
+    assert_eq!(
+        first.attr("http.response.status_code").as_deref(),
+        Some("503")
+    );
+    assert_eq!(
+        second.attr("http.response.status_code").as_deref(),
+        Some("200")
+    );
+    assert_eq!(second.attr("outrigger.attempt").as_deref(), Some("2"));
+    assert!(second.attr("outrigger.backoff_ms").is_some(), "{second:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn otlp_over_http_and_b3_in_w3c_out() {
+    let (collector, spans) = otlp::http_receiver().await;
+    let http = format!("otlp_http: \"http://{}/v1/traces\"", collector.addr);
+    let app = upstreams::http("b").await;
+    let a = sidecar(&tracing_block("a", &http), "outbound", app.addr, "").await;
+    let r = TestClient::http1(a.addr("outbound"))
+        .send(
+            Method::GET,
+            "b.test",
+            "/",
+            &[
+                ("x-b3-traceid", APP_TRACE),
+                ("x-b3-spanid", APP_SPAN),
+                ("x-b3-sampled", "1"),
+            ],
+            "",
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200);
+    // Continued, not restarted: the app sees W3C in the caller's trace, and no stale B3.
+    let tp = r.header("x-echo-traceparent").unwrap();
+    assert!(tp.starts_with(&format!("00-{APP_TRACE}-")), "{tp}");
+    assert_eq!(r.header("x-echo-x-b3-spanid"), None);
+    let all = spans_at_least(&spans, 2).await;
+    let request = find(&all, "a", "GET main")[0];
+    assert_eq!(hex(&request.span.trace_id), APP_TRACE);
+    assert_eq!(hex(&request.span.parent_span_id), APP_SPAN);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_collector_drops_and_counts_spans_and_requests_carry_on() {
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let app = upstreams::http("b").await;
+    let a = sidecar(
+        &tracing_block("a", &format!("otlp_grpc: \"{dead}\"\n  queue: 4")),
+        "outbound",
+        app.addr,
+        "",
+    )
+    .await;
+    let client = TestClient::http1(a.addr("outbound"));
+    for _ in 0..200 {
+        assert_eq!(client.get("b.test", "/").await.unwrap().status, 200);
+    }
+    let admin = a.admin();
+    eventually(
+        "dropped spans are counted",
+        Duration::from_secs(10),
+        || async move {
+            let page = get(admin, "/metrics").await.body;
+            let dropped = metric(
+                &page,
+                "outrigger_spans_dropped_total{reason=\"queue_full\"}",
+            ) + metric(
+                &page,
+                "outrigger_spans_dropped_total{reason=\"export_failed\"}",
+            );
+            (dropped >= 300).then_some(())
+        },
+    )
+    .await;
+}
