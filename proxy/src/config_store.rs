@@ -54,7 +54,7 @@ pub struct ConfigStore {
     /// Holding the lock for a whole rebuild serialises rebuilds, so a slow one can never
     /// store older inputs over newer ones. Only the reload paths take it, never a request.
     inputs: Mutex<Inputs>,
-    metrics: Arc<Metrics>,
+    pub metrics: Arc<Metrics>,
 }
 
 fn unix_now() -> u64 {

@@ -25,7 +25,7 @@ use crate::circuit_breaker::Overflow;
 use crate::config::UpstreamProtocol;
 use crate::error::ProxyError;
 use crate::listener::Peer;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, RequestRecord};
 use crate::outlier::Health;
 use crate::request_trace::{self, AttemptSpan, RequestFacts, Trace};
 use crate::retry::{MAX_REPLAY_BODY, Outcome, RetryPolicy, retriable, retry_after};
@@ -75,8 +75,12 @@ pub async fn handle(
             .unwrap_or_default();
         (req.method().clone(), host, peer)
     });
+    let peer_identity = req
+        .extensions()
+        .get::<Peer>()
+        .and_then(|p| p.identity.as_ref().map(|i| i.to_string()));
     let mut route_label = "none";
-    let response = match forward(&ctx, &snapshot, req, &mut route_label, trace.as_ref()).await {
+    let mut response = match forward(&ctx, &snapshot, req, &mut route_label, trace.as_ref()).await {
         Ok(resp) => resp,
         Err(err) => {
             tracing::debug!(error = %err, side = ?err.side(), "synthetic response");
@@ -84,8 +88,37 @@ pub async fn handle(
         }
     };
     let status = response.status().as_u16();
-    ctx.metrics
-        .record_request(ctx.direction, route_label, status, started.elapsed());
+    let record = PendingRecord {
+        metrics: ctx.metrics.clone(),
+        direction: ctx.direction,
+        route: route_label.to_string(),
+        status,
+        peer: peer_identity,
+        elapsed: started.elapsed(),
+        trace_id: trace.as_ref().map(|t| hex(&t.span.trace_id)),
+    };
+    let headers = response.headers();
+    let grpc = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    match headers.get("grpc-status").and_then(|v| v.to_str().ok()) {
+        // A gRPC status after messages arrives in the trailers: count the call then.
+        None if grpc => {
+            response = response.map(|inner| {
+                GrpcStatusBody {
+                    inner,
+                    record: Some(record),
+                    grpc_status: None,
+                }
+                .boxed()
+            });
+        }
+        grpc_status => {
+            let grpc_status = grpc_status.map(str::to_string);
+            record.finish(grpc_status.as_deref());
+        }
+    }
     if let (Some(trace), Some((method, host, peer))) = (trace, facts) {
         let facts = RequestFacts {
             inbound: ctx.direction == "inbound",
@@ -103,6 +136,91 @@ pub async fn handle(
         request_trace::record_request(trace, facts, &ctx.metrics);
     }
     Ok(response)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A request's metrics, waiting for its outcome.
+struct PendingRecord {
+    metrics: Arc<Metrics>,
+    direction: &'static str,
+    route: String,
+    status: u16,
+    peer: Option<String>,
+    elapsed: Duration,
+    trace_id: Option<String>,
+}
+
+impl PendingRecord {
+    fn finish(self, grpc_status: Option<&str>) {
+        self.metrics.record_request(RequestRecord {
+            direction: self.direction,
+            route: &self.route,
+            status: self.status,
+            grpc_status,
+            peer: self.peer.as_deref(),
+            elapsed: self.elapsed,
+            trace_id: self.trace_id,
+        });
+    }
+}
+
+/// A gRPC response body that records its call once the trailers (or the end) go by.
+struct GrpcStatusBody {
+    inner: Body,
+    record: Option<PendingRecord>,
+    grpc_status: Option<String>,
+}
+
+impl hyper::body::Body for GrpcStatusBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(status) = frame
+                    .trailers_ref()
+                    .and_then(|t| t.get("grpc-status"))
+                    .and_then(|v| v.to_str().ok())
+                {
+                    self.grpc_status = Some(status.to_string());
+                }
+            }
+            std::task::Poll::Ready(None) => {
+                if let Some(record) = self.record.take() {
+                    let status = self.grpc_status.take();
+                    record.finish(status.as_deref());
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for GrpcStatusBody {
+    fn drop(&mut self) {
+        // The client went away before the end: the call is still counted, status unknown.
+        if let Some(record) = self.record.take() {
+            let status = self.grpc_status.take();
+            record.finish(Some(status.as_deref().unwrap_or("unknown")));
+        }
+    }
 }
 
 async fn forward<'a>(

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -17,6 +18,27 @@ struct RequestLabels {
     direction: &'static str,
     route: String,
     status: u16,
+    /// Empty unless the response is gRPC.
+    grpc_status: String,
+    /// The caller's SPIFFE ID on an mTLS listener, else empty: bounded by the mesh's workloads.
+    peer: String,
+}
+
+/// The trace a duration sample came from, so a slow bucket links to a trace in Jaeger.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TraceExemplar {
+    trace_id: String,
+}
+
+/// One finished request, as the metrics see it.
+pub struct RequestRecord<'a> {
+    pub direction: &'static str,
+    pub route: &'a str,
+    pub status: u16,
+    pub grpc_status: Option<&'a str>,
+    pub peer: Option<&'a str>,
+    pub elapsed: Duration,
+    pub trace_id: Option<String>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -46,10 +68,18 @@ fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
+fn latency_histogram_with_exemplars() -> HistogramWithExemplars<TraceExemplar> {
+    HistogramWithExemplars::new(exponential_buckets(0.0005, 2.0, 16))
+}
+
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
-    durations: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    durations: Family<
+        RouteLabels,
+        HistogramWithExemplars<TraceExemplar>,
+        fn() -> HistogramWithExemplars<TraceExemplar>,
+    >,
     open_connections: Family<ListenerLabels, Gauge>,
     connections: Family<ConnectionLabels, Counter>,
     connection_errors: Family<ListenerLabels, Counter>,
@@ -68,6 +98,15 @@ pub struct Metrics {
     denied: Family<DeniedLabels, Counter>,
     spans_exported: Counter,
     spans_dropped: Family<DropLabels, Counter>,
+    xds_version: Family<XdsLabels, Gauge>,
+    xds_last_update: Family<XdsLabels, Gauge>,
+    xds_nacks: Family<XdsLabels, Counter>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct XdsLabels {
+    /// The resource type: Cluster, ClusterLoadAssignment, RouteConfiguration.
+    resource: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -103,9 +142,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("outrigger");
         let requests = Family::<RequestLabels, Counter>::default();
-        let durations = Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            latency_histogram,
-        );
+        let durations = Family::<
+            RouteLabels,
+            HistogramWithExemplars<TraceExemplar>,
+            fn() -> HistogramWithExemplars<TraceExemplar>,
+        >::new_with_constructor(latency_histogram_with_exemplars);
         let open_connections = Family::<ListenerLabels, Gauge>::default();
         let connections = Family::<ConnectionLabels, Counter>::default();
         let connection_errors = Family::<ListenerLabels, Counter>::default();
@@ -129,6 +170,24 @@ impl Metrics {
         let tls_failures = Family::<ListenerLabels, Counter>::default();
         let plaintext_refused = Family::<ListenerLabels, Counter>::default();
         let denied = Family::<DeniedLabels, Counter>::default();
+        let xds_version = Family::<XdsLabels, Gauge>::default();
+        let xds_last_update = Family::<XdsLabels, Gauge>::default();
+        let xds_nacks = Family::<XdsLabels, Counter>::default();
+        registry.register(
+            "xds_version",
+            "The accepted version of each xDS type (numeric versions; 0 otherwise)",
+            xds_version.clone(),
+        );
+        registry.register(
+            "xds_last_update_timestamp_seconds",
+            "When each xDS type was last accepted, Unix time",
+            xds_last_update.clone(),
+        );
+        registry.register(
+            "xds_nacks",
+            "xDS responses refused, by type",
+            xds_nacks.clone(),
+        );
         let spans_exported = Counter::default();
         let spans_dropped = Family::<DropLabels, Counter>::default();
         registry.register(
@@ -248,7 +307,27 @@ impl Metrics {
             denied,
             spans_exported,
             spans_dropped,
+            xds_version,
+            xds_last_update,
+            xds_nacks,
         }
+    }
+
+    pub fn xds_accepted(&self, kind: &'static str, version: &str) {
+        let labels = XdsLabels { resource: kind };
+        self.xds_version
+            .get_or_create(&labels)
+            .set(version.parse().unwrap_or(0));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        self.xds_last_update.get_or_create(&labels).set(now);
+    }
+
+    pub fn xds_nacked(&self, kind: &'static str) {
+        self.xds_nacks
+            .get_or_create(&XdsLabels { resource: kind })
+            .inc();
     }
 
     pub fn spans_exported(&self, n: u64) {
@@ -304,26 +383,26 @@ impl Metrics {
             .inc();
     }
 
-    pub fn record_request(
-        &self,
-        direction: &'static str,
-        route: &str,
-        status: u16,
-        elapsed: Duration,
-    ) {
+    pub fn record_request(&self, r: RequestRecord<'_>) {
         self.requests
             .get_or_create(&RequestLabels {
-                direction,
-                route: route.to_string(),
-                status,
+                direction: r.direction,
+                route: r.route.to_string(),
+                status: r.status,
+                grpc_status: r.grpc_status.unwrap_or_default().to_string(),
+                peer: r.peer.unwrap_or_default().to_string(),
             })
             .inc();
         self.durations
             .get_or_create(&RouteLabels {
-                direction,
-                route: route.to_string(),
+                direction: r.direction,
+                route: r.route.to_string(),
             })
-            .observe(elapsed.as_secs_f64());
+            .observe(
+                r.elapsed.as_secs_f64(),
+                r.trace_id.map(|trace_id| TraceExemplar { trace_id }),
+                None,
+            );
     }
 
     pub fn retry(&self, direction: &'static str, route: &str, waited: Duration) {

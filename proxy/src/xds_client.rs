@@ -275,6 +275,17 @@ fn request(
     }
 }
 
+/// `Cluster` for `type.googleapis.com/envoy.config.cluster.v3.Cluster`: a bounded label.
+fn type_short(type_url: &str) -> &'static str {
+    match type_url.rsplit('.').next() {
+        Some("Cluster") => "Cluster",
+        Some("ClusterLoadAssignment") => "ClusterLoadAssignment",
+        Some("RouteConfiguration") => "RouteConfiguration",
+        Some("Listener") => "Listener",
+        _ => "other",
+    }
+}
+
 async fn session(
     store: &ConfigStore,
     settings: &XdsSettings,
@@ -346,6 +357,7 @@ async fn session(
         };
         match outcome {
             Ok(applied) => {
+                store.metrics.xds_accepted(type_short(&type_url), &resp.version_info);
                 candidate
                     .versions
                     .insert(type_url.clone(), resp.version_info.clone());
@@ -362,6 +374,7 @@ async fn session(
             }
             Err(message) => {
                 tracing::warn!(%type_url, version = %resp.version_info, error = %message, "NACK; the last good config keeps serving");
+                store.metrics.xds_nacked(type_short(&type_url));
                 state.nonces.insert(type_url.clone(), resp.nonce.clone());
                 let mut nack = request(settings, state, &type_url, names, false);
                 nack.error_detail = Some(RpcStatus {

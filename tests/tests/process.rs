@@ -181,8 +181,8 @@ async fn admin_endpoints() {
     assert_eq!(get(proxy.admin, "/ready").await.status, 200);
     let metrics = get(proxy.admin, "/metrics").await.body;
     for line in [
-        "outrigger_requests_total{direction=\"outbound\",route=\"app/0\",status=\"200\"} 3",
-        "outrigger_requests_total{direction=\"outbound\",route=\"none\",status=\"404\"} 1",
+        "outrigger_requests_total{direction=\"outbound\",route=\"app/0\",status=\"200\",grpc_status=\"\",peer=\"\"} 3",
+        "outrigger_requests_total{direction=\"outbound\",route=\"none\",status=\"404\",grpc_status=\"\",peer=\"\"} 1",
         "outrigger_request_duration_seconds_count{direction=\"outbound\",route=\"app/0\"} 3",
         "outrigger_config_reloads_total{result=\"accepted\"} 1",
     ] {
@@ -228,7 +228,7 @@ async fn demo_runs_and_reports_traffic() {
     }
     assert!(
         stdout.contains(
-            "outrigger_requests_total{direction=\"outbound\",route=\"split\",status=\"200\"}"
+            "outrigger_requests_total{direction=\"outbound\",route=\"split\",status=\"200\",grpc_status=\"\",peer=\"\"}"
         ),
         "{stdout}"
     );

@@ -47,14 +47,14 @@ async fn outbound_to_inbound_to_local_app() {
     let out = get(client_side.admin(), "/metrics").await.body;
     assert!(
         out.contains(
-            "outrigger_requests_total{direction=\"outbound\",route=\"orders\",status=\"200\"} 5"
+            "outrigger_requests_total{direction=\"outbound\",route=\"orders\",status=\"200\",grpc_status=\"\",peer=\"\"} 5"
         ),
         "{out}"
     );
     let inb = get(server_side.admin(), "/metrics").await.body;
     assert!(
         inb.contains(
-            "outrigger_requests_total{direction=\"inbound\",route=\"to-app\",status=\"200\"} 5"
+            "outrigger_requests_total{direction=\"inbound\",route=\"to-app\",status=\"200\",grpc_status=\"\",peer=\"\"} 5"
         ),
         "{inb}"
     );
