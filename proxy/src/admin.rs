@@ -82,7 +82,14 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
             }
         }
         "/metrics" => {
-            for (name, cluster) in &state.store.current.load().clusters {
+            let config = state.store.current.load();
+            state.metrics.declare(&config);
+            if state.store.xds.is_some() {
+                for resource in ["Cluster", "ClusterLoadAssignment", "RouteConfiguration"] {
+                    state.metrics.declare_xds(resource);
+                }
+            }
+            for (name, cluster) in &config.clusters {
                 if cluster.outlier.is_some() {
                     let ejected = cluster
                         .endpoints

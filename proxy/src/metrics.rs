@@ -324,6 +324,13 @@ impl Metrics {
         self.xds_last_update.get_or_create(&labels).set(now);
     }
 
+    pub fn declare_xds(&self, kind: &'static str) {
+        let labels = XdsLabels { resource: kind };
+        let _ = self.xds_nacks.get_or_create(&labels);
+        let _ = self.xds_version.get_or_create(&labels);
+        let _ = self.xds_last_update.get_or_create(&labels);
+    }
+
     pub fn xds_nacked(&self, kind: &'static str) {
         self.xds_nacks
             .get_or_create(&XdsLabels { resource: kind })
@@ -363,6 +370,59 @@ impl Metrics {
                 peer: peer.unwrap_or("none").to_string(),
             })
             .inc();
+    }
+
+    /// Makes the series the config implies exist at zero, so that alerts on a rate see a
+    /// series before the first event rather than an absent one.
+    pub fn declare(&self, config: &crate::runtime_config::RuntimeConfig) {
+        for name in config.clusters.keys() {
+            let cluster = ClusterLabels {
+                cluster: name.clone(),
+            };
+            let _ = self.budget_exhausted.get_or_create(&cluster);
+            let _ = self.ejections.get_or_create(&cluster);
+            for limit in ["requests", "retries", "pending"] {
+                let _ = self.overflows.get_or_create(&OverflowLabels {
+                    cluster: name.clone(),
+                    limit,
+                });
+            }
+        }
+        for l in &config.listeners {
+            let listener = ListenerLabels {
+                listener: l.name.clone(),
+            };
+            let _ = self.connection_errors.get_or_create(&listener);
+            let _ = self.tcp_bytes.get_or_create(&listener);
+            if l.tls.is_some() {
+                let _ = self.tls_failures.get_or_create(&listener);
+                let _ = self.plaintext_refused.get_or_create(&listener);
+            }
+            if l.authorization.is_some() {
+                let _ = self.denied.get_or_create(&DeniedLabels {
+                    listener: l.name.clone(),
+                    peer: "none".into(),
+                });
+            }
+            for route in l.virtual_hosts.iter().flat_map(|vh| &vh.routes) {
+                let labels = RouteLabels {
+                    direction: match l.direction {
+                        crate::config::Direction::Inbound => "inbound",
+                        crate::config::Direction::Outbound => "outbound",
+                    },
+                    route: route.name.clone(),
+                };
+                let _ = self.retries.get_or_create(&labels);
+                if route.rate_limit.is_some() || l.rate_limit.is_some() {
+                    let _ = self.rate_limited.get_or_create(&labels);
+                }
+            }
+        }
+        if config.tracing.is_some() {
+            for reason in ["queue_full", "export_failed"] {
+                let _ = self.spans_dropped.get_or_create(&DropLabels { reason });
+            }
+        }
     }
 
     /// Set from the live config just before each scrape, so it is never stale.

@@ -357,7 +357,9 @@ async fn session(
         };
         match outcome {
             Ok(applied) => {
-                store.metrics.xds_accepted(type_short(&type_url), &resp.version_info);
+                store
+                    .metrics
+                    .xds_accepted(type_short(&type_url), &resp.version_info);
                 candidate
                     .versions
                     .insert(type_url.clone(), resp.version_info.clone());
