@@ -368,6 +368,7 @@ pub(crate) fn run_h2load(scenario: &Scenario, target: &Target, log: &Path) -> Me
 
 mod mesh_hop;
 mod resilience;
+mod tracing_cost;
 mod xds_scale;
 
 fn main() {
@@ -376,6 +377,7 @@ fn main() {
         Some("xds-scale") => return xds_scale::run(&raw[1..], Path::new("target/bench")),
         Some("resilience") => return resilience::run(&raw[1..], Path::new("target/bench")),
         Some("mesh-hop") => return mesh_hop::run(&raw[1..], Path::new("target/bench")),
+        Some("tracing") => return tracing_cost::run(&raw[1..], Path::new("target/bench")),
         _ => {}
     }
     let args = parse_args();

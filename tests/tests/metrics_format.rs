@@ -6,9 +6,9 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use outrigger_tests::clients::{TestClient, get};
 use outrigger_control_plane::ca::{Ca, DEFAULT_LIFETIME};
 use outrigger_proxy::spiffe::SpiffeId;
+use outrigger_tests::clients::{TestClient, get};
 use outrigger_tests::{TestProxy, faults, free_addr, otlp, temp_path};
 
 fn parse_with_prometheus_client(page: &str) -> serde_json::Value {
