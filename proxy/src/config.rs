@@ -33,6 +33,9 @@ pub struct ConfigFile {
     /// OpenTelemetry spans for every proxied request, sent over OTLP.
     #[serde(default)]
     pub tracing: Option<TracingFile>,
+    /// One log line per request (target `access`), with its trace ID; JSON with --log-json.
+    #[serde(default)]
+    pub access_log: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

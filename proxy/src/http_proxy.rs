@@ -75,6 +75,16 @@ pub async fn handle(
             .unwrap_or_default();
         (req.method().clone(), host, peer)
     });
+    // The trace a log line belongs to: ours if sampled, else the caller's, if any.
+    let access = snapshot.access_log.then(|| {
+        let trace_id = trace
+            .as_ref()
+            .map(|t| t.span.trace_id)
+            .or_else(|| trace_context::extract(req.headers()).map(|c| c.trace_id))
+            .map(|id| hex(&id))
+            .unwrap_or_default();
+        (req.method().clone(), req.uri().path().to_string(), trace_id)
+    });
     let peer_identity = req
         .extensions()
         .get::<Peer>()
@@ -83,11 +93,30 @@ pub async fn handle(
     let mut response = match forward(&ctx, &snapshot, req, &mut route_label, trace.as_ref()).await {
         Ok(resp) => resp,
         Err(err) => {
-            tracing::debug!(error = %err, side = ?err.side(), "synthetic response");
+            let trace_id = trace.as_ref().map(|t| hex(&t.span.trace_id));
+            tracing::debug!(error = %err, side = ?err.side(), trace_id, "synthetic response");
             err.into_response()
         }
     };
     let status = response.status().as_u16();
+    if let Some((method, path, trace_id)) = access {
+        tracing::info!(
+            target: "access",
+            direction = ctx.direction,
+            %method,
+            path,
+            route = route_label,
+            status,
+            duration_ms = started.elapsed().as_secs_f64() * 1e3,
+            peer = peer_identity.as_deref().unwrap_or(""),
+            trace_id,
+            error = response
+                .headers()
+                .get(crate::error::ERROR_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(""),
+        );
+    }
     let record = PendingRecord {
         metrics: ctx.metrics.clone(),
         direction: ctx.direction,

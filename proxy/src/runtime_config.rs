@@ -51,6 +51,7 @@ pub struct RuntimeConfig {
     pub clusters: HashMap<String, Arc<Cluster>>,
     pub identity: Option<Identity>,
     pub tracing: Option<Arc<Tracer>>,
+    pub access_log: bool,
 }
 
 /// The workload identity, and where it is kept fresh from.
@@ -487,6 +488,7 @@ impl Builder<'_> {
             clusters,
             identity: None,
             tracing: None,
+            access_log: file.access_log,
         })
     }
 

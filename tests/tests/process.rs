@@ -269,3 +269,59 @@ async fn mesh_demo_shows_a_live_canary_shift() {
     assert!(stdout.contains("mesh file edited"), "{stdout}");
     assert!(stdout.contains("(NACKs: 0)"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_access_log_lines_carry_the_trace_id() {
+    let up = upstreams::http("app").await;
+    let (outbound, admin) = (free_addr(), free_addr());
+    let config_path = temp_path("access.yaml");
+    let yaml = ProxyProcess::yaml(outbound, admin, up.addr, "one");
+    std::fs::write(&config_path, format!("access_log: true\n{yaml}")).unwrap();
+    let log_path = temp_path("access.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new(proxy_binary())
+        .args(["run", "--log-json", "--config"])
+        .arg(&config_path)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    eventually("the proxy serves", Duration::from_secs(10), || async move {
+        let r = TestClient::http1(outbound)
+            .send(
+                http::Method::GET,
+                "app.test",
+                "/logged",
+                &[(
+                    "traceparent",
+                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                )],
+                "",
+            )
+            .await
+            .ok()?;
+        (r.status == 200).then_some(())
+    })
+    .await;
+    let line = eventually("an access log line", Duration::from_secs(5), || {
+        let log_path = log_path.clone();
+        async move {
+            std::fs::read_to_string(&log_path)
+                .ok()?
+                .lines()
+                .find(|l| l.contains("\"target\":\"access\"") && l.contains("/logged"))
+                .map(str::to_string)
+        }
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let entry: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let fields = &entry["fields"];
+    assert_eq!(
+        fields["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736",
+        "{line}"
+    );
+    assert_eq!(fields["status"], 200, "{line}");
+    assert_eq!(fields["method"], "GET", "{line}");
+}
