@@ -254,7 +254,12 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
             tracing::error!(error = %e, "xDS server stopped");
         }
     });
-    tokio::spawn(serve_admin(admin, source.clone(), nodes.clone()));
+    tokio::spawn(serve_admin(
+        admin,
+        source.clone(),
+        nodes.clone(),
+        issued.clone(),
+    ));
     tokio::spawn(source.clone().watch());
     tracing::info!(xds = %xds_addr, admin = %admin_addr, "control plane serving");
     Ok(ControlPlane {
@@ -269,7 +274,12 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
     })
 }
 
-async fn serve_admin(listener: TcpListener, source: Arc<MeshSource>, nodes: Arc<NodeRegistry>) {
+async fn serve_admin(
+    listener: TcpListener,
+    source: Arc<MeshSource>,
+    nodes: Arc<NodeRegistry>,
+    issued: Arc<AtomicU64>,
+) {
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -278,7 +288,7 @@ async fn serve_admin(listener: TcpListener, source: Arc<MeshSource>, nodes: Arc<
                 continue;
             }
         };
-        let (source, nodes) = (source.clone(), nodes.clone());
+        let (source, nodes, issued) = (source.clone(), nodes.clone(), issued.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let body = match req.uri().path() {
@@ -286,7 +296,7 @@ async fn serve_admin(listener: TcpListener, source: Arc<MeshSource>, nodes: Arc<
                     "/status" => Ok(serde_json::to_string_pretty(&status_json(&source, &nodes))
                         .unwrap_or_default()
                         + "\n"),
-                    "/metrics" => Ok(metrics_text(&source, &nodes)),
+                    "/metrics" => Ok(metrics_text(&source, &nodes, &issued)),
                     _ => Err("endpoints: /status /metrics /live /ready\n".to_string()),
                 };
                 let (status, text) = match body {
@@ -318,8 +328,22 @@ fn status_json(source: &MeshSource, nodes: &NodeRegistry) -> serde_json::Value {
     })
 }
 
-fn metrics_text(source: &MeshSource, nodes: &NodeRegistry) -> String {
+fn metrics_text(source: &MeshSource, nodes: &NodeRegistry, issued: &AtomicU64) -> String {
     let mut out = String::new();
+    let pushes = nodes.push_stats();
+    out.push_str("# TYPE outrigger_cp_pushes_total counter\n");
+    out.push_str(&format!("outrigger_cp_pushes_total {}\n", pushes.sent));
+    out.push_str("# HELP outrigger_cp_push_ack_seconds From a push to its ACK.\n");
+    out.push_str("# TYPE outrigger_cp_push_ack_seconds summary\n");
+    out.push_str(&format!(
+        "outrigger_cp_push_ack_seconds_sum {}\noutrigger_cp_push_ack_seconds_count {}\n",
+        pushes.ack_seconds_sum, pushes.acked
+    ));
+    out.push_str("# TYPE outrigger_cp_certificates_issued_total counter\n");
+    out.push_str(&format!(
+        "outrigger_cp_certificates_issued_total {}\n",
+        issued.load(Ordering::Relaxed)
+    ));
     let snapshot = source.publisher.current();
     out.push_str("# TYPE outrigger_cp_connected_proxies gauge\n");
     out.push_str(&format!(

@@ -12,6 +12,8 @@ use serde_json::{Value, json};
 #[derive(Debug, Clone, Default)]
 pub struct TypeStatus {
     pub sent_version: Option<u64>,
+    /// When the last push went out, until its ACK comes back.
+    pub sent_at: Option<std::time::Instant>,
     pub acked_version: Option<String>,
     pub last_nack: Option<Nack>,
     pub nacks: u64,
@@ -34,6 +36,15 @@ pub struct NodeStatus {
 #[derive(Default)]
 pub struct NodeRegistry {
     nodes: Mutex<BTreeMap<String, NodeStatus>>,
+    /// Pushes sent, and the time from each push to its ACK (sum and count).
+    pushes: Mutex<PushStats>,
+}
+
+#[derive(Default, Clone, Copy)]
+pub struct PushStats {
+    pub sent: u64,
+    pub acked: u64,
+    pub ack_seconds_sum: f64,
 }
 
 fn short(type_url: &str) -> String {
@@ -59,14 +70,28 @@ impl NodeRegistry {
 
     pub fn sent(&self, node: &str, type_url: &str, version: u64) {
         self.with(node, |n| {
-            n.types.entry(short(type_url)).or_default().sent_version = Some(version)
+            let t = n.types.entry(short(type_url)).or_default();
+            t.sent_version = Some(version);
+            t.sent_at = Some(std::time::Instant::now());
         });
+        self.pushes.lock().unwrap_or_else(|p| p.into_inner()).sent += 1;
     }
 
     pub fn acked(&self, node: &str, type_url: &str, version: &str) {
-        self.with(node, |n| {
-            n.types.entry(short(type_url)).or_default().acked_version = Some(version.to_string())
+        let waited = self.with(node, |n| {
+            let t = n.types.entry(short(type_url)).or_default();
+            t.acked_version = Some(version.to_string());
+            t.sent_at.take().map(|at| at.elapsed())
         });
+        if let Some(waited) = waited {
+            let mut stats = self.pushes.lock().unwrap_or_else(|p| p.into_inner());
+            stats.acked += 1;
+            stats.ack_seconds_sum += waited.as_secs_f64();
+        }
+    }
+
+    pub fn push_stats(&self) -> PushStats {
+        *self.pushes.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn nacked(&self, node: &str, type_url: &str, version: &str, message: &str) {

@@ -78,6 +78,11 @@ async fn proxies_get_certificates_from_the_ca_and_talk_mtls() {
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.header("x-echo-x-outrigger-client-id"), Some(WEB));
     assert_eq!(cp.issued.load(Ordering::Relaxed), 2);
+    let page = get(cp.admin_addr, "/metrics").await.body;
+    assert!(
+        page.contains("outrigger_cp_certificates_issued_total 2"),
+        "{page}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,6 +235,18 @@ async fn over_mtls_xds_a_node_gets_the_config_of_the_identity_it_proves() {
     assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "api"));
     let r = client.get("secret", "/").await.unwrap();
     assert_eq!(r.status, 404, "web may not call secret: {r:?}");
+    // The control plane counts its pushes and how long each took to be ACKed.
+    let page = get(cp.admin_addr, "/metrics").await.body;
+    let value = |name: &str| {
+        page.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(value("outrigger_cp_pushes_total") >= 3.0, "{page}");
+    assert!(
+        value("outrigger_cp_push_ack_seconds_count") >= 3.0,
+        "{page}"
+    );
 
     // Without a certificate from our CA, there is no xDS at all.
     let ca = Ca::generate("mesh.test").unwrap();
