@@ -36,6 +36,16 @@ struct MeshSettingsFile {
     /// The SPIFFE trust domain of every workload identity; default `cluster.local`.
     #[serde(default)]
     trust_domain: Option<String>,
+    /// Tracing settings every proxy follows.
+    #[serde(default)]
+    tracing: Option<MeshTracingFile>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct MeshTracingFile {
+    /// The share of new traces sampled, 0 to 1, on every route.
+    sampling: f64,
 }
 
 /// A credential a workload presents to get its first certificate, outside Kubernetes.
@@ -165,6 +175,8 @@ struct BackendFile {
 pub struct Mesh {
     pub outbound_port: u16,
     pub trust_domain: String,
+    /// The mesh-wide share of new traces sampled, if set.
+    pub sampling: Option<f64>,
     /// Bootstrap token → the identity it proves, and until when.
     pub tokens: BTreeMap<String, (SpiffeId, Option<OffsetDateTime>)>,
     /// Keyed by cluster name (`name.namespace`), so output order is stable.
@@ -274,6 +286,17 @@ impl Mesh {
             .iter()
             .find_map(|(_, f)| f.mesh.trust_domain.clone())
             .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_string());
+        let sampling = files
+            .iter()
+            .find_map(|(_, f)| f.mesh.tracing.as_ref().map(|t| t.sampling));
+        if let Some(ratio) = sampling.filter(|r| !(0.0..=1.0).contains(r)) {
+            return Err(ConfigError::at(
+                files.first().map_or("", |(s, _)| s),
+                None,
+                "mesh.tracing.sampling",
+                format!("{ratio} is not between 0 and 1"),
+            ));
+        }
         let mut tokens = BTreeMap::new();
         let entries: Vec<(&str, usize, &ServiceFile)> = files
             .iter()
@@ -474,6 +497,7 @@ impl Mesh {
         Ok(Mesh {
             outbound_port,
             trust_domain,
+            sampling,
             tokens,
             services,
         })

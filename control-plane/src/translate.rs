@@ -306,7 +306,22 @@ fn outbound_listener(port: u16) -> Listener {
 }
 
 fn outbound_routes(mesh: &Mesh) -> RouteConfiguration {
-    let virtual_hosts = mesh.services.values().map(virtual_host).collect();
+    let mut virtual_hosts: Vec<VirtualHost> = mesh.services.values().map(virtual_host).collect();
+    // The mesh's sampling ratio rides every route, in Envoy's own field.
+    if let Some(ratio) = mesh.sampling {
+        let tracing = envoy_types::pb::envoy::config::route::v3::Tracing {
+            random_sampling: Some(envoy_types::pb::envoy::r#type::v3::FractionalPercent {
+                numerator: (ratio * 1_000_000.0).round() as u32,
+                denominator:
+                    envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType::Million
+                        as i32,
+            }),
+            ..Default::default()
+        };
+        for route in virtual_hosts.iter_mut().flat_map(|vh| vh.routes.iter_mut()) {
+            route.tracing = Some(tracing.clone());
+        }
+    }
     RouteConfiguration {
         name: OUTBOUND.into(),
         virtual_hosts,

@@ -247,6 +247,9 @@ pub struct RouteFile {
     pub retry: Option<RetryFile>,
     #[serde(default)]
     pub rate_limit: Option<RateLimitFile>,
+    /// The share of new traces sampled on this route, overriding `tracing.sampling`.
+    #[serde(default)]
+    pub sampling: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

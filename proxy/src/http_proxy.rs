@@ -55,12 +55,11 @@ pub async fn handle(
     let started = Instant::now();
     // One snapshot for the whole request: a config swap mid-request cannot tear it.
     let snapshot = ctx.config.load_full();
-    let trace = snapshot
-        .tracing
-        .as_ref()
-        .and_then(|t| Trace::start(t, req.headers()));
+    // Whether this request is traced is decided once it is routed: a route may carry its
+    // own sampling ratio, set centrally.
+    let mut trace: Option<Trace> = None;
     // What the span needs after the request itself is gone.
-    let facts = trace.as_ref().map(|_| {
+    let facts = snapshot.tracing.as_ref().map(|_| {
         let peer = req.extensions().get::<Peer>().cloned();
         let host = req
             .uri()
@@ -77,20 +76,19 @@ pub async fn handle(
     });
     // The trace a log line belongs to: ours if sampled, else the caller's, if any.
     let access = snapshot.access_log.then(|| {
-        let trace_id = trace
-            .as_ref()
-            .map(|t| t.span.trace_id)
-            .or_else(|| trace_context::extract(req.headers()).map(|c| c.trace_id))
-            .map(|id| hex(&id))
-            .unwrap_or_default();
-        (req.method().clone(), req.uri().path().to_string(), trace_id)
+        let caller_trace = trace_context::extract(req.headers()).map(|c| c.trace_id);
+        (
+            req.method().clone(),
+            req.uri().path().to_string(),
+            caller_trace,
+        )
     });
     let peer_identity = req
         .extensions()
         .get::<Peer>()
         .and_then(|p| p.identity.as_ref().map(|i| i.to_string()));
     let mut route_label = "none";
-    let mut response = match forward(&ctx, &snapshot, req, &mut route_label, trace.as_ref()).await {
+    let mut response = match forward(&ctx, &snapshot, req, &mut route_label, &mut trace).await {
         Ok(resp) => resp,
         Err(err) => {
             let trace_id = trace.as_ref().map(|t| hex(&t.span.trace_id));
@@ -99,7 +97,13 @@ pub async fn handle(
         }
     };
     let status = response.status().as_u16();
-    if let Some((method, path, trace_id)) = access {
+    if let Some((method, path, caller_trace)) = access {
+        let trace_id = trace
+            .as_ref()
+            .map(|t| t.span.trace_id)
+            .or(caller_trace)
+            .map(|id| hex(&id))
+            .unwrap_or_default();
         tracing::info!(
             target: "access",
             direction = ctx.direction,
@@ -257,7 +261,7 @@ async fn forward<'a>(
     snapshot: &'a RuntimeConfig,
     mut req: Request<Incoming>,
     route_label: &mut &'a str,
-    trace: Option<&Trace>,
+    trace: &mut Option<Trace>,
 ) -> Result<Response<Body>, ProxyError> {
     let listener = &snapshot.listeners[ctx.listener];
     let peer = req
@@ -315,6 +319,10 @@ async fn forward<'a>(
     // waiting for the answer.
     let timeout = grpc_timeout(&parts.headers).map_or(route.timeout, |t| t.min(route.timeout));
     req = Request::from_parts(parts, body);
+    if let Some(tracer) = &snapshot.tracing {
+        *trace = Trace::start(tracer, req.headers(), route.sampling);
+    }
+    let trace = trace.as_ref();
     let cluster = &pick_backend(&route.backends, route.total_weight).cluster;
     // Held until the response head: past the threshold, fail fast rather than queue.
     let Some(_slot) = cluster.breaker.try_request() else {

@@ -26,10 +26,14 @@ pub struct Trace {
 }
 
 impl Trace {
-    /// Continues the caller's trace, or starts one; `None` when not sampled.
-    pub fn start(tracer: &Arc<Tracer>, headers: &HeaderMap) -> Option<Trace> {
+    /// Continues the caller's trace, or starts one (sampled at the route's ratio, else the
+    /// proxy's); `None` when not sampled.
+    pub fn start(tracer: &Arc<Tracer>, headers: &HeaderMap, ratio: Option<f64>) -> Option<Trace> {
         let parent = trace_context::extract(headers);
-        let sampled = parent.map_or_else(|| tracer.sample_new_trace(), |p| p.sampled);
+        let sampled = parent.map_or_else(
+            || fastrand::f64() < ratio.unwrap_or(tracer.ratio),
+            |p| p.sampled,
+        );
         if !sampled {
             return None;
         }

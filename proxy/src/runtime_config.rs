@@ -137,6 +137,8 @@ pub struct Route {
     pub response_headers: HeaderChanges,
     pub retry: Option<RetryPolicy>,
     pub rate_limit: Option<Arc<RateLimiter>>,
+    /// The share of new traces sampled here; `None`: the proxy's.
+    pub sampling: Option<f64>,
 }
 
 pub struct WeightedBackend {
@@ -799,7 +801,16 @@ impl Builder<'_> {
                 "backend weights add up to 0",
             ));
         }
+        if let Some(ratio) = r.sampling.filter(|r| !(0.0..=1.0).contains(r)) {
+            return Err(ConfigError::at(
+                self.source,
+                None,
+                &format!("{field}.sampling"),
+                format!("{ratio} is not between 0 and 1"),
+            ));
+        }
         Ok(Route {
+            sampling: r.sampling,
             rate_limit: self.rate_limiter(
                 &r.rate_limit,
                 &format!("{field}.rate_limit"),

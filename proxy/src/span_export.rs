@@ -92,10 +92,6 @@ impl Tracer {
             && self.queue_size == queue
     }
 
-    pub fn sample_new_trace(&self) -> bool {
-        fastrand::f64() < self.ratio
-    }
-
     pub fn record(&self, span: Span, metrics: &Arc<Metrics>) {
         let metrics = self.metrics.get_or_init(|| metrics.clone());
         if self.queue.try_send(span).is_err() {

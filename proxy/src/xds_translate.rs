@@ -389,6 +389,10 @@ fn route(what: &str, vhost: &str, index: usize, r: &Route) -> Result<RouteFile, 
             None => None,
         },
         rate_limit: xds_policy::route_filters(&what, &r.typed_per_filter_config)?,
+        sampling: match &r.tracing {
+            Some(t) => xds_policy::route_sampling(&what, t)?,
+            None => None,
+        },
     })
 }
 

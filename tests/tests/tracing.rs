@@ -110,11 +110,17 @@ async fn one_trace_across_two_sidecars_parented_under_the_apps_span() {
         a_attempt.attr("outrigger.upstream.endpoint"),
         Some(b.addr("inbound").to_string())
     );
-    let page = get(a.admin(), "/metrics").await.body;
-    assert!(
-        metric(&page, "outrigger_spans_exported_total") >= 2,
-        "{page}"
-    );
+    // Counted once the collector's answer is back, just after it stored the spans.
+    let admin = a.admin();
+    eventually(
+        "exported spans are counted",
+        Duration::from_secs(5),
+        || async move {
+            let page = get(admin, "/metrics").await.body;
+            (metric(&page, "outrigger_spans_exported_total") >= 2).then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,6 +225,67 @@ async fn a_dead_collector_drops_and_counts_spans_and_requests_carry_on() {
                 "outrigger_spans_dropped_total{reason=\"export_failed\"}",
             );
             (dropped >= 300).then_some(())
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sampling_ratio_is_set_centrally_in_the_mesh() {
+    use outrigger_control_plane::app;
+    let (collector, spans) = otlp::grpc_receiver().await;
+    let app_b = upstreams::http("b").await;
+    let mesh = |ratio: &str| {
+        format!(
+            "mesh: {{tracing: {{sampling: {ratio}}}}}\nservices:\n  - name: b\n    endpoints: [{{address: \"{}\"}}]\n",
+            app_b.addr
+        )
+    };
+    let path = outrigger_tests::temp_path("mesh.yaml");
+    std::fs::write(&path, mesh("0")).unwrap();
+    let cp = app::start(app::Options {
+        mesh_path: path.clone(),
+        xds_address: "127.0.0.1:0".parse().unwrap(),
+        admin_address: "127.0.0.1:0".parse().unwrap(),
+        identity: Default::default(),
+    })
+    .await
+    .unwrap();
+    // The proxy's own ratio would sample everything; the mesh says otherwise.
+    let a = TestProxy::start(&format!(
+        "{}admin:\n  address: 127.0.0.1:0\nxds:\n  address: \"{}\"\n  node: a\nlisteners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    rds: outbound\n",
+        tracing_block("a", &format!("otlp_grpc: \"{}\"", collector.addr)),
+        cp.xds_addr
+    ))
+    .await;
+    let client = TestClient::http1(a.addr("outbound"));
+    eventually("routes arrive", Duration::from_secs(10), || async {
+        (client.get("b", "/").await.ok()?.status == 200).then_some(())
+    })
+    .await;
+    for _ in 0..20 {
+        assert_eq!(client.get("b", "/").await.unwrap().status, 200);
+    }
+    let exported = |admin| async move {
+        metric(
+            &get(admin, "/metrics").await.body,
+            "outrigger_spans_exported_total",
+        )
+    };
+    assert_eq!(exported(a.admin()).await, 0, "sampling 0: no spans");
+    assert!(spans.lock().unwrap().is_empty());
+
+    std::fs::write(&path, mesh("1")).unwrap();
+    eventually(
+        "spans once the mesh samples everything",
+        Duration::from_secs(10),
+        || {
+            let client = client.clone();
+            let spans = spans.clone();
+            async move {
+                client.get("b", "/").await.ok()?;
+                (!spans.lock().unwrap().is_empty()).then_some(())
+            }
         },
     )
     .await;
