@@ -290,3 +290,58 @@ async fn the_sampling_ratio_is_set_centrally_in_the_mesh() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mtls_the_inbound_span_names_the_callers_identity() {
+    use outrigger_control_plane::ca::{Ca, DEFAULT_LIFETIME};
+    use outrigger_proxy::spiffe::SpiffeId;
+    let ca = Ca::generate("mesh.test").unwrap();
+    let identity = |id: &str| {
+        let dir = outrigger_tests::temp_path("identity");
+        std::fs::create_dir_all(&dir).unwrap();
+        let (chain, key) = ca
+            .issue(&SpiffeId::parse(id).unwrap(), DEFAULT_LIFETIME)
+            .unwrap();
+        std::fs::write(dir.join("cert.pem"), chain).unwrap();
+        std::fs::write(dir.join("key.pem"), key).unwrap();
+        std::fs::write(dir.join("bundle.pem"), ca.bundle_pem()).unwrap();
+        format!(
+            "identity: {{cert: {0}/cert.pem, key: {0}/key.pem, bundle: {0}/bundle.pem}}\n",
+            dir.display()
+        )
+    };
+    let (web, api) = (
+        "spiffe://mesh.test/ns/shop/sa/web",
+        "spiffe://mesh.test/ns/shop/sa/api",
+    );
+    let (collector, spans) = otlp::grpc_receiver().await;
+    let grpc = format!("otlp_grpc: \"{}\"", collector.addr);
+    let app_b = upstreams::http("b").await;
+    let b = TestProxy::start(&format!(
+        "{}{}listeners:\n  - name: inbound\n    address: 127.0.0.1:0\n    direction: inbound\n    tls: {{mode: strict}}\n    virtual_hosts:\n      - name: app\n        domains: ['*']\n        routes: [{{name: main, backends: [{{cluster: app}}]}}]\nclusters:\n  - name: app\n    endpoints: [{{address: \"{}\"}}]\n",
+        identity(api),
+        tracing_block("b", &grpc),
+        app_b.addr
+    ))
+    .await;
+    let a = TestProxy::start(&format!(
+        "{}{}listeners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    virtual_hosts:\n      - name: app\n        domains: ['*']\n        routes: [{{name: main, backends: [{{cluster: b}}]}}]\nclusters:\n  - name: b\n    tls: {{identities: [\"{api}\"]}}\n    endpoints: [{{address: \"{}\"}}]\n",
+        identity(web),
+        tracing_block("a", &grpc),
+        b.addr("inbound")
+    ))
+    .await;
+    let r = TestClient::http1(a.addr("outbound"))
+        .get("b.test", "/")
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let all = spans_at_least(&spans, 4).await;
+    let b_request = find(&all, "b", "GET main")[0];
+    assert_eq!(
+        b_request.attr("outrigger.peer.identity").as_deref(),
+        Some(web)
+    );
+    let a_attempt = find(&all, "a", "attempt 1")[0];
+    assert_eq!(b_request.span.parent_span_id, a_attempt.span.span_id);
+}
