@@ -366,6 +366,65 @@ pub(crate) fn run_h2load(scenario: &Scenario, target: &Target, log: &Path) -> Me
     }
 }
 
+/// The flags every side-by-side scenario takes: `--duration SECONDS`, `--rate RPS` (the
+/// fixed rate), `--proxy PATH` (our release binary).
+pub(crate) struct RunArgs {
+    pub duration: u64,
+    pub rate: u64,
+    pub proxy_bin: PathBuf,
+}
+
+pub(crate) fn run_args(raw: &[String]) -> RunArgs {
+    let mut args = RunArgs {
+        duration: 10,
+        rate: 1000,
+        proxy_bin: PathBuf::from("target/release/outrigger-proxy"),
+    };
+    let mut it = raw.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--duration" => args.duration = value.parse().expect("--duration SECONDS"),
+            "--rate" => args.rate = value.parse().expect("--rate REQUESTS_PER_SECOND"),
+            "--proxy" => args.proxy_bin = value.into(),
+            other => panic!("unknown flag {other}; flags: --duration S --rate RPS --proxy PATH"),
+        }
+    }
+    args
+}
+
+/// HTTP/1.1 at a fixed rate over 10 connections: like for like, so CPU per request compares.
+pub(crate) fn fixed_rate(name: &'static str, rate: u64, duration: u64) -> Scenario {
+    let per_client = (rate / 10).max(1).to_string();
+    let d = duration.to_string();
+    Scenario {
+        name,
+        h2load: [
+            "--h1",
+            "-c",
+            "10",
+            "-t",
+            "1",
+            "--rps",
+            &per_client,
+            "-D",
+            &d,
+        ]
+        .map(String::from)
+        .to_vec(),
+        fixed_rate: true,
+    }
+}
+
+/// Writes a scenario's rows, and says where.
+pub(crate) fn write_json(out_dir: &Path, name: &str, doc: &serde_json::Value) {
+    std::fs::create_dir_all(out_dir).unwrap();
+    let path = out_dir.join(name);
+    let mut f = std::fs::File::create(&path).unwrap();
+    writeln!(f, "{}", serde_json::to_string_pretty(doc).unwrap()).unwrap();
+    println!("wrote {}", path.display());
+}
+
 mod mesh_hop;
 mod resilience;
 mod tracing_cost;

@@ -8,7 +8,6 @@
 //!
 //! `outrigger-bench mesh-hop [--duration SECONDS] [--rate RPS]`
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,8 +21,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::json;
 
 use crate::{
-    Scenario, Target, cpu_seconds, free_port, run_h2load, spawn_envoy, spawn_outrigger,
-    start_upstream, wait_for_port,
+    RunArgs, Scenario, Target, cpu_seconds, free_port, run_args, run_h2load, spawn_envoy,
+    spawn_outrigger, start_upstream, wait_for_port, write_json,
 };
 
 const CLIENT_ID: &str = "spiffe://bench.test/ns/bench/sa/client";
@@ -233,18 +232,11 @@ struct Pair {
 }
 
 pub fn run(raw: &[String], out_dir: &Path) {
-    let (mut duration, mut rate) = (10u64, 1000u64);
-    let mut proxy_bin = PathBuf::from("target/release/outrigger-proxy");
-    let mut it = raw.iter();
-    while let Some(flag) = it.next() {
-        let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--duration" => duration = value.parse().expect("--duration SECONDS"),
-            "--rate" => rate = value.parse().expect("--rate REQUESTS_PER_SECOND"),
-            "--proxy" => proxy_bin = value.into(),
-            other => panic!("unknown flag {other}; flags: --duration S --rate RPS --proxy PATH"),
-        }
-    }
+    let RunArgs {
+        duration,
+        rate,
+        proxy_bin,
+    } = run_args(raw);
     let envoy_bin = std::env::var_os("ENVOY_BIN").map(PathBuf::from);
     let dir = std::env::temp_dir().join(format!("outrigger-bench-hop-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -404,9 +396,6 @@ pub fn run(raw: &[String], out_dir: &Path) {
         "fixed_rate_rps": rate,
         "rows": rows,
     });
-    let path = out_dir.join("mesh-hop.json");
-    let mut f = std::fs::File::create(&path).unwrap();
-    writeln!(f, "{}", serde_json::to_string_pretty(&doc).unwrap()).unwrap();
-    println!("wrote {}", path.display());
+    write_json(out_dir, "mesh-hop.json", &doc);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -8,7 +8,6 @@
 //!
 //! `outrigger-bench resilience [--duration SECONDS] [--rate RPS]`
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -16,8 +15,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::{
-    Scenario, Target, free_port, run_h2load, spawn_envoy, spawn_outrigger, start_upstream_failing,
-    wait_for_port,
+    RunArgs, Target, fixed_rate, free_port, run_args, run_h2load, spawn_envoy, spawn_outrigger,
+    start_upstream_failing, wait_for_port, write_json,
 };
 
 fn outrigger_config(addr: SocketAddr, admin: SocketAddr, endpoints: &[SocketAddr]) -> String {
@@ -92,18 +91,11 @@ static_resources:
 type Starter<'a> = Box<dyn Fn() -> Target + 'a>;
 
 pub fn run(raw: &[String], out_dir: &Path) {
-    let (mut duration, mut rate) = (10u64, 1000u64);
-    let mut proxy_bin = PathBuf::from("target/release/outrigger-proxy");
-    let mut it = raw.iter();
-    while let Some(flag) = it.next() {
-        let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--duration" => duration = value.parse().expect("--duration SECONDS"),
-            "--rate" => rate = value.parse().expect("--rate REQUESTS_PER_SECOND"),
-            "--proxy" => proxy_bin = value.into(),
-            other => panic!("unknown flag {other}; flags: --duration S --rate RPS --proxy PATH"),
-        }
-    }
+    let RunArgs {
+        duration,
+        rate,
+        proxy_bin,
+    } = run_args(raw);
     let envoy = std::env::var_os("ENVOY_BIN").map(PathBuf::from);
     let dir = std::env::temp_dir().join(format!("outrigger-bench-res-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -116,25 +108,7 @@ pub fn run(raw: &[String], out_dir: &Path) {
     for e in endpoints {
         wait_for_port(e);
     }
-    let per_client = (rate / 10).max(1).to_string();
-    let d = duration.to_string();
-    let scenario = Scenario {
-        name: "resilience",
-        h2load: [
-            "--h1",
-            "-c",
-            "10",
-            "-t",
-            "1",
-            "--rps",
-            &per_client,
-            "-D",
-            &d,
-        ]
-        .map(String::from)
-        .to_vec(),
-        fixed_rate: true,
-    };
+    let scenario = fixed_rate("resilience", rate, duration);
 
     let mut targets: Vec<(&str, Starter)> = vec![(
         "outrigger",
@@ -206,9 +180,6 @@ pub fn run(raw: &[String], out_dir: &Path) {
         "failing": "one endpoint answers every 10th request with 503",
         "rows": rows,
     });
-    let path = out_dir.join("resilience.json");
-    let mut f = std::fs::File::create(&path).unwrap();
-    writeln!(f, "{}", serde_json::to_string_pretty(&doc).unwrap()).unwrap();
-    println!("wrote {}", path.display());
+    write_json(out_dir, "resilience.json", &doc);
     let _ = std::fs::remove_dir_all(&dir);
 }

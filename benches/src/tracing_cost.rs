@@ -10,7 +10,6 @@
 //! `outrigger-bench tracing [--duration SECONDS] [--rate RPS]`
 
 use std::convert::Infallible;
-use std::io::Write;
 use std::net::{SocketAddr, TcpListener as StdListener};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -22,8 +21,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 
 use crate::{
-    Scenario, Target, free_port, run_h2load, spawn_envoy, spawn_outrigger, start_upstream,
-    wait_for_port,
+    RunArgs, Target, fixed_rate, free_port, run_args, run_h2load, spawn_envoy, spawn_outrigger,
+    start_upstream, wait_for_port, write_json,
 };
 
 /// An OTLP/gRPC collector that accepts everything: one empty response message and
@@ -150,7 +149,7 @@ static_resources:
 
 /// The proxy's dropped-span count, from its admin endpoint.
 fn dropped_spans(admin: SocketAddr) -> u64 {
-    use std::io::Read;
+    use std::io::{Read, Write};
     let mut text = String::new();
     if let Ok(mut conn) = std::net::TcpStream::connect(admin) {
         let _ = conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n");
@@ -163,18 +162,11 @@ fn dropped_spans(admin: SocketAddr) -> u64 {
 }
 
 pub fn run(raw: &[String], out_dir: &Path) {
-    let (mut duration, mut rate) = (10u64, 1000u64);
-    let mut proxy_bin = PathBuf::from("target/release/outrigger-proxy");
-    let mut it = raw.iter();
-    while let Some(flag) = it.next() {
-        let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--duration" => duration = value.parse().expect("--duration SECONDS"),
-            "--rate" => rate = value.parse().expect("--rate REQUESTS_PER_SECOND"),
-            "--proxy" => proxy_bin = value.into(),
-            other => panic!("unknown flag {other}; flags: --duration S --rate RPS --proxy PATH"),
-        }
-    }
+    let RunArgs {
+        duration,
+        rate,
+        proxy_bin,
+    } = run_args(raw);
     let envoy_bin = std::env::var_os("ENVOY_BIN").map(PathBuf::from);
     let dir = std::env::temp_dir().join(format!("outrigger-bench-trace-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -184,25 +176,7 @@ pub fn run(raw: &[String], out_dir: &Path) {
     wait_for_port(upstream);
     wait_for_port(sink);
 
-    let per_client = (rate / 10).max(1).to_string();
-    let d = duration.to_string();
-    let scenario = Scenario {
-        name: "tracing",
-        h2load: [
-            "--h1",
-            "-c",
-            "10",
-            "-t",
-            "1",
-            "--rps",
-            &per_client,
-            "-D",
-            &d,
-        ]
-        .map(String::from)
-        .to_vec(),
-        fixed_rate: true,
-    };
+    let scenario = fixed_rate("tracing", rate, duration);
     type Start<'a> = Box<dyn Fn() -> (Target, Option<SocketAddr>) + 'a>;
     let mut runs: Vec<(&str, Start)> = Vec::new();
     for (label, collector) in [
@@ -285,9 +259,6 @@ pub fn run(raw: &[String], out_dir: &Path) {
         "fixed_rate_rps": rate,
         "rows": rows,
     });
-    let path = out_dir.join("tracing.json");
-    let mut f = std::fs::File::create(&path).unwrap();
-    writeln!(f, "{}", serde_json::to_string_pretty(&doc).unwrap()).unwrap();
-    println!("wrote {}", path.display());
+    write_json(out_dir, "tracing.json", &doc);
     let _ = std::fs::remove_dir_all(&dir);
 }

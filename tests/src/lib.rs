@@ -163,3 +163,21 @@ pub fn metric(page: &str, series: &str) -> u64 {
         .and_then(|v| v.trim().parse::<f64>().ok())
         .map_or(0, |v| v as u64)
 }
+
+/// Writes a workload's `cert.pem`, `key.pem` and `bundle.pem` to a new directory.
+pub fn write_identity(chain_pem: &str, key_pem: &str, bundle_pem: &str) -> PathBuf {
+    let dir = temp_path("identity");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cert.pem"), chain_pem).unwrap();
+    std::fs::write(dir.join("key.pem"), key_pem).unwrap();
+    std::fs::write(dir.join("bundle.pem"), bundle_pem).unwrap();
+    dir
+}
+
+/// The proxy config's `identity:` line for files written by `write_identity`.
+pub fn identity_yaml(dir: &std::path::Path) -> String {
+    format!(
+        "identity: {{cert: {0}/cert.pem, key: {0}/key.pem, bundle: {0}/bundle.pem}}\n",
+        dir.display()
+    )
+}

@@ -11,29 +11,19 @@ use outrigger_control_plane::ca::{Ca, DEFAULT_LIFETIME};
 use outrigger_proxy::spiffe::SpiffeId;
 use outrigger_tests::clients::TestClient;
 use outrigger_tests::envoy::Envoy;
-use outrigger_tests::{TestProxy, eventually, free_addr, temp_path, upstreams};
+use outrigger_tests::{
+    TestProxy, eventually, free_addr, identity_yaml, temp_path, upstreams, write_identity,
+};
 
 const ENVOY_ID: &str = "spiffe://mesh.test/ns/edge/sa/envoy";
 const OURS: &str = "spiffe://mesh.test/ns/shop/sa/api";
 
 /// Writes `cert.pem`, `key.pem` and `bundle.pem` for `id` into a new directory.
 fn issue(ca: &Ca, id: &str) -> std::path::PathBuf {
-    let dir = temp_path("identity");
-    std::fs::create_dir_all(&dir).unwrap();
     let (chain, key) = ca
         .issue(&SpiffeId::parse(id).unwrap(), DEFAULT_LIFETIME)
         .unwrap();
-    std::fs::write(dir.join("cert.pem"), chain).unwrap();
-    std::fs::write(dir.join("key.pem"), key).unwrap();
-    std::fs::write(dir.join("bundle.pem"), ca.bundle_pem()).unwrap();
-    dir
-}
-
-fn identity_block(dir: &Path) -> String {
-    format!(
-        "identity:\n  cert: {0}/cert.pem\n  key: {0}/key.pem\n  bundle: {0}/bundle.pem\n",
-        dir.display()
-    )
+    write_identity(&chain, &key, ca.bundle_pem())
 }
 
 /// Envoy's TLS context: its certificate, our CA, and the one peer identity it accepts.
@@ -148,7 +138,7 @@ async fn envoy_and_our_proxy_speak_mtls_both_ways_checking_identities() {
     let envoy_listen = [free_addr(), free_addr()];
     let ours = TestProxy::start(&format!(
         "{}listeners:\n  - name: inbound\n    address: 127.0.0.1:0\n    direction: inbound\n    tls: {{mode: strict}}\n    authorization: {{allow: [\"{ENVOY_ID}\"]}}\n    virtual_hosts:\n      - name: app\n        domains: ['*']\n        routes: [{{backends: [{{cluster: app}}]}}]\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    virtual_hosts:\n      - name: envoy\n        domains: ['*']\n        routes: [{{backends: [{{cluster: envoy}}]}}]\nclusters:\n  - name: app\n    endpoints: [{{address: \"{}\"}}]\n  - name: envoy\n    tls: {{identities: [\"{ENVOY_ID}\"]}}\n    endpoints: [{{address: \"{}\"}}]\n",
-        identity_block(&our_dir),
+        identity_yaml(&our_dir),
         app.addr,
         envoy_listen[1]
     ))
@@ -197,7 +187,7 @@ async fn envoy_refuses_our_proxy_with_an_identity_it_does_not_expect() {
     let envoy_listen = [free_addr(), free_addr()];
     let ours = TestProxy::start(&format!(
         "{}listeners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    virtual_hosts:\n      - name: envoy\n        domains: ['*']\n        routes: [{{backends: [{{cluster: envoy}}]}}]\nclusters:\n  - name: envoy\n    tls: {{identities: [\"{ENVOY_ID}\"]}}\n    endpoints: [{{address: \"{}\"}}]\n",
-        identity_block(&stranger),
+        identity_yaml(&stranger),
         envoy_listen[1]
     ))
     .await;

@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 use outrigger_control_plane::ca::{Ca, DEFAULT_LIFETIME};
 use outrigger_proxy::spiffe::SpiffeId;
 use outrigger_tests::clients::{TestClient, get};
-use outrigger_tests::{TestProxy, faults, free_addr, otlp, temp_path};
+use outrigger_tests::{TestProxy, faults, free_addr, otlp, write_identity};
 
 fn parse_with_prometheus_client(page: &str) -> serde_json::Value {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -41,17 +41,13 @@ async fn metrics_parse_and_carry_the_families_operators_need() {
     let (up, _) = faults::faulty("app").await;
     // Every kind of listener and policy, so that every family has a series.
     let ca = Ca::generate("mesh.test").unwrap();
-    let dir = temp_path("identity");
-    std::fs::create_dir_all(&dir).unwrap();
     let (chain, key) = ca
         .issue(
             &SpiffeId::parse("spiffe://mesh.test/ns/a/sa/app").unwrap(),
             DEFAULT_LIFETIME,
         )
         .unwrap();
-    std::fs::write(dir.join("cert.pem"), chain).unwrap();
-    std::fs::write(dir.join("key.pem"), key).unwrap();
-    std::fs::write(dir.join("bundle.pem"), ca.bundle_pem()).unwrap();
+    let dir = write_identity(&chain, &key, ca.bundle_pem());
     let proxy = TestProxy::start(&format!(
         "identity: {{cert: {d}/cert.pem, key: {d}/key.pem, bundle: {d}/bundle.pem}}\nxds: {{address: \"{dead}\"}}\ntracing:\n  service_name: app\n  otlp_grpc: \"{}\"\nadmin:\n  address: 127.0.0.1:0\nlisteners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    virtual_hosts:\n      - name: app\n        domains: ['*']\n        routes:\n          - name: main\n            retry: {{attempts: 1, on: [gateway-error]}}\n            rate_limit: {{requests_per_second: 1000}}\n            backends: [{{cluster: app}}]\n  - name: inbound\n    address: 127.0.0.1:0\n    direction: inbound\n    tls: {{mode: strict}}\n    authorization: {{allow: [\"spiffe://mesh.test/ns/a/*\"]}}\n    virtual_hosts: []\nclusters:\n  - name: app\n    outlier: {{consecutive_5xx: 5}}\n    endpoints: [{{address: \"{}\"}}]\n",
         collector.addr,

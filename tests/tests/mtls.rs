@@ -2,30 +2,19 @@
 //! mesh's CA: app → outbound proxy A → mTLS (HTTP/2) → inbound proxy B → app.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 
 use outrigger_control_plane::ca::{Ca, DEFAULT_LIFETIME};
 use outrigger_proxy::spiffe::SpiffeId;
 use outrigger_tests::clients::{TestClient, get};
-use outrigger_tests::{TestProxy, eventually, metric, temp_path, upstreams};
+use outrigger_tests::{TestProxy, eventually, identity_yaml, metric, upstreams, write_identity};
 
 const WEB: &str = "spiffe://mesh.test/ns/shop/sa/web";
 const API: &str = "spiffe://mesh.test/ns/shop/sa/api";
 
 /// Writes an identity's files and returns the `identity:` block that names them.
 fn identity(bundle_from: &Ca, chain_and_key: (String, String)) -> String {
-    let dir: PathBuf = temp_path("identity");
-    std::fs::create_dir_all(&dir).unwrap();
     let (chain, key) = chain_and_key;
-    std::fs::write(dir.join("cert.pem"), chain).unwrap();
-    std::fs::write(dir.join("key.pem"), key).unwrap();
-    std::fs::write(dir.join("bundle.pem"), bundle_from.bundle_pem()).unwrap();
-    format!(
-        "identity:\n  cert: {}\n  key: {}\n  bundle: {}\n",
-        dir.join("cert.pem").display(),
-        dir.join("key.pem").display(),
-        dir.join("bundle.pem").display()
-    )
+    identity_yaml(&write_identity(&chain, &key, bundle_from.bundle_pem()))
 }
 
 fn issue(ca: &Ca, id: &str) -> (String, String) {

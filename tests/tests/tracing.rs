@@ -297,18 +297,14 @@ async fn over_mtls_the_inbound_span_names_the_callers_identity() {
     use outrigger_proxy::spiffe::SpiffeId;
     let ca = Ca::generate("mesh.test").unwrap();
     let identity = |id: &str| {
-        let dir = outrigger_tests::temp_path("identity");
-        std::fs::create_dir_all(&dir).unwrap();
         let (chain, key) = ca
             .issue(&SpiffeId::parse(id).unwrap(), DEFAULT_LIFETIME)
             .unwrap();
-        std::fs::write(dir.join("cert.pem"), chain).unwrap();
-        std::fs::write(dir.join("key.pem"), key).unwrap();
-        std::fs::write(dir.join("bundle.pem"), ca.bundle_pem()).unwrap();
-        format!(
-            "identity: {{cert: {0}/cert.pem, key: {0}/key.pem, bundle: {0}/bundle.pem}}\n",
-            dir.display()
-        )
+        outrigger_tests::identity_yaml(&outrigger_tests::write_identity(
+            &chain,
+            &key,
+            ca.bundle_pem(),
+        ))
     };
     let (web, api) = (
         "spiffe://mesh.test/ns/shop/sa/web",
