@@ -48,13 +48,26 @@ fn find<'a>(spans: &'a [Received], service: &str, name_prefix: &str) -> Vec<&'a 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_trace_across_two_sidecars_parented_under_the_apps_span() {
+async fn one_trace_across_two_sidecars_over_otlp_grpc() {
     let (collector, spans) = otlp::grpc_receiver().await;
     let grpc = format!("otlp_grpc: \"{}\"", collector.addr);
+    one_trace_across_two_sidecars(&grpc, &spans).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_trace_across_two_sidecars_over_otlp_http() {
+    let (collector, spans) = otlp::http_receiver().await;
+    let http = format!("otlp_http: \"http://{}/v1/traces\"", collector.addr);
+    one_trace_across_two_sidecars(&http, &spans).await;
+}
+
+/// app A → sidecar A → sidecar B → app B, with A's own traceparent: one trace, each span
+/// under the one before it, with the HTTP conventions and the proxy's attributes.
+async fn one_trace_across_two_sidecars(collector: &str, spans: &Spans) {
     let app_b = upstreams::http("b").await;
-    let b = sidecar(&tracing_block("b", &grpc), "inbound", app_b.addr, "").await;
+    let b = sidecar(&tracing_block("b", collector), "inbound", app_b.addr, "").await;
     let a = sidecar(
-        &tracing_block("a", &grpc),
+        &tracing_block("a", collector),
         "outbound",
         b.addr("inbound"),
         "",
@@ -73,7 +86,7 @@ async fn one_trace_across_two_sidecars_parented_under_the_apps_span() {
         .unwrap();
     assert_eq!(r.status, 200);
 
-    let all = spans_at_least(&spans, 4).await;
+    let all = spans_at_least(spans, 4).await;
     assert!(
         all.iter().all(|s| hex(&s.span.trace_id) == APP_TRACE),
         "one trace: {all:#?}"
