@@ -100,6 +100,14 @@ struct ServiceFile {
     /// Bootstrap tokens that prove this service's identity to the CA.
     #[serde(default)]
     tokens: Vec<TokenFile>,
+    /// The service's virtual IPs (a Kubernetes ClusterIP, say). A sidecar that intercepts
+    /// an app's connection to `vip:port` routes it as a call to this service.
+    #[serde(default)]
+    addresses: Vec<Spanned<String>>,
+    /// The workloads run a sidecar that takes mTLS: callers' proxies originate mTLS to them
+    /// and check that the peer proves this service's identity.
+    #[serde(default)]
+    mtls: bool,
 }
 
 fn default_namespace() -> String {
@@ -195,6 +203,9 @@ pub struct Service {
     pub calls: Option<Vec<String>>,
     pub policy: Policy,
     pub identity: SpiffeId,
+    /// Virtual IPs: `vip:port` is one more host name of the service.
+    pub addresses: Vec<std::net::IpAddr>,
+    pub mtls: bool,
 }
 
 impl Service {
@@ -212,9 +223,14 @@ impl Service {
             format!("{n}.{ns}.svc"),
             format!("{n}.{ns}.svc.cluster.local"),
         ];
+        let vips = self
+            .addresses
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, self.port).to_string());
         names
             .iter()
             .flat_map(|h| [h.clone(), format!("{h}:{}", self.port)])
+            .chain(vips)
             .collect()
     }
 }
@@ -445,7 +461,19 @@ impl Mesh {
                         .collect::<Result<Vec<_>, _>>()?,
                 ),
             };
+            let mut addresses = Vec::with_capacity(s.addresses.len());
+            for (a, address) in s.addresses.iter().enumerate() {
+                addresses.push(address.value.parse().map_err(|_| {
+                    err(
+                        address.referenced,
+                        &format!("{field}.addresses[{a}]"),
+                        format!("`{}` is not an IP address", address.value),
+                    )
+                })?);
+            }
             let service = Service {
+                addresses,
+                mtls: s.mtls,
                 name: s.name.value.clone(),
                 namespace: s.namespace.clone(),
                 protocol: s.protocol,

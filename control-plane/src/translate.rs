@@ -177,6 +177,11 @@ fn cluster_for(service: &Service) -> Cluster {
             .map(policy::outlier_detection),
         ..Default::default()
     };
+    if service.mtls {
+        c.transport_socket = Some(outrigger_proxy::xds_tls::upstream_mtls(&[service
+            .identity
+            .to_string()]));
+    }
     if service.protocol.is_http2() {
         let options = HttpProtocolOptions {
             upstream_protocol_options: Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(

@@ -200,6 +200,11 @@ pub struct ListenerFile {
     /// Which callers may use this listener's HTTP routes, by SPIFFE ID.
     #[serde(default)]
     pub authorization: Option<AuthorizationFile>,
+    /// Connections arrive redirected by the `init` rules: read where each was going
+    /// (`SO_ORIGINAL_DST`). Outbound, that address picks the service, and an address that is
+    /// no service of the mesh is passed straight through.
+    #[serde(default)]
+    pub original_destination: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -268,6 +268,7 @@ async fn forward<'a>(
         .extensions()
         .get::<Peer>()
         .and_then(|p| p.identity.clone());
+    let fallback_host = req.extensions().get::<Peer>().and_then(|p| p.virtual_host);
     if let Some(authz) = &listener.authorization
         && !authz.allows(peer.as_deref())
     {
@@ -289,7 +290,15 @@ async fn forward<'a>(
     }
     let host = request_host(&req)?;
     let (parts, body) = req.into_parts();
-    let route = match router::route(listener, &host, &parts) {
+    let mut routed = router::route(listener, &host, &parts);
+    // A redirected connection whose Host names no service (an IP, say) is routed by the
+    // address the app dialled.
+    if let (RouteOutcome::NoVirtualHost, Some(i)) = (&routed, fallback_host)
+        && let Some(vhost) = listener.virtual_hosts.get(i)
+    {
+        routed = router::route_in(vhost, &parts);
+    }
+    let route = match routed {
         RouteOutcome::Matched(_, route) => route,
         RouteOutcome::NoVirtualHost => return Err(ProxyError::NoVirtualHost { host }),
         RouteOutcome::NoRoute(_) => {

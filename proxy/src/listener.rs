@@ -14,11 +14,14 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-use crate::config::{ListenerProtocol, TlsMode};
+use crate::balance::Cluster;
+use crate::config::{Direction, ListenerProtocol, TlsMode};
 use crate::detect::{self, Prefixed, Protocol};
 use crate::http_proxy::{self, HttpContext};
 use crate::idle::{Activity, Tracked};
 use crate::mtls;
+use crate::original_dst::{self, Destination};
+use crate::runtime_config::{DEFAULT_TCP_IDLE_TIMEOUT, Listener};
 use crate::spiffe::SpiffeId;
 use crate::tcp;
 
@@ -34,6 +37,9 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Peer {
     pub identity: Option<Arc<SpiffeId>>,
     pub addr: Option<std::net::SocketAddr>,
+    /// On a redirected outbound connection: the virtual host of the address the app dialled,
+    /// used when the Host header names none.
+    pub virtual_host: Option<usize>,
 }
 
 pub struct Shutdown {
@@ -77,6 +83,25 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
     let snapshot = ctx.config.load_full();
     let listener = &snapshot.listeners[ctx.listener];
     let name = listener.name.clone();
+    let redirected = match redirected(&stream, listener) {
+        Redirect::Passthrough(to) => {
+            let idle = listener
+                .tcp
+                .as_ref()
+                .map_or(DEFAULT_TCP_IDLE_TIMEOUT, |t| t.idle_timeout);
+            drop(snapshot);
+            let _guard = shutdown.tracker;
+            match tcp::passthrough(stream, to, idle).await {
+                Ok(n) => ctx.metrics.tcp_bytes(&name, n),
+                Err(e) => {
+                    tracing::debug!(error = %e, listener = %name, %to, "passthrough ended");
+                    ctx.metrics.connection_error(&name);
+                }
+            }
+            return;
+        }
+        Redirect::Mesh(service) => service,
+    };
     let open = ctx.metrics.open_connections(&name);
     open.inc();
     let (protocol, io) = match listener.protocol {
@@ -139,6 +164,7 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
                     let peer = Peer {
                         identity: peer,
                         addr: client_addr,
+                        virtual_host: None,
                     };
                     if serve_http(stream, protocol, idle, peer, ctx.clone(), shutdown)
                         .await
@@ -165,6 +191,7 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
             let peer = Peer {
                 identity: None,
                 addr: client_addr,
+                virtual_host: redirected.virtual_host,
             };
             if serve_http(io, protocol, idle, peer, ctx.clone(), shutdown)
                 .await
@@ -174,9 +201,8 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
             }
         }
         // TLS is passed through untouched until the proxy terminates mTLS itself.
-        Protocol::Tls | Protocol::Opaque => match &listener.tcp {
-            Some(route) => {
-                let (cluster, idle) = (route.cluster.clone(), route.idle_timeout);
+        Protocol::Tls | Protocol::Opaque => match redirected.tcp_route(listener) {
+            Some((cluster, idle)) => {
                 drop(snapshot);
                 let _guard = shutdown.tracker;
                 match tcp::proxy(io, &cluster, idle).await {
@@ -191,6 +217,57 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
         },
     }
     open.dec();
+}
+
+/// What the original destination of a connection says about it.
+enum Redirect {
+    /// Not the mesh's: copy it through to where the app meant it to go.
+    Passthrough(std::net::SocketAddr),
+    Mesh(MeshDestination),
+}
+
+/// A connection the proxy handles: the service its original destination named, if any.
+#[derive(Default)]
+struct MeshDestination {
+    virtual_host: Option<usize>,
+    cluster: Option<Arc<Cluster>>,
+}
+
+impl MeshDestination {
+    /// Opaque TCP goes to the dialled service's cluster, else to the listener's `tcp` route.
+    fn tcp_route(self, listener: &Listener) -> Option<(Arc<Cluster>, Duration)> {
+        let idle = listener
+            .tcp
+            .as_ref()
+            .map_or(DEFAULT_TCP_IDLE_TIMEOUT, |t| t.idle_timeout);
+        match self.cluster {
+            Some(cluster) => Some((cluster, idle)),
+            None => listener.tcp.as_ref().map(|r| (r.cluster.clone(), idle)),
+        }
+    }
+}
+
+/// Only outbound listeners choose by destination: inbound, the address is this pod's own.
+fn redirected(stream: &TcpStream, listener: &Listener) -> Redirect {
+    let Some(destinations) = &listener.destinations else {
+        return Redirect::Mesh(MeshDestination::default());
+    };
+    if listener.direction != Direction::Outbound {
+        return Redirect::Mesh(MeshDestination::default());
+    }
+    let Some(original) = original_dst::of(stream) else {
+        return Redirect::Mesh(MeshDestination::default());
+    };
+    match destinations.lookup(original) {
+        Destination::Passthrough => Redirect::Passthrough(original),
+        Destination::Service {
+            virtual_host,
+            cluster,
+        } => Redirect::Mesh(MeshDestination {
+            virtual_host,
+            cluster,
+        }),
+    }
 }
 
 async fn serve_http<I>(

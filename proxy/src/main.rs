@@ -46,6 +46,84 @@ enum Command {
     },
     /// Check a config file and exit: 0 if valid, 1 with the error otherwise.
     Check { config: PathBuf },
+    /// Install (or with --remove, take out) the iptables rules that send this network
+    /// namespace's TCP through the proxy. Run as root, once per pod, before the app starts.
+    Init(InitArgs),
+}
+
+#[derive(clap::Args)]
+struct InitArgs {
+    /// The inbound listener's port: every inbound TCP connection is redirected to it.
+    #[arg(long, default_value_t = 15006)]
+    inbound_port: u16,
+    /// The outbound listener's port: the app's outbound TCP is redirected to it.
+    #[arg(long, default_value_t = 15001)]
+    outbound_port: u16,
+    /// The UID the proxy runs as; its own connections are not redirected.
+    #[arg(long, default_value_t = 1337)]
+    proxy_uid: u32,
+    /// The proxy's admin port, reachable from outside without redirection (probes).
+    #[arg(long, default_value_t = 15020)]
+    admin_port: u16,
+    /// The control plane's xDS port, never redirected.
+    #[arg(long)]
+    xds_port: Option<u16>,
+    /// More inbound ports to leave alone, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    exclude_inbound_ports: Vec<u16>,
+    /// Outbound destination ports to leave alone, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    exclude_outbound_ports: Vec<u16>,
+    /// Outbound destinations to leave alone, as CIDRs, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    exclude_outbound_cidrs: Vec<outrigger_proxy::intercept::Cidr>,
+    /// The iptables binary: `iptables`, `iptables-nft` or `iptables-legacy`.
+    #[arg(long, default_value = "iptables")]
+    iptables: String,
+    /// Take the rules out again.
+    #[arg(long)]
+    remove: bool,
+    /// Print the rules instead of installing them.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+fn init(args: InitArgs) -> ExitCode {
+    let mut exclude_inbound_ports = vec![args.admin_port];
+    exclude_inbound_ports.extend(args.exclude_inbound_ports);
+    let mut exclude_outbound_ports: Vec<u16> = args.xds_port.into_iter().collect();
+    exclude_outbound_ports.extend(args.exclude_outbound_ports);
+    let rules = outrigger_proxy::intercept::Interception {
+        iptables: args.iptables,
+        inbound_port: args.inbound_port,
+        outbound_port: args.outbound_port,
+        proxy_uid: args.proxy_uid,
+        exclude_inbound_ports,
+        exclude_outbound_ports,
+        exclude_outbound_cidrs: args.exclude_outbound_cidrs,
+    };
+    if args.dry_run {
+        for rule in rules.rules() {
+            println!("{} {}", rules.iptables, rule.join(" "));
+        }
+        return ExitCode::SUCCESS;
+    }
+    let result = if args.remove {
+        rules.remove()
+    } else {
+        rules.apply()
+    };
+    match result {
+        Ok(()) => {
+            let done = if args.remove { "removed" } else { "installed" };
+            println!("interception rules {done} ({})", rules.iptables);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("init: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -77,6 +155,7 @@ fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Init(args) => init(args),
         Command::Check { config } => {
             let source = config.display().to_string();
             let result = std::fs::read_to_string(&config)

@@ -128,7 +128,11 @@ pub fn route<'a>(listener: &'a Listener, host: &str, parts: &Parts) -> RouteOutc
     let Some(i) = listener.domains.find(host) else {
         return RouteOutcome::NoVirtualHost;
     };
-    let vhost = &listener.virtual_hosts[i];
+    route_in(&listener.virtual_hosts[i], parts)
+}
+
+/// The first route of `vhost` that matches the request.
+pub fn route_in<'a>(vhost: &'a VirtualHost, parts: &Parts) -> RouteOutcome<'a> {
     let path = parts.uri.path();
     let found = vhost.routes.iter().find(|r| {
         r.path.matches(path)

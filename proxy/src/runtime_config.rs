@@ -26,6 +26,7 @@ use crate::config_error::ConfigError;
 use crate::identity::{IdentityFiles, IdentityStore};
 use crate::identity_client::CaClient;
 use crate::mtls;
+use crate::original_dst::Destinations;
 use crate::outlier::OutlierPolicy;
 use crate::rate_limit::RateLimiter;
 use crate::retry::{RetryOn, RetryPolicy};
@@ -111,6 +112,8 @@ pub struct Listener {
     pub idle_timeout: Duration,
     pub tls: Option<ListenerTls>,
     pub authorization: Option<Authorization>,
+    /// `Some` on a listener that takes redirected connections.
+    pub destinations: Option<Destinations>,
 }
 
 pub struct TcpRoute {
@@ -689,7 +692,11 @@ impl Builder<'_> {
         let domains = DomainTable::new(&virtual_hosts)
             .map_err(|msg| self.err(&l.address, &format!("{field}.virtual_hosts"), msg))?;
         let (tls, authorization) = self.listener_tls(l, field)?;
+        let destinations = l
+            .original_destination
+            .then(|| Destinations::new(&virtual_hosts, clusters));
         Ok(Listener {
+            destinations,
             name: l.name.clone(),
             address_text: l.address.value.clone(),
             address,

@@ -10,6 +10,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::balance::Cluster;
+use crate::runtime_config::DEFAULT_CONNECT_TIMEOUT;
+use std::net::SocketAddr;
 
 const BUF: usize = 16 * 1024;
 
@@ -43,6 +45,22 @@ where
             copy_with_idle_timeout(downstream, upstream, idle_timeout).await
         }
     }
+}
+
+/// Connects to exactly `to`, outside any cluster: traffic the mesh does not own.
+pub async fn passthrough<D>(
+    downstream: D,
+    to: SocketAddr,
+    idle_timeout: Duration,
+) -> io::Result<u64>
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+{
+    let upstream = tokio::time::timeout(DEFAULT_CONNECT_TIMEOUT, TcpStream::connect(to))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
+    upstream.set_nodelay(true)?;
+    copy_with_idle_timeout(downstream, upstream, idle_timeout).await
 }
 
 pub async fn copy_with_idle_timeout<A, B>(a: A, b: B, idle: Duration) -> io::Result<u64>

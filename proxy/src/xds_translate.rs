@@ -21,8 +21,8 @@ use prost::{Message, Name};
 use serde_saphyr::{Location, Spanned};
 
 use crate::config::{
-    BackendFile, ClusterFile, EndpointFile, HeaderChangesFile, HeaderMatchFile, HeaderValueFile,
-    LbPolicy, MatchFile, RouteFile, UpstreamProtocol, VirtualHostFile,
+    BackendFile, ClusterFile, ClusterTlsFile, EndpointFile, HeaderChangesFile, HeaderMatchFile,
+    HeaderValueFile, LbPolicy, MatchFile, RouteFile, UpstreamProtocol, VirtualHostFile,
 };
 use crate::xds_policy;
 
@@ -72,7 +72,6 @@ pub fn cluster(c: &Cluster) -> Result<TranslatedCluster, String> {
     refuse(
         &what,
         &[
-            (c.transport_socket.is_some(), "transport_socket"),
             (
                 !c.transport_socket_matches.is_empty(),
                 "transport_socket_matches",
@@ -185,7 +184,15 @@ pub fn cluster(c: &Cluster) -> Result<TranslatedCluster, String> {
                 Some(o) => Some(xds_policy::outlier(&what, o)?),
                 None => None,
             },
-            tls: None,
+            tls: match &c.transport_socket {
+                Some(ts) => Some(ClusterTlsFile {
+                    identities: crate::xds_tls::peer_identities(&what, ts)?
+                        .into_iter()
+                        .map(sp)
+                        .collect(),
+                }),
+                None => None,
+            },
         },
         eds_name,
     })

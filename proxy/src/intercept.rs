@@ -1,0 +1,274 @@
+//! Transparent interception: the iptables rules that send a pod's TCP through its sidecar.
+//!
+//! Inbound TCP is redirected (nat PREROUTING) to the inbound listener and the app's own
+//! outbound TCP (nat OUTPUT) to the outbound listener. The proxy's traffic is matched by its
+//! UID and left alone, or it would loop forever. The rules live in chains of their own, so
+//! that applying them again replaces them (idempotent) and removing them leaves the tables
+//! exactly as they were. They are plain `iptables` commands, so the same rules work with the
+//! nft and the legacy backends: the binary chosen decides which.
+
+use std::net::IpAddr;
+use std::process::Command;
+
+/// Chains this module owns. Everything else in the nat table is someone else's.
+const INBOUND_CHAIN: &str = "OUTRIGGER_INBOUND";
+const OUTBOUND_CHAIN: &str = "OUTRIGGER_OUTPUT";
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Interception {
+    /// The iptables binary: `iptables`, `iptables-nft` or `iptables-legacy`.
+    pub iptables: String,
+    pub inbound_port: u16,
+    pub outbound_port: u16,
+    /// The UID the proxy runs as; its connections are never redirected.
+    pub proxy_uid: u32,
+    /// Inbound ports left alone: the admin port (so that probes reach it) and any the user
+    /// lists.
+    pub exclude_inbound_ports: Vec<u16>,
+    /// Outbound destination ports left alone: the control plane's xDS port and any the
+    /// user lists.
+    pub exclude_outbound_ports: Vec<u16>,
+    /// Outbound destinations left alone, as `addr/len`.
+    pub exclude_outbound_cidrs: Vec<Cidr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (addr, len) = s.split_once('/').unwrap_or((s, ""));
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{s}` is not an address or CIDR such as 10.0.0.0/8"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = if len.is_empty() {
+            max
+        } else {
+            len.parse::<u8>()
+                .ok()
+                .filter(|l| *l <= max)
+                .ok_or_else(|| format!("`{s}`: the prefix length must be 0 to {max}"))?
+        };
+        Ok(Cidr { addr, len })
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum InterceptError {
+    #[error("cannot run `{command}`: {source}")]
+    Spawn {
+        command: String,
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed: {stderr}")]
+    Failed { command: String, stderr: String },
+}
+
+impl Interception {
+    /// The rules, one iptables argument list each, in the order they are applied: the
+    /// chains are (re)made empty and filled, then hooked in.
+    pub fn rules(&self) -> Vec<Vec<String>> {
+        let mut rules = Vec::new();
+        let mut rule = |args: &[&str]| {
+            let mut all = vec!["-t", "nat"];
+            all.extend_from_slice(args);
+            rules.push(all.into_iter().map(str::to_string).collect::<Vec<_>>());
+        };
+        // Inbound: everything but the excluded ports goes to the inbound listener.
+        for port in &self.exclude_inbound_ports {
+            let port = port.to_string();
+            rule(&[
+                "-A",
+                INBOUND_CHAIN,
+                "-p",
+                "tcp",
+                "--dport",
+                &port,
+                "-j",
+                "RETURN",
+            ]);
+        }
+        let inbound = self.inbound_port.to_string();
+        rule(&[
+            "-A",
+            INBOUND_CHAIN,
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &inbound,
+        ]);
+        // Outbound: the proxy's own connections, loopback and the exclusions pass; the app's
+        // other TCP goes to the outbound listener.
+        let uid = self.proxy_uid.to_string();
+        rule(&[
+            "-A",
+            OUTBOUND_CHAIN,
+            "-m",
+            "owner",
+            "--uid-owner",
+            &uid,
+            "-j",
+            "RETURN",
+        ]);
+        rule(&["-A", OUTBOUND_CHAIN, "-o", "lo", "-j", "RETURN"]);
+        for port in &self.exclude_outbound_ports {
+            let port = port.to_string();
+            rule(&[
+                "-A",
+                OUTBOUND_CHAIN,
+                "-p",
+                "tcp",
+                "--dport",
+                &port,
+                "-j",
+                "RETURN",
+            ]);
+        }
+        for cidr in self
+            .exclude_outbound_cidrs
+            .iter()
+            .filter(|c| c.addr.is_ipv4())
+        {
+            let cidr = cidr.to_string();
+            rule(&["-A", OUTBOUND_CHAIN, "-d", &cidr, "-j", "RETURN"]);
+        }
+        let outbound = self.outbound_port.to_string();
+        rule(&[
+            "-A",
+            OUTBOUND_CHAIN,
+            "-p",
+            "tcp",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &outbound,
+        ]);
+        rules
+    }
+
+    /// Installs the rules, replacing any earlier set: running it twice leaves the same
+    /// tables as running it once.
+    pub fn apply(&self) -> Result<(), InterceptError> {
+        for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
+            if self.run(&["-t", "nat", "-L", chain, "-n"]).is_ok() {
+                self.run(&["-t", "nat", "-F", chain])?;
+            } else {
+                self.run(&["-t", "nat", "-N", chain])?;
+            }
+        }
+        for rule in self.rules() {
+            let args: Vec<&str> = rule.iter().map(String::as_str).collect();
+            self.run(&args)?;
+        }
+        for (hook, chain) in hooks() {
+            let jump = ["-t", "nat", "-C", hook, "-p", "tcp", "-j", chain];
+            if self.run(&jump).is_err() {
+                self.run(&["-t", "nat", "-A", hook, "-p", "tcp", "-j", chain])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes out everything `apply` put in; rules that are already gone are not an error.
+    pub fn remove(&self) -> Result<(), InterceptError> {
+        for (hook, chain) in hooks() {
+            while self
+                .run(&["-t", "nat", "-D", hook, "-p", "tcp", "-j", chain])
+                .is_ok()
+            {}
+        }
+        for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
+            if self.run(&["-t", "nat", "-L", chain, "-n"]).is_ok() {
+                self.run(&["-t", "nat", "-F", chain])?;
+                self.run(&["-t", "nat", "-X", chain])?;
+            }
+        }
+        Ok(())
+    }
+
+    fn run(&self, args: &[&str]) -> Result<(), InterceptError> {
+        let command = format!("{} {}", self.iptables, args.join(" "));
+        // -w: wait for the xtables lock instead of failing when another writer holds it.
+        let out = Command::new(&self.iptables)
+            .arg("-w")
+            .args(args)
+            .output()
+            .map_err(|source| InterceptError::Spawn {
+                command: command.clone(),
+                source,
+            })?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(InterceptError::Failed {
+                command,
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            })
+        }
+    }
+}
+
+fn hooks() -> [(&'static str, &'static str); 2] {
+    [("PREROUTING", INBOUND_CHAIN), ("OUTPUT", OUTBOUND_CHAIN)]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Interception {
+        Interception {
+            iptables: "iptables".into(),
+            inbound_port: 15006,
+            outbound_port: 15001,
+            proxy_uid: 1337,
+            exclude_inbound_ports: vec![15020],
+            exclude_outbound_ports: vec![15010],
+            exclude_outbound_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn the_proxy_uid_is_exempt_before_any_redirect() {
+        let rules: Vec<String> = sample().rules().iter().map(|r| r.join(" ")).collect();
+        let uid = rules
+            .iter()
+            .position(|r| r.contains("--uid-owner 1337 -j RETURN"))
+            .unwrap();
+        let redirect = rules
+            .iter()
+            .position(|r| r.contains("OUTRIGGER_OUTPUT -p tcp -j REDIRECT --to-ports 15001"))
+            .unwrap();
+        assert!(uid < redirect);
+        assert!(
+            rules.contains(&"-t nat -A OUTRIGGER_INBOUND -p tcp --dport 15020 -j RETURN".into())
+        );
+        assert!(rules.contains(&"-t nat -A OUTRIGGER_OUTPUT -d 10.96.0.0/12 -j RETURN".into()));
+        assert!(rules.last().unwrap().ends_with("--to-ports 15001"));
+    }
+
+    #[test]
+    fn cidrs_parse_with_and_without_a_length() {
+        assert_eq!(
+            "10.0.0.1".parse::<Cidr>().unwrap().to_string(),
+            "10.0.0.1/32"
+        );
+        assert_eq!("10.0.0.0/8".parse::<Cidr>().unwrap().len, 8);
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("nonsense".parse::<Cidr>().is_err());
+    }
+}

@@ -1,0 +1,105 @@
+//! Where a redirected connection was going, and which service that is.
+//!
+//! With the `init` rules in place the app connects to a service address and lands on the
+//! outbound listener. The kernel remembers the address it asked for (`SO_ORIGINAL_DST`);
+//! this module reads it back and maps it to a service through the config the control plane
+//! sent: a virtual host that names the address (a service VIP, `ip:port`), or a cluster that
+//! has it as an endpoint. An address that is no service of the mesh is passed through
+//! untouched, as TCP, to where the app meant it to go.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+
+use crate::balance::Cluster;
+use crate::runtime_config::VirtualHost;
+
+/// The address the app dialled, if the connection was redirected to us; `None` when it was
+/// made to the listener itself.
+pub fn of(stream: &TcpStream) -> Option<SocketAddr> {
+    let sock = socket2::SockRef::from(stream);
+    let local = stream.local_addr().ok()?;
+    let original = if local.is_ipv4() {
+        sock.original_dst_v4()
+    } else {
+        sock.original_dst_v6()
+    }
+    .ok()?
+    .as_socket()?;
+    (original != local).then_some(original)
+}
+
+/// Original destination → service, rebuilt with every config.
+#[derive(Default)]
+pub struct Destinations {
+    virtual_hosts: HashMap<SocketAddr, usize>,
+    clusters: HashMap<SocketAddr, Arc<Cluster>>,
+}
+
+/// What a redirected connection is for.
+pub enum Destination {
+    /// A service of the mesh: route it, HTTP by its virtual host or TCP to this cluster.
+    Service {
+        virtual_host: Option<usize>,
+        cluster: Option<Arc<Cluster>>,
+    },
+    /// Not the mesh's: straight through to the address the app dialled.
+    Passthrough,
+}
+
+impl Destinations {
+    /// VIPs are the virtual hosts' `ip:port` domains. Endpoint addresses map to the virtual
+    /// host whose routes lead to their cluster, so an app that dials a pod directly is still
+    /// routed (and retried, and secured) like one that dials the service.
+    pub fn new(virtual_hosts: &[VirtualHost], clusters: &HashMap<String, Arc<Cluster>>) -> Self {
+        let mut index = Destinations::default();
+        for (i, vh) in virtual_hosts.iter().enumerate() {
+            let first_cluster = vh
+                .routes
+                .first()
+                .and_then(|r| r.backends.first())
+                .map(|b| b.cluster.clone());
+            for domain in &vh.domains {
+                if let Ok(addr) = domain.parse::<SocketAddr>() {
+                    index.virtual_hosts.entry(addr).or_insert(i);
+                    if let Some(c) = &first_cluster {
+                        index.clusters.entry(addr).or_insert_with(|| c.clone());
+                    }
+                }
+            }
+            for backend in vh.routes.iter().flat_map(|r| &r.backends) {
+                for e in &backend.cluster.endpoints {
+                    index.virtual_hosts.entry(e.addr).or_insert(i);
+                }
+            }
+        }
+        // Sorted, so that an endpoint shared by two clusters always maps to the same one.
+        let mut names: Vec<&String> = clusters.keys().collect();
+        names.sort();
+        for name in names {
+            let cluster = &clusters[name];
+            for e in &cluster.endpoints {
+                index
+                    .clusters
+                    .entry(e.addr)
+                    .or_insert_with(|| cluster.clone());
+            }
+        }
+        index
+    }
+
+    pub fn lookup(&self, addr: SocketAddr) -> Destination {
+        let virtual_host = self.virtual_hosts.get(&addr).copied();
+        let cluster = self.clusters.get(&addr).cloned();
+        if virtual_host.is_none() && cluster.is_none() {
+            Destination::Passthrough
+        } else {
+            Destination::Service {
+                virtual_host,
+                cluster,
+            }
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! Three "pods" in network namespaces, each an unmodified app beside our sidecar with the
+//! `init` interception rules, and the control plane outside them. The apps call each other
+//! by service address and never learn that a mesh is there.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use outrigger_control_plane::app;
+use outrigger_tests::clients::TestClient;
+use outrigger_tests::netns::PodNetwork;
+use outrigger_tests::{eventually, metric, temp_path, workspace_binary};
+
+const PROXY_UID: u32 = 1337;
+const APP_PORT: u16 = 8080;
+const ADMIN_PORT: u16 = 15020;
+
+fn spiffe(sa: &str) -> String {
+    format!("spiffe://cluster.local/ns/default/sa/{sa}")
+}
+
+fn pod_app() -> String {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("interop/pod_app.py")
+        .display()
+        .to_string()
+}
+
+/// The service VIP of pod number `i`: on no interface anywhere, like a ClusterIP.
+fn vip(subnet: u8, i: u8) -> IpAddr {
+    IpAddr::from([10, 251, subnet, 1 + i])
+}
+
+fn mesh(net: &PodNetwork, subnet: u8) -> String {
+    let mut yaml = String::from("mesh: {trust_domain: cluster.local}\nservices:\n");
+    for (i, pod) in net.pods.iter().enumerate() {
+        yaml += &format!(
+            "  - name: {name}\n    port: {APP_PORT}\n    mtls: true\n    addresses: [\"{vip}\"]\n    endpoints: [{{address: \"{ip}:{APP_PORT}\"}}]\n    tokens: [{{token: token-{name}}}]\n",
+            name = pod.name,
+            vip = vip(subnet, i as u8),
+            ip = pod.ip,
+        );
+        if pod.name == "b" {
+            yaml += "    policy:\n      retry: {attempts: 2, on: [gateway-error]}\n";
+        }
+    }
+    yaml
+}
+
+/// The sidecar's own file: its listeners and the local app; routes, clusters and its
+/// certificate come from the control plane.
+fn proxy_config(pod: &str, cp: SocketAddr, authorization: &str) -> String {
+    let id = spiffe(pod);
+    [
+        format!("admin: {{address: \"0.0.0.0:{ADMIN_PORT}\"}}"),
+        format!("identity:\n  ca: {{address: \"{cp}\", token: token-{pod}, id: \"{id}\"}}"),
+        format!("xds: {{address: \"{cp}\", node: {pod}-0, service: {pod}}}"),
+        "listeners:".into(),
+        "  - name: outbound\n    address: \"0.0.0.0:15001\"\n    direction: outbound".into(),
+        "    original_destination: true\n    rds: outbound".into(),
+        "  - name: inbound\n    address: \"0.0.0.0:15006\"\n    direction: inbound".into(),
+        format!("    tls: {{mode: strict}}\n{authorization}    virtual_hosts:"),
+        "      - name: app\n        domains: ['*']".into(),
+        "        routes:\n          - backends: [{cluster: app}]".into(),
+        format!("clusters:\n  - name: app\n    endpoints: [{{address: \"127.0.0.1:{APP_PORT}\"}}]"),
+    ]
+    .join("\n")
+        + "\n"
+}
+
+/// What the app in `pod` gets for `url`: the status and the JSON the other app answered.
+fn app_get(net: &PodNetwork, pod: &str, url: &str) -> (String, serde_json::Value) {
+    let out = net.exec(pod, "python3", &[&pod_app(), "get", url]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (status, body) = text.split_once('\n').unwrap_or((&text, ""));
+    let json = serde_json::from_str(body.trim()).unwrap_or(serde_json::Value::Null);
+    (status.trim().to_string(), json)
+}
+
+async fn admin_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let r = TestClient::http1(addr)
+        .get(&addr.to_string(), path)
+        .await
+        .ok()?;
+    Some((r.status.as_u16(), r.body))
+}
+
+fn init(net: &PodNetwork, pod: &str, extra: &[&str]) {
+    let proxy = workspace_binary("outrigger-proxy");
+    let mut args = vec!["init", "--proxy-uid", "1337"];
+    args.extend_from_slice(extra);
+    let out = net.exec(pod, proxy.to_str().unwrap(), &args);
+    assert!(
+        out.status.success(),
+        "init in {pod}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn nat_rules(net: &PodNetwork, pod: &str) -> String {
+    String::from_utf8_lossy(&net.exec(pod, "iptables-save", &["-t", "nat"]).stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apps_in_pods_talk_mtls_through_their_sidecars() {
+    let subnet = 100 + (std::process::id() % 100) as u8;
+    let mut net = PodNetwork::new(subnet, &["a", "b", "c"]);
+    let mesh_path = temp_path("mesh.yaml");
+    std::fs::write(&mesh_path, mesh(&net, subnet)).unwrap();
+    let cp = app::start(app::Options {
+        mesh_path,
+        xds_address: SocketAddr::new(net.gateway.into(), 0),
+        admin_address: "127.0.0.1:0".parse().unwrap(),
+        identity: Default::default(),
+    })
+    .await
+    .unwrap();
+    let xds_port = cp.xds_addr.port().to_string();
+
+    let proxy = workspace_binary("outrigger-proxy");
+    for name in ["a", "b", "c"] {
+        init(&net, name, &["--xds-port", &xds_port]);
+        // Only b may call c.
+        let authz = if name == "c" {
+            format!(
+                "    authorization: {{default: deny, allow: [\"{}\"]}}\n",
+                spiffe("b")
+            )
+        } else {
+            String::new()
+        };
+        let config = temp_path(&format!("{name}-proxy.yaml"));
+        std::fs::write(&config, proxy_config(name, cp.xds_addr, &authz)).unwrap();
+        let argv = [
+            proxy.to_str().unwrap(),
+            "run",
+            "-c",
+            config.to_str().unwrap(),
+        ];
+        net.spawn(
+            name,
+            Some(PROXY_UID),
+            &argv,
+            &temp_path(&format!("{name}-proxy.log")),
+        );
+        let app = ["python3", &pod_app(), "serve", name, &APP_PORT.to_string()];
+        net.spawn(name, None, &app, &temp_path(&format!("{name}-app.log")));
+    }
+    // The admin port is exempt from interception, so readiness is visible from outside.
+    for pod in &net.pods {
+        let admin = SocketAddr::new(pod.ip.into(), ADMIN_PORT);
+        eventually(
+            &format!("the sidecar of {} is ready", pod.name),
+            Duration::from_secs(20),
+            || async move { (admin_get(admin, "/ready").await?.0 == 200).then_some(()) },
+        )
+        .await;
+    }
+    eventually("the apps listen", Duration::from_secs(10), || async {
+        ["a", "b", "c"]
+            .iter()
+            .all(|p| {
+                let url = format!("http://127.0.0.1:{APP_PORT}/up");
+                app_get(&net, p, &url).0 == "200"
+            })
+            .then_some(())
+    })
+    .await;
+
+    // a → b by service VIP: mTLS between the sidecars, b's app sees a's SPIFFE ID.
+    let b_vip = vip(subnet, 1);
+    let (status, body) = app_get(&net, "a", &format!("http://{b_vip}:{APP_PORT}/hello"));
+    assert_eq!(status, "200", "{body}");
+    assert_eq!(body["pod"], "b");
+    assert_eq!(body["client_id"], spiffe("a").as_str());
+
+    // a → b by pod IP: the endpoint address maps to the same service.
+    let b_ip = net.pod("b").ip;
+    let (status, body) = app_get(&net, "a", &format!("http://{b_ip}:{APP_PORT}/direct"));
+    assert_eq!(status, "200", "{body}");
+    assert_eq!(body["client_id"], spiffe("a").as_str());
+
+    // The mesh's retry policy for b: the first try fails, the app never sees it.
+    let (status, body) = app_get(&net, "a", &format!("http://{b_vip}:{APP_PORT}/flaky/one"));
+    assert_eq!(status, "200", "{body}");
+    assert_eq!(body["attempt"], "2");
+
+    // Authorization at c: b is allowed, a is denied with 403.
+    let c_vip = vip(subnet, 2);
+    let (status, body) = app_get(&net, "b", &format!("http://{c_vip}:{APP_PORT}/secret"));
+    assert_eq!(status, "200", "{body}");
+    assert_eq!(body["client_id"], spiffe("b").as_str());
+    let (status, _) = app_get(&net, "a", &format!("http://{c_vip}:{APP_PORT}/secret"));
+    assert_eq!(status, "403");
+
+    // An address outside the mesh passes straight through: c's admin port.
+    let c_admin = format!("http://{}:{ADMIN_PORT}/live", net.pod("c").ip);
+    assert_eq!(app_get(&net, "a", &c_admin).0, "200");
+
+    // The inbound sidecars saw the callers' identities, and nothing in plaintext: strict
+    // mode refuses plaintext and counts it.
+    let b_admin = SocketAddr::new(b_ip.into(), ADMIN_PORT);
+    let c_admin = SocketAddr::new(net.pod("c").ip.into(), ADMIN_PORT);
+    let b_metrics = admin_get(b_admin, "/metrics").await.unwrap().1;
+    let from_a = format!(
+        "outrigger_requests_total{{direction=\"inbound\",route=\"app/0\",status=\"200\",grpc_status=\"\",peer=\"{}\"}}",
+        spiffe("a")
+    );
+    assert!(metric(&b_metrics, &from_a) >= 3, "{b_metrics}");
+    let c_metrics = admin_get(c_admin, "/metrics").await.unwrap().1;
+    assert!(
+        c_metrics.contains(&format!("peer=\"{}\"", spiffe("b"))),
+        "{c_metrics}"
+    );
+    for page in [&b_metrics, &c_metrics] {
+        assert_eq!(
+            metric(
+                page,
+                "outrigger_plaintext_refused_total{listener=\"inbound\"}"
+            ),
+            0
+        );
+    }
+
+    // Taking the rules out restores direct traffic: b's app answers a's app itself.
+    let before = nat_rules(&net, "b");
+    for name in ["a", "b", "c"] {
+        init(&net, name, &["--remove"]);
+        assert!(!nat_rules(&net, name).contains("OUTRIGGER"));
+    }
+    assert!(before.contains("OUTRIGGER_OUTPUT"));
+    let (status, body) = app_get(&net, "a", &format!("http://{b_ip}:{APP_PORT}/bare"));
+    assert_eq!(status, "200", "{body}");
+    assert_eq!(body["client_id"], serde_json::Value::Null);
+    let after = admin_get(b_admin, "/metrics").await.unwrap().1;
+    assert_eq!(metric(&after, &from_a), metric(&b_metrics, &from_a));
+}
+
+/// `init` twice leaves the same tables as once, with either iptables backend, and
+/// `--remove` leaves them as they were before.
+#[test]
+fn init_is_idempotent_and_removable_with_nft_and_legacy() {
+    let subnet = 100 + ((std::process::id() + 50) % 100) as u8;
+    let net = PodNetwork::new(subnet, &["solo"]);
+    for backend in ["iptables-nft", "iptables-legacy"] {
+        let save = format!("{backend}-save");
+        let rules = || {
+            String::from_utf8_lossy(&net.exec("solo", &save, &["-t", "nat"]).stdout)
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        let pristine = rules();
+        let flags = [
+            "--iptables",
+            backend,
+            "--exclude-outbound-cidrs",
+            "10.96.0.0/12",
+            "--exclude-inbound-ports",
+            "22",
+        ];
+        init(&net, "solo", &flags);
+        let once = rules();
+        assert!(
+            once.contains("--uid-owner 1337 -j RETURN"),
+            "{backend}: {once}"
+        );
+        assert!(
+            once.contains("--dport 15020 -j RETURN"),
+            "{backend}: {once}"
+        );
+        assert!(
+            once.contains("-d 10.96.0.0/12 -j RETURN"),
+            "{backend}: {once}"
+        );
+        assert!(
+            once.contains("-j REDIRECT --to-ports 15001"),
+            "{backend}: {once}"
+        );
+        init(&net, "solo", &flags);
+        assert_eq!(rules(), once, "{backend}: a second init changed the rules");
+        let mut remove = flags.to_vec();
+        remove.push("--remove");
+        init(&net, "solo", &remove);
+        assert_eq!(rules(), pristine, "{backend}: --remove left rules behind");
+        init(&net, "solo", &remove);
+    }
+}
