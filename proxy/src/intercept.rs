@@ -202,15 +202,25 @@ impl Interception {
 
     fn run(&self, args: &[&str]) -> Result<(), InterceptError> {
         let command = format!("{} {}", self.iptables, args.join(" "));
-        // -w: wait for the xtables lock instead of failing when another writer holds it.
-        let out = Command::new(&self.iptables)
-            .arg("-w")
-            .args(args)
-            .output()
-            .map_err(|source| InterceptError::Spawn {
-                command: command.clone(),
-                source,
-            })?;
+        let mut tries = 0;
+        let out = loop {
+            // -w: wait for the xtables lock instead of failing when another writer holds it.
+            let out = Command::new(&self.iptables)
+                .arg("-w")
+                .args(args)
+                .output()
+                .map_err(|source| InterceptError::Spawn {
+                    command: command.clone(),
+                    source,
+                })?;
+            // Exit status 4 is a resource problem (a table changed under us), not an answer:
+            // a check (-C) that failed this way says nothing about whether the rule exists.
+            tries += 1;
+            if out.status.code() != Some(4) || tries == 5 {
+                break out;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        };
         if out.status.success() {
             Ok(())
         } else {

@@ -132,10 +132,7 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
                         .authorization
                         .as_ref()
                         .is_none_or(|a| a.allows(peer.as_ref()));
-                    let route = listener
-                        .tcp
-                        .as_ref()
-                        .map(|r| (r.cluster.clone(), r.idle_timeout));
+                    let route = redirected.tcp_route(listener);
                     drop(snapshot);
                     match route {
                         // Denied TCP has no status code to carry: the connection just closes.
@@ -154,6 +151,7 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
                     }
                 }
                 Ok(Ok(stream)) => {
+                    let virtual_host = redirected.virtual_host;
                     drop(snapshot);
                     let conn = stream.get_ref().1;
                     let peer = mtls::peer_identity(conn).map(Arc::new);
@@ -164,7 +162,7 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
                     let peer = Peer {
                         identity: peer,
                         addr: client_addr,
-                        virtual_host: None,
+                        virtual_host,
                     };
                     if serve_http(stream, protocol, idle, peer, ctx.clone(), shutdown)
                         .await
@@ -247,18 +245,20 @@ impl MeshDestination {
     }
 }
 
-/// Only outbound listeners choose by destination: inbound, the address is this pod's own.
+/// Outbound, the dialled address picks the service or a passthrough; inbound, the dialled
+/// port picks the app port.
 fn redirected(stream: &TcpStream, listener: &Listener) -> Redirect {
     let Some(destinations) = &listener.destinations else {
         return Redirect::Mesh(MeshDestination::default());
     };
-    if listener.direction != Direction::Outbound {
-        return Redirect::Mesh(MeshDestination::default());
-    }
     let Some(original) = original_dst::of(stream) else {
         return Redirect::Mesh(MeshDestination::default());
     };
-    match destinations.lookup(original) {
+    let found = match listener.direction {
+        Direction::Outbound => destinations.lookup(original),
+        Direction::Inbound => destinations.lookup_port(original.port()),
+    };
+    match found {
         Destination::Passthrough => Redirect::Passthrough(original),
         Destination::Service {
             virtual_host,

@@ -6,6 +6,9 @@
 //! sent: a virtual host that names the address (a service VIP, `ip:port`), or a cluster that
 //! has it as an endpoint. An address that is no service of the mesh is passed through
 //! untouched, as TCP, to where the app meant it to go.
+//!
+//! Inbound, the original destination is the pod's own address, and its port says which of
+//! the app's ports the caller wanted: a virtual host with the domain `:PORT` serves it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -36,6 +39,8 @@ pub fn of(stream: &TcpStream) -> Option<SocketAddr> {
 pub struct Destinations {
     virtual_hosts: HashMap<SocketAddr, usize>,
     clusters: HashMap<SocketAddr, Arc<Cluster>>,
+    /// Inbound: the app port a connection was for (domain `:PORT`) → its virtual host.
+    ports: HashMap<u16, (usize, Option<Arc<Cluster>>)>,
 }
 
 /// What a redirected connection is for.
@@ -62,6 +67,12 @@ impl Destinations {
                 .and_then(|r| r.backends.first())
                 .map(|b| b.cluster.clone());
             for domain in &vh.domains {
+                if let Some(port) = domain.strip_prefix(':').and_then(|p| p.parse().ok()) {
+                    index
+                        .ports
+                        .entry(port)
+                        .or_insert_with(|| (i, first_cluster.clone()));
+                }
                 if let Ok(addr) = domain.parse::<SocketAddr>() {
                     index.virtual_hosts.entry(addr).or_insert(i);
                     if let Some(c) = &first_cluster {
@@ -88,6 +99,20 @@ impl Destinations {
             }
         }
         index
+    }
+
+    /// Inbound, the address is the pod's own and only the port tells the apps apart.
+    pub fn lookup_port(&self, port: u16) -> Destination {
+        match self.ports.get(&port) {
+            Some((i, cluster)) => Destination::Service {
+                virtual_host: Some(*i),
+                cluster: cluster.clone(),
+            },
+            None => Destination::Service {
+                virtual_host: None,
+                cluster: None,
+            },
+        }
     }
 
     pub fn lookup(&self, addr: SocketAddr) -> Destination {
