@@ -79,7 +79,12 @@ pub struct CaIdentityFile {
     /// The control plane's gRPC address, `IP:port` (its xDS port).
     pub address: Spanned<String>,
     /// The bootstrap token the mesh file gives this workload.
-    pub token: String,
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Or a file holding the token, read for every request: a projected Kubernetes
+    /// service-account token.
+    #[serde(default)]
+    pub token_file: Option<String>,
     /// The identity to ask for; the CA signs it only if the token proves it.
     pub id: Spanned<String>,
     /// Default 24h; renewed at about half of it.

@@ -19,10 +19,31 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 const RETRY_MIN: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(30);
 
+/// The bootstrap credential sent with every CSR.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Token {
+    /// A per-workload token from the mesh file.
+    Inline(String),
+    /// A projected Kubernetes service-account token: the kubelet rotates the file, so it is
+    /// read again for every request.
+    File(std::path::PathBuf),
+}
+
+impl Token {
+    fn current(&self) -> Result<String, String> {
+        match self {
+            Token::Inline(t) => Ok(t.clone()),
+            Token::File(path) => std::fs::read_to_string(path)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| format!("cannot read the token file {}: {e}", path.display())),
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct CaClient {
     pub endpoint: String,
-    pub token: String,
+    pub token: Token,
     pub id: SpiffeId,
     pub lifetime: Duration,
     /// Set once the renewal task for this client runs.
@@ -46,9 +67,10 @@ impl CaClient {
             .map_err(|e: rcgen::Error| e.to_string())?;
         params.subject_alt_names = vec![SanType::URI(uri)];
         let csr = params.serialize_request(&key).map_err(|e| e.to_string())?;
+        let token = self.token.current()?;
         let response = identity_api::sign(
             &self.endpoint,
-            &self.token,
+            &token,
             SignRequest {
                 csr: csr.der().to_vec(),
                 lifetime_seconds: self.lifetime.as_secs(),

@@ -22,6 +22,8 @@ pub struct Interception {
     pub outbound_port: u16,
     /// The UID the proxy runs as; its connections are never redirected.
     pub proxy_uid: u32,
+    /// `Some`: only these inbound ports are redirected (none when empty); `None`: all.
+    pub include_inbound_ports: Option<Vec<u16>>,
     /// Inbound ports left alone: the admin port (so that probes reach it) and any the user
     /// lists.
     pub exclude_inbound_ports: Vec<u16>,
@@ -101,16 +103,35 @@ impl Interception {
             ]);
         }
         let inbound = self.inbound_port.to_string();
-        rule(&[
-            "-A",
-            INBOUND_CHAIN,
-            "-p",
-            "tcp",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &inbound,
-        ]);
+        match &self.include_inbound_ports {
+            None => rule(&[
+                "-A",
+                INBOUND_CHAIN,
+                "-p",
+                "tcp",
+                "-j",
+                "REDIRECT",
+                "--to-ports",
+                &inbound,
+            ]),
+            Some(ports) => {
+                for port in ports {
+                    let port = port.to_string();
+                    rule(&[
+                        "-A",
+                        INBOUND_CHAIN,
+                        "-p",
+                        "tcp",
+                        "--dport",
+                        &port,
+                        "-j",
+                        "REDIRECT",
+                        "--to-ports",
+                        &inbound,
+                    ]);
+                }
+            }
+        }
         // Outbound: the proxy's own connections, loopback and the exclusions pass; the app's
         // other TCP goes to the outbound listener.
         let uid = self.proxy_uid.to_string();
@@ -246,6 +267,7 @@ mod tests {
             inbound_port: 15006,
             outbound_port: 15001,
             proxy_uid: 1337,
+            include_inbound_ports: None,
             exclude_inbound_ports: vec![15020],
             exclude_outbound_ports: vec![15010],
             exclude_outbound_cidrs: vec!["10.96.0.0/12".parse().unwrap()],

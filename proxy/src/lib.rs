@@ -31,6 +31,7 @@ pub mod retry;
 pub mod retry_budget;
 pub mod router;
 pub mod runtime_config;
+pub mod sidecar;
 pub mod span_export;
 pub mod spiffe;
 pub mod tcp;

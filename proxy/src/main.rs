@@ -46,9 +46,103 @@ enum Command {
     },
     /// Check a config file and exit: 0 if valid, 1 with the error otherwise.
     Check { config: PathBuf },
+    /// Run as an injected sidecar: the config is made from the pod's facts (flags, or the
+    /// environment the injector sets) and then served as `run` would.
+    Sidecar(SidecarArgs),
     /// Install (or with --remove, take out) the iptables rules that send this network
     /// namespace's TCP through the proxy. Run as root, once per pod, before the app starts.
     Init(InitArgs),
+}
+
+#[derive(clap::Args)]
+struct SidecarArgs {
+    /// The control plane's CA, `host:port`.
+    #[arg(long, env = "OUTRIGGER_CA_ADDRESS")]
+    ca_address: String,
+    /// The control plane's xDS over mTLS, `host:port`.
+    #[arg(long, env = "OUTRIGGER_XDS_ADDRESS")]
+    xds_address: String,
+    /// The SPIFFE ID the control plane must prove.
+    #[arg(long, env = "OUTRIGGER_CONTROL_PLANE_IDENTITY")]
+    control_plane_identity: String,
+    #[arg(long, env = "OUTRIGGER_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: String,
+    #[arg(long, env = "POD_NAME")]
+    pod_name: String,
+    #[arg(long, env = "SERVICE_ACCOUNT")]
+    service_account: String,
+    /// The service this workload belongs to; default: the service account.
+    #[arg(long, env = "OUTRIGGER_SERVICE")]
+    service: Option<String>,
+    /// The projected service-account token sent with every CSR.
+    #[arg(long, env = "OUTRIGGER_TOKEN_FILE", default_value = "/var/run/secrets/outrigger/token")]
+    token_file: String,
+    /// The app's ports, comma-separated.
+    #[arg(long, env = "OUTRIGGER_APP_PORTS", value_delimiter = ',')]
+    app_ports: Vec<u16>,
+    #[arg(long, default_value_t = 15006)]
+    inbound_port: u16,
+    #[arg(long, default_value_t = 15001)]
+    outbound_port: u16,
+    #[arg(long, default_value_t = 15020)]
+    admin_port: u16,
+    /// `permissive` takes plaintext too (kubelet probes, callers outside the mesh).
+    #[arg(long, env = "OUTRIGGER_INBOUND_TLS", default_value = "permissive")]
+    inbound_tls: String,
+    /// Where the generated config is written (an emptyDir in the pod).
+    #[arg(long, default_value = "/var/run/outrigger")]
+    work_dir: PathBuf,
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+    #[arg(long)]
+    log_json: bool,
+}
+
+fn sidecar(args: SidecarArgs) -> ExitCode {
+    init_logging(args.log_json, "info");
+    let resolve = |a: &str| outrigger_proxy::sidecar::resolve(a, Duration::from_secs(60));
+    let inbound_tls = match args.inbound_tls.as_str() {
+        "strict" => outrigger_proxy::config::TlsMode::Strict,
+        "permissive" => outrigger_proxy::config::TlsMode::Permissive,
+        other => {
+            eprintln!("sidecar: --inbound-tls `{other}` is neither `strict` nor `permissive`");
+            return ExitCode::FAILURE;
+        }
+    };
+    let (ca, xds) = match (resolve(&args.ca_address), resolve(&args.xds_address)) {
+        (Ok(ca), Ok(xds)) => (ca, xds),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("sidecar: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let settings = outrigger_proxy::sidecar::Sidecar {
+        ca,
+        xds,
+        control_plane_identity: args.control_plane_identity,
+        trust_domain: args.trust_domain,
+        namespace: args.namespace,
+        service: args.service.unwrap_or_else(|| args.service_account.clone()),
+        service_account: args.service_account,
+        pod_name: args.pod_name,
+        token_file: args.token_file,
+        app_ports: args.app_ports,
+        inbound_port: args.inbound_port,
+        outbound_port: args.outbound_port,
+        admin_port: args.admin_port,
+        inbound_tls,
+    };
+    let path = args.work_dir.join("proxy.yaml");
+    if let Err(e) = std::fs::create_dir_all(&args.work_dir)
+        .and_then(|()| std::fs::write(&path, settings.config_yaml()))
+    {
+        eprintln!("sidecar: cannot write {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    tracing::info!(config = %path.display(), "sidecar config written");
+    serve(path, args.drain_timeout, None, Duration::from_millis(200))
 }
 
 #[derive(clap::Args)]
@@ -62,6 +156,9 @@ struct InitArgs {
     /// The UID the proxy runs as; its own connections are not redirected.
     #[arg(long, default_value_t = 1337)]
     proxy_uid: u32,
+    /// Redirect only these inbound ports (comma-separated; empty for none). Default: all.
+    #[arg(long, value_delimiter = ',', num_args = 0..)]
+    inbound_ports: Option<Vec<u16>>,
     /// The proxy's admin port, reachable from outside without redirection (probes).
     #[arg(long, default_value_t = 15020)]
     admin_port: u16,
@@ -98,6 +195,7 @@ fn init(args: InitArgs) -> ExitCode {
         inbound_port: args.inbound_port,
         outbound_port: args.outbound_port,
         proxy_uid: args.proxy_uid,
+        include_inbound_ports: args.inbound_ports,
         exclude_inbound_ports,
         exclude_outbound_ports,
         exclude_outbound_cidrs: args.exclude_outbound_cidrs,
@@ -156,6 +254,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Init(args) => init(args),
+        Command::Sidecar(args) => sidecar(args),
         Command::Check { config } => {
             let source = config.display().to_string();
             let result = std::fs::read_to_string(&config)
@@ -192,39 +291,49 @@ fn main() -> ExitCode {
             watch_interval,
         } => {
             init_logging(log_json, "info");
-            // The thread count must be known before the runtime exists, so peek at the file.
-            let workers = workers.unwrap_or_else(|| {
-                std::fs::read_to_string(&config)
-                    .ok()
-                    .and_then(|t| runtime_config::RuntimeConfig::build("", &t, 0, None).ok())
-                    .map_or(0, |c| c.workers)
-            });
-            let rt = runtime(workers).expect("tokio runtime");
-            rt.block_on(async move {
-                let options = app::Options {
-                    config_path: config,
-                    watch_interval: (!watch_interval.is_zero()).then_some(watch_interval),
-                };
-                let handle = match app::start(options).await {
-                    Ok(h) => h,
-                    Err(e) => {
-                        tracing::error!("{e}");
-                        return ExitCode::FAILURE;
-                    }
-                };
-                let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-                let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM"),
-                    _ = int.recv() => tracing::info!("SIGINT"),
-                }
-                if handle.drain(drain_timeout).await {
-                    tracing::info!("drained; exiting");
-                } else {
-                    tracing::warn!("drain deadline passed; exiting with work in flight");
-                }
-                ExitCode::SUCCESS
-            })
+            serve(config, drain_timeout, workers, watch_interval)
         }
     }
+}
+
+/// Serves a config file until SIGTERM or SIGINT, then drains.
+fn serve(
+    config: PathBuf,
+    drain_timeout: Duration,
+    workers: Option<usize>,
+    watch_interval: Duration,
+) -> ExitCode {
+    // The thread count must be known before the runtime exists, so peek at the file.
+    let workers = workers.unwrap_or_else(|| {
+        std::fs::read_to_string(&config)
+            .ok()
+            .and_then(|t| runtime_config::RuntimeConfig::build("", &t, 0, None).ok())
+            .map_or(0, |c| c.workers)
+    });
+    let rt = runtime(workers).expect("tokio runtime");
+    rt.block_on(async move {
+        let options = app::Options {
+            config_path: config,
+            watch_interval: (!watch_interval.is_zero()).then_some(watch_interval),
+        };
+        let handle = match app::start(options).await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM"),
+            _ = int.recv() => tracing::info!("SIGINT"),
+        }
+        if handle.drain(drain_timeout).await {
+            tracing::info!("drained; exiting");
+        } else {
+            tracing::warn!("drain deadline passed; exiting with work in flight");
+        }
+        ExitCode::SUCCESS
+    })
 }

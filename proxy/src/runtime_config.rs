@@ -26,6 +26,7 @@ use crate::config_error::ConfigError;
 use crate::identity::{IdentityFiles, IdentityStore};
 use crate::identity_client::CaClient;
 use crate::mtls;
+use crate::identity_client::Token;
 use crate::original_dst::Destinations;
 use crate::outlier::OutlierPolicy;
 use crate::rate_limit::RateLimiter;
@@ -555,7 +556,17 @@ impl Builder<'_> {
                     .map_err(|e| self.err(&ca.id, "identity.ca.id", e))?;
                 Ok(IdentitySource::Ca(Arc::new(CaClient {
                     endpoint: format!("http://{}", ca.address.value),
-                    token: ca.token.clone(),
+                    token: match (&ca.token, &ca.token_file) {
+                        (Some(t), None) => Token::Inline(t.clone()),
+                        (None, Some(f)) => Token::File(f.into()),
+                        _ => {
+                            return Err(self.err(
+                                &ca.address,
+                                "identity.ca",
+                                "set exactly one of `token` and `token_file`",
+                            ));
+                        }
+                    },
                     id,
                     lifetime: self.duration(
                         &ca.lifetime,
