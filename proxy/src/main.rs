@@ -77,7 +77,11 @@ struct SidecarArgs {
     #[arg(long, env = "OUTRIGGER_SERVICE")]
     service: Option<String>,
     /// The projected service-account token sent with every CSR.
-    #[arg(long, env = "OUTRIGGER_TOKEN_FILE", default_value = "/var/run/secrets/outrigger/token")]
+    #[arg(
+        long,
+        env = "OUTRIGGER_TOKEN_FILE",
+        default_value = "/var/run/secrets/outrigger/token"
+    )]
     token_file: String,
     /// The app's ports, comma-separated.
     #[arg(long, env = "OUTRIGGER_APP_PORTS", value_delimiter = ',')]

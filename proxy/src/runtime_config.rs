@@ -25,8 +25,8 @@ use crate::config::{
 use crate::config_error::ConfigError;
 use crate::identity::{IdentityFiles, IdentityStore};
 use crate::identity_client::CaClient;
-use crate::mtls;
 use crate::identity_client::Token;
+use crate::mtls;
 use crate::original_dst::Destinations;
 use crate::outlier::OutlierPolicy;
 use crate::rate_limit::RateLimiter;

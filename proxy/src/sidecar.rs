@@ -150,6 +150,9 @@ mod tests {
         let yaml = sample(vec![8080, 9090]).config_yaml();
         assert!(yaml.contains("domains: [\":9090\"]"), "{yaml}");
         assert!(yaml.contains("address: \"127.0.0.1:9090\""), "{yaml}");
-        assert!(yaml.contains("spiffe://cluster.local/ns/shop/sa/web"), "{yaml}");
+        assert!(
+            yaml.contains("spiffe://cluster.local/ns/shop/sa/web"),
+            "{yaml}"
+        );
     }
 }

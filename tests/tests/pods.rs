@@ -116,11 +116,15 @@ async fn apps_in_pods_talk_mtls_through_their_sidecars() {
         mesh_path,
         xds_address: SocketAddr::new(net.gateway.into(), 0),
         admin_address: "127.0.0.1:0".parse().unwrap(),
-        identity: Default::default(),
+        identity: app::IdentityOptions {
+            secure_xds_address: Some(SocketAddr::new(net.gateway.into(), 0)),
+            ..Default::default()
+        },
     })
     .await
     .unwrap();
     let xds_port = cp.xds_addr.port().to_string();
+    let secure_xds = cp.secure_xds_addr.unwrap();
 
     let proxy = workspace_binary("outrigger-proxy");
     for name in ["a", "b", "c"] {
@@ -136,12 +140,52 @@ async fn apps_in_pods_talk_mtls_through_their_sidecars() {
         };
         let config = temp_path(&format!("{name}-proxy.yaml"));
         std::fs::write(&config, proxy_config(name, cp.xds_addr, &authz)).unwrap();
-        let argv = [
-            proxy.to_str().unwrap(),
-            "run",
-            "-c",
-            config.to_str().unwrap(),
-        ];
+        let token = temp_path(&format!("{name}-token"));
+        std::fs::write(&token, format!("token-{name}\n")).unwrap();
+        let work_dir = temp_path(&format!("{name}-sidecar"));
+        std::fs::create_dir_all(&work_dir).unwrap();
+        // The proxy runs as its own user, which must be able to write its config there.
+        std::process::Command::new("chown")
+            .args(["1337", work_dir.to_str().unwrap()])
+            .status()
+            .unwrap();
+        let (ca, xds) = (cp.xds_addr.to_string(), secure_xds.to_string());
+        let app_ports = APP_PORT.to_string();
+        // a and b run exactly what the injector puts in a pod; c has a written file, for
+        // its authorization rules.
+        let argv: Vec<&str> = if name == "c" {
+            vec![
+                proxy.to_str().unwrap(),
+                "run",
+                "-c",
+                config.to_str().unwrap(),
+            ]
+        } else {
+            vec![
+                proxy.to_str().unwrap(),
+                "sidecar",
+                "--ca-address",
+                &ca,
+                "--xds-address",
+                &xds,
+                "--control-plane-identity",
+                "spiffe://cluster.local/ns/outrigger/sa/control-plane",
+                "--namespace",
+                "default",
+                "--pod-name",
+                name,
+                "--service-account",
+                name,
+                "--token-file",
+                token.to_str().unwrap(),
+                "--app-ports",
+                &app_ports,
+                "--inbound-tls",
+                "strict",
+                "--work-dir",
+                work_dir.to_str().unwrap(),
+            ]
+        };
         net.spawn(
             name,
             Some(PROXY_UID),
@@ -208,7 +252,7 @@ async fn apps_in_pods_talk_mtls_through_their_sidecars() {
     let c_admin = SocketAddr::new(net.pod("c").ip.into(), ADMIN_PORT);
     let b_metrics = admin_get(b_admin, "/metrics").await.unwrap().1;
     let from_a = format!(
-        "outrigger_requests_total{{direction=\"inbound\",route=\"app/0\",status=\"200\",grpc_status=\"\",peer=\"{}\"}}",
+        "outrigger_requests_total{{direction=\"inbound\",route=\"app-8080/0\",status=\"200\",grpc_status=\"\",peer=\"{}\"}}",
         spiffe("a")
     );
     assert!(metric(&b_metrics, &from_a) >= 3, "{b_metrics}");
