@@ -180,6 +180,26 @@ impl Ca {
         Ok((self.chain(leaf.pem()), key.serialize_pem()))
     }
 
+    /// A serving certificate for DNS names (the admission webhook's Service): the API
+    /// server checks a host name, not a SPIFFE ID.
+    pub fn issue_server(
+        &self,
+        dns_names: &[String],
+        lifetime: Duration,
+    ) -> Result<(String, String), CaError> {
+        let now = now();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(dns_names.to_vec())?;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.not_before = now - time::Duration::minutes(1);
+        params.not_after = now + lifetime;
+        params.use_authority_key_identifier_extension = true;
+        let leaf = params.signed_by(&key, &self.issuer)?;
+        Ok((self.chain(leaf.pem()), key.serialize_pem()))
+    }
+
     fn chain(&self, leaf_pem: String) -> String {
         if self.intermediate {
             leaf_pem + &self.cert_pem

@@ -1,12 +1,14 @@
 //! The Outrigger control plane: a mesh file in, Envoy xDS v3 out.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod ads;
 pub mod ads_delta;
 pub mod app;
 pub mod ca;
 pub mod demo;
 pub mod identity_service;
+pub mod inject;
 pub mod mesh;
 pub mod node_status;
 pub mod policy;

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use outrigger_control_plane::ca::Ca;
+use outrigger_control_plane::inject::Injector;
 use outrigger_control_plane::{app, mesh::Mesh};
 use outrigger_proxy::spiffe::SpiffeId;
 
@@ -18,6 +19,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Serve the mesh file to proxies over ADS, and reload it when it changes.
@@ -58,6 +61,23 @@ enum Command {
             default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
         )]
         kube_ca_file: PathBuf,
+        /// Serve the sidecar-injecting admission webhook (HTTPS, `POST /inject`) here.
+        #[arg(long)]
+        webhook: Option<SocketAddr>,
+        /// The host names of the webhook's certificate (its Service's DNS names).
+        #[arg(long, value_delimiter = ',', default_value = "outrigger.outrigger.svc")]
+        webhook_dns: Vec<String>,
+        #[command(flatten)]
+        sidecar: SidecarFlags,
+    },
+    /// Add the sidecar to Kubernetes YAML (Deployments, StatefulSets, DaemonSets, ReplicaSets,
+    /// Jobs, CronJobs, Pods, Lists; any number of documents): reads a file or `-` for standard
+    /// input, writes the result to standard output. Running it twice changes nothing.
+    Inject {
+        #[arg(short, long, default_value = "-")]
+        filename: PathBuf,
+        #[command(flatten)]
+        sidecar: SidecarFlags,
     },
     /// Make a new root CA in a directory, for `serve --ca`.
     CaInit {
@@ -87,6 +107,67 @@ enum Command {
         #[arg(long, default_value = "10s", value_parser = parse_duration)]
         duration: std::time::Duration,
     },
+}
+
+/// What the injected sidecar runs and where it finds the control plane.
+#[derive(clap::Args)]
+struct SidecarFlags {
+    #[arg(long, default_value = "outrigger/proxy:0.1.0")]
+    proxy_image: String,
+    /// The CA as the sidecar reaches it.
+    #[arg(long, default_value = "outrigger.outrigger.svc:15010")]
+    ca_address: String,
+    /// xDS over mTLS as the sidecar reaches it.
+    #[arg(long, default_value = "outrigger.outrigger.svc:15012")]
+    xds_address: String,
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// A classic sidecar (a regular container plus an init container) for clusters before
+    /// Kubernetes 1.29, instead of a native sidecar.
+    #[arg(long)]
+    classic: bool,
+}
+
+impl SidecarFlags {
+    fn injector(&self) -> Injector {
+        Injector {
+            image: self.proxy_image.clone(),
+            ca_address: self.ca_address.clone(),
+            xds_address: self.xds_address.clone(),
+            control_plane_identity: outrigger_control_plane::secure_xds::control_plane_id(
+                &self.trust_domain,
+            )
+            .to_string(),
+            trust_domain: self.trust_domain.clone(),
+            native: !self.classic,
+        }
+    }
+}
+
+fn inject(filename: &Path, injector: &Injector) -> ExitCode {
+    let text = if filename == Path::new("-") {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map(|_| text)
+    } else {
+        std::fs::read_to_string(filename)
+    };
+    let text = match text {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("inject: {}: {e}", filename.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    match injector.inject_yaml(&text) {
+        Ok(out) => {
+            print!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("inject: {}: {e}", filename.display());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -119,6 +200,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Inject { filename, sidecar } => inject(&filename, &sidecar.injector()),
         Command::Check { mesh } => {
             let source = mesh.display().to_string();
             let result = std::fs::read_to_string(&mesh)
@@ -173,6 +255,9 @@ fn main() -> ExitCode {
             kube_api,
             kube_token_file,
             kube_ca_file,
+            webhook,
+            webhook_dns,
+            sidecar,
         } => {
             let token_review = match kube_api {
                 None => None,
@@ -202,8 +287,22 @@ fn main() -> ExitCode {
                     },
                 };
                 match app::start(options).await {
-                    Ok(_cp) => {
-                        let _ = tokio::signal::ctrl_c().await;
+                    Ok(cp) => {
+                        if let Some(address) = webhook {
+                            let ca = cp.ca.load_full();
+                            let started = outrigger_control_plane::admission::start(
+                                address,
+                                &ca,
+                                &webhook_dns,
+                                sidecar.injector(),
+                            )
+                            .await;
+                            if let Err(e) = started {
+                                eprintln!("{e}");
+                                return ExitCode::FAILURE;
+                            }
+                        }
+                        wait_for_shutdown().await;
                         ExitCode::SUCCESS
                     }
                     Err(e) => {
@@ -239,4 +338,14 @@ fn token_reviewer(
         .map_err(|e| format!("{}: {e}", token_file.display()))?;
     let ca = std::fs::read(ca_file).map_err(|e| format!("{}: {e}", ca_file.display()))?;
     outrigger_control_plane::token_review::TokenReviewer::new(api, token.trim().to_string(), &ca)
+}
+
+/// SIGTERM (what Kubernetes sends) or Ctrl-C.
+async fn wait_for_shutdown() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }

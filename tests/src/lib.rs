@@ -6,6 +6,7 @@
 pub mod clients;
 pub mod envoy;
 pub mod faults;
+pub mod kube;
 pub mod netns;
 pub mod otlp;
 pub mod upstreams;

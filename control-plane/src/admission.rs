@@ -1,0 +1,181 @@
+//! The mutating admission webhook: an AdmissionReview with a Pod in, the same Pod with the
+//! sidecar out, as a JSONPatch. The change itself is `inject`'s, so the webhook and the CLI
+//! cannot drift apart.
+//!
+//! Which pods reach the webhook is the API server's business (the webhook configuration's
+//! namespace and object selectors); a pod that opts out by annotation is let through as is.
+//! The webhook never refuses a pod: an error is reported in the response's warnings and the
+//! pod is admitted unchanged, so that a broken mesh cannot stop a cluster's workloads.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use crate::ca::Ca;
+use crate::inject::{Injector, Outcome, json_patch};
+
+/// An AdmissionReview larger than this is not a pod.
+const MAX_BODY: usize = 4 * 1024 * 1024;
+
+/// Answers one AdmissionReview (the request body) with another.
+pub fn review(injector: &Injector, body: &[u8]) -> Result<Value, String> {
+    let review: Value =
+        serde_json::from_slice(body).map_err(|e| format!("not an AdmissionReview: {e}"))?;
+    let request = review
+        .get("request")
+        .ok_or("an AdmissionReview without `request`")?;
+    let uid = request
+        .get("uid")
+        .and_then(Value::as_str)
+        .ok_or("an AdmissionReview request without `uid`")?;
+    let api_version = review
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or("admission.k8s.io/v1");
+    let mut response = json!({"uid": uid, "allowed": true});
+    let is_pod = request.pointer("/kind/kind").and_then(Value::as_str) == Some("Pod");
+    if let (true, Some(pod)) = (is_pod, request.get("object")) {
+        let mut injected = pod.clone();
+        match injector.inject_template(&mut injected) {
+            Ok(Outcome::Injected) => {
+                let patch =
+                    serde_json::to_vec(&json_patch(pod, &injected)).map_err(|e| e.to_string())?;
+                response["patchType"] = json!("JSONPatch");
+                response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(patch));
+            }
+            Ok(Outcome::AlreadyInjected | Outcome::OptedOut) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, uid, "not injected");
+                response["warnings"] = json!([format!("outrigger: sidecar not injected: {e}")]);
+            }
+        }
+    }
+    Ok(json!({
+        "apiVersion": api_version,
+        "kind": "AdmissionReview",
+        "response": response,
+    }))
+}
+
+/// A TLS config for the webhook, with a certificate from the mesh CA for `dns_names`; the
+/// webhook configuration's `caBundle` is the CA's root.
+pub fn tls_config(ca: &Ca, dns_names: &[String]) -> Result<Arc<ServerConfig>, String> {
+    let (chain, key) = ca
+        .issue_server(dns_names, Duration::from_secs(365 * 24 * 3600))
+        .map_err(|e| e.to_string())?;
+    let chain = CertificateDer::pem_slice_iter(chain.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| e.to_string())?;
+    let mut config = ServerConfig::builder_with_provider(outrigger_proxy::identity::provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| e.to_string())?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+async fn handle(
+    injector: Arc<Injector>,
+    req: Request<hyper::body::Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let reply = |status: StatusCode, body: Vec<u8>| {
+        let mut r = Response::new(Full::new(Bytes::from(body)));
+        *r.status_mut() = status;
+        r.headers_mut().insert(
+            hyper::header::CONTENT_TYPE,
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+        Ok(r)
+    };
+    if req.method() != Method::POST || req.uri().path() != "/inject" {
+        return reply(
+            StatusCode::NOT_FOUND,
+            b"{\"error\":\"POST /inject\"}".to_vec(),
+        );
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            let msg = json!({"error": format!("cannot read the request: {e}")});
+            return reply(StatusCode::BAD_REQUEST, msg.to_string().into_bytes());
+        }
+    };
+    match review(&injector, &body) {
+        Ok(answer) => reply(StatusCode::OK, answer.to_string().into_bytes()),
+        Err(e) => {
+            tracing::warn!(error = %e, "bad admission request");
+            reply(
+                StatusCode::BAD_REQUEST,
+                json!({"error": e}).to_string().into_bytes(),
+            )
+        }
+    }
+}
+
+/// Serves `POST /inject` over TLS until the process ends.
+pub async fn serve(socket: TcpListener, tls: Arc<ServerConfig>, injector: Arc<Injector>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (stream, peer): (_, SocketAddr) = match socket.accept().await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "webhook accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let (acceptor, injector) = (acceptor.clone(), injector.clone());
+        tokio::spawn(async move {
+            let stream = match tokio::time::timeout(
+                Duration::from_secs(10),
+                acceptor.accept(stream),
+            )
+            .await
+            {
+                Ok(Ok(s)) => s,
+                _ => {
+                    tracing::debug!(%peer, "webhook TLS handshake failed");
+                    return;
+                }
+            };
+            let svc = service_fn(move |req| handle(injector.clone(), req));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+/// Binds the webhook on `address` with a certificate for `dns_names` from `ca`, and serves
+/// it in the background. Returns the bound address.
+pub async fn start(
+    address: SocketAddr,
+    ca: &Ca,
+    dns_names: &[String],
+    injector: Injector,
+) -> Result<SocketAddr, String> {
+    let tls = tls_config(ca, dns_names)?;
+    let socket = TcpListener::bind(address)
+        .await
+        .map_err(|e| format!("cannot bind the webhook on {address}: {e}"))?;
+    let bound = socket.local_addr().unwrap_or(address);
+    tracing::info!(address = %bound, "admission webhook serving POST /inject");
+    tokio::spawn(serve(socket, tls, Arc::new(injector)));
+    Ok(bound)
+}

@@ -1,0 +1,578 @@
+//! Adding the sidecar to a workload. One function changes one pod template; `inject` (YAML
+//! in, YAML out) and the admission webhook (a Pod in, a JSONPatch out) both call it, so the
+//! two can never disagree.
+//!
+//! The document is handled as a generic JSON tree, not as typed objects, so that every field
+//! this module does not touch (including ones newer than any typed schema) comes out exactly
+//! as it went in.
+
+use serde_json::{Map, Value, json};
+
+pub const ANNOTATION_INJECT: &str = "outrigger.io/inject";
+pub const ANNOTATION_INJECTED: &str = "outrigger.io/injected";
+pub const ANNOTATION_MODE: &str = "outrigger.io/sidecar-mode";
+pub const ANNOTATION_SKIP_INBOUND_PORTS: &str = "outrigger.io/skip-inbound-ports";
+pub const ANNOTATION_SKIP_OUTBOUND_PORTS: &str = "outrigger.io/skip-outbound-ports";
+pub const ANNOTATION_SKIP_OUTBOUND_CIDRS: &str = "outrigger.io/skip-outbound-cidrs";
+pub const ANNOTATION_INBOUND_TLS: &str = "outrigger.io/inbound-tls";
+pub const ANNOTATION_SERVICE: &str = "outrigger.io/service";
+pub const ANNOTATION_PROXY_CPU: &str = "outrigger.io/proxy-cpu";
+pub const ANNOTATION_PROXY_MEMORY: &str = "outrigger.io/proxy-memory";
+pub const ANNOTATION_PROXY_CPU_LIMIT: &str = "outrigger.io/proxy-cpu-limit";
+pub const ANNOTATION_PROXY_MEMORY_LIMIT: &str = "outrigger.io/proxy-memory-limit";
+
+pub const PROXY_CONTAINER: &str = "outrigger-proxy";
+pub const INIT_CONTAINER: &str = "outrigger-init";
+const TOKEN_VOLUME: &str = "outrigger-token";
+const WORK_VOLUME: &str = "outrigger-work";
+pub const PROXY_UID: i64 = 1337;
+pub const ADMIN_PORT: i64 = 15020;
+/// The audience of the projected token; the control plane's TokenReview asks for it.
+pub const TOKEN_AUDIENCE: &str = "outrigger";
+
+/// Where the sidecar finds the control plane, and what it runs.
+#[derive(Debug, Clone)]
+pub struct Injector {
+    pub image: String,
+    /// `host:port` of the CA (plaintext gRPC).
+    pub ca_address: String,
+    /// `host:port` of xDS over mTLS.
+    pub xds_address: String,
+    pub control_plane_identity: String,
+    pub trust_domain: String,
+    /// Native sidecars (an init container with `restartPolicy: Always`, Kubernetes 1.29+)
+    /// unless a pod asks for `classic`.
+    pub native: bool,
+}
+
+impl Injector {
+    /// Defaults for the manifests in `deploy/`: the control plane as the `outrigger`
+    /// Service in the `outrigger` namespace.
+    pub fn for_cluster(image: &str) -> Self {
+        Injector {
+            image: image.into(),
+            ca_address: "outrigger.outrigger.svc:15010".into(),
+            xds_address: "outrigger.outrigger.svc:15012".into(),
+            control_plane_identity: "spiffe://cluster.local/ns/outrigger/sa/control-plane".into(),
+            trust_domain: "cluster.local".into(),
+            native: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum InjectError {
+    #[error("document {document}: {message}")]
+    Invalid { document: usize, message: String },
+    #[error("annotation `{annotation}`: {message}")]
+    Annotation { annotation: String, message: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Injected,
+    AlreadyInjected,
+    OptedOut,
+}
+
+/// Where a kind keeps its pod template, as a path of object keys.
+fn template_path(kind: &str) -> Option<&'static [&'static str]> {
+    Some(match kind {
+        "Pod" => &[],
+        "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "Job"
+        | "ReplicationController" => &["spec", "template"],
+        "CronJob" => &["spec", "jobTemplate", "spec", "template"],
+        _ => return None,
+    })
+}
+
+fn annotations(meta: &Value) -> Option<&Map<String, Value>> {
+    meta.get("annotations").and_then(Value::as_object)
+}
+
+fn annotation<'a>(meta: &'a Value, key: &str) -> Option<&'a str> {
+    annotations(meta)?.get(key)?.as_str()
+}
+
+fn ports(meta: &Value, key: &str) -> Result<Vec<u16>, InjectError> {
+    let Some(text) = annotation(meta, key) else {
+        return Ok(Vec::new());
+    };
+    text.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<u16>().map_err(|_| InjectError::Annotation {
+                annotation: key.into(),
+                message: format!("`{p}` is not a port number"),
+            })
+        })
+        .collect()
+}
+
+fn join(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Every object in a YAML or JSON tree that holds a pod template, `List`s included.
+fn for_each_workload(
+    obj: &mut Value,
+    document: usize,
+    f: &mut dyn FnMut(&mut Value) -> Result<(), InjectError>,
+) -> Result<(), InjectError> {
+    let kind = obj
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    if kind == "List" || kind.ends_with("List") {
+        if let Some(items) = obj.get_mut("items").and_then(Value::as_array_mut) {
+            for item in items {
+                for_each_workload(item, document, f)?;
+            }
+        }
+        return Ok(());
+    }
+    let Some(path) = template_path(&kind) else {
+        return Ok(());
+    };
+    let mut template = obj;
+    for key in path {
+        template = template.get_mut(*key).ok_or_else(|| InjectError::Invalid {
+            document,
+            message: format!("a {kind} without `{}`", path.join(".")),
+        })?;
+    }
+    f(template)
+}
+
+impl Injector {
+    /// Injects every workload of a multi-document YAML stream; other documents pass
+    /// through unchanged.
+    pub fn inject_yaml(&self, text: &str) -> Result<String, InjectError> {
+        // YAML 1.2 scalars: `N`, `yes` or `0755` stay the strings they look like, and are
+        // written back quoted.
+        let options = serde_saphyr::options! {
+            strict_booleans: true,
+            leading_zero_numbers_as_strings: true,
+            underscored_numbers_as_strings: true,
+        };
+        let mut docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, options)
+            .map_err(|e| InjectError::Invalid {
+                document: 0,
+                message: e.to_string(),
+            })?;
+        docs.retain(|d| !d.is_null());
+        for (i, doc) in docs.iter_mut().enumerate() {
+            self.inject_object(doc, i + 1)?;
+        }
+        let mut out = String::new();
+        for (i, doc) in docs.iter().enumerate() {
+            if i > 0 {
+                out.push_str("---\n");
+            }
+            out.push_str(
+                &serde_saphyr::to_string(doc).map_err(|e| InjectError::Invalid {
+                    document: i + 1,
+                    message: e.to_string(),
+                })?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Injects every pod template in `obj`.
+    pub fn inject_object(&self, obj: &mut Value, document: usize) -> Result<(), InjectError> {
+        for_each_workload(obj, document, &mut |template| {
+            self.inject_template(template).map(|_| ())
+        })
+    }
+
+    /// The one change both paths make: a pod template (`metadata` + `spec`) gets the init
+    /// container, the sidecar and their volumes.
+    pub fn inject_template(&self, template: &mut Value) -> Result<Outcome, InjectError> {
+        let obj = template
+            .as_object_mut()
+            .ok_or_else(|| InjectError::Invalid {
+                document: 0,
+                message: "a pod template that is not an object".into(),
+            })?;
+        let meta = obj.entry("metadata").or_insert_with(|| json!({})).clone();
+        if annotation(&meta, ANNOTATION_INJECT) == Some("false") {
+            return Ok(Outcome::OptedOut);
+        }
+        let spec = obj.get("spec").ok_or_else(|| InjectError::Invalid {
+            document: 0,
+            message: "a pod template without `spec`".into(),
+        })?;
+        let named = |list: &str| {
+            spec.get(list).and_then(Value::as_array).is_some_and(|cs| {
+                cs.iter().any(|c| {
+                    matches!(
+                        c.get("name").and_then(Value::as_str),
+                        Some(PROXY_CONTAINER | INIT_CONTAINER)
+                    )
+                })
+            })
+        };
+        if named("containers") || named("initContainers") {
+            return Ok(Outcome::AlreadyInjected);
+        }
+        let native = match annotation(&meta, ANNOTATION_MODE) {
+            None => self.native,
+            Some("native") => true,
+            Some("classic") => false,
+            Some(other) => {
+                return Err(InjectError::Annotation {
+                    annotation: ANNOTATION_MODE.into(),
+                    message: format!("`{other}` is neither `native` nor `classic`"),
+                });
+            }
+        };
+        let inbound_tls = match annotation(&meta, ANNOTATION_INBOUND_TLS) {
+            None => "permissive",
+            Some(mode @ ("strict" | "permissive")) => mode,
+            Some(other) => {
+                return Err(InjectError::Annotation {
+                    annotation: ANNOTATION_INBOUND_TLS.into(),
+                    message: format!("`{other}` is neither `strict` nor `permissive`"),
+                });
+            }
+        };
+        let skip_inbound = ports(&meta, ANNOTATION_SKIP_INBOUND_PORTS)?;
+        let mut app_ports: Vec<u16> = spec
+            .get("containers")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .flat_map(|c| {
+                c.get("ports")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+            })
+            .filter(|p| p.get("protocol").and_then(Value::as_str).unwrap_or("TCP") == "TCP")
+            .filter_map(|p| p.get("containerPort")?.as_u64())
+            .filter_map(|p| u16::try_from(p).ok())
+            .filter(|p| !skip_inbound.contains(p))
+            .collect();
+        app_ports.sort_unstable();
+        app_ports.dedup();
+
+        let init = self.init_container(&meta, &app_ports)?;
+        let proxy = self.proxy_container(&meta, &app_ports, inbound_tls, native)?;
+        let spec = obj
+            .get_mut("spec")
+            .and_then(Value::as_object_mut)
+            .ok_or_else(|| InjectError::Invalid {
+                document: 0,
+                message: "`spec` is not an object".into(),
+            })?;
+        let mut inits = vec![init];
+        if native {
+            inits.push(proxy);
+        } else {
+            prepend(spec, "containers", vec![proxy]);
+        }
+        prepend(spec, "initContainers", inits);
+        let volumes = vec![
+            json!({"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
+                "audience": TOKEN_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]}}),
+            json!({"name": WORK_VOLUME, "emptyDir": {"medium": "Memory"}}),
+        ];
+        append(spec, "volumes", volumes);
+
+        let meta = obj
+            .get_mut("metadata")
+            .and_then(Value::as_object_mut)
+            .expect("inserted above");
+        let annotations = meta
+            .entry("annotations")
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+            .ok_or_else(|| InjectError::Invalid {
+                document: 0,
+                message: "`metadata.annotations` is not a map".into(),
+            })?;
+        annotations.insert(
+            ANNOTATION_INJECTED.into(),
+            json!(if native { "native" } else { "classic" }),
+        );
+        Ok(Outcome::Injected)
+    }
+
+    fn init_container(&self, meta: &Value, app_ports: &[u16]) -> Result<Value, InjectError> {
+        let mut args = vec![
+            "init".to_string(),
+            "--proxy-uid".into(),
+            PROXY_UID.to_string(),
+            "--inbound-ports".into(),
+        ];
+        // No declared ports: nothing inbound is intercepted, rather than guessed at.
+        if !app_ports.is_empty() {
+            args.push(join(app_ports));
+        }
+        let skip_outbound = ports(meta, ANNOTATION_SKIP_OUTBOUND_PORTS)?;
+        if !skip_outbound.is_empty() {
+            args.extend(["--exclude-outbound-ports".into(), join(&skip_outbound)]);
+        }
+        if let Some(cidrs) = annotation(meta, ANNOTATION_SKIP_OUTBOUND_CIDRS) {
+            for cidr in cidrs.split(',').map(str::trim).filter(|c| !c.is_empty()) {
+                cidr.parse::<outrigger_proxy::intercept::Cidr>()
+                    .map_err(|message| InjectError::Annotation {
+                        annotation: ANNOTATION_SKIP_OUTBOUND_CIDRS.into(),
+                        message,
+                    })?;
+            }
+            args.extend(["--exclude-outbound-cidrs".into(), cidrs.replace(' ', "")]);
+        }
+        Ok(json!({
+            "name": INIT_CONTAINER,
+            "image": self.image,
+            "args": args,
+            "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}},
+            "securityContext": {
+                "runAsUser": 0,
+                "runAsNonRoot": false,
+                "allowPrivilegeEscalation": false,
+                "readOnlyRootFilesystem": true,
+                "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]},
+            },
+        }))
+    }
+
+    fn proxy_container(
+        &self,
+        meta: &Value,
+        app_ports: &[u16],
+        inbound_tls: &str,
+        native: bool,
+    ) -> Result<Value, InjectError> {
+        let field = |path: &str| json!({"valueFrom": {"fieldRef": {"fieldPath": path}}});
+        let mut env = vec![
+            json!({"name": "POD_NAME"}),
+            json!({"name": "POD_NAMESPACE"}),
+            json!({"name": "SERVICE_ACCOUNT"}),
+        ];
+        for (e, path) in env.iter_mut().zip([
+            "metadata.name",
+            "metadata.namespace",
+            "spec.serviceAccountName",
+        ]) {
+            e.as_object_mut()
+                .expect("object")
+                .extend(field(path).as_object().expect("object").clone());
+        }
+        let mut plain = vec![
+            ("OUTRIGGER_CA_ADDRESS", self.ca_address.clone()),
+            ("OUTRIGGER_XDS_ADDRESS", self.xds_address.clone()),
+            (
+                "OUTRIGGER_CONTROL_PLANE_IDENTITY",
+                self.control_plane_identity.clone(),
+            ),
+            ("OUTRIGGER_TRUST_DOMAIN", self.trust_domain.clone()),
+            ("OUTRIGGER_APP_PORTS", join(app_ports)),
+            ("OUTRIGGER_INBOUND_TLS", inbound_tls.into()),
+        ];
+        let labels = meta.get("labels");
+        let service = annotation(meta, ANNOTATION_SERVICE)
+            .or_else(|| labels?.get("app.kubernetes.io/name")?.as_str())
+            .or_else(|| labels?.get("app")?.as_str());
+        if let Some(service) = service {
+            plain.push(("OUTRIGGER_SERVICE", service.into()));
+        }
+        env.extend(
+            plain
+                .into_iter()
+                .map(|(name, value)| json!({"name": name, "value": value})),
+        );
+        let mut requests = json!({"cpu": "50m", "memory": "64Mi"});
+        let mut limits = Map::new();
+        for (key, resource, target) in [
+            (ANNOTATION_PROXY_CPU, "cpu", true),
+            (ANNOTATION_PROXY_MEMORY, "memory", true),
+            (ANNOTATION_PROXY_CPU_LIMIT, "cpu", false),
+            (ANNOTATION_PROXY_MEMORY_LIMIT, "memory", false),
+        ] {
+            if let Some(v) = annotation(meta, key) {
+                if v.is_empty() || v.contains(char::is_whitespace) {
+                    return Err(InjectError::Annotation {
+                        annotation: key.into(),
+                        message: format!("`{v}` is not a quantity"),
+                    });
+                }
+                if target {
+                    requests[resource] = json!(v);
+                } else {
+                    limits.insert(resource.into(), json!(v));
+                }
+            }
+        }
+        let mut resources = json!({"requests": requests});
+        if !limits.is_empty() {
+            resources["limits"] = Value::Object(limits);
+        }
+        let probe = |path: &str, period: u32, failures: u32| {
+            json!({"httpGet": {"path": path, "port": ADMIN_PORT},
+                   "periodSeconds": period, "failureThreshold": failures})
+        };
+        let mut proxy = json!({
+            "name": PROXY_CONTAINER,
+            "image": self.image,
+            "args": ["sidecar", "--log-json"],
+            "env": env,
+            "ports": [{"name": "outrigger-admin", "containerPort": ADMIN_PORT}],
+            "resources": resources,
+            // The app starts only once this holds: identity and first config are in.
+            "startupProbe": probe("/ready", 1, 120),
+            "readinessProbe": probe("/ready", 5, 3),
+            "livenessProbe": probe("/live", 10, 3),
+            "securityContext": {
+                "runAsUser": PROXY_UID,
+                "runAsGroup": PROXY_UID,
+                "runAsNonRoot": true,
+                "allowPrivilegeEscalation": false,
+                "readOnlyRootFilesystem": true,
+                "capabilities": {"drop": ["ALL"]},
+            },
+            "volumeMounts": [
+                {"name": TOKEN_VOLUME, "mountPath": "/var/run/secrets/outrigger", "readOnly": true},
+                {"name": WORK_VOLUME, "mountPath": "/var/run/outrigger"},
+            ],
+        });
+        if native {
+            proxy["restartPolicy"] = json!("Always");
+        }
+        Ok(proxy)
+    }
+}
+
+fn prepend(spec: &mut Map<String, Value>, key: &str, mut items: Vec<Value>) {
+    let list = spec.entry(key).or_insert_with(|| json!([]));
+    if let Some(existing) = list.as_array_mut() {
+        items.append(existing);
+        *existing = items;
+    }
+}
+
+fn append(spec: &mut Map<String, Value>, key: &str, items: Vec<Value>) {
+    if let Some(existing) = spec.entry(key).or_insert_with(|| json!([])).as_array_mut() {
+        existing.extend(items);
+    }
+}
+
+/// RFC 6902 operations that turn `before` into `after`: objects are compared key by key,
+/// anything else that differs is replaced whole.
+pub fn json_patch(before: &Value, after: &Value) -> Vec<Value> {
+    let mut ops = Vec::new();
+    diff(before, after, String::new(), &mut ops);
+    ops
+}
+
+fn diff(before: &Value, after: &Value, path: String, ops: &mut Vec<Value>) {
+    match (before, after) {
+        (Value::Object(b), Value::Object(a)) => {
+            for (key, old) in b {
+                let p = format!("{path}/{}", escape(key));
+                match a.get(key) {
+                    None => ops.push(json!({"op": "remove", "path": p})),
+                    Some(new) => diff(old, new, p, ops),
+                }
+            }
+            for (key, new) in a.iter().filter(|(k, _)| !b.contains_key(*k)) {
+                ops.push(
+                    json!({"op": "add", "path": format!("{path}/{}", escape(key)), "value": new}),
+                );
+            }
+        }
+        _ if before != after => ops.push(json!({"op": "replace", "path": path, "value": after})),
+        _ => {}
+    }
+}
+
+/// JSON Pointer escaping: annotation keys carry slashes.
+fn escape(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod() -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web"},
+               "spec": {"containers": [{"name": "web", "image": "web:1",
+                        "ports": [{"containerPort": 8080}, {"containerPort": 53, "protocol": "UDP"}]}]}})
+    }
+
+    fn injector() -> Injector {
+        Injector::for_cluster("outrigger/proxy:test")
+    }
+
+    #[test]
+    fn native_sidecar_is_an_init_container_that_restarts() {
+        let mut p = pod();
+        assert_eq!(
+            injector().inject_template(&mut p).unwrap(),
+            Outcome::Injected
+        );
+        let inits = p["spec"]["initContainers"].as_array().unwrap();
+        assert_eq!(inits[0]["name"], INIT_CONTAINER);
+        assert_eq!(inits[1]["name"], PROXY_CONTAINER);
+        assert_eq!(inits[1]["restartPolicy"], "Always");
+        assert_eq!(p["spec"]["containers"].as_array().unwrap().len(), 1);
+        // UDP ports are not intercepted.
+        assert_eq!(inits[0]["args"][4], "8080");
+    }
+
+    #[test]
+    fn twice_is_once_and_opt_out_is_respected() {
+        let mut once = pod();
+        injector().inject_template(&mut once).unwrap();
+        let mut twice = once.clone();
+        assert_eq!(
+            injector().inject_template(&mut twice).unwrap(),
+            Outcome::AlreadyInjected
+        );
+        assert_eq!(once, twice);
+        let mut out = pod();
+        out["metadata"]["annotations"] = json!({ANNOTATION_INJECT: "false"});
+        let before = out.clone();
+        assert_eq!(
+            injector().inject_template(&mut out).unwrap(),
+            Outcome::OptedOut
+        );
+        assert_eq!(out, before);
+    }
+
+    #[test]
+    fn a_bad_annotation_is_named() {
+        let mut p = pod();
+        p["metadata"]["annotations"] = json!({ANNOTATION_SKIP_INBOUND_PORTS: "80,http"});
+        let err = injector().inject_template(&mut p).unwrap_err();
+        assert!(
+            err.to_string().contains(ANNOTATION_SKIP_INBOUND_PORTS),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_patch_escapes_keys_and_reaches_the_same_result() {
+        let before = json!({"metadata": {"annotations": {"a/b": "1"}}, "x": [1]});
+        let after = json!({"metadata": {"annotations": {"a/b": "2", "c": "3"}}, "x": [1, 2]});
+        let ops = json_patch(&before, &after);
+        assert!(ops.contains(
+            &json!({"op": "replace", "path": "/metadata/annotations/a~1b", "value": "2"})
+        ));
+        assert!(ops.contains(&json!({"op": "replace", "path": "/x", "value": [1, 2]})));
+        assert_eq!(ops.len(), 3);
+    }
+}
