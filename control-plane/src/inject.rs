@@ -28,7 +28,7 @@ const WORK_VOLUME: &str = "outrigger-work";
 pub const PROXY_UID: i64 = 1337;
 pub const ADMIN_PORT: i64 = 15020;
 /// The audience of the projected token; the control plane's TokenReview asks for it.
-pub const TOKEN_AUDIENCE: &str = "outrigger";
+pub const TOKEN_AUDIENCE: &str = crate::token_review::AUDIENCE;
 
 /// Where the sidecar finds the control plane, and what it runs.
 #[derive(Debug, Clone)]
