@@ -10,7 +10,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
@@ -72,9 +72,16 @@ pub struct ProxyHandle {
     listener_addrs: Vec<(String, SocketAddr)>,
     store: Arc<ConfigStore>,
     admin: Arc<AdminState>,
-    shutdown_tx: watch::Sender<bool>,
+    inbound_shutdown: watch::Sender<bool>,
+    outbound_shutdown: watch::Sender<bool>,
+    outbound_open: Arc<AtomicUsize>,
     drained: mpsc::Receiver<()>,
 }
+
+/// How long the app must have had no outbound connection before the outbound side closes:
+/// an app that is shutting down may still call out, and its closed connections are the
+/// sign that it has exited.
+const OUTBOUND_QUIET: Duration = Duration::from_secs(1);
 
 impl ProxyHandle {
     /// The bound address of a listener (useful when the config asked for port 0).
@@ -100,13 +107,31 @@ impl ProxyHandle {
         self.admin.ready.load(Ordering::Relaxed) && self.store.is_synced()
     }
 
-    /// Stops accepting, lets connections in flight finish, and returns when they have or when
-    /// `deadline` passes. Returns whether everything finished in time.
+    /// Drains inbound first: `/ready` goes false, inbound listeners stop accepting and their
+    /// requests in flight finish. Outbound stays open while the app still uses it, until it
+    /// has had no outbound connection for a moment (it has exited, or is done calling out);
+    /// then outbound drains the same way. Returns whether everything finished by `deadline`.
     pub async fn drain(mut self, deadline: Duration) -> bool {
+        let until = tokio::time::Instant::now() + deadline;
         self.admin.ready.store(false, Ordering::Relaxed);
-        let _ = self.shutdown_tx.send(true);
-        tracing::info!(?deadline, "draining");
-        tokio::time::timeout(deadline, self.drained.recv())
+        let _ = self.inbound_shutdown.send(true);
+        tracing::info!(
+            ?deadline,
+            "draining inbound; outbound stays open while the app uses it"
+        );
+        let mut quiet_since = None;
+        while tokio::time::Instant::now() < until {
+            let now = tokio::time::Instant::now();
+            if self.outbound_open.load(Ordering::Acquire) > 0 {
+                quiet_since = None;
+            } else if now.duration_since(*quiet_since.get_or_insert(now)) >= OUTBOUND_QUIET {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::info!("draining outbound");
+        let _ = self.outbound_shutdown.send(true);
+        tokio::time::timeout_at(until, self.drained.recv())
             .await
             .is_ok()
     }
@@ -139,9 +164,20 @@ pub async fn start(options: Options) -> Result<ProxyHandle, StartError> {
         "config loaded"
     );
 
-    let (shutdown_tx, signal) = watch::channel(false);
+    let (inbound_shutdown, inbound_signal) = watch::channel(false);
+    let (outbound_shutdown, outbound_signal) = watch::channel(false);
     let (tracker, drained) = mpsc::channel(1);
-    let shutdown = Shutdown { signal, tracker };
+    let inbound = Shutdown {
+        signal: inbound_signal,
+        tracker: tracker.clone(),
+        open: Default::default(),
+    };
+    let outbound = Shutdown {
+        signal: outbound_signal,
+        tracker,
+        open: Default::default(),
+    };
+    let outbound_open = outbound.open.clone();
 
     let mut listener_addrs = Vec::new();
     for (index, l) in config.listeners.iter().enumerate() {
@@ -164,10 +200,14 @@ pub async fn start(options: Options) -> Result<ProxyHandle, StartError> {
             },
             metrics: metrics.clone(),
         });
-        tokio::spawn(listener::accept_loop(socket, ctx, shutdown.clone()));
+        let shutdown = match l.direction {
+            Direction::Inbound => inbound.clone(),
+            Direction::Outbound => outbound.clone(),
+        };
+        tokio::spawn(listener::accept_loop(socket, ctx, shutdown));
     }
     // Only connections hold the tracker from here on, so `drained` ends when they do.
-    drop(shutdown);
+    drop((inbound, outbound));
 
     let admin = Arc::new(AdminState {
         store: store.clone(),
@@ -248,7 +288,9 @@ pub async fn start(options: Options) -> Result<ProxyHandle, StartError> {
         listener_addrs,
         store,
         admin,
-        shutdown_tx,
+        inbound_shutdown,
+        outbound_shutdown,
+        outbound_open,
         drained,
     })
 }

@@ -6,6 +6,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::service::service_fn;
@@ -46,6 +47,9 @@ pub struct Shutdown {
     pub signal: watch::Receiver<bool>,
     /// Held by every open connection; the drain waits until all are dropped.
     pub tracker: mpsc::Sender<()>,
+    /// Connections open on the listeners of this signal: while the app still has outbound
+    /// connections, it is still running and the outbound side stays up.
+    pub open: Arc<AtomicUsize>,
 }
 
 impl Clone for Shutdown {
@@ -53,7 +57,24 @@ impl Clone for Shutdown {
         Shutdown {
             signal: self.signal.clone(),
             tracker: self.tracker.clone(),
+            open: self.open.clone(),
         }
+    }
+}
+
+/// Counts a connection as open for as long as it lives.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        OpenConnection(count.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -79,6 +100,7 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<HttpContext>, shutdown:
 }
 
 async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Shutdown) {
+    let _open = OpenConnection::new(&shutdown.open);
     let client_addr = stream.peer_addr().ok();
     let snapshot = ctx.config.load_full();
     let listener = &snapshot.listeners[ctx.listener];
@@ -284,6 +306,7 @@ where
     let Shutdown {
         mut signal,
         tracker,
+        ..
     } = shutdown;
     let _guard = tracker;
     let activity = Arc::new(Activity::default());

@@ -17,25 +17,33 @@ fn proxy_binary() -> PathBuf {
 struct ProxyProcess {
     child: Child,
     outbound: SocketAddr,
+    inbound: SocketAddr,
     admin: SocketAddr,
     config_path: PathBuf,
 }
 
 impl ProxyProcess {
-    fn yaml(outbound: SocketAddr, admin: SocketAddr, upstream: SocketAddr, tag: &str) -> String {
+    fn yaml(
+        outbound: SocketAddr,
+        inbound: SocketAddr,
+        admin: SocketAddr,
+        upstream: SocketAddr,
+        tag: &str,
+    ) -> String {
         let vhosts = format!(
             "- name: app\n  domains: [app.test]\n  routes:\n    - response_headers:\n        set: [{{name: x-tag, value: {tag}}}]\n      backends: [{{cluster: app}}]\n"
         );
         format!(
-            "admin:\n  address: {admin}\nworkers: 1\nlisteners:\n  - name: outbound\n    address: {outbound}\n    direction: outbound\n    virtual_hosts:\n{}clusters:\n  - name: app\n    endpoints: [{{address: \"{upstream}\"}}]\n",
+            "admin:\n  address: {admin}\nworkers: 1\nlisteners:\n  - name: outbound\n    address: {outbound}\n    direction: outbound\n    virtual_hosts:\n{0}  - name: inbound\n    address: {inbound}\n    direction: inbound\n    virtual_hosts:\n{0}clusters:\n  - name: app\n    endpoints: [{{address: \"{upstream}\"}}]\n",
             indent(&vhosts, 6)
         )
     }
 
     async fn start(upstream: SocketAddr, extra_args: &[&str]) -> ProxyProcess {
-        let (outbound, admin) = (free_addr(), free_addr());
+        let (outbound, inbound, admin) = (free_addr(), free_addr(), free_addr());
         let config_path = temp_path("process.yaml");
-        std::fs::write(&config_path, Self::yaml(outbound, admin, upstream, "one")).unwrap();
+        let yaml = Self::yaml(outbound, inbound, admin, upstream, "one");
+        std::fs::write(&config_path, yaml).unwrap();
         let child = Command::new(proxy_binary())
             .args(["run", "--config"])
             .arg(&config_path)
@@ -47,6 +55,7 @@ impl ProxyProcess {
         let p = ProxyProcess {
             child,
             outbound,
+            inbound,
             admin,
             config_path,
         };
@@ -80,11 +89,11 @@ impl Drop for ProxyProcess {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_drains_in_flight_and_refuses_new_connections() {
+async fn sigterm_drains_inbound_first_and_outbound_once_the_app_is_done() {
     let up = upstreams::http("app").await;
     let mut proxy = ProxyProcess::start(up.addr, &["--drain-timeout", "20s"]).await;
-    let h1 = TestClient::http1(proxy.outbound);
-    let h2 = TestClient::http2(proxy.outbound).await;
+    let h1 = TestClient::http1(proxy.inbound);
+    let h2 = TestClient::http2(proxy.inbound).await;
     let slow_h1 = tokio::spawn({
         let h1 = h1.clone();
         async move { h1.get("app.test", "/slow/1500").await }
@@ -93,22 +102,33 @@ async fn sigterm_drains_in_flight_and_refuses_new_connections() {
         let h2 = h2.clone();
         async move { h2.get("app.test", "/slow/1500").await }
     });
+    // The app is still running: it holds an outbound connection.
+    let app_outbound = TestClient::http2(proxy.outbound).await;
+    assert_eq!(app_outbound.get("app.test", "/").await.unwrap().status, 200);
     let admin = proxy.admin;
     wait_in_flight(admin, 2).await;
 
     proxy.signal("TERM");
-    let outbound = proxy.outbound;
+    let inbound = proxy.inbound;
     eventually(
-        "new connections are refused",
+        "new inbound connections are refused",
         Duration::from_secs(5),
         || async move {
-            tokio::net::TcpStream::connect(outbound)
+            tokio::net::TcpStream::connect(inbound)
                 .await
                 .is_err()
                 .then_some(())
         },
     )
     .await;
+    // Outbound still takes new connections and requests while the app uses it.
+    let late = TestClient::http1(proxy.outbound).get("app.test", "/").await;
+    assert_eq!(
+        late.unwrap().status,
+        200,
+        "outbound closed under a running app"
+    );
+    assert_eq!(app_outbound.get("app.test", "/").await.unwrap().status, 200);
 
     let (r1, r2) = (
         slow_h1.await.unwrap().unwrap(),
@@ -124,9 +144,11 @@ async fn sigterm_drains_in_flight_and_refuses_new_connections() {
         (200, "app"),
         "HTTP/2 stream in flight completes"
     );
-    // The HTTP/2 connection got GOAWAY: no new stream is accepted on it.
+    // The inbound HTTP/2 connection got GOAWAY: no new stream is accepted on it.
     assert!(h2.get("app.test", "/").await.is_err());
 
+    // The app exits: its connections close, and so the proxy drains outbound and exits.
+    drop(app_outbound);
     let status = tokio::task::spawn_blocking(move || proxy.child.wait().unwrap())
         .await
         .unwrap();
@@ -145,7 +167,7 @@ async fn sighup_reloads_when_polling_is_off() {
 
     std::fs::write(
         &proxy.config_path,
-        ProxyProcess::yaml(proxy.outbound, proxy.admin, up.addr, "two"),
+        ProxyProcess::yaml(proxy.outbound, proxy.inbound, proxy.admin, up.addr, "two"),
     )
     .unwrap();
     // Polling is off: nothing changes until the signal.
@@ -275,7 +297,7 @@ async fn json_access_log_lines_carry_the_trace_id() {
     let up = upstreams::http("app").await;
     let (outbound, admin) = (free_addr(), free_addr());
     let config_path = temp_path("access.yaml");
-    let yaml = ProxyProcess::yaml(outbound, admin, up.addr, "one");
+    let yaml = ProxyProcess::yaml(outbound, free_addr(), admin, up.addr, "one");
     std::fs::write(&config_path, format!("access_log: true\n{yaml}")).unwrap();
     let log_path = temp_path("access.log");
     let log = std::fs::File::create(&log_path).unwrap();
