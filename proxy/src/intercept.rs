@@ -82,103 +82,47 @@ impl Interception {
     /// The rules, one iptables argument list each, in the order they are applied: the
     /// chains are (re)made empty and filled, then hooked in.
     pub fn rules(&self) -> Vec<Vec<String>> {
-        let mut rules = Vec::new();
-        let mut rule = |args: &[&str]| {
-            let mut all = vec!["-t", "nat"];
-            all.extend_from_slice(args);
-            rules.push(all.into_iter().map(str::to_string).collect::<Vec<_>>());
-        };
+        // Every argument is a number, an address or a fixed word: none holds a space.
+        let mut rules: Vec<String> = Vec::new();
+        let mut add = |rule: String| rules.push(format!("-t nat -A {rule}"));
         // Inbound: everything but the excluded ports goes to the inbound listener.
         for port in &self.exclude_inbound_ports {
-            let port = port.to_string();
-            rule(&[
-                "-A",
-                INBOUND_CHAIN,
-                "-p",
-                "tcp",
-                "--dport",
-                &port,
-                "-j",
-                "RETURN",
-            ]);
+            add(format!("{INBOUND_CHAIN} -p tcp --dport {port} -j RETURN"));
         }
-        let inbound = self.inbound_port.to_string();
+        let to_inbound = format!("-j REDIRECT --to-ports {}", self.inbound_port);
         match &self.include_inbound_ports {
-            None => rule(&[
-                "-A",
-                INBOUND_CHAIN,
-                "-p",
-                "tcp",
-                "-j",
-                "REDIRECT",
-                "--to-ports",
-                &inbound,
-            ]),
+            None => add(format!("{INBOUND_CHAIN} -p tcp {to_inbound}")),
             Some(ports) => {
                 for port in ports {
-                    let port = port.to_string();
-                    rule(&[
-                        "-A",
-                        INBOUND_CHAIN,
-                        "-p",
-                        "tcp",
-                        "--dport",
-                        &port,
-                        "-j",
-                        "REDIRECT",
-                        "--to-ports",
-                        &inbound,
-                    ]);
+                    add(format!(
+                        "{INBOUND_CHAIN} -p tcp --dport {port} {to_inbound}"
+                    ));
                 }
             }
         }
         // Outbound: the proxy's own connections, loopback and the exclusions pass; the app's
         // other TCP goes to the outbound listener.
-        let uid = self.proxy_uid.to_string();
-        rule(&[
-            "-A",
-            OUTBOUND_CHAIN,
-            "-m",
-            "owner",
-            "--uid-owner",
-            &uid,
-            "-j",
-            "RETURN",
-        ]);
-        rule(&["-A", OUTBOUND_CHAIN, "-o", "lo", "-j", "RETURN"]);
+        let uid = self.proxy_uid;
+        add(format!(
+            "{OUTBOUND_CHAIN} -m owner --uid-owner {uid} -j RETURN"
+        ));
+        add(format!("{OUTBOUND_CHAIN} -o lo -j RETURN"));
         for port in &self.exclude_outbound_ports {
-            let port = port.to_string();
-            rule(&[
-                "-A",
-                OUTBOUND_CHAIN,
-                "-p",
-                "tcp",
-                "--dport",
-                &port,
-                "-j",
-                "RETURN",
-            ]);
+            add(format!("{OUTBOUND_CHAIN} -p tcp --dport {port} -j RETURN"));
         }
         for cidr in self
             .exclude_outbound_cidrs
             .iter()
             .filter(|c| c.addr.is_ipv4())
         {
-            let cidr = cidr.to_string();
-            rule(&["-A", OUTBOUND_CHAIN, "-d", &cidr, "-j", "RETURN"]);
+            add(format!("{OUTBOUND_CHAIN} -d {cidr} -j RETURN"));
         }
-        let outbound = self.outbound_port.to_string();
-        rule(&[
-            "-A",
-            OUTBOUND_CHAIN,
-            "-p",
-            "tcp",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &outbound,
-        ]);
+        let to_outbound = format!("-j REDIRECT --to-ports {}", self.outbound_port);
+        add(format!("{OUTBOUND_CHAIN} -p tcp {to_outbound}"));
         rules
+            .iter()
+            .map(|r| r.split_whitespace().map(str::to_string).collect())
+            .collect()
     }
 
     /// Installs the rules, replacing any earlier set: running it twice leaves the same
