@@ -216,9 +216,14 @@ async fn apps_in_pods_talk_mtls_through_their_sidecars() {
     })
     .await;
 
+    // Everything between the pods from here on is captured: on every host-side interface,
+    // since frames bridged from one pod to another never pass the bridge's own device.
+    let capture = Capture::start().await;
+
     // a → b by service VIP: mTLS between the sidecars, b's app sees a's SPIFFE ID.
     let b_vip = vip(subnet, 1);
-    let (status, body) = app_get(&net, "a", &format!("http://{b_vip}:{APP_PORT}/hello"));
+    let marker = format!("meshmarker{}", std::process::id());
+    let (status, body) = app_get(&net, "a", &format!("http://{b_vip}:{APP_PORT}/{marker}"));
     assert_eq!(status, "200", "{body}");
     assert_eq!(body["pod"], "b");
     assert_eq!(body["client_id"], spiffe("a").as_str());
@@ -278,9 +283,25 @@ async fn apps_in_pods_talk_mtls_through_their_sidecars() {
         assert!(!nat_rules(&net, name).contains("OUTRIGGER"));
     }
     assert!(before.contains("OUTRIGGER_OUTPUT"));
-    let (status, body) = app_get(&net, "a", &format!("http://{b_ip}:{APP_PORT}/bare"));
+    let bare = format!("baremarker{}", std::process::id());
+    let (status, body) = app_get(&net, "a", &format!("http://{b_ip}:{APP_PORT}/{bare}"));
     assert_eq!(status, "200", "{body}");
     assert_eq!(body["client_id"], serde_json::Value::Null);
+    // The capture saw the plaintext request, so it would have seen the meshed one had it
+    // crossed the wire in the clear.
+    let seen = eventually(
+        "the capture shows the plaintext request",
+        Duration::from_secs(10),
+        || {
+            let (seen, bare) = (capture.text(), bare.clone());
+            async move { seen.contains(&bare).then_some(seen) }
+        },
+    )
+    .await;
+    assert!(
+        !seen.contains(&marker),
+        "a meshed request crossed between pods in plaintext"
+    );
     let after = admin_get(b_admin, "/metrics").await.unwrap().1;
     assert_eq!(metric(&after, &from_a), metric(&b_metrics, &from_a));
 }
@@ -336,5 +357,52 @@ fn init_is_idempotent_and_removable_with_nft_and_legacy() {
         init(&net, "solo", &remove);
         assert_eq!(rules(), pristine, "{backend}: --remove left rules behind");
         init(&net, "solo", &remove);
+    }
+}
+
+/// tcpdump on the host's interfaces (the pods' veth ends among them), read back as text.
+struct Capture {
+    child: std::process::Child,
+    file: PathBuf,
+}
+
+impl Capture {
+    async fn start() -> Capture {
+        let file = temp_path("pods.pcap");
+        let child = std::process::Command::new("tcpdump")
+            .args(["-i", "any", "--immediate-mode", "-U", "-s", "0", "-w"])
+            .arg(&file)
+            .arg("tcp")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tcpdump (scripts/test installs it)");
+        // The file's header is written once the capture is live.
+        let path = file.clone();
+        eventually("tcpdump captures", Duration::from_secs(10), || {
+            let path = path.clone();
+            async move {
+                (std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) >= 24).then_some(())
+            }
+        })
+        .await;
+        Capture { child, file }
+    }
+
+    /// What was captured so far (`-U` writes every packet as it comes).
+    fn text(&self) -> String {
+        let out = std::process::Command::new("tcpdump")
+            .args(["-nn", "-A", "-r"])
+            .arg(&self.file)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
