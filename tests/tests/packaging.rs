@@ -74,8 +74,17 @@ fn the_control_plane_manifest_hangs_together() {
 
     // The webhook configuration reaches the webhook: Service port → container port → flag,
     // and the path and host name the server answers.
-    let webhook = &find(&docs, "MutatingWebhookConfiguration")["webhooks"][0];
-    let service_ref = &webhook["clientConfig"]["service"];
+    let webhooks = find(&docs, "MutatingWebhookConfiguration")["webhooks"]
+        .as_array()
+        .unwrap();
+    // One opts in by namespace label, one by pod label; both reach the same server.
+    assert_eq!(webhooks.len(), 2);
+    assert_eq!(
+        webhooks[0]["clientConfig"]["service"],
+        webhooks[1]["clientConfig"]["service"]
+    );
+    assert!(webhooks[1]["objectSelector"]["matchLabels"]["outrigger.io/inject"] == "enabled");
+    let service_ref = &webhooks[0]["clientConfig"]["service"];
     assert_eq!(service_ref["path"], "/inject");
     let service = find(&docs, "Service");
     assert_eq!(service_ref["name"], service["metadata"]["name"]);
