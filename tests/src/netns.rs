@@ -39,6 +39,7 @@ fn run(program: &str, args: &[&str]) -> Output {
 impl PodNetwork {
     /// One pod per name, on `10.250.<subnet>.0/24`: the bridge is `.1`, pods `.11` on.
     pub fn new(subnet: u8, names: &[&str]) -> PodNetwork {
+        remove_leftovers();
         let id = std::process::id();
         let bridge = format!("orb{id}");
         let gateway = Ipv4Addr::new(10, 250, subnet, 1);
@@ -123,6 +124,37 @@ impl PodNetwork {
             .spawn()
             .expect("spawn in pod");
         self.children.push(child);
+    }
+}
+
+/// A test killed outright (a timeout) never ran its drop: take away what a dead test process
+/// left, so that its subnet cannot shadow a live one.
+fn remove_leftovers() {
+    let dead = |name: &str, prefix: &str| {
+        let pid = name
+            .strip_prefix(prefix)?
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .to_string();
+        (!Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+    };
+    let links = Command::new("ip")
+        .args(["-o", "link", "show", "type", "bridge"])
+        .output();
+    for line in String::from_utf8_lossy(&links.map(|o| o.stdout).unwrap_or_default()).lines() {
+        if let Some(name) = line.split(':').nth(1).map(str::trim)
+            && dead(name, "orb").is_some()
+        {
+            let _ = Command::new("ip").args(["link", "del", name]).output();
+        }
+    }
+    let netns = Command::new("ip").args(["netns", "list"]).output();
+    for line in String::from_utf8_lossy(&netns.map(|o| o.stdout).unwrap_or_default()).lines() {
+        if let Some(name) = line.split_whitespace().next()
+            && dead(name, "or").is_some()
+        {
+            let _ = Command::new("ip").args(["netns", "del", name]).output();
+        }
     }
 }
 
