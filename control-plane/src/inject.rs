@@ -343,7 +343,8 @@ impl Injector {
                 "runAsUser": 0,
                 "runAsNonRoot": false,
                 "allowPrivilegeEscalation": false,
-                "readOnlyRootFilesystem": true,
+                // iptables takes its lock in /run/xtables.lock.
+                "readOnlyRootFilesystem": false,
                 "capabilities": {"drop": ["ALL"], "add": ["NET_ADMIN", "NET_RAW"]},
             },
         }))
