@@ -451,6 +451,11 @@ impl Injector {
         });
         if native {
             proxy["restartPolicy"] = json!("Always");
+        } else {
+            // The kubelet starts the next container only when this hook returns: the app
+            // waits for the proxy as a native sidecar's startup probe would make it.
+            proxy["lifecycle"] = json!({"postStart": {"exec": {"command":
+                ["/usr/local/bin/outrigger-proxy", "wait-ready"]}}});
         }
         Ok(proxy)
     }

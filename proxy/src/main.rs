@@ -49,6 +49,14 @@ enum Command {
     /// Run as an injected sidecar: the config is made from the pod's facts (flags, or the
     /// environment the injector sets) and then served as `run` would.
     Sidecar(SidecarArgs),
+    /// Wait until the proxy beside this one reports ready (a classic sidecar's postStart
+    /// hook: Kubernetes starts the app only after it returns). Exits 1 at the timeout.
+    WaitReady {
+        #[arg(long, default_value = "127.0.0.1:15020")]
+        admin: std::net::SocketAddr,
+        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        timeout: Duration,
+    },
     /// Install (or with --remove, take out) the iptables rules that send this network
     /// namespace's TCP through the proxy. Run as root, once per pod, before the app starts.
     Init(InitArgs),
@@ -259,6 +267,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Init(args) => init(args),
         Command::Sidecar(args) => sidecar(args),
+        Command::WaitReady { admin, timeout } => wait_ready(admin, timeout),
         Command::Check { config } => {
             let source = config.display().to_string();
             let result = std::fs::read_to_string(&config)
@@ -340,4 +349,26 @@ fn serve(
         }
         ExitCode::SUCCESS
     })
+}
+
+fn wait_ready(admin: std::net::SocketAddr, timeout: Duration) -> ExitCode {
+    use std::io::{Read, Write};
+    let until = std::time::Instant::now() + timeout;
+    let ready = || -> std::io::Result<bool> {
+        let mut s = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(1))?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        s.write_all(b"GET /ready HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n")?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head)?;
+        Ok(head.starts_with(b"HTTP/1.1 200"))
+    };
+    while std::time::Instant::now() < until {
+        if ready().unwrap_or(false) {
+            println!("proxy ready");
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    eprintln!("wait-ready: the proxy at {admin} was not ready within {timeout:?}");
+    ExitCode::FAILURE
 }

@@ -92,6 +92,9 @@ fn classic_mode_puts_the_proxy_among_the_containers() {
     assert_eq!(spec["containers"][0]["name"], "outrigger-proxy");
     assert_eq!(spec["initContainers"][0]["name"], "outrigger-init");
     assert!(spec["containers"][0].get("restartPolicy").is_none());
+    // The app starts only once the proxy's postStart hook sees it ready.
+    let hook = &spec["containers"][0]["lifecycle"]["postStart"]["exec"]["command"];
+    assert_eq!(hook[1], "wait-ready");
     assert_typed(job);
 }
 

@@ -347,3 +347,34 @@ async fn json_access_log_lines_carry_the_trace_id() {
     assert_eq!(fields["status"], 200, "{line}");
     assert_eq!(fields["method"], "GET", "{line}");
 }
+
+/// A classic sidecar's postStart hook: returns once the proxy is ready, fails at its timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_ready_returns_when_the_proxy_is_ready_and_fails_when_it_never_is() {
+    let up = upstreams::http("app").await;
+    let proxy = ProxyProcess::start(up.addr, &[]).await;
+    let wait = |admin: SocketAddr| {
+        Command::new(proxy_binary())
+            .args([
+                "wait-ready",
+                "--admin",
+                &admin.to_string(),
+                "--timeout",
+                "2s",
+            ])
+            .output()
+            .unwrap()
+    };
+    let admin = proxy.admin;
+    let ready = tokio::task::spawn_blocking(move || wait(admin))
+        .await
+        .unwrap();
+    assert!(ready.status.success(), "{ready:?}");
+    // Nothing listens there: the hook gives up and says so.
+    let nowhere = free_addr();
+    let never = tokio::task::spawn_blocking(move || wait(nowhere))
+        .await
+        .unwrap();
+    assert!(!never.status.success());
+    assert!(String::from_utf8_lossy(&never.stderr).contains("not ready"));
+}
