@@ -98,8 +98,9 @@ fn init(net: &PodNetwork, pod: &str, extra: &[&str]) {
     );
 }
 
-fn nat_rules(net: &PodNetwork, pod: &str) -> String {
-    String::from_utf8_lossy(&net.exec(pod, "iptables-save", &["-t", "nat"]).stdout)
+fn nat_rules(net: &PodNetwork, pod: &str, backend: &str) -> String {
+    let save = format!("{backend}-save");
+    String::from_utf8_lossy(&net.exec(pod, &save, &["-t", "nat"]).stdout)
         .lines()
         .filter(|l| !l.starts_with('#'))
         .collect::<Vec<_>>()
@@ -108,6 +109,17 @@ fn nat_rules(net: &PodNetwork, pod: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apps_in_pods_talk_mtls_through_their_sidecars() {
+    pods_talk_through_their_sidecars("iptables-nft").await;
+}
+
+/// The same pods with the rules in the legacy backend: interception must work there too,
+/// not just install.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_with_iptables_legacy() {
+    pods_talk_through_their_sidecars("iptables-legacy").await;
+}
+
+async fn pods_talk_through_their_sidecars(backend: &str) {
     let subnet = 100 + (std::process::id() % 100) as u8;
     let mut net = PodNetwork::new(subnet, &["a", "b", "c"]);
     let mesh_path = temp_path("mesh.yaml");
@@ -128,7 +140,11 @@ async fn apps_in_pods_talk_mtls_through_their_sidecars() {
 
     let proxy = workspace_binary("outrigger-proxy");
     for name in ["a", "b", "c"] {
-        init(&net, name, &["--xds-port", &xds_port]);
+        init(
+            &net,
+            name,
+            &["--iptables", backend, "--xds-port", &xds_port],
+        );
         // Only b may call c.
         let authz = if name == "c" {
             format!(
@@ -277,10 +293,10 @@ async fn apps_in_pods_talk_mtls_through_their_sidecars() {
     }
 
     // Taking the rules out restores direct traffic: b's app answers a's app itself.
-    let before = nat_rules(&net, "b");
+    let before = nat_rules(&net, "b", backend);
     for name in ["a", "b", "c"] {
-        init(&net, name, &["--remove"]);
-        assert!(!nat_rules(&net, name).contains("OUTRIGGER"));
+        init(&net, name, &["--iptables", backend, "--remove"]);
+        assert!(!nat_rules(&net, name, backend).contains("OUTRIGGER"));
     }
     assert!(before.contains("OUTRIGGER_OUTPUT"));
     let bare = format!("baremarker{}", std::process::id());
