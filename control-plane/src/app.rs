@@ -82,12 +82,33 @@ impl ControlPlane {
     pub fn reload(&self) -> Result<u64, ConfigError> {
         self.source.reload()
     }
+
+    /// Lists the cluster's Services, EndpointSlices and Pods every `interval` and folds them
+    /// into the mesh. A listing that fails keeps the last good view, and is logged.
+    pub fn watch_cluster(&self, api: Arc<crate::kube_api::KubeApi>, interval: Duration) {
+        let source = self.source.clone();
+        let trust_domain = self.ca.load().trust_domain.clone();
+        tokio::spawn(async move {
+            loop {
+                match crate::cluster_source::fetch(&api, &trust_domain).await {
+                    Ok(services) => source.set_cluster(services),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot list the cluster; keeping its last view")
+                    }
+                }
+                tokio::time::sleep(interval).await;
+            }
+        });
+    }
 }
 
 struct MeshSource {
     path: PathBuf,
     publisher: Arc<Publisher>,
     last_text: std::sync::Mutex<String>,
+    /// The last good mesh file, and the cluster's services to fold into it.
+    file_mesh: std::sync::Mutex<Option<Mesh>>,
+    cluster: std::sync::Mutex<Vec<crate::mesh::Service>>,
     last_error: ArcSwapOption<ConfigError>,
     rejections: AtomicU64,
 }
@@ -102,7 +123,11 @@ impl MeshSource {
         });
         match result {
             Ok(mesh) => {
-                self.publisher.publish(mesh);
+                let cluster = self.cluster.lock().unwrap_or_else(|p| p.into_inner());
+                self.publisher
+                    .publish(crate::cluster_source::merge(&mesh, &cluster));
+                drop(cluster);
+                *self.file_mesh.lock().unwrap_or_else(|p| p.into_inner()) = Some(mesh);
                 self.last_error.store(None);
                 let version = self.publisher.current().mesh_version;
                 tracing::info!(version, file = %source, "mesh accepted");
@@ -114,6 +139,22 @@ impl MeshSource {
                 self.last_error.store(Some(Arc::new(e.clone())));
                 Err(e)
             }
+        }
+    }
+
+    /// A new view of the cluster: published, folded into the last good mesh file, when it
+    /// differs from the one before.
+    fn set_cluster(&self, services: Vec<crate::mesh::Service>) {
+        let mut cluster = self.cluster.lock().unwrap_or_else(|p| p.into_inner());
+        if *cluster == services {
+            return;
+        }
+        *cluster = services;
+        let file = self.file_mesh.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(mesh) = file.as_ref() {
+            self.publisher
+                .publish(crate::cluster_source::merge(mesh, &cluster));
+            tracing::info!(services = cluster.len(), "cluster services changed");
         }
     }
 
@@ -184,6 +225,8 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
         path: options.mesh_path,
         publisher: publisher.clone(),
         last_text: Default::default(),
+        file_mesh: Default::default(),
+        cluster: Default::default(),
         last_error: ArcSwapOption::empty(),
         rejections: AtomicU64::new(0),
     });

@@ -61,6 +61,10 @@ enum Command {
             default_value = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
         )]
         kube_ca_file: PathBuf,
+        /// Also take services from the cluster (`--kube-api`): Services, EndpointSlices and
+        /// the Pods behind them, listed at this interval and folded into the mesh file.
+        #[arg(long, value_parser = parse_duration)]
+        kube_services: Option<std::time::Duration>,
         /// Serve the sidecar-injecting admission webhook (HTTPS, `POST /inject`) here.
         #[arg(long)]
         webhook: Option<SocketAddr>,
@@ -258,7 +262,12 @@ fn main() -> ExitCode {
             webhook,
             webhook_dns,
             sidecar,
+            kube_services,
         } => {
+            if kube_services.is_some() && kube_api.is_none() {
+                eprintln!("--kube-services needs --kube-api");
+                return ExitCode::FAILURE;
+            }
             let token_review = match kube_api {
                 None => None,
                 Some(api) => match token_reviewer(&api, &kube_token_file, &kube_ca_file) {
@@ -283,11 +292,14 @@ fn main() -> ExitCode {
                         ca_dir: ca,
                         cert_lifetime,
                         secure_xds_address: secure_xds,
-                        token_review,
+                        token_review: token_review.clone(),
                     },
                 };
                 match app::start(options).await {
                     Ok(cp) => {
+                        if let (Some(interval), Some(reviewer)) = (kube_services, &token_review) {
+                            cp.watch_cluster(reviewer.api(), interval);
+                        }
                         if let Some(address) = webhook {
                             let ca = cp.ca.load_full();
                             let started = outrigger_control_plane::admission::start(

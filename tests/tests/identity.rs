@@ -11,6 +11,7 @@ use outrigger_control_plane::app::{self, ControlPlane};
 use outrigger_control_plane::ca::Ca;
 use outrigger_proxy::identity_api::{self, SignRequest};
 use outrigger_tests::clients::{TestClient, get};
+use outrigger_tests::fake_kube::FakeApiServer;
 use outrigger_tests::{TestProxy, eventually, temp_path, upstreams};
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
 
@@ -279,88 +280,33 @@ async fn over_mtls_xds_a_node_gets_the_config_of_the_identity_it_proves() {
 }
 
 /// A Kubernetes API server that knows three tokens, over real TLS, answering TokenReview.
-async fn fake_api_server() -> (SocketAddr, String, tokio::task::JoinHandle<()>) {
-    use http_body_util::{BodyExt, Full};
-    use rustls_pki_types::pem::PemObject;
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-    let cert = CertificateParams::new(vec!["localhost".to_string()])
-        .unwrap()
-        .self_signed(&key)
-        .unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(outrigger_proxy::identity::provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls_pki_types::PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())
-                .unwrap(),
-        )
-        .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
+async fn fake_api_server() -> FakeApiServer {
+    FakeApiServer::start(
+        "cp-token",
+        Arc::new(|_method: &str, _path: &str, body: serde_json::Value| {
+            let status = match body["spec"]["token"].as_str().unwrap_or_default() {
+                "sa-token-web" => {
+                    serde_json::json!({"authenticated": true, "audiences": ["outrigger"], "user": {"username": "system:serviceaccount:shop:web"}})
+                }
+                "node-token" => {
+                    serde_json::json!({"authenticated": true, "user": {"username": "system:node:worker-1"}})
+                }
+                _ => {
+                    serde_json::json!({"authenticated": false, "error": "token has expired"})
+                }
             };
-            let acceptor = acceptor.clone();
-            tokio::spawn(async move {
-                let Ok(tls) = acceptor.accept(tcp).await else {
-                    return;
-                };
-                let svc = hyper::service::service_fn(
-                    |req: http::Request<hyper::body::Incoming>| async move {
-                        let authorized = req
-                            .headers()
-                            .get("authorization")
-                            .and_then(|v| v.to_str().ok())
-                            == Some("Bearer cp-token");
-                        let body: serde_json::Value = serde_json::from_slice(
-                            &req.into_body().collect().await.unwrap().to_bytes(),
-                        )
-                        .unwrap();
-                        let status = match body["spec"]["token"].as_str().unwrap_or_default() {
-                            "sa-token-web" => {
-                                serde_json::json!({"authenticated": true, "audiences": ["outrigger"], "user": {"username": "system:serviceaccount:shop:web"}})
-                            }
-                            "node-token" => {
-                                serde_json::json!({"authenticated": true, "user": {"username": "system:node:worker-1"}})
-                            }
-                            _ => {
-                                serde_json::json!({"authenticated": false, "error": "token has expired"})
-                            }
-                        };
-                        let mut resp = http::Response::new(Full::new(bytes::Bytes::from(
-                            serde_json::json!({"kind": "TokenReview", "status": status})
-                                .to_string(),
-                        )));
-                        if !authorized {
-                            *resp.status_mut() = http::StatusCode::UNAUTHORIZED;
-                        }
-                        Ok::<_, std::convert::Infallible>(resp)
-                    },
-                );
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                    .await;
-            });
-        }
-    });
-    (addr, cert.pem(), task)
+            (200, serde_json::json!({"kind": "TokenReview", "status": status}))
+        }),
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_kubernetes_a_service_account_token_is_checked_with_a_token_review() {
     use outrigger_control_plane::token_review::TokenReviewer;
-    let (api, api_ca, _server) = fake_api_server().await;
-    let reviewer = TokenReviewer::new(
-        &format!("https://localhost:{}", api.port()),
-        "cp-token".into(),
-        api_ca.as_bytes(),
-    )
-    .unwrap();
+    let api = fake_api_server().await;
+    let reviewer =
+        TokenReviewer::new(&api.url(), "cp-token".into(), api.ca_pem.as_bytes()).unwrap();
     let path = temp_path("mesh.yaml");
     std::fs::write(&path, MESH).unwrap();
     let cp = app::start(app::Options {
