@@ -91,9 +91,9 @@ struct SidecarArgs {
         default_value = "/var/run/secrets/outrigger/token"
     )]
     token_file: String,
-    /// The app's ports, comma-separated.
-    #[arg(long, env = "OUTRIGGER_APP_PORTS", value_delimiter = ',')]
-    app_ports: Vec<u16>,
+    /// The app's ports, comma-separated (empty for none).
+    #[arg(long, env = "OUTRIGGER_APP_PORTS", default_value = "")]
+    app_ports: String,
     #[arg(long, default_value_t = 15006)]
     inbound_port: u16,
     #[arg(long, default_value_t = 15001)]
@@ -123,6 +123,20 @@ fn sidecar(args: SidecarArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let app_ports: Result<Vec<u16>, _> = args
+        .app_ports
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::parse)
+        .collect();
+    let Ok(app_ports) = app_ports else {
+        eprintln!(
+            "sidecar: --app-ports `{}` is not a list of ports",
+            args.app_ports
+        );
+        return ExitCode::FAILURE;
+    };
     let (ca, xds) = match (resolve(&args.ca_address), resolve(&args.xds_address)) {
         (Ok(ca), Ok(xds)) => (ca, xds),
         (Err(e), _) | (_, Err(e)) => {
@@ -140,7 +154,7 @@ fn sidecar(args: SidecarArgs) -> ExitCode {
         service_account: args.service_account,
         pod_name: args.pod_name,
         token_file: args.token_file,
-        app_ports: args.app_ports,
+        app_ports,
         inbound_port: args.inbound_port,
         outbound_port: args.outbound_port,
         admin_port: args.admin_port,

@@ -115,3 +115,81 @@ fn a_bad_annotation_fails_with_its_name() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("outrigger.io/sidecar-mode"), "{err}");
 }
+
+/// The contract between the injector and the sidecar: the environment and arguments the
+/// injected container gets are ones `outrigger-proxy sidecar` starts from, even for a pod that
+/// declares no ports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_injected_sidecar_starts_from_the_environment_it_is_given() {
+    let output = inject(&cases().join("job.yaml"), &[]);
+    let job = &yaml_documents(&output)[0];
+    let proxy = job["spec"]["template"]["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "outrigger-proxy")
+        .unwrap()
+        .clone();
+    let admin = outrigger_tests::free_addr();
+    let work_dir = outrigger_tests::temp_path("sidecar");
+    let mut cmd = Command::new(workspace_binary("outrigger-proxy"));
+    for arg in proxy["args"].as_array().unwrap() {
+        cmd.arg(arg.as_str().unwrap());
+    }
+    // What the kubelet would fill in from the downward API, and the control plane here.
+    let downward = [
+        ("metadata.name", "reindex-x7k2p"),
+        ("metadata.namespace", "search"),
+        ("spec.serviceAccountName", "default"),
+    ];
+    for var in proxy["env"].as_array().unwrap() {
+        let name = var["name"].as_str().unwrap();
+        let value = match var["value"].as_str() {
+            Some(_) if name.ends_with("_ADDRESS") => "127.0.0.1:1".to_string(),
+            Some(v) => v.to_string(),
+            None => {
+                let path = var["valueFrom"]["fieldRef"]["fieldPath"].as_str().unwrap();
+                downward
+                    .iter()
+                    .find(|(p, _)| *p == path)
+                    .unwrap()
+                    .1
+                    .to_string()
+            }
+        };
+        cmd.env(name, value);
+    }
+    let mut child = cmd
+        .args(["--admin-port", &admin.port().to_string(), "--work-dir"])
+        .arg(&work_dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let local_admin: std::net::SocketAddr = format!("127.0.0.1:{}", admin.port()).parse().unwrap();
+    let live = outrigger_tests::eventually(
+        "the sidecar is live",
+        std::time::Duration::from_secs(10),
+        || async move {
+            let r = outrigger_tests::clients::TestClient::http1(local_admin)
+                .get("admin", "/live")
+                .await
+                .ok()?;
+            Some(r.status.as_u16())
+        },
+    )
+    .await;
+    // Live, but not ready: there is no control plane to give it a certificate and config.
+    let ready = outrigger_tests::clients::get(local_admin, "/ready")
+        .await
+        .status
+        .as_u16();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!((live, ready), (200, 503));
+    let config = std::fs::read_to_string(work_dir.join("proxy.yaml")).unwrap();
+    assert!(
+        config.contains("spiffe://cluster.local/ns/search/sa/default"),
+        "{config}"
+    );
+}
