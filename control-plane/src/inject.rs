@@ -320,6 +320,14 @@ impl Injector {
         if !app_ports.is_empty() {
             args.push(join(app_ports));
         }
+        // The control plane's ports stay out of interception whoever dials them.
+        let control_plane: Vec<u16> = [&self.ca_address, &self.xds_address]
+            .iter()
+            .filter_map(|a| a.rsplit_once(':')?.1.parse().ok())
+            .collect();
+        if !control_plane.is_empty() {
+            args.extend(["--xds-port".into(), join(&control_plane)]);
+        }
         let skip_outbound = ports(meta, ANNOTATION_SKIP_OUTBOUND_PORTS)?;
         if !skip_outbound.is_empty() {
             args.extend(["--exclude-outbound-ports".into(), join(&skip_outbound)]);
@@ -535,8 +543,9 @@ mod tests {
         assert_eq!(inits[1]["name"], PROXY_CONTAINER);
         assert_eq!(inits[1]["restartPolicy"], "Always");
         assert_eq!(p["spec"]["containers"].as_array().unwrap().len(), 1);
-        // UDP ports are not intercepted.
+        // UDP ports are not intercepted; the control plane's are never.
         assert_eq!(inits[0]["args"][4], "8080");
+        assert_eq!(inits[0]["args"][6], "15010,15012");
     }
 
     #[test]

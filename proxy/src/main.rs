@@ -188,9 +188,9 @@ struct InitArgs {
     /// The proxy's admin port, reachable from outside without redirection (probes).
     #[arg(long, default_value_t = 15020)]
     admin_port: u16,
-    /// The control plane's xDS port, never redirected.
-    #[arg(long)]
-    xds_port: Option<u16>,
+    /// The control plane's ports (xDS, CA), comma-separated: never redirected.
+    #[arg(long, value_delimiter = ',')]
+    xds_port: Vec<u16>,
     /// More inbound ports to leave alone, comma-separated.
     #[arg(long, value_delimiter = ',')]
     exclude_inbound_ports: Vec<u16>,
@@ -214,7 +214,7 @@ struct InitArgs {
 fn init(args: InitArgs) -> ExitCode {
     let mut exclude_inbound_ports = vec![args.admin_port];
     exclude_inbound_ports.extend(args.exclude_inbound_ports);
-    let mut exclude_outbound_ports: Vec<u16> = args.xds_port.into_iter().collect();
+    let mut exclude_outbound_ports = args.xds_port;
     exclude_outbound_ports.extend(args.exclude_outbound_ports);
     let rules = outrigger_proxy::intercept::Interception {
         iptables: args.iptables,
