@@ -12,6 +12,8 @@ pub struct Pod {
     pub name: String,
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// The host end of the pod's veth pair: everything the pod sends or receives crosses it.
+    pub host_interface: String,
 }
 
 pub struct PodNetwork {
@@ -64,6 +66,7 @@ impl PodNetwork {
                 name: name.to_string(),
                 netns: netns.clone(),
                 ip,
+                host_interface: host_end.clone(),
             });
             run(
                 "ip",
