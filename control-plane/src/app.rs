@@ -91,9 +91,14 @@ impl ControlPlane {
         tokio::spawn(async move {
             loop {
                 match crate::cluster_source::fetch(&api, &trust_domain).await {
-                    Ok(services) => source.set_cluster(services),
+                    Ok(services) => {
+                        source.cluster_error.store(None);
+                        source.set_cluster(services);
+                    }
                     Err(e) => {
-                        tracing::warn!(error = %e, "cannot list the cluster; keeping its last view")
+                        tracing::warn!(error = %e, "cannot list the cluster; keeping its last view");
+                        source.cluster_failures.fetch_add(1, Ordering::Relaxed);
+                        source.cluster_error.store(Some(Arc::new(e)));
                     }
                 }
                 tokio::time::sleep(interval).await;
@@ -109,6 +114,9 @@ struct MeshSource {
     /// The last good mesh file, and the cluster's services to fold into it.
     file_mesh: std::sync::Mutex<Option<Mesh>>,
     cluster: std::sync::Mutex<Vec<crate::mesh::Service>>,
+    /// Why the last cluster listing failed (cleared by a good one), and how often it has.
+    cluster_error: ArcSwapOption<String>,
+    cluster_failures: AtomicU64,
     last_error: ArcSwapOption<ConfigError>,
     rejections: AtomicU64,
 }
@@ -227,6 +235,8 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
         last_text: Default::default(),
         file_mesh: Default::default(),
         cluster: Default::default(),
+        cluster_error: ArcSwapOption::empty(),
+        cluster_failures: AtomicU64::new(0),
         last_error: ArcSwapOption::empty(),
         rejections: AtomicU64::new(0),
     });
@@ -367,6 +377,10 @@ fn status_json(source: &MeshSource, nodes: &NodeRegistry) -> serde_json::Value {
             "type_versions": snapshot.types.iter().map(|(t, s)| (t.rsplit('.').next().unwrap_or(t).to_string(), json!(s.version.to_string()))).collect::<serde_json::Map<_, _>>(),
             "last_error": err.as_ref().map(|e| json!({"message": e.to_string(), "line": e.line, "field": e.field})),
         },
+        "cluster": {
+            "services": source.cluster.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            "last_error": source.cluster_error.load().as_deref().map(String::as_str),
+        },
         "nodes": nodes.to_json(),
     })
 }
@@ -402,6 +416,12 @@ fn metrics_text(source: &MeshSource, nodes: &NodeRegistry, issued: &AtomicU64) -
     out.push_str(&format!(
         "outrigger_cp_mesh_rejections_total {}\n",
         source.rejections.load(Ordering::Relaxed)
+    ));
+    out.push_str("# HELP outrigger_cp_cluster_list_failures_total Kubernetes listings that failed (the last view kept serving).\n");
+    out.push_str("# TYPE outrigger_cp_cluster_list_failures_total counter\n");
+    out.push_str(&format!(
+        "outrigger_cp_cluster_list_failures_total {}\n",
+        source.cluster_failures.load(Ordering::Relaxed)
     ));
     out.push_str("# TYPE outrigger_cp_nacks_total counter\n");
     if let serde_json::Value::Object(map) = nodes.to_json() {

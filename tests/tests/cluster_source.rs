@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use outrigger_control_plane::app;
 use outrigger_control_plane::kube_api::KubeApi;
-use outrigger_tests::clients::TestClient;
+use outrigger_tests::clients::{TestClient, get};
 use outrigger_tests::fake_kube::FakeApiServer;
-use outrigger_tests::{TestProxy, eventually, temp_path, upstreams};
+use outrigger_tests::{TestProxy, eventually, metric, temp_path, upstreams};
 use serde_json::{Value, json};
 
 /// The cluster as the API server lists it: `catalog` (also in the mesh file, with a retry
@@ -161,6 +161,14 @@ async fn cluster_services_reach_the_proxy_and_follow_their_endpoints() {
         );
     }
     assert_eq!(cp.publisher.current().mesh_version, version);
+    // The failure is visible: in /status with the API server's words, and in a metric.
+    let status = get(cp.admin_addr, "/status").await.body;
+    assert!(status.contains("etcd is down"), "{status}");
+    let metrics = get(cp.admin_addr, "/metrics").await.body;
+    assert!(
+        metric(&metrics, "outrigger_cp_cluster_list_failures_total") >= 2,
+        "{metrics}"
+    );
 
     // The pod moves: the proxy follows.
     {
@@ -176,4 +184,7 @@ async fn cluster_services_reach_the_proxy_and_follow_their_endpoints() {
         },
     )
     .await;
+    let status: Value = serde_json::from_str(&get(cp.admin_addr, "/status").await.body).unwrap();
+    assert_eq!(status["cluster"]["last_error"], Value::Null);
+    assert_eq!(status["cluster"]["services"], 2);
 }
