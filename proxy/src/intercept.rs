@@ -32,6 +32,14 @@ pub struct Interception {
     pub exclude_outbound_ports: Vec<u16>,
     /// Outbound destinations left alone, as `addr/len`.
     pub exclude_outbound_cidrs: Vec<Cidr>,
+    /// Also intercept IPv6, with the matching ip6tables, where the kernel has its nat table.
+    pub ipv6: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -82,6 +90,11 @@ impl Interception {
     /// The rules, one iptables argument list each, in the order they are applied: the
     /// chains are (re)made empty and filled, then hooked in.
     pub fn rules(&self) -> Vec<Vec<String>> {
+        self.rules_for(Family::V4)
+    }
+
+    /// The same rules for one address family: only the CIDRs differ.
+    pub fn rules_for(&self, family: Family) -> Vec<Vec<String>> {
         // Every argument is a number, an address or a fixed word: none holds a space.
         let mut rules: Vec<String> = Vec::new();
         let mut add = |rule: String| rules.push(format!("-t nat -A {rule}"));
@@ -113,7 +126,7 @@ impl Interception {
         for cidr in self
             .exclude_outbound_cidrs
             .iter()
-            .filter(|c| c.addr.is_ipv4())
+            .filter(|c| c.addr.is_ipv4() == (family == Family::V4))
         {
             add(format!("{OUTBOUND_CHAIN} -d {cidr} -j RETURN"));
         }
@@ -125,52 +138,85 @@ impl Interception {
             .collect()
     }
 
+    /// The ip6tables that goes with the chosen iptables (same backend).
+    pub fn ip6tables(&self) -> String {
+        self.iptables.replacen("iptables", "ip6tables", 1)
+    }
+
     /// Installs the rules, replacing any earlier set: running it twice leaves the same
-    /// tables as running it once.
-    pub fn apply(&self) -> Result<(), InterceptError> {
+    /// tables as running it once. Returns whether IPv6 is intercepted too: it is skipped
+    /// where ip6tables has no nat table (a kernel or pod without IPv6).
+    pub fn apply(&self) -> Result<bool, InterceptError> {
+        self.apply_family(&self.iptables, Family::V4)?;
+        let v6 = self.ip6tables();
+        if !self.ipv6
+            || self
+                .run(&v6, &["-t", "nat", "-L", "PREROUTING", "-n"])
+                .is_err()
+        {
+            return Ok(false);
+        }
+        self.apply_family(&v6, Family::V6)?;
+        Ok(true)
+    }
+
+    fn apply_family(&self, binary: &str, family: Family) -> Result<(), InterceptError> {
         for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
-            if self.run(&["-t", "nat", "-L", chain, "-n"]).is_ok() {
-                self.run(&["-t", "nat", "-F", chain])?;
+            if self.run(binary, &["-t", "nat", "-L", chain, "-n"]).is_ok() {
+                self.run(binary, &["-t", "nat", "-F", chain])?;
             } else {
-                self.run(&["-t", "nat", "-N", chain])?;
+                self.run(binary, &["-t", "nat", "-N", chain])?;
             }
         }
-        for rule in self.rules() {
+        for rule in self.rules_for(family) {
             let args: Vec<&str> = rule.iter().map(String::as_str).collect();
-            self.run(&args)?;
+            self.run(binary, &args)?;
         }
         for (hook, chain) in hooks() {
             let jump = ["-t", "nat", "-C", hook, "-p", "tcp", "-j", chain];
-            if self.run(&jump).is_err() {
-                self.run(&["-t", "nat", "-A", hook, "-p", "tcp", "-j", chain])?;
+            if self.run(binary, &jump).is_err() {
+                self.run(binary, &["-t", "nat", "-A", hook, "-p", "tcp", "-j", chain])?;
             }
         }
         Ok(())
     }
 
-    /// Takes out everything `apply` put in; rules that are already gone are not an error.
+    /// Takes out everything `apply` put in, for both families; rules that are already gone
+    /// (or were never there) are not an error.
     pub fn remove(&self) -> Result<(), InterceptError> {
+        self.remove_family(&self.iptables)?;
+        let v6 = self.ip6tables();
+        if self
+            .run(&v6, &["-t", "nat", "-L", "PREROUTING", "-n"])
+            .is_ok()
+        {
+            self.remove_family(&v6)?;
+        }
+        Ok(())
+    }
+
+    fn remove_family(&self, binary: &str) -> Result<(), InterceptError> {
         for (hook, chain) in hooks() {
             while self
-                .run(&["-t", "nat", "-D", hook, "-p", "tcp", "-j", chain])
+                .run(binary, &["-t", "nat", "-D", hook, "-p", "tcp", "-j", chain])
                 .is_ok()
             {}
         }
         for chain in [INBOUND_CHAIN, OUTBOUND_CHAIN] {
-            if self.run(&["-t", "nat", "-L", chain, "-n"]).is_ok() {
-                self.run(&["-t", "nat", "-F", chain])?;
-                self.run(&["-t", "nat", "-X", chain])?;
+            if self.run(binary, &["-t", "nat", "-L", chain, "-n"]).is_ok() {
+                self.run(binary, &["-t", "nat", "-F", chain])?;
+                self.run(binary, &["-t", "nat", "-X", chain])?;
             }
         }
         Ok(())
     }
 
-    fn run(&self, args: &[&str]) -> Result<(), InterceptError> {
-        let command = format!("{} {}", self.iptables, args.join(" "));
+    fn run(&self, binary: &str, args: &[&str]) -> Result<(), InterceptError> {
+        let command = format!("{binary} {}", args.join(" "));
         let mut tries = 0;
         let out = loop {
             // -w: wait for the xtables lock instead of failing when another writer holds it.
-            let out = Command::new(&self.iptables)
+            let out = Command::new(binary)
                 .arg("-w")
                 .args(args)
                 .output()
@@ -214,7 +260,11 @@ mod tests {
             include_inbound_ports: None,
             exclude_inbound_ports: vec![15020],
             exclude_outbound_ports: vec![15010],
-            exclude_outbound_cidrs: vec!["10.96.0.0/12".parse().unwrap()],
+            exclude_outbound_cidrs: vec![
+                "10.96.0.0/12".parse().unwrap(),
+                "fd00:10:96::/112".parse().unwrap(),
+            ],
+            ipv6: true,
         }
     }
 
@@ -235,6 +285,33 @@ mod tests {
         );
         assert!(rules.contains(&"-t nat -A OUTRIGGER_OUTPUT -d 10.96.0.0/12 -j RETURN".into()));
         assert!(rules.last().unwrap().ends_with("--to-ports 15001"));
+    }
+
+    #[test]
+    fn each_family_gets_only_its_own_cidrs() {
+        let i = sample();
+        let v4: Vec<String> = i
+            .rules_for(Family::V4)
+            .iter()
+            .map(|r| r.join(" "))
+            .collect();
+        let v6: Vec<String> = i
+            .rules_for(Family::V6)
+            .iter()
+            .map(|r| r.join(" "))
+            .collect();
+        assert!(v4.iter().any(|r| r.contains("10.96.0.0/12")));
+        assert!(!v4.iter().any(|r| r.contains("fd00:10:96::/112")));
+        assert!(v6.iter().any(|r| r.contains("fd00:10:96::/112")));
+        assert!(!v6.iter().any(|r| r.contains("10.96.0.0/12")));
+        assert_eq!(
+            Interception {
+                iptables: "iptables-legacy".into(),
+                ..i
+            }
+            .ip6tables(),
+            "ip6tables-legacy"
+        );
     }
 
     #[test]

@@ -159,6 +159,7 @@ fn sidecar(args: SidecarArgs) -> ExitCode {
         outbound_port: args.outbound_port,
         admin_port: args.admin_port,
         inbound_tls,
+        dual_stack: outrigger_proxy::sidecar::ipv6_available(),
     };
     let path = args.work_dir.join("proxy.yaml");
     if let Err(e) = std::fs::create_dir_all(&args.work_dir)
@@ -203,6 +204,9 @@ struct InitArgs {
     /// The iptables binary: `iptables`, `iptables-nft` or `iptables-legacy`.
     #[arg(long, default_value = "iptables")]
     iptables: String,
+    /// Leave IPv6 alone (by default it is intercepted too, where the kernel allows).
+    #[arg(long)]
+    no_ipv6: bool,
     /// Take the rules out again.
     #[arg(long)]
     remove: bool,
@@ -225,22 +229,35 @@ fn init(args: InitArgs) -> ExitCode {
         exclude_inbound_ports,
         exclude_outbound_ports,
         exclude_outbound_cidrs: args.exclude_outbound_cidrs,
+        ipv6: !args.no_ipv6,
     };
     if args.dry_run {
-        for rule in rules.rules() {
-            println!("{} {}", rules.iptables, rule.join(" "));
+        use outrigger_proxy::intercept::Family;
+        for (binary, family) in [
+            (rules.iptables.clone(), Family::V4),
+            (rules.ip6tables(), Family::V6),
+        ] {
+            for rule in rules.rules_for(family) {
+                println!("{binary} {}", rule.join(" "));
+            }
         }
         return ExitCode::SUCCESS;
     }
     let result = if args.remove {
-        rules.remove()
+        rules.remove().map(|()| "removed".to_string())
     } else {
-        rules.apply()
+        rules.apply().map(|ipv6| {
+            let v6 = if ipv6 {
+                format!("and {}", rules.ip6tables())
+            } else {
+                "IPv4 only: no IPv6 nat table here".to_string()
+            };
+            format!("installed ({}, {v6})", rules.iptables)
+        })
     };
     match result {
-        Ok(()) => {
-            let done = if args.remove { "removed" } else { "installed" };
-            println!("interception rules {done} ({})", rules.iptables);
+        Ok(done) => {
+            println!("interception rules {done}");
             ExitCode::SUCCESS
         }
         Err(e) => {

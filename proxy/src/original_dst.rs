@@ -23,7 +23,15 @@ use crate::runtime_config::VirtualHost;
 /// made to the listener itself.
 pub fn of(stream: &TcpStream) -> Option<SocketAddr> {
     let sock = socket2::SockRef::from(stream);
-    let local = stream.local_addr().ok()?;
+    // A dual-stack listener sees IPv4 connections as `::ffff:a.b.c.d`; their conntrack entry
+    // (and so the option to ask) is IPv4's.
+    let local = match stream.local_addr().ok()? {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => SocketAddr::V6(v6),
+        },
+        v4 => v4,
+    };
     let original = if local.is_ipv4() {
         sock.original_dst_v4()
     } else {

@@ -31,6 +31,13 @@ pub struct Sidecar {
     pub outbound_port: u16,
     pub admin_port: u16,
     pub inbound_tls: TlsMode,
+    /// Listen on `[::]` (both families) rather than `0.0.0.0`: where the pod has IPv6.
+    pub dual_stack: bool,
+}
+
+/// Whether this network namespace can listen on IPv6 (a pod may have it switched off).
+pub fn ipv6_available() -> bool {
+    std::net::TcpListener::bind("[::]:0").is_ok()
 }
 
 /// Resolves `host:port` (a Service's DNS name in Kubernetes), retrying while DNS is not yet
@@ -66,8 +73,10 @@ impl Sidecar {
             TlsMode::Strict => "strict",
             TlsMode::Permissive => "permissive",
         };
+        // Dual stack: one socket takes both families (IPv4 arrives as ::ffff:a.b.c.d).
+        let any = if self.dual_stack { "[::]" } else { "0.0.0.0" };
         let mut y = String::new();
-        let _ = writeln!(y, "admin: {{address: \"0.0.0.0:{}\"}}", self.admin_port);
+        let _ = writeln!(y, "admin: {{address: \"{any}:{}\"}}", self.admin_port);
         let _ = writeln!(
             y,
             "identity:\n  ca: {{address: \"{}\", token_file: \"{}\", id: \"{id}\"}}",
@@ -80,12 +89,12 @@ impl Sidecar {
         );
         let _ = writeln!(
             y,
-            "listeners:\n  - name: outbound\n    address: \"0.0.0.0:{}\"\n    direction: outbound\n    original_destination: true\n    rds: outbound",
+            "listeners:\n  - name: outbound\n    address: \"{any}:{}\"\n    direction: outbound\n    original_destination: true\n    rds: outbound",
             self.outbound_port
         );
         let _ = writeln!(
             y,
-            "  - name: inbound\n    address: \"0.0.0.0:{}\"\n    direction: inbound\n    original_destination: true\n    tls: {{mode: {mode}}}\n    virtual_hosts:",
+            "  - name: inbound\n    address: \"{any}:{}\"\n    direction: inbound\n    original_destination: true\n    tls: {{mode: {mode}}}\n    virtual_hosts:",
             self.inbound_port
         );
         for port in &self.app_ports {
@@ -133,6 +142,7 @@ mod tests {
             outbound_port: 15001,
             admin_port: 15020,
             inbound_tls: TlsMode::Permissive,
+            dual_stack: true,
         }
     }
 

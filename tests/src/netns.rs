@@ -4,7 +4,7 @@
 //! Needs root, `ip` (iproute2) and `iptables`; `scripts/test` installs them. Everything is
 //! named after the test process and torn down on drop, even when the test panics.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 
@@ -12,6 +12,8 @@ pub struct Pod {
     pub name: String,
     pub netns: String,
     pub ip: Ipv4Addr,
+    /// `fd00:250:<subnet>::<11 + n>`: every pod is dual-stack.
+    pub ip6: Ipv6Addr,
     /// The host end of the pod's veth pair: everything the pod sends or receives crosses it.
     pub host_interface: String,
 }
@@ -56,16 +58,32 @@ impl PodNetwork {
             "ip",
             &["addr", "add", &format!("{gateway}/24"), "dev", &bridge],
         );
+        let gateway6 = Ipv6Addr::new(0xfd00, 0x250, subnet as u16, 0, 0, 0, 0, 1);
+        // nodad: the address is usable at once instead of after duplicate detection.
+        run(
+            "ip",
+            &[
+                "-6",
+                "addr",
+                "add",
+                &format!("{gateway6}/64"),
+                "dev",
+                &bridge,
+                "nodad",
+            ],
+        );
         run("ip", &["link", "set", &bridge, "up"]);
         for (i, name) in names.iter().enumerate() {
             let netns = format!("or{id}-{name}");
             let ip = Ipv4Addr::new(10, 250, subnet, 11 + i as u8);
+            let ip6 = Ipv6Addr::new(0xfd00, 0x250, subnet as u16, 0, 0, 0, 0, 0x11 + i as u16);
             let (host_end, pod_end) = (format!("orh{id}{i}"), format!("orp{id}{i}"));
             run("ip", &["netns", "add", &netns]);
             net.pods.push(Pod {
                 name: name.to_string(),
                 netns: netns.clone(),
                 ip,
+                ip6,
                 host_interface: host_end.clone(),
             });
             run(
@@ -87,6 +105,23 @@ impl PodNetwork {
             inside(&["link", "set", "eth0", "up"]);
             // Service VIPs are reachable only through the gateway, as with kube-proxy.
             inside(&["route", "add", "default", "via", &gateway.to_string()]);
+            inside(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
+            inside(&[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                &gateway6.to_string(),
+            ]);
         }
         net
     }

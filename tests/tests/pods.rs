@@ -34,11 +34,16 @@ fn vip(subnet: u8, i: u8) -> IpAddr {
 fn mesh(net: &PodNetwork, subnet: u8) -> String {
     let mut yaml = String::from("mesh: {trust_domain: cluster.local}\nservices:\n");
     for (i, pod) in net.pods.iter().enumerate() {
+        // b is reached over IPv6, whatever address family its callers dial.
+        let endpoint = if pod.name == "b" {
+            SocketAddr::new(pod.ip6.into(), APP_PORT)
+        } else {
+            SocketAddr::new(pod.ip.into(), APP_PORT)
+        };
         yaml += &format!(
-            "  - name: {name}\n    port: {APP_PORT}\n    mtls: true\n    addresses: [\"{vip}\"]\n    endpoints: [{{address: \"{ip}:{APP_PORT}\"}}]\n    tokens: [{{token: token-{name}}}]\n",
+            "  - name: {name}\n    port: {APP_PORT}\n    mtls: true\n    addresses: [\"{vip}\"]\n    endpoints: [{{address: \"{endpoint}\"}}]\n    tokens: [{{token: token-{name}}}]\n",
             name = pod.name,
             vip = vip(subnet, i as u8),
-            ip = pod.ip,
         );
         if pod.name == "b" {
             yaml += "    policy:\n      retry: {attempts: 2, on: [gateway-error]}\n";
@@ -245,9 +250,9 @@ async fn pods_talk_through_their_sidecars(backend: &str) {
     assert_eq!(body["pod"], "b");
     assert_eq!(body["client_id"], spiffe("a").as_str());
 
-    // a → b by pod IP: the endpoint address maps to the same service.
-    let b_ip = net.pod("b").ip;
-    let (status, body) = app_get(&net, "a", &format!("http://{b_ip}:{APP_PORT}/direct"));
+    // a → b by pod IP, over IPv6: the endpoint address maps to the same service.
+    let (b_ip, b_ip6) = (net.pod("b").ip, net.pod("b").ip6);
+    let (status, body) = app_get(&net, "a", &format!("http://[{b_ip6}]:{APP_PORT}/direct"));
     assert_eq!(status, "200", "{body}");
     assert_eq!(body["client_id"], spiffe("a").as_str());
 
@@ -330,22 +335,32 @@ fn init_is_idempotent_and_removable_with_nft_and_legacy() {
     let subnet = 100 + ((std::process::id() + 50) % 100) as u8;
     let net = PodNetwork::new(subnet, &["solo"]);
     for backend in ["iptables-nft", "iptables-legacy"] {
-        let save = format!("{backend}-save");
+        // Both families: IPv4 first, then the IPv6 tables after a marker line.
+        let saves = [
+            format!("{backend}-save"),
+            format!("{}-save", backend.replacen("iptables", "ip6tables", 1)),
+        ];
         let rules = || {
-            String::from_utf8_lossy(&net.exec("solo", &save, &["-t", "nat"]).stdout)
-                .lines()
-                .filter(|l| !l.starts_with('#'))
-                // Packet counters on the chain lines are not rules.
-                .map(|l| l.split(" [").next().unwrap_or(l))
+            saves
+                .iter()
+                .map(|save| {
+                    String::from_utf8_lossy(&net.exec("solo", save, &["-t", "nat"]).stdout)
+                        .lines()
+                        .filter(|l| !l.starts_with('#'))
+                        // Packet counters on the chain lines are not rules.
+                        .map(|l| l.split(" [").next().unwrap_or(l))
+                        .collect::<Vec<_>>()
+                        .join("\n")
+                })
                 .collect::<Vec<_>>()
-                .join("\n")
+                .join("\n--- ipv6 ---\n")
         };
         let pristine = rules();
         let flags = [
             "--iptables",
             backend,
             "--exclude-outbound-cidrs",
-            "10.96.0.0/12",
+            "10.96.0.0/12,fd00:10:96::/112",
             "--exclude-inbound-ports",
             "22",
         ];
@@ -367,6 +382,18 @@ fn init_is_idempotent_and_removable_with_nft_and_legacy() {
             once.contains("-j REDIRECT --to-ports 15001"),
             "{backend}: {once}"
         );
+        // IPv6 gets the same rules, with its own CIDRs only.
+        let (v4, v6) = once.split_once("--- ipv6 ---").unwrap();
+        assert!(v6.contains("--uid-owner 1337 -j RETURN"), "{backend}: {v6}");
+        assert!(
+            v6.contains("-d fd00:10:96::/112 -j RETURN"),
+            "{backend}: {v6}"
+        );
+        assert!(
+            v6.contains("-j REDIRECT --to-ports 15006"),
+            "{backend}: {v6}"
+        );
+        assert!(!v4.contains("fd00:10:96::") && !v6.contains("10.96.0.0"));
         init(&net, "solo", &flags);
         assert_eq!(rules(), once, "{backend}: a second init changed the rules");
         let mut remove = flags.to_vec();
