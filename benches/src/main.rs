@@ -22,39 +22,6 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 
-struct Args {
-    duration: u64,
-    rate: u64,
-    proxy_bin: PathBuf,
-    envoy_bin: Option<PathBuf>,
-    out_dir: PathBuf,
-}
-
-fn parse_args() -> Args {
-    let mut args = Args {
-        duration: 10,
-        rate: 1000,
-        proxy_bin: PathBuf::from("target/release/outrigger-proxy"),
-        envoy_bin: std::env::var_os("ENVOY_BIN").map(PathBuf::from),
-        out_dir: PathBuf::from("target/bench"),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
-        match flag.as_str() {
-            "--duration" => args.duration = value().parse().expect("--duration SECONDS"),
-            "--rate" => args.rate = value().parse().expect("--rate REQUESTS_PER_SECOND"),
-            "--proxy" => args.proxy_bin = value().into(),
-            "--envoy" => args.envoy_bin = Some(value().into()),
-            "--out" => args.out_dir = value().into(),
-            other => panic!(
-                "unknown flag {other}; flags: --duration S --rate RPS --proxy PATH --envoy PATH --out DIR"
-            ),
-        }
-    }
-    args
-}
-
 /// One load shape, driven by h2load against whichever address is under test.
 pub(crate) struct Scenario {
     name: &'static str,
@@ -62,28 +29,11 @@ pub(crate) struct Scenario {
     fixed_rate: bool,
 }
 
-fn scenarios(args: &Args) -> Vec<Scenario> {
+fn scenarios(args: &RunArgs) -> Vec<Scenario> {
     let d = format!("{}", args.duration);
-    // h2load's --rps is per client: 10 clients share the total rate.
-    let per_client = (args.rate / 10).max(1).to_string();
     let v = |s: &[&str]| s.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     vec![
-        Scenario {
-            name: "http1 fixed rate",
-            h2load: [v(&[
-                "--h1",
-                "-c",
-                "10",
-                "-t",
-                "1",
-                "--rps",
-                &per_client,
-                "-D",
-                &d,
-            ])]
-            .concat(),
-            fixed_rate: true,
-        },
+        fixed_rate("http1 fixed rate", args.rate, args.duration),
         Scenario {
             name: "http1 max",
             h2load: v(&["--h1", "-c", "50", "-t", "1", "-D", &d]),
@@ -136,6 +86,37 @@ pub(crate) fn start_upstream() -> SocketAddr {
 /// failure share is exact rather than sampled.
 pub(crate) fn start_upstream_failing(fail_every: u64) -> SocketAddr {
     let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let body = Bytes::from(vec![b'x'; 128]);
+    serve_in_thread(move |stream| {
+        let _ = stream.set_nodelay(true);
+        let (body, counter) = (body.clone(), counter.clone());
+        async move {
+            let svc = service_fn(move |_req| {
+                let body = body.clone();
+                let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                async move {
+                    let mut resp = hyper::Response::new(Full::new(body));
+                    if fail_every > 0 && n % fail_every == 0 {
+                        *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    Ok::<_, Infallible>(resp)
+                }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        }
+    })
+}
+
+/// A loopback server on a one-thread runtime of its own thread: `serve` gets each accepted
+/// connection. Kept off the proxy's runtime so that the load generator's far end costs the
+/// proxy nothing.
+pub(crate) fn serve_in_thread<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let std_listener = StdListener::bind("127.0.0.1:0").unwrap();
     std_listener.set_nonblocking(true).unwrap();
     let addr = std_listener.local_addr().unwrap();
@@ -146,36 +127,17 @@ pub(crate) fn start_upstream_failing(fail_every: u64) -> SocketAddr {
             .unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-            let body = Bytes::from(vec![b'x'; 128]);
             loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let _ = stream.set_nodelay(true);
-                let (body, counter) = (body.clone(), counter.clone());
-                tokio::spawn(async move {
-                    let svc = service_fn(move |_req| {
-                        let body = body.clone();
-                        let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-                        async move {
-                            let mut resp = hyper::Response::new(Full::new(body));
-                            if fail_every > 0 && n % fail_every == 0 {
-                                *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
-                            }
-                            Ok::<_, Infallible>(resp)
-                        }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
+                if let Ok((stream, _)) = listener.accept().await {
+                    tokio::spawn(serve(stream));
+                }
             }
         });
     });
     addr
 }
 
-fn start_outrigger(args: &Args, upstream: SocketAddr, dir: &Path) -> Target {
+fn start_outrigger(args: &RunArgs, upstream: SocketAddr, dir: &Path) -> Target {
     let (addr, admin) = (free_port(), free_port());
     let config = format!(
         "admin:\n  address: {admin}\nworkers: 1\nlisteners:\n  - name: bench\n    address: {addr}\n    direction: outbound\n    virtual_hosts:\n      - name: all\n        domains: [\"*\"]\n        routes:\n          - backends: [{{cluster: upstream}}]\nclusters:\n  - name: upstream\n    endpoints: [{{address: \"{upstream}\"}}]\n"
@@ -368,10 +330,14 @@ pub(crate) fn run_h2load(scenario: &Scenario, target: &Target, log: &Path) -> Me
 
 /// The flags every side-by-side scenario takes: `--duration SECONDS`, `--rate RPS` (the
 /// fixed rate), `--proxy PATH` (our release binary).
+/// The flags every side-by-side scenario takes.
 pub(crate) struct RunArgs {
     pub duration: u64,
     pub rate: u64,
     pub proxy_bin: PathBuf,
+    /// `None`: Envoy is left out of the comparison.
+    pub envoy_bin: Option<PathBuf>,
+    pub out_dir: PathBuf,
 }
 
 pub(crate) fn run_args(raw: &[String]) -> RunArgs {
@@ -379,6 +345,8 @@ pub(crate) fn run_args(raw: &[String]) -> RunArgs {
         duration: 10,
         rate: 1000,
         proxy_bin: PathBuf::from("target/release/outrigger-proxy"),
+        envoy_bin: std::env::var_os("ENVOY_BIN").map(PathBuf::from),
+        out_dir: PathBuf::from("target/bench"),
     };
     let mut it = raw.iter();
     while let Some(flag) = it.next() {
@@ -387,10 +355,28 @@ pub(crate) fn run_args(raw: &[String]) -> RunArgs {
             "--duration" => args.duration = value.parse().expect("--duration SECONDS"),
             "--rate" => args.rate = value.parse().expect("--rate REQUESTS_PER_SECOND"),
             "--proxy" => args.proxy_bin = value.into(),
-            other => panic!("unknown flag {other}; flags: --duration S --rate RPS --proxy PATH"),
+            "--envoy" => args.envoy_bin = Some(value.into()),
+            "--out" => args.out_dir = value.into(),
+            other => panic!(
+                "unknown flag {other}; flags: --duration S --rate RPS --proxy PATH --envoy PATH --out DIR"
+            ),
         }
     }
+    if args.envoy_bin.is_none() {
+        eprintln!("ENVOY_BIN is not set: Envoy is left out (scripts/bench installs it)");
+    }
     args
+}
+
+impl RunArgs {
+    /// A fresh scratch directory for configs and certificates (and the output directory).
+    pub(crate) fn scratch(&self, tag: &str) -> PathBuf {
+        let dir =
+            std::env::temp_dir().join(format!("outrigger-bench-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::create_dir_all(&self.out_dir).unwrap();
+        dir
+    }
 }
 
 /// HTTP/1.1 at a fixed rate over 10 connections: like for like, so CPU per request compares.
@@ -434,15 +420,13 @@ fn main() {
     let raw: Vec<String> = std::env::args().skip(1).collect();
     match raw.first().map(String::as_str) {
         Some("xds-scale") => return xds_scale::run(&raw[1..], Path::new("target/bench")),
-        Some("resilience") => return resilience::run(&raw[1..], Path::new("target/bench")),
-        Some("mesh-hop") => return mesh_hop::run(&raw[1..], Path::new("target/bench")),
-        Some("tracing") => return tracing_cost::run(&raw[1..], Path::new("target/bench")),
+        Some("resilience") => return resilience::run(&raw[1..]),
+        Some("mesh-hop") => return mesh_hop::run(&raw[1..]),
+        Some("tracing") => return tracing_cost::run(&raw[1..]),
         _ => {}
     }
-    let args = parse_args();
-    let dir = std::env::temp_dir().join(format!("outrigger-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::create_dir_all(&args.out_dir).unwrap();
+    let args = run_args(&raw);
+    let dir = args.scratch("direct");
     let upstream = start_upstream();
     wait_for_port(upstream);
 
@@ -457,11 +441,8 @@ fn main() {
             }),
             Box::new(|| start_outrigger(&args, upstream, &dir)),
         ];
-        match &args.envoy_bin {
-            Some(envoy) => t.push(Box::new(|| start_envoy(envoy, upstream, &dir))),
-            None => {
-                eprintln!("ENVOY_BIN is not set: Envoy is left out (scripts/bench installs it)")
-            }
+        if let Some(envoy) = &args.envoy_bin {
+            t.push(Box::new(|| start_envoy(envoy, upstream, &dir)));
         }
         t
     };

@@ -21,8 +21,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::json;
 
 use crate::{
-    RunArgs, Scenario, Target, cpu_seconds, free_port, run_args, run_h2load, spawn_envoy,
-    spawn_outrigger, start_upstream, wait_for_port, write_json,
+    RunArgs, Scenario, Target, cpu_seconds, fixed_rate, free_port, run_args, run_h2load,
+    spawn_envoy, spawn_outrigger, start_upstream, wait_for_port, write_json,
 };
 
 const CLIENT_ID: &str = "spiffe://bench.test/ns/bench/sa/client";
@@ -231,16 +231,17 @@ struct Pair {
     inbound: Target,
 }
 
-pub fn run(raw: &[String], out_dir: &Path) {
+pub fn run(raw: &[String]) {
+    let args = run_args(raw);
+    let dir = args.scratch("hop");
     let RunArgs {
         duration,
         rate,
         proxy_bin,
-    } = run_args(raw);
-    let envoy_bin = std::env::var_os("ENVOY_BIN").map(PathBuf::from);
-    let dir = std::env::temp_dir().join(format!("outrigger-bench-hop-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::create_dir_all(out_dir).unwrap();
+        envoy_bin,
+        out_dir,
+    } = args;
+    let out_dir = out_dir.as_path();
     let ca = Ca::generate("bench.test").unwrap();
     let (client_ids, server_ids) = (issue(&ca, CLIENT_ID, &dir), issue(&ca, SERVER_ID, &dir));
     let upstream = start_upstream();
@@ -292,30 +293,11 @@ pub fn run(raw: &[String], out_dir: &Path) {
             outbound,
             inbound,
         });
-    } else {
-        eprintln!("ENVOY_BIN is not set: Envoy is left out (scripts/bench installs it)");
     }
 
     let d = duration.to_string();
-    let per_client = (rate / 10).max(1).to_string();
     let scenarios = [
-        Scenario {
-            name: "mesh hop fixed rate",
-            h2load: [
-                "--h1",
-                "-c",
-                "10",
-                "-t",
-                "1",
-                "--rps",
-                &per_client,
-                "-D",
-                &d,
-            ]
-            .map(String::from)
-            .to_vec(),
-            fixed_rate: true,
-        },
+        fixed_rate("mesh hop fixed rate", rate, duration),
         Scenario {
             name: "mesh hop max",
             h2load: ["--h1", "-c", "50", "-t", "1", "-D", &d]

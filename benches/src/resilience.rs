@@ -9,7 +9,6 @@
 //! `outrigger-bench resilience [--duration SECONDS] [--rate RPS]`
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::json;
@@ -90,16 +89,17 @@ static_resources:
 
 type Starter<'a> = Box<dyn Fn() -> Target + 'a>;
 
-pub fn run(raw: &[String], out_dir: &Path) {
+pub fn run(raw: &[String]) {
+    let args = run_args(raw);
+    let dir = args.scratch("res");
     let RunArgs {
         duration,
         rate,
         proxy_bin,
-    } = run_args(raw);
-    let envoy = std::env::var_os("ENVOY_BIN").map(PathBuf::from);
-    let dir = std::env::temp_dir().join(format!("outrigger-bench-res-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::create_dir_all(out_dir).unwrap();
+        envoy_bin: envoy,
+        out_dir,
+    } = args;
+    let out_dir = out_dir.as_path();
     let endpoints = [
         start_upstream_failing(0),
         start_upstream_failing(0),
@@ -122,8 +122,8 @@ pub fn run(raw: &[String], out_dir: &Path) {
             )
         }),
     )];
-    match &envoy {
-        Some(envoy) => targets.push((
+    if let Some(envoy) = &envoy {
+        targets.push((
             "envoy",
             Box::new(|| {
                 let (addr, admin) = (free_port(), free_port());
@@ -134,8 +134,7 @@ pub fn run(raw: &[String], out_dir: &Path) {
                     &dir.join("envoy.yaml"),
                 )
             }),
-        )),
-        None => eprintln!("ENVOY_BIN is not set: Envoy is left out (scripts/bench installs it)"),
+        ));
     }
 
     let mut rows = Vec::new();

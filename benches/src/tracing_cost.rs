@@ -11,7 +11,6 @@
 
 use std::convert::Infallible;
 use std::net::{SocketAddr, TcpListener as StdListener};
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,55 +20,33 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use serde_json::json;
 
 use crate::{
-    RunArgs, Target, fixed_rate, free_port, run_args, run_h2load, spawn_envoy, spawn_outrigger,
-    start_upstream, wait_for_port, write_json,
+    RunArgs, Target, fixed_rate, free_port, run_args, run_h2load, serve_in_thread, spawn_envoy,
+    spawn_outrigger, start_upstream, wait_for_port, write_json,
 };
 
 /// An OTLP/gRPC collector that accepts everything: one empty response message and
 /// `grpc-status: 0` for every call.
 fn start_sink() -> SocketAddr {
-    let std_listener = StdListener::bind("127.0.0.1:0").unwrap();
-    std_listener.set_nonblocking(true).unwrap();
-    let addr = std_listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(
-                        |req: hyper::Request<hyper::body::Incoming>| async move {
-                            let _ = req.into_body().collect().await;
-                            let mut trailers = hyper::HeaderMap::new();
-                            trailers.insert("grpc-status", "0".parse().unwrap());
-                            let frames = vec![
-                                Ok::<_, Infallible>(Frame::data(Bytes::from_static(&[
-                                    0, 0, 0, 0, 0,
-                                ]))),
-                                Ok(Frame::trailers(trailers)),
-                            ];
-                            let mut resp = hyper::Response::new(StreamBody::new(
-                                futures_util::stream::iter(frames),
-                            ));
-                            resp.headers_mut()
-                                .insert("content-type", "application/grpc".parse().unwrap());
-                            Ok::<_, Infallible>(resp)
-                        },
-                    );
-                    let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
-    });
-    addr
+    serve_in_thread(|stream| async move {
+        let svc =
+            hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                let _ = req.into_body().collect().await;
+                let mut trailers = hyper::HeaderMap::new();
+                trailers.insert("grpc-status", "0".parse().unwrap());
+                let frames = vec![
+                    Ok::<_, Infallible>(Frame::data(Bytes::from_static(&[0, 0, 0, 0, 0]))),
+                    Ok(Frame::trailers(trailers)),
+                ];
+                let mut resp =
+                    hyper::Response::new(StreamBody::new(futures_util::stream::iter(frames)));
+                resp.headers_mut()
+                    .insert("content-type", "application/grpc".parse().unwrap());
+                Ok::<_, Infallible>(resp)
+            });
+        let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .serve_connection(TokioIo::new(stream), svc)
+            .await;
+    })
 }
 
 /// A collector that takes connections and never says a word.
@@ -161,16 +138,17 @@ fn dropped_spans(admin: SocketAddr) -> u64 {
         .sum::<f64>() as u64
 }
 
-pub fn run(raw: &[String], out_dir: &Path) {
+pub fn run(raw: &[String]) {
+    let args = run_args(raw);
+    let dir = args.scratch("trace");
     let RunArgs {
         duration,
         rate,
         proxy_bin,
-    } = run_args(raw);
-    let envoy_bin = std::env::var_os("ENVOY_BIN").map(PathBuf::from);
-    let dir = std::env::temp_dir().join(format!("outrigger-bench-trace-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::create_dir_all(out_dir).unwrap();
+        envoy_bin,
+        out_dir,
+    } = args;
+    let out_dir = out_dir.as_path();
     let upstream = start_upstream();
     let (sink, hole) = (start_sink(), start_black_hole());
     wait_for_port(upstream);
@@ -216,8 +194,6 @@ pub fn run(raw: &[String], out_dir: &Path) {
                 }),
             ));
         }
-    } else {
-        eprintln!("ENVOY_BIN is not set: Envoy is left out (scripts/bench installs it)");
     }
 
     let mut rows = Vec::new();
