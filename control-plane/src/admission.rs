@@ -19,8 +19,6 @@ use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::ServerConfig;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
@@ -76,10 +74,7 @@ pub fn tls_config(ca: &Ca, dns_names: &[String]) -> Result<Arc<ServerConfig>, St
     let (chain, key) = ca
         .issue_server(dns_names, Duration::from_secs(365 * 24 * 3600))
         .map_err(|e| e.to_string())?;
-    let chain = CertificateDer::pem_slice_iter(chain.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
-    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| e.to_string())?;
+    let (chain, key) = crate::ca::rustls_pair(&chain, &key)?;
     let mut config = ServerConfig::builder_with_provider(outrigger_proxy::identity::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?

@@ -16,7 +16,8 @@ use rcgen::{
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
     SanType,
 };
-use rustls_pki_types::CertificateSigningRequestDer;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateSigningRequestDer, PrivateKeyDer};
 use time::OffsetDateTime;
 
 pub const DEFAULT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
@@ -207,6 +208,18 @@ impl Ca {
             leaf_pem
         }
     }
+}
+
+/// A certificate chain and key as `issue` or `issue_server` wrote them, in rustls' form.
+pub fn rustls_pair(
+    chain_pem: &str,
+    key_pem: &str,
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| e.to_string())?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
+    Ok((chain, key))
 }
 
 fn svid_params(

@@ -10,8 +10,8 @@ use std::time::Duration;
 use outrigger_proxy::spiffe::SpiffeId;
 use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
+use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -36,10 +36,7 @@ pub fn server_config(ca: &Ca) -> Result<Arc<ServerConfig>, String> {
     let (chain, key) = ca
         .issue(&id, Duration::from_secs(365 * 24 * 3600))
         .map_err(|e| e.to_string())?;
-    let chain = CertificateDer::pem_slice_iter(chain.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
-    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).map_err(|e| e.to_string())?;
+    let (chain, key) = crate::ca::rustls_pair(&chain, &key)?;
     let mut roots = rustls::RootCertStore::empty();
     for root in CertificateDer::pem_slice_iter(ca.bundle_pem().as_bytes()) {
         roots

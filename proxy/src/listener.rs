@@ -21,7 +21,7 @@ use crate::detect::{self, Prefixed, Protocol};
 use crate::http_proxy::{self, HttpContext};
 use crate::idle::{Activity, Tracked};
 use crate::mtls;
-use crate::original_dst::{self, Destination};
+use crate::original_dst::{self, Service};
 use crate::runtime_config::{DEFAULT_TCP_IDLE_TIMEOUT, Listener};
 use crate::spiffe::SpiffeId;
 use crate::tcp;
@@ -154,7 +154,7 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
                         .authorization
                         .as_ref()
                         .is_none_or(|a| a.allows(peer.as_ref()));
-                    let route = redirected.tcp_route(listener);
+                    let route = tcp_route(redirected, listener);
                     drop(snapshot);
                     match route {
                         // Denied TCP has no status code to carry: the connection just closes.
@@ -221,7 +221,7 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
             }
         }
         // TLS is passed through untouched until the proxy terminates mTLS itself.
-        Protocol::Tls | Protocol::Opaque => match redirected.tcp_route(listener) {
+        Protocol::Tls | Protocol::Opaque => match tcp_route(redirected, listener) {
             Some((cluster, idle)) => {
                 drop(snapshot);
                 let _guard = shutdown.tracker;
@@ -243,52 +243,37 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
 enum Redirect {
     /// Not the mesh's: copy it through to where the app meant it to go.
     Passthrough(std::net::SocketAddr),
-    Mesh(MeshDestination),
+    /// The proxy's to handle; the service is empty when the connection was not redirected.
+    Mesh(Service),
 }
 
-/// A connection the proxy handles: the service its original destination named, if any.
-#[derive(Default)]
-struct MeshDestination {
-    virtual_host: Option<usize>,
-    cluster: Option<Arc<Cluster>>,
-}
-
-impl MeshDestination {
-    /// Opaque TCP goes to the dialled service's cluster, else to the listener's `tcp` route.
-    fn tcp_route(self, listener: &Listener) -> Option<(Arc<Cluster>, Duration)> {
-        let idle = listener
-            .tcp
-            .as_ref()
-            .map_or(DEFAULT_TCP_IDLE_TIMEOUT, |t| t.idle_timeout);
-        match self.cluster {
-            Some(cluster) => Some((cluster, idle)),
-            None => listener.tcp.as_ref().map(|r| (r.cluster.clone(), idle)),
-        }
+/// Opaque TCP goes to the dialled service's cluster, else to the listener's `tcp` route.
+fn tcp_route(service: Service, listener: &Listener) -> Option<(Arc<Cluster>, Duration)> {
+    let idle = listener
+        .tcp
+        .as_ref()
+        .map_or(DEFAULT_TCP_IDLE_TIMEOUT, |t| t.idle_timeout);
+    match service.cluster {
+        Some(cluster) => Some((cluster, idle)),
+        None => listener.tcp.as_ref().map(|r| (r.cluster.clone(), idle)),
     }
 }
 
 /// Outbound, the dialled address picks the service or a passthrough; inbound, the dialled
 /// port picks the app port.
 fn redirected(stream: &TcpStream, listener: &Listener) -> Redirect {
+    // Only a transparent listener pays for the socket option.
     let Some(destinations) = &listener.destinations else {
-        return Redirect::Mesh(MeshDestination::default());
+        return Redirect::Mesh(Service::default());
     };
     let Some(original) = original_dst::of(stream) else {
-        return Redirect::Mesh(MeshDestination::default());
+        return Redirect::Mesh(Service::default());
     };
-    let found = match listener.direction {
-        Direction::Outbound => destinations.lookup(original),
-        Direction::Inbound => destinations.lookup_port(original.port()),
-    };
-    match found {
-        Destination::Passthrough => Redirect::Passthrough(original),
-        Destination::Service {
-            virtual_host,
-            cluster,
-        } => Redirect::Mesh(MeshDestination {
-            virtual_host,
-            cluster,
-        }),
+    match listener.direction {
+        Direction::Outbound => destinations
+            .lookup(original)
+            .map_or(Redirect::Passthrough(original), Redirect::Mesh),
+        Direction::Inbound => Redirect::Mesh(destinations.lookup_port(original.port())),
     }
 }
 

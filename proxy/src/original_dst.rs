@@ -48,18 +48,15 @@ pub struct Destinations {
     virtual_hosts: HashMap<SocketAddr, usize>,
     clusters: HashMap<SocketAddr, Arc<Cluster>>,
     /// Inbound: the app port a connection was for (domain `:PORT`) → its virtual host.
-    ports: HashMap<u16, (usize, Option<Arc<Cluster>>)>,
+    ports: HashMap<u16, Service>,
 }
 
-/// What a redirected connection is for.
-pub enum Destination {
-    /// A service of the mesh: route it, HTTP by its virtual host or TCP to this cluster.
-    Service {
-        virtual_host: Option<usize>,
-        cluster: Option<Arc<Cluster>>,
-    },
-    /// Not the mesh's: straight through to the address the app dialled.
-    Passthrough,
+/// The service a redirected connection is for: the virtual host that routes its HTTP when
+/// the Host header names none, and the cluster its opaque TCP goes to.
+#[derive(Default, Clone)]
+pub struct Service {
+    pub virtual_host: Option<usize>,
+    pub cluster: Option<Arc<Cluster>>,
 }
 
 impl Destinations {
@@ -76,10 +73,10 @@ impl Destinations {
                 .map(|b| b.cluster.clone());
             for domain in &vh.domains {
                 if let Some(port) = domain.strip_prefix(':').and_then(|p| p.parse().ok()) {
-                    index
-                        .ports
-                        .entry(port)
-                        .or_insert_with(|| (i, first_cluster.clone()));
+                    index.ports.entry(port).or_insert_with(|| Service {
+                        virtual_host: Some(i),
+                        cluster: first_cluster.clone(),
+                    });
                 }
                 if let Ok(addr) = domain.parse::<SocketAddr>() {
                     index.virtual_hosts.entry(addr).or_insert(i);
@@ -110,29 +107,17 @@ impl Destinations {
     }
 
     /// Inbound, the address is the pod's own and only the port tells the apps apart.
-    pub fn lookup_port(&self, port: u16) -> Destination {
-        match self.ports.get(&port) {
-            Some((i, cluster)) => Destination::Service {
-                virtual_host: Some(*i),
-                cluster: cluster.clone(),
-            },
-            None => Destination::Service {
-                virtual_host: None,
-                cluster: None,
-            },
-        }
+    pub fn lookup_port(&self, port: u16) -> Service {
+        self.ports.get(&port).cloned().unwrap_or_default()
     }
 
-    pub fn lookup(&self, addr: SocketAddr) -> Destination {
+    /// Outbound: `None` when the address is no service of the mesh (it is passed through).
+    pub fn lookup(&self, addr: SocketAddr) -> Option<Service> {
         let virtual_host = self.virtual_hosts.get(&addr).copied();
         let cluster = self.clusters.get(&addr).cloned();
-        if virtual_host.is_none() && cluster.is_none() {
-            Destination::Passthrough
-        } else {
-            Destination::Service {
-                virtual_host,
-                cluster,
-            }
-        }
+        (virtual_host.is_some() || cluster.is_some()).then_some(Service {
+            virtual_host,
+            cluster,
+        })
     }
 }

@@ -103,11 +103,13 @@ fn init(net: &PodNetwork, pod: &str, extra: &[&str]) {
     );
 }
 
-fn nat_rules(net: &PodNetwork, pod: &str, backend: &str) -> String {
-    let save = format!("{backend}-save");
-    String::from_utf8_lossy(&net.exec(pod, &save, &["-t", "nat"]).stdout)
+/// A pod's nat table as `<save>` (`iptables-save`, `ip6tables-legacy-save`, …) prints it,
+/// without comments or packet counters: only the rules.
+fn nat_rules(net: &PodNetwork, pod: &str, save: &str) -> String {
+    String::from_utf8_lossy(&net.exec(pod, save, &["-t", "nat"]).stdout)
         .lines()
         .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split(" [").next().unwrap_or(l))
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -299,10 +301,11 @@ async fn pods_talk_through_their_sidecars(backend: &str) {
     }
 
     // Taking the rules out restores direct traffic: b's app answers a's app itself.
-    let before = nat_rules(&net, "b", backend);
+    let save = format!("{backend}-save");
+    let before = nat_rules(&net, "b", &save);
     for name in ["a", "b", "c"] {
         init(&net, name, &["--iptables", backend, "--remove"]);
-        assert!(!nat_rules(&net, name, backend).contains("OUTRIGGER"));
+        assert!(!nat_rules(&net, name, &save).contains("OUTRIGGER"));
     }
     assert!(before.contains("OUTRIGGER_OUTPUT"));
     let bare = format!("baremarker{}", std::process::id());
@@ -343,15 +346,7 @@ fn init_is_idempotent_and_removable_with_nft_and_legacy() {
         let rules = || {
             saves
                 .iter()
-                .map(|save| {
-                    String::from_utf8_lossy(&net.exec("solo", save, &["-t", "nat"]).stdout)
-                        .lines()
-                        .filter(|l| !l.starts_with('#'))
-                        // Packet counters on the chain lines are not rules.
-                        .map(|l| l.split(" [").next().unwrap_or(l))
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                })
+                .map(|save| nat_rules(&net, "solo", save))
                 .collect::<Vec<_>>()
                 .join("\n--- ipv6 ---\n")
         };
