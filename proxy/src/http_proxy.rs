@@ -278,15 +278,14 @@ async fn forward<'a>(
             peer: peer.unwrap_or_else(|| "without an identity".into()),
         });
     }
-    if listener.tls.is_some() {
-        // Only the proxy may say who the caller is; a header from the caller is a lie.
-        let headers = req.headers_mut();
-        headers.remove(CLIENT_ID_HEADER);
-        if let Some(peer) = &peer
-            && let Ok(value) = HeaderValue::from_str(&peer.to_string())
-        {
-            headers.insert(CLIENT_ID_HEADER, value);
-        }
+    // Only the proxy may say who the caller is: a header from the caller is a lie, on every
+    // listener and in every spelling an app might fold into ours.
+    let headers = req.headers_mut();
+    strip_vouched(headers);
+    if let Some(peer) = &peer
+        && let Ok(value) = HeaderValue::from_str(&peer.to_string())
+    {
+        headers.insert(CLIENT_ID_HEADER, value);
     }
     let host = request_host(&req)?;
     let (parts, body) = req.into_parts();
@@ -632,7 +631,10 @@ async fn send_with_retries(
         if let Ok(resp) = &result
             && let Some(asked) = retry_after(resp.headers())
         {
-            if tokio::time::Instant::now() + asked >= deadline {
+            if tokio::time::Instant::now()
+                .checked_add(asked)
+                .is_none_or(|at| at >= deadline)
+            {
                 return result;
             }
             wait = wait.max(asked);
@@ -675,11 +677,22 @@ fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
 }
 
 /// The host a request is for: `:authority` for HTTP/2 (and absolute-form HTTP/1), else `Host`.
+/// When both are present they must agree: the proxy routes by one, and an app behind it may
+/// read the other.
 fn request_host(req: &Request<Incoming>) -> Result<String, ProxyError> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
     if let Some(authority) = req.uri().authority() {
+        let disagree = hosts.any(|h| {
+            !h.as_bytes()
+                .eq_ignore_ascii_case(authority.as_str().as_bytes())
+        });
+        if disagree {
+            return Err(ProxyError::BadRequest(
+                "Host and the request's authority disagree",
+            ));
+        }
         return Ok(authority.as_str().to_string());
     }
-    let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = match (hosts.next(), hosts.next()) {
         (Some(h), None) => h,
         (None, _) => return Err(ProxyError::BadRequest("missing Host header")),
@@ -693,9 +706,19 @@ fn request_host(req: &Request<Incoming>) -> Result<String, ProxyError> {
     Ok(host.to_string())
 }
 
+/// Whether this is an upgrade the proxy honours. Only WebSocket is: an `h2c` upgrade would
+/// hand the rest of the connection to the app unrouted, and any other protocol is one the
+/// proxy cannot vouch for. Their `Upgrade` header is removed as hop-by-hop, and the request
+/// goes on as an ordinary one.
 fn is_upgrade(req: &Request<Incoming>) -> bool {
+    let websocket = |v: &HeaderValue| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
+        })
+    };
     req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
+        && req.headers().get(header::UPGRADE).is_some_and(websocket)
         && req.headers().get_all(header::CONNECTION).iter().any(|v| {
             v.to_str().is_ok_and(|s| {
                 s.split(',')
@@ -741,6 +764,40 @@ fn rewrite_request(
     Ok(Request::from_parts(parts, body))
 }
 
+/// The headers the proxy vouches for. A caller's copy is removed before the proxy sets its
+/// own, and a `Connection:` nomination cannot remove the proxy's.
+const VOUCHED: [&str; 1] = [CLIENT_ID_HEADER];
+
+/// Whether `name` is `vouched` as an app might read it: frameworks that map headers to
+/// variables (CGI, WSGI, Rack, nginx) fold `_` into `-`, and names arrive lowercased.
+fn spells(name: &str, vouched: &str) -> bool {
+    name.len() == vouched.len()
+        && name
+            .bytes()
+            .zip(vouched.bytes())
+            .all(|(a, b)| a.to_ascii_lowercase() == b || (a == b'_' && b == b'-'))
+}
+
+fn is_vouched(name: &str) -> bool {
+    VOUCHED.iter().any(|v| spells(name, v))
+}
+
+/// Removes every spelling of every vouched-for header.
+fn strip_vouched(headers: &mut HeaderMap) {
+    // Most requests carry none: look before allocating.
+    if !headers.keys().any(|k| is_vouched(k.as_str())) {
+        return;
+    }
+    let found: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| is_vouched(k.as_str()))
+        .cloned()
+        .collect();
+    for name in found {
+        headers.remove(name);
+    }
+}
+
 /// Connection-scoped headers describe one hop and must not be forwarded (RFC 9110 §7.6.1).
 /// `te: trailers` is the exception: gRPC needs it end to end.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -750,6 +807,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|s| s.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        // The proxy's own headers are not the caller's to remove.
+        .filter(|n| !VOUCHED.contains(&n.as_str()))
         .collect();
     for name in named {
         headers.remove(name);
@@ -787,5 +846,40 @@ mod tests {
         assert_eq!(parse("5x"), None);
         assert_eq!(parse("m"), None);
         assert_eq!(parse("123456789S"), None, "more than 8 digits");
+    }
+
+    #[test]
+    fn every_spelling_of_a_vouched_header_is_stripped() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "x-outrigger-client-id",
+            "x_outrigger_client_id",
+            "x-outrigger_client-id",
+        ] {
+            h.append(
+                name,
+                "spiffe://cluster.local/ns/x/sa/admin".parse().unwrap(),
+            );
+        }
+        h.insert("x-outrigger-client-idx", "kept".parse().unwrap());
+        strip_vouched(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+    }
+
+    #[test]
+    fn a_connection_nomination_cannot_remove_a_vouched_header() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            "x-outrigger-client-id, x-other".parse().unwrap(),
+        );
+        h.insert(
+            CLIENT_ID_HEADER,
+            "spiffe://cluster.local/ns/a/sa/a".parse().unwrap(),
+        );
+        h.insert("x-other", "gone".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert!(h.contains_key(CLIENT_ID_HEADER));
+        assert!(!h.contains_key("x-other"));
     }
 }

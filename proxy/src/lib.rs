@@ -20,6 +20,7 @@ pub mod identity_client;
 pub mod idle;
 pub mod intercept;
 pub mod listener;
+pub mod local_origin;
 pub mod metrics;
 pub mod mtls;
 pub mod original_dst;

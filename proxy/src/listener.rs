@@ -20,6 +20,7 @@ use crate::config::{Direction, ListenerProtocol, TlsMode};
 use crate::detect::{self, Prefixed, Protocol};
 use crate::http_proxy::{self, HttpContext};
 use crate::idle::{Activity, Tracked};
+use crate::local_origin;
 use crate::mtls;
 use crate::original_dst::{self, Service};
 use crate::runtime_config::{DEFAULT_TCP_IDLE_TIMEOUT, Listener};
@@ -105,7 +106,22 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
     let snapshot = ctx.config.load_full();
     let listener = &snapshot.listeners[ctx.listener];
     let name = listener.name.clone();
-    let redirected = match redirected(&stream, listener) {
+    // Only a transparent listener pays for the socket option.
+    let original = listener
+        .destinations
+        .as_ref()
+        .and_then(|_| original_dst::of(&stream));
+    if listener.direction == Direction::Outbound
+        && original.is_none()
+        && !client_addr
+            .zip(stream.local_addr().ok())
+            .is_some_and(|(peer, local)| local_origin::from_this_host(peer, local))
+    {
+        tracing::debug!(listener = %name, peer = ?client_addr, "outbound connection from another host refused");
+        ctx.metrics.foreign_refused(&name);
+        return;
+    }
+    let redirected = match redirected(original, listener) {
         Redirect::Passthrough(to) => {
             let idle = listener
                 .tcp
@@ -150,18 +166,11 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
                 Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(mtls::ALPN_TCP) => {
                     let peer = mtls::peer_identity(stream.get_ref().1);
-                    let allowed = listener
-                        .authorization
-                        .as_ref()
-                        .is_none_or(|a| a.allows(peer.as_ref()));
+                    let admitted = admit_tcp(listener, peer.as_ref(), &ctx);
                     let route = tcp_route(redirected, listener);
                     drop(snapshot);
                     match route {
-                        // Denied TCP has no status code to carry: the connection just closes.
-                        _ if !allowed => {
-                            let peer = peer.map(|p| p.to_string());
-                            ctx.metrics.denied(&name, peer.as_deref());
-                        }
+                        _ if !admitted => {}
                         Some((cluster, idle)) => {
                             let _guard = shutdown.tracker;
                             match tcp::proxy(stream, &cluster, idle).await {
@@ -220,8 +229,10 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
                 ctx.metrics.connection_error(&name);
             }
         }
-        // TLS is passed through untouched until the proxy terminates mTLS itself.
+        // TLS is passed through untouched until the proxy terminates mTLS itself. Either way
+        // the caller proved no identity, and is judged as such.
         Protocol::Tls | Protocol::Opaque => match tcp_route(redirected, listener) {
+            _ if !admit_tcp(listener, None, &ctx) => drop(snapshot),
             Some((cluster, idle)) => {
                 drop(snapshot);
                 let _guard = shutdown.tracker;
@@ -237,6 +248,23 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
         },
     }
     open.dec();
+}
+
+/// Authorization and the listener's rate limit, for a TCP connection: it has no status code
+/// to carry a refusal, so a refused one is just closed (and counted).
+fn admit_tcp(listener: &Listener, peer: Option<&SpiffeId>, ctx: &HttpContext) -> bool {
+    if let Some(authz) = &listener.authorization
+        && !authz.allows(peer)
+    {
+        let peer = peer.map(|p| p.to_string());
+        ctx.metrics.denied(&listener.name, peer.as_deref());
+        return false;
+    }
+    if let Some(Err(_)) = listener.rate_limit.as_ref().map(|l| l.acquire()) {
+        ctx.metrics.rate_limited(ctx.direction, "tcp");
+        return false;
+    }
+    true
 }
 
 /// What the original destination of a connection says about it.
@@ -261,12 +289,8 @@ fn tcp_route(service: Service, listener: &Listener) -> Option<(Arc<Cluster>, Dur
 
 /// Outbound, the dialled address picks the service or a passthrough; inbound, the dialled
 /// port picks the app port.
-fn redirected(stream: &TcpStream, listener: &Listener) -> Redirect {
-    // Only a transparent listener pays for the socket option.
-    let Some(destinations) = &listener.destinations else {
-        return Redirect::Mesh(Service::default());
-    };
-    let Some(original) = original_dst::of(stream) else {
+fn redirected(original: Option<std::net::SocketAddr>, listener: &Listener) -> Redirect {
+    let (Some(destinations), Some(original)) = (&listener.destinations, original) else {
         return Redirect::Mesh(Service::default());
     };
     match listener.direction {

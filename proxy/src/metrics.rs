@@ -19,7 +19,7 @@ struct RequestLabels {
     route: String,
     status: u16,
     /// Empty unless the response is gRPC.
-    grpc_status: String,
+    grpc_status: &'static str,
     /// The caller's SPIFFE ID on an mTLS listener, else empty: bounded by the mesh's workloads.
     peer: String,
 }
@@ -39,6 +39,19 @@ pub struct RequestRecord<'a> {
     pub peer: Option<&'a str>,
     pub elapsed: Duration,
     pub trace_id: Option<String>,
+}
+
+/// A gRPC status as a label: the upstream sends any text it likes, so only the 17 codes
+/// gRPC defines (and "unknown", for a call that never finished) are kept as they are.
+fn grpc_status_label(status: Option<&str>) -> &'static str {
+    const CODES: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    match status {
+        None => "",
+        Some("unknown") => "unknown",
+        Some(s) => CODES.iter().find(|c| **c == s).copied().unwrap_or("other"),
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -95,6 +108,7 @@ pub struct Metrics {
     rate_limited: Family<RouteLabels, Counter>,
     tls_failures: Family<ListenerLabels, Counter>,
     plaintext_refused: Family<ListenerLabels, Counter>,
+    foreign_refused: Family<ListenerLabels, Counter>,
     denied: Family<DeniedLabels, Counter>,
     spans_exported: Counter,
     spans_dropped: Family<DropLabels, Counter>,
@@ -169,6 +183,7 @@ impl Metrics {
         let rate_limited = Family::<RouteLabels, Counter>::default();
         let tls_failures = Family::<ListenerLabels, Counter>::default();
         let plaintext_refused = Family::<ListenerLabels, Counter>::default();
+        let foreign_refused = Family::<ListenerLabels, Counter>::default();
         let denied = Family::<DeniedLabels, Counter>::default();
         let xds_version = Family::<XdsLabels, Gauge>::default();
         let xds_last_update = Family::<XdsLabels, Gauge>::default();
@@ -209,6 +224,11 @@ impl Metrics {
             "plaintext_refused",
             "Plaintext connections closed by a strict mTLS listener",
             plaintext_refused.clone(),
+        );
+        registry.register(
+            "foreign_connections_refused",
+            "Connections to an outbound listener from another host, closed unread",
+            foreign_refused.clone(),
         );
         registry.register(
             "authorization_denied",
@@ -304,6 +324,7 @@ impl Metrics {
             rate_limited,
             tls_failures,
             plaintext_refused,
+            foreign_refused,
             denied,
             spans_exported,
             spans_dropped,
@@ -363,6 +384,14 @@ impl Metrics {
             .inc();
     }
 
+    pub fn foreign_refused(&self, listener: &str) {
+        self.foreign_refused
+            .get_or_create(&ListenerLabels {
+                listener: listener.to_string(),
+            })
+            .inc();
+    }
+
     pub fn denied(&self, listener: &str, peer: Option<&str>) {
         self.denied
             .get_or_create(&DeniedLabels {
@@ -394,6 +423,9 @@ impl Metrics {
             };
             let _ = self.connection_errors.get_or_create(&listener);
             let _ = self.tcp_bytes.get_or_create(&listener);
+            if l.direction == crate::config::Direction::Outbound {
+                let _ = self.foreign_refused.get_or_create(&listener);
+            }
             if l.tls.is_some() {
                 let _ = self.tls_failures.get_or_create(&listener);
                 let _ = self.plaintext_refused.get_or_create(&listener);
@@ -449,7 +481,7 @@ impl Metrics {
                 direction: r.direction,
                 route: r.route.to_string(),
                 status: r.status,
-                grpc_status: r.grpc_status.unwrap_or_default().to_string(),
+                grpc_status: grpc_status_label(r.grpc_status),
                 peer: r.peer.unwrap_or_default().to_string(),
             })
             .inc();

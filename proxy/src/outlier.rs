@@ -124,8 +124,10 @@ impl OutlierState {
             .base_ejection
             .saturating_mul(count)
             .min(policy.max_ejection);
-        self.ejected_until
-            .store(now_nanos() + length.as_nanos() as u64, Ordering::Relaxed);
+        self.ejected_until.store(
+            now_nanos().saturating_add(u64::try_from(length.as_nanos()).unwrap_or(u64::MAX)),
+            Ordering::Relaxed,
+        );
         self.probation.store(false, Ordering::Relaxed);
         self.consecutive_5xx.store(0, Ordering::Relaxed);
         self.consecutive_gateway.store(0, Ordering::Relaxed);

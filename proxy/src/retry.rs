@@ -92,6 +92,10 @@ impl RetryPolicy {
 /// How long the upstream asked us to wait, from `Retry-After` in delta-seconds. (The
 /// HTTP-date form is not read: a clock-skewed date is worse than none, and servers that shed
 /// load send seconds.)
+/// The longest wait an upstream's `Retry-After` can ask for: past it, the value is taken as
+/// this. Any route timeout is shorter, so the answer then goes back at once.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let seconds: u64 = headers
         .get(http::header::RETRY_AFTER)?
@@ -100,7 +104,7 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .trim()
         .parse()
         .ok()?;
-    Some(Duration::from_secs(seconds))
+    Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
 }
 
 /// What one attempt came to, as far as retrying is concerned.
@@ -256,6 +260,8 @@ mod tests {
             "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
         );
         assert_eq!(retry_after(&h), None);
+        h.insert("retry-after", "18446744073709551615".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(MAX_RETRY_AFTER));
     }
 
     #[test]

@@ -43,7 +43,10 @@ pub fn decode<M: Message + Name + Default>(any: &Any) -> Result<M, String> {
 
 /// Envoy reads a zero route timeout as "no timeout"; the proxy's durations are finite.
 pub(crate) fn duration_text(d: &PbDuration) -> String {
-    let ms = d.seconds.max(0) as u64 * 1000 + (d.nanos.max(0) as u64) / 1_000_000;
+    // Saturating: a control plane's absurd duration must not wrap into a short one.
+    let ms = (d.seconds.max(0) as u64)
+        .saturating_mul(1000)
+        .saturating_add(d.nanos.max(0) as u64 / 1_000_000);
     if ms == 0 {
         "8760h".to_string()
     } else {

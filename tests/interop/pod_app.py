@@ -2,7 +2,8 @@
 
   pod_app.py serve NAME PORT   answers every GET with JSON saying who answered and what it
                                saw; /flaky/KEY fails with 503 the first time for each KEY
-  pod_app.py get URL           prints the status and body on one line each
+  pod_app.py get URL [HOST]    prints the status and body on one line each; HOST, if given,
+                               is sent as the Host header instead of the URL's
 """
 import json
 import sys
@@ -47,11 +48,12 @@ def serve(name, port):
     server.serve_forever()
 
 
-def get(url):
+def get(url, host=None):
     # No proxy from the environment: the app knows nothing of the mesh.
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    request = urllib.request.Request(url, headers={"Host": host} if host else {})
     try:
-        with opener.open(url, timeout=10) as r:
+        with opener.open(request, timeout=10) as r:
             status, body = r.status, r.read()
     except urllib.error.HTTPError as e:
         status, body = e.code, e.read()
@@ -67,4 +69,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(sys.argv[2], sys.argv[3])
     else:
-        get(sys.argv[2])
+        get(*sys.argv[2:4])

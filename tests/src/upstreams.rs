@@ -135,7 +135,9 @@ async fn echo(name: &'static str, req: Request<Incoming>) -> Result<Response<Bod
     }
     for (k, v) in &parts.headers {
         let traced = matches!(k.as_str(), "traceparent" | "tracestate" | "b3");
-        if k.as_str().starts_with("x-") || k == http::header::HOST || traced {
+        // `x_` too: the spelling some apps fold into `x-`.
+        let ours = k.as_str().starts_with("x-") || k.as_str().starts_with("x_");
+        if ours || k == http::header::HOST || traced {
             let echoed =
                 HeaderName::from_bytes(format!("x-echo-{}", k.as_str()).as_bytes()).unwrap();
             h.append(echoed, v.clone());
@@ -362,4 +364,41 @@ pub async fn fail_first() -> (Upstream, Seen) {
     })
     .await;
     (upstream, seen)
+}
+
+/// What a `canned` upstream received: each request's head, as text.
+pub type Heads = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// An HTTP/1.1 upstream that answers every request head with the same raw bytes, whatever
+/// they say (a huge `Retry-After`, a made-up `grpc-status`, a `101`), and keeps each head it
+/// read. Request bodies are not expected.
+pub async fn canned(response: &'static str) -> (Upstream, Heads) {
+    let heads: Heads = Default::default();
+    let shared = heads.clone();
+    let upstream = serve(move |listener| async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let heads = shared.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = stream.into_split();
+                let mut lines = BufReader::new(r).lines();
+                let mut head = String::new();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if !line.is_empty() {
+                        head += &line;
+                        head += "\n";
+                        continue;
+                    }
+                    heads.lock().unwrap().push(std::mem::take(&mut head));
+                    if w.write_all(response.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    })
+    .await;
+    (upstream, heads)
 }

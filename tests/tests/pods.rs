@@ -76,7 +76,20 @@ fn proxy_config(pod: &str, cp: SocketAddr, authorization: &str) -> String {
 
 /// What the app in `pod` gets for `url`: the status and the JSON the other app answered.
 fn app_get(net: &PodNetwork, pod: &str, url: &str) -> (String, serde_json::Value) {
-    let out = net.exec(pod, "python3", &[&pod_app(), "get", url]);
+    app_get_as(net, pod, url, None)
+}
+
+/// `app_get`, with the Host header set to `host` instead of the URL's.
+fn app_get_as(
+    net: &PodNetwork,
+    pod: &str,
+    url: &str,
+    host: Option<&str>,
+) -> (String, serde_json::Value) {
+    let mut args = vec![pod_app(), "get".into(), url.to_string()];
+    args.extend(host.map(str::to_string));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = net.exec(pod, "python3", &args);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (status, body) = text.split_once('\n').unwrap_or((&text, ""));
     let json = serde_json::from_str(body.trim()).unwrap_or(serde_json::Value::Null);
@@ -147,10 +160,18 @@ async fn pods_talk_through_their_sidecars(backend: &str) {
 
     let proxy = workspace_binary("outrigger-proxy");
     for name in ["a", "b", "c"] {
+        // As the injector runs it: only the app's declared ports are intercepted inbound.
         init(
             &net,
             name,
-            &["--iptables", backend, "--xds-port", &xds_port],
+            &[
+                "--iptables",
+                backend,
+                "--xds-port",
+                &xds_port,
+                "--inbound-ports",
+                &APP_PORT.to_string(),
+            ],
         );
         // Only b may call c.
         let authz = if name == "c" {
@@ -271,6 +292,34 @@ async fn pods_talk_through_their_sidecars(backend: &str) {
     let (status, _) = app_get(&net, "a", &format!("http://{c_vip}:{APP_PORT}/secret"));
     assert_eq!(status, "403");
 
+    // Nor can a get there through b's sidecar: b's outbound listener binds every address,
+    // but serves only what b's own app sends. Reached directly from a, it must not route
+    // a's request to c with b's identity. The ports around the admin port serve nothing.
+    let b_outbound = format!("http://{}:15001/secret", net.pod("b").ip);
+    let c_host = format!("{c_vip}:{APP_PORT}");
+    let (status, body) = app_get_as(&net, "a", &b_outbound, Some(&c_host));
+    assert_eq!(status, "error", "b's sidecar relayed a's request: {body}");
+    for port in [ADMIN_PORT - 1, ADMIN_PORT + 1, 15000, 15090] {
+        let url = format!("http://{}:{port}/secret", net.pod("b").ip);
+        let (status, body) = app_get_as(&net, "a", &url, Some(&c_host));
+        assert_eq!(status, "error", "port {port}: {body}");
+    }
+    let b_page = admin_get(
+        SocketAddr::new(net.pod("b").ip.into(), ADMIN_PORT),
+        "/metrics",
+    )
+    .await
+    .unwrap()
+    .1;
+    assert_eq!(
+        metric(
+            &b_page,
+            "outrigger_foreign_connections_refused_total{listener=\"outbound\"}"
+        ),
+        1,
+        "{b_page}"
+    );
+
     // An address outside the mesh passes straight through: c's admin port.
     let c_admin = format!("http://{}:{ADMIN_PORT}/live", net.pod("c").ip);
     assert_eq!(app_get(&net, "a", &c_admin).0, "200");
@@ -290,6 +339,12 @@ async fn pods_talk_through_their_sidecars(backend: &str) {
         c_metrics.contains(&format!("peer=\"{}\"", spiffe("b"))),
         "{c_metrics}"
     );
+    // c's app saw b's one call, and nothing relayed through b.
+    let from_b = format!(
+        "outrigger_requests_total{{direction=\"inbound\",route=\"app/0\",status=\"200\",grpc_status=\"\",peer=\"{}\"}}",
+        spiffe("b")
+    );
+    assert_eq!(metric(&c_metrics, &from_b), 1, "{c_metrics}");
     for page in [&b_metrics, &c_metrics] {
         assert_eq!(
             metric(
