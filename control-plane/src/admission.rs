@@ -163,9 +163,13 @@ pub async fn start(
     address: SocketAddr,
     ca: &Ca,
     dns_names: &[String],
-    injector: Injector,
+    mut injector: Injector,
 ) -> Result<SocketAddr, String> {
     let tls = tls_config(ca, dns_names)?;
+    // Injected pods check the CA against the roots of the CA that serves this webhook.
+    if injector.ca_root_pem.is_none() {
+        injector.ca_root_pem = Some(ca.bundle_pem().to_string());
+    }
     let socket = TcpListener::bind(address)
         .await
         .map_err(|e| format!("cannot bind the webhook on {address}: {e}"))?;

@@ -38,15 +38,20 @@ impl Ads {
     fn serve<P: Protocol>(
         &self,
         request: Request<Streaming<P::Request>>,
-    ) -> Response<ResponseStream<P::Response>> {
+    ) -> Result<Response<ResponseStream<P::Response>>, Status> {
         let (tx, rx) = mpsc::channel(16);
-        // Over mTLS, the certificate says who the node is; its metadata only claims it.
-        let proven = request
-            .extensions()
-            .get::<Option<ProvenIdentity>>()
-            .cloned()
-            .flatten()
-            .map(|p| p.0);
+        // Over mTLS, the certificate says who the node is; its metadata only claims it. The
+        // TLS port also takes callers without a certificate, for the CA's bootstrap, but
+        // config is only for a node that proved who it is.
+        let proven = match request.extensions().get::<Option<ProvenIdentity>>() {
+            Some(None) => {
+                return Err(Status::unauthenticated(
+                    "xDS on this port needs a client certificate from the mesh's CA",
+                ));
+            }
+            Some(Some(p)) => Some(p.0.clone()),
+            None => None,
+        };
         tokio::spawn(run_stream::<P>(
             proven,
             request.into_inner(),
@@ -55,7 +60,7 @@ impl Ads {
             self.nodes.clone(),
             self.nonce.clone(),
         ));
-        Response::new(Box::pin(ReceiverStream::new(rx)))
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     pub fn new(publisher: Arc<Publisher>, nodes: Arc<NodeRegistry>) -> Self {
@@ -264,13 +269,13 @@ impl AggregatedDiscoveryService for Ads {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Ok(self.serve::<SotwStream>(request))
+        self.serve::<SotwStream>(request)
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Ok(self.serve::<crate::ads_delta::DeltaStream>(request))
+        self.serve::<crate::ads_delta::DeltaStream>(request)
     }
 }

@@ -282,11 +282,12 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
             let config = crate::secure_xds::server_config(&ca.load())
                 .map_err(|e| StartError::Ca(crate::ca::CaError::Files(e)))?;
             let (ads, identity) = (Ads::new(publisher.clone(), nodes.clone()), identity.clone());
+            let td = trust_domain.clone();
             tokio::spawn(async move {
                 let result = tonic::transport::Server::builder()
                     .add_service(AggregatedDiscoveryServiceServer::new(ads))
                     .add_service(identity)
-                    .serve_with_incoming(crate::secure_xds::incoming(socket, config))
+                    .serve_with_incoming(crate::secure_xds::incoming(socket, config, td))
                     .await;
                 if let Err(e) = result {
                     tracing::error!(error = %e, "xDS (mTLS) server stopped");

@@ -101,15 +101,11 @@ impl Ca {
         let files = |e: std::io::Error| CaError::Files(format!("{}: {e}", dir.display()));
         std::fs::create_dir_all(dir).map_err(files)?;
         std::fs::write(dir.join("ca.crt"), &self.cert_pem).map_err(files)?;
-        let key_path = dir.join("ca.key");
-        std::fs::write(&key_path, self.issuer.key().serialize_pem()).map_err(files)?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))
-                .map_err(files)?;
-        }
-        Ok(())
+        write_private(
+            &dir.join("ca.key"),
+            self.issuer.key().serialize_pem().as_bytes(),
+        )
+        .map_err(files)
     }
 
     /// The roots a workload should trust.
@@ -157,8 +153,10 @@ impl Ca {
             });
         }
         let now = now();
-        let leaf =
-            svid_params(proved, now, now + lifetime)?.signed_by(&csr.public_key, &self.issuer)?;
+        // Backdated a minute: a peer whose clock runs a little behind must not see a
+        // certificate from the future.
+        let leaf = svid_params(proved, now - time::Duration::minutes(1), now + lifetime)?
+            .signed_by(&csr.public_key, &self.issuer)?;
         Ok(self.chain(leaf.pem()))
     }
 
@@ -244,6 +242,24 @@ fn svid_params(
     params.not_after = not_after;
     params.use_authority_key_identifier_extension = true;
     Ok(params)
+}
+
+/// Writes a file only its owner may read, with that mode from its first byte: a key must
+/// never exist, even briefly, with wider permissions. A new file is written beside it and
+/// renamed over it, so a reader never sees half a key either.
+pub fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)
 }
 
 #[cfg(test)]
@@ -332,6 +348,11 @@ mod tests {
         ca.save(&dir).unwrap();
         let loaded = Ca::load(&dir, "cluster.local").unwrap();
         assert_eq!(loaded.cert_pem(), ca.cert_pem());
+        let mode = std::fs::metadata(dir.join("ca.key")).unwrap().permissions();
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
         let id = SpiffeId::new("cluster.local", "a", "b");
         assert!(loaded.issue(&id, DEFAULT_LIFETIME).is_ok());
         let _ = std::fs::remove_dir_all(dir);

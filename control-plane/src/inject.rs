@@ -25,6 +25,14 @@ pub const PROXY_CONTAINER: &str = "outrigger-proxy";
 pub const INIT_CONTAINER: &str = "outrigger-init";
 const TOKEN_VOLUME: &str = "outrigger-token";
 const WORK_VOLUME: &str = "outrigger-work";
+const CA_ROOT_VOLUME: &str = "outrigger-ca-root";
+/// The CA's root travels in this pod annotation, and the sidecar reads it as a file through
+/// the downward API: it reaches the pod through the API server, out of band from the CA it
+/// vouches for, in every namespace, with nothing to copy between namespaces.
+pub const ANNOTATION_CA_ROOT: &str = "outrigger.io/ca-root";
+/// Where the sidecar finds that file (the sidecar's default `--ca-trust-anchor`).
+pub const CA_ROOT_DIR: &str = "/var/run/outrigger-ca";
+pub const CA_ROOT_FILE: &str = "root-cert.pem";
 pub const PROXY_UID: i64 = 1337;
 pub const ADMIN_PORT: i64 = 15020;
 /// The audience of the projected token; the control plane's TokenReview asks for it.
@@ -34,8 +42,13 @@ pub const TOKEN_AUDIENCE: &str = crate::token_review::AUDIENCE;
 #[derive(Debug, Clone)]
 pub struct Injector {
     pub image: String,
-    /// `host:port` of the CA (plaintext gRPC).
+    /// `host:port` of the CA: the control plane's TLS port.
     pub ca_address: String,
+    /// The CA's roots (PEM), mounted into every pod as the trust anchor the sidecar checks
+    /// the CA against. The webhook fills it from its own CA.
+    pub ca_root_pem: Option<String>,
+    /// Plaintext to the CA and no anchor: local development only, never the default.
+    pub ca_plaintext: bool,
     /// `host:port` of xDS over mTLS.
     pub xds_address: String,
     pub control_plane_identity: String,
@@ -51,7 +64,9 @@ impl Injector {
     pub fn for_cluster(image: &str) -> Self {
         Injector {
             image: image.into(),
-            ca_address: "outrigger.outrigger.svc:15010".into(),
+            ca_address: "outrigger.outrigger.svc:15012".into(),
+            ca_root_pem: None,
+            ca_plaintext: false,
             xds_address: "outrigger.outrigger.svc:15012".into(),
             control_plane_identity: "spiffe://cluster.local/ns/outrigger/sa/control-plane".into(),
             trust_domain: "cluster.local".into(),
@@ -205,7 +220,12 @@ impl Injector {
                 document: 0,
                 message: "a pod template that is not an object".into(),
             })?;
-        let meta = obj.entry("metadata").or_insert_with(|| json!({})).clone();
+        check_shape(obj)?;
+        let meta = obj
+            .get("metadata")
+            .filter(|m| m.is_object())
+            .cloned()
+            .unwrap_or_else(|| json!({}));
         if annotation(&meta, ANNOTATION_INJECT) == Some("false") {
             return Ok(Outcome::OptedOut);
         }
@@ -267,6 +287,17 @@ impl Injector {
         app_ports.sort_unstable();
         app_ports.dedup();
 
+        // Without a root to mount, the sidecar could only trust whoever answers.
+        let ca_root = match (&self.ca_root_pem, self.ca_plaintext) {
+            (_, true) => None,
+            (Some(pem), false) => Some(pem.clone()),
+            (None, false) => {
+                return Err(InjectError::Invalid {
+                    document: 0,
+                    message: "no CA root to mount into the pod: pass --ca-root".into(),
+                });
+            }
+        };
         let init = self.init_container(&meta, &app_ports)?;
         let proxy = self.proxy_container(&meta, &app_ports, inbound_tls, native)?;
         let spec = obj
@@ -283,29 +314,28 @@ impl Injector {
             prepend(spec, "containers", vec![proxy]);
         }
         prepend(spec, "initContainers", inits);
-        let volumes = vec![
+        let mut volumes = vec![
             json!({"name": TOKEN_VOLUME, "projected": {"sources": [{"serviceAccountToken": {
                 "audience": TOKEN_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]}}),
             json!({"name": WORK_VOLUME, "emptyDir": {"medium": "Memory"}}),
         ];
+        if ca_root.is_some() {
+            volumes.push(json!({"name": CA_ROOT_VOLUME, "downwardAPI": {"items": [{
+                "path": CA_ROOT_FILE,
+                "fieldRef": {"fieldPath": format!("metadata.annotations['{ANNOTATION_CA_ROOT}']")},
+            }]}}));
+        }
         append(spec, "volumes", volumes);
 
-        let meta = obj
-            .get_mut("metadata")
-            .and_then(Value::as_object_mut)
-            .expect("inserted above");
-        let annotations = meta
-            .entry("annotations")
-            .or_insert_with(|| json!({}))
-            .as_object_mut()
-            .ok_or_else(|| InjectError::Invalid {
-                document: 0,
-                message: "`metadata.annotations` is not a map".into(),
-            })?;
+        // `check_shape` saw maps (or nothing) here.
+        let annotations = map_entry(map_entry(obj, "metadata"), "annotations");
         annotations.insert(
             ANNOTATION_INJECTED.into(),
             json!(if native { "native" } else { "classic" }),
         );
+        if let Some(root) = ca_root {
+            annotations.insert(ANNOTATION_CA_ROOT.into(), json!(root));
+        }
         Ok(Outcome::Injected)
     }
 
@@ -321,10 +351,11 @@ impl Injector {
             args.push(join(app_ports));
         }
         // The control plane's ports stay out of interception whoever dials them.
-        let control_plane: Vec<u16> = [&self.ca_address, &self.xds_address]
+        let mut control_plane: Vec<u16> = [&self.ca_address, &self.xds_address]
             .iter()
             .filter_map(|a| a.rsplit_once(':')?.1.parse().ok())
             .collect();
+        control_plane.dedup();
         if !control_plane.is_empty() {
             args.extend(["--xds-port".into(), join(&control_plane)]);
         }
@@ -382,6 +413,10 @@ impl Injector {
         }
         let mut plain = vec![
             ("OUTRIGGER_CA_ADDRESS", self.ca_address.clone()),
+            (
+                "OUTRIGGER_CA_TRUST_ANCHOR",
+                format!("{CA_ROOT_DIR}/{CA_ROOT_FILE}"),
+            ),
             ("OUTRIGGER_XDS_ADDRESS", self.xds_address.clone()),
             (
                 "OUTRIGGER_CONTROL_PLANE_IDENTITY",
@@ -397,6 +432,9 @@ impl Injector {
             .or_else(|| labels?.get("app")?.as_str());
         if let Some(service) = service {
             plain.push(("OUTRIGGER_SERVICE", service.into()));
+        }
+        if self.ca_plaintext {
+            plain.push(("OUTRIGGER_CA_PLAINTEXT", "true".into()));
         }
         env.extend(
             plain
@@ -457,6 +495,12 @@ impl Injector {
                 {"name": WORK_VOLUME, "mountPath": "/var/run/outrigger"},
             ],
         });
+        if !self.ca_plaintext {
+            proxy["volumeMounts"]
+                .as_array_mut()
+                .expect("a list")
+                .push(json!({"name": CA_ROOT_VOLUME, "mountPath": CA_ROOT_DIR, "readOnly": true}));
+        }
         if native {
             proxy["restartPolicy"] = json!("Always");
         } else {
@@ -469,8 +513,53 @@ impl Injector {
     }
 }
 
+fn invalid(message: &str) -> InjectError {
+    InjectError::Invalid {
+        document: 0,
+        message: message.into(),
+    }
+}
+
+/// Checks, before anything changes, that every place the injector writes to is a map or a
+/// list, or `null` (which the API server takes for empty). Anything else is refused with its
+/// path: never a panic, and never half an injection.
+fn check_shape(template: &Map<String, Value>) -> Result<(), InjectError> {
+    let map_or_null = |v: Option<&Value>, path: &str| match v {
+        None | Some(Value::Null | Value::Object(_)) => Ok(()),
+        Some(_) => Err(invalid(&format!("`{path}` is not a map"))),
+    };
+    map_or_null(template.get("metadata"), "metadata")?;
+    map_or_null(
+        template.get("metadata").and_then(|m| m.get("annotations")),
+        "metadata.annotations",
+    )?;
+    let spec = template
+        .get("spec")
+        .ok_or_else(|| invalid("a pod template without `spec`"))?
+        .as_object()
+        .ok_or_else(|| invalid("`spec` is not an object"))?;
+    for key in ["containers", "initContainers", "volumes"] {
+        if !matches!(spec.get(key), None | Some(Value::Null | Value::Array(_))) {
+            return Err(invalid(&format!("`spec.{key}` is not a list")));
+        }
+    }
+    Ok(())
+}
+
+/// The map at `key`, made an empty one where it is absent or `null`.
+fn map_entry<'a>(parent: &'a mut Map<String, Value>, key: &str) -> &'a mut Map<String, Value> {
+    let v = parent.entry(key).or_insert(Value::Null);
+    if !v.is_object() {
+        *v = json!({});
+    }
+    v.as_object_mut().expect("made a map above")
+}
+
 fn prepend(spec: &mut Map<String, Value>, key: &str, mut items: Vec<Value>) {
-    let list = spec.entry(key).or_insert_with(|| json!([]));
+    let list = spec.entry(key).or_insert(Value::Null);
+    if list.is_null() {
+        *list = json!([]);
+    }
     if let Some(existing) = list.as_array_mut() {
         items.append(existing);
         *existing = items;
@@ -478,7 +567,11 @@ fn prepend(spec: &mut Map<String, Value>, key: &str, mut items: Vec<Value>) {
 }
 
 fn append(spec: &mut Map<String, Value>, key: &str, items: Vec<Value>) {
-    if let Some(existing) = spec.entry(key).or_insert_with(|| json!([])).as_array_mut() {
+    let list = spec.entry(key).or_insert(Value::Null);
+    if list.is_null() {
+        *list = json!([]);
+    }
+    if let Some(existing) = list.as_array_mut() {
         existing.extend(items);
     }
 }
@@ -527,8 +620,65 @@ mod tests {
                         "ports": [{"containerPort": 8080}, {"containerPort": 53, "protocol": "UDP"}]}]}})
     }
 
+    /// Odd shapes where the injector reads or writes: never a panic, and either a clean
+    /// injection or an error that leaves the template as it was.
+    #[test]
+    fn odd_input_is_refused_or_injected_never_a_panic() {
+        let paths: [&[&str]; 9] = [
+            &["metadata"],
+            &["metadata", "annotations"],
+            &["metadata", "labels"],
+            &["spec"],
+            &["spec", "containers"],
+            &["spec", "initContainers"],
+            &["spec", "volumes"],
+            &["spec", "containers", "0"],
+            &["spec", "containers", "0", "ports"],
+        ];
+        let odd = [
+            json!(null),
+            json!(1),
+            json!("x"),
+            json!([]),
+            json!({}),
+            json!([null]),
+        ];
+        for path in paths {
+            for value in &odd {
+                let mut p = pod();
+                let mut at = &mut p;
+                for key in &path[..path.len() - 1] {
+                    at = match key.parse::<usize>() {
+                        Ok(i) => &mut at[i],
+                        Err(_) => &mut at[*key],
+                    };
+                }
+                let last = path[path.len() - 1];
+                match last.parse::<usize>() {
+                    Ok(i) => at[i] = value.clone(),
+                    Err(_) => at[last] = value.clone(),
+                }
+                let before = p.clone();
+                match injector().inject_template(&mut p) {
+                    Ok(Outcome::Injected) => {
+                        let inits = p["spec"]["initContainers"].as_array();
+                        assert!(
+                            inits.is_some_and(|i| !i.is_empty()),
+                            "{path:?}={value}: {p:#}"
+                        );
+                    }
+                    Ok(_) => {}
+                    Err(_) => assert_eq!(p, before, "{path:?}={value}: changed before failing"),
+                }
+            }
+        }
+    }
+
     fn injector() -> Injector {
-        Injector::for_cluster("outrigger/proxy:test")
+        let mut injector = Injector::for_cluster("outrigger/proxy:test");
+        injector.ca_root_pem =
+            Some("-----BEGIN CERTIFICATE-----\n-----END CERTIFICATE-----\n".into());
+        injector
     }
 
     #[test]
@@ -545,7 +695,17 @@ mod tests {
         assert_eq!(p["spec"]["containers"].as_array().unwrap().len(), 1);
         // UDP ports are not intercepted; the control plane's are never.
         assert_eq!(inits[0]["args"][4], "8080");
-        assert_eq!(inits[0]["args"][6], "15010,15012");
+        assert_eq!(inits[0]["args"][6], "15012");
+        // The CA's root reaches the sidecar as a file, from the pod's own annotation.
+        let annotations = &p["metadata"]["annotations"];
+        assert!(
+            annotations[ANNOTATION_CA_ROOT]
+                .as_str()
+                .unwrap()
+                .contains("BEGIN CERTIFICATE")
+        );
+        let mounts = inits[1]["volumeMounts"].as_array().unwrap();
+        assert!(mounts.iter().any(|m| m["mountPath"] == CA_ROOT_DIR));
     }
 
     #[test]

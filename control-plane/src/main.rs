@@ -118,9 +118,16 @@ enum Command {
 struct SidecarFlags {
     #[arg(long, default_value = "outrigger/proxy:0.1.0")]
     proxy_image: String,
-    /// The CA as the sidecar reaches it.
-    #[arg(long, default_value = "outrigger.outrigger.svc:15010")]
+    /// The CA as the sidecar reaches it: the control plane's TLS port.
+    #[arg(long, default_value = "outrigger.outrigger.svc:15012")]
     ca_address: String,
+    /// The mesh's root (PEM) that injected sidecars check the CA against, mounted into each
+    /// pod. `serve` uses its own CA's; `inject` needs this or `--ca`.
+    #[arg(long)]
+    ca_root: Option<PathBuf>,
+    /// Sidecars reach the CA in plaintext and trust whoever answers: local development only.
+    #[arg(long)]
+    ca_plaintext: bool,
     /// xDS over mTLS as the sidecar reaches it.
     #[arg(long, default_value = "outrigger.outrigger.svc:15012")]
     xds_address: String,
@@ -133,10 +140,21 @@ struct SidecarFlags {
 }
 
 impl SidecarFlags {
-    fn injector(&self) -> Injector {
-        Injector {
+    /// The injector, with the CA root from `--ca-root` (the webhook otherwise takes its
+    /// own CA's).
+    fn injector(&self) -> Result<Injector, String> {
+        let ca_root_pem = match &self.ca_root {
+            None => None,
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| format!("the CA root {}: {e}", path.display()))?,
+            ),
+        };
+        Ok(Injector {
             image: self.proxy_image.clone(),
             ca_address: self.ca_address.clone(),
+            ca_root_pem,
+            ca_plaintext: self.ca_plaintext,
             xds_address: self.xds_address.clone(),
             control_plane_identity: outrigger_control_plane::secure_xds::control_plane_id(
                 &self.trust_domain,
@@ -144,7 +162,7 @@ impl SidecarFlags {
             .to_string(),
             trust_domain: self.trust_domain.clone(),
             native: !self.classic,
-        }
+        })
     }
 }
 
@@ -204,7 +222,13 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Command::Inject { filename, sidecar } => inject(&filename, &sidecar.injector()),
+        Command::Inject { filename, sidecar } => match sidecar.injector() {
+            Ok(injector) => inject(&filename, &injector),
+            Err(e) => {
+                eprintln!("inject: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Check { mesh } => {
             let source = mesh.display().to_string();
             let result = std::fs::read_to_string(&mesh)
@@ -306,7 +330,13 @@ fn main() -> ExitCode {
                                 address,
                                 &ca,
                                 &webhook_dns,
-                                sidecar.injector(),
+                                match sidecar.injector() {
+                                    Ok(injector) => injector,
+                                    Err(e) => {
+                                        eprintln!("serve: {e}");
+                                        return ExitCode::FAILURE;
+                                    }
+                                },
                             )
                             .await;
                             if let Err(e) = started {
@@ -337,7 +367,8 @@ fn issue(ca_dir: &Path, id: &str, out: &Path, lifetime: std::time::Duration) -> 
     };
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
     write("cert.pem", &chain)?;
-    write("key.pem", &key)?;
+    outrigger_control_plane::ca::write_private(&out.join("key.pem"), key.as_bytes())
+        .map_err(|e| format!("{}: {e}", out.join("key.pem").display()))?;
     write("bundle.pem", ca.bundle_pem())
 }
 

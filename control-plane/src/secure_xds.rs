@@ -1,6 +1,11 @@
-//! ADS over mTLS: the control plane presents a certificate from its own CA, requires one from
-//! every proxy, and tells the ADS server who the caller proved to be, so that a node is
-//! served the config of the service its certificate names, whatever its node metadata claims.
+//! The control plane's TLS port: ADS over mTLS and the CA's `Sign`.
+//!
+//! The control plane presents a certificate from its own CA and tells the ADS server who the
+//! caller proved to be, so that a node is served the config of the service its certificate
+//! names, whatever its node metadata claims. A caller may come without a certificate: a
+//! proxy asking for its first one has none, and proves itself to `Sign` with its bootstrap
+//! token instead. ADS refuses such a caller. A certificate that is presented must chain to
+//! the mesh's roots and carry a SPIFFE ID in the mesh's trust domain, or the handshake ends.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -26,11 +31,11 @@ pub struct ProvenIdentity(pub SpiffeId);
 
 /// The control plane's own identity: `spiffe://<td>/ns/outrigger/sa/control-plane`.
 pub fn control_plane_id(trust_domain: &str) -> SpiffeId {
-    SpiffeId::new(trust_domain, "outrigger", "control-plane")
+    SpiffeId::control_plane(trust_domain)
 }
 
-/// A server config with a fresh certificate for the control plane, valid for a year, and a
-/// client certificate required from the CA's roots.
+/// A server config with a fresh certificate for the control plane, valid for a year; a
+/// client certificate, if any, is checked against the CA's roots.
 pub fn server_config(ca: &Ca) -> Result<Arc<ServerConfig>, String> {
     let id = control_plane_id(&ca.trust_domain);
     let (chain, key) = ca
@@ -45,6 +50,7 @@ pub fn server_config(ca: &Ca) -> Result<Arc<ServerConfig>, String> {
     }
     let provider = outrigger_proxy::identity::provider();
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
         .build()
         .map_err(|e| e.to_string())?;
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -104,6 +110,7 @@ impl AsyncWrite for SecureConn {
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
+    trust_domain: String,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<SecureConn>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
@@ -114,17 +121,29 @@ pub fn incoming(
                 continue;
             };
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let trust_domain = trust_domain.clone();
             tokio::spawn(async move {
                 let accepted =
                     tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
                 match accepted {
                     Ok(Ok(inner)) => {
-                        let peer = inner
+                        let leaf = inner
                             .get_ref()
                             .1
                             .peer_certificates()
-                            .and_then(|c| c.first())
-                            .and_then(|leaf| SpiffeId::from_certificate(leaf).ok());
+                            .and_then(|c| c.first());
+                        let peer = match leaf.map(|l| SpiffeId::from_certificate(l)) {
+                            None => None,
+                            Some(Ok(id)) if id.trust_domain == trust_domain => Some(id),
+                            Some(Ok(id)) => {
+                                tracing::debug!(%id, "xDS client certificate from another trust domain");
+                                return;
+                            }
+                            Some(Err(e)) => {
+                                tracing::debug!(error = %e, "xDS client certificate without a SPIFFE ID");
+                                return;
+                            }
+                        };
                         let _ = tx.send(Ok(SecureConn { inner, peer })).await;
                     }
                     Ok(Err(e)) => tracing::debug!(error = %e, "xDS mTLS handshake failed"),

@@ -64,20 +64,25 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
             // Not before the listeners are up, nor before a control plane (if any) has
             // delivered a complete config.
             // Nor, with mTLS, before it has a certificate to prove who it is.
-            let has_identity = state
-                .store
-                .current
-                .load()
-                .identity
-                .as_ref()
-                .is_none_or(|i| i.store.workload().is_some());
-            if state.ready.load(Ordering::Relaxed) && state.store.is_synced() && has_identity {
+            // An expired one proves nothing: peers refuse it.
+            let config = state.store.current.load();
+            let identity = config.identity.as_ref().map(|i| &i.store);
+            let certified = identity.is_none_or(|s| {
+                s.workload()
+                    .is_some_and(|w| w.not_after > std::time::SystemTime::now())
+            });
+            if state.ready.load(Ordering::Relaxed) && state.store.is_synced() && certified {
                 text(StatusCode::OK, "text/plain", "ready\n".into())
             } else {
+                // Why, when the certificate is what is missing: the renewal's last error.
+                let why = identity
+                    .filter(|_| !certified)
+                    .and_then(|s| s.last_error())
+                    .map_or(String::new(), |e| format!(": no valid certificate: {e}"));
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "text/plain",
-                    "not ready\n".into(),
+                    format!("not ready{why}\n"),
                 )
             }
         }

@@ -90,6 +90,17 @@ pub struct CaIdentityFile {
     /// Default 24h; renewed at about half of it.
     #[serde(default)]
     pub lifetime: Option<Spanned<String>>,
+    /// The CA's root, PEM, got out of band (mounted into the pod): the CA is reached over
+    /// TLS and must prove itself against it, and so must every chain it returns.
+    #[serde(default)]
+    pub trust_anchor: Option<Spanned<String>>,
+    /// The CA's SPIFFE ID; default `spiffe://<trust domain of id>/ns/outrigger/sa/control-plane`.
+    #[serde(default)]
+    pub server_id: Option<Spanned<String>>,
+    /// Plaintext to a CA that proves nothing: local development only, and never together
+    /// with `trust_anchor`.
+    #[serde(default)]
+    pub plaintext: bool,
 }
 
 /// Whether a listener also takes plaintext.

@@ -34,6 +34,8 @@ pub struct IdentityStore {
     roots: ArcSwap<RootCertStore>,
     /// Rebuilt with each trust bundle: rustls's client-certificate chain check.
     client_verifier: ArcSwapOption<Arc<dyn ClientCertVerifier>>,
+    /// Why the last attempt to get a certificate failed; cleared by a success.
+    last_error: ArcSwapOption<String>,
 }
 
 impl Default for IdentityStore {
@@ -42,6 +44,7 @@ impl Default for IdentityStore {
             workload: ArcSwapOption::empty(),
             roots: ArcSwap::from_pointee(RootCertStore::empty()),
             client_verifier: ArcSwapOption::empty(),
+            last_error: ArcSwapOption::empty(),
         }
     }
 }
@@ -59,6 +62,14 @@ fn certificates(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, 
 impl IdentityStore {
     pub fn workload(&self) -> Option<Arc<Workload>> {
         self.workload.load_full()
+    }
+
+    pub fn last_error(&self) -> Option<Arc<String>> {
+        self.last_error.load_full()
+    }
+
+    pub fn set_last_error(&self, error: Option<String>) {
+        self.last_error.store(error.map(Arc::new));
     }
 
     pub fn roots(&self) -> Arc<RootCertStore> {

@@ -2,9 +2,13 @@
 //! method. The proxy sends a CSR for the identity it claims, with its bootstrap token as a
 //! bearer credential; the CA signs it only if the token proves that identity.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tonic::codegen::http::uri::PathAndQuery;
+
+use crate::control_plane_channel;
 
 pub const SIGN_PATH: &str = "/outrigger.identity.v1.Identity/Sign";
 
@@ -28,20 +32,28 @@ pub struct SignResponse {
     pub bundle_pem: String,
 }
 
-/// Calls `Sign` on the control plane at `endpoint` (`http://host:port`).
+/// Calls `Sign` on the control plane at `addr`: over TLS with `tls`, else in plaintext.
 pub async fn sign(
-    endpoint: &str,
+    addr: SocketAddr,
+    tls: Option<&Arc<rustls::ClientConfig>>,
     token: &str,
     request: SignRequest,
     timeout: Duration,
 ) -> Result<SignResponse, tonic::Status> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-        .map_err(|e| tonic::Status::invalid_argument(e.to_string()))?
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .connect()
+    let endpoint = control_plane_channel::endpoint(addr, timeout).timeout(timeout);
+    let channel = control_plane_channel::connect(endpoint, addr, tls)
         .await
-        .map_err(|e| tonic::Status::unavailable(format!("{endpoint}: {e}")))?;
+        .map_err(|e| {
+            // tonic's own message is only "transport error": the cause (a certificate the
+            // anchor does not vouch for, say) is further down.
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                text = format!("{text}: {s}");
+                source = s.source();
+            }
+            tonic::Status::unavailable(format!("{addr}: {text}"))
+        })?;
     let mut client = tonic::client::Grpc::new(channel);
     client
         .ready()

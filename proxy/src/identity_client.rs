@@ -4,6 +4,11 @@
 //! renewed at about half its lifetime, with jitter so that a fleet started together does not
 //! renew together. A failed renewal keeps the certificate in use (it is still valid) and is
 //! retried with backoff.
+//!
+//! The CA is reached over TLS and must prove itself against a trust anchor the proxy got out
+//! of band (a file mounted into the pod), not against anything the CA sends. What it returns
+//! is checked before it is installed: the chain must reach that anchor, and the leaf must
+//! carry exactly the requested ID and this proxy's key.
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -13,6 +18,7 @@ use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
 
 use crate::identity::IdentityStore;
 use crate::identity_api::{self, SignRequest};
+use crate::mtls;
 use crate::spiffe::SpiffeId;
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -40,9 +46,23 @@ impl Token {
     }
 }
 
+/// How the CA proves itself.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CaTrust {
+    /// TLS, with the CA's certificate and the chains it signs checked against the roots in
+    /// this file, and the CA's SPIFFE ID matched.
+    Anchor {
+        file: std::path::PathBuf,
+        server_id: SpiffeId,
+    },
+    /// Plaintext, trusting whoever answers: for local development only.
+    Plaintext,
+}
+
 #[derive(Debug)]
 pub struct CaClient {
-    pub endpoint: String,
+    pub address: std::net::SocketAddr,
+    pub trust: CaTrust,
     pub token: Token,
     pub id: SpiffeId,
     pub lifetime: Duration,
@@ -52,8 +72,19 @@ pub struct CaClient {
 
 impl CaClient {
     pub fn same_settings(&self, other: &CaClient) -> bool {
-        (&self.endpoint, &self.token, &self.id, self.lifetime)
-            == (&other.endpoint, &other.token, &other.id, other.lifetime)
+        (
+            &self.address,
+            &self.trust,
+            &self.token,
+            &self.id,
+            self.lifetime,
+        ) == (
+            &other.address,
+            &other.trust,
+            &other.token,
+            &other.id,
+            other.lifetime,
+        )
     }
 
     /// One round: a fresh key, a CSR, the CA's answer installed. Returns the new expiry.
@@ -68,8 +99,24 @@ impl CaClient {
         params.subject_alt_names = vec![SanType::URI(uri)];
         let csr = params.serialize_request(&key).map_err(|e| e.to_string())?;
         let token = self.token.current()?;
+        // The anchor is read for every call: a rotated root is a new file.
+        let anchor = match &self.trust {
+            CaTrust::Plaintext => None,
+            CaTrust::Anchor { file, server_id } => {
+                let pem = std::fs::read(file)
+                    .map_err(|e| format!("the CA trust anchor {}: {e}", file.display()))?;
+                let roots = Arc::new(IdentityStore::default());
+                roots
+                    .set_bundle(&pem)
+                    .map_err(|e| format!("the CA trust anchor {}: {e}", file.display()))?;
+                let tls =
+                    mtls::client_config(roots.clone(), vec![server_id.clone()], mtls::ALPN_H2);
+                Some((roots, tls))
+            }
+        };
         let response = identity_api::sign(
-            &self.endpoint,
+            self.address,
+            anchor.as_ref().map(|(_, tls)| tls),
             &token,
             SignRequest {
                 csr: csr.der().to_vec(),
@@ -78,7 +125,14 @@ impl CaClient {
             CALL_TIMEOUT,
         )
         .await
-        .map_err(|s| format!("the CA refused: {}", s.message()))?;
+        .map_err(|s| format!("the CA call failed: {}", s.message()))?;
+        check_issued(
+            &response.chain_pem,
+            &self.id,
+            &key,
+            anchor.as_ref().map(|(roots, _)| roots.as_ref()),
+        )
+        .map_err(|e| format!("the CA's answer was rejected: {e}"))?;
         store.set_bundle(response.bundle_pem.as_bytes())?;
         store.set_certificate(
             response.chain_pem.as_bytes(),
@@ -98,6 +152,7 @@ impl CaClient {
             let wait = match self.renew(&store).await {
                 Ok(not_after) => {
                     failures = 0;
+                    store.set_last_error(None);
                     let left = not_after
                         .duration_since(SystemTime::now())
                         .unwrap_or_default();
@@ -106,6 +161,7 @@ impl CaClient {
                 }
                 Err(e) => {
                     failures += 1;
+                    store.set_last_error(Some(e.clone()));
                     tracing::warn!(identity = %self.id, error = %e, failures, "certificate renewal failed; keeping the current one");
                     RETRY_MIN
                         .saturating_mul(1 << failures.min(8))
@@ -116,4 +172,50 @@ impl CaClient {
             tokio::time::sleep(wait.max(Duration::from_millis(50))).await;
         }
     }
+}
+
+/// Checks a chain the CA returned before it is installed: the leaf carries exactly `want`
+/// and the public half of `key`, it is valid now, and (with an anchor) the chain reaches one
+/// of the anchor's roots.
+pub fn check_issued(
+    chain_pem: &str,
+    want: &SpiffeId,
+    key: &KeyPair,
+    anchor: Option<&IdentityStore>,
+) -> Result<(), String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+
+    let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("the chain is not PEM: {e}"))?;
+    let leaf = chain.first().ok_or("the chain is empty")?;
+    let id = SpiffeId::from_certificate(leaf)?;
+    if &id != want {
+        return Err(format!(
+            "the certificate is for {id}, not the requested {want}"
+        ));
+    }
+    let (_, parsed) = X509Certificate::from_der(leaf).map_err(|e| e.to_string())?;
+    if !parsed.validity().is_valid() {
+        return Err(format!(
+            "the certificate is not valid now (from {} to {})",
+            parsed.validity().not_before,
+            parsed.validity().not_after
+        ));
+    }
+    if parsed.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(key).as_slice() {
+        return Err("the certificate is not for this proxy's key".into());
+    }
+    if let Some(anchor) = anchor {
+        let verifier = anchor
+            .client_verifier()
+            .ok_or("the trust anchor holds no root")?;
+        let now = rustls_pki_types::UnixTime::now();
+        verifier
+            .verify_client_cert(leaf, &chain[1..], now)
+            .map_err(|e| format!("the chain does not reach the trust anchor: {e}"))?;
+    }
+    Ok(())
 }

@@ -10,6 +10,7 @@ pub mod circuit_breaker;
 pub mod config;
 pub mod config_error;
 pub mod config_store;
+pub mod control_plane_channel;
 pub mod demo;
 pub mod detect;
 pub mod error;

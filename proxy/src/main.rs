@@ -64,9 +64,19 @@ enum Command {
 
 #[derive(clap::Args)]
 struct SidecarArgs {
-    /// The control plane's CA, `host:port`.
+    /// The control plane's CA, `host:port`: its TLS port.
     #[arg(long, env = "OUTRIGGER_CA_ADDRESS")]
     ca_address: String,
+    /// The CA's root, mounted into the pod out of band; the CA must prove itself against it.
+    #[arg(
+        long,
+        env = "OUTRIGGER_CA_TRUST_ANCHOR",
+        default_value = "/var/run/outrigger-ca/root-cert.pem"
+    )]
+    ca_trust_anchor: String,
+    /// Reach the CA in plaintext and trust whatever answers: local development only.
+    #[arg(long, env = "OUTRIGGER_CA_PLAINTEXT")]
+    ca_plaintext: bool,
     /// The control plane's xDS over mTLS, `host:port`.
     #[arg(long, env = "OUTRIGGER_XDS_ADDRESS")]
     xds_address: String,
@@ -146,6 +156,7 @@ fn sidecar(args: SidecarArgs) -> ExitCode {
     };
     let settings = outrigger_proxy::sidecar::Sidecar {
         ca,
+        ca_trust_anchor: (!args.ca_plaintext).then_some(args.ca_trust_anchor),
         xds,
         control_plane_identity: args.control_plane_identity,
         trust_domain: args.trust_domain,

@@ -24,8 +24,8 @@ use crate::config::{
 };
 use crate::config_error::ConfigError;
 use crate::identity::{IdentityFiles, IdentityStore};
-use crate::identity_client::CaClient;
 use crate::identity_client::Token;
+use crate::identity_client::{CaClient, CaTrust};
 use crate::mtls;
 use crate::original_dst::Destinations;
 use crate::outlier::OutlierPolicy;
@@ -551,11 +551,30 @@ impl Builder<'_> {
                 ))))
             }
             (None, None, None, Some(ca)) => {
-                self.address(&ca.address, "identity.ca.address")?;
+                let address = self.address(&ca.address, "identity.ca.address")?;
                 let id = SpiffeId::parse(&ca.id.value)
                     .map_err(|e| self.err(&ca.id, "identity.ca.id", e))?;
+                let trust = match (&ca.trust_anchor, ca.plaintext) {
+                    (Some(file), false) => CaTrust::Anchor {
+                        file: file.value.clone().into(),
+                        server_id: match &ca.server_id {
+                            Some(s) => SpiffeId::parse(&s.value)
+                                .map_err(|e| self.err(s, "identity.ca.server_id", e))?,
+                            None => SpiffeId::control_plane(&id.trust_domain),
+                        },
+                    },
+                    (None, true) => CaTrust::Plaintext,
+                    _ => {
+                        return Err(self.err(
+                            &ca.address,
+                            "identity.ca",
+                            "set `trust_anchor` (the CA's root, mounted out of band), or, for local development only, `plaintext: true`",
+                        ));
+                    }
+                };
                 Ok(IdentitySource::Ca(Arc::new(CaClient {
-                    endpoint: format!("http://{}", ca.address.value),
+                    address,
+                    trust,
                     token: match (&ca.token, &ca.token_file) {
                         (Some(t), None) => Token::Inline(t.clone()),
                         (None, Some(f)) => Token::File(f.into()),

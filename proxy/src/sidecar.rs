@@ -12,8 +12,11 @@ use std::time::Duration;
 use crate::config::TlsMode;
 
 pub struct Sidecar {
-    /// The control plane's CA (plaintext gRPC: the proxy has no certificate yet).
+    /// The control plane's CA, on its TLS port (the proxy has no certificate yet, so the CA
+    /// proves itself and the proxy proves itself with its token).
     pub ca: SocketAddr,
+    /// The CA's root, mounted out of band; `None` only for plaintext local development.
+    pub ca_trust_anchor: Option<String>,
     /// The control plane's xDS over mTLS.
     pub xds: SocketAddr,
     /// The SPIFFE ID the control plane must prove on the xDS stream.
@@ -77,9 +80,16 @@ impl Sidecar {
         let any = if self.dual_stack { "[::]" } else { "0.0.0.0" };
         let mut y = String::new();
         let _ = writeln!(y, "admin: {{address: \"{any}:{}\"}}", self.admin_port);
+        let trust = match &self.ca_trust_anchor {
+            Some(file) => format!(
+                "trust_anchor: \"{file}\", server_id: \"{}\"",
+                self.control_plane_identity
+            ),
+            None => "plaintext: true".into(),
+        };
         let _ = writeln!(
             y,
-            "identity:\n  ca: {{address: \"{}\", token_file: \"{}\", id: \"{id}\"}}",
+            "identity:\n  ca: {{address: \"{}\", token_file: \"{}\", id: \"{id}\", {trust}}}",
             self.ca, self.token_file
         );
         let _ = writeln!(
@@ -127,7 +137,8 @@ mod tests {
 
     fn sample(ports: Vec<u16>) -> Sidecar {
         Sidecar {
-            ca: "10.96.0.20:15010".parse().unwrap(),
+            ca: "10.96.0.20:15012".parse().unwrap(),
+            ca_trust_anchor: Some("/var/run/outrigger/ca-root/root-cert.pem".into()),
             xds: "10.96.0.20:15012".parse().unwrap(),
             control_plane_identity: "spiffe://cluster.local/ns/outrigger-system/sa/outrigger"
                 .into(),

@@ -22,6 +22,11 @@ impl SpiffeId {
         }
     }
 
+    /// The control plane's own identity: `spiffe://<td>/ns/outrigger/sa/control-plane`.
+    pub fn control_plane(trust_domain: &str) -> SpiffeId {
+        SpiffeId::new(trust_domain, "outrigger", "control-plane")
+    }
+
     /// Parses the mesh's form of ID; anything else is an error that says what was expected.
     pub fn parse(text: &str) -> Result<SpiffeId, String> {
         let bad = || format!("`{text}` is not spiffe://<trust-domain>/ns/<namespace>/sa/<account>");

@@ -25,6 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::config::{ClusterFile, VirtualHostFile};
 use crate::config_store::{ConfigStore, XdsOverlay};
+use crate::control_plane_channel;
 use crate::xds_translate::{self, decode};
 
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
@@ -41,42 +42,6 @@ pub struct XdsSettings {
     /// mTLS to the control plane, with this proxy's certificate and the control plane's
     /// expected identity.
     pub tls: Option<Arc<rustls::ClientConfig>>,
-}
-
-/// Dials the control plane over mTLS for tonic's channel.
-#[derive(Clone)]
-struct TlsConnect {
-    addr: std::net::SocketAddr,
-    config: Arc<rustls::ClientConfig>,
-}
-
-type Dialed = hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
-
-impl tonic::codegen::Service<tonic::codegen::http::Uri> for TlsConnect {
-    type Response = Dialed;
-    type Error = std::io::Error;
-    type Future =
-        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Dialed, std::io::Error>> + Send>>;
-
-    fn poll_ready(
-        &mut self,
-        _cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), Self::Error>> {
-        std::task::Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: tonic::codegen::http::Uri) -> Self::Future {
-        let (addr, config) = (self.addr, self.config.clone());
-        Box::pin(async move {
-            let tcp = tokio::net::TcpStream::connect(addr).await?;
-            tcp.set_nodelay(true)?;
-            let name = rustls_pki_types::ServerName::IpAddress(addr.ip().into());
-            let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
-                .await?;
-            Ok(hyper_util::rt::TokioIo::new(tls))
-        })
-    }
 }
 
 /// Everything accepted so far; survives reconnects, so the proxy resends its versions.
@@ -170,7 +135,13 @@ fn save_cache(path: &std::path::Path, state: &State) {
     }
     let tmp = path.with_extension("tmp");
     // Write then rename, so a crash mid-write never leaves half a cache.
-    if let Err(e) = std::fs::write(&tmp, &bytes).and_then(|()| std::fs::rename(&tmp, path)) {
+    // Synced before the rename: otherwise a power loss can leave the new name pointing at
+    // an empty file.
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        std::io::Write::write_all(&mut f, &bytes)?;
+        f.sync_all()
+    });
+    if let Err(e) = written.and_then(|()| std::fs::rename(&tmp, path)) {
         tracing::warn!(path = %path.display(), error = %e, "cannot write the xDS cache");
     }
 }
@@ -292,19 +263,9 @@ async fn session(
     state: &mut State,
     attempt: &mut u32,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{}", settings.address))?
-        .connect_timeout(Duration::from_secs(1));
-    let channel = match &settings.tls {
-        None => endpoint.connect().await?,
-        Some(config) => {
-            endpoint
-                .connect_with_connector(TlsConnect {
-                    addr: settings.address,
-                    config: config.clone(),
-                })
-                .await?
-        }
-    };
+    let endpoint = control_plane_channel::endpoint(settings.address, Duration::from_secs(1));
+    let channel =
+        control_plane_channel::connect(endpoint, settings.address, settings.tls.as_ref()).await?;
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(16);
     // A new stream knows no nonces; versions are kept so an unchanged config is not resent.

@@ -110,6 +110,7 @@ fn strip(v: &mut Value) {
             }
             if let Some(a) = map.get_mut("annotations").and_then(Value::as_object_mut) {
                 a.shift_remove("outrigger.io/injected");
+                a.shift_remove("outrigger.io/ca-root");
                 if a.is_empty() {
                     map.shift_remove("annotations");
                 }

@@ -27,16 +27,45 @@ async fn control_plane() -> ControlPlane {
         mesh_path: path,
         xds_address: "127.0.0.1:0".parse().unwrap(),
         admin_address: "127.0.0.1:0".parse().unwrap(),
-        identity: Default::default(),
+        identity: app::IdentityOptions {
+            secure_xds_address: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
+        },
     })
     .await
     .unwrap()
 }
 
+/// The control plane's roots as a pod would have them mounted: one file per control plane,
+/// rewritten with the CA's current bundle (as an operator updates it during a rotation).
+fn write_anchor(cp: &ControlPlane) -> std::path::PathBuf {
+    let port = cp.secure_xds_addr.unwrap().port();
+    let path = std::env::temp_dir().join(format!(
+        "outrigger-anchor-{}-{port}.pem",
+        std::process::id()
+    ));
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, cp.ca.load().bundle_pem()).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    path
+}
+
+/// A CA identity over TLS, checked against the control plane's roots.
 fn identity(cp: &ControlPlane, token: &str, id: &str, lifetime: &str) -> String {
+    identity_with_anchor(cp, token, id, lifetime, &write_anchor(cp))
+}
+
+fn identity_with_anchor(
+    cp: &ControlPlane,
+    token: &str,
+    id: &str,
+    lifetime: &str,
+    anchor: &std::path::Path,
+) -> String {
     format!(
-        "identity:\n  ca: {{address: \"{}\", token: {token}, id: \"{id}\", lifetime: {lifetime}}}\n",
-        cp.xds_addr
+        "identity:\n  ca: {{address: \"{}\", token: {token}, id: \"{id}\", lifetime: {lifetime}, trust_anchor: \"{}\"}}\n",
+        cp.secure_xds_addr.unwrap(),
+        anchor.display()
     )
 }
 
@@ -89,7 +118,7 @@ async fn proxies_get_certificates_from_the_ca_and_talk_mtls() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ca_signs_only_what_a_valid_token_proves() {
     let cp = control_plane().await;
-    let endpoint = format!("http://{}", cp.xds_addr);
+    let endpoint = cp.xds_addr;
     let csr = |uri: &str| {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = CertificateParams::default();
@@ -99,9 +128,8 @@ async fn the_ca_signs_only_what_a_valid_token_proves() {
             lifetime_seconds: 0,
         }
     };
-    let call = |token: &'static str, req: SignRequest| {
-        let endpoint = endpoint.clone();
-        async move { identity_api::sign(&endpoint, token, req, Duration::from_secs(5)).await }
+    let call = |token: &'static str, req: SignRequest| async move {
+        identity_api::sign(endpoint, None, token, req, Duration::from_secs(5)).await
     };
     assert!(call("web-token", csr(WEB)).await.is_ok());
 
@@ -183,6 +211,7 @@ async fn certificates_and_the_root_rotate_under_load_without_a_failed_request() 
     let old = cp.ca.load_full();
     let next = Ca::generate("mesh.test").unwrap();
     cp.ca.store(Arc::new(trusting(&old, &next)));
+    write_anchor(&cp);
     renewals(4).await;
     fresh_caller().await;
     cp.ca.store(Arc::new(trusting(&next, &old)));
@@ -320,19 +349,16 @@ async fn in_kubernetes_a_service_account_token_is_checked_with_a_token_review() 
     })
     .await
     .unwrap();
-    let endpoint = format!("http://{}", cp.xds_addr);
-    let call = |token: &'static str, uri: &'static str| {
-        let endpoint = endpoint.clone();
-        async move {
-            let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-            let mut params = CertificateParams::default();
-            params.subject_alt_names = vec![SanType::URI(uri.to_string().try_into().unwrap())];
-            let req = SignRequest {
-                csr: params.serialize_request(&key).unwrap().der().to_vec(),
-                lifetime_seconds: 0,
-            };
-            identity_api::sign(&endpoint, token, req, Duration::from_secs(5)).await
-        }
+    let endpoint = cp.xds_addr;
+    let call = |token: &'static str, uri: &'static str| async move {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(uri.to_string().try_into().unwrap())];
+        let req = SignRequest {
+            csr: params.serialize_request(&key).unwrap().der().to_vec(),
+            lifetime_seconds: 0,
+        };
+        identity_api::sign(endpoint, None, token, req, Duration::from_secs(5)).await
     };
     assert!(call("sa-token-web", WEB).await.is_ok());
     let wrong = call("sa-token-web", API).await.unwrap_err();
@@ -349,4 +375,89 @@ async fn in_kubernetes_a_service_account_token_is_checked_with_a_token_review() 
     );
     // Tokens from the mesh file still work beside it.
     assert!(call("web-token", WEB).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_that_cannot_prove_itself_against_the_anchor_gets_no_csr() {
+    let cp = control_plane().await;
+    let app = upstreams::http("app").await;
+    // An impostor's root in the anchor file: the real control plane cannot prove itself.
+    let impostor = Ca::generate("mesh.test").unwrap();
+    let anchor = temp_path("impostor-anchor.pem");
+    std::fs::write(&anchor, impostor.bundle_pem()).unwrap();
+    let misled = inbound(
+        &identity_with_anchor(&cp, "api-token", API, "24h", &anchor),
+        app.addr,
+    )
+    .await;
+    let admin = misled.admin();
+    let why = eventually(
+        "the misled proxy reports why it has no certificate",
+        Duration::from_secs(10),
+        || async move {
+            let r = get(admin, "/ready").await;
+            (r.status == 503 && r.body.contains("no valid certificate")).then_some(r.body)
+        },
+    )
+    .await;
+    assert!(why.contains("invalid peer certificate"), "{why}");
+    // The good one beside it gets its certificate, so the CA was up all along.
+    let good = inbound(&identity(&cp, "web-token", WEB, "24h"), app.addr).await;
+    ready(&good).await;
+    assert_eq!(
+        cp.issued.load(Ordering::Relaxed),
+        1,
+        "the CSR (and its token) reached a CA the anchor does not vouch for"
+    );
+}
+
+#[test]
+fn what_the_ca_returns_is_checked_before_it_is_installed() {
+    use outrigger_proxy::identity::IdentityStore;
+    use outrigger_proxy::identity_client::check_issued;
+    use outrigger_proxy::spiffe::SpiffeId;
+    let ca = Ca::generate("mesh.test").unwrap();
+    let anchor = IdentityStore::default();
+    anchor.set_bundle(ca.bundle_pem().as_bytes()).unwrap();
+    let web = SpiffeId::parse(WEB).unwrap();
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = CertificateParams::default();
+    params.subject_alt_names = vec![SanType::URI(WEB.to_string().try_into().unwrap())];
+    let csr = params.serialize_request(&key).unwrap().der().to_vec();
+    let good = ca.sign_csr(&csr, &web, Duration::from_secs(3600)).unwrap();
+    check_issued(&good, &web, &key, Some(&anchor)).unwrap();
+
+    let other_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+    let e = check_issued(&good, &web, &other_key, Some(&anchor)).unwrap_err();
+    assert_eq!(e, "the certificate is not for this proxy's key");
+
+    let (for_api, _) = ca
+        .issue(&SpiffeId::parse(API).unwrap(), Duration::from_secs(3600))
+        .unwrap();
+    let e = check_issued(&for_api, &web, &key, Some(&anchor)).unwrap_err();
+    assert_eq!(
+        e,
+        format!("the certificate is for {API}, not the requested {WEB}")
+    );
+
+    let foreign = Ca::generate("mesh.test").unwrap();
+    let elsewhere = foreign
+        .sign_csr(&csr, &web, Duration::from_secs(3600))
+        .unwrap();
+    let e = check_issued(&elsewhere, &web, &key, Some(&anchor)).unwrap_err();
+    assert!(
+        e.starts_with("the chain does not reach the trust anchor"),
+        "{e}"
+    );
+
+    let now = time::OffsetDateTime::now_utc();
+    let (expired, _) = ca
+        .issue_between(
+            &web,
+            now - time::Duration::days(2),
+            now - time::Duration::days(1),
+        )
+        .unwrap();
+    let e = check_issued(&expired, &web, &key, Some(&anchor)).unwrap_err();
+    assert!(e.starts_with("the certificate is not valid now"), "{e}");
 }

@@ -20,6 +20,9 @@ fn inject(path: &Path, extra: &[&str]) -> String {
         .arg("inject")
         .arg("-f")
         .arg(path)
+        // The mesh's root, mounted into every pod as the sidecar's CA trust anchor.
+        .arg("--ca-root")
+        .arg(cases().join("root").with_extension("pem"))
         .args(extra)
         .output()
         .unwrap();

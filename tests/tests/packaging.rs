@@ -105,7 +105,7 @@ fn the_control_plane_manifest_hangs_together() {
     assert!(args.contains(&format!("--webhook-dns={host}").as_str()));
     // What the injector tells sidecars matches the Service.
     let injector = outrigger_control_plane::inject::Injector::for_cluster("x");
-    assert_eq!(injector.ca_address, format!("{host}:15010"));
+    assert_eq!(injector.ca_address, format!("{host}:15012"));
     assert_eq!(injector.xds_address, format!("{host}:15012"));
     assert!(injector.control_plane_identity.ends_with(&format!(
         "/ns/{}/sa/control-plane",

@@ -54,11 +54,20 @@ fn mesh(net: &PodNetwork, subnet: u8) -> String {
 
 /// The sidecar's own file: its listeners and the local app; routes, clusters and its
 /// certificate come from the control plane.
-fn proxy_config(pod: &str, cp: SocketAddr, authorization: &str) -> String {
+fn proxy_config(
+    pod: &str,
+    cp: SocketAddr,
+    ca: SocketAddr,
+    anchor: &std::path::Path,
+    authorization: &str,
+) -> String {
     let id = spiffe(pod);
+    let anchor = anchor.display();
     [
         format!("admin: {{address: \"0.0.0.0:{ADMIN_PORT}\"}}"),
-        format!("identity:\n  ca: {{address: \"{cp}\", token: token-{pod}, id: \"{id}\"}}"),
+        format!(
+            "identity:\n  ca: {{address: \"{ca}\", token: token-{pod}, id: \"{id}\", trust_anchor: \"{anchor}\"}}"
+        ),
         format!("xds: {{address: \"{cp}\", node: {pod}-0, service: {pod}}}"),
         "listeners:".into(),
         "  - name: outbound\n    address: \"0.0.0.0:15001\"\n    direction: outbound".into(),
@@ -157,6 +166,9 @@ async fn pods_talk_through_their_sidecars(backend: &str) {
     .unwrap();
     let xds_port = cp.xds_addr.port().to_string();
     let secure_xds = cp.secure_xds_addr.unwrap();
+    // The CA's root, as the injector mounts it into each pod.
+    let anchor = temp_path("ca-root.pem");
+    std::fs::write(&anchor, cp.ca.load().bundle_pem()).unwrap();
 
     let proxy = workspace_binary("outrigger-proxy");
     for name in ["a", "b", "c"] {
@@ -183,7 +195,11 @@ async fn pods_talk_through_their_sidecars(backend: &str) {
             String::new()
         };
         let config = temp_path(&format!("{name}-proxy.yaml"));
-        std::fs::write(&config, proxy_config(name, cp.xds_addr, &authz)).unwrap();
+        std::fs::write(
+            &config,
+            proxy_config(name, cp.xds_addr, secure_xds, &anchor, &authz),
+        )
+        .unwrap();
         let token = temp_path(&format!("{name}-token"));
         std::fs::write(&token, format!("token-{name}\n")).unwrap();
         let work_dir = temp_path(&format!("{name}-sidecar"));
@@ -193,7 +209,7 @@ async fn pods_talk_through_their_sidecars(backend: &str) {
             .args(["1337", work_dir.to_str().unwrap()])
             .status()
             .unwrap();
-        let (ca, xds) = (cp.xds_addr.to_string(), secure_xds.to_string());
+        let (ca, xds) = (secure_xds.to_string(), secure_xds.to_string());
         let app_ports = APP_PORT.to_string();
         // a and b run exactly what the injector puts in a pod; c has a written file, for
         // its authorization rules.
@@ -210,6 +226,8 @@ async fn pods_talk_through_their_sidecars(backend: &str) {
                 "sidecar",
                 "--ca-address",
                 &ca,
+                "--ca-trust-anchor",
+                anchor.to_str().unwrap(),
                 "--xds-address",
                 &xds,
                 "--control-plane-identity",

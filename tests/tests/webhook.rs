@@ -83,13 +83,17 @@ fn apply(object: &Value, response: &Value) -> Value {
     patched
 }
 
-fn inject_cli(object: &Value) -> Value {
+fn inject_cli(object: &Value, ca: &Ca) -> Value {
     // JSON is YAML: the command reads the pod exactly as the webhook received it.
     let path = temp_path("pod.json");
     std::fs::write(&path, serde_json::to_string_pretty(object).unwrap()).unwrap();
+    let root = temp_path("root.pem");
+    std::fs::write(&root, ca.bundle_pem()).unwrap();
     let out = Command::new(workspace_binary("outrigger-control-plane"))
         .args(["inject", "-f"])
         .arg(&path)
+        .arg("--ca-root")
+        .arg(&root)
         .output()
         .unwrap();
     assert!(
@@ -115,7 +119,7 @@ async fn the_patched_pod_is_what_inject_makes() {
     assert_eq!(response["allowed"], true);
     let pod = &review["request"]["object"];
     let patched = apply(pod, response);
-    assert_eq!(patched, inject_cli(pod));
+    assert_eq!(patched, inject_cli(pod, &ca));
     assert_eq!(
         patched["spec"]["initContainers"][1]["restartPolicy"],
         "Always"
