@@ -15,9 +15,9 @@ use std::time::Duration;
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use outrigger_proxy::bounded_server;
+
 use rustls::ServerConfig;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -81,7 +81,8 @@ pub fn tls_config(ca: &Ca, dns_names: &[String]) -> Result<Arc<ServerConfig>, St
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|e| e.to_string())?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTP/1.1 only: the API server speaks it, and the port's limits are HTTP/1.1's.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
 
@@ -123,38 +124,26 @@ async fn handle(
     }
 }
 
-/// Serves `POST /inject` over TLS until the process ends.
+/// Serves `POST /inject` over TLS until the process ends, bounded like every admin port:
+/// only the API server calls it, a few times a second at most.
 pub async fn serve(socket: TcpListener, tls: Arc<ServerConfig>, injector: Arc<Injector>) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    loop {
-        let (stream, peer): (_, SocketAddr) = match socket.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!(error = %e, "webhook accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let (acceptor, injector) = (acceptor.clone(), injector.clone());
-        tokio::spawn(async move {
-            let stream = match tokio::time::timeout(
-                Duration::from_secs(10),
-                acceptor.accept(stream),
-            )
-            .await
-            {
-                Ok(Ok(s)) => s,
-                _ => {
-                    tracing::debug!(%peer, "webhook TLS handshake failed");
-                    return;
+    let gate = bounded_server::Gate::new(bounded_server::Limits::ADMIN);
+    bounded_server::serve(
+        socket,
+        gate,
+        move |tcp| acceptor.clone().accept(tcp),
+        move |req| {
+            let injector = injector.clone();
+            async move {
+                match handle(injector, req).await {
+                    Ok(resp) => resp,
+                    Err(never) => match never {},
                 }
-            };
-            let svc = service_fn(move |req| handle(injector.clone(), req));
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+            }
+        },
+    )
+    .await
 }
 
 /// Binds the webhook on `address` with a certificate for `dns_names` from `ca`, and serves

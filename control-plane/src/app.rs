@@ -17,8 +17,7 @@ use bytes::Bytes;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use http::{Response, StatusCode};
 use http_body_util::Full;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use outrigger_proxy::bounded_server::{self, Gate, Limits};
 use outrigger_proxy::config_error::ConfigError;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -274,6 +273,13 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
     };
     let ca = identity.ca.clone();
     let issued = identity.issued.clone();
+    // Each gRPC port's connection cap, reported on /metrics.
+    let plaintext_gate = Arc::new(crate::grpc_limits::Gate::default());
+    let secure_gate = Arc::new(crate::grpc_limits::Gate::default());
+    let gates = [
+        ("xds", plaintext_gate.clone()),
+        ("secure-xds", secure_gate.clone()),
+    ];
     let secure_xds_addr = match options.identity.secure_xds_address {
         None => None,
         Some(addr) => {
@@ -283,11 +289,13 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
                 .map_err(|e| StartError::Ca(crate::ca::CaError::Files(e)))?;
             let (ads, identity) = (Ads::new(publisher.clone(), nodes.clone()), identity.clone());
             let td = trust_domain.clone();
+            let gate = secure_gate.clone();
             tokio::spawn(async move {
-                let result = tonic::transport::Server::builder()
+                let incoming = crate::secure_xds::incoming(socket, config, td, gate);
+                let result = crate::grpc_limits::server()
                     .add_service(AggregatedDiscoveryServiceServer::new(ads))
                     .add_service(identity)
-                    .serve_with_incoming(crate::secure_xds::incoming(socket, config, td))
+                    .serve_with_incoming(incoming)
                     .await;
                 if let Err(e) = result {
                     tracing::error!(error = %e, "xDS (mTLS) server stopped");
@@ -298,8 +306,8 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
     };
     let ads = Ads::new(publisher.clone(), nodes.clone());
     tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(xds);
-        let result = tonic::transport::Server::builder()
+        let incoming = crate::grpc_limits::plaintext_incoming(xds, plaintext_gate);
+        let result = crate::grpc_limits::server()
             .add_service(AggregatedDiscoveryServiceServer::new(ads))
             .add_service(identity)
             .serve_with_incoming(incoming)
@@ -313,6 +321,7 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
         source.clone(),
         nodes.clone(),
         issued.clone(),
+        gates,
     ));
     tokio::spawn(source.clone().watch());
     tracing::info!(xds = %xds_addr, admin = %admin_addr, "control plane serving");
@@ -333,39 +342,53 @@ async fn serve_admin(
     source: Arc<MeshSource>,
     nodes: Arc<NodeRegistry>,
     issued: Arc<AtomicU64>,
+    grpc_gates: [(&'static str, Arc<crate::grpc_limits::Gate>); 2],
 ) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((s, _)) => s,
-            Err(_) => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
+    let gate = Gate::new(Limits::ADMIN);
+    let admin_gate = gate.clone();
+    bounded_server::serve(listener, gate, bounded_server::plaintext, move |req| {
+        let body = match req.uri().path() {
+            "/live" | "/ready" => Ok("ok\n".to_string()),
+            "/status" => Ok(serde_json::to_string_pretty(&status_json(&source, &nodes))
+                .unwrap_or_default()
+                + "\n"),
+            "/metrics" => {
+                let mut text = metrics_text(&source, &nodes, &issued);
+                text += &connection_metrics(&admin_gate, &grpc_gates);
+                Ok(text)
             }
+            _ => Err("endpoints: /status /metrics /live /ready\n".to_string()),
         };
-        let (source, nodes, issued) = (source.clone(), nodes.clone(), issued.clone());
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                let body = match req.uri().path() {
-                    "/live" | "/ready" => Ok("ok\n".to_string()),
-                    "/status" => Ok(serde_json::to_string_pretty(&status_json(&source, &nodes))
-                        .unwrap_or_default()
-                        + "\n"),
-                    "/metrics" => Ok(metrics_text(&source, &nodes, &issued)),
-                    _ => Err("endpoints: /status /metrics /live /ready\n".to_string()),
-                };
-                let (status, text) = match body {
-                    Ok(t) => (StatusCode::OK, t),
-                    Err(t) => (StatusCode::NOT_FOUND, t),
-                };
-                let mut resp = Response::new(Full::new(Bytes::from(text)));
-                *resp.status_mut() = status;
-                async move { Ok::<_, std::convert::Infallible>(resp) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
+        let (status, text) = match body {
+            Ok(t) => (StatusCode::OK, t),
+            Err(t) => (StatusCode::NOT_FOUND, t),
+        };
+        let mut resp = Response::new(Full::new(Bytes::from(text)));
+        *resp.status_mut() = status;
+        async move { resp }
+    })
+    .await
+}
+
+/// Each port's open connections and the ones its cap turned away.
+fn connection_metrics(
+    admin: &Gate,
+    grpc: &[(&'static str, Arc<crate::grpc_limits::Gate>)],
+) -> String {
+    let mut rows = vec![("admin", admin.open(), admin.refused())];
+    rows.extend(
+        grpc.iter()
+            .map(|(port, g)| (*port, g.open(), g.refused.load(Ordering::Relaxed))),
+    );
+    let mut out = String::from("# TYPE outrigger_cp_open_connections gauge\n");
+    for (port, open, _) in &rows {
+        out += &format!("outrigger_cp_open_connections{{port=\"{port}\"}} {open}\n");
     }
+    out += "# TYPE outrigger_cp_connections_refused_total counter\n";
+    for (port, _, refused) in &rows {
+        out += &format!("outrigger_cp_connections_refused_total{{port=\"{port}\"}} {refused}\n");
+    }
+    out
 }
 
 fn status_json(source: &MeshSource, nodes: &NodeRegistry) -> serde_json::Value {

@@ -8,6 +8,7 @@ pub mod app;
 pub mod ca;
 pub mod cluster_source;
 pub mod demo;
+pub mod grpc_limits;
 pub mod identity_service;
 pub mod inject;
 pub mod kube_api;

@@ -67,6 +67,8 @@ pub fn server_config(ca: &Ca) -> Result<Arc<ServerConfig>, String> {
 pub struct SecureConn {
     inner: TlsStream<TcpStream>,
     peer: Option<SpiffeId>,
+    /// Its place under the port's connection cap.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Connected for SecureConn {
@@ -111,6 +113,7 @@ pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     trust_domain: String,
+    gate: Arc<crate::grpc_limits::Gate>,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<SecureConn>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
@@ -120,11 +123,17 @@ pub fn incoming(
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
+            let Some(permit) = gate.admit() else {
+                continue;
+            };
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             let trust_domain = trust_domain.clone();
             tokio::spawn(async move {
-                let accepted =
-                    tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await;
+                let accepted = tokio::time::timeout(
+                    crate::grpc_limits::HANDSHAKE_TIMEOUT,
+                    acceptor.accept(tcp),
+                )
+                .await;
                 match accepted {
                     Ok(Ok(inner)) => {
                         let leaf = inner
@@ -144,7 +153,12 @@ pub fn incoming(
                                 return;
                             }
                         };
-                        let _ = tx.send(Ok(SecureConn { inner, peer })).await;
+                        let conn = SecureConn {
+                            inner,
+                            peer,
+                            _permit: permit,
+                        };
+                        let _ = tx.send(Ok(conn)).await;
                     }
                     Ok(Err(e)) => tracing::debug!(error = %e, "xDS mTLS handshake failed"),
                     Err(_) => tracing::debug!("xDS mTLS handshake timed out"),

@@ -1,6 +1,5 @@
 //! The admin listener: `/live`, `/ready`, `/metrics`, `/config`.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -8,11 +7,10 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::bounded_server::{self, Gate};
 use crate::config_store::ConfigStore;
 use crate::metrics::Metrics;
 use crate::runtime_config::RuntimeConfig;
@@ -22,29 +20,18 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// True once listeners are bound on a valid config; false again while draining.
     pub ready: AtomicBool,
+    /// The admin port's connection cap (and how often it refused).
+    pub gate: Arc<Gate>,
 }
 
+/// Serves the admin port, bounded: probes and scrapes need few, short connections.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
-    loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
-            // Out of file descriptors and the like: back off instead of spinning.
-            Err(_) => {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    let gate = state.gate.clone();
+    bounded_server::serve(listener, gate, bounded_server::plaintext, move |req| {
         let state = state.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(respond(&state, &req)) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
-        });
-    }
+        async move { respond(&state, &req) }
+    })
+    .await
 }
 
 fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
@@ -94,6 +81,7 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
                     state.metrics.declare_xds(resource);
                 }
             }
+            state.metrics.admin_refused(state.gate.refused());
             for (name, cluster) in &config.clusters {
                 if cluster.outlier.is_some() {
                     let ejected = cluster

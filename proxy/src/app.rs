@@ -213,6 +213,7 @@ pub async fn start(options: Options) -> Result<ProxyHandle, StartError> {
         store: store.clone(),
         metrics: metrics.clone(),
         ready: false.into(),
+        gate: crate::bounded_server::Gate::new(crate::bounded_server::Limits::ADMIN),
     });
     let admin_addr = match config.admin_address {
         Some(addr) => {

@@ -269,6 +269,7 @@ async fn forward<'a>(
         .get::<Peer>()
         .and_then(|p| p.identity.clone());
     let fallback_host = req.extensions().get::<Peer>().and_then(|p| p.virtual_host);
+    let drain = req.extensions().get::<Peer>().and_then(|p| p.drain.clone());
     if let Some(authz) = &listener.authorization
         && !authz.allows(peer.as_deref())
     {
@@ -333,7 +334,7 @@ async fn forward<'a>(
     let trace = trace.as_ref();
     let cluster = &pick_backend(&route.backends, route.total_weight).cluster;
     // Held until the response head: past the threshold, fail fast rather than queue.
-    let Some(_slot) = cluster.breaker.try_request() else {
+    let Some(slot) = cluster.breaker.try_request() else {
         ctx.metrics.overflow(&cluster.name, "requests");
         return Err(ProxyError::Overloaded {
             cluster: cluster.name.clone(),
@@ -371,12 +372,16 @@ async fn forward<'a>(
         downstream_upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS)
     {
         let upstream = hyper::upgrade::on(&mut resp);
+        // The tunnel outlives the request: it keeps the cluster's request slot and holds off
+        // the drain like any connection, and it is closed when idle like opaque TCP.
+        let idle = listener.idle_timeout;
         tokio::spawn(async move {
+            let (_slot, _draining) = (slot, drain);
             let (Ok(down), Ok(up)) = tokio::join!(downstream, upstream) else {
                 return;
             };
-            let _ =
-                tokio::io::copy_bidirectional(&mut TokioIo::new(down), &mut TokioIo::new(up)).await;
+            let _ = crate::tcp::copy_with_idle_timeout(TokioIo::new(down), TokioIo::new(up), idle)
+                .await;
         });
     } else {
         strip_hop_by_hop(resp.headers_mut());

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod app;
 pub mod balance;
+pub mod bounded_server;
 pub mod circuit_breaker;
 pub mod config;
 pub mod config_error;

@@ -42,6 +42,9 @@ pub struct Peer {
     /// On a redirected outbound connection: the virtual host of the address the app dialled,
     /// used when the Host header names none.
     pub virtual_host: Option<usize>,
+    /// The connection's hold on the drain, for what outlives its requests (an upgraded
+    /// tunnel): the drain waits for it as for the connection.
+    pub drain: Option<mpsc::Sender<()>>,
 }
 
 pub struct Shutdown {
@@ -194,6 +197,7 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
                         identity: peer,
                         addr: client_addr,
                         virtual_host,
+                        drain: None,
                     };
                     if serve_http(stream, protocol, idle, peer, ctx.clone(), shutdown)
                         .await
@@ -221,6 +225,7 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
                 identity: None,
                 addr: client_addr,
                 virtual_host: redirected.virtual_host,
+                drain: None,
             };
             if serve_http(io, protocol, idle, peer, ctx.clone(), shutdown)
                 .await
@@ -317,6 +322,8 @@ where
         tracker,
         ..
     } = shutdown;
+    let mut peer = peer;
+    peer.drain = Some(tracker.clone());
     let _guard = tracker;
     let activity = Arc::new(Activity::default());
     let svc = {

@@ -115,6 +115,8 @@ pub struct Metrics {
     xds_version: Family<XdsLabels, Gauge>,
     xds_last_update: Family<XdsLabels, Gauge>,
     xds_nacks: Family<XdsLabels, Counter>,
+    xds_reconnects: Counter,
+    admin_refused: Counter,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -188,6 +190,18 @@ impl Metrics {
         let xds_version = Family::<XdsLabels, Gauge>::default();
         let xds_last_update = Family::<XdsLabels, Gauge>::default();
         let xds_nacks = Family::<XdsLabels, Counter>::default();
+        let xds_reconnects = Counter::default();
+        let admin_refused = Counter::default();
+        registry.register(
+            "admin_connections_refused",
+            "Connections to the admin port closed at once: it was at its connection cap",
+            admin_refused.clone(),
+        );
+        registry.register(
+            "xds_reconnects",
+            "ADS streams lost (closed, broken or silent past the keepalive) and redialled",
+            xds_reconnects.clone(),
+        );
         registry.register(
             "xds_version",
             "The accepted version of each xDS type (numeric versions; 0 otherwise)",
@@ -331,6 +345,8 @@ impl Metrics {
             xds_version,
             xds_last_update,
             xds_nacks,
+            xds_reconnects,
+            admin_refused,
         }
     }
 
@@ -350,6 +366,18 @@ impl Metrics {
         let _ = self.xds_nacks.get_or_create(&labels);
         let _ = self.xds_version.get_or_create(&labels);
         let _ = self.xds_last_update.get_or_create(&labels);
+    }
+
+    /// Brings the admin port's refusals up to `total` (the gate counts them; this reports).
+    pub fn admin_refused(&self, total: u64) {
+        let seen = self.admin_refused.get();
+        if total > seen {
+            self.admin_refused.inc_by(total - seen);
+        }
+    }
+
+    pub fn xds_reconnect(&self) {
+        self.xds_reconnects.inc();
     }
 
     pub fn xds_nacked(&self, kind: &'static str) {

@@ -63,6 +63,20 @@ where
     copy_with_idle_timeout(downstream, upstream, idle_timeout).await
 }
 
+/// A write that waits longer than `idle` is idle too: a peer that stops reading must not
+/// hold the connection (and the proxy's buffers) forever.
+async fn within<F: std::future::Future<Output = io::Result<()>>>(
+    idle: Duration,
+    write: F,
+) -> io::Result<()> {
+    tokio::time::timeout(idle, write).await.map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "idle timeout: the peer stopped reading",
+        )
+    })?
+}
+
 pub async fn copy_with_idle_timeout<A, B>(a: A, b: B, idle: Duration) -> io::Result<u64>
 where
     A: AsyncRead + AsyncWrite + Unpin,
@@ -79,9 +93,9 @@ where
                 let n = r?;
                 if n == 0 {
                     a_open = false;
-                    bw.shutdown().await?;
+                    within(idle, bw.shutdown()).await?;
                 } else {
-                    bw.write_all(&abuf[..n]).await?;
+                    within(idle, bw.write_all(&abuf[..n])).await?;
                     total += n as u64;
                 }
             }
@@ -89,9 +103,9 @@ where
                 let n = r?;
                 if n == 0 {
                     b_open = false;
-                    aw.shutdown().await?;
+                    within(idle, aw.shutdown()).await?;
                 } else {
-                    aw.write_all(&bbuf[..n]).await?;
+                    within(idle, aw.write_all(&bbuf[..n])).await?;
                     total += n as u64;
                 }
             }
@@ -115,6 +129,22 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+    }
+
+    /// One side sends without end and the other never reads: the proxy's write blocks, and
+    /// the idle timeout must still end the connection.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_stops_reading_is_timed_out() {
+        let (a, mut a_peer) = tokio::io::duplex(64);
+        let (b, _b_peer_never_reads) = tokio::io::duplex(64);
+        let copy = tokio::spawn(copy_with_idle_timeout(a, b, Duration::from_secs(30)));
+        let flood =
+            tokio::spawn(async move { while a_peer.write_all(&[0u8; 64]).await.is_ok() {} });
+        let ended = tokio::time::timeout(Duration::from_secs(3600), copy)
+            .await
+            .expect("the copy ends by its idle timeout, not never");
+        assert_eq!(ended.unwrap().unwrap_err().kind(), io::ErrorKind::TimedOut);
+        flood.abort();
     }
 
     #[tokio::test]

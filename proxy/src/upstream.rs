@@ -183,7 +183,14 @@ async fn handshake<S>(
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+    // A PING every 10 s, answered within 10 s, even while idle: an upstream that vanished
+    // without a FIN (a dead node, a black hole) is dropped and redialled, not waited on.
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .timer(hyper_util::rt::TokioTimer::new())
+        .keep_alive_interval(crate::control_plane_channel::KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(crate::control_plane_channel::KEEPALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(stream))
         .await
         .map_err(|e| ProxyError::UpstreamConnect {
             cluster: cluster.to_string(),

@@ -211,6 +211,9 @@ async fn run(store: Arc<ConfigStore>, settings: XdsSettings, mut state: State) {
             }
             Err(e) => tracing::warn!(address = %settings.address, error = %e, "ADS stream failed"),
         }
+        // A stream lost, whether closed or broken (a peer gone silent is caught by the
+        // HTTP/2 keepalive): counted, so a flapping control plane shows.
+        store.metrics.xds_reconnect();
         // Full jitter: a fleet of proxies must not reconnect in lockstep.
         let cap = BACKOFF_BASE
             .saturating_mul(1 << attempt.min(7))

@@ -1,0 +1,174 @@
+//! Bounds on the control plane's gRPC ports (ADS, and the CA's `Sign`): whoever reaches them
+//! can hold at most `MAX_CONNECTIONS` connections, each with at most `MAX_STREAMS` streams; a
+//! connection that has not sent the HTTP/2 preface within `HANDSHAKE_TIMEOUT` is closed; a
+//! peer that stops answering PINGs is dropped; and every connection is recycled after
+//! `MAX_CONNECTION_AGE`, which a proxy's xDS client takes as an ordinary reconnect.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tonic::transport::server::Connected;
+
+/// Enough for 10,000 proxies multiplexed 100 streams to a connection, or a few thousand
+/// proxies with one connection each.
+pub const MAX_CONNECTIONS: usize = 8192;
+/// An ADS client needs one or two streams; the headroom is for multiplexing test clients.
+pub const MAX_STREAMS: u32 = 128;
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+pub const MAX_CONNECTION_AGE: Duration = Duration::from_secs(30 * 60);
+
+/// What every gRPC port of the control plane is served with.
+pub fn server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(MAX_STREAMS)
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_connection_age(MAX_CONNECTION_AGE)
+        .tcp_nodelay(true)
+}
+
+/// A port's connection cap, and how often it turned a connection away.
+pub struct Gate {
+    permits: Arc<Semaphore>,
+    pub refused: AtomicU64,
+}
+
+impl Default for Gate {
+    fn default() -> Self {
+        Gate {
+            permits: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            refused: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Gate {
+    /// A place for one more connection, or `None` (counted) at the cap.
+    pub fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        let permit = self.permits.clone().try_acquire_owned().ok();
+        if permit.is_none() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        permit
+    }
+
+    pub fn open(&self) -> usize {
+        MAX_CONNECTIONS - self.permits.available_permits()
+    }
+}
+
+/// A connection that holds its place under the cap for as long as it lives.
+pub struct Admitted<S> {
+    inner: S,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl<S> Admitted<S> {
+    pub fn new(inner: S, permit: OwnedSemaphorePermit) -> Self {
+        Admitted {
+            inner,
+            _permit: permit,
+        }
+    }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: Connected> Connected for Admitted<S> {
+    type ConnectInfo = S::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Admitted<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Admitted<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The HTTP/2 client preface: `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
+const PREFACE_LEN: usize = 24;
+
+/// Plaintext connections on `listener`, admitted under `gate`, each handed on only once it
+/// has sent the whole HTTP/2 preface (within `HANDSHAKE_TIMEOUT`): a client that connects
+/// and says nothing holds its place for that long, not forever.
+pub fn plaintext_incoming(
+    listener: TcpListener,
+    gate: Arc<Gate>,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<Admitted<TcpStream>>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let Some(permit) = gate.admit() else {
+                continue;
+            };
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                if tokio::time::timeout(HANDSHAKE_TIMEOUT, preface_arrived(&tcp))
+                    .await
+                    .is_ok_and(|arrived| arrived)
+                {
+                    let _ = tx.send(Ok(Admitted::new(tcp, permit))).await;
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Waits, without consuming them, until the preface's bytes are readable; false if the peer
+/// closed first.
+async fn preface_arrived(tcp: &TcpStream) -> bool {
+    let mut buf = [0u8; PREFACE_LEN];
+    loop {
+        match tcp.peek(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) if n >= PREFACE_LEN => return true,
+            // Part of it: wait for more to arrive rather than spin on the same bytes.
+            Ok(_) => {
+                if tcp.readable().await.is_err() {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+}
