@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use bytes::BytesMut;
+use outrigger_proxy::detect::Prefixed;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::transport::server::Connected;
@@ -84,12 +86,11 @@ impl<S> Admitted<S> {
     }
 }
 
-impl<S: Connected> Connected for Admitted<S> {
-    type ConnectInfo = S::ConnectInfo;
+/// Nothing to tell the services: a plaintext caller has proved nothing.
+impl<S> Connected for Admitted<S> {
+    type ConnectInfo = ();
 
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
-    }
+    fn connect_info(&self) -> Self::ConnectInfo {}
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Admitted<S> {
@@ -124,12 +125,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Admitted<S> {
 const PREFACE_LEN: usize = 24;
 
 /// Plaintext connections on `listener`, admitted under `gate`, each handed on only once it
-/// has sent the whole HTTP/2 preface (within `HANDSHAKE_TIMEOUT`): a client that connects
-/// and says nothing holds its place for that long, not forever.
+/// has sent as many bytes as the HTTP/2 preface (within `HANDSHAKE_TIMEOUT`): a client that
+/// connects and says nothing, or half of it, holds its place for that long, not forever.
 pub fn plaintext_incoming(
     listener: TcpListener,
     gate: Arc<Gate>,
-) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<Admitted<TcpStream>>> {
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<Admitted<Prefixed<TcpStream>>>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
@@ -142,11 +143,12 @@ pub fn plaintext_incoming(
             };
             let tx = tx.clone();
             tokio::spawn(async move {
-                if tokio::time::timeout(HANDSHAKE_TIMEOUT, preface_arrived(&tcp))
-                    .await
-                    .is_ok_and(|arrived| arrived)
+                let mut tcp = tcp;
+                if let Ok(Some(read)) =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, read_preface(&mut tcp)).await
                 {
-                    let _ = tx.send(Ok(Admitted::new(tcp, permit))).await;
+                    let conn = Admitted::new(Prefixed::with_prefix(tcp, read), permit);
+                    let _ = tx.send(Ok(conn)).await;
                 }
             });
         }
@@ -154,21 +156,15 @@ pub fn plaintext_incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// Waits, without consuming them, until the preface's bytes are readable; false if the peer
-/// closed first.
-async fn preface_arrived(tcp: &TcpStream) -> bool {
-    let mut buf = [0u8; PREFACE_LEN];
-    loop {
-        match tcp.peek(&mut buf).await {
-            Ok(0) | Err(_) => return false,
-            Ok(n) if n >= PREFACE_LEN => return true,
-            // Part of it: wait for more to arrive rather than spin on the same bytes.
-            Ok(_) => {
-                if tcp.readable().await.is_err() {
-                    return false;
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+/// Reads until the preface's length has arrived; `None` if the peer closed first. What was
+/// read is handed back, to be replayed to the HTTP/2 server.
+async fn read_preface(tcp: &mut TcpStream) -> Option<BytesMut> {
+    let mut buf = BytesMut::with_capacity(PREFACE_LEN);
+    while buf.len() < PREFACE_LEN {
+        match tcp.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
         }
     }
+    Some(buf)
 }

@@ -130,6 +130,11 @@ impl<S> Prefixed<S> {
             inner,
         }
     }
+
+    /// `inner`, with `prefix` (bytes already read from it) to be read again first.
+    pub fn with_prefix(inner: S, prefix: BytesMut) -> Self {
+        Prefixed { prefix, inner }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
