@@ -123,7 +123,7 @@ async fn attack(port: &Port, kind: Kind, n: usize, deadline: Duration) -> serde_
                 longest = longest.max(lived);
             } else {
                 held += 1;
-                if kind == Kind::SlowHeaders && tick % 4 == 0 {
+                if kind == Kind::SlowHeaders && tick.is_multiple_of(4) {
                     let _ = s.try_write(b"X-Slow: 1\r\n");
                 }
             }
