@@ -25,6 +25,7 @@ use crate::node_status::NodeRegistry;
 use crate::secure_xds::ProvenIdentity;
 use crate::snapshot::{Publisher, Snapshot};
 use crate::translate::PUSH_ORDER;
+use crate::xds_limits;
 use outrigger_proxy::spiffe::SpiffeId;
 
 pub struct Ads {
@@ -96,6 +97,8 @@ pub(crate) trait Protocol: Sized + Send + 'static {
     type Request: Send + 'static;
     type Response: Send + 'static;
     fn node(req: &Self::Request) -> Option<&Node>;
+    /// Refuses a request whose strings or lists exceed what a stream may make us hold.
+    fn check(req: &Self::Request) -> Result<(), Status>;
     fn open(
         node: String,
         out: mpsc::Sender<Result<Self::Response, Status>>,
@@ -125,6 +128,28 @@ fn view(snapshot: Arc<Snapshot>, proven: &Option<SpiffeId>, claimed: &str) -> Ar
     }
 }
 
+/// The last snapshot a stream saw and the node's view of it.
+#[derive(Default)]
+struct ViewCache(Option<(Arc<Snapshot>, Arc<Snapshot>)>);
+
+impl ViewCache {
+    fn get(
+        &mut self,
+        base: Arc<Snapshot>,
+        proven: &Option<SpiffeId>,
+        caller: &str,
+    ) -> Arc<Snapshot> {
+        match &self.0 {
+            Some((seen, view)) if Arc::ptr_eq(seen, &base) => view.clone(),
+            _ => {
+                let fresh = view(base.clone(), proven, caller);
+                self.0 = Some((base, fresh.clone()));
+                fresh
+            }
+        }
+    }
+}
+
 /// One ADS stream: requests in, pushes out on every snapshot change, in push order.
 pub(crate) async fn run_stream<P: Protocol>(
     proven: Option<SpiffeId>,
@@ -138,19 +163,32 @@ pub(crate) async fn run_stream<P: Protocol>(
     let mut stream: Option<P> = None;
     // The node's service, from its first request; it decides the node's scope.
     let mut caller = String::new();
+    // The node's view of the last snapshot: a request that changes nothing rebuilds nothing.
+    let mut views = ViewCache::default();
     loop {
         tokio::select! {
             msg = inbound.message() => {
                 let Ok(Some(req)) = msg else { break };
-                let s = stream.get_or_insert_with(|| {
+                if let Err(status) = P::check(&req) {
+                    let _ = out.send(Err(status)).await;
+                    break;
+                }
+                if stream.is_none() {
                     let node = P::node(&req).map(|n| n.id.clone()).unwrap_or_else(|| "unknown".into());
                     let cluster = P::node(&req).map(|n| n.cluster.clone()).unwrap_or_default();
+                    let admitted = xds_limits::check_node(&node, &cluster)
+                        .and_then(|()| nodes.connected(&node, &cluster));
+                    if let Err(status) = admitted {
+                        tracing::warn!(node = %xds_limits::truncate(&node, xds_limits::MAX_NAME), error = %status.message(), "ADS stream refused");
+                        let _ = out.send(Err(status)).await;
+                        return;
+                    }
                     caller.clone_from(&cluster);
                     tracing::info!(%node, "ADS stream opened");
-                    nodes.connected(&node, &cluster);
-                    P::open(node, out.clone(), nodes.clone(), nonce.clone())
-                });
-                let snapshot = view(snapshots.borrow().clone(), &proven, &caller);
+                    stream = Some(P::open(node, out.clone(), nodes.clone(), nonce.clone()));
+                }
+                let s = stream.as_mut().expect("opened above");
+                let snapshot = views.get(snapshots.borrow().clone(), &proven, &caller);
                 if !s.on_request(req, &snapshot).await {
                     break;
                 }
@@ -159,7 +197,7 @@ pub(crate) async fn run_stream<P: Protocol>(
                 if changed.is_err() {
                     break;
                 }
-                let snapshot = view(snapshots.borrow_and_update().clone(), &proven, &caller);
+                let snapshot = views.get(snapshots.borrow_and_update().clone(), &proven, &caller);
                 if let Some(s) = stream.as_mut() {
                     for type_url in PUSH_ORDER {
                         if !s.push(&snapshot, type_url, false).await {
@@ -182,6 +220,10 @@ impl Protocol for SotwStream {
 
     fn node(req: &DiscoveryRequest) -> Option<&Node> {
         req.node.as_ref()
+    }
+
+    fn check(req: &DiscoveryRequest) -> Result<(), Status> {
+        xds_limits::check_names(&req.type_url, &req.version_info, req.resource_names.iter())
     }
 
     fn open(
@@ -228,7 +270,8 @@ impl Protocol for SotwStream {
     }
 
     async fn on_request(&mut self, req: DiscoveryRequest, snapshot: &Snapshot) -> bool {
-        if req.type_url.is_empty() {
+        // A type we do not serve is answered with nothing and remembered nowhere.
+        if !xds_limits::served(&req.type_url) {
             return true;
         }
         let sub = self.subs.entry(req.type_url.clone()).or_default();

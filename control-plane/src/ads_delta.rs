@@ -22,6 +22,7 @@ use tonic::Status;
 use crate::ads::Protocol;
 use crate::node_status::NodeRegistry;
 use crate::snapshot::Snapshot;
+use crate::xds_limits;
 
 /// A resource's version: a hash of its encoded bytes.
 pub fn resource_version(any: &Any) -> String {
@@ -74,6 +75,26 @@ impl Protocol for DeltaStream {
 
     fn node(req: &DeltaDiscoveryRequest) -> Option<&Node> {
         req.node.as_ref()
+    }
+
+    fn check(req: &DeltaDiscoveryRequest) -> Result<(), Status> {
+        let names = req.resource_names_subscribe.len()
+            + req.resource_names_unsubscribe.len()
+            + req.initial_resource_versions.len();
+        if names > xds_limits::MAX_NAMES {
+            return Err(Status::resource_exhausted(format!(
+                "at most {} resource names in a request",
+                xds_limits::MAX_NAMES
+            )));
+        }
+        let all = req
+            .resource_names_subscribe
+            .iter()
+            .chain(&req.resource_names_unsubscribe)
+            .chain(req.initial_resource_versions.keys())
+            .chain(req.initial_resource_versions.values())
+            .collect::<Vec<_>>();
+        xds_limits::check_names(&req.type_url, "", all.into_iter())
     }
 
     fn open(
@@ -145,7 +166,7 @@ impl Protocol for DeltaStream {
     }
 
     async fn on_request(&mut self, req: DeltaDiscoveryRequest, snapshot: &Snapshot) -> bool {
-        if req.type_url.is_empty() {
+        if !xds_limits::served(&req.type_url) {
             return true;
         }
         let first = !self.subs.contains_key(&req.type_url);

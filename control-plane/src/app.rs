@@ -353,9 +353,13 @@ async fn serve_admin(
                 .unwrap_or_default()
                 + "\n"),
             "/metrics" => {
-                let mut text = metrics_text(&source, &nodes, &issued);
-                text += &connection_metrics(&admin_gate, &grpc_gates);
-                Ok(text)
+                let mut ports = vec![("admin", admin_gate.open(), admin_gate.refused())];
+                ports.extend(
+                    grpc_gates
+                        .iter()
+                        .map(|(port, g)| (*port, g.open(), g.refused.load(Ordering::Relaxed))),
+                );
+                Ok(metrics_text(&source, &nodes, &issued, &ports))
             }
             _ => Err("endpoints: /status /metrics /live /ready\n".to_string()),
         };
@@ -368,27 +372,6 @@ async fn serve_admin(
         async move { resp }
     })
     .await
-}
-
-/// Each port's open connections and the ones its cap turned away.
-fn connection_metrics(
-    admin: &Gate,
-    grpc: &[(&'static str, Arc<crate::grpc_limits::Gate>)],
-) -> String {
-    let mut rows = vec![("admin", admin.open(), admin.refused())];
-    rows.extend(
-        grpc.iter()
-            .map(|(port, g)| (*port, g.open(), g.refused.load(Ordering::Relaxed))),
-    );
-    let mut out = String::from("# TYPE outrigger_cp_open_connections gauge\n");
-    for (port, open, _) in &rows {
-        out += &format!("outrigger_cp_open_connections{{port=\"{port}\"}} {open}\n");
-    }
-    out += "# TYPE outrigger_cp_connections_refused_total counter\n";
-    for (port, _, refused) in &rows {
-        out += &format!("outrigger_cp_connections_refused_total{{port=\"{port}\"}} {refused}\n");
-    }
-    out
 }
 
 fn status_json(source: &MeshSource, nodes: &NodeRegistry) -> serde_json::Value {
@@ -409,54 +392,86 @@ fn status_json(source: &MeshSource, nodes: &NodeRegistry) -> serde_json::Value {
     })
 }
 
-fn metrics_text(source: &MeshSource, nodes: &NodeRegistry, issued: &AtomicU64) -> String {
-    let mut out = String::new();
-    let pushes = nodes.push_stats();
-    out.push_str("# TYPE outrigger_cp_pushes_total counter\n");
-    out.push_str(&format!("outrigger_cp_pushes_total {}\n", pushes.sent));
-    out.push_str("# HELP outrigger_cp_push_ack_seconds From a push to its ACK.\n");
-    out.push_str("# TYPE outrigger_cp_push_ack_seconds summary\n");
-    out.push_str(&format!(
-        "outrigger_cp_push_ack_seconds_sum {}\noutrigger_cp_push_ack_seconds_count {}\n",
-        pushes.ack_seconds_sum, pushes.acked
-    ));
-    out.push_str("# TYPE outrigger_cp_certificates_issued_total counter\n");
-    out.push_str(&format!(
-        "outrigger_cp_certificates_issued_total {}\n",
-        issued.load(Ordering::Relaxed)
-    ));
-    let snapshot = source.publisher.current();
-    out.push_str("# TYPE outrigger_cp_connected_proxies gauge\n");
-    out.push_str(&format!(
-        "outrigger_cp_connected_proxies {}\n",
-        nodes.connected_count()
-    ));
-    out.push_str("# TYPE outrigger_cp_mesh_version gauge\n");
-    out.push_str(&format!(
-        "outrigger_cp_mesh_version {}\n",
-        snapshot.mesh_version
-    ));
-    out.push_str("# TYPE outrigger_cp_mesh_rejections_total counter\n");
-    out.push_str(&format!(
-        "outrigger_cp_mesh_rejections_total {}\n",
-        source.rejections.load(Ordering::Relaxed)
-    ));
-    out.push_str("# HELP outrigger_cp_cluster_list_failures_total Kubernetes listings that failed (the last view kept serving).\n");
-    out.push_str("# TYPE outrigger_cp_cluster_list_failures_total counter\n");
-    out.push_str(&format!(
-        "outrigger_cp_cluster_list_failures_total {}\n",
-        source.cluster_failures.load(Ordering::Relaxed)
-    ));
-    out.push_str("# TYPE outrigger_cp_nacks_total counter\n");
-    if let serde_json::Value::Object(map) = nodes.to_json() {
-        for (node, n) in map {
-            let total: u64 = n["types"]
-                .as_object()
-                .map_or(0, |t| t.values().filter_map(|v| v["nacks"].as_u64()).sum());
-            out.push_str(&format!(
-                "outrigger_cp_nacks_total{{node=\"{node}\"}} {total}\n"
-            ));
-        }
+/// The metrics page, in OpenMetrics text from prometheus-client, which escapes every label
+/// value (node ids come from the wire). A fresh registry is filled from the live counters at
+/// each scrape: scrapes are rare, and nothing on the xDS path pays for a metric.
+fn metrics_text(
+    source: &MeshSource,
+    nodes: &NodeRegistry,
+    issued: &AtomicU64,
+    ports: &[(&'static str, usize, u64)],
+) -> String {
+    use prometheus_client::encoding::EncodeLabelSet;
+    use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    struct NodeLabel {
+        node: String,
     }
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    struct PortLabel {
+        port: &'static str,
+    }
+    let counter = |n: u64| {
+        let c: Counter = Counter::default();
+        c.inc_by(n);
+        c
+    };
+    let gauge = |n: i64| {
+        let g: Gauge = Gauge::default();
+        g.set(n);
+        g
+    };
+    let mut r = prometheus_client::registry::Registry::with_prefix("outrigger_cp");
+    r.register("pushes", "Config pushes sent", nodes.pushes.clone());
+    r.register(
+        "push_ack_seconds",
+        "From a push to its ACK",
+        nodes.push_ack.clone(),
+    );
+    r.register(
+        "certificates_issued",
+        "Workload certificates signed",
+        counter(issued.load(Ordering::Relaxed)),
+    );
+    r.register(
+        "connected_proxies",
+        "Nodes with an ADS stream open",
+        gauge(nodes.connected_count() as i64),
+    );
+    r.register(
+        "mesh_version",
+        "Version of the mesh now served",
+        gauge(source.publisher.current().mesh_version as i64),
+    );
+    r.register(
+        "mesh_rejections",
+        "Mesh files refused (the last good one kept serving)",
+        counter(source.rejections.load(Ordering::Relaxed)),
+    );
+    r.register(
+        "cluster_list_failures",
+        "Kubernetes listings that failed (the last view kept serving)",
+        counter(source.cluster_failures.load(Ordering::Relaxed)),
+    );
+    let nacks = Family::<NodeLabel, Counter>::default();
+    for (node, n) in nodes.nacks_per_node() {
+        nacks.get_or_create(&NodeLabel { node }).inc_by(n);
+    }
+    r.register("nacks", "Config refused by each node", nacks);
+    let open = Family::<PortLabel, Gauge>::default();
+    let refused = Family::<PortLabel, Counter>::default();
+    for (port, o, f) in ports {
+        open.get_or_create(&PortLabel { port }).set(*o as i64);
+        refused.get_or_create(&PortLabel { port }).inc_by(*f);
+    }
+    r.register("open_connections", "Connections open, by port", open);
+    r.register(
+        "connections_refused",
+        "Connections closed at once: the port was at its cap",
+        refused,
+    );
+    let mut out = String::new();
+    let _ = prometheus_client::encoding::text::encode(&mut out, &r);
     out
 }

@@ -57,7 +57,7 @@ impl IdentityService {
             Err(TokenError::Unknown) => match &self.token_review {
                 None => Err(Status::unauthenticated("unknown bootstrap token")),
                 Some(reviewer) => reviewer
-                    .review(token, &mesh.trust_domain)
+                    .check(token, &mesh.trust_domain)
                     .await
                     .map_err(Status::unauthenticated),
             },

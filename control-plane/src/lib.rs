@@ -19,3 +19,4 @@ pub mod secure_xds;
 pub mod snapshot;
 pub mod token_review;
 pub mod translate;
+pub mod xds_limits;

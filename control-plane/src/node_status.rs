@@ -9,6 +9,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
+use crate::xds_limits;
+
 #[derive(Debug, Clone, Default)]
 pub struct TypeStatus {
     pub sent_version: Option<u64>,
@@ -31,20 +33,28 @@ pub struct NodeStatus {
     pub streams: u32,
     pub cluster: String,
     pub types: BTreeMap<String, TypeStatus>,
+    /// When its last stream closed; a node gone for `NODE_GRACE` is forgotten.
+    pub gone_since: Option<std::time::Instant>,
 }
 
-#[derive(Default)]
 pub struct NodeRegistry {
     nodes: Mutex<BTreeMap<String, NodeStatus>>,
-    /// Pushes sent, and the time from each push to its ACK (sum and count).
-    pushes: Mutex<PushStats>,
+    /// Pushes sent, and the time from each push to its ACK.
+    pub pushes: prometheus_client::metrics::counter::Counter,
+    pub push_ack: prometheus_client::metrics::histogram::Histogram,
 }
 
-#[derive(Default, Clone, Copy)]
-pub struct PushStats {
-    pub sent: u64,
-    pub acked: u64,
-    pub ack_seconds_sum: f64,
+impl Default for NodeRegistry {
+    fn default() -> Self {
+        NodeRegistry {
+            nodes: Mutex::default(),
+            pushes: Default::default(),
+            // 1 ms … ~16 s.
+            push_ack: prometheus_client::metrics::histogram::Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
+            ),
+        }
+    }
 }
 
 fn short(type_url: &str) -> String {
@@ -52,58 +62,124 @@ fn short(type_url: &str) -> String {
 }
 
 impl NodeRegistry {
-    fn with<R>(&self, node: &str, f: impl FnOnce(&mut NodeStatus) -> R) -> R {
+    /// Runs `f` on a node already registered; what a node says of a type the control plane
+    /// does not serve is not kept.
+    fn with<R: Default>(
+        &self,
+        node: &str,
+        type_url: &str,
+        f: impl FnOnce(&mut NodeStatus) -> R,
+    ) -> R {
+        if !xds_limits::served(type_url) {
+            return R::default();
+        }
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        f(nodes.entry(node.to_string()).or_default())
+        nodes.get_mut(node).map(f).unwrap_or_default()
     }
 
-    pub fn connected(&self, node: &str, cluster: &str) {
-        self.with(node, |n| {
-            n.streams += 1;
-            n.cluster = cluster.to_string();
-        });
+    /// Registers one more stream of `node`, or says why it may not open: too many streams
+    /// for one node, or too many nodes (after forgetting those gone past their grace).
+    pub fn connected(&self, node: &str, cluster: &str) -> Result<(), tonic::Status> {
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        if !nodes.contains_key(node) && nodes.len() >= xds_limits::MAX_NODES {
+            nodes.retain(|_, n| {
+                n.streams > 0
+                    || n.gone_since
+                        .is_none_or(|t| t.elapsed() < xds_limits::NODE_GRACE)
+            });
+            if nodes.len() >= xds_limits::MAX_NODES {
+                // Still full: the longest-gone nodes make room, never a connected one.
+                let mut gone: Vec<_> = nodes
+                    .iter()
+                    .filter_map(|(id, n)| {
+                        n.gone_since
+                            .filter(|_| n.streams == 0)
+                            .map(|t| (t, id.clone()))
+                    })
+                    .collect();
+                gone.sort();
+                for (_, id) in gone
+                    .into_iter()
+                    .take(nodes.len() + 1 - xds_limits::MAX_NODES)
+                {
+                    nodes.remove(&id);
+                }
+            }
+            if nodes.len() >= xds_limits::MAX_NODES {
+                return Err(tonic::Status::resource_exhausted(
+                    "too many nodes connected",
+                ));
+            }
+        }
+        let n = nodes.entry(node.to_string()).or_default();
+        if n.streams >= xds_limits::MAX_STREAMS_PER_NODE {
+            return Err(tonic::Status::resource_exhausted(format!(
+                "node `{node}` already has {} streams open",
+                n.streams
+            )));
+        }
+        n.streams += 1;
+        n.gone_since = None;
+        n.cluster = cluster.to_string();
+        Ok(())
     }
 
     pub fn disconnected(&self, node: &str) {
-        self.with(node, |n| n.streams = n.streams.saturating_sub(1));
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = nodes.get_mut(node) {
+            n.streams = n.streams.saturating_sub(1);
+            if n.streams == 0 {
+                n.gone_since = Some(std::time::Instant::now());
+            }
+        }
+        // Forgetting is done here, where nodes leave, so the registry never grows with churn.
+        let now = std::time::Instant::now();
+        nodes.retain(|_, n| {
+            n.streams > 0
+                || n.gone_since
+                    .is_none_or(|t| now - t < xds_limits::NODE_GRACE)
+        });
     }
 
     pub fn sent(&self, node: &str, type_url: &str, version: u64) {
-        self.with(node, |n| {
+        self.with(node, type_url, |n| {
             let t = n.types.entry(short(type_url)).or_default();
             t.sent_version = Some(version);
             t.sent_at = Some(std::time::Instant::now());
         });
-        self.pushes.lock().unwrap_or_else(|p| p.into_inner()).sent += 1;
+        self.pushes.inc();
     }
 
     pub fn acked(&self, node: &str, type_url: &str, version: &str) {
-        let waited = self.with(node, |n| {
+        let waited = self.with(node, type_url, |n| {
             let t = n.types.entry(short(type_url)).or_default();
-            t.acked_version = Some(version.to_string());
+            t.acked_version = Some(xds_limits::truncate(version, xds_limits::MAX_NAME).to_string());
             t.sent_at.take().map(|at| at.elapsed())
         });
         if let Some(waited) = waited {
-            let mut stats = self.pushes.lock().unwrap_or_else(|p| p.into_inner());
-            stats.acked += 1;
-            stats.ack_seconds_sum += waited.as_secs_f64();
+            self.push_ack.observe(waited.as_secs_f64());
         }
     }
 
-    pub fn push_stats(&self) -> PushStats {
-        *self.pushes.lock().unwrap_or_else(|p| p.into_inner())
+    /// Each node's NACK count, for the metrics page.
+    pub fn nacks_per_node(&self) -> Vec<(String, u64)> {
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes
+            .iter()
+            .map(|(id, n)| (id.clone(), n.types.values().map(|t| t.nacks).sum()))
+            .collect()
     }
 
     pub fn nacked(&self, node: &str, type_url: &str, version: &str, message: &str) {
         let at_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
-        self.with(node, |n| {
+        self.with(node, type_url, |n| {
             let t = n.types.entry(short(type_url)).or_default();
             t.nacks += 1;
             t.last_nack = Some(Nack {
-                version: version.to_string(),
-                message: message.to_string(),
+                version: xds_limits::truncate(version, xds_limits::MAX_NAME).to_string(),
+                message: xds_limits::truncate(message, xds_limits::MAX_MESSAGE).to_string(),
                 at_unix,
             });
         });

@@ -2,7 +2,11 @@
 //! API server's TokenReview. An authenticated `system:serviceaccount:<ns>:<sa>` proves
 //! `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`; anything else proves nothing.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use outrigger_proxy::rate_limit::RateLimiter;
 
 use outrigger_proxy::spiffe::SpiffeId;
 use serde_json::{Value, json};
@@ -12,8 +16,24 @@ use crate::kube_api::KubeApi;
 /// The audience projected tokens must be minted for.
 pub const AUDIENCE: &str = "outrigger";
 
+/// How long an answer is reused: a proxy renews rarely, but a restarting fleet asks at once.
+const CACHE_FOR: Duration = Duration::from_secs(30);
+/// Answers kept; past it, expired ones go, then all (a flood of distinct tokens).
+const CACHE_ENTRIES: usize = 4096;
+/// Longer than any service-account token the API server issues.
+const MAX_TOKEN: usize = 16 * 1024;
+/// Reviews sent to the API server, for tokens not in the cache: a caller making up tokens
+/// cannot turn the CA into a load generator against the API server.
+const REVIEWS_PER_SECOND: f64 = 20.0;
+const REVIEW_BURST: u32 = 100;
+
+/// A review's answer and when it was given.
+type Cached = (Instant, Result<SpiffeId, String>);
+
 pub struct TokenReviewer {
     api: Arc<KubeApi>,
+    cache: Mutex<HashMap<String, Cached>>,
+    limiter: RateLimiter,
 }
 
 impl TokenReviewer {
@@ -21,7 +41,39 @@ impl TokenReviewer {
     pub fn new(api: &str, bearer: String, ca_pem: &[u8]) -> Result<TokenReviewer, String> {
         Ok(TokenReviewer {
             api: Arc::new(KubeApi::new(api, bearer, ca_pem)?),
+            cache: Mutex::default(),
+            limiter: RateLimiter::new(REVIEWS_PER_SECOND, REVIEW_BURST),
         })
+    }
+
+    /// `review`, answered from a short cache, and refused without asking once too many
+    /// reviews have gone out.
+    pub async fn check(&self, token: &str, trust_domain: &str) -> Result<SpiffeId, String> {
+        if token.len() > MAX_TOKEN {
+            return Err("the token is longer than any service-account token".into());
+        }
+        if let Some((at, answer)) = self
+            .cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(token)
+            && at.elapsed() < CACHE_FOR
+        {
+            return answer.clone();
+        }
+        if self.limiter.acquire().is_err() {
+            return Err("too many token reviews right now; retry shortly".into());
+        }
+        let answer = self.review(token, trust_domain).await;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CACHE_ENTRIES {
+            cache.retain(|_, (at, _)| at.elapsed() < CACHE_FOR);
+            if cache.len() >= CACHE_ENTRIES {
+                cache.clear();
+            }
+        }
+        cache.insert(token.to_string(), (Instant::now(), answer.clone()));
+        answer
     }
 
     /// The same API server, for the cluster's Services and endpoints.
@@ -45,8 +97,9 @@ impl TokenReviewer {
             let why = status["error"].as_str().unwrap_or("not authenticated");
             return Err(format!("the API server refused the token: {why}"));
         }
+        // An API server that does not say which audiences it checked has not checked ours.
         let audiences = status["audiences"].as_array();
-        if audiences.is_some_and(|a| !a.iter().any(|v| v == AUDIENCE)) {
+        if !audiences.is_some_and(|a| a.iter().any(|v| v == AUDIENCE)) {
             return Err(format!("the token is not for audience `{AUDIENCE}`"));
         }
         let user = status["user"]["username"].as_str().unwrap_or_default();

@@ -317,8 +317,13 @@ async fn fake_api_server() -> FakeApiServer {
                 "sa-token-web" => {
                     serde_json::json!({"authenticated": true, "audiences": ["outrigger"], "user": {"username": "system:serviceaccount:shop:web"}})
                 }
+                // Authenticated, but without saying for which audiences: an API server that
+                // did not check ours.
+                "sa-token-no-audience" => {
+                    serde_json::json!({"authenticated": true, "user": {"username": "system:serviceaccount:shop:web"}})
+                }
                 "node-token" => {
-                    serde_json::json!({"authenticated": true, "user": {"username": "system:node:worker-1"}})
+                    serde_json::json!({"authenticated": true, "audiences": ["outrigger"], "user": {"username": "system:node:worker-1"}})
                 }
                 _ => {
                     serde_json::json!({"authenticated": false, "error": "token has expired"})
@@ -372,6 +377,11 @@ async fn in_kubernetes_a_service_account_token_is_checked_with_a_token_review() 
     assert_eq!(
         node.message(),
         "`system:node:worker-1` is not a service account"
+    );
+    let unchecked = call("sa-token-no-audience", WEB).await.unwrap_err();
+    assert_eq!(
+        unchecked.message(),
+        "the token is not for audience `outrigger`"
     );
     // Tokens from the mesh file still work beside it.
     assert!(call("web-token", WEB).await.is_ok());
