@@ -1,0 +1,141 @@
+//! What one ADS client can make the control plane hold, over the real gRPC port: oversized
+//! names are refused, one node cannot open streams without end, and whatever a node calls
+//! itself cannot break the metrics page.
+
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use outrigger_control_plane::app::{self, ControlPlane};
+use outrigger_tests::clients::get;
+use outrigger_tests::temp_path;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+
+async fn control_plane() -> ControlPlane {
+    let path = temp_path("mesh.yaml");
+    std::fs::write(
+        &path,
+        "services:\n  - name: a\n    endpoints: [{address: \"127.0.0.1:9\"}]\n",
+    )
+    .unwrap();
+    app::start(app::Options {
+        mesh_path: path,
+        xds_address: "127.0.0.1:0".parse().unwrap(),
+        admin_address: "127.0.0.1:0".parse().unwrap(),
+        identity: Default::default(),
+    })
+    .await
+    .unwrap()
+}
+
+/// Opens one ADS stream as `node` asking for clusters; returns its first answer, or the
+/// status that ended it, and the sender that keeps it open.
+async fn open_stream(
+    cp: &ControlPlane,
+    node: &str,
+) -> (
+    Result<DiscoveryResponse, tonic::Status>,
+    mpsc::Sender<DiscoveryRequest>,
+) {
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", cp.xds_addr))
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DiscoveryRequest {
+        node: Some(Node {
+            id: node.into(),
+            cluster: "a".into(),
+            ..Default::default()
+        }),
+        type_url: CDS.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let answer = async {
+        let mut inbound = client
+            .stream_aggregated_resources(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        match inbound.message().await? {
+            Some(r) => Ok(r),
+            None => Err(tonic::Status::unknown("the stream ended")),
+        }
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(5), answer)
+        .await
+        .expect("an answer or an error");
+    (answer, tx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_node_id_is_refused() {
+    let cp = control_plane().await;
+    let (answer, _keep) = open_stream(&cp, &"n".repeat(10_000)).await;
+    let status = answer.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    let status_page = get(cp.admin_addr, "/status").await.body;
+    assert!(
+        !status_page.contains("nnnnnnnnnn"),
+        "the node was registered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_node_cannot_open_streams_without_end() {
+    let cp = control_plane().await;
+    let mut held = Vec::new();
+    for _ in 0..outrigger_control_plane::xds_limits::MAX_STREAMS_PER_NODE {
+        let (answer, keep) = open_stream(&cp, "greedy").await;
+        assert!(answer.is_ok(), "{answer:?}");
+        held.push(keep);
+    }
+    let (answer, _keep) = open_stream(&cp, "greedy").await;
+    assert_eq!(answer.unwrap_err().code(), tonic::Code::ResourceExhausted);
+    // Another node is not affected.
+    let (answer, _keep) = open_stream(&cp, "modest").await;
+    assert!(answer.is_ok(), "{answer:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_id_cannot_inject_metric_lines() {
+    let cp = control_plane().await;
+    let evil = "x\"} 1\noutrigger_cp_injected_total 99\n#";
+    let (answer, tx) = open_stream(&cp, evil).await;
+    let first = answer.unwrap();
+    // A NACK, so the node shows in the per-node series.
+    tx.send(DiscoveryRequest {
+        type_url: CDS.into(),
+        version_info: String::new(),
+        response_nonce: first.nonce.clone(),
+        error_detail: Some(envoy_types::pb::google::rpc::Status {
+            code: 3,
+            message: "no".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let admin = cp.admin_addr;
+    let page = outrigger_tests::eventually(
+        "the NACK is counted",
+        Duration::from_secs(5),
+        || async move {
+            let page = get(admin, "/metrics").await.body;
+            page.contains("outrigger_cp_nacks_total{node=")
+                .then_some(page)
+        },
+    )
+    .await;
+    assert!(
+        !page
+            .lines()
+            .any(|l| l.starts_with("outrigger_cp_injected_total")),
+        "{page}"
+    );
+}
