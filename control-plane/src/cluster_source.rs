@@ -144,13 +144,25 @@ pub fn services_from(
         }
         endpoints.sort();
         endpoints.dedup();
-        let mtls =
-            !backing_pods.is_empty() && backing_pods.iter().all(|p| p.is_some_and(|p| p.injected));
-        let account = backing_pods
-            .iter()
-            .flatten()
-            .map(|p| p.service_account)
-            .next()
+        // Neither is decided by what one pod says of itself. mTLS holds once any pod backing
+        // the service has the sidecar: a pod without it cannot turn the service back to
+        // plaintext, it only fails the handshakes it cannot answer. The identity is the one
+        // the Service's owner names, else the service account most of its meshed pods run
+        // as (ties go to the first by name), so one odd pod cannot change it either.
+        let pods: Vec<&PodFacts> = backing_pods.iter().flatten().copied().collect();
+        let mtls = pods.iter().any(|p| p.injected);
+        let named = svc
+            .pointer("/metadata/annotations/outrigger.io~1service-account")
+            .and_then(Value::as_str)
+            .filter(|a| !a.is_empty());
+        let account = named
+            .or_else(|| {
+                most_common(
+                    pods.iter()
+                        .filter(|p| p.injected || !mtls)
+                        .map(|p| p.service_account),
+                )
+            })
             .unwrap_or(name);
         out.push(Service {
             name: name.to_string(),
@@ -167,6 +179,16 @@ pub fn services_from(
         });
     }
     out
+}
+
+/// The value that occurs most often; ties go to the smallest.
+fn most_common<'a>(values: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let mut counts: BTreeMap<&str, usize> = BTreeMap::new();
+    for v in values {
+        *counts.entry(v).or_default() += 1;
+    }
+    let top = counts.values().copied().max()?;
+    counts.into_iter().find(|(_, n)| *n == top).map(|(v, _)| v)
 }
 
 /// The mesh file's view with the cluster's services folded in (see the module comment).
@@ -258,10 +280,34 @@ mod tests {
     }
 
     #[test]
-    fn a_pod_without_the_sidecar_means_no_mtls() {
+    fn one_pod_without_the_sidecar_cannot_turn_mtls_off() {
         let (services, slices, mut pods) = cluster();
         pods["items"][1]["metadata"]["annotations"] = json!({});
         let found = services_from(&services, &slices, &pods, "cluster.local");
+        assert!(found[0].mtls);
+        // With none of its pods meshed, the service is plaintext.
+        for pod in pods["items"].as_array_mut().unwrap() {
+            pod["metadata"]["annotations"] = json!({});
+        }
+        let found = services_from(&services, &slices, &pods, "cluster.local");
         assert!(!found[0].mtls);
+    }
+
+    #[test]
+    fn one_odd_pod_cannot_choose_the_identity() {
+        let (services, slices, mut pods) = cluster();
+        let mut services = services;
+        // Half the pods now run as another account: the Service's owner settles it.
+        pods["items"][0]["spec"]["serviceAccountName"] = json!("aaa-intruder");
+        services["items"][0]["metadata"]["annotations"] =
+            json!({"outrigger.io/service-account": "catalog-sa"});
+        let found = services_from(&services, &slices, &pods, "cluster.local");
+        assert_eq!(
+            found[0].identity.to_string(),
+            "spiffe://cluster.local/ns/shop/sa/catalog-sa"
+        );
+        // Without that, the majority does; one pod among many cannot.
+        assert_eq!(most_common(["b", "a", "b"].into_iter()), Some("b"));
+        assert_eq!(most_common(["b", "a"].into_iter()), Some("a"));
     }
 }
