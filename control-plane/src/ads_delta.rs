@@ -24,6 +24,9 @@ use crate::node_status::NodeRegistry;
 use crate::snapshot::Snapshot;
 use crate::xds_limits;
 
+/// Pushes of one type waiting for their ACK on one stream.
+const MAX_IN_FLIGHT: usize = 16;
+
 /// A resource's version: a hash of its encoded bytes.
 pub fn resource_version(any: &Any) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -152,6 +155,17 @@ impl Protocol for DeltaStream {
         }
         let version = snapshot.version_of(type_url);
         let nonce = self.nonce.fetch_add(1, Ordering::Relaxed).to_string();
+        // A client that never answers must not grow this: only the newest pushes are kept
+        // waiting for their ACK.
+        if sub.in_flight.len() >= MAX_IN_FLIGHT
+            && let Some(oldest) = sub
+                .in_flight
+                .iter()
+                .min_by_key(|(_, v)| **v)
+                .map(|(n, _)| n.clone())
+        {
+            sub.in_flight.remove(&oldest);
+        }
         sub.in_flight.insert(nonce.clone(), version);
         self.nodes.sent(&self.node, type_url, version);
         let response = DeltaDiscoveryResponse {
@@ -195,6 +209,17 @@ impl Protocol for DeltaStream {
         }
         for n in &req.resource_names_unsubscribe {
             changed |= sub.names.remove(n);
+        }
+        // Subscriptions add up over requests: the total is bounded, not only each request.
+        if sub.names.len() > xds_limits::MAX_NAMES {
+            let _ = self
+                .out
+                .send(Err(Status::resource_exhausted(format!(
+                    "at most {} resource names subscribed per type",
+                    xds_limits::MAX_NAMES
+                ))))
+                .await;
+            return false;
         }
         if first || changed {
             let type_url = req.type_url;

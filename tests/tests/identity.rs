@@ -306,6 +306,35 @@ async fn over_mtls_xds_a_node_gets_the_config_of_the_identity_it_proves() {
         503,
         "a foreign certificate gets no config"
     );
+
+    // Our own CA's certificate, but for another trust domain: not one of the mesh's nodes.
+    let elsewhere = temp_path("other-td");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let (chain, key) = cp
+        .ca
+        .load()
+        .issue(
+            &outrigger_proxy::spiffe::SpiffeId::parse("spiffe://other.test/ns/shop/sa/web")
+                .unwrap(),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    for (name, text) in [
+        ("cert.pem", chain),
+        ("key.pem", key),
+        ("bundle.pem", cp.ca.load().bundle_pem().to_string()),
+    ] {
+        std::fs::write(elsewhere.join(name), text).unwrap();
+    }
+    let stranger = TestProxy::start(&format!(
+        "identity:\n  cert: {0}/cert.pem\n  key: {0}/key.pem\n  bundle: {0}/bundle.pem\nadmin:\n  address: 127.0.0.1:0\nxds:\n  address: \"{secure}\"\n  node: stranger\n  identity: \"spiffe://mesh.test/ns/outrigger/sa/control-plane\"\nlisteners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    rds: outbound\n",
+        elsewhere.display()
+    ))
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(get(stranger.admin(), "/ready").await.status, 503);
+    let status = get(cp.admin_addr, "/status").await.body;
+    assert!(!status.contains("stranger"), "{status}");
 }
 
 /// A Kubernetes API server that knows three tokens, over real TLS, answering TokenReview.
