@@ -1,0 +1,161 @@
+//! A control plane that goes silent without closing anything (a dead node, a dropped
+//! route): the proxy's HTTP/2 keepalive notices within 30 s, counts it, and reconnects.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use outrigger_control_plane::app;
+use outrigger_tests::clients::get;
+use outrigger_tests::{TestProxy, eventually, metric, temp_path};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A TCP relay to `to`. `freeze()` turns every connection open at that moment into a black
+/// hole: held open, nothing forwarded either way. Later connections are relayed as usual.
+struct Relay {
+    addr: SocketAddr,
+    frozen_before: Arc<AtomicU64>,
+    generation: Arc<AtomicU64>,
+}
+
+impl Relay {
+    async fn start(to: SocketAddr) -> Relay {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let frozen_before = Arc::new(AtomicU64::new(0));
+        let frozen = frozen_before.clone();
+        let generation = Arc::new(AtomicU64::new(0));
+        let counter = generation.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((down, _)) = listener.accept().await else {
+                    continue;
+                };
+                let born = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                let frozen = frozen.clone();
+                tokio::spawn(async move {
+                    let Ok(up) = TcpStream::connect(to).await else {
+                        return;
+                    };
+                    let (mut dr, mut dw) = down.into_split();
+                    let (mut ur, mut uw) = up.into_split();
+                    let alive = move || frozen.load(Ordering::SeqCst) < born;
+                    let a = alive.clone();
+                    let one = async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n) = dr.read(&mut buf).await {
+                            if n == 0 || !a() {
+                                break;
+                            }
+                            if uw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        // Frozen: hold both halves open and say nothing.
+                        std::future::pending::<()>().await;
+                        drop((dr, uw));
+                    };
+                    let other = async move {
+                        let mut buf = vec![0u8; 16 * 1024];
+                        while let Ok(n) = ur.read(&mut buf).await {
+                            if n == 0 || !alive() {
+                                break;
+                            }
+                            if dw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        std::future::pending::<()>().await;
+                        drop((ur, dw));
+                    };
+                    tokio::join!(one, other);
+                });
+            }
+        });
+        Relay {
+            addr,
+            frozen_before,
+            generation,
+        }
+    }
+
+    /// Connections accepted so far.
+    fn connections(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    /// Black-holes every connection made so far.
+    fn freeze(&self) {
+        // A connection is alive while the frozen mark is below its birth number.
+        let now = self.generation.load(Ordering::SeqCst);
+        self.frozen_before.store(now, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_holed_control_plane_is_noticed_and_redialled() {
+    let mesh = temp_path("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        "services:\n  - name: web\n    endpoints: [{address: \"127.0.0.1:9\"}]\n",
+    )
+    .unwrap();
+    let cp = app::start(app::Options {
+        mesh_path: mesh,
+        xds_address: "127.0.0.1:0".parse().unwrap(),
+        admin_address: "127.0.0.1:0".parse().unwrap(),
+        identity: Default::default(),
+    })
+    .await
+    .unwrap();
+    let relay = Relay::start(cp.xds_addr).await;
+    let proxy = TestProxy::start(&format!(
+        "admin:\n  address: 127.0.0.1:0\nxds:\n  address: \"{}\"\n  node: silent-test\n  service: client\nlisteners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    rds: outbound\n",
+        relay.addr
+    ))
+    .await;
+    let admin = proxy.admin();
+    eventually(
+        "the proxy has its config",
+        Duration::from_secs(10),
+        || async move { (get(admin, "/ready").await.status == 200).then_some(()) },
+    )
+    .await;
+    let reconnects = || async move {
+        metric(
+            &get(admin, "/metrics").await.body,
+            "outrigger_xds_reconnects_total",
+        )
+    };
+    assert_eq!(reconnects().await, 0);
+
+    relay.freeze();
+    let frozen_at = relay.connections();
+    eventually(
+        "the silent stream is noticed and counted",
+        Duration::from_secs(30),
+        || async move { (reconnects().await >= 1).then_some(()) },
+    )
+    .await;
+    // And redialled: a new connection through the relay, which the control plane serves.
+    let relay = &relay;
+    eventually(
+        "the proxy dials again",
+        Duration::from_secs(10),
+        || async move { (relay.connections() > frozen_at).then_some(()) },
+    )
+    .await;
+    let cp_admin = cp.admin_addr;
+    eventually(
+        "the control plane sees the new stream",
+        Duration::from_secs(10),
+        || async move {
+            let status = get(cp_admin, "/status").await.body;
+            let json: serde_json::Value = serde_json::from_str(&status).ok()?;
+            (json["nodes"]["silent-test"]["connected"] == true).then_some(())
+        },
+    )
+    .await;
+}
