@@ -70,21 +70,30 @@ async fn attack(port: &Port, kind: Kind, n: usize, deadline: Duration) -> serde_
     // lifetime is measured from its own connect, even while the rest are still opening.
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let addr = port.addr;
-    let opener = tokio::spawn(async move {
-        for _ in 0..n {
-            if let Ok(mut s) = TcpStream::connect(addr).await {
-                let first: &[u8] = match kind {
-                    Kind::Silent => b"",
-                    Kind::SlowHeaders => b"GET /metrics HTTP/1.1\r\nHost: x\r\n",
-                    Kind::HalfPreface => b"PRI * HTTP/2.0\r\n",
-                    // A TLS record header announcing a ClientHello that never comes.
-                    Kind::HalfHello => &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01],
-                };
-                let _ = s.write_all(first).await;
-                let _ = tx.send((s, Instant::now()));
+    // Several openers at once, as a real flood would be: the cap is reached within the
+    // ports' deadlines.
+    const OPENERS: usize = 32;
+    let mut openers = Vec::new();
+    for i in 0..OPENERS {
+        let tx = tx.clone();
+        let count = n / OPENERS + usize::from(i < n % OPENERS);
+        openers.push(tokio::spawn(async move {
+            for _ in 0..count {
+                if let Ok(mut s) = TcpStream::connect(addr).await {
+                    let first: &[u8] = match kind {
+                        Kind::Silent => b"",
+                        Kind::SlowHeaders => b"GET /metrics HTTP/1.1\r\nHost: x\r\n",
+                        Kind::HalfPreface => b"PRI * HTTP/2.0\r\n",
+                        // A TLS record header announcing a ClientHello that never comes.
+                        Kind::HalfHello => &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01],
+                    };
+                    let _ = s.write_all(first).await;
+                    let _ = tx.send((s, Instant::now()));
+                }
             }
-        }
-    });
+        }));
+    }
+    drop(tx);
     let mut conns = Vec::with_capacity(n);
     let mut opened = 0;
     let mut rss_peak = memory_kib(port.pid, "VmRSS:");
@@ -101,7 +110,7 @@ async fn attack(port: &Port, kind: Kind, n: usize, deadline: Duration) -> serde_
             conns.push(Some(c));
             opened += 1;
         }
-        if opener.is_finished() && rx.is_empty() {
+        if openers.iter().all(|o| o.is_finished()) && rx.is_empty() {
             all_open.get_or_insert_with(Instant::now);
         }
         let mut held = 0;
