@@ -67,33 +67,33 @@ impl Gate {
     }
 }
 
-/// A connection that holds its place under the cap for as long as it lives.
-pub struct Admitted<S> {
+/// A connection that holds its place under the cap for as long as it lives, with what it
+/// tells the services about its caller (`info`: nothing for plaintext, which proves nothing).
+pub struct Admitted<S, I = ()> {
     inner: S,
+    info: I,
     _permit: OwnedSemaphorePermit,
 }
 
-impl<S> Admitted<S> {
-    pub fn new(inner: S, permit: OwnedSemaphorePermit) -> Self {
+impl<S, I> Admitted<S, I> {
+    pub fn new(inner: S, info: I, permit: OwnedSemaphorePermit) -> Self {
         Admitted {
             inner,
+            info,
             _permit: permit,
         }
     }
+}
 
-    pub fn get_ref(&self) -> &S {
-        &self.inner
+impl<S, I: Clone + Send + Sync + 'static> Connected for Admitted<S, I> {
+    type ConnectInfo = I;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.info.clone()
     }
 }
 
-/// Nothing to tell the services: a plaintext caller has proved nothing.
-impl<S> Connected for Admitted<S> {
-    type ConnectInfo = ();
-
-    fn connect_info(&self) -> Self::ConnectInfo {}
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Admitted<S> {
+impl<S: AsyncRead + Unpin, I: Unpin> AsyncRead for Admitted<S, I> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -103,7 +103,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Admitted<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Admitted<S> {
+impl<S: AsyncWrite + Unpin, I: Unpin> AsyncWrite for Admitted<S, I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -147,7 +147,7 @@ pub fn plaintext_incoming(
                 if let Ok(Some(read)) =
                     tokio::time::timeout(HANDSHAKE_TIMEOUT, read_preface(&mut tcp)).await
                 {
-                    let conn = Admitted::new(Prefixed::with_prefix(tcp, read), permit);
+                    let conn = Admitted::new(Prefixed::with_prefix(tcp, read), (), permit);
                     let _ = tx.send(Ok(conn)).await;
                 }
             });

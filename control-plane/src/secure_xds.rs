@@ -7,9 +7,7 @@
 //! token instead. ADS refuses such a caller. A certificate that is presented must chain to
 //! the mesh's roots and carry a SPIFFE ID in the mesh's trust domain, or the handshake ends.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use outrigger_proxy::spiffe::SpiffeId;
@@ -17,13 +15,12 @@ use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
-use tonic::transport::server::Connected;
 
 use crate::ca::Ca;
+use crate::grpc_limits::Admitted;
 
 /// The identity a proxy proved on an mTLS xDS connection, in each request's extensions.
 #[derive(Clone, Debug)]
@@ -63,49 +60,8 @@ pub fn server_config(ca: &Ca) -> Result<Arc<ServerConfig>, String> {
     Ok(Arc::new(config))
 }
 
-/// One accepted mTLS connection and the identity its client proved.
-pub struct SecureConn {
-    inner: TlsStream<TcpStream>,
-    peer: Option<SpiffeId>,
-    /// Its place under the port's connection cap.
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl Connected for SecureConn {
-    type ConnectInfo = Option<ProvenIdentity>;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.peer.clone().map(ProvenIdentity)
-    }
-}
-
-impl AsyncRead for SecureConn {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for SecureConn {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
+/// One accepted TLS connection and the identity its client proved, if it sent a certificate.
+pub type SecureConn = Admitted<TlsStream<TcpStream>, Option<ProvenIdentity>>;
 
 /// Accepts TCP, completes each handshake in its own task (a slow client must not hold up the
 /// others), and yields the finished connections.
@@ -153,11 +109,7 @@ pub fn incoming(
                                 return;
                             }
                         };
-                        let conn = SecureConn {
-                            inner,
-                            peer,
-                            _permit: permit,
-                        };
+                        let conn = Admitted::new(inner, peer.map(ProvenIdentity), permit);
                         let _ = tx.send(Ok(conn)).await;
                     }
                     Ok(Err(e)) => tracing::debug!(error = %e, "xDS mTLS handshake failed"),

@@ -279,12 +279,34 @@ async fn over_mtls_xds_a_node_gets_the_config_of_the_identity_it_proves() {
     );
 
     // Without a certificate from our CA, there is no xDS at all.
-    let ca = Ca::generate("mesh.test").unwrap();
-    let files = temp_path("foreign");
+    let foreign = Ca::generate("mesh.test").unwrap();
+    let outsider = file_identity_proxy(&cp, &foreign, WEB, "outsider").await;
+    // Our own CA's certificate, but for another trust domain: not one of the mesh's nodes.
+    let other_td = "spiffe://other.test/ns/shop/sa/web";
+    let stranger = file_identity_proxy(&cp, &cp.ca.load(), other_td, "stranger").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (who, proxy) in [
+        ("a foreign CA's", &outsider),
+        ("another trust domain's", &stranger),
+    ] {
+        let ready = get(proxy.admin(), "/ready").await.status;
+        assert_eq!(ready, 503, "{who} certificate got config");
+    }
+    let status = get(cp.admin_addr, "/status").await.body;
+    assert!(
+        !status.contains("outsider") && !status.contains("stranger"),
+        "{status}"
+    );
+}
+
+/// A proxy dialling `cp`'s secure xDS as node `node`, with a certificate for `id` from `ca`
+/// (trusting the control plane's roots).
+async fn file_identity_proxy(cp: &ControlPlane, ca: &Ca, id: &str, node: &str) -> TestProxy {
+    let files = temp_path(node);
     std::fs::create_dir_all(&files).unwrap();
     let (chain, key) = ca
         .issue(
-            &outrigger_proxy::spiffe::SpiffeId::parse(WEB).unwrap(),
+            &outrigger_proxy::spiffe::SpiffeId::parse(id).unwrap(),
             Duration::from_secs(3600),
         )
         .unwrap();
@@ -295,46 +317,12 @@ async fn over_mtls_xds_a_node_gets_the_config_of_the_identity_it_proves() {
     ] {
         std::fs::write(files.join(name), text).unwrap();
     }
-    let outsider = TestProxy::start(&format!(
-        "identity:\n  cert: {0}/cert.pem\n  key: {0}/key.pem\n  bundle: {0}/bundle.pem\nadmin:\n  address: 127.0.0.1:0\nxds:\n  address: \"{secure}\"\n  identity: \"spiffe://mesh.test/ns/outrigger/sa/control-plane\"\nlisteners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    rds: outbound\n",
-        files.display()
+    TestProxy::start(&format!(
+        "identity:\n  cert: {0}/cert.pem\n  key: {0}/key.pem\n  bundle: {0}/bundle.pem\nadmin:\n  address: 127.0.0.1:0\nxds:\n  address: \"{1}\"\n  node: {node}\n  identity: \"spiffe://mesh.test/ns/outrigger/sa/control-plane\"\nlisteners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    rds: outbound\n",
+        files.display(),
+        cp.secure_xds_addr.unwrap()
     ))
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(
-        get(outsider.admin(), "/ready").await.status,
-        503,
-        "a foreign certificate gets no config"
-    );
-
-    // Our own CA's certificate, but for another trust domain: not one of the mesh's nodes.
-    let elsewhere = temp_path("other-td");
-    std::fs::create_dir_all(&elsewhere).unwrap();
-    let (chain, key) = cp
-        .ca
-        .load()
-        .issue(
-            &outrigger_proxy::spiffe::SpiffeId::parse("spiffe://other.test/ns/shop/sa/web")
-                .unwrap(),
-            Duration::from_secs(3600),
-        )
-        .unwrap();
-    for (name, text) in [
-        ("cert.pem", chain),
-        ("key.pem", key),
-        ("bundle.pem", cp.ca.load().bundle_pem().to_string()),
-    ] {
-        std::fs::write(elsewhere.join(name), text).unwrap();
-    }
-    let stranger = TestProxy::start(&format!(
-        "identity:\n  cert: {0}/cert.pem\n  key: {0}/key.pem\n  bundle: {0}/bundle.pem\nadmin:\n  address: 127.0.0.1:0\nxds:\n  address: \"{secure}\"\n  node: stranger\n  identity: \"spiffe://mesh.test/ns/outrigger/sa/control-plane\"\nlisteners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    rds: outbound\n",
-        elsewhere.display()
-    ))
-    .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(get(stranger.admin(), "/ready").await.status, 503);
-    let status = get(cp.admin_addr, "/status").await.body;
-    assert!(!status.contains("stranger"), "{status}");
+    .await
 }
 
 /// A Kubernetes API server that knows three tokens, over real TLS, answering TokenReview.
