@@ -124,13 +124,20 @@ impl<S: AsyncWrite + Unpin, I: Unpin> AsyncWrite for Admitted<S, I> {
 /// The HTTP/2 client preface: `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
 const PREFACE_LEN: usize = 24;
 
-/// Plaintext connections on `listener`, admitted under `gate`, each handed on only once it
-/// has sent as many bytes as the HTTP/2 preface (within `HANDSHAKE_TIMEOUT`): a client that
-/// connects and says nothing, or half of it, holds its place for that long, not forever.
-pub fn plaintext_incoming(
+/// Connections on `listener`, admitted under `gate`, each handed on once `handshake` has
+/// finished with it within `HANDSHAKE_TIMEOUT`, in a task of its own (a slow client must not
+/// hold up the others). A handshake that fails, or says `None`, closes the connection.
+pub fn incoming<S, I, H, Fut>(
     listener: TcpListener,
     gate: Arc<Gate>,
-) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<Admitted<Prefixed<TcpStream>>>> {
+    handshake: H,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<Admitted<S, I>>>
+where
+    S: Send + 'static,
+    I: Send + 'static,
+    H: Fn(TcpStream) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Option<(S, I)>> + Send + 'static,
+{
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
@@ -141,19 +148,30 @@ pub fn plaintext_incoming(
             let Some(permit) = gate.admit() else {
                 continue;
             };
-            let tx = tx.clone();
+            let (tx, handshake) = (tx.clone(), handshake.clone());
             tokio::spawn(async move {
-                let mut tcp = tcp;
-                if let Ok(Some(read)) =
-                    tokio::time::timeout(HANDSHAKE_TIMEOUT, read_preface(&mut tcp)).await
+                if let Ok(Some((conn, info))) =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(tcp)).await
                 {
-                    let conn = Admitted::new(Prefixed::with_prefix(tcp, read), (), permit);
-                    let _ = tx.send(Ok(conn)).await;
+                    let _ = tx.send(Ok(Admitted::new(conn, info, permit))).await;
                 }
             });
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Plaintext connections, each handed on only once it has sent as many bytes as the HTTP/2
+/// preface: a client that connects and says nothing, or half of it, holds its place for
+/// `HANDSHAKE_TIMEOUT`, not forever.
+pub fn plaintext_incoming(
+    listener: TcpListener,
+    gate: Arc<Gate>,
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<Admitted<Prefixed<TcpStream>>>> {
+    incoming(listener, gate, |mut tcp: TcpStream| async move {
+        let read = read_preface(&mut tcp).await?;
+        Some((Prefixed::with_prefix(tcp, read), ()))
+    })
 }
 
 /// Reads until the preface's length has arrived; `None` if the peer closed first. What was

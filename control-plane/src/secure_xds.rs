@@ -16,7 +16,6 @@ use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 
 use crate::ca::Ca;
@@ -63,60 +62,45 @@ pub fn server_config(ca: &Ca) -> Result<Arc<ServerConfig>, String> {
 /// One accepted TLS connection and the identity its client proved, if it sent a certificate.
 pub type SecureConn = Admitted<TlsStream<TcpStream>, Option<ProvenIdentity>>;
 
-/// Accepts TCP, completes each handshake in its own task (a slow client must not hold up the
-/// others), and yields the finished connections.
+/// TLS connections on `listener`, admitted under `gate`, each with the identity its client
+/// proved (if it sent a certificate). A certificate without a SPIFFE ID in `trust_domain`
+/// ends the handshake.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     trust_domain: String,
     gate: Arc<crate::grpc_limits::Gate>,
 ) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<SecureConn>> {
-    let (tx, rx) = mpsc::channel(64);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            };
-            let Some(permit) = gate.admit() else {
-                continue;
-            };
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            let trust_domain = trust_domain.clone();
-            tokio::spawn(async move {
-                let accepted = tokio::time::timeout(
-                    crate::grpc_limits::HANDSHAKE_TIMEOUT,
-                    acceptor.accept(tcp),
-                )
-                .await;
-                match accepted {
-                    Ok(Ok(inner)) => {
-                        let leaf = inner
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .and_then(|c| c.first());
-                        let peer = match leaf.map(|l| SpiffeId::from_certificate(l)) {
-                            None => None,
-                            Some(Ok(id)) if id.trust_domain == trust_domain => Some(id),
-                            Some(Ok(id)) => {
-                                tracing::debug!(%id, "xDS client certificate from another trust domain");
-                                return;
-                            }
-                            Some(Err(e)) => {
-                                tracing::debug!(error = %e, "xDS client certificate without a SPIFFE ID");
-                                return;
-                            }
-                        };
-                        let conn = Admitted::new(inner, peer.map(ProvenIdentity), permit);
-                        let _ = tx.send(Ok(conn)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(error = %e, "xDS mTLS handshake failed"),
-                    Err(_) => tracing::debug!("xDS mTLS handshake timed out"),
+    let trust_domain = Arc::new(trust_domain);
+    crate::grpc_limits::incoming(listener, gate, move |tcp: TcpStream| {
+        let (acceptor, trust_domain) = (acceptor.clone(), trust_domain.clone());
+        async move {
+            let inner = match acceptor.accept(tcp).await {
+                Ok(inner) => inner,
+                Err(e) => {
+                    tracing::debug!(error = %e, "xDS TLS handshake failed");
+                    return None;
                 }
-            });
+            };
+            let leaf = inner
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|c| c.first());
+            let peer = match leaf.map(|l| SpiffeId::from_certificate(l)) {
+                None => None,
+                Some(Ok(id)) if id.trust_domain == *trust_domain => Some(ProvenIdentity(id)),
+                Some(Ok(id)) => {
+                    tracing::debug!(%id, "xDS client certificate from another trust domain");
+                    return None;
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "xDS client certificate without a SPIFFE ID");
+                    return None;
+                }
+            };
+            Some((inner, peer))
         }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
+    })
 }
