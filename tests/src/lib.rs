@@ -184,3 +184,18 @@ pub fn identity_yaml(dir: &std::path::Path) -> String {
         dir.display()
     )
 }
+
+/// A control plane in-process on loopback, serving a mesh file with `yaml` over plaintext
+/// xDS only.
+pub async fn control_plane(yaml: &str) -> outrigger_control_plane::app::ControlPlane {
+    let mesh_path = temp_path("mesh.yaml");
+    std::fs::write(&mesh_path, yaml).unwrap();
+    outrigger_control_plane::app::start(outrigger_control_plane::app::Options {
+        mesh_path,
+        xds_address: "127.0.0.1:0".parse().unwrap(),
+        admin_address: "127.0.0.1:0".parse().unwrap(),
+        identity: Default::default(),
+    })
+    .await
+    .expect("the control plane starts")
+}

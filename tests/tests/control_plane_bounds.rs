@@ -7,29 +7,18 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use outrigger_control_plane::app::{self, ControlPlane};
+use outrigger_control_plane::app::ControlPlane;
 use outrigger_tests::clients::get;
-use outrigger_tests::temp_path;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 
 async fn control_plane() -> ControlPlane {
-    let path = temp_path("mesh.yaml");
-    std::fs::write(
-        &path,
+    outrigger_tests::control_plane(
         "services:\n  - name: a\n    endpoints: [{address: \"127.0.0.1:9\"}]\n",
     )
-    .unwrap();
-    app::start(app::Options {
-        mesh_path: path,
-        xds_address: "127.0.0.1:0".parse().unwrap(),
-        admin_address: "127.0.0.1:0".parse().unwrap(),
-        identity: Default::default(),
-    })
     .await
-    .unwrap()
 }
 
 /// Opens one ADS stream as `node` asking for clusters; returns its first answer, or the

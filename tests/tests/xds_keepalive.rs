@@ -6,9 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use outrigger_control_plane::app;
 use outrigger_tests::clients::get;
-use outrigger_tests::{TestProxy, eventually, metric, temp_path};
+use outrigger_tests::{TestProxy, control_plane, eventually, metric};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -18,6 +17,23 @@ struct Relay {
     addr: SocketAddr,
     frozen_before: Arc<AtomicU64>,
     generation: Arc<AtomicU64>,
+}
+
+/// Copies `from` to `to` while `alive` says so; then holds both open and says nothing (also
+/// when the peer closes, which a black hole would not pass on either).
+async fn forward(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    alive: impl Fn() -> bool,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    while let Ok(n) = from.read(&mut buf).await {
+        if n == 0 || !alive() || to.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    std::future::pending::<()>().await;
+    drop((from, to));
 }
 
 impl Relay {
@@ -39,37 +55,10 @@ impl Relay {
                     let Ok(up) = TcpStream::connect(to).await else {
                         return;
                     };
-                    let (mut dr, mut dw) = down.into_split();
-                    let (mut ur, mut uw) = up.into_split();
+                    let (dr, dw) = down.into_split();
+                    let (ur, uw) = up.into_split();
                     let alive = move || frozen.load(Ordering::SeqCst) < born;
-                    let a = alive.clone();
-                    let one = async move {
-                        let mut buf = vec![0u8; 16 * 1024];
-                        while let Ok(n) = dr.read(&mut buf).await {
-                            if n == 0 || !a() {
-                                break;
-                            }
-                            if uw.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                        // Frozen: hold both halves open and say nothing.
-                        std::future::pending::<()>().await;
-                        drop((dr, uw));
-                    };
-                    let other = async move {
-                        let mut buf = vec![0u8; 16 * 1024];
-                        while let Ok(n) = ur.read(&mut buf).await {
-                            if n == 0 || !alive() {
-                                break;
-                            }
-                            if dw.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                        }
-                        std::future::pending::<()>().await;
-                        drop((ur, dw));
-                    };
+                    let (one, other) = (forward(dr, uw, alive.clone()), forward(ur, dw, alive));
                     tokio::join!(one, other);
                 });
             }
@@ -96,20 +85,9 @@ impl Relay {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_black_holed_control_plane_is_noticed_and_redialled() {
-    let mesh = temp_path("mesh.yaml");
-    std::fs::write(
-        &mesh,
-        "services:\n  - name: web\n    endpoints: [{address: \"127.0.0.1:9\"}]\n",
-    )
-    .unwrap();
-    let cp = app::start(app::Options {
-        mesh_path: mesh,
-        xds_address: "127.0.0.1:0".parse().unwrap(),
-        admin_address: "127.0.0.1:0".parse().unwrap(),
-        identity: Default::default(),
-    })
-    .await
-    .unwrap();
+    let cp =
+        control_plane("services:\n  - name: web\n    endpoints: [{address: \"127.0.0.1:9\"}]\n")
+            .await;
     let relay = Relay::start(cp.xds_addr).await;
     let proxy = TestProxy::start(&format!(
         "admin:\n  address: 127.0.0.1:0\nxds:\n  address: \"{}\"\n  node: silent-test\n  service: client\nlisteners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    rds: outbound\n",
