@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::node_status::NodeRegistry;
-use crate::secure_xds::ProvenIdentity;
+use crate::secure_xds::Caller;
 use crate::snapshot::{Publisher, Snapshot};
 use crate::translate::PUSH_ORDER;
 use crate::xds_limits;
@@ -44,13 +44,17 @@ impl Ads {
         // Over mTLS, the certificate says who the node is; its metadata only claims it. The
         // TLS port also takes callers without a certificate, for the CA's bootstrap, but
         // config is only for a node that proved who it is.
-        let proven = match request.extensions().get::<Option<ProvenIdentity>>() {
-            Some(None) => {
+        let proven = match request.extensions().get::<Caller>() {
+            Some(Caller {
+                tls: true,
+                identity: None,
+                ..
+            }) => {
                 return Err(Status::unauthenticated(
                     "xDS on this port needs a client certificate from the mesh's CA",
                 ));
             }
-            Some(Some(p)) => Some(p.0.clone()),
+            Some(c) => c.identity.clone(),
             None => None,
         };
         tokio::spawn(run_stream::<P>(
@@ -138,10 +142,12 @@ impl ViewCache {
         base: Arc<Snapshot>,
         proven: &Option<SpiffeId>,
         caller: &str,
+        nodes: &NodeRegistry,
     ) -> Arc<Snapshot> {
         match &self.0 {
             Some((seen, view)) if Arc::ptr_eq(seen, &base) => view.clone(),
             _ => {
+                nodes.views_built.inc();
                 let fresh = view(base.clone(), proven, caller);
                 self.0 = Some((base, fresh.clone()));
                 fresh
@@ -188,7 +194,7 @@ pub(crate) async fn run_stream<P: Protocol>(
                     stream = Some(P::open(node, out.clone(), nodes.clone(), nonce.clone()));
                 }
                 let s = stream.as_mut().expect("opened above");
-                let snapshot = views.get(snapshots.borrow().clone(), &proven, &caller);
+                let snapshot = views.get(snapshots.borrow().clone(), &proven, &caller, &nodes);
                 if !s.on_request(req, &snapshot).await {
                     break;
                 }
@@ -197,7 +203,7 @@ pub(crate) async fn run_stream<P: Protocol>(
                 if changed.is_err() {
                     break;
                 }
-                let snapshot = views.get(snapshots.borrow_and_update().clone(), &proven, &caller);
+                let snapshot = views.get(snapshots.borrow_and_update().clone(), &proven, &caller, &nodes);
                 if let Some(s) = stream.as_mut() {
                     for type_url in PUSH_ORDER {
                         if !s.push(&snapshot, type_url, false).await {

@@ -425,6 +425,11 @@ fn metrics_text(
     let mut r = prometheus_client::registry::Registry::with_prefix("outrigger_cp");
     r.register("pushes", "Config pushes sent", nodes.pushes.clone());
     r.register(
+        "views_built",
+        "Per-node views of the config built (one per stream and config change)",
+        nodes.views_built.clone(),
+    );
+    r.register(
         "push_ack_seconds",
         "From a push to its ACK",
         nodes.push_ack.clone(),

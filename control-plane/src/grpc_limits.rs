@@ -17,6 +17,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::transport::server::Connected;
 
+use crate::secure_xds::Caller;
+
 /// Enough for 10,000 proxies multiplexed 100 streams to a connection, or a few thousand
 /// proxies with one connection each.
 pub const MAX_CONNECTIONS: usize = 8192;
@@ -167,10 +169,16 @@ where
 pub fn plaintext_incoming(
     listener: TcpListener,
     gate: Arc<Gate>,
-) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<Admitted<Prefixed<TcpStream>>>> {
+) -> tokio_stream::wrappers::ReceiverStream<std::io::Result<Admitted<Prefixed<TcpStream>, Caller>>>
+{
     incoming(listener, gate, |mut tcp: TcpStream| async move {
         let read = read_preface(&mut tcp).await?;
-        Some((Prefixed::with_prefix(tcp, read), ()))
+        let caller = Caller {
+            addr: tcp.peer_addr().ok(),
+            tls: false,
+            identity: None,
+        };
+        Some((Prefixed::with_prefix(tcp, read), caller))
     })
 }
 

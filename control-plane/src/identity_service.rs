@@ -40,7 +40,11 @@ pub struct IdentityService {
 impl IdentityService {
     /// The identity a bootstrap token proves: a token from the mesh file, else (in
     /// Kubernetes) a service-account token the API server vouches for.
-    async fn prove(&self, token: Option<&str>) -> Result<SpiffeId, Status> {
+    async fn prove(
+        &self,
+        token: Option<&str>,
+        from: Option<std::net::IpAddr>,
+    ) -> Result<SpiffeId, Status> {
         let token = token.ok_or_else(|| {
             Status::unauthenticated("no bootstrap token: send `authorization: Bearer <token>`")
         })?;
@@ -57,7 +61,7 @@ impl IdentityService {
             Err(TokenError::Unknown) => match &self.token_review {
                 None => Err(Status::unauthenticated("unknown bootstrap token")),
                 Some(reviewer) => reviewer
-                    .check(token, &mesh.trust_domain)
+                    .check(token, &mesh.trust_domain, from)
                     .await
                     .map_err(Status::unauthenticated),
             },
@@ -101,7 +105,12 @@ impl UnaryService<SignRequest> for Sign {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.strip_prefix("Bearer "))
                 .map(str::to_string);
-            let proved = service.prove(token.as_deref()).await?;
+            let from = request
+                .extensions()
+                .get::<crate::secure_xds::Caller>()
+                .and_then(|c| c.addr)
+                .map(|a| a.ip());
+            let proved = service.prove(token.as_deref(), from).await?;
             service
                 .sign(&proved, request.into_inner())
                 .map(Response::new)

@@ -42,6 +42,8 @@ pub struct NodeRegistry {
     /// Pushes sent, and the time from each push to its ACK.
     pub pushes: prometheus_client::metrics::counter::Counter,
     pub push_ack: prometheus_client::metrics::histogram::Histogram,
+    /// Per-node views of a snapshot built (one per stream per snapshot, not per request).
+    pub views_built: prometheus_client::metrics::counter::Counter,
 }
 
 impl Default for NodeRegistry {
@@ -49,6 +51,7 @@ impl Default for NodeRegistry {
         NodeRegistry {
             nodes: Mutex::default(),
             pushes: Default::default(),
+            views_built: Default::default(),
             // 1 ms … ~16 s.
             push_ack: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),

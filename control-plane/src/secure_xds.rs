@@ -21,9 +21,14 @@ use tokio_rustls::server::TlsStream;
 use crate::ca::Ca;
 use crate::grpc_limits::Admitted;
 
-/// The identity a proxy proved on an mTLS xDS connection, in each request's extensions.
+/// Who is on a connection to a gRPC port, in each request's extensions: where it came from,
+/// whether it is the TLS port, and the identity its certificate proved there, if any.
 #[derive(Clone, Debug)]
-pub struct ProvenIdentity(pub SpiffeId);
+pub struct Caller {
+    pub addr: Option<std::net::SocketAddr>,
+    pub tls: bool,
+    pub identity: Option<SpiffeId>,
+}
 
 /// The control plane's own identity: `spiffe://<td>/ns/outrigger/sa/control-plane`.
 pub fn control_plane_id(trust_domain: &str) -> SpiffeId {
@@ -60,7 +65,7 @@ pub fn server_config(ca: &Ca) -> Result<Arc<ServerConfig>, String> {
 }
 
 /// One accepted TLS connection and the identity its client proved, if it sent a certificate.
-pub type SecureConn = Admitted<TlsStream<TcpStream>, Option<ProvenIdentity>>;
+pub type SecureConn = Admitted<TlsStream<TcpStream>, Caller>;
 
 /// TLS connections on `listener`, admitted under `gate`, each with the identity its client
 /// proved (if it sent a certificate). A certificate without a SPIFFE ID in `trust_domain`
@@ -76,6 +81,7 @@ pub fn incoming(
     crate::grpc_limits::incoming(listener, gate, move |tcp: TcpStream| {
         let (acceptor, trust_domain) = (acceptor.clone(), trust_domain.clone());
         async move {
+            let addr = tcp.peer_addr().ok();
             let inner = match acceptor.accept(tcp).await {
                 Ok(inner) => inner,
                 Err(e) => {
@@ -90,7 +96,7 @@ pub fn incoming(
                 .and_then(|c| c.first());
             let peer = match leaf.map(|l| SpiffeId::from_certificate(l)) {
                 None => None,
-                Some(Ok(id)) if id.trust_domain == *trust_domain => Some(ProvenIdentity(id)),
+                Some(Ok(id)) if id.trust_domain == *trust_domain => Some(id),
                 Some(Ok(id)) => {
                     tracing::debug!(%id, "xDS client certificate from another trust domain");
                     return None;
@@ -100,7 +106,12 @@ pub fn incoming(
                     return None;
                 }
             };
-            Some((inner, peer))
+            let caller = Caller {
+                addr,
+                tls: true,
+                identity: peer,
+            };
+            Some((inner, caller))
         }
     })
 }

@@ -3,6 +3,7 @@
 //! `spiffe://<trust-domain>/ns/<ns>/sa/<sa>`; anything else proves nothing.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,6 +27,11 @@ const MAX_TOKEN: usize = 16 * 1024;
 /// cannot turn the CA into a load generator against the API server.
 const REVIEWS_PER_SECOND: f64 = 20.0;
 const REVIEW_BURST: u32 = 100;
+/// And per caller (by address): a proxy needs one review a renewal, a restart a few.
+const CALLER_REVIEWS_PER_SECOND: f64 = 1.0;
+const CALLER_REVIEW_BURST: u32 = 10;
+/// Callers remembered for their limit; past it the table starts again.
+const CALLERS: usize = 4096;
 
 /// A review's answer and when it was given.
 type Cached = (Instant, Result<SpiffeId, String>);
@@ -34,6 +40,7 @@ pub struct TokenReviewer {
     api: Arc<KubeApi>,
     cache: Mutex<HashMap<String, Cached>>,
     limiter: RateLimiter,
+    callers: Mutex<HashMap<IpAddr, RateLimiter>>,
 }
 
 impl TokenReviewer {
@@ -43,12 +50,18 @@ impl TokenReviewer {
             api: Arc::new(KubeApi::new(api, bearer, ca_pem)?),
             cache: Mutex::default(),
             limiter: RateLimiter::new(REVIEWS_PER_SECOND, REVIEW_BURST),
+            callers: Mutex::default(),
         })
     }
 
     /// `review`, answered from a short cache, and refused without asking once too many
     /// reviews have gone out.
-    pub async fn check(&self, token: &str, trust_domain: &str) -> Result<SpiffeId, String> {
+    pub async fn check(
+        &self,
+        token: &str,
+        trust_domain: &str,
+        from: Option<IpAddr>,
+    ) -> Result<SpiffeId, String> {
         if token.len() > MAX_TOKEN {
             return Err("the token is longer than any service-account token".into());
         }
@@ -60,6 +73,20 @@ impl TokenReviewer {
             && at.elapsed() < CACHE_FOR
         {
             return answer.clone();
+        }
+        // The caller's own limit first, so that one caller making up tokens spends its own
+        // allowance, not everyone's.
+        if let Some(ip) = from {
+            let mut callers = self.callers.lock().unwrap_or_else(|p| p.into_inner());
+            if callers.len() >= CALLERS && !callers.contains_key(&ip) {
+                callers.clear();
+            }
+            let limit = callers.entry(ip).or_insert_with(|| {
+                RateLimiter::new(CALLER_REVIEWS_PER_SECOND, CALLER_REVIEW_BURST)
+            });
+            if limit.acquire().is_err() {
+                return Err("too many token reviews from this address; retry shortly".into());
+            }
         }
         if self.limiter.acquire().is_err() {
             return Err("too many token reviews right now; retry shortly".into());

@@ -128,3 +128,37 @@ async fn a_node_id_cannot_inject_metric_lines() {
         "{page}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_that_change_nothing_rebuild_nothing() {
+    let cp = control_plane().await;
+    let (answer, tx) = open_stream(&cp, "chatty").await;
+    let first = answer.unwrap();
+    let admin = cp.admin_addr;
+    let views = || async move {
+        let page = get(admin, "/metrics").await.body;
+        outrigger_tests::metric(&page, "outrigger_cp_views_built_total")
+    };
+    let before = views().await;
+    // The same ACK, over and over: nothing changes.
+    for _ in 0..200 {
+        tx.send(DiscoveryRequest {
+            type_url: CDS.into(),
+            version_info: first.version_info.clone(),
+            response_nonce: first.nonce.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    // A second stream's first request builds one view, and is handled after the first
+    // stream's (the channel above holds 4 at most, so at least 196 were read already).
+    let (second, _keep) = open_stream(&cp, "second").await;
+    assert!(second.is_ok());
+    let after = views().await;
+    assert!(
+        after <= before + 1,
+        "{before} → {after}: unchanged requests rebuilt the view"
+    );
+    assert!(after >= before + 1, "the second stream built its view");
+}

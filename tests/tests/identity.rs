@@ -400,6 +400,18 @@ async fn in_kubernetes_a_service_account_token_is_checked_with_a_token_review() 
         unchecked.message(),
         "the token is not for audience `outrigger`"
     );
+    // A caller making up tokens runs into its own limit, without a review each.
+    let mut limited = 0;
+    for _ in 0..15 {
+        let made_up: &'static str =
+            Box::leak(format!("made-up-{}", fastrand::u64(..)).into_boxed_str());
+        let e = call(made_up, WEB).await.unwrap_err();
+        limited += usize::from(
+            e.message()
+                .contains("too many token reviews from this address"),
+        );
+    }
+    assert!(limited >= 5, "{limited} of 15 made-up tokens were limited");
     // Tokens from the mesh file still work beside it.
     assert!(call("web-token", WEB).await.is_ok());
 }
