@@ -271,6 +271,10 @@ pub struct RouteFile {
     /// The share of new traces sampled on this route, overriding `tracing.sampling`.
     #[serde(default)]
     pub sampling: Option<f64>,
+    /// The protocol upgrades this route honours: `[websocket]` by default, `[]` for none.
+    /// Nothing else is accepted, and never `h2c`.
+    #[serde(default)]
+    pub upgrades: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

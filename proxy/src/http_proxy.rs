@@ -342,7 +342,7 @@ async fn forward<'a>(
         });
     };
 
-    let upgrade = is_upgrade(&req);
+    let upgrade = route.websocket && is_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let retry = route.retry.as_ref().filter(|p| p.retries > 0 && !upgrade);
     let call = Call {

@@ -143,6 +143,8 @@ pub struct Route {
     pub rate_limit: Option<Arc<RateLimiter>>,
     /// The share of new traces sampled here; `None`: the proxy's.
     pub sampling: Option<f64>,
+    /// Whether a WebSocket upgrade is honoured here (the only upgrade there is).
+    pub websocket: bool,
 }
 
 pub struct WeightedBackend {
@@ -846,7 +848,28 @@ impl Builder<'_> {
                 format!("{ratio} is not between 0 and 1"),
             ));
         }
+        let mut websocket = r.upgrades.is_none();
+        for u in r.upgrades.iter().flatten() {
+            match u.value.to_ascii_lowercase().as_str() {
+                "websocket" => websocket = true,
+                "h2c" => {
+                    return Err(self.err(
+                        u,
+                        &format!("{field}.upgrades"),
+                        "`h2c` is never honoured: it would hand the connection to the app unrouted",
+                    ));
+                }
+                other => {
+                    return Err(self.err(
+                        u,
+                        &format!("{field}.upgrades"),
+                        format!("`{other}` is not an upgrade the proxy honours (only `websocket`)"),
+                    ));
+                }
+            }
+        }
         Ok(Route {
+            websocket,
             sampling: r.sampling,
             rate_limit: self.rate_limiter(
                 &r.rate_limit,

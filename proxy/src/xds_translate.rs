@@ -236,6 +236,30 @@ pub fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointFile>, Strin
     Ok(out)
 }
 
+/// A route's `upgrade_configs`: WebSocket may be turned on or off; nothing else is taken.
+/// Without any, the proxy's default holds (WebSocket on).
+fn upgrades(
+    what: &str,
+    configs: &[route_action::UpgradeConfig],
+) -> Result<Option<Vec<Spanned<String>>>, String> {
+    if configs.is_empty() {
+        return Ok(None);
+    }
+    let mut allowed = Vec::new();
+    for c in configs {
+        if !c.upgrade_type.eq_ignore_ascii_case("websocket") || c.connect_config.is_some() {
+            return Err(format!(
+                "{what}: field `route.upgrade_configs`: only `websocket` is supported, not `{}`",
+                c.upgrade_type
+            ));
+        }
+        if c.enabled.as_ref().is_none_or(|e| e.value) {
+            allowed.push(sp("websocket".to_string()));
+        }
+    }
+    Ok(Some(allowed))
+}
+
 pub fn route_table(rc: &RouteConfiguration) -> Result<Vec<VirtualHostFile>, String> {
     let what = format!("RouteConfiguration {}", rc.name);
     refuse(
@@ -403,6 +427,7 @@ fn route(what: &str, vhost: &str, index: usize, r: &Route) -> Result<RouteFile, 
             Some(t) => xds_policy::route_sampling(&what, t)?,
             None => None,
         },
+        upgrades: upgrades(&what, &action.upgrade_configs)?,
     })
 }
 

@@ -186,3 +186,30 @@ async fn an_h2c_upgrade_is_never_passed_to_the_app() {
     );
     assert!(!seen.contains("http2-settings"), "{seen}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_upgrades_a_route_allows_are_passed_on() {
+    let ask = b"GET / HTTP/1.1\r\nHost: app\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+    for (route_extra, passed) in [("", true), ("            upgrades: []\n", false)] {
+        let (up, heads) = upstreams::canned("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+        let proxy = plain(up.addr, route_extra).await;
+        let r = raw_exchange(proxy.addr("inbound"), ask).await;
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        let seen = heads.lock().unwrap().join("").to_ascii_lowercase();
+        assert_eq!(
+            seen.contains("upgrade: websocket"),
+            passed,
+            "{route_extra:?}: {seen}"
+        );
+    }
+    // h2c cannot even be asked for.
+    let err = outrigger_proxy::runtime_config::RuntimeConfig::build(
+        "upgrades.yaml",
+        "listeners:\n  - name: l\n    address: 127.0.0.1:0\n    direction: inbound\n    virtual_hosts:\n      - name: v\n        domains: ['*']\n        routes:\n          - backends: [{cluster: c}]\n            upgrades: [h2c]\nclusters:\n  - name: c\n    endpoints: [{address: \"127.0.0.1:9\"}]\n",
+        1,
+        None,
+    )
+    .err()
+    .expect("h2c is refused");
+    assert!(err.to_string().contains("never honoured"), "{err}");
+}
