@@ -215,6 +215,10 @@ pub fn run(args: &[String], out_dir: &Path) {
             (initial_sync, rss_after, latencies, cpu)
         });
         let (initial_sync, rss_after, latencies, cpu) = row;
+        // `/status` with every node registered: the median of three reads, start to last byte.
+        let mut status_reads: Vec<(Duration, usize)> = (0..3).map(|_| read_status(admin)).collect();
+        status_reads.sort();
+        let (status_time, status_bytes) = status_reads[1];
         let per_stream_kib = rss_after.saturating_sub(rss_before) as f64 / n as f64;
         let (p50, p99, max) = (
             percentile(&latencies, 0.5),
@@ -232,6 +236,11 @@ pub fn run(args: &[String], out_dir: &Path) {
             cpu * 1e3,
             cpu * 1e6 / n as f64
         );
+        println!(
+            "{n:>6} nodes    GET /status {:.0} ms ({:.1} MB)",
+            status_time.as_secs_f64() * 1e3,
+            status_bytes as f64 / 1e6
+        );
         rows.push(json!({
             "streams": n,
             "control_plane_workers": 1,
@@ -244,6 +253,8 @@ pub fn run(args: &[String], out_dir: &Path) {
             "rss_mb_total": rss_after as f64 / 1024.0,
             "cpu_ms_per_push": cpu * 1e3,
             "cpu_us_per_stream_push": cpu * 1e6 / n as f64,
+            "status_ms": status_time.as_secs_f64() * 1e3,
+            "status_bytes": status_bytes,
         }));
         drop(cp);
         let _ = std::fs::remove_dir_all(&dir);
@@ -253,4 +264,16 @@ pub fn run(args: &[String], out_dir: &Path) {
     let doc = json!({"command": std::env::args().collect::<Vec<_>>().join(" "), "rows": rows});
     std::fs::write(&path, serde_json::to_string_pretty(&doc).unwrap() + "\n").unwrap();
     println!("wrote {}", path.display());
+}
+
+/// One `GET /status` from the control plane's admin port: how long, and how many bytes.
+fn read_status(admin: std::net::SocketAddr) -> (Duration, usize) {
+    use std::io::{Read, Write};
+    let started = Instant::now();
+    let mut s = std::net::TcpStream::connect(admin).unwrap();
+    s.write_all(b"GET /status HTTP/1.1\r\nHost: cp\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = Vec::new();
+    s.read_to_end(&mut body).unwrap();
+    (started.elapsed(), body.len())
 }
