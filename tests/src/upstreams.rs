@@ -402,3 +402,40 @@ pub async fn canned(response: &'static str) -> (Upstream, Heads) {
     .await;
     (upstream, heads)
 }
+
+/// A gRPC server (HTTP/2, plaintext) that answers every unary call with the same message,
+/// whatever was asked: a stand-in for a CA that lies.
+pub async fn grpc_canned(answer: Bytes) -> Upstream {
+    serve(move |listener| async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let answer = answer.clone();
+                    async move {
+                        let _ = req.into_body().collect().await;
+                        let mut trailers = http::HeaderMap::new();
+                        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+                        let frames = vec![
+                            Ok::<_, Infallible>(Frame::data(grpc_frame(&answer))),
+                            Ok(Frame::trailers(trailers)),
+                        ];
+                        let mut resp = Response::new(BodyExt::boxed(StreamBody::new(
+                            futures_util::stream::iter(frames),
+                        )));
+                        resp.headers_mut()
+                            .insert("content-type", HeaderValue::from_static("application/grpc"));
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    })
+    .await
+}

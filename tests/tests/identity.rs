@@ -500,3 +500,56 @@ fn what_the_ca_returns_is_checked_before_it_is_installed() {
     let e = check_issued(&expired, &web, &key, Some(&anchor)).unwrap_err();
     assert!(e.starts_with("the certificate is not valid now"), "{e}");
 }
+
+/// Even where the CA is reached in plaintext (local development), an answer is checked: a CA
+/// (or whoever answers in its place) that returns a certificate for another identity, or for
+/// another key, is not believed, and the proxy says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_that_answers_for_another_identity_is_not_believed() {
+    use outrigger_proxy::identity_api::SignResponse;
+    use outrigger_proxy::spiffe::SpiffeId;
+    use prost::Message;
+    let ca = Ca::generate("mesh.test").unwrap();
+    let (other_chain, _) = ca
+        .issue(&SpiffeId::parse(API).unwrap(), Duration::from_secs(3600))
+        .unwrap();
+    let (own_id_other_key, _) = ca
+        .issue(&SpiffeId::parse(WEB).unwrap(), Duration::from_secs(3600))
+        .unwrap();
+    for (lie, why) in [
+        (
+            other_chain,
+            format!("the certificate is for {API}, not the requested {WEB}"),
+        ),
+        (
+            own_id_other_key,
+            "the certificate is not for this proxy's key".to_string(),
+        ),
+    ] {
+        let answer = SignResponse {
+            chain_pem: lie,
+            bundle_pem: ca.bundle_pem().to_string(),
+        };
+        let liar = upstreams::grpc_canned(answer.encode_to_vec().into()).await;
+        let app = upstreams::http("app").await;
+        let proxy = inbound(
+            &format!(
+                "identity:\n  ca: {{address: \"{}\", token: t, id: \"{WEB}\", plaintext: true}}\n",
+                liar.addr
+            ),
+            app.addr,
+        )
+        .await;
+        let admin = proxy.admin();
+        let body = eventually(
+            "the proxy says why",
+            Duration::from_secs(10),
+            || async move {
+                let r = get(admin, "/ready").await;
+                (r.status == 503 && r.body.contains("rejected")).then_some(r.body)
+            },
+        )
+        .await;
+        assert!(body.contains(&why), "{body}");
+    }
+}
