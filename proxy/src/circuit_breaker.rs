@@ -115,6 +115,12 @@ impl CircuitBreaker {
             .expect("the semaphore is never closed"))
     }
 
+    /// A connection's worth of capacity now, or none: for what holds a connection for its
+    /// whole life (opaque TCP), where queueing would only hold the caller's connection open.
+    pub fn try_connection(&self) -> Option<OwnedSemaphorePermit> {
+        self.connections.clone().try_acquire_owned().ok()
+    }
+
     pub fn try_request(self: &Arc<Self>) -> Option<Slot> {
         take(&self.requests, self.max_requests).then(|| Slot {
             breaker: self.clone(),
@@ -151,6 +157,18 @@ mod tests {
             "the pending one got the connection"
         );
         assert!(b.connection().await.is_ok(), "and the queue is empty again");
+    }
+
+    #[test]
+    fn a_tcp_connection_holds_its_place_and_does_not_queue() {
+        let b = CircuitBreaker::new(100, None).with_connections(1, 1);
+        let held = b.try_connection().unwrap();
+        assert!(
+            b.try_connection().is_none(),
+            "past max_connections, at once"
+        );
+        drop(held);
+        assert!(b.try_connection().is_some());
     }
 
     #[test]

@@ -176,10 +176,7 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
                         _ if !admitted => {}
                         Some((cluster, idle)) => {
                             let _guard = shutdown.tracker;
-                            match tcp::proxy(stream, &cluster, idle).await {
-                                Ok(n) => ctx.metrics.tcp_bytes(&name, n),
-                                Err(_) => ctx.metrics.connection_error(&name),
-                            }
+                            proxy_tcp(stream, &cluster, idle, &ctx, &name).await;
                         }
                         None => tracing::debug!(listener = %name, "no tcp route for mTLS TCP"),
                     }
@@ -241,18 +238,36 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
             Some((cluster, idle)) => {
                 drop(snapshot);
                 let _guard = shutdown.tracker;
-                match tcp::proxy(io, &cluster, idle).await {
-                    Ok(n) => ctx.metrics.tcp_bytes(&name, n),
-                    Err(e) => {
-                        tracing::debug!(error = %e, listener = %name, "tcp proxy ended");
-                        ctx.metrics.connection_error(&name);
-                    }
-                }
+                proxy_tcp(io, &cluster, idle, &ctx, &name).await;
             }
             None => tracing::debug!(listener = %name, "no tcp route; closing opaque connection"),
         },
     }
     open.dec();
+}
+
+/// Opaque TCP to `cluster`, holding one of its connections under the circuit breaker for as
+/// long as it lasts; past the breaker's `max_connections` it is closed at once and counted.
+async fn proxy_tcp<D>(
+    downstream: D,
+    cluster: &Cluster,
+    idle: Duration,
+    ctx: &HttpContext,
+    name: &str,
+) where
+    D: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(_connection) = cluster.breaker.try_connection() else {
+        ctx.metrics.overflow(&cluster.name, "connections");
+        return;
+    };
+    match tcp::proxy(downstream, cluster, idle).await {
+        Ok(n) => ctx.metrics.tcp_bytes(name, n),
+        Err(e) => {
+            tracing::debug!(error = %e, listener = %name, "tcp proxy ended");
+            ctx.metrics.connection_error(name);
+        }
+    }
 }
 
 /// Authorization and the listener's rate limit, for a TCP connection: it has no status code

@@ -438,7 +438,7 @@ impl Metrics {
             };
             let _ = self.budget_exhausted.get_or_create(&cluster);
             let _ = self.ejections.get_or_create(&cluster);
-            for limit in ["requests", "retries", "pending"] {
+            for limit in ["requests", "retries", "pending", "connections"] {
                 let _ = self.overflows.get_or_create(&OverflowLabels {
                     cluster: name.clone(),
                     limit,
