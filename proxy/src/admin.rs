@@ -153,6 +153,7 @@ fn snapshot_json(config: &RuntimeConfig) -> serde_json::Value {
             "name": c.name,
             "protocol": format!("{:?}", c.protocol).to_lowercase(),
             "lb": format!("{:?}", c.lb),
+            "retry_tokens": c.retry_budget.throttle.tokens(),
             "endpoints": c.endpoints.iter().map(|e| json!({
                 "address": e.addr.to_string(),
                 "outstanding": e.outstanding(),

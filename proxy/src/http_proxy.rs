@@ -624,8 +624,11 @@ async fn send_with_retries(
             Err(ProxyError::UpstreamFailed { .. }) => Outcome::Reset,
             Err(_) => return result,
         };
+        // How retries fare decides whether any more may go out (the cluster's throttle).
+        let failed = retriable(&policy.on, &outcome);
+        cluster.retry_budget.throttle.record(failed);
         if number >= policy.retries
-            || !retriable(&policy.on, &outcome)
+            || !failed
             || !policy.allows(&head.method, &head.headers, &outcome)
         {
             return result;

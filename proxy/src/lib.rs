@@ -32,6 +32,7 @@ pub mod rate_limit;
 pub mod request_trace;
 pub mod retry;
 pub mod retry_budget;
+pub mod retry_throttle;
 pub mod router;
 pub mod runtime_config;
 pub mod sidecar;

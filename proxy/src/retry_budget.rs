@@ -7,13 +7,17 @@
 //!
 //! The first bound is what stops a storm: when every endpoint fails, upstream attempts stay
 //! near (1 + percent) × the client's requests plus the floor, however many retries each
-//! route asks for. The second keeps a burst of slow failures from piling retries up.
+//! route asks for. The second keeps a burst of slow failures from piling retries up. Beside
+//! both, the cluster's throttle (`retry_throttle.rs`) stops retries altogether while
+//! failures far outweigh successes, so a total outage costs hardly more than no retries.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use crate::retry_throttle::RetryThrottle;
 
 pub const DEFAULT_BUDGET_PERCENT: f64 = 20.0;
 pub const DEFAULT_BUDGET_MIN: u64 = 10;
@@ -39,6 +43,7 @@ pub struct RetryBudget {
     slots: [Slot; SLOTS as usize],
     active_requests: AtomicU64,
     active_retries: AtomicU64,
+    pub throttle: RetryThrottle,
 }
 
 impl Default for RetryBudget {
@@ -56,6 +61,7 @@ impl RetryBudget {
             slots: Default::default(),
             active_requests: AtomicU64::new(0),
             active_retries: AtomicU64::new(0),
+            throttle: RetryThrottle::default(),
         }
     }
 
@@ -107,6 +113,9 @@ impl RetryBudget {
 
     /// A retry, if the budget allows one; it counts as in flight until the guard drops.
     pub fn try_retry(self: &Arc<Self>) -> Option<BudgetGuard> {
+        if !self.throttle.allows() {
+            return None;
+        }
         let share = |n: u64| (n as f64 * self.percent / 100.0) as u64;
         let tick = self.now_tick();
         let (requests, retries) = self.window(tick);

@@ -194,6 +194,13 @@ async fn when_every_endpoint_fails_the_budget_stops_a_retry_storm() {
     );
     assert_eq!(failed, sent, "every request fails: all endpoints do");
     assert!(attempts <= budget, "{attempts} attempts > budget {budget}");
+    // Tighter still: the throttle shuts retries once failures outweigh successes, after about
+    // 50 of them, so the outage costs at most 5 % more attempts than requests beyond those.
+    let throttled = sent + sent / 20 + 50;
+    assert!(
+        attempts <= throttled,
+        "{attempts} attempts for {sent} requests: more than {throttled}"
+    );
     assert!(
         metric(
             &page,
