@@ -23,6 +23,9 @@ use crate::policy::{self, Policy, PolicyFile, RateLimit, RateLimitFile, Retry, R
 struct MeshFile {
     #[serde(default)]
     mesh: MeshSettingsFile,
+    /// What applies where a service or route says nothing (over the built-in defaults).
+    #[serde(default)]
+    defaults: Option<policy::PolicyFile>,
     #[serde(default)]
     services: Vec<ServiceFile>,
 }
@@ -181,6 +184,9 @@ struct BackendFile {
 /// The validated mesh.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Mesh {
+    /// The policy where a service or route says nothing: the built-in defaults, under the
+    /// file's `defaults:`.
+    pub defaults: Policy,
     pub outbound_port: u16,
     pub trust_domain: String,
     /// The mesh-wide share of new traces sampled, if set.
@@ -266,6 +272,27 @@ pub enum TokenError {
     Expired,
 }
 
+impl Service {
+    /// This service with `defaults` wherever it, or one of its routes, says nothing.
+    pub fn with_defaults(&self, defaults: &Policy) -> Service {
+        let policy = self.policy.or(defaults);
+        let routes = self
+            .routes
+            .iter()
+            .map(|r| Route {
+                retry: r.retry.clone().or_else(|| policy.retry.clone()),
+                rate_limit: r.rate_limit.or(policy.rate_limit),
+                ..r.clone()
+            })
+            .collect();
+        Service {
+            policy,
+            routes,
+            ..self.clone()
+        }
+    }
+}
+
 impl Mesh {
     /// The identity a bootstrap token proves, at `now`.
     pub fn identity_for_token(
@@ -312,6 +339,12 @@ impl Mesh {
                 "mesh.tracing.sampling",
                 format!("{ratio} is not between 0 and 1"),
             ));
+        }
+        let mut defaults = policy::builtin_defaults();
+        for (source, f) in &files {
+            if let Some(d) = &f.defaults {
+                defaults = policy::check(source, d, "defaults")?.or(&defaults);
+            }
         }
         let mut tokens = BTreeMap::new();
         let entries: Vec<(&str, usize, &ServiceFile)> = files
@@ -523,6 +556,7 @@ impl Mesh {
             services.insert(service.cluster_name(), service);
         }
         Ok(Mesh {
+            defaults,
             outbound_port,
             trust_domain,
             sampling,

@@ -109,6 +109,9 @@ pub struct CircuitBreakerFile {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OutlierFile {
+    /// `false` turns outlier detection off here; it is on by default.
+    #[serde(default)]
+    pub enabled: Option<bool>,
     #[serde(default)]
     pub consecutive_5xx: Option<u32>,
     #[serde(default)]
@@ -153,6 +156,9 @@ pub struct CircuitBreaker {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Outlier {
+    /// False: turned off, and sent as such (nothing enforced), so no client's own default
+    /// turns it back on.
+    pub enabled: bool,
     pub consecutive_5xx: Option<u32>,
     pub consecutive_gateway_failure: Option<u32>,
     pub interval: Option<Duration>,
@@ -237,6 +243,57 @@ pub fn check_retry(source: &str, r: &RetryFile, field: &str) -> Result<Retry, Co
     })
 }
 
+/// What applies where a service or route says nothing, before the mesh file's `defaults:`:
+/// 2 retries on the conditions that are safe whatever the app does, and ejection after 5
+/// consecutive 5xx or gateway failures. Sent explicitly in xDS, so Envoy and gRPC clients get
+/// the same protection as our proxy.
+pub fn builtin_defaults() -> Policy {
+    Policy {
+        retry: Some(Retry {
+            retries: 2,
+            on: [
+                "connect-failure",
+                "refused-stream",
+                "reset",
+                "gateway-error",
+                "unavailable",
+            ]
+            .map(String::from)
+            .to_vec(),
+            per_try_timeout: None,
+            backoff_base: Duration::from_millis(25),
+            backoff_max: Duration::from_millis(250),
+            status_codes: Vec::new(),
+        }),
+        outlier: Some(Outlier {
+            enabled: true,
+            consecutive_5xx: Some(5),
+            consecutive_gateway_failure: Some(5),
+            interval: None,
+            base_ejection: None,
+            max_ejection: None,
+            max_ejection_percent: None,
+        }),
+        circuit_breaker: None,
+        rate_limit: None,
+    }
+}
+
+impl Policy {
+    /// This policy, with `defaults` where it says nothing.
+    pub fn or(&self, defaults: &Policy) -> Policy {
+        Policy {
+            retry: self.retry.clone().or_else(|| defaults.retry.clone()),
+            circuit_breaker: self
+                .circuit_breaker
+                .clone()
+                .or_else(|| defaults.circuit_breaker.clone()),
+            outlier: self.outlier.clone().or_else(|| defaults.outlier.clone()),
+            rate_limit: self.rate_limit.or(defaults.rate_limit),
+        }
+    }
+}
+
 pub fn check(source: &str, p: &PolicyFile, field: &str) -> Result<Policy, ConfigError> {
     let retry = match &p.retry {
         Some(r) => Some(check_retry(source, r, &format!("{field}.retry"))?),
@@ -273,6 +330,7 @@ pub fn check(source: &str, p: &PolicyFile, field: &str) -> Result<Policy, Config
                 ));
             }
             Some(Outlier {
+                enabled: o.enabled != Some(false),
                 consecutive_5xx: o.consecutive_5xx,
                 consecutive_gateway_failure: o.consecutive_gateway_failure,
                 interval: duration(source, &o.interval, &format!("{field}.outlier.interval"))?,
@@ -408,6 +466,16 @@ pub fn circuit_breakers(c: &CircuitBreaker) -> CircuitBreakers {
 }
 
 pub fn outlier_detection(o: &Outlier) -> OutlierDetection {
+    if !o.enabled {
+        let off = Some(UInt32Value { value: 0 });
+        return OutlierDetection {
+            enforcing_consecutive_5xx: off,
+            enforcing_consecutive_gateway_failure: off,
+            enforcing_success_rate: off,
+            enforcing_failure_percentage: off,
+            ..Default::default()
+        };
+    }
     OutlierDetection {
         consecutive_5xx: u32v(o.consecutive_5xx),
         consecutive_gateway_failure: u32v(o.consecutive_gateway_failure),
@@ -420,5 +488,82 @@ pub fn outlier_detection(o: &Outlier) -> OutlierDetection {
         max_ejection_time: o.max_ejection.map(pb),
         max_ejection_percent: u32v(o.max_ejection_percent),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::mesh::Mesh;
+    use crate::translate::{CLUSTER_TYPE, ROUTE_TYPE, translate};
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, route};
+    use prost::Message;
+
+    /// A name and a number, if the resource has one.
+    type Named = Vec<(String, Option<u32>)>;
+
+    /// The outbound route table's retry counts, and each cluster's 5xx enforcement.
+    fn resilience(yaml: &str) -> (Named, Named) {
+        let mesh = Mesh::parse("mesh.yaml", yaml).unwrap();
+        let [clusters, _, _, routes] = translate(&mesh);
+        assert_eq!((clusters.0, routes.0), (CLUSTER_TYPE, ROUTE_TYPE));
+        let table = RouteConfiguration::decode(&routes.1.by_name["outbound"].value[..]).unwrap();
+        let retries = table
+            .virtual_hosts
+            .iter()
+            .flat_map(|vh| &vh.routes)
+            .map(|r| {
+                let Some(route::Action::Route(a)) = &r.action else {
+                    unreachable!()
+                };
+                let n = a
+                    .retry_policy
+                    .as_ref()
+                    .and_then(|p| p.num_retries)
+                    .map(|n| n.value);
+                (r.name.clone(), n)
+            })
+            .collect();
+        let outliers = clusters
+            .1
+            .by_name
+            .iter()
+            .map(|(name, any)| {
+                let c = Cluster::decode(&any.value[..]).unwrap();
+                let enforced = c.outlier_detection.as_ref().map(|o| {
+                    o.enforcing_consecutive_5xx.map_or(100, |e| e.value)
+                        * o.consecutive_5xx.map_or(5, |v| v.value).min(1)
+                });
+                (name.clone(), enforced)
+            })
+            .collect();
+        (retries, outliers)
+    }
+
+    #[test]
+    fn without_a_word_every_route_retries_and_every_cluster_ejects() {
+        let (retries, outliers) =
+            resilience("services:\n  - name: a\n    routes:\n      - match: {prefix: /x}\n");
+        assert!(retries.iter().all(|(_, n)| *n == Some(2)), "{retries:?}");
+        assert_eq!(outliers, vec![("a.default".into(), Some(100))]);
+    }
+
+    #[test]
+    fn the_mesh_defaults_and_a_service_can_turn_them_off() {
+        let (retries, outliers) = resilience(
+            "defaults:\n  retry: {attempts: 1}\nservices:\n  - name: a\n  - name: b\n    policy:\n      retry: {attempts: 0}\n      outlier: {enabled: false}\n",
+        );
+        assert_eq!(
+            retries,
+            vec![("a/default".into(), Some(1)), ("b/default".into(), Some(0))]
+        );
+        assert_eq!(
+            outliers,
+            vec![
+                ("a.default".into(), Some(100)),
+                ("b.default".into(), Some(0))
+            ],
+            "off is sent as nothing enforced"
+        );
     }
 }

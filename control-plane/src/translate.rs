@@ -69,6 +69,17 @@ pub struct Resources {
 
 /// The four resource sets for a mesh.
 pub fn translate(mesh: &Mesh) -> [(&'static str, Resources); 4] {
+    // Every service and route carries its whole policy, defaults included, so that every
+    // client is protected the same way whatever its own defaults are.
+    let with_defaults = Mesh {
+        services: mesh
+            .services
+            .iter()
+            .map(|(name, s)| (name.clone(), s.with_defaults(&mesh.defaults)))
+            .collect(),
+        ..mesh.clone()
+    };
+    let mesh = &with_defaults;
     let mut clusters = Resources::default();
     let mut endpoints = Resources::default();
     for service in mesh.services.values() {

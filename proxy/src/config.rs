@@ -300,6 +300,24 @@ pub struct RetryFile {
     pub status_codes: Vec<u16>,
 }
 
+/// Retries after the first attempt where a route says nothing.
+pub const DEFAULT_RETRIES: u32 = 2;
+
+impl RetryFile {
+    /// What a route without `retry` gets: `DEFAULT_RETRIES` on the default conditions.
+    pub fn default_policy() -> RetryFile {
+        RetryFile {
+            attempts: DEFAULT_RETRIES,
+            on: Vec::new(),
+            per_try_timeout: None,
+            backoff_base: None,
+            backoff_max: None,
+            non_idempotent: false,
+            status_codes: Vec::new(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetryBudgetFile {
@@ -411,6 +429,9 @@ pub struct ClusterFile {
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct OutlierFile {
+    /// `false` turns outlier detection off for this cluster; it is on by default.
+    #[serde(default)]
+    pub enabled: Option<bool>,
     #[serde(default)]
     pub consecutive_5xx: Option<u32>,
     #[serde(default)]

@@ -467,9 +467,12 @@ impl Builder<'_> {
                         .with_connections(max_connections, max_pending),
                 ),
             };
+            // On unless turned off: a cluster without a word about it still hides a sick
+            // endpoint.
             cluster.outlier = match &c.outlier {
-                None => None,
+                Some(o) if o.enabled == Some(false) => None,
                 Some(o) => Some(self.outlier(o, &format!("{field}.outlier"), &c.name)?),
+                None => Some(OutlierPolicy::default()),
             };
             clusters.insert(c.name.value.clone(), Arc::new(cluster));
         }
@@ -892,9 +895,11 @@ impl Builder<'_> {
                 .header_changes(&r.request_headers, &format!("{field}.request_headers"))?,
             response_headers: self
                 .header_changes(&r.response_headers, &format!("{field}.response_headers"))?,
+            // On unless turned off (`attempts: 0`): the defaults retry only what never reached
+            // the app or what it said it could not take, idempotent requests only.
             retry: match &r.retry {
                 Some(retry) => Some(self.retry(retry, &format!("{field}.retry"))?),
-                None => None,
+                None => Some(self.retry(&RetryFile::default_policy(), &format!("{field}.retry"))?),
             },
         })
     }

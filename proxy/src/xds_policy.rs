@@ -155,17 +155,20 @@ pub(crate) fn outlier(what: &str, o: &OutlierDetection) -> Result<OutlierFile, S
         ],
     )?;
     let text = |d: &Option<PbDuration>| d.as_ref().map(|d| sp(duration_text(d)));
+    // Envoy enforces consecutive 5xx unless told not to, and gateway failures only if told to.
+    let consecutive_5xx = enforced(&o.enforcing_consecutive_5xx, 100)
+        .then(|| o.consecutive_5xx.as_ref().map_or(5, |v| v.value));
+    let consecutive_gateway_failure =
+        enforced(&o.enforcing_consecutive_gateway_failure, 0).then(|| {
+            o.consecutive_gateway_failure
+                .as_ref()
+                .map_or(5, |v| v.value)
+        });
     Ok(OutlierFile {
-        // Envoy enforces consecutive 5xx unless told not to, and gateway failures only if told to.
-        consecutive_5xx: enforced(&o.enforcing_consecutive_5xx, 100)
-            .then(|| o.consecutive_5xx.as_ref().map_or(5, |v| v.value)),
-        consecutive_gateway_failure: enforced(&o.enforcing_consecutive_gateway_failure, 0).then(
-            || {
-                o.consecutive_gateway_failure
-                    .as_ref()
-                    .map_or(5, |v| v.value)
-            },
-        ),
+        // Nothing enforced is detection turned off, not the default.
+        enabled: Some(consecutive_5xx.is_some() || consecutive_gateway_failure.is_some()),
+        consecutive_5xx,
+        consecutive_gateway_failure,
         base_ejection: text(&o.base_ejection_time),
         max_ejection: text(&o.max_ejection_time),
         max_ejection_percent: o.max_ejection_percent.as_ref().map(|v| v.value),

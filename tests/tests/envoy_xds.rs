@@ -263,6 +263,8 @@ services:
       - match: {{prefix: /limited}}
         retry: {{attempts: 1, on: [gateway-error], status_codes: [429]}}
         rate_limit: {{requests_per_second: 1, burst: 1}}
+  - name: plain
+    endpoints: [{{address: "{v1}"}}]
 "#,
         port = outbound.port(),
         v1 = v1.addr
@@ -294,6 +296,17 @@ services:
     ] {
         assert!(dump.contains(want), "Envoy's config_dump lacks {want}");
     }
+    // `plain` says nothing about resilience: the mesh's defaults reach Envoy explicitly.
+    assert!(
+        dump.contains(
+            "\"retry_on\": \"connect-failure,refused-stream,reset,gateway-error,unavailable\""
+        ),
+        "the default retry policy is not in Envoy's config_dump"
+    );
+    assert!(
+        dump.matches("\"consecutive_5xx\": 5").count() >= 2,
+        "the default outlier detection is not in Envoy's config_dump"
+    );
     // Envoy enforces the route's limit: a burst of one, then 429.
     let client = TestClient::http1(outbound);
     let mut statuses = Vec::new();

@@ -362,11 +362,13 @@ async fn a_mesh_directory_is_one_mesh_and_errors_name_their_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_policy_in_the_mesh_changes_the_proxy_live() {
     let (up, seen) = upstreams::fail_first().await;
-    let without = format!(
+    let service = format!(
         "services:\n  - name: web\n    endpoints: [{{address: \"{}\"}}]\n",
         up.addr
     );
-    let with = format!("{without}    policy:\n      retry: {{attempts: 2, on: [gateway-error]}}\n");
+    // Retries are on by default; this mesh starts with them turned off.
+    let without = format!("{service}    policy:\n      retry: {{attempts: 0}}\n");
+    let with = format!("{service}    policy:\n      retry: {{attempts: 2, on: [gateway-error]}}\n");
     let (cp, mesh_path) = start_cp(&without).await;
     let proxy = TestProxy::start(&proxy_config(cp.xds_addr, "retrying")).await;
     let client = TestClient::http1(proxy.addr("outbound"));
@@ -387,7 +389,7 @@ async fn a_retry_policy_in_the_mesh_changes_the_proxy_live() {
     assert_eq!(
         status_of("/fail-once/before".into()).await,
         Some(503),
-        "no retry policy yet"
+        "retries turned off"
     );
 
     std::fs::write(&mesh_path, with).unwrap();
@@ -419,11 +421,14 @@ async fn outlier_and_rate_limit_policies_in_the_mesh_change_the_proxy_live() {
     let (good, _) = faults::faulty("good").await;
     let (bad, bad_faults) = faults::faulty("bad").await;
     bad_faults.fail(100, 503);
-    let base = format!(
+    let service = format!(
         "services:\n  - name: web\n    endpoints: [{{address: \"{}\"}}, {{address: \"{}\"}}]\n",
         good.addr, bad.addr
     );
-    let (cp, mesh_path) = start_cp(&base).await;
+    // Retries and outlier detection are on by default; this mesh starts with both off, sent
+    // as off, so the proxy's own defaults do not turn them back on.
+    let base = format!("{service}    policy:\n      retry: {{attempts: 0}}\n");
+    let (cp, mesh_path) = start_cp(&format!("{base}      outlier: {{enabled: false}}\n")).await;
     let proxy = TestProxy::start(&proxy_config(cp.xds_addr, "policies")).await;
     let client = TestClient::http1(proxy.addr("outbound"));
     // Concurrent, so that the balancer spreads them: one at a time, the endpoint with the
@@ -452,12 +457,11 @@ async fn outlier_and_rate_limit_policies_in_the_mesh_change_the_proxy_live() {
     .await;
     assert!(
         statuses(40).await.contains(&503),
-        "without an outlier policy, the bad endpoint keeps its share"
+        "with outlier detection off, the bad endpoint keeps its share"
     );
 
     // An outlier policy: the bad endpoint is ejected, and the client stops seeing it.
-    let with_outlier =
-        format!("{base}    policy:\n      outlier: {{consecutive_5xx: 3, base_ejection: 60s}}\n");
+    let with_outlier = format!("{base}      outlier: {{consecutive_5xx: 3, base_ejection: 60s}}\n");
     std::fs::write(&mesh_path, &with_outlier).unwrap();
     eventually(
         "the bad endpoint is ejected",
