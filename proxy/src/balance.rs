@@ -242,6 +242,11 @@ impl Endpoint {
     }
 }
 
+/// What an overloaded answer weighs when it names no wait.
+const OVERLOAD_PENALTY: Duration = Duration::from_secs(1);
+/// And at most, whatever it names: the estimate must come back within a few decays.
+const MAX_OVERLOAD_PENALTY: Duration = Duration::from_secs(10);
+
 pub struct InFlight {
     endpoint: Arc<Endpoint>,
     started: Instant,
@@ -251,6 +256,16 @@ impl InFlight {
     /// Records the time to the response head as a latency sample.
     pub fn responded(&self) {
         self.endpoint.observe(self.started.elapsed());
+    }
+
+    /// The endpoint answered that it is overloaded (429, or a `Retry-After`): load, not
+    /// failure. It is not ejected, but its latency estimate takes the wait it asked for (a
+    /// second if it named none), so power-of-two-choices steers away until that decays.
+    pub fn overloaded(&self, retry_after: Option<Duration>) {
+        let asked = retry_after
+            .unwrap_or(OVERLOAD_PENALTY)
+            .min(MAX_OVERLOAD_PENALTY);
+        self.endpoint.observe(self.started.elapsed().max(asked));
     }
 }
 
@@ -299,6 +314,16 @@ mod tests {
             .filter(|_| c.pick().unwrap().addr.port() == 1000)
             .count();
         assert_eq!(slow_picks, 0, "with two endpoints P2C always compares both");
+    }
+
+    #[test]
+    fn an_endpoint_that_says_it_is_overloaded_is_steered_around() {
+        let c = cluster(2, LbPolicy::PeakEwma);
+        c.endpoints[1].observe(Duration::from_millis(2));
+        c.endpoints[0].observe(Duration::from_millis(2));
+        c.endpoints[0].start().overloaded(None);
+        assert!((0..50).all(|_| c.pick().unwrap().addr.port() == 1001));
+        assert!(!c.endpoints[0].outlier.is_ejected(), "load is not failure");
     }
 
     #[test]

@@ -484,8 +484,10 @@ async fn attempt(
             .unwrap_or(Err(ProxyError::UpstreamTimeout { after: t })),
         None => send.await,
     };
-    // 429 is a load signal, not a failure: it never counts toward ejection.
+    // 429, or a 503 that says when to come back, is a load signal, not a failure: it never
+    // counts toward ejection (the balancer steers around it instead).
     let health = match &result {
+        Ok(resp) if overloaded(resp) => None,
         Ok(resp) if matches!(resp.status().as_u16(), 502..=504) => Some(Health::GatewayFailure),
         Ok(resp) if resp.status().is_server_error() => Some(Health::ServerError),
         Ok(_) => Some(Health::Success),
@@ -516,8 +518,19 @@ async fn attempt(
         );
     }
     let resp = result?;
-    in_flight.responded();
+    if overloaded(&resp) {
+        in_flight.overloaded(retry_after(resp.headers()));
+    } else {
+        in_flight.responded();
+    }
     Ok(resp)
+}
+
+/// An answer that says the endpoint has too much to do right now.
+fn overloaded<B>(resp: &Response<B>) -> bool {
+    resp.status() == StatusCode::TOO_MANY_REQUESTS
+        || (resp.status() == StatusCode::SERVICE_UNAVAILABLE
+            && resp.headers().contains_key(header::RETRY_AFTER))
 }
 
 /// What a retried request needs to be sent again.

@@ -72,3 +72,35 @@ async fn a_dead_endpoint_is_ejected_then_comes_back() {
     )
     .await;
 }
+
+/// An endpoint that answers 429 is loaded, not broken: it is not ejected, and the balancer
+/// sends its share elsewhere while it says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_that_says_it_is_overloaded_is_steered_around_not_ejected() {
+    let (busy, busy_faults) = outrigger_tests::faults::faulty("busy").await;
+    busy_faults.fail(100, 429);
+    let (calm, _) = outrigger_tests::faults::faulty("calm").await;
+    let vhosts = "- name: app\n  domains: [app.test]\n  routes:\n    - name: main\n      backends: [{cluster: app}]\n";
+    let clusters = format!(
+        "- name: app\n  outlier: {{consecutive_5xx: 1, consecutive_gateway_failure: 1}}\n  endpoints: [{{address: \"{}\"}}, {{address: \"{}\"}}]\n",
+        busy.addr, calm.addr
+    );
+    let proxy = TestProxy::start(&config(vhosts, &clusters)).await;
+    let client = TestClient::http1(proxy.addr("outbound"));
+    let mut told_to_wait = 0;
+    for _ in 0..100 {
+        let r = client.get("app.test", "/").await.unwrap();
+        told_to_wait += usize::from(r.status == 429);
+    }
+    let metrics = get(proxy.admin(), "/metrics").await.body;
+    let ejections = counter(
+        &metrics,
+        "outrigger_outlier_ejections_total{cluster=\"app\"} ",
+    );
+    assert_eq!(ejections, 0, "a 429 is not a failure");
+    // Without steering, peak-EWMA would favour the endpoint whose 429s come back fastest.
+    assert!(
+        told_to_wait <= 5,
+        "{told_to_wait} of 100 requests met the overloaded endpoint"
+    );
+}
