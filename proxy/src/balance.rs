@@ -38,7 +38,11 @@ pub struct Cluster {
     /// `Some`: mTLS to the endpoints, which must prove one of these identities.
     pub tls: Option<ClusterTls>,
     next: AtomicUsize,
+    /// When the cluster last looked for a due probe (`now_nanos`): at most every 50 ms.
+    probe_scan: AtomicU64,
 }
+
+const PROBE_SCAN: Duration = Duration::from_millis(50);
 
 pub struct ClusterTls {
     /// HTTP/2 over mTLS.
@@ -69,18 +73,24 @@ impl Cluster {
             outlier: None,
             tls: None,
             next: AtomicUsize::new(0),
+            probe_scan: AtomicU64::new(0),
         }
     }
 
     /// Picks an endpoint other than `avoid` when the cluster has another: a retry should
     /// not go back to the endpoint that just failed.
     pub fn pick_avoiding(&self, avoid: Option<SocketAddr>) -> Option<&Arc<Endpoint>> {
-        let first = self.pick()?;
+        // A first attempt may be a probe; a retry goes where it is likeliest to succeed.
+        let first = if avoid.is_none() {
+            self.pick()?
+        } else {
+            self.pick_healthy()?
+        };
         if avoid != Some(first.addr) || self.endpoints.len() < 2 {
             return Some(first);
         }
         match self.lb {
-            LbPolicy::RoundRobin => self.pick(),
+            LbPolicy::RoundRobin => self.pick_healthy(),
             // Power of two choices may draw the same one again; take the best of the rest.
             LbPolicy::PeakEwma => self
                 .endpoints
@@ -94,6 +104,26 @@ impl Cluster {
     /// endpoint is ejected, use any (as Envoy's panic mode does): sending somewhere beats
     /// failing for certain.
     pub fn pick(&self) -> Option<&Arc<Endpoint>> {
+        self.due_probe().or_else(|| self.pick_healthy())
+    }
+
+    /// An ejected endpoint whose probe is due, which this request then is (see `outlier.rs`).
+    fn due_probe(&self) -> Option<&Arc<Endpoint>> {
+        self.outlier.as_ref()?;
+        let (now, last) = (now_nanos(), self.probe_scan.load(Ordering::Relaxed));
+        let due = last == 0 || now.saturating_sub(last) >= PROBE_SCAN.as_nanos() as u64;
+        if !due
+            || self
+                .probe_scan
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+        {
+            return None;
+        }
+        self.endpoints.iter().find(|e| e.outlier.try_probe())
+    }
+
+    fn pick_healthy(&self) -> Option<&Arc<Endpoint>> {
         let first = self.pick_any()?;
         if self.outlier.is_none() || !first.outlier.is_ejected() {
             return Some(first);
@@ -144,7 +174,9 @@ impl Cluster {
                         b += 1;
                     }
                     let (ea, eb) = (&self.endpoints[a], &self.endpoints[b]);
-                    Some(if ea.cost() <= eb.cost() { ea } else { eb })
+                    // An endpoint ramping up after an ejection looks dearer until it has.
+                    let cost = |e: &Endpoint| e.cost() / e.outlier.slow_start_weight();
+                    Some(if cost(ea) <= cost(eb) { ea } else { eb })
                 }
             },
         }

@@ -7,6 +7,13 @@
 //! endpoint is on probation: its next result decides. A success clears its record; a failure
 //! ejects it again, for longer.
 //!
+//! While it is out, an ejected endpoint is probed with one real request at a time: the
+//! first 250 ms after the ejection, then backing off to one a second while it keeps failing
+//! (a probe that fails is retried elsewhere like any attempt). The first probe that succeeds
+//! brings it back at once, not when its timer ends, and it ramps up over `SLOW_START` so that
+//! a process that just restarted is not flooded. The timer still ends an ejection for a
+//! cluster with too little traffic to probe.
+//!
 //! The clock is tokio's, so ejection timing is tested on a paused clock. State is atomics on
 //! the endpoint; two racing failures may both count, which only makes an ejection a request
 //! sooner.
@@ -63,6 +70,24 @@ pub struct OutlierState {
     ejected_until: AtomicU64,
     /// Ejected before and now back: the next result decides.
     probation: AtomicBool,
+    /// While ejected: when the next probe may go, in `now_nanos` time.
+    next_probe: AtomicU64,
+    /// Probes failed in a row in this ejection, for their backoff.
+    probe_failures: AtomicU32,
+    /// When it last came back, for slow start (0: not ramping).
+    readmitted_at: AtomicU64,
+}
+
+/// The first probe after an ejection, and the backoff's cap: about one a second per endpoint.
+const FIRST_PROBE: Duration = Duration::from_millis(250);
+const PROBE_CAP: Duration = Duration::from_secs(1);
+/// How long a returning endpoint takes to reach its full share.
+pub const SLOW_START: Duration = Duration::from_secs(3);
+/// Its share when it comes back.
+const SLOW_START_FLOOR: f64 = 0.1;
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 impl OutlierState {
@@ -89,9 +114,67 @@ impl OutlierState {
         self.ejections.load(Ordering::Relaxed)
     }
 
+    /// Whether this request may be the ejected endpoint's probe: true for one caller once the
+    /// probe is due, which also sets when the next one may go.
+    pub fn try_probe(&self) -> bool {
+        let due = self.next_probe.load(Ordering::Relaxed);
+        let now = now_nanos();
+        if due == 0 || now < due || !self.is_ejected() {
+            return false;
+        }
+        // Set as if this probe will fail too; a success ends the ejection anyway.
+        let failures = self.probe_failures.load(Ordering::Relaxed) + 1;
+        let wait = FIRST_PROBE
+            .saturating_mul(1 << failures.min(8))
+            .min(PROBE_CAP);
+        self.next_probe
+            .compare_exchange(
+                due,
+                now.saturating_add(nanos(wait)),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+    }
+
+    /// Its share of traffic while it ramps up after coming back: from a tenth to all of it
+    /// over `SLOW_START`.
+    pub fn slow_start_weight(&self) -> f64 {
+        let at = self.readmitted_at.load(Ordering::Relaxed);
+        if at == 0 {
+            return 1.0;
+        }
+        let ramp = now_nanos().saturating_sub(at) as f64 / SLOW_START.as_nanos() as f64;
+        if ramp >= 1.0 {
+            self.readmitted_at.store(0, Ordering::Relaxed);
+            return 1.0;
+        }
+        SLOW_START_FLOOR + (1.0 - SLOW_START_FLOOR) * ramp
+    }
+
+    /// A probe (a request while ejected) came back healthy: back in now, ramping up, with the
+    /// ejection count kept so that a relapse is ejected for longer.
+    fn readmit(&self) {
+        self.ejected_until.store(0, Ordering::Relaxed);
+        self.next_probe.store(0, Ordering::Relaxed);
+        self.probe_failures.store(0, Ordering::Relaxed);
+        self.probation.store(true, Ordering::Relaxed);
+        self.readmitted_at.store(now_nanos(), Ordering::Relaxed);
+    }
+
     /// Records an attempt's result. `may_eject` says whether the cluster can afford one more
     /// ejection. Returns true when this result ejected the endpoint.
     pub fn observe(&self, policy: &OutlierPolicy, health: Health, may_eject: bool) -> bool {
+        if self.is_ejected() {
+            // Only a probe reaches an ejected endpoint (or a request begun before it was out).
+            match health {
+                Health::Success => self.readmit(),
+                _ => {
+                    self.probe_failures.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            return false;
+        }
         let tripped = match health {
             Health::Success => {
                 self.consecutive_5xx.store(0, Ordering::Relaxed);
@@ -124,10 +207,13 @@ impl OutlierState {
             .base_ejection
             .saturating_mul(count)
             .min(policy.max_ejection);
-        self.ejected_until.store(
-            now_nanos().saturating_add(u64::try_from(length.as_nanos()).unwrap_or(u64::MAX)),
-            Ordering::Relaxed,
-        );
+        let now = now_nanos();
+        self.ejected_until
+            .store(now.saturating_add(nanos(length)), Ordering::Relaxed);
+        self.next_probe
+            .store(now.saturating_add(nanos(FIRST_PROBE)), Ordering::Relaxed);
+        self.probe_failures.store(0, Ordering::Relaxed);
+        self.readmitted_at.store(0, Ordering::Relaxed);
         self.probation.store(false, Ordering::Relaxed);
         self.consecutive_5xx.store(0, Ordering::Relaxed);
         self.consecutive_gateway.store(0, Ordering::Relaxed);
@@ -202,6 +288,56 @@ mod tests {
         // Off probation, one failure is just one failure again.
         assert!(!e.observe(&p, Health::GatewayFailure, true));
         assert!(!e.is_ejected());
+    }
+
+    fn ejected(p: &OutlierPolicy) -> OutlierState {
+        let e = OutlierState::default();
+        for _ in 0..3 {
+            e.observe(p, Health::GatewayFailure, true);
+        }
+        assert!(e.is_ejected());
+        e
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_ejected_endpoint_is_probed_with_backoff_to_one_a_second() {
+        let p = policy();
+        let e = ejected(&p);
+        assert!(!e.try_probe(), "not at once");
+        let mut gaps = Vec::new();
+        let mut since = Duration::ZERO;
+        let step = Duration::from_millis(50);
+        while gaps.len() < 6 {
+            tokio::time::advance(step).await;
+            since += step;
+            if e.try_probe() {
+                assert!(!e.try_probe(), "one probe at a time");
+                gaps.push(since.as_millis());
+                since = Duration::ZERO;
+                e.observe(&p, Health::GatewayFailure, true);
+            }
+        }
+        assert_eq!(gaps, [250, 500, 1000, 1000, 1000, 1000]);
+        assert!(e.is_ejected(), "failed probes keep it out");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_successful_probe_brings_it_back_at_once_ramping_up() {
+        let p = policy();
+        let e = ejected(&p);
+        tokio::time::advance(Duration::from_millis(250)).await;
+        assert!(e.try_probe());
+        e.observe(&p, Health::Success, true);
+        assert!(!e.is_ejected(), "back long before its 30 s timer");
+        assert!((e.slow_start_weight() - 0.1).abs() < 1e-6);
+        tokio::time::advance(SLOW_START / 2).await;
+        assert!((e.slow_start_weight() - 0.55).abs() < 1e-6);
+        tokio::time::advance(SLOW_START / 2).await;
+        assert_eq!(e.slow_start_weight(), 1.0);
+        // Back on probation: a relapse is ejected for longer (30 s × 2).
+        assert!(e.observe(&p, Health::GatewayFailure, true));
+        tokio::time::advance(Duration::from_secs(59)).await;
+        assert!(e.is_ejected());
     }
 
     #[test]
