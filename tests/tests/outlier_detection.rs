@@ -104,3 +104,101 @@ async fn an_endpoint_that_says_it_is_overloaded_is_steered_around_not_ejected() 
         "{told_to_wait} of 100 requests met the overloaded endpoint"
     );
 }
+
+/// With the defaults alone (no outlier or retry settings): a killed endpoint is hidden and
+/// ejected, and once it is back it serves again within about a second, not when a 30 s
+/// ejection timer ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_endpoint_is_back_within_a_second_by_default() {
+    let a = upstreams::http("a").await;
+    let b = upstreams::http("b").await;
+    let b_addr = b.addr;
+    let vhosts = "- name: app\n  domains: [app.test]\n  routes:\n    - name: main\n      backends: [{cluster: app}]\n";
+    let clusters = format!(
+        "- name: app\n  endpoints: [{{address: \"{}\"}}, {{address: \"{b_addr}\"}}]\n",
+        a.addr
+    );
+    let proxy = TestProxy::start(&config(vhosts, &clusters)).await;
+    let client = TestClient::http1(proxy.addr("outbound"));
+    // Eight at a time, so that the balancer spreads them rather than keep to the fastest.
+    let burst = || {
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let client = client.clone();
+                async move { client.get("app.test", "/").await }
+            })
+            .collect();
+        futures_util::future::join_all(calls)
+    };
+    drop(b);
+    for _ in 0..25 {
+        for r in burst().await {
+            let r = r.unwrap();
+            assert_eq!(
+                r.status, 200,
+                "the default retries hide the dead endpoint: {r:?}"
+            );
+        }
+    }
+    let metrics = get(proxy.admin(), "/metrics").await.body;
+    let ejections = counter(
+        &metrics,
+        "outrigger_outlier_ejections_total{cluster=\"app\"} ",
+    );
+    let _b = upstreams::http_at("b", b_addr).await;
+    let back = std::time::Instant::now();
+    eventually("b serves again", Duration::from_secs(3), || async {
+        burst()
+            .await
+            .into_iter()
+            .any(|r| r.is_ok_and(|r| r.body == "b"))
+            .then_some(())
+    })
+    .await;
+    eprintln!(
+        "{ejections} ejection(s); b served again {:?} after it was back",
+        back.elapsed()
+    );
+}
+
+/// An endpoint that stays broken is probed at no more than about one request a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_still_broken_endpoint_stays_out_at_the_probe_rate() {
+    let a = upstreams::http("a").await;
+    let (broken, faults) = outrigger_tests::faults::faulty("broken").await;
+    faults.fail(100, 503);
+    let vhosts = "- name: app\n  domains: [app.test]\n  routes:\n    - name: main\n      backends: [{cluster: app}]\n";
+    let clusters = format!(
+        "- name: app\n  endpoints: [{{address: \"{}\"}}, {{address: \"{}\"}}]\n",
+        a.addr, broken.addr
+    );
+    let proxy = TestProxy::start(&config(vhosts, &clusters)).await;
+    let client = TestClient::http1(proxy.addr("outbound"));
+    // Until it is ejected (five 503s in a row).
+    eventually(
+        "the broken endpoint is ejected",
+        Duration::from_secs(5),
+        || async {
+            let _ = client.get("app.test", "/").await;
+            let metrics = get(proxy.admin(), "/metrics").await.body;
+            (counter(
+                &metrics,
+                "outrigger_outlier_ejections_total{cluster=\"app\"} ",
+            ) >= 1)
+                .then_some(())
+        },
+    )
+    .await;
+    let before = faults.requests();
+    let started = std::time::Instant::now();
+    let mut sent = 0;
+    while started.elapsed() < Duration::from_secs(3) {
+        let r = client.get("app.test", "/").await.unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+        sent += 1;
+    }
+    let probes = faults.requests() - before;
+    eprintln!("{sent} requests in 3 s; the broken endpoint saw {probes}");
+    // 250 ms, 500 ms, then one a second: about 4 in 3 s.
+    assert!((2..=6).contains(&probes), "{probes} probes in 3 s");
+}
