@@ -203,16 +203,7 @@ pub fn check_retry(source: &str, r: &RetryFile, field: &str) -> Result<Retry, Co
         on.push(cond.value.clone());
     }
     if on.is_empty() {
-        // The conditions under which a retry is safe whatever the app does.
-        on = [
-            "connect-failure",
-            "refused-stream",
-            "reset",
-            "gateway-error",
-            "unavailable",
-        ]
-        .map(String::from)
-        .to_vec();
+        on = DEFAULT_RETRY_ON.map(String::from).to_vec();
     }
     if let Some((i, code)) = r
         .status_codes
@@ -243,6 +234,16 @@ pub fn check_retry(source: &str, r: &RetryFile, field: &str) -> Result<Retry, Co
     })
 }
 
+/// The conditions under which a retry is safe whatever the app does: the request never
+/// reached it, or it said it could not take it.
+pub const DEFAULT_RETRY_ON: [&str; 5] = [
+    "connect-failure",
+    "refused-stream",
+    "reset",
+    "gateway-error",
+    "unavailable",
+];
+
 /// What applies where a service or route says nothing, before the mesh file's `defaults:`:
 /// 2 retries on the conditions that are safe whatever the app does, and ejection after 5
 /// consecutive 5xx or gateway failures. Sent explicitly in xDS, so Envoy and gRPC clients get
@@ -251,15 +252,7 @@ pub fn builtin_defaults() -> Policy {
     Policy {
         retry: Some(Retry {
             retries: 2,
-            on: [
-                "connect-failure",
-                "refused-stream",
-                "reset",
-                "gateway-error",
-                "unavailable",
-            ]
-            .map(String::from)
-            .to_vec(),
+            on: DEFAULT_RETRY_ON.map(String::from).to_vec(),
             per_try_timeout: None,
             backoff_base: Duration::from_millis(25),
             backoff_max: Duration::from_millis(250),
