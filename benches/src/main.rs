@@ -411,6 +411,7 @@ pub(crate) fn write_json(out_dir: &Path, name: &str, doc: &serde_json::Value) {
     println!("wrote {}", path.display());
 }
 
+mod chaos;
 mod hostile;
 mod mesh_hop;
 mod resilience;
@@ -425,6 +426,7 @@ fn main() {
         Some("mesh-hop") => return mesh_hop::run(&raw[1..]),
         Some("tracing") => return tracing_cost::run(&raw[1..]),
         Some("hostile") => return hostile::run(&raw[1..]),
+        Some("chaos") => return chaos::run(&raw[1..]),
         _ => {}
     }
     let args = run_args(&raw);
