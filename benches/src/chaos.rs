@@ -27,6 +27,7 @@ use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::sync::watch;
 
+use crate::resilience::{envoy_endpoints_config, outrigger_endpoints_config};
 use crate::{
     RunArgs, Target, fixed_rate, free_port, run_args, run_h2load, spawn_envoy, spawn_outrigger,
     wait_for_port, write_json,
@@ -149,76 +150,22 @@ impl Endpoint {
     }
 }
 
+/// Nothing but the endpoints: the defaults are what is measured.
 fn outrigger_config(addr: SocketAddr, admin: SocketAddr, endpoints: &[SocketAddr]) -> String {
-    let list: Vec<String> = endpoints
-        .iter()
-        .map(|e| format!("{{address: \"{e}\"}}"))
-        .collect();
-    // Nothing but the endpoints: the defaults are what is measured.
-    format!(
-        "admin:\n  address: {admin}\nworkers: 1\nlisteners:\n  - name: bench\n    address: {addr}\n    direction: outbound\n    virtual_hosts:\n      - name: all\n        domains: [\"*\"]\n        routes:\n          - backends: [{{cluster: upstream}}]\nclusters:\n  - name: upstream\n    endpoints: [{}]\n",
-        list.join(", ")
-    )
+    outrigger_endpoints_config(addr, admin, endpoints, "", "")
 }
 
 /// Envoy as Istio's sidecar would be set up: 2 retries on connect-failure, refused-stream,
 /// unavailable, cancelled and 503, to other hosts; ejection after 5 consecutive 5xx;
 /// least-request.
 fn envoy_config(addr: SocketAddr, admin: SocketAddr, endpoints: &[SocketAddr]) -> String {
-    let lb_endpoints: String = endpoints
-        .iter()
-        .map(|e| {
-            format!(
-                "              - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {}}}}}}}\n",
-                e.port()
-            )
-        })
-        .collect();
-    format!(
-        r#"admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
-static_resources:
-  listeners:
-    - name: bench
-      address: {{socket_address: {{address: 127.0.0.1, port_value: {port}}}}}
-      filter_chains:
-        - filters:
-            - name: envoy.filters.network.http_connection_manager
-              typed_config:
-                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-                stat_prefix: bench
-                codec_type: AUTO
-                route_config:
-                  virtual_hosts:
-                    - name: all
-                      domains: ["*"]
-                      routes:
-                        - match: {{prefix: "/"}}
-                          route:
-                            cluster: upstream
-                            retry_policy:
-                              retry_on: connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes
-                              retriable_status_codes: [503]
-                              num_retries: 2
-                              retry_host_predicate: [{{name: envoy.retry_host_predicates.previous_hosts, typed_config: {{"@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}}}}]
-                              host_selection_retry_max_attempts: 5
-                http_filters:
-                  - name: envoy.filters.http.router
-                    typed_config:
-                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
-  clusters:
-    - name: upstream
-      type: STATIC
-      lb_policy: LEAST_REQUEST
-      connect_timeout: 1s
-      outlier_detection: {{consecutive_5xx: 5}}
-      load_assignment:
-        cluster_name: upstream
-        endpoints:
-          - lb_endpoints:
-{lb_endpoints}"#,
-        admin_port = admin.port(),
-        port = addr.port(),
+    envoy_endpoints_config(
+        addr,
+        admin,
+        endpoints,
+        "retry_on: connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes\n                              retriable_status_codes: [503]\n                              num_retries: 2\n                              host_selection_retry_max_attempts: 5",
+        "LEAST_REQUEST",
+        "{consecutive_5xx: 5}",
     )
 }
 
@@ -230,6 +177,14 @@ pub fn run(raw: &[String]) {
     let mut args = run_args(raw);
     if !raw.iter().any(|a| a == "--duration") {
         args.duration = 20;
+    }
+    // The faults must end inside the run: a quarter in, plus 10 s.
+    if args.duration < 16 {
+        eprintln!(
+            "--duration {} is too short for the faults; using 16",
+            args.duration
+        );
+        args.duration = 16;
     }
     let dir = args.scratch("chaos");
     let RunArgs {

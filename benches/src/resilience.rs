@@ -19,17 +19,56 @@ use crate::{
 };
 
 fn outrigger_config(addr: SocketAddr, admin: SocketAddr, endpoints: &[SocketAddr]) -> String {
+    outrigger_endpoints_config(
+        addr,
+        admin,
+        endpoints,
+        "retry: {attempts: 2, on: [gateway-error], backoff_base: 25ms, backoff_max: 250ms}\n            ",
+        "lb: round_robin\n    outlier: {consecutive_5xx: 5, base_ejection: 30s, max_ejection_percent: 50}\n    ",
+    )
+}
+
+/// One listener routing everything to a cluster of `endpoints`, with `route` and `cluster`
+/// lines (each ending in the indentation of the next key) for the policies under test.
+pub(crate) fn outrigger_endpoints_config(
+    addr: SocketAddr,
+    admin: SocketAddr,
+    endpoints: &[SocketAddr],
+    route: &str,
+    cluster: &str,
+) -> String {
     let list: Vec<String> = endpoints
         .iter()
         .map(|e| format!("{{address: \"{e}\"}}"))
         .collect();
     format!(
-        "admin:\n  address: {admin}\nworkers: 1\nlisteners:\n  - name: bench\n    address: {addr}\n    direction: outbound\n    virtual_hosts:\n      - name: all\n        domains: [\"*\"]\n        routes:\n          - retry: {{attempts: 2, on: [gateway-error], backoff_base: 25ms, backoff_max: 250ms}}\n            backends: [{{cluster: upstream}}]\nclusters:\n  - name: upstream\n    lb: round_robin\n    outlier: {{consecutive_5xx: 5, base_ejection: 30s, max_ejection_percent: 50}}\n    endpoints: [{}]\n",
+        "admin:\n  address: {admin}\nworkers: 1\nlisteners:\n  - name: bench\n    address: {addr}\n    direction: outbound\n    virtual_hosts:\n      - name: all\n        domains: [\"*\"]\n        routes:\n          - {route}backends: [{{cluster: upstream}}]\nclusters:\n  - name: upstream\n    {cluster}endpoints: [{}]\n",
         list.join(", ")
     )
 }
 
 fn envoy_config(addr: SocketAddr, admin: SocketAddr, endpoints: &[SocketAddr]) -> String {
+    envoy_endpoints_config(
+        addr,
+        admin,
+        endpoints,
+        "retry_on: gateway-error\n                              num_retries: 2\n                              retry_back_off: {base_interval: 0.025s, max_interval: 0.25s}\n                              host_selection_retry_max_attempts: 3",
+        "ROUND_ROBIN",
+        "{consecutive_5xx: 5, base_ejection_time: 30s, max_ejection_percent: 50}",
+    )
+}
+
+/// Envoy with one listener routing everything to a static cluster of `endpoints`: `retry`
+/// is the route's retry policy fields (previous-hosts is always added), `lb` the cluster's
+/// `lb_policy`, `outlier` its `outlier_detection`.
+pub(crate) fn envoy_endpoints_config(
+    addr: SocketAddr,
+    admin: SocketAddr,
+    endpoints: &[SocketAddr],
+    retry: &str,
+    lb: &str,
+    outlier: &str,
+) -> String {
     let lb_endpoints: String = endpoints
         .iter()
         .map(|e| {
@@ -62,11 +101,8 @@ static_resources:
                           route:
                             cluster: upstream
                             retry_policy:
-                              retry_on: gateway-error
-                              num_retries: 2
-                              retry_back_off: {{base_interval: 0.025s, max_interval: 0.25s}}
+                              {retry}
                               retry_host_predicate: [{{name: envoy.retry_host_predicates.previous_hosts, typed_config: {{"@type": type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate}}}}]
-                              host_selection_retry_max_attempts: 3
                 http_filters:
                   - name: envoy.filters.http.router
                     typed_config:
@@ -74,9 +110,9 @@ static_resources:
   clusters:
     - name: upstream
       type: STATIC
-      lb_policy: ROUND_ROBIN
+      lb_policy: {lb}
       connect_timeout: 1s
-      outlier_detection: {{consecutive_5xx: 5, base_ejection_time: 30s, max_ejection_percent: 50}}
+      outlier_detection: {outlier}
       load_assignment:
         cluster_name: upstream
         endpoints:
