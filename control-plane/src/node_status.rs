@@ -44,6 +44,8 @@ pub struct NodeRegistry {
     pub push_ack: prometheus_client::metrics::histogram::Histogram,
     /// Per-node views of a snapshot built (one per stream per snapshot, not per request).
     pub views_built: prometheus_client::metrics::counter::Counter,
+    /// When gone nodes were last swept out.
+    swept_at: Mutex<Option<std::time::Instant>>,
 }
 
 impl Default for NodeRegistry {
@@ -52,6 +54,7 @@ impl Default for NodeRegistry {
             nodes: Mutex::default(),
             pushes: Default::default(),
             views_built: Default::default(),
+            swept_at: Mutex::default(),
             // 1 ms … ~16 s.
             push_ack: prometheus_client::metrics::histogram::Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 15),
@@ -135,8 +138,15 @@ impl NodeRegistry {
                 n.gone_since = Some(std::time::Instant::now());
             }
         }
-        // Forgetting is done here, where nodes leave, so the registry never grows with churn.
+        // Forgetting is done here, where nodes leave, so the registry never grows with churn;
+        // at most every tenth of the grace, so that a wave of disconnects is not a wave of
+        // full sweeps.
         let now = std::time::Instant::now();
+        let mut swept = self.swept_at.lock().unwrap_or_else(|p| p.into_inner());
+        if swept.is_some_and(|t| now - t < xds_limits::NODE_GRACE / 10) {
+            return;
+        }
+        *swept = Some(now);
         nodes.retain(|_, n| {
             n.streams > 0
                 || n.gone_since

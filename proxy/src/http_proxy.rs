@@ -269,7 +269,6 @@ async fn forward<'a>(
         .get::<Peer>()
         .and_then(|p| p.identity.clone());
     let fallback_host = req.extensions().get::<Peer>().and_then(|p| p.virtual_host);
-    let drain = req.extensions().get::<Peer>().and_then(|p| p.drain.clone());
     if let Some(authz) = &listener.authorization
         && !authz.allows(peer.as_deref())
     {
@@ -344,6 +343,10 @@ async fn forward<'a>(
 
     let upgrade = route.websocket && is_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    // Only a tunnel outlives its request and needs its own hold on the drain.
+    let drain = upgrade
+        .then(|| req.extensions().get::<Peer>().and_then(|p| p.drain.clone()))
+        .flatten();
     let retry = route.retry.as_ref().filter(|p| p.retries > 0 && !upgrade);
     let call = Call {
         ctx,

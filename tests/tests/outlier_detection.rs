@@ -174,12 +174,14 @@ async fn a_still_broken_endpoint_stays_out_at_the_probe_rate() {
     );
     let proxy = TestProxy::start(&config(vhosts, &clusters)).await;
     let client = TestClient::http1(proxy.addr("outbound"));
-    // Until it is ejected (five 503s in a row).
+    // Until it is ejected (five 503s in a row). Eight at a time, so that the balancer sends
+    // it some: one at a time, the healthy endpoint's record could win every draw.
     eventually(
         "the broken endpoint is ejected",
         Duration::from_secs(5),
         || async {
-            let _ = client.get("app.test", "/").await;
+            let calls: Vec<_> = (0..8).map(|_| client.get("app.test", "/")).collect();
+            futures_util::future::join_all(calls).await;
             let metrics = get(proxy.admin(), "/metrics").await.body;
             (counter(
                 &metrics,
