@@ -224,7 +224,7 @@ pub fn run(args: &[String]) {
         wait_for_port(addr);
     }
     let (admin_cap, grpc_cap) = (
-        outrigger_proxy::bounded_server::Limits::ADMIN.max_connections,
+        outrigger_core::bounded_server::Limits::ADMIN.max_connections,
         outrigger_control_plane::grpc_limits::MAX_CONNECTIONS,
     );
     const HTTP: &[Kind] = &[Kind::Silent, Kind::SlowHeaders];

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use outrigger_control_plane::ca::{Ca, DEFAULT_LIFETIME};
-use outrigger_proxy::spiffe::SpiffeId;
+use outrigger_core::spiffe::SpiffeId;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::json;
@@ -135,11 +135,11 @@ fn handshake_rate(addr: SocketAddr, client: &Path, for_how_long: Duration) -> f6
     // The bench trusts the server by chain only: its SPIFFE ID is not what is measured.
     let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
         Arc::new(roots),
-        outrigger_proxy::identity::provider(),
+        outrigger_core::tls::provider(),
     )
     .build()
     .unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(outrigger_proxy::identity::provider())
+    let config = rustls::ClientConfig::builder_with_provider(outrigger_core::tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .dangerous()

@@ -16,7 +16,7 @@ use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, Response, StatusCode};
-use outrigger_proxy::bounded_server;
+use outrigger_core::bounded_server;
 
 use rustls::ServerConfig;
 use serde_json::{Value, json};
@@ -75,7 +75,7 @@ pub fn tls_config(ca: &Ca, dns_names: &[String]) -> Result<Arc<ServerConfig>, St
         .issue_server(dns_names, Duration::from_secs(365 * 24 * 3600))
         .map_err(|e| e.to_string())?;
     let (chain, key) = crate::ca::rustls_pair(&chain, &key)?;
-    let mut config = ServerConfig::builder_with_provider(outrigger_proxy::identity::provider())
+    let mut config = ServerConfig::builder_with_provider(outrigger_core::tls::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_no_client_auth()

@@ -26,7 +26,7 @@ use crate::secure_xds::Caller;
 use crate::snapshot::{Publisher, Snapshot};
 use crate::translate::PUSH_ORDER;
 use crate::xds_limits;
-use outrigger_proxy::spiffe::SpiffeId;
+use outrigger_core::spiffe::SpiffeId;
 
 pub struct Ads {
     pub publisher: Arc<Publisher>,

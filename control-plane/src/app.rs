@@ -17,8 +17,8 @@ use bytes::Bytes;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use http::{Response, StatusCode};
 use http_body_util::Full;
-use outrigger_proxy::bounded_server::{self, Gate, Limits};
-use outrigger_proxy::config_error::ConfigError;
+use outrigger_core::bounded_server::{self, Gate, Limits};
+use outrigger_core::config_error::ConfigError;
 use serde_json::json;
 use tokio::net::TcpListener;
 

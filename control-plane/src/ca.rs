@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use outrigger_proxy::spiffe::SpiffeId;
+use outrigger_core::spiffe::SpiffeId;
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
     ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PKCS_ECDSA_P256_SHA256,
@@ -333,7 +333,7 @@ mod tests {
             &roots,
             &chain[1..],
             rustls_pki_types::UnixTime::now(),
-            outrigger_proxy::identity::provider()
+            outrigger_core::tls::provider()
                 .signature_verification_algorithms
                 .all,
         )

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
-use outrigger_proxy::spiffe::SpiffeId;
+use outrigger_core::spiffe::SpiffeId;
 use serde_json::Value;
 
 use crate::kube_api::KubeApi;

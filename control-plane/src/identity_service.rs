@@ -11,7 +11,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use outrigger_proxy::identity_api::{SIGN_PATH, SignRequest, SignResponse};
+use outrigger_core::sign_api::{SIGN_PATH, SignRequest, SignResponse};
 use time::OffsetDateTime;
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, Service, StdError};
@@ -22,7 +22,7 @@ use crate::ca::{Ca, CaError};
 use crate::mesh::TokenError;
 use crate::snapshot::Publisher;
 use crate::token_review::TokenReviewer;
-use outrigger_proxy::spiffe::SpiffeId;
+use outrigger_core::spiffe::SpiffeId;
 
 /// The longest certificate the CA will sign, whatever a caller asks for.
 const MAX_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);

@@ -365,7 +365,7 @@ impl Injector {
         }
         if let Some(cidrs) = annotation(meta, ANNOTATION_SKIP_OUTBOUND_CIDRS) {
             for cidr in cidrs.split(',').map(str::trim).filter(|c| !c.is_empty()) {
-                cidr.parse::<outrigger_proxy::intercept::Cidr>()
+                cidr.parse::<outrigger_core::cidr::Cidr>()
                     .map_err(|message| InjectError::Annotation {
                         annotation: ANNOTATION_SKIP_OUTBOUND_CIDRS.into(),
                         message,

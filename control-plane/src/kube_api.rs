@@ -39,7 +39,7 @@ impl KubeApi {
                 .add(cert.map_err(|e| format!("API server CA: {e}"))?)
                 .map_err(|e| format!("API server CA: {e}"))?;
         }
-        let tls = ClientConfig::builder_with_provider(outrigger_proxy::identity::provider())
+        let tls = ClientConfig::builder_with_provider(outrigger_core::tls::provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .with_root_certificates(roots)

@@ -7,7 +7,6 @@ pub mod ads_delta;
 pub mod app;
 pub mod ca;
 pub mod cluster_source;
-pub mod demo;
 pub mod grpc_limits;
 pub mod identity_service;
 pub mod inject;

@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use outrigger_control_plane::ca::Ca;
 use outrigger_control_plane::inject::Injector;
 use outrigger_control_plane::{app, mesh::Mesh};
-use outrigger_proxy::spiffe::SpiffeId;
+use outrigger_core::spiffe::SpiffeId;
 
 #[derive(Parser)]
 #[command(
@@ -105,12 +105,6 @@ enum Command {
     },
     /// Validate a mesh file and exit: 0 if valid, 1 with the error otherwise.
     Check { mesh: PathBuf },
-    /// Run the whole mesh locally: control plane, a sidecar, two upstreams, traffic, and a
-    /// live mesh-file change.
-    Demo {
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
-        duration: std::time::Duration,
-    },
 }
 
 /// What the injected sidecar runs and where it finds the control plane.
@@ -193,18 +187,13 @@ fn inject(filename: &Path, injector: &Injector) -> ExitCode {
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    outrigger_proxy::runtime_config::parse_duration(s)
+    outrigger_core::duration::parse_duration(s)
         .ok_or_else(|| format!("`{s}` is not a duration such as 10s"))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // The demo prints its own summary; only problems should interrupt it.
-    let level = if matches!(cli.command, Command::Demo { .. }) {
-        "warn"
-    } else {
-        "info"
-    };
+    let level = "info";
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     tracing_subscriber::fmt()
@@ -212,16 +201,6 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Command::Demo { duration } => {
-            let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-            match rt.block_on(outrigger_control_plane::demo::run(duration)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("demo failed: {e}");
-                    ExitCode::FAILURE
-                }
-            }
-        }
         Command::Inject { filename, sidecar } => match sidecar.injector() {
             Ok(injector) => inject(&filename, &injector),
             Err(e) => {
@@ -232,7 +211,7 @@ fn main() -> ExitCode {
         Command::Check { mesh } => {
             let source = mesh.display().to_string();
             let result = std::fs::read_to_string(&mesh)
-                .map_err(|e| outrigger_proxy::config_error::ConfigError::io(&source, &e))
+                .map_err(|e| outrigger_core::config_error::ConfigError::io(&source, &e))
                 .and_then(|t| Mesh::parse(&source, &t));
             match result {
                 Ok(m) => {

@@ -8,12 +8,12 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use outrigger_proxy::config_error::ConfigError;
-use outrigger_proxy::runtime_config::parse_duration;
+use outrigger_core::config_error::ConfigError;
+use outrigger_core::duration::parse_duration;
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
-use outrigger_proxy::spiffe::SpiffeId;
+use outrigger_core::spiffe::SpiffeId;
 use time::OffsetDateTime;
 
 use crate::policy::{self, Policy, PolicyFile, RateLimit, RateLimitFile, Retry, RetryFile};

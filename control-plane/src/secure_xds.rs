@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use outrigger_proxy::spiffe::SpiffeId;
+use outrigger_core::spiffe::SpiffeId;
 use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::CertificateDer;
@@ -49,7 +49,7 @@ pub fn server_config(ca: &Ca) -> Result<Arc<ServerConfig>, String> {
             .add(root.map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())?;
     }
-    let provider = outrigger_proxy::identity::provider();
+    let provider = outrigger_core::tls::provider();
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
         .build()

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 
 use crate::mesh::Mesh;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
-use outrigger_proxy::spiffe::SpiffeId;
+use outrigger_core::spiffe::SpiffeId;
 use prost::Message;
 
 use crate::translate::{

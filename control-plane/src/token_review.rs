@@ -7,9 +7,9 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use outrigger_proxy::rate_limit::RateLimiter;
+use outrigger_core::token_bucket::RateLimiter;
 
-use outrigger_proxy::spiffe::SpiffeId;
+use outrigger_core::spiffe::SpiffeId;
 use serde_json::{Value, json};
 
 use crate::kube_api::KubeApi;

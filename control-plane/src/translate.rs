@@ -189,7 +189,7 @@ fn cluster_for(service: &Service) -> Cluster {
         ..Default::default()
     };
     if service.mtls {
-        c.transport_socket = Some(outrigger_proxy::xds_tls::upstream_mtls(&[service
+        c.transport_socket = Some(outrigger_core::xds_tls::upstream_mtls(&[service
             .identity
             .to_string()]));
     }

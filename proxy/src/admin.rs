@@ -10,10 +10,10 @@ use hyper::body::Incoming;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::bounded_server::{self, Gate};
 use crate::config_store::ConfigStore;
 use crate::metrics::Metrics;
 use crate::runtime_config::RuntimeConfig;
+use outrigger_core::bounded_server::{self, Gate};
 
 pub struct AdminState {
     pub store: Arc<ConfigStore>,

@@ -46,13 +46,13 @@ async fn keep_identity_fresh(current: Arc<arc_swap::ArcSwap<RuntimeConfig>>) {
 
 use crate::admin::{self, AdminState};
 use crate::config::Direction;
-use crate::config_error::ConfigError;
 use crate::config_store::ConfigStore;
 use crate::http_proxy::HttpContext;
 use crate::listener::{self, Shutdown};
 use crate::metrics::Metrics;
 use crate::runtime_config::{IdentitySource, RuntimeConfig};
-use crate::spiffe::SpiffeId;
+use outrigger_core::config_error::ConfigError;
+use outrigger_core::spiffe::SpiffeId;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -213,7 +213,9 @@ pub async fn start(options: Options) -> Result<ProxyHandle, StartError> {
         store: store.clone(),
         metrics: metrics.clone(),
         ready: false.into(),
-        gate: crate::bounded_server::Gate::new(crate::bounded_server::Limits::ADMIN),
+        gate: outrigger_core::bounded_server::Gate::new(
+            outrigger_core::bounded_server::Limits::ADMIN,
+        ),
     });
     let admin_addr = match config.admin_address {
         Some(addr) => {

@@ -49,7 +49,7 @@ pub struct ClusterTls {
     pub config: Arc<rustls::ClientConfig>,
     /// Opaque TCP over mTLS.
     pub tcp_config: Arc<rustls::ClientConfig>,
-    pub identities: Vec<crate::spiffe::SpiffeId>,
+    pub identities: Vec<outrigger_core::spiffe::SpiffeId>,
 }
 
 impl Cluster {

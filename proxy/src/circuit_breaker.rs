@@ -12,11 +12,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use outrigger_core::policy;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-pub const DEFAULT_MAX_REQUESTS: u64 = 1024;
-pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
-pub const DEFAULT_MAX_PENDING: u64 = 1024;
 
 /// Which threshold a request ran into.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,8 +36,10 @@ pub struct CircuitBreaker {
 
 impl Default for CircuitBreaker {
     fn default() -> Self {
-        CircuitBreaker::new(DEFAULT_MAX_REQUESTS, None)
-            .with_connections(DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_PENDING)
+        CircuitBreaker::new(u64::from(policy::DEFAULT_MAX_REQUESTS), None).with_connections(
+            policy::DEFAULT_MAX_CONNECTIONS,
+            u64::from(policy::DEFAULT_MAX_PENDING),
+        )
     }
 }
 
@@ -74,11 +73,11 @@ impl CircuitBreaker {
         CircuitBreaker {
             max_requests,
             max_retries,
-            max_connections: DEFAULT_MAX_CONNECTIONS,
-            max_pending: DEFAULT_MAX_PENDING,
+            max_connections: policy::DEFAULT_MAX_CONNECTIONS,
+            max_pending: u64::from(policy::DEFAULT_MAX_PENDING),
             requests: AtomicU64::new(0),
             retries: AtomicU64::new(0),
-            connections: Arc::new(Semaphore::new(DEFAULT_MAX_CONNECTIONS as usize)),
+            connections: Arc::new(Semaphore::new(policy::DEFAULT_MAX_CONNECTIONS as usize)),
             pending: AtomicU64::new(0),
         }
     }

@@ -11,6 +11,10 @@
 use serde::Deserialize;
 use serde_saphyr::Spanned;
 
+pub use outrigger_core::policy::{
+    CircuitBreakerFile, OutlierFile, RateLimitFile, RetryBudgetFile, RetryFile,
+};
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
@@ -223,15 +227,6 @@ pub struct ListenerFile {
     pub original_destination: bool,
 }
 
-#[derive(Debug, Clone, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimitFile {
-    pub requests_per_second: f64,
-    /// Requests that may arrive at once after a quiet spell; defaults to one second's worth.
-    #[serde(default)]
-    pub burst: Option<u32>,
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TcpRouteFile {
@@ -275,57 +270,6 @@ pub struct RouteFile {
     /// Nothing else is accepted, and never `h2c`.
     #[serde(default)]
     pub upgrades: Option<Vec<Spanned<String>>>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RetryFile {
-    /// Retries after the first attempt.
-    pub attempts: u32,
-    /// Envoy's `retry_on` names; default: connect-failure, refused-stream, reset,
-    /// gateway-error, unavailable.
-    #[serde(default)]
-    pub on: Vec<Spanned<String>>,
-    #[serde(default)]
-    pub per_try_timeout: Option<Spanned<String>>,
-    #[serde(default)]
-    pub backoff_base: Option<Spanned<String>>,
-    #[serde(default)]
-    pub backoff_max: Option<Spanned<String>>,
-    /// Retry non-idempotent methods (POST, PATCH) too.
-    #[serde(default)]
-    pub non_idempotent: bool,
-    /// Responses with these statuses are retried too (429, say).
-    #[serde(default)]
-    pub status_codes: Vec<u16>,
-}
-
-/// Retries after the first attempt where a route says nothing.
-pub const DEFAULT_RETRIES: u32 = 2;
-
-impl RetryFile {
-    /// What a route without `retry` gets: `DEFAULT_RETRIES` on the default conditions.
-    pub fn default_policy() -> RetryFile {
-        RetryFile {
-            attempts: DEFAULT_RETRIES,
-            on: Vec::new(),
-            per_try_timeout: None,
-            backoff_base: None,
-            backoff_max: None,
-            non_idempotent: false,
-            status_codes: Vec::new(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RetryBudgetFile {
-    /// Retries may be at most this share (percent) of requests, over the last second and
-    /// in flight.
-    pub percent: f64,
-    /// …plus this many per second; and this many in flight are always allowed.
-    pub min_retries: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -424,41 +368,6 @@ pub struct ClusterFile {
     /// Originate mTLS to the endpoints (as HTTP/2, whatever `protocol` says).
     #[serde(default)]
     pub tls: Option<ClusterTlsFile>,
-}
-
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct OutlierFile {
-    /// `false` turns outlier detection off for this cluster; it is on by default.
-    #[serde(default)]
-    pub enabled: Option<bool>,
-    #[serde(default)]
-    pub consecutive_5xx: Option<u32>,
-    #[serde(default)]
-    pub consecutive_gateway_failure: Option<u32>,
-    #[serde(default)]
-    pub base_ejection: Option<Spanned<String>>,
-    #[serde(default)]
-    pub max_ejection: Option<Spanned<String>>,
-    #[serde(default)]
-    pub max_ejection_percent: Option<u32>,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CircuitBreakerFile {
-    /// Requests in flight to the cluster; default 1024.
-    #[serde(default)]
-    pub max_requests: Option<u64>,
-    /// Retries in flight; unlimited by default (the retry budget applies either way).
-    #[serde(default)]
-    pub max_retries: Option<u64>,
-    /// HTTP/1.1 connections to the cluster; default 1024.
-    #[serde(default)]
-    pub max_connections: Option<u32>,
-    /// Requests waiting for one of those connections; default 1024.
-    #[serde(default)]
-    pub max_pending: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -15,9 +15,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use arc_swap::{ArcSwap, ArcSwapOption};
 
 use crate::config::{ClusterFile, ConfigFile, VirtualHostFile, XdsFile};
-use crate::config_error::ConfigError;
 use crate::metrics::Metrics;
 use crate::runtime_config::{self, RuntimeConfig};
+use outrigger_core::config_error::ConfigError;
 
 pub const DEFAULT_POLL: Duration = Duration::from_millis(200);
 

@@ -8,7 +8,6 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::{ArcSwap, ArcSwapOption};
 use rustls::RootCertStore;
-use rustls::crypto::CryptoProvider;
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::ClientCertVerifier;
 use rustls::sign::CertifiedKey;
@@ -16,12 +15,9 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::spiffe::SpiffeId;
+use outrigger_core::spiffe::SpiffeId;
 
-/// The one crypto provider, chosen explicitly rather than by whichever feature is on.
-pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
+pub use outrigger_core::tls::provider;
 
 pub struct Workload {
     pub id: SpiffeId,

@@ -10,27 +10,7 @@ use tonic::codegen::http::uri::PathAndQuery;
 
 use crate::control_plane_channel;
 
-pub const SIGN_PATH: &str = "/outrigger.identity.v1.Identity/Sign";
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct SignRequest {
-    /// A PKCS#10 request, DER.
-    #[prost(bytes = "vec", tag = "1")]
-    pub csr: Vec<u8>,
-    /// How long the certificate should last; 0 for the CA's default.
-    #[prost(uint64, tag = "2")]
-    pub lifetime_seconds: u64,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct SignResponse {
-    /// The chain, leaf first, PEM.
-    #[prost(string, tag = "1")]
-    pub chain_pem: String,
-    /// The roots to trust, PEM: during a root rotation, the old and the new.
-    #[prost(string, tag = "2")]
-    pub bundle_pem: String,
-}
+pub use outrigger_core::sign_api::{SIGN_PATH, SignRequest, SignResponse};
 
 /// Calls `Sign` on the control plane at `addr`: over TLS with `tls`, else in plaintext.
 pub async fn sign(

@@ -10,6 +10,7 @@
 //! is checked before it is installed: the chain must reach that anchor, and the leaf must
 //! carry exactly the requested ID and this proxy's key.
 
+use outrigger_core::backoff::Backoff;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, SystemTime};
@@ -19,11 +20,11 @@ use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
 use crate::identity::IdentityStore;
 use crate::identity_api::{self, SignRequest};
 use crate::mtls;
-use crate::spiffe::SpiffeId;
+use outrigger_core::spiffe::SpiffeId;
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
-const RETRY_MIN: Duration = Duration::from_millis(200);
-const RETRY_MAX: Duration = Duration::from_secs(30);
+/// Waits between failed renewals: from 200 ms, doubling, to 30 s.
+const RENEWAL_RETRY: Backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
 
 /// The bootstrap credential sent with every CSR.
 #[derive(Debug, Clone, PartialEq)]
@@ -163,10 +164,7 @@ impl CaClient {
                     failures += 1;
                     store.set_last_error(Some(e.clone()));
                     tracing::warn!(identity = %self.id, error = %e, failures, "certificate renewal failed; keeping the current one");
-                    RETRY_MIN
-                        .saturating_mul(1 << failures.min(8))
-                        .min(RETRY_MAX)
-                        .mul_f64(0.5 + 0.5 * fastrand::f64())
+                    RENEWAL_RETRY.equal_jitter(failures)
                 }
             };
             tokio::time::sleep(wait.max(Duration::from_millis(50))).await;

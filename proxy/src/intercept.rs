@@ -7,8 +7,9 @@
 //! exactly as they were. They are plain `iptables` commands, so the same rules work with the
 //! nft and the legacy backends: the binary chosen decides which.
 
-use std::net::IpAddr;
 use std::process::Command;
+
+pub use outrigger_core::cidr::Cidr;
 
 /// Chains this module owns. Everything else in the nat table is someone else's.
 const INBOUND_CHAIN: &str = "OUTRIGGER_INBOUND";
@@ -40,39 +41,6 @@ pub struct Interception {
 pub enum Family {
     V4,
     V6,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub len: u8,
-}
-
-impl std::str::FromStr for Cidr {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        let (addr, len) = s.split_once('/').unwrap_or((s, ""));
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("`{s}` is not an address or CIDR such as 10.0.0.0/8"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let len = if len.is_empty() {
-            max
-        } else {
-            len.parse::<u8>()
-                .ok()
-                .filter(|l| *l <= max)
-                .ok_or_else(|| format!("`{s}`: the prefix length must be 0 to {max}"))?
-        };
-        Ok(Cidr { addr, len })
-    }
-}
-
-impl std::fmt::Display for Cidr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}/{}", self.addr, self.len)
-    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -17,15 +17,16 @@ use tokio::sync::{mpsc, watch};
 
 use crate::balance::Cluster;
 use crate::config::{Direction, ListenerProtocol, TlsMode};
-use crate::detect::{self, Prefixed, Protocol};
+use crate::detect::{self, Protocol};
 use crate::http_proxy::{self, HttpContext};
 use crate::idle::{Activity, Tracked};
 use crate::local_origin;
 use crate::mtls;
 use crate::original_dst::{self, Service};
 use crate::runtime_config::{DEFAULT_TCP_IDLE_TIMEOUT, Listener};
-use crate::spiffe::SpiffeId;
 use crate::tcp;
+use outrigger_core::prefixed::Prefixed;
+use outrigger_core::spiffe::SpiffeId;
 
 /// Protects the proxy from peers that send huge or endless headers.
 const MAX_HEADER_BYTES: usize = 64 * 1024;

@@ -211,7 +211,7 @@ struct InitArgs {
     exclude_outbound_ports: Vec<u16>,
     /// Outbound destinations to leave alone, as CIDRs, comma-separated.
     #[arg(long, value_delimiter = ',')]
-    exclude_outbound_cidrs: Vec<outrigger_proxy::intercept::Cidr>,
+    exclude_outbound_cidrs: Vec<outrigger_core::cidr::Cidr>,
     /// The iptables binary: `iptables`, `iptables-nft` or `iptables-legacy`.
     #[arg(long, default_value = "iptables")]
     iptables: String,
@@ -313,7 +313,7 @@ fn main() -> ExitCode {
         Command::Check { config } => {
             let source = config.display().to_string();
             let result = std::fs::read_to_string(&config)
-                .map_err(|e| outrigger_proxy::config_error::ConfigError::io(&source, &e))
+                .map_err(|e| outrigger_core::config_error::ConfigError::io(&source, &e))
                 .and_then(|text| runtime_config::RuntimeConfig::build(&source, &text, 1, None));
             match result {
                 Ok(_) => {

@@ -22,7 +22,7 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
 use crate::identity::{IdentityStore, provider};
-use crate::spiffe::SpiffeId;
+use outrigger_core::spiffe::SpiffeId;
 
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";

@@ -22,6 +22,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
+use outrigger_core::policy;
 use tokio::time::Instant;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -36,11 +37,11 @@ pub struct OutlierPolicy {
 impl Default for OutlierPolicy {
     fn default() -> Self {
         OutlierPolicy {
-            consecutive_5xx: Some(5),
-            consecutive_gateway_failure: Some(5),
-            base_ejection: Duration::from_secs(30),
-            max_ejection: Duration::from_secs(300),
-            max_ejection_percent: 50,
+            consecutive_5xx: Some(policy::DEFAULT_CONSECUTIVE_5XX),
+            consecutive_gateway_failure: Some(policy::DEFAULT_CONSECUTIVE_GATEWAY_FAILURE),
+            base_ejection: policy::DEFAULT_BASE_EJECTION,
+            max_ejection: policy::DEFAULT_MAX_EJECTION,
+            max_ejection_percent: policy::DEFAULT_MAX_EJECTION_PERCENT,
         }
     }
 }

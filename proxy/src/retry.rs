@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use http::{HeaderMap, Method, StatusCode};
+use outrigger_core::backoff::Backoff;
 
 /// Bodies up to this size are kept for replay; a larger request is sent once.
 pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
@@ -63,14 +64,26 @@ pub struct RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// The data path's form of a checked policy. The condition names were checked against
+    /// the list every proxy honours, which is exactly what `RetryOn::parse` knows.
+    pub fn from_model(r: &outrigger_core::policy::Retry) -> RetryPolicy {
+        let mut on = RetryOn::parse(r.on.iter().map(String::as_str))
+            .expect("retry conditions are checked against the model's list");
+        on.status_codes = r.status_codes.clone();
+        RetryPolicy {
+            retries: r.retries,
+            on,
+            per_try_timeout: r.per_try_timeout,
+            backoff_base: r.backoff_base,
+            backoff_max: r.backoff_max,
+            non_idempotent: r.non_idempotent,
+        }
+    }
+
     /// Full jitter: a uniform wait in [0, min(max, base × 2^attempt)]. Spreading retries out
     /// keeps a fleet of clients from hitting a recovering backend in lockstep.
     pub fn backoff(&self, attempt: u32) -> Duration {
-        let cap = self
-            .backoff_base
-            .saturating_mul(1u32 << attempt.min(16))
-            .min(self.backoff_max);
-        cap.mul_f64(fastrand::f64())
+        Backoff::new(self.backoff_base, self.backoff_max).full_jitter(attempt)
     }
 
     /// Whether a request may be sent again after this outcome. A request that never left

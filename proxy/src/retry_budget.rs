@@ -17,10 +17,9 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::retry_throttle::RetryThrottle;
+use outrigger_core::policy;
 
-pub const DEFAULT_BUDGET_PERCENT: f64 = 20.0;
-pub const DEFAULT_BUDGET_MIN: u64 = 10;
+use crate::retry_throttle::RetryThrottle;
 
 /// The window is split into slots so that it slides in steps of a tenth of a second.
 const SLOTS: u64 = 10;
@@ -48,7 +47,10 @@ pub struct RetryBudget {
 
 impl Default for RetryBudget {
     fn default() -> Self {
-        RetryBudget::new(DEFAULT_BUDGET_PERCENT, DEFAULT_BUDGET_MIN)
+        RetryBudget::new(
+            policy::DEFAULT_BUDGET_PERCENT,
+            u64::from(policy::DEFAULT_BUDGET_MIN_RETRIES),
+        )
     }
 }
 

@@ -16,26 +16,28 @@ use regex::Regex;
 use serde_saphyr::Spanned;
 
 use crate::balance::{Cluster, ClusterTls, Endpoint};
-use crate::circuit_breaker::{self, CircuitBreaker};
+use crate::circuit_breaker::CircuitBreaker;
 use crate::config::OutlierFile;
 use crate::config::{
     ConfigFile, Direction, HeaderChangesFile, IdentityFile, ListenerFile, ListenerProtocol,
     RateLimitFile, RetryFile, RouteFile, TlsMode, TracingFile, UpstreamProtocol,
 };
-use crate::config_error::ConfigError;
 use crate::identity::{IdentityFiles, IdentityStore};
 use crate::identity_client::Token;
 use crate::identity_client::{CaClient, CaTrust};
 use crate::mtls;
 use crate::original_dst::Destinations;
 use crate::outlier::OutlierPolicy;
-use crate::rate_limit::RateLimiter;
-use crate::retry::{RetryOn, RetryPolicy};
-use crate::retry_budget::{self, RetryBudget};
+use crate::retry::RetryPolicy;
+use crate::retry_budget::RetryBudget;
 use crate::router::{DomainTable, HeaderMatch, PathMatch};
 use crate::span_export::{Collector, Tracer};
-use crate::spiffe::{Principal, SpiffeId};
 use crate::upstream::UpstreamClient;
+use outrigger_core::config_error::ConfigError;
+pub use outrigger_core::duration::parse_duration;
+use outrigger_core::policy;
+use outrigger_core::spiffe::{Principal, SpiffeId};
+use outrigger_core::token_bucket::RateLimiter;
 
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -245,17 +247,10 @@ impl Builder<'_> {
         let Some(limit) = limit else {
             return Ok(None);
         };
-        let rate = limit.requests_per_second;
-        if !(rate.is_finite() && rate > 0.0) {
-            return Err(ConfigError::at(
-                self.source,
-                None,
-                &format!("{field}.requests_per_second"),
-                "must be a number above 0",
-            ));
-        }
-        // One second's worth by default, and at least one request.
-        let burst = limit.burst.unwrap_or(rate.ceil() as u32).max(1);
+        let policy::RateLimit {
+            requests_per_second: rate,
+            burst,
+        } = policy::check_rate_limit(self.source, limit, field)?;
         let old = self.previous.and_then(|p| {
             let l = p.listeners.iter().find(|l| l.name == listener)?;
             match route {
@@ -415,20 +410,12 @@ impl Builder<'_> {
                 client,
             );
             cluster.tls = tls;
-            let (percent, min) = c.retry_budget.as_ref().map_or(
-                (
-                    retry_budget::DEFAULT_BUDGET_PERCENT,
-                    retry_budget::DEFAULT_BUDGET_MIN,
-                ),
-                |b| (b.percent, b.min_retries),
-            );
-            if !(0.0..=100.0).contains(&percent) {
-                return Err(self.err(
-                    &c.name,
-                    &format!("{field}.retry_budget.percent"),
-                    "must be 0 to 100",
-                ));
-            }
+            let budget = policy::check_retry_budget(
+                self.source,
+                c.retry_budget.as_ref(),
+                &format!("{field}.retry_budget"),
+            )?;
+            let (percent, min) = (budget.percent, u64::from(budget.min_retries));
             cluster.retry_budget = match old {
                 // Keep counting requests already in flight against the same budget.
                 Some(o) if o.retry_budget.percent == percent && o.retry_budget.min == min => {
@@ -436,22 +423,14 @@ impl Builder<'_> {
                 }
                 _ => Arc::new(RetryBudget::new(percent, min)),
             };
-            let max_requests = c
-                .circuit_breaker
-                .as_ref()
-                .and_then(|b| b.max_requests)
-                .unwrap_or(circuit_breaker::DEFAULT_MAX_REQUESTS);
-            let max_retries = c.circuit_breaker.as_ref().and_then(|b| b.max_retries);
-            let max_connections = c
-                .circuit_breaker
-                .as_ref()
-                .and_then(|b| b.max_connections)
-                .unwrap_or(circuit_breaker::DEFAULT_MAX_CONNECTIONS);
-            let max_pending = c
-                .circuit_breaker
-                .as_ref()
-                .and_then(|b| b.max_pending)
-                .unwrap_or(circuit_breaker::DEFAULT_MAX_PENDING);
+            let limits = c.circuit_breaker.clone().unwrap_or_default();
+            let max_requests =
+                u64::from(limits.max_requests.unwrap_or(policy::DEFAULT_MAX_REQUESTS));
+            let max_retries = limits.max_retries.map(u64::from);
+            let max_connections = limits
+                .max_connections
+                .unwrap_or(policy::DEFAULT_MAX_CONNECTIONS);
+            let max_pending = u64::from(limits.max_pending.unwrap_or(policy::DEFAULT_MAX_PENDING));
             cluster.breaker = match old {
                 // The same limits keep counting the requests already in flight.
                 Some(o)
@@ -471,7 +450,7 @@ impl Builder<'_> {
             // endpoint.
             cluster.outlier = match &c.outlier {
                 Some(o) if o.enabled == Some(false) => None,
-                Some(o) => Some(self.outlier(o, &format!("{field}.outlier"), &c.name)?),
+                Some(o) => Some(self.outlier(o, &format!("{field}.outlier"))?),
                 None => Some(OutlierPolicy::default()),
             };
             clusters.insert(c.name.value.clone(), Arc::new(cluster));
@@ -897,106 +876,33 @@ impl Builder<'_> {
                 .header_changes(&r.response_headers, &format!("{field}.response_headers"))?,
             // On unless turned off (`attempts: 0`): the defaults retry only what never reached
             // the app or what it said it could not take, idempotent requests only.
-            retry: match &r.retry {
-                Some(retry) => Some(self.retry(retry, &format!("{field}.retry"))?),
-                None => Some(self.retry(&RetryFile::default_policy(), &format!("{field}.retry"))?),
-            },
+            retry: Some(match &r.retry {
+                Some(retry) => self.retry(retry, &format!("{field}.retry"))?,
+                None => RetryPolicy::from_model(&policy::default_retry()),
+            }),
         })
     }
 
-    fn outlier(
-        &self,
-        o: &OutlierFile,
-        field: &str,
-        at: &Spanned<String>,
-    ) -> Result<OutlierPolicy, ConfigError> {
+    fn outlier(&self, o: &OutlierFile, field: &str) -> Result<OutlierPolicy, ConfigError> {
+        let o = policy::check_outlier(self.source, o, field)?;
         let d = OutlierPolicy::default();
-        let percent = o.max_ejection_percent.unwrap_or(d.max_ejection_percent);
-        if percent > 100 {
-            return Err(self.err(
-                at,
-                &format!("{field}.max_ejection_percent"),
-                "must be 0 to 100",
-            ));
-        }
         Ok(OutlierPolicy {
             consecutive_5xx: o.consecutive_5xx.or(d.consecutive_5xx),
             consecutive_gateway_failure: o
                 .consecutive_gateway_failure
                 .or(d.consecutive_gateway_failure),
-            base_ejection: self.duration(
-                &o.base_ejection,
-                &format!("{field}.base_ejection"),
-                d.base_ejection,
-            )?,
-            max_ejection: self.duration(
-                &o.max_ejection,
-                &format!("{field}.max_ejection"),
-                d.max_ejection,
-            )?,
-            max_ejection_percent: percent,
+            base_ejection: o.base_ejection.unwrap_or(d.base_ejection),
+            max_ejection: o.max_ejection.unwrap_or(d.max_ejection),
+            max_ejection_percent: o.max_ejection_percent.unwrap_or(d.max_ejection_percent),
         })
     }
 
     fn retry(&self, r: &RetryFile, field: &str) -> Result<RetryPolicy, ConfigError> {
-        let on = if r.on.is_empty() {
-            // The conditions under which the request never reached the app, or the app
-            // said it is unavailable: safe to retry whatever the method.
-            RetryOn::parse([
-                "connect-failure",
-                "refused-stream",
-                "reset",
-                "gateway-error",
-                "unavailable",
-            ])
-            .expect("known names")
-        } else {
-            for (i, name) in r.on.iter().enumerate() {
-                RetryOn::parse([name.value.as_str()]).map_err(|_| {
-                    self.err(
-                        name,
-                        &format!("{field}.on[{i}]"),
-                        format!("`{}` is not a retry condition", name.value),
-                    )
-                })?;
-            }
-            RetryOn::parse(r.on.iter().map(|n| n.value.as_str())).expect("checked above")
-        };
-        let mut on = on;
-        for (i, code) in r.status_codes.iter().enumerate() {
-            if !(100..=599).contains(code) {
-                return Err(ConfigError::at(
-                    self.source,
-                    None,
-                    &format!("{field}.status_codes[{i}]"),
-                    format!("{code} is not an HTTP status"),
-                ));
-            }
-        }
-        on.status_codes = r.status_codes.clone();
-        Ok(RetryPolicy {
-            retries: r.attempts,
-            on,
-            per_try_timeout: match &r.per_try_timeout {
-                Some(_) => Some(self.duration(
-                    &r.per_try_timeout,
-                    &format!("{field}.per_try_timeout"),
-                    Duration::ZERO,
-                )?),
-                None => None,
-            },
-            backoff_base: self.duration(
-                &r.backoff_base,
-                &format!("{field}.backoff_base"),
-                Duration::from_millis(25),
-            )?,
-            backoff_max: self.duration(
-                &r.backoff_max,
-                &format!("{field}.backoff_max"),
-                Duration::from_millis(250),
-            )?,
-            non_idempotent: r.non_idempotent,
-        })
+        Ok(RetryPolicy::from_model(&policy::check_retry(
+            self.source,
+            r,
+            field,
+        )?))
     }
 
     fn regex(&self, re: &Spanned<String>, field: &str) -> Result<Regex, ConfigError> {
@@ -1037,36 +943,5 @@ impl Builder<'_> {
                 .push(self.header_name(name, &format!("{field}.remove[{i}]"))?);
         }
         Ok(out)
-    }
-}
-
-/// `250ms`, `2s`, `1m`, `1h`. Plain numbers are refused: a unit-less timeout is a classic
-/// source of 1000× mistakes.
-pub fn parse_duration(text: &str) -> Option<Duration> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit())?;
-    let (digits, unit) = text.split_at(split);
-    let n: u64 = digits.parse().ok()?;
-    match unit {
-        "ms" => Some(Duration::from_millis(n)),
-        "s" => Some(Duration::from_secs(n)),
-        "m" => Some(Duration::from_secs(n.checked_mul(60)?)),
-        "h" => Some(Duration::from_secs(n.checked_mul(3600)?)),
-        _ => None,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
-        assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_duration("1m"), Some(Duration::from_secs(60)));
-        assert_eq!(parse_duration("15"), None);
-        assert_eq!(parse_duration("1.5s"), None);
-        assert_eq!(parse_duration("s"), None);
     }
 }

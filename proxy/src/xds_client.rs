@@ -8,6 +8,7 @@
 //! the error, and the last good config keeps serving. When the control plane goes away the
 //! client reconnects with jittered exponential backoff, resending the versions it has.
 
+use outrigger_core::backoff::Backoff;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,8 +29,7 @@ use crate::config_store::{ConfigStore, XdsOverlay};
 use crate::control_plane_channel;
 use crate::xds_translate::{self, decode};
 
-const BACKOFF_BASE: Duration = Duration::from_millis(100);
-const BACKOFF_CAP: Duration = Duration::from_secs(10);
+const RECONNECT: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
 
 pub struct XdsSettings {
     pub address: std::net::SocketAddr,
@@ -215,10 +215,7 @@ async fn run(store: Arc<ConfigStore>, settings: XdsSettings, mut state: State) {
         // HTTP/2 keepalive): counted, so a flapping control plane shows.
         store.metrics.xds_reconnect();
         // Full jitter: a fleet of proxies must not reconnect in lockstep.
-        let cap = BACKOFF_BASE
-            .saturating_mul(1 << attempt.min(7))
-            .min(BACKOFF_CAP);
-        let wait = cap.mul_f64(fastrand::f64());
+        let wait = RECONNECT.full_jitter(attempt);
         attempt = attempt.saturating_add(1);
         tracing::info!(
             ?wait,

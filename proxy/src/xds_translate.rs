@@ -16,53 +16,16 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
-use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
-use prost::{Message, Name};
-use serde_saphyr::{Location, Spanned};
+use serde_saphyr::Spanned;
 
 use crate::config::{
     BackendFile, ClusterFile, ClusterTlsFile, EndpointFile, HeaderChangesFile, HeaderMatchFile,
     HeaderValueFile, LbPolicy, MatchFile, RouteFile, UpstreamProtocol, VirtualHostFile,
 };
 use crate::xds_policy;
+use outrigger_core::xds_policy as policy_xds;
 
-pub(crate) fn sp<T>(value: T) -> Spanned<T> {
-    Spanned {
-        value,
-        referenced: Location::UNKNOWN,
-        defined: Location::UNKNOWN,
-    }
-}
-
-pub fn decode<M: Message + Name + Default>(any: &Any) -> Result<M, String> {
-    if any.type_url != M::type_url() {
-        return Err(format!("expected {}, got {}", M::type_url(), any.type_url));
-    }
-    M::decode(any.value.as_slice()).map_err(|e| format!("cannot decode {}: {e}", M::full_name()))
-}
-
-/// Envoy reads a zero route timeout as "no timeout"; the proxy's durations are finite.
-pub(crate) fn duration_text(d: &PbDuration) -> String {
-    // Saturating: a control plane's absurd duration must not wrap into a short one.
-    let ms = (d.seconds.max(0) as u64)
-        .saturating_mul(1000)
-        .saturating_add(d.nanos.max(0) as u64 / 1_000_000);
-    if ms == 0 {
-        "8760h".to_string()
-    } else {
-        format!("{ms}ms")
-    }
-}
-
-/// Refuses the first set field of a list of (is set, field name).
-pub(crate) fn refuse(what: &str, fields: &[(bool, &str)]) -> Result<(), String> {
-    match fields.iter().find(|(set, _)| *set) {
-        Some((_, field)) => Err(format!(
-            "{what}: field `{field}` is not supported by this proxy"
-        )),
-        None => Ok(()),
-    }
-}
+pub use outrigger_core::xds::{decode, duration_text, refuse, sp};
 
 pub struct TranslatedCluster {
     pub file: ClusterFile,
@@ -89,7 +52,7 @@ pub fn cluster(c: &Cluster) -> Result<TranslatedCluster, String> {
     )?;
     let (retry_budget, circuit_breaker) = match &c.circuit_breakers {
         None => (None, None),
-        Some(cb) => xds_policy::thresholds(&what, cb)?,
+        Some(cb) => policy_xds::thresholds(&what, cb)?,
     };
     let eds_name = match &c.cluster_discovery_type {
         Some(cluster::ClusterDiscoveryType::Type(t))
@@ -184,12 +147,12 @@ pub fn cluster(c: &Cluster) -> Result<TranslatedCluster, String> {
             retry_budget,
             circuit_breaker,
             outlier: match &c.outlier_detection {
-                Some(o) => Some(xds_policy::outlier(&what, o)?),
+                Some(o) => Some(policy_xds::outlier(&what, o)?),
                 None => None,
             },
             tls: match &c.transport_socket {
                 Some(ts) => Some(ClusterTlsFile {
-                    identities: crate::xds_tls::peer_identities(&what, ts)?
+                    identities: outrigger_core::xds_tls::peer_identities(&what, ts)?
                         .into_iter()
                         .map(sp)
                         .collect(),
@@ -419,10 +382,10 @@ fn route(what: &str, vhost: &str, index: usize, r: &Route) -> Result<RouteFile, 
         request_headers: header_changes(&r.request_headers_to_add, &r.request_headers_to_remove),
         response_headers: header_changes(&r.response_headers_to_add, &r.response_headers_to_remove),
         retry: match &action.retry_policy {
-            Some(p) => Some(xds_policy::retry(&what, p)?),
+            Some(p) => Some(policy_xds::retry(&what, p)?),
             None => None,
         },
-        rate_limit: xds_policy::route_filters(&what, &r.typed_per_filter_config)?,
+        rate_limit: policy_xds::route_filters(&what, &r.typed_per_filter_config)?,
         sampling: match &r.tracing {
             Some(t) => xds_policy::route_sampling(&what, t)?,
             None => None,

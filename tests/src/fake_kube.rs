@@ -28,17 +28,16 @@ impl FakeApiServer {
             .unwrap()
             .self_signed(&key)
             .unwrap();
-        let config =
-            rustls::ServerConfig::builder_with_provider(outrigger_proxy::identity::provider())
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .with_no_client_auth()
-                .with_single_cert(
-                    vec![cert.der().clone()],
-                    rustls_pki_types::PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())
-                        .unwrap(),
-                )
-                .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(outrigger_core::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![cert.der().clone()],
+                rustls_pki_types::PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes())
+                    .unwrap(),
+            )
+            .unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use outrigger_control_plane::ca::{Ca, DEFAULT_LIFETIME};
-use outrigger_proxy::spiffe::SpiffeId;
+use outrigger_core::spiffe::SpiffeId;
 use outrigger_tests::clients::TestClient;
 use outrigger_tests::envoy::Envoy;
 use outrigger_tests::{

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use outrigger_control_plane::app::{self, ControlPlane};
 use outrigger_control_plane::ca::Ca;
-use outrigger_proxy::identity_api::{self, SignRequest};
+use outrigger_core::sign_api::SignRequest;
+use outrigger_proxy::identity_api;
 use outrigger_tests::clients::{TestClient, get};
 use outrigger_tests::fake_kube::FakeApiServer;
 use outrigger_tests::{TestProxy, eventually, temp_path, upstreams};
@@ -306,7 +307,7 @@ async fn file_identity_proxy(cp: &ControlPlane, ca: &Ca, id: &str, node: &str) -
     std::fs::create_dir_all(&files).unwrap();
     let (chain, key) = ca
         .issue(
-            &outrigger_proxy::spiffe::SpiffeId::parse(id).unwrap(),
+            &outrigger_core::spiffe::SpiffeId::parse(id).unwrap(),
             Duration::from_secs(3600),
         )
         .unwrap();
@@ -452,9 +453,9 @@ async fn a_ca_that_cannot_prove_itself_against_the_anchor_gets_no_csr() {
 
 #[test]
 fn what_the_ca_returns_is_checked_before_it_is_installed() {
+    use outrigger_core::spiffe::SpiffeId;
     use outrigger_proxy::identity::IdentityStore;
     use outrigger_proxy::identity_client::check_issued;
-    use outrigger_proxy::spiffe::SpiffeId;
     let ca = Ca::generate("mesh.test").unwrap();
     let anchor = IdentityStore::default();
     anchor.set_bundle(ca.bundle_pem().as_bytes()).unwrap();
@@ -506,8 +507,8 @@ fn what_the_ca_returns_is_checked_before_it_is_installed() {
 /// another key, is not believed, and the proxy says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_that_answers_for_another_identity_is_not_believed() {
-    use outrigger_proxy::identity_api::SignResponse;
-    use outrigger_proxy::spiffe::SpiffeId;
+    use outrigger_core::sign_api::SignResponse;
+    use outrigger_core::spiffe::SpiffeId;
     use prost::Message;
     let ca = Ca::generate("mesh.test").unwrap();
     let (other_chain, _) = ca

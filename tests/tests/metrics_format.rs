@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
 use outrigger_control_plane::ca::{Ca, DEFAULT_LIFETIME};
-use outrigger_proxy::spiffe::SpiffeId;
+use outrigger_core::spiffe::SpiffeId;
 use outrigger_tests::clients::{TestClient, get};
 use outrigger_tests::{TestProxy, faults, free_addr, otlp, write_identity};
 

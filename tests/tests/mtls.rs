@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use outrigger_control_plane::ca::{Ca, DEFAULT_LIFETIME};
-use outrigger_proxy::spiffe::SpiffeId;
+use outrigger_core::spiffe::SpiffeId;
 use outrigger_tests::clients::{TestClient, get};
 use outrigger_tests::{TestProxy, eventually, identity_yaml, metric, upstreams, write_identity};
 

@@ -258,10 +258,10 @@ async fn demo_runs_and_reports_traffic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_demo_shows_a_live_canary_shift() {
-    let bin = workspace_binary("outrigger-control-plane");
+    let bin = workspace_binary("outrigger-demo");
     let out = tokio::task::spawn_blocking(move || {
         Command::new(bin)
-            .args(["demo", "--duration", "6s"])
+            .args(["--duration", "6s"])
             .output()
             .unwrap()
     })

@@ -307,7 +307,7 @@ async fn the_sampling_ratio_is_set_centrally_in_the_mesh() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_mtls_the_inbound_span_names_the_callers_identity() {
     use outrigger_control_plane::ca::{Ca, DEFAULT_LIFETIME};
-    use outrigger_proxy::spiffe::SpiffeId;
+    use outrigger_core::spiffe::SpiffeId;
     let ca = Ca::generate("mesh.test").unwrap();
     let identity = |id: &str| {
         let (chain, key) = ca

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use outrigger_control_plane::ca::{Ca, DEFAULT_LIFETIME};
-use outrigger_proxy::spiffe::SpiffeId;
+use outrigger_core::spiffe::SpiffeId;
 use outrigger_tests::clients::{TestClient, get, raw_exchange};
 use outrigger_tests::{TestProxy, identity_yaml, metric, upstreams, write_identity};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -46,7 +46,7 @@ async fn post(addr: SocketAddr, ca: &Ca, body: Vec<u8>) -> Result<(u16, Value), 
     for cert in CertificateDer::pem_slice_iter(ca.bundle_pem().as_bytes()) {
         roots.add(cert.unwrap()).unwrap();
     }
-    let config = rustls::ClientConfig::builder_with_provider(outrigger_proxy::identity::provider())
+    let config = rustls::ClientConfig::builder_with_provider(outrigger_core::tls::provider())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots)

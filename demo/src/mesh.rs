@@ -1,4 +1,4 @@
-//! `outrigger-control-plane demo`: the whole mesh on loopback. A control plane serves an
+//! The mesh demo: the whole mesh on loopback. A control plane serves an
 //! embedded mesh file over ADS to a sidecar proxy; four clients send traffic through the
 //! sidecar to two versions of a service; halfway through, the demo edits the mesh file's
 //! canary weights and the summary shows the sidecar follow.
@@ -8,7 +8,7 @@ use std::time::Duration;
 use outrigger_proxy::app as proxy_app;
 use outrigger_proxy::demo::{BoxError, demo_upstream, drive};
 
-use crate::app;
+use outrigger_control_plane::app;
 
 const MESH: &str = include_str!("demo-mesh.yaml");
 

@@ -83,7 +83,7 @@ pub fn peer_identities(what: &str, ts: &TransportSocket) -> Result<Vec<String>, 
         None => return Err(format!("{what}: transport_socket has no typed_config")),
     };
     let context: UpstreamTlsContext =
-        crate::xds_translate::decode(any).map_err(|e| format!("{what}: transport_socket: {e}"))?;
+        crate::xds::decode(any).map_err(|e| format!("{what}: transport_socket: {e}"))?;
     let common = context.common_tls_context.unwrap_or_default();
     let unsupported = |field: &str| {
         Err(format!(

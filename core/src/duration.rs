@@ -1,0 +1,57 @@
+//! Durations as people write them in config: `250ms`, `2s`, `1m`, `1h`.
+
+use std::time::Duration;
+
+use serde_saphyr::Spanned;
+
+use crate::config_error::ConfigError;
+
+/// `250ms`, `2s`, `1m`, `1h`. Plain numbers are refused: a unit-less timeout is a classic
+/// source of 1000× mistakes.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit())?;
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits.parse().ok()?;
+    match unit {
+        "ms" => Some(Duration::from_millis(n)),
+        "s" => Some(Duration::from_secs(n)),
+        "m" => Some(Duration::from_secs(n.checked_mul(60)?)),
+        "h" => Some(Duration::from_secs(n.checked_mul(3600)?)),
+        _ => None,
+    }
+}
+
+/// An optional duration field of a config file, located when it does not parse.
+pub fn field_duration(
+    source: &str,
+    value: &Option<Spanned<String>>,
+    field: &str,
+) -> Result<Option<Duration>, ConfigError> {
+    match value {
+        None => Ok(None),
+        Some(v) => parse_duration(&v.value).map(Some).ok_or_else(|| {
+            ConfigError::at(
+                source,
+                Some(v.referenced),
+                field,
+                format!("`{}` is not a duration (try `250ms`, `2s`, `1m`)", v.value),
+            )
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2s"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1m"), Some(Duration::from_secs(60)));
+        assert_eq!(parse_duration("15"), None);
+        assert_eq!(parse_duration("1.5s"), None);
+        assert_eq!(parse_duration("s"), None);
+    }
+}

@@ -1,0 +1,19 @@
+//! What the Outrigger proxy and control plane share: SPIFFE IDs, durations, located config
+//! errors, the resilience policy model with its defaults and its xDS form, the backoff both
+//! sides wait with, and the bounded HTTP/1 serving of their small admin ports.
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod bounded_server;
+pub mod cidr;
+pub mod config_error;
+pub mod duration;
+pub mod policy;
+pub mod prefixed;
+pub mod sign_api;
+pub mod spiffe;
+pub mod tls;
+pub mod token_bucket;
+pub mod xds;
+pub mod xds_policy;
+pub mod xds_tls;

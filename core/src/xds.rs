@@ -1,0 +1,66 @@
+//! Helpers for reading and writing Envoy v3 resources: packing into `Any`, decoding out of it,
+//! durations, and the refusal of fields a reader does not honour.
+
+use std::time::Duration;
+
+use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
+use prost::{Message, Name};
+use serde_saphyr::{Location, Spanned};
+
+pub fn pack<M: Message + Name>(m: &M) -> Any {
+    Any {
+        type_url: M::type_url(),
+        value: m.encode_to_vec(),
+    }
+}
+
+pub fn decode<M: Message + Name + Default>(any: &Any) -> Result<M, String> {
+    if any.type_url != M::type_url() {
+        return Err(format!("expected {}, got {}", M::type_url(), any.type_url));
+    }
+    M::decode(any.value.as_slice()).map_err(|e| format!("cannot decode {}: {e}", M::full_name()))
+}
+
+pub fn pb_duration(d: Duration) -> PbDuration {
+    PbDuration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    }
+}
+
+pub fn u32_value(v: Option<u32>) -> Option<UInt32Value> {
+    v.map(|value| UInt32Value { value })
+}
+
+/// A value from xDS rather than a file: it has no location.
+pub fn sp<T>(value: T) -> Spanned<T> {
+    Spanned {
+        value,
+        referenced: Location::UNKNOWN,
+        defined: Location::UNKNOWN,
+    }
+}
+
+/// A protobuf duration as config text. Envoy reads a zero route timeout as "no timeout"; the
+/// proxy's durations are finite, so zero becomes a year.
+pub fn duration_text(d: &PbDuration) -> String {
+    // Saturating: a control plane's absurd duration must not wrap into a short one.
+    let ms = (d.seconds.max(0) as u64)
+        .saturating_mul(1000)
+        .saturating_add(d.nanos.max(0) as u64 / 1_000_000);
+    if ms == 0 {
+        "8760h".to_string()
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+/// Refuses the first set field of a list of (is set, field name).
+pub fn refuse(what: &str, fields: &[(bool, &str)]) -> Result<(), String> {
+    match fields.iter().find(|(set, _)| *set) {
+        Some((_, field)) => Err(format!(
+            "{what}: field `{field}` is not supported by this proxy"
+        )),
+        None => Ok(()),
+    }
+}
