@@ -10,9 +10,9 @@ use hyper::body::Incoming;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::config_store::ConfigStore;
-use crate::metrics::Metrics;
-use crate::runtime_config::RuntimeConfig;
+use crate::config::snapshot::RuntimeConfig;
+use crate::config::store::ConfigStore;
+use crate::telemetry::metrics::Metrics;
 use outrigger_core::bounded_server::{self, Gate};
 
 pub struct AdminState {
@@ -75,7 +75,7 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
         }
         "/metrics" => {
             let config = state.store.current.load();
-            state.metrics.declare(&config);
+            config.declare_series(&state.metrics);
             if state.store.xds.is_some() {
                 for resource in ["Cluster", "ClusterLoadAssignment", "RouteConfiguration"] {
                     state.metrics.declare_xds(resource);

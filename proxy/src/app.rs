@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! config_store (ArcSwap<RuntimeConfig>, file watch + SIGHUP)
-//!   └─ listener::accept_loop  (one per configured listener)
+//!   └─ accept::accept_loop  (one per configured listener)
 //!        └─ detect → http_proxy::handle (router → balance → upstream) | tcp::proxy
 //! admin::serve (/live /ready /metrics /config)
 //! ```
@@ -45,12 +45,12 @@ async fn keep_identity_fresh(current: Arc<arc_swap::ArcSwap<RuntimeConfig>>) {
 }
 
 use crate::admin::{self, AdminState};
-use crate::config::Direction;
-use crate::config_store::ConfigStore;
-use crate::http_proxy::HttpContext;
-use crate::listener::{self, Shutdown};
-use crate::metrics::Metrics;
-use crate::runtime_config::{IdentitySource, RuntimeConfig};
+use crate::config::file::Direction;
+use crate::config::snapshot::{IdentitySource, RuntimeConfig};
+use crate::config::store::ConfigStore;
+use crate::listener::accept::{self, Shutdown};
+use crate::stack::server::HttpContext;
+use crate::telemetry::metrics::Metrics;
 use outrigger_core::config_error::ConfigError;
 use outrigger_core::spiffe::SpiffeId;
 
@@ -147,7 +147,7 @@ impl Options {
     pub fn new(config_path: impl Into<PathBuf>) -> Self {
         Options {
             config_path: config_path.into(),
-            watch_interval: Some(crate::config_store::DEFAULT_POLL),
+            watch_interval: Some(crate::config::store::DEFAULT_POLL),
         }
     }
 }
@@ -204,7 +204,7 @@ pub async fn start(options: Options) -> Result<ProxyHandle, StartError> {
             Direction::Inbound => inbound.clone(),
             Direction::Outbound => outbound.clone(),
         };
-        tokio::spawn(listener::accept_loop(socket, ctx, shutdown));
+        tokio::spawn(accept::accept_loop(socket, ctx, shutdown));
     }
     // Only connections hold the tracker from here on, so `drained` ends when they do.
     drop((inbound, outbound));
@@ -260,14 +260,14 @@ pub async fn start(options: Options) -> Result<ProxyHandle, StartError> {
                             "mTLS to the control plane needs this proxy's `identity`",
                         )
                     })?;
-                Some(crate::mtls::client_config(
+                Some(crate::identity::mtls::client_config(
                     store,
                     vec![expected],
-                    crate::mtls::ALPN_H2,
+                    crate::identity::mtls::ALPN_H2,
                 ))
             }
         };
-        let settings = crate::xds_client::XdsSettings {
+        let settings = crate::xds::client::XdsSettings {
             tls,
             address,
             node: xds
@@ -279,7 +279,7 @@ pub async fn start(options: Options) -> Result<ProxyHandle, StartError> {
             cache: xds.cache.as_ref().map(std::path::PathBuf::from),
         };
         tracing::info!(%address, node = %settings.node, "taking routes and clusters from the control plane");
-        crate::xds_client::spawn(store.clone(), settings);
+        crate::xds::client::spawn(store.clone(), settings);
     }
     tokio::spawn(store.clone().watch(options.watch_interval));
     // Certificates rotate on their own schedule, not the config file's.

@@ -5,7 +5,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{SignalKind, signal};
 
-use outrigger_proxy::{app, runtime_config};
+use outrigger_proxy::app;
+use outrigger_proxy::config::snapshot as runtime_config;
 
 #[derive(Parser)]
 #[command(
@@ -126,8 +127,8 @@ fn sidecar(args: SidecarArgs) -> ExitCode {
     init_logging(args.log_json, "info");
     let resolve = |a: &str| outrigger_proxy::sidecar::resolve(a, Duration::from_secs(60));
     let inbound_tls = match args.inbound_tls.as_str() {
-        "strict" => outrigger_proxy::config::TlsMode::Strict,
-        "permissive" => outrigger_proxy::config::TlsMode::Permissive,
+        "strict" => outrigger_proxy::config::file::TlsMode::Strict,
+        "permissive" => outrigger_proxy::config::file::TlsMode::Permissive,
         other => {
             eprintln!("sidecar: --inbound-tls `{other}` is neither `strict` nor `permissive`");
             return ExitCode::FAILURE;

@@ -9,7 +9,7 @@ use std::fmt::Write as _;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
-use crate::config::TlsMode;
+use crate::config::file::TlsMode;
 
 pub struct Sidecar {
     /// The control plane's CA, on its TLS port (the proxy has no certificate yet, so the CA
@@ -133,7 +133,7 @@ impl Sidecar {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime_config::RuntimeConfig;
+    use crate::config::snapshot::RuntimeConfig;
 
     fn sample(ports: Vec<u16>) -> Sidecar {
         Sidecar {

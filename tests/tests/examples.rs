@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 
 use outrigger_control_plane::mesh::Mesh;
-use outrigger_proxy::runtime_config::RuntimeConfig;
+use outrigger_proxy::config::snapshot::RuntimeConfig;
 use serde_json::Value;
 
 fn example(name: &str) -> (String, String) {

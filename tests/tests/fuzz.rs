@@ -12,7 +12,9 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use http::{HeaderMap, HeaderName, HeaderValue};
-use outrigger_proxy::{detect, trace_context, xds_translate};
+use outrigger_proxy::net::detect;
+use outrigger_proxy::telemetry::trace_context;
+use outrigger_proxy::xds::translate as xds_translate;
 use proptest::prelude::*;
 use prost::Message;
 
@@ -160,7 +162,7 @@ fn the_mesh_file_parser_answers_anything() {
 #[test]
 fn the_proxy_config_parser_answers_anything() {
     proptest!(config(), |(text in yamlish(PROXY_WORDS))| {
-        let _ = outrigger_proxy::runtime_config::RuntimeConfig::build("fuzz.yaml", &text, 1, None);
+        let _ = outrigger_proxy::config::snapshot::RuntimeConfig::build("fuzz.yaml", &text, 1, None);
     });
 }
 

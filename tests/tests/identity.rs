@@ -10,7 +10,7 @@ use std::time::Duration;
 use outrigger_control_plane::app::{self, ControlPlane};
 use outrigger_control_plane::ca::Ca;
 use outrigger_core::sign_api::SignRequest;
-use outrigger_proxy::identity_api;
+use outrigger_proxy::identity::api;
 use outrigger_tests::clients::{TestClient, get};
 use outrigger_tests::fake_kube::FakeApiServer;
 use outrigger_tests::{TestProxy, eventually, temp_path, upstreams};
@@ -130,7 +130,7 @@ async fn the_ca_signs_only_what_a_valid_token_proves() {
         }
     };
     let call = |token: &'static str, req: SignRequest| async move {
-        identity_api::sign(endpoint, None, token, req, Duration::from_secs(5)).await
+        api::sign(endpoint, None, token, req, Duration::from_secs(5)).await
     };
     assert!(call("web-token", csr(WEB)).await.is_ok());
 
@@ -381,7 +381,7 @@ async fn in_kubernetes_a_service_account_token_is_checked_with_a_token_review() 
             csr: params.serialize_request(&key).unwrap().der().to_vec(),
             lifetime_seconds: 0,
         };
-        identity_api::sign(endpoint, None, token, req, Duration::from_secs(5)).await
+        api::sign(endpoint, None, token, req, Duration::from_secs(5)).await
     };
     assert!(call("sa-token-web", WEB).await.is_ok());
     let wrong = call("sa-token-web", API).await.unwrap_err();
@@ -454,8 +454,8 @@ async fn a_ca_that_cannot_prove_itself_against_the_anchor_gets_no_csr() {
 #[test]
 fn what_the_ca_returns_is_checked_before_it_is_installed() {
     use outrigger_core::spiffe::SpiffeId;
-    use outrigger_proxy::identity::IdentityStore;
-    use outrigger_proxy::identity_client::check_issued;
+    use outrigger_proxy::identity::client::check_issued;
+    use outrigger_proxy::identity::store::IdentityStore;
     let ca = Ca::generate("mesh.test").unwrap();
     let anchor = IdentityStore::default();
     anchor.set_bundle(ca.bundle_pem().as_bytes()).unwrap();

@@ -203,7 +203,7 @@ async fn only_the_upgrades_a_route_allows_are_passed_on() {
         );
     }
     // h2c cannot even be asked for.
-    let err = outrigger_proxy::runtime_config::RuntimeConfig::build(
+    let err = outrigger_proxy::config::snapshot::RuntimeConfig::build(
         "upgrades.yaml",
         "listeners:\n  - name: l\n    address: 127.0.0.1:0\n    direction: inbound\n    virtual_hosts:\n      - name: v\n        domains: ['*']\n        routes:\n          - backends: [{cluster: c}]\n            upgrades: [h2c]\nclusters:\n  - name: c\n    endpoints: [{address: \"127.0.0.1:9\"}]\n",
         1,

@@ -1,0 +1,5 @@
+//! TODO
+
+pub mod file;
+pub mod snapshot;
+pub mod store;

@@ -1,0 +1,255 @@
+//! The live config: the `ArcSwap` that the data path reads, and how it gets replaced.
+//!
+//! Two sources feed it: the config file (re-read on change and on SIGHUP) and, when the file
+//! has an `xds` section, routes and clusters from the control plane (the overlay). Every
+//! rebuild merges the current file with the current overlay and validates the whole result;
+//! only a complete, valid config replaces the snapshot. Otherwise the old snapshot keeps
+//! serving and the error is kept for `/config`, logged, and counted.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+
+use crate::config::file::{ClusterFile, ConfigFile, VirtualHostFile, XdsFile};
+use crate::config::snapshot::{self, RuntimeConfig};
+use crate::telemetry::metrics::Metrics;
+use outrigger_core::config_error::ConfigError;
+
+pub const DEFAULT_POLL: Duration = Duration::from_millis(200);
+
+pub struct Rejection {
+    pub error: ConfigError,
+    pub at_unix: u64,
+}
+
+/// Routes and clusters received from the control plane.
+#[derive(Debug, Clone, Default)]
+pub struct XdsOverlay {
+    /// RouteConfiguration name → its virtual hosts.
+    pub route_tables: HashMap<String, Vec<VirtualHostFile>>,
+    pub clusters: Vec<ClusterFile>,
+}
+
+struct Inputs {
+    /// The file text last looked at, accepted or not; the poller compares against it.
+    text: String,
+    overlay: Option<XdsOverlay>,
+}
+
+pub struct ConfigStore {
+    pub path: PathBuf,
+    pub current: Arc<ArcSwap<RuntimeConfig>>,
+    pub last_rejection: ArcSwapOption<Rejection>,
+    pub loaded_at_unix: AtomicU64,
+    /// The file's `xds` section as it was at start; the client is started once.
+    pub xds: Option<XdsFile>,
+    /// The route tables the listeners name (`rds`), as at start.
+    rds_names: Vec<String>,
+    /// False while an `xds` section is set and no complete xDS config has been applied.
+    xds_synced: AtomicBool,
+    /// Holding the lock for a whole rebuild serialises rebuilds, so a slow one can never
+    /// store older inputs over newer ones. Only the reload paths take it, never a request.
+    inputs: Mutex<Inputs>,
+    pub metrics: Arc<Metrics>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The file with the overlay's virtual hosts added to every listener that names a route
+/// table, and the overlay's clusters added to the file's (the file wins on a name clash).
+fn merge(mut file: ConfigFile, overlay: Option<&XdsOverlay>) -> ConfigFile {
+    let Some(overlay) = overlay else { return file };
+    for listener in &mut file.listeners {
+        if let Some(table) = listener
+            .rds
+            .as_ref()
+            .and_then(|name| overlay.route_tables.get(name))
+        {
+            listener.virtual_hosts.extend(table.iter().cloned());
+        }
+    }
+    for cluster in &overlay.clusters {
+        if !file
+            .clusters
+            .iter()
+            .any(|c| c.name.value == cluster.name.value)
+        {
+            file.clusters.push(cluster.clone());
+        }
+    }
+    file
+}
+
+impl ConfigStore {
+    pub fn load(path: PathBuf, metrics: Arc<Metrics>) -> Result<Self, ConfigError> {
+        let source = path.display().to_string();
+        let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::io(&source, &e))?;
+        let file = snapshot::parse(&source, &text)?;
+        let xds = file.xds.clone();
+        let rds_names = file
+            .listeners
+            .iter()
+            .filter_map(|l| l.rds.clone())
+            .collect();
+        let config = RuntimeConfig::from_model(&source, file, 1, None)?;
+        metrics.config_reload(true, 1);
+        Ok(ConfigStore {
+            path,
+            current: Arc::new(ArcSwap::from_pointee(config)),
+            last_rejection: ArcSwapOption::empty(),
+            loaded_at_unix: unix_now().into(),
+            xds_synced: AtomicBool::new(xds.is_none()),
+            xds,
+            rds_names,
+            inputs: Mutex::new(Inputs {
+                text,
+                overlay: None,
+            }),
+            metrics,
+        })
+    }
+
+    pub fn rds_names(&self) -> Vec<String> {
+        self.rds_names.clone()
+    }
+
+    /// True once the config is complete: always without xDS, after the first full xDS
+    /// config with it.
+    pub fn is_synced(&self) -> bool {
+        self.xds_synced.load(Ordering::Relaxed)
+    }
+
+    /// Reads the file again and swaps it in (with the current overlay) if it is valid.
+    /// Returns the version serving.
+    pub fn reload(&self) -> Result<u64, ConfigError> {
+        let source = self.path.display().to_string();
+        let mut inputs = self.inputs.lock().unwrap_or_else(|p| p.into_inner());
+        match std::fs::read_to_string(&self.path) {
+            Ok(text) => {
+                inputs.text = text;
+                let (text, overlay) = (inputs.text.clone(), inputs.overlay.clone());
+                self.rebuild(&source, &text, overlay.as_ref())
+            }
+            Err(e) => self.reject(ConfigError::io(&source, &e)),
+        }
+    }
+
+    /// Applies routes and clusters from the control plane. On error nothing changes, and
+    /// the caller NACKs with the message.
+    pub fn apply_xds(&self, overlay: XdsOverlay) -> Result<u64, ConfigError> {
+        let source = self.path.display().to_string();
+        let mut inputs = self.inputs.lock().unwrap_or_else(|p| p.into_inner());
+        let text = inputs.text.clone();
+        let version = self.rebuild(&source, &text, Some(&overlay))?;
+        inputs.overlay = Some(overlay);
+        self.xds_synced.store(true, Ordering::Relaxed);
+        Ok(version)
+    }
+
+    /// Callers hold the `inputs` lock.
+    fn rebuild(
+        &self,
+        source: &str,
+        text: &str,
+        overlay: Option<&XdsOverlay>,
+    ) -> Result<u64, ConfigError> {
+        let old = self.current.load();
+        let built = snapshot::parse(source, text)
+            .and_then(|file| {
+                RuntimeConfig::from_model(source, merge(file, overlay), old.version + 1, Some(&old))
+            })
+            .and_then(|new| same_listeners(source, &old, &new).map(|()| new));
+        match built {
+            Ok(new) => {
+                let version = new.version;
+                self.current.store(Arc::new(new));
+                self.last_rejection.store(None);
+                self.loaded_at_unix.store(unix_now(), Ordering::Relaxed);
+                self.metrics.config_reload(true, version);
+                tracing::info!(version, file = %source, xds = overlay.is_some(), "config accepted");
+                Ok(version)
+            }
+            Err(error) => self.reject(error),
+        }
+    }
+
+    fn reject(&self, error: ConfigError) -> Result<u64, ConfigError> {
+        tracing::error!(%error, "config rejected; the previous config keeps serving");
+        self.metrics.config_reload(false, 0);
+        self.last_rejection.store(Some(Arc::new(Rejection {
+            error: error.clone(),
+            at_unix: unix_now(),
+        })));
+        Err(error)
+    }
+
+    fn changed_on_disk(&self) -> bool {
+        match std::fs::read_to_string(&self.path) {
+            Ok(text) => self.inputs.lock().unwrap_or_else(|p| p.into_inner()).text != text,
+            Err(_) => false,
+        }
+    }
+
+    /// Reloads on SIGHUP, and whenever the file's content changes if `poll` is set, until
+    /// the process ends.
+    pub async fn watch(self: Arc<Self>, poll: Option<Duration>) {
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            let hup_recv = async {
+                match hup.as_mut() {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = hup_recv => {
+                    tracing::info!("SIGHUP: reloading config");
+                    let _ = self.reload();
+                }
+                _ = sleep_or_forever(poll) => {
+                    if self.changed_on_disk() {
+                        let _ = self.reload();
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_or_forever(d: Option<Duration>) {
+    match d {
+        Some(d) => tokio::time::sleep(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Sockets are bound once at start; a file that moves them cannot be honoured by a reload.
+fn same_listeners(
+    source: &str,
+    old: &RuntimeConfig,
+    new: &RuntimeConfig,
+) -> Result<(), ConfigError> {
+    let key = |c: &RuntimeConfig| {
+        c.listeners
+            .iter()
+            .map(|l| (l.name.clone(), l.address_text.clone()))
+            .collect::<Vec<_>>()
+    };
+    if key(old) != key(new) {
+        return Err(ConfigError::at(
+            source,
+            None,
+            "listeners",
+            "listener names and addresses cannot change while running; restart the proxy to apply",
+        ));
+    }
+    Ok(())
+}

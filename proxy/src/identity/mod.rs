@@ -1,0 +1,6 @@
+//! TODO
+
+pub mod api;
+pub mod client;
+pub mod mtls;
+pub mod store;

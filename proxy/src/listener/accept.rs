@@ -1,0 +1,383 @@
+//! Accepting connections and serving each one with the protocol it speaks.
+//!
+//! Every connection watches the shutdown signal. On drain, HTTP/1 connections finish the
+//! request in flight and close; HTTP/2 connections send GOAWAY and finish their streams;
+//! opaque TCP runs on until the drain deadline.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use crate::cluster::balance::Cluster;
+use crate::config::file::{Direction, ListenerProtocol, TlsMode};
+use crate::config::snapshot::{DEFAULT_TCP_IDLE_TIMEOUT, Listener};
+use crate::identity::mtls;
+use crate::listener::tcp;
+use crate::net::detect::{self, Protocol};
+use crate::net::local_origin;
+use crate::net::original_dst;
+use crate::route::destinations::Service;
+use crate::stack::idle::{Activity, Tracked};
+use crate::stack::peer::Peer;
+use crate::stack::server::{self, HttpContext};
+use outrigger_core::prefixed::Prefixed;
+use outrigger_core::spiffe::SpiffeId;
+
+/// Protects the proxy from peers that send huge or endless headers.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+const MAX_HEADERS: usize = 128;
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct Shutdown {
+    pub signal: watch::Receiver<bool>,
+    /// Held by every open connection; the drain waits until all are dropped.
+    pub tracker: mpsc::Sender<()>,
+    /// Connections open on the listeners of this signal: while the app still has outbound
+    /// connections, it is still running and the outbound side stays up.
+    pub open: Arc<AtomicUsize>,
+}
+
+impl Clone for Shutdown {
+    fn clone(&self) -> Self {
+        Shutdown {
+            signal: self.signal.clone(),
+            tracker: self.tracker.clone(),
+            open: self.open.clone(),
+        }
+    }
+}
+
+/// Counts a connection as open for as long as it lives.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        OpenConnection(count.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+pub async fn accept_loop(listener: TcpListener, ctx: Arc<HttpContext>, shutdown: Shutdown) {
+    let mut signal = shutdown.signal.clone();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(serve_connection(stream, ctx.clone(), shutdown.clone()));
+                }
+                // Out of file descriptors and the like: back off instead of spinning.
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = signal.changed() => break,
+        }
+    }
+    // Dropping the socket here makes new connections fail at once.
+}
+
+async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Shutdown) {
+    let _open = OpenConnection::new(&shutdown.open);
+    let client_addr = stream.peer_addr().ok();
+    let snapshot = ctx.config.load_full();
+    let listener = &snapshot.listeners[ctx.listener];
+    let name = listener.name.clone();
+    // Only a transparent listener pays for the socket option.
+    let original = listener
+        .destinations
+        .as_ref()
+        .and_then(|_| original_dst::of(&stream));
+    if listener.direction == Direction::Outbound
+        && original.is_none()
+        && !client_addr
+            .zip(stream.local_addr().ok())
+            .is_some_and(|(peer, local)| local_origin::from_this_host(peer, local))
+    {
+        tracing::debug!(listener = %name, peer = ?client_addr, "outbound connection from another host refused");
+        ctx.metrics.foreign_refused(&name);
+        return;
+    }
+    let redirected = match redirected(original, listener) {
+        Redirect::Passthrough(to) => {
+            let idle = listener
+                .tcp
+                .as_ref()
+                .map_or(DEFAULT_TCP_IDLE_TIMEOUT, |t| t.idle_timeout);
+            drop(snapshot);
+            let _guard = shutdown.tracker;
+            match tcp::passthrough(stream, to, idle).await {
+                Ok(n) => ctx.metrics.tcp_bytes(&name, n),
+                Err(e) => {
+                    tracing::debug!(error = %e, listener = %name, %to, "passthrough ended");
+                    ctx.metrics.connection_error(&name);
+                }
+            }
+            return;
+        }
+        Redirect::Mesh(service) => service,
+    };
+    let open = ctx.metrics.open_connections(&name);
+    open.inc();
+    let (protocol, io) = match listener.protocol {
+        ListenerProtocol::Http1 => (Protocol::Http1, Prefixed::new(stream)),
+        ListenerProtocol::Http2 => (Protocol::Http2, Prefixed::new(stream)),
+        ListenerProtocol::Opaque => (Protocol::Opaque, Prefixed::new(stream)),
+        ListenerProtocol::Detect => match detect::detect(stream, listener.detect_timeout).await {
+            Ok(found) => found,
+            Err(_) => {
+                open.dec();
+                return;
+            }
+        },
+    };
+    ctx.metrics.connection_opened(&name, protocol.label());
+    let strict = listener
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.mode == TlsMode::Strict);
+    match protocol {
+        Protocol::Tls if listener.tls.is_some() => {
+            let acceptor = listener.tls.as_ref().expect("checked").acceptor.clone();
+            let idle = listener.idle_timeout;
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+                Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(mtls::ALPN_TCP) => {
+                    let peer = mtls::peer_identity(stream.get_ref().1);
+                    let admitted = admit_tcp(listener, peer.as_ref(), &ctx);
+                    let route = tcp_route(redirected, listener);
+                    drop(snapshot);
+                    match route {
+                        _ if !admitted => {}
+                        Some((cluster, idle)) => {
+                            let _guard = shutdown.tracker;
+                            proxy_tcp(stream, &cluster, idle, &ctx, &name).await;
+                        }
+                        None => tracing::debug!(listener = %name, "no tcp route for mTLS TCP"),
+                    }
+                }
+                Ok(Ok(stream)) => {
+                    let virtual_host = redirected.virtual_host;
+                    drop(snapshot);
+                    let conn = stream.get_ref().1;
+                    let peer = mtls::peer_identity(conn).map(Arc::new);
+                    let protocol = match conn.alpn_protocol() {
+                        Some(mtls::ALPN_H2) => Protocol::Http2,
+                        _ => Protocol::Http1,
+                    };
+                    let peer = Peer {
+                        identity: peer,
+                        addr: client_addr,
+                        virtual_host,
+                        drain: None,
+                    };
+                    if serve_http(stream, protocol, idle, peer, ctx.clone(), shutdown)
+                        .await
+                        .is_err()
+                    {
+                        ctx.metrics.connection_error(&name);
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, listener = %name, "TLS handshake failed");
+                    ctx.metrics.tls_handshake_failure(&name);
+                }
+                Err(_) => ctx.metrics.tls_handshake_failure(&name),
+            }
+        }
+        // Strict mTLS: whatever is not TLS is closed unread.
+        _ if strict => {
+            tracing::debug!(listener = %name, "plaintext refused in strict mTLS mode");
+            ctx.metrics.plaintext_refused(&name);
+        }
+        Protocol::Http1 | Protocol::Http2 => {
+            let idle = listener.idle_timeout;
+            drop(snapshot);
+            let peer = Peer {
+                identity: None,
+                addr: client_addr,
+                virtual_host: redirected.virtual_host,
+                drain: None,
+            };
+            if serve_http(io, protocol, idle, peer, ctx.clone(), shutdown)
+                .await
+                .is_err()
+            {
+                ctx.metrics.connection_error(&name);
+            }
+        }
+        // TLS is passed through untouched until the proxy terminates mTLS itself. Either way
+        // the caller proved no identity, and is judged as such.
+        Protocol::Tls | Protocol::Opaque => match tcp_route(redirected, listener) {
+            _ if !admit_tcp(listener, None, &ctx) => drop(snapshot),
+            Some((cluster, idle)) => {
+                drop(snapshot);
+                let _guard = shutdown.tracker;
+                proxy_tcp(io, &cluster, idle, &ctx, &name).await;
+            }
+            None => tracing::debug!(listener = %name, "no tcp route; closing opaque connection"),
+        },
+    }
+    open.dec();
+}
+
+/// Opaque TCP to `cluster`, holding one of its connections under the circuit breaker for as
+/// long as it lasts; past the breaker's `max_connections` it is closed at once and counted.
+async fn proxy_tcp<D>(
+    downstream: D,
+    cluster: &Cluster,
+    idle: Duration,
+    ctx: &HttpContext,
+    name: &str,
+) where
+    D: AsyncRead + AsyncWrite + Unpin,
+{
+    let Some(_connection) = cluster.breaker.try_connection() else {
+        ctx.metrics.overflow(&cluster.name, "connections");
+        return;
+    };
+    match tcp::proxy(downstream, cluster, idle).await {
+        Ok(n) => ctx.metrics.tcp_bytes(name, n),
+        Err(e) => {
+            tracing::debug!(error = %e, listener = %name, "tcp proxy ended");
+            ctx.metrics.connection_error(name);
+        }
+    }
+}
+
+/// Authorization and the listener's rate limit, for a TCP connection: it has no status code
+/// to carry a refusal, so a refused one is just closed (and counted).
+fn admit_tcp(listener: &Listener, peer: Option<&SpiffeId>, ctx: &HttpContext) -> bool {
+    if let Some(authz) = &listener.authorization
+        && !authz.allows(peer)
+    {
+        let peer = peer.map(|p| p.to_string());
+        ctx.metrics.denied(&listener.name, peer.as_deref());
+        return false;
+    }
+    if let Some(Err(_)) = listener.rate_limit.as_ref().map(|l| l.acquire()) {
+        ctx.metrics.rate_limited(ctx.direction, "tcp");
+        return false;
+    }
+    true
+}
+
+/// What the original destination of a connection says about it.
+enum Redirect {
+    /// Not the mesh's: copy it through to where the app meant it to go.
+    Passthrough(std::net::SocketAddr),
+    /// The proxy's to handle; the service is empty when the connection was not redirected.
+    Mesh(Service),
+}
+
+/// Opaque TCP goes to the dialled service's cluster, else to the listener's `tcp` route.
+fn tcp_route(service: Service, listener: &Listener) -> Option<(Arc<Cluster>, Duration)> {
+    let idle = listener
+        .tcp
+        .as_ref()
+        .map_or(DEFAULT_TCP_IDLE_TIMEOUT, |t| t.idle_timeout);
+    match service.cluster {
+        Some(cluster) => Some((cluster, idle)),
+        None => listener.tcp.as_ref().map(|r| (r.cluster.clone(), idle)),
+    }
+}
+
+/// Outbound, the dialled address picks the service or a passthrough; inbound, the dialled
+/// port picks the app port.
+fn redirected(original: Option<std::net::SocketAddr>, listener: &Listener) -> Redirect {
+    let (Some(destinations), Some(original)) = (&listener.destinations, original) else {
+        return Redirect::Mesh(Service::default());
+    };
+    match listener.direction {
+        Direction::Outbound => destinations
+            .lookup(original)
+            .map_or(Redirect::Passthrough(original), Redirect::Mesh),
+        Direction::Inbound => Redirect::Mesh(destinations.lookup_port(original.port())),
+    }
+}
+
+async fn serve_http<I>(
+    io: I,
+    protocol: Protocol,
+    idle: Duration,
+    peer: Peer,
+    ctx: Arc<HttpContext>,
+    shutdown: Shutdown,
+) -> Result<(), hyper::Error>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Shutdown {
+        mut signal,
+        tracker,
+        ..
+    } = shutdown;
+    let mut peer = peer;
+    peer.drain = Some(tracker.clone());
+    let _guard = tracker;
+    let activity = Arc::new(Activity::default());
+    let svc = {
+        let activity = activity.clone();
+        service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(peer.clone());
+            let (ctx, in_flight) = (ctx.clone(), activity.request());
+            async move {
+                let resp = server::handle(ctx, req).await?;
+                Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, in_flight)))
+            }
+        })
+    };
+    let io = TokioIo::new(io);
+    // Both connection types have the same graceful-shutdown dance but no common trait.
+    macro_rules! drive {
+        ($conn:expr) => {{
+            let conn = $conn;
+            tokio::pin!(conn);
+            if *signal.borrow() {
+                conn.as_mut().graceful_shutdown();
+            }
+            tokio::select! {
+                res = conn.as_mut() => res,
+                _ = signal.changed() => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+                _ = activity.idle_for(idle) => {
+                    conn.as_mut().graceful_shutdown();
+                    conn.await
+                }
+            }
+        }};
+    }
+    match protocol {
+        Protocol::Http2 => drive!(
+            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_header_list_size(MAX_HEADER_BYTES as u32)
+                .serve_connection(io, svc)
+        ),
+        _ => drive!(
+            hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_HEADER_BYTES)
+                .max_headers(MAX_HEADERS)
+                .serve_connection(io, svc)
+                .with_upgrades()
+        ),
+    }
+}

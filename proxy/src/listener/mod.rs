@@ -1,0 +1,4 @@
+//! TODO
+
+pub mod accept;
+pub mod tcp;

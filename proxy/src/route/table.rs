@@ -1,0 +1,55 @@
+//! The compiled route table of one listener: virtual hosts, and in each the routes tried in
+//! order, with what a matched request gets (backends, timeout, retries, header changes).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Method;
+use http::header::{HeaderName, HeaderValue};
+use outrigger_core::token_bucket::RateLimiter;
+
+use crate::cluster::balance::WeightedBackend;
+use crate::policy::retry::RetryPolicy;
+use crate::route::router::{HeaderMatch, PathMatch};
+
+pub struct VirtualHost {
+    pub name: String,
+    pub domains: Vec<String>,
+    pub routes: Vec<Route>,
+}
+
+pub struct Route {
+    /// Used as the metrics label; bounded because it comes from config, not from requests.
+    pub name: String,
+    pub path: PathMatch,
+    pub headers: Vec<HeaderMatch>,
+    pub methods: Vec<Method>,
+    pub backends: Vec<WeightedBackend>,
+    pub total_weight: u32,
+    pub timeout: Duration,
+    pub request_headers: HeaderChanges,
+    pub response_headers: HeaderChanges,
+    pub retry: Option<RetryPolicy>,
+    pub rate_limit: Option<Arc<RateLimiter>>,
+    /// The share of new traces sampled here; `None`: the proxy's.
+    pub sampling: Option<f64>,
+    /// Whether a WebSocket upgrade is honoured here (the only upgrade there is).
+    pub websocket: bool,
+}
+
+#[derive(Default)]
+pub struct HeaderChanges {
+    pub set: Vec<(HeaderName, HeaderValue)>,
+    pub remove: Vec<HeaderName>,
+}
+
+impl HeaderChanges {
+    pub fn apply(&self, headers: &mut http::HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+    }
+}

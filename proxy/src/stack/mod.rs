@@ -1,0 +1,5 @@
+//! TODO
+
+pub mod idle;
+pub mod peer;
+pub mod server;

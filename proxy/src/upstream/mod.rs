@@ -1,0 +1,4 @@
+//! TODO
+
+pub mod client;
+pub mod error;

@@ -1,0 +1,5 @@
+//! TODO
+
+pub mod client;
+pub mod tracing;
+pub mod translate;
