@@ -49,7 +49,7 @@ use crate::config::file::Direction;
 use crate::config::snapshot::{IdentitySource, RuntimeConfig};
 use crate::config::store::ConfigStore;
 use crate::listener::accept::{self, Shutdown};
-use crate::stack::server::HttpContext;
+use crate::stack::exchange::HttpContext;
 use crate::telemetry::metrics::Metrics;
 use outrigger_core::config_error::ConfigError;
 use outrigger_core::spiffe::SpiffeId;

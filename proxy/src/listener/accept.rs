@@ -26,7 +26,7 @@ use crate::net::original_dst;
 use crate::route::destinations::Service;
 use crate::stack::idle::{Activity, Tracked};
 use crate::stack::peer::Peer;
-use crate::stack::server::{self, HttpContext};
+use crate::stack::{self, exchange::HttpContext};
 use outrigger_core::prefixed::Prefixed;
 use outrigger_core::spiffe::SpiffeId;
 
@@ -336,7 +336,7 @@ where
             req.extensions_mut().insert(peer.clone());
             let (ctx, in_flight) = (ctx.clone(), activity.request());
             async move {
-                let resp = server::handle(ctx, req).await?;
+                let resp = stack::handle(ctx, req).await?;
                 Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, in_flight)))
             }
         })

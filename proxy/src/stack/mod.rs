@@ -1,5 +1,120 @@
-//! TODO
+//! The HTTP request path, as a stack of stages, each in its own file. [`handle`] assembles
+//! them top to bottom, and is the one function to read to follow a request:
+//!
+//! ```text
+//! access log → metrics → authorize → route → rate limit → timeout → retry → balance → pool
+//! ```
+//!
+//! The config arrives as a handle (the `ArcSwap` snapshot), loaded once per request. What the
+//! stages share, and what the inner ones tell the outer ones, flows down as one value, the
+//! [`Exchange`](exchange::Exchange). Errors are not turned into responses by the stages: they
+//! come back up to `handle`, the only place that calls `ProxyError::into_response`.
+//!
+//! The stages are plain async functions rather than tower services: each borrows the request's
+//! snapshot (its route, its cluster) for the request's life, which tower's `'static` futures
+//! cannot, and a boxed future per layer would cost an allocation per stage per request.
 
+pub mod access_log;
+pub mod authorize;
+pub mod balance;
+pub mod exchange;
+pub mod headers;
 pub mod idle;
 pub mod peer;
-pub mod server;
+pub mod pool;
+pub mod rate_limit;
+pub mod record;
+pub mod retry;
+pub mod route;
+pub mod timeout;
+pub mod upgrade;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::cluster::balance::pick_backend;
+use crate::stack::exchange::{Call, Exchange, HttpContext};
+use crate::stack::peer::Peer;
+use crate::telemetry::request_trace::Trace;
+use crate::upstream::client::Body;
+use crate::upstream::error::ProxyError;
+
+/// One request, through the whole stack.
+pub async fn handle(
+    ctx: Arc<HttpContext>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let snapshot = ctx.config.load_full();
+    let peer = req.extensions_mut().remove::<Peer>();
+    let mut ex = Exchange::new(&ctx, &snapshot, peer);
+    // access log → metrics: what they need of the request is taken before it goes down.
+    let access = access_log::begin(&ex, &req);
+    let span = record::span_facts(&ex, &req);
+    let response = match forward(&mut ex, req).await {
+        Ok(resp) => resp,
+        Err(err) => {
+            let trace_id = ex.trace.as_ref().map(|t| record::hex(&t.span.trace_id));
+            tracing::debug!(error = %err, side = ?err.side(), trace_id, "synthetic response");
+            err.into_response()
+        }
+    };
+    if let Some(access) = access {
+        access.write(&ex, &response);
+    }
+    Ok(record::finish(ex, span, response))
+}
+
+/// authorize → route → rate limit → timeout → retry → balance → pool, and the response back.
+async fn forward<'a>(
+    ex: &mut Exchange<'a>,
+    mut req: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
+    authorize::authorize(ex, req.headers_mut())?;
+    let host = route::request_host(&req)?;
+    let (parts, body) = req.into_parts();
+    let route = route::select(ex, &host, &parts)?;
+    ex.route = Some(route);
+    rate_limit::admit(ex, route)?;
+    let timeout = timeout::for_request(route.timeout, &parts.headers);
+    let mut req = Request::from_parts(parts, body);
+    if let Some(tracer) = &ex.snapshot.tracing {
+        ex.trace = Trace::start(tracer, req.headers(), route.sampling);
+    }
+    let cluster = &pick_backend(&route.backends, route.total_weight).cluster;
+    // Held until the response head: past the threshold, fail fast rather than queue.
+    let Some(slot) = cluster.breaker.try_request() else {
+        ex.ctx.metrics.overflow(&cluster.name, "requests");
+        return Err(ProxyError::Overloaded {
+            cluster: cluster.name.clone(),
+            limit: "max_requests",
+        });
+    };
+    let upgrade = route.websocket && headers::is_upgrade(&req);
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    // Only a tunnel outlives its request and needs its own hold on the drain.
+    let drain = upgrade
+        .then(|| ex.peer.as_ref().and_then(|p| p.drain.clone()))
+        .flatten();
+    let call = Call {
+        ctx: ex.ctx,
+        route,
+        cluster,
+        host: &host,
+        trace: ex.trace.as_ref(),
+    };
+    let policy = route.retry.as_ref().filter(|p| p.retries > 0 && !upgrade);
+    let mut resp =
+        timeout::within(timeout, retry::send(&call, policy, timeout, req, upgrade)).await?;
+    match downstream_upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS) {
+        Some(downstream) => {
+            upgrade::tunnel(downstream, &mut resp, slot, drain, ex.listener.idle_timeout)
+        }
+        None => headers::strip_hop_by_hop(resp.headers_mut()),
+    }
+    route.response_headers.apply(resp.headers_mut());
+    Ok(resp.map(|b| b.boxed()))
+}

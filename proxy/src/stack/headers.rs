@@ -1,0 +1,179 @@
+//! The headers the proxy owns: the ones it vouches for (and strips from callers), the
+//! hop-by-hop ones it never forwards, upgrade detection, and the rewrite of a request for the
+//! endpoint it goes to.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Uri, Version};
+use hyper::body::Incoming;
+
+use crate::cluster::balance::UpstreamProtocol;
+use crate::route::table::Route;
+use crate::upstream::client::Body;
+use crate::upstream::error::ProxyError;
+
+/// Tells the upstream which attempt this is (1 for the first).
+pub const ATTEMPT_HEADER: &str = "x-outrigger-attempt";
+/// Tells the app behind an mTLS listener the caller's verified SPIFFE ID.
+pub const CLIENT_ID_HEADER: &str = "x-outrigger-client-id";
+
+/// The headers the proxy vouches for. A caller's copy is removed before the proxy sets its
+/// own, and a `Connection:` nomination cannot remove the proxy's.
+const VOUCHED: [&str; 1] = [CLIENT_ID_HEADER];
+
+/// Whether `name` is `vouched` as an app might read it: frameworks that map headers to
+/// variables (CGI, WSGI, Rack, nginx) fold `_` into `-`, and names arrive lowercased.
+fn spells(name: &str, vouched: &str) -> bool {
+    name.len() == vouched.len()
+        && name
+            .bytes()
+            .zip(vouched.bytes())
+            .all(|(a, b)| a.to_ascii_lowercase() == b || (a == b'_' && b == b'-'))
+}
+
+fn is_vouched(name: &str) -> bool {
+    VOUCHED.iter().any(|v| spells(name, v))
+}
+
+/// Removes every spelling of every vouched-for header.
+pub fn strip_vouched(headers: &mut HeaderMap) {
+    // Most requests carry none: look before allocating.
+    if !headers.keys().any(|k| is_vouched(k.as_str())) {
+        return;
+    }
+    let found: Vec<HeaderName> = headers
+        .keys()
+        .filter(|k| is_vouched(k.as_str()))
+        .cloned()
+        .collect();
+    for name in found {
+        headers.remove(name);
+    }
+}
+
+/// Connection-scoped headers describe one hop and must not be forwarded (RFC 9110 §7.6.1).
+/// `te: trailers` is the exception: gRPC needs it end to end.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|s| s.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        // The proxy's own headers are not the caller's to remove.
+        .filter(|n| !VOUCHED.contains(&n.as_str()))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::PROXY_AUTHORIZATION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+    ] {
+        headers.remove(name);
+    }
+    if headers.get(header::TE).is_some_and(|v| v != "trailers") {
+        headers.remove(header::TE);
+    }
+}
+
+/// Whether this is an upgrade the proxy honours. Only WebSocket is: an `h2c` upgrade would
+/// hand the rest of the connection to the app unrouted, and any other protocol is one the
+/// proxy cannot vouch for. Their `Upgrade` header is removed as hop-by-hop, and the request
+/// goes on as an ordinary one.
+pub fn is_upgrade(req: &Request<Incoming>) -> bool {
+    let websocket = |v: &HeaderValue| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("websocket"))
+        })
+    };
+    req.version() == Version::HTTP_11
+        && req.headers().get(header::UPGRADE).is_some_and(websocket)
+        && req.headers().get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+pub fn rewrite_request(
+    req: Request<Body>,
+    route: &Route,
+    base_uri: &str,
+    host: &str,
+    protocol: UpstreamProtocol,
+    upgrade: bool,
+) -> Result<Request<Body>, ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let invalid = |_| ProxyError::BadRequest("invalid request target");
+    if !upgrade {
+        strip_hop_by_hop(&mut parts.headers);
+    }
+    match protocol {
+        UpstreamProtocol::Http1 => {
+            // The pool connects to the URI's authority: the endpoint. The name the client
+            // asked for rides in Host, which an HTTP/2 client did not send.
+            parts.uri = Uri::try_from(format!("{base_uri}{path}")).map_err(invalid)?;
+            parts.version = Version::HTTP_11;
+            if !parts.headers.contains_key(header::HOST) {
+                let value = HeaderValue::from_str(host)
+                    .map_err(|_| ProxyError::BadRequest("invalid host"))?;
+                parts.headers.insert(header::HOST, value);
+            }
+        }
+        UpstreamProtocol::Http2 => {
+            // The connection is already the endpoint's; the URI only supplies :authority.
+            parts.uri = Uri::try_from(format!("http://{host}{path}")).map_err(invalid)?;
+            parts.version = Version::HTTP_2;
+            parts.headers.remove(header::HOST);
+        }
+    }
+    route.request_headers.apply(&mut parts.headers);
+    Ok(Request::from_parts(parts, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_spelling_of_a_vouched_header_is_stripped() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "x-outrigger-client-id",
+            "x_outrigger_client_id",
+            "x-outrigger_client-id",
+        ] {
+            h.append(
+                name,
+                "spiffe://cluster.local/ns/x/sa/admin".parse().unwrap(),
+            );
+        }
+        h.insert("x-outrigger-client-idx", "kept".parse().unwrap());
+        strip_vouched(&mut h);
+        assert_eq!(h.len(), 1, "{h:?}");
+    }
+
+    #[test]
+    fn a_connection_nomination_cannot_remove_a_vouched_header() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            "x-outrigger-client-id, x-other".parse().unwrap(),
+        );
+        h.insert(
+            CLIENT_ID_HEADER,
+            "spiffe://cluster.local/ns/a/sa/a".parse().unwrap(),
+        );
+        h.insert("x-other", "gone".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert!(h.contains_key(CLIENT_ID_HEADER));
+        assert!(!h.contains_key("x-other"));
+    }
+}

@@ -1,0 +1,64 @@
+//! The pool stage: the request goes out on a connection of the cluster's pools. HTTP/1.1
+//! takes a connection of its own until the response head, within the circuit breaker's
+//! connection limit; HTTP/2 multiplexes onto the endpoint's one connection; an upgrade gets a
+//! fresh connection that becomes the tunnel.
+
+use std::sync::Arc;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::cluster::balance::{Endpoint, UpstreamProtocol};
+use crate::policy::circuit_breaker::Overflow;
+use crate::stack::exchange::Call;
+use crate::upstream::client::Body;
+use crate::upstream::error::ProxyError;
+
+/// A permit for an HTTP/1.1 connection, waited for while fewer than `max_pending` requests
+/// wait; `None` where the protocol needs none.
+pub async fn connection(
+    call: &Call<'_>,
+    upgrade: bool,
+) -> Result<Option<OwnedSemaphorePermit>, ProxyError> {
+    let cluster = call.cluster;
+    match (upgrade, cluster.protocol) {
+        (false, UpstreamProtocol::Http1) => match cluster.breaker.connection().await {
+            Ok(permit) => Ok(Some(permit)),
+            Err(Overflow::Pending) => {
+                call.ctx.metrics.overflow(&cluster.name, "pending");
+                Err(ProxyError::Overloaded {
+                    cluster: cluster.name.clone(),
+                    limit: "max_pending",
+                })
+            }
+        },
+        _ => Ok(None),
+    }
+}
+
+pub async fn send(
+    call: &Call<'_>,
+    endpoint: &Arc<Endpoint>,
+    req: Request<Body>,
+    upgrade: bool,
+) -> Result<Response<Incoming>, ProxyError> {
+    let cluster = call.cluster;
+    match (upgrade, cluster.protocol) {
+        (true, _) => {
+            cluster
+                .client
+                .send_upgrade(&cluster.name, endpoint.addr, req)
+                .await
+        }
+        (false, UpstreamProtocol::Http1) => cluster.client.send(&cluster.name, req).await,
+        (false, UpstreamProtocol::Http2) => {
+            let timeout = cluster.client.connect_timeout();
+            let tls = cluster.tls.as_ref().map(|t| &t.config);
+            endpoint
+                .h2
+                .send(&cluster.name, endpoint.addr, timeout, tls, req)
+                .await
+        }
+    }
+}

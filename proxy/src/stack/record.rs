@@ -1,0 +1,190 @@
+//! The metrics stage: every request is counted once with its route, status, gRPC status,
+//! caller and latency, and its span (if traced) is recorded. A gRPC status that comes in the
+//! trailers is counted when they go by.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header;
+use http::{Method, Request, Response};
+use http_body_util::BodyExt;
+
+use crate::stack::exchange::Exchange;
+use crate::telemetry::metrics::{Metrics, RequestRecord};
+use crate::telemetry::request_trace::{self, RequestFacts};
+use crate::upstream::client::Body;
+use crate::upstream::error::ERROR_HEADER;
+
+/// What the request's span needs after the request itself is gone.
+pub struct SpanFacts {
+    method: Method,
+    host: String,
+}
+
+/// Only taken when the proxy traces at all.
+pub fn span_facts<B>(ex: &Exchange<'_>, req: &Request<B>) -> Option<SpanFacts> {
+    ex.snapshot.tracing.as_ref()?;
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    Some(SpanFacts {
+        method: req.method().clone(),
+        host,
+    })
+}
+
+/// Records the request, now or when its gRPC trailers go by, and ends its span.
+pub fn finish(
+    ex: Exchange<'_>,
+    facts: Option<SpanFacts>,
+    response: Response<Body>,
+) -> Response<Body> {
+    let status = response.status().as_u16();
+    let route = ex.route_label();
+    let peer_identity = ex
+        .peer
+        .as_ref()
+        .and_then(|p| p.identity.as_ref().map(|i| i.to_string()));
+    let record = PendingRecord {
+        metrics: ex.ctx.metrics.clone(),
+        direction: ex.ctx.direction,
+        route: route.to_string(),
+        status,
+        peer: peer_identity,
+        elapsed: ex.started.elapsed(),
+        trace_id: ex.trace.as_ref().map(|t| hex(&t.span.trace_id)),
+    };
+    let headers = response.headers();
+    let grpc = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    let response = match headers.get("grpc-status").and_then(|v| v.to_str().ok()) {
+        // A gRPC status after messages arrives in the trailers: count the call then.
+        None if grpc => response.map(|inner| {
+            GrpcStatusBody {
+                inner,
+                record: Some(record),
+                grpc_status: None,
+            }
+            .boxed()
+        }),
+        grpc_status => {
+            let grpc_status = grpc_status.map(str::to_string);
+            record.finish(grpc_status.as_deref());
+            response
+        }
+    };
+    if let (Some(trace), Some(facts)) = (ex.trace, facts) {
+        let peer = ex.peer.as_ref();
+        let facts = RequestFacts {
+            inbound: ex.ctx.direction == "inbound",
+            method: &facts.method,
+            host: &facts.host,
+            route,
+            status,
+            client: peer.and_then(|p| p.addr),
+            peer_identity: peer.and_then(|p| p.identity.as_ref().map(|i| i.to_string())),
+            synthetic: response
+                .headers()
+                .get(ERROR_HEADER)
+                .and_then(|v| v.to_str().ok()),
+        };
+        request_trace::record_request(trace, facts, &ex.ctx.metrics);
+    }
+    response
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A request's metrics, waiting for its outcome.
+struct PendingRecord {
+    metrics: Arc<Metrics>,
+    direction: &'static str,
+    route: String,
+    status: u16,
+    peer: Option<String>,
+    elapsed: Duration,
+    trace_id: Option<String>,
+}
+
+impl PendingRecord {
+    fn finish(self, grpc_status: Option<&str>) {
+        self.metrics.record_request(RequestRecord {
+            direction: self.direction,
+            route: &self.route,
+            status: self.status,
+            grpc_status,
+            peer: self.peer.as_deref(),
+            elapsed: self.elapsed,
+            trace_id: self.trace_id,
+        });
+    }
+}
+
+/// A gRPC response body that records its call once the trailers (or the end) go by.
+struct GrpcStatusBody {
+    inner: Body,
+    record: Option<PendingRecord>,
+    grpc_status: Option<String>,
+}
+
+impl hyper::body::Body for GrpcStatusBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let Some(status) = frame
+                    .trailers_ref()
+                    .and_then(|t| t.get("grpc-status"))
+                    .and_then(|v| v.to_str().ok())
+                {
+                    self.grpc_status = Some(status.to_string());
+                }
+            }
+            std::task::Poll::Ready(None) => {
+                if let Some(record) = self.record.take() {
+                    let status = self.grpc_status.take();
+                    record.finish(status.as_deref());
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for GrpcStatusBody {
+    fn drop(&mut self) {
+        // The client went away before the end: the call is still counted, status unknown.
+        if let Some(record) = self.record.take() {
+            let status = self.grpc_status.take();
+            record.finish(Some(status.as_deref().unwrap_or("unknown")));
+        }
+    }
+}

@@ -1,0 +1,173 @@
+//! The retry stage: a request whose body is small enough to keep is sent again, to another
+//! endpoint, after an outcome its policy names, while the cluster's budget, throttle and
+//! circuit breaker allow, with jittered backoff, and within the request's timeout.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+
+use crate::policy::retry::{MAX_REPLAY_BODY, Outcome, RetryPolicy, retriable, retry_after};
+use crate::stack::balance::{self, Try};
+use crate::stack::exchange::Call;
+use crate::stack::headers::ATTEMPT_HEADER;
+use crate::upstream::error::ProxyError;
+
+/// Sends the request: with retries when its route has a policy (and it is no upgrade), else
+/// once.
+pub async fn send(
+    call: &Call<'_>,
+    policy: Option<&RetryPolicy>,
+    timeout: Duration,
+    req: Request<Incoming>,
+    upgrade: bool,
+) -> Result<Response<Incoming>, ProxyError> {
+    match policy {
+        Some(policy) => match replayable(req).await? {
+            Replay::Ready(head, body) => {
+                let deadline = tokio::time::Instant::now() + timeout;
+                send_with_retries(call, policy, deadline, head, body).await
+            }
+            Replay::Once(req) => balance::send_once(call, req.map(|b| b.boxed()), false).await,
+        },
+        None => balance::send_once(call, req.map(|b| b.boxed()), upgrade).await,
+    }
+}
+
+/// What a retried request needs to be sent again.
+struct Head {
+    method: http::Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+}
+
+enum Replay {
+    Ready(Head, Bytes),
+    /// Too large, or of unknown length: sent once, as it streams.
+    Once(Request<Incoming>),
+}
+
+async fn replayable(req: Request<Incoming>) -> Result<Replay, ProxyError> {
+    let length = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let small = hyper::body::Body::is_end_stream(req.body())
+        || length.is_some_and(|n| n <= MAX_REPLAY_BODY);
+    if !small {
+        return Ok(Replay::Once(req));
+    }
+    let (parts, body) = req.into_parts();
+    let bytes = body
+        .collect()
+        .await
+        .map_err(|_| ProxyError::BadRequest("the client stopped sending its body"))?
+        .to_bytes();
+    Ok(Replay::Ready(
+        Head {
+            method: parts.method,
+            uri: parts.uri,
+            version: parts.version,
+            headers: parts.headers,
+        },
+        bytes,
+    ))
+}
+
+async fn send_with_retries(
+    call: &Call<'_>,
+    policy: &RetryPolicy,
+    deadline: tokio::time::Instant,
+    head: Head,
+    body: Bytes,
+) -> Result<Response<Incoming>, ProxyError> {
+    let Call {
+        ctx,
+        route,
+        cluster,
+        ..
+    } = *call;
+    let _active = cluster.retry_budget.request();
+    // A retry holds its budget slot until the next attempt ends, so concurrent retries are
+    // what the budget counts.
+    let mut _retry_slot = None;
+    let mut avoid = None;
+    let mut number = 0u32;
+    let mut waited = Duration::ZERO;
+    loop {
+        let endpoint = cluster
+            .pick_avoiding(avoid)
+            .ok_or_else(|| ProxyError::NoEndpoint {
+                cluster: cluster.name.clone(),
+            })?;
+        let mut req = Request::new(
+            Full::new(body.clone())
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *req.method_mut() = head.method.clone();
+        *req.uri_mut() = head.uri.clone();
+        *req.version_mut() = head.version;
+        *req.headers_mut() = head.headers.clone();
+        // The app may want to know it is seeing a retry (and log it).
+        req.headers_mut()
+            .insert(ATTEMPT_HEADER, HeaderValue::from(number + 1));
+        let try_ = Try {
+            number: number + 1,
+            waited,
+            per_try_timeout: policy.per_try_timeout,
+        };
+        let result = balance::attempt(call, endpoint, req, false, try_).await;
+        let outcome = match &result {
+            Ok(resp) => Outcome::Response(resp.status(), resp.headers()),
+            Err(ProxyError::UpstreamConnect { .. }) => Outcome::ConnectFailed,
+            Err(ProxyError::UpstreamTimeout { .. }) => Outcome::TimedOut,
+            Err(ProxyError::UpstreamFailed { refused: true, .. }) => Outcome::Refused,
+            Err(ProxyError::UpstreamFailed { .. }) => Outcome::Reset,
+            Err(_) => return result,
+        };
+        // How retries fare decides whether any more may go out (the cluster's throttle).
+        let failed = retriable(&policy.on, &outcome);
+        cluster.retry_budget.throttle.record(failed);
+        if number >= policy.retries
+            || !failed
+            || !policy.allows(&head.method, &head.headers, &outcome)
+        {
+            return result;
+        }
+        // An upstream that says when to come back is taken at its word. If that is past the
+        // deadline, its answer goes back now rather than a timeout later.
+        let mut wait = policy.backoff(number);
+        if let Ok(resp) = &result
+            && let Some(asked) = retry_after(resp.headers())
+        {
+            if tokio::time::Instant::now()
+                .checked_add(asked)
+                .is_none_or(|at| at >= deadline)
+            {
+                return result;
+            }
+            wait = wait.max(asked);
+        }
+        let Some(slot) = cluster.retry_budget.try_retry() else {
+            ctx.metrics.retry_budget_exhausted(&cluster.name);
+            return result;
+        };
+        let Some(breaker_slot) = cluster.breaker.try_retry() else {
+            ctx.metrics.overflow(&cluster.name, "retries");
+            return result;
+        };
+        ctx.metrics.retry(ctx.direction, &route.name, wait);
+        _retry_slot = Some((slot, breaker_slot));
+        avoid = Some(endpoint.addr);
+        drop(result);
+        tokio::time::sleep(wait).await;
+        waited = wait;
+        number += 1;
+    }
+}
