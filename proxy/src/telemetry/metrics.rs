@@ -5,7 +5,6 @@
 
 use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
@@ -13,22 +12,10 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RequestLabels {
-    direction: &'static str,
-    route: String,
-    status: u16,
-    /// Empty unless the response is gRPC.
-    grpc_status: &'static str,
-    /// The caller's SPIFFE ID on an mTLS listener, else empty: bounded by the mesh's workloads.
-    peer: String,
-}
-
-/// The trace a duration sample came from, so a slow bucket links to a trace in Jaeger.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct TraceExemplar {
-    trace_id: String,
-}
+use crate::telemetry::labels::{
+    ClusterLabels, ConnectionLabels, DeniedLabels, DropLabels, ListenerLabels, OverflowLabels,
+    RequestLabels, ResultLabels, RouteLabels, TraceExemplar, XdsLabels, grpc_status_label,
+};
 
 /// One finished request, as the metrics see it.
 pub struct RequestRecord<'a> {
@@ -39,41 +26,6 @@ pub struct RequestRecord<'a> {
     pub peer: Option<&'a str>,
     pub elapsed: Duration,
     pub trace_id: Option<String>,
-}
-
-/// A gRPC status as a label: the upstream sends any text it likes, so only the 17 codes
-/// gRPC defines (and "unknown", for a call that never finished) are kept as they are.
-fn grpc_status_label(status: Option<&str>) -> &'static str {
-    const CODES: [&str; 17] = [
-        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
-    ];
-    match status {
-        None => "",
-        Some("unknown") => "unknown",
-        Some(s) => CODES.iter().find(|c| **c == s).copied().unwrap_or("other"),
-    }
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RouteLabels {
-    direction: &'static str,
-    route: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ListenerLabels {
-    listener: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ConnectionLabels {
-    listener: String,
-    protocol: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ResultLabels {
-    result: &'static str,
 }
 
 fn latency_histogram() -> Histogram {
@@ -117,35 +69,6 @@ pub struct Metrics {
     xds_nacks: Family<XdsLabels, Counter>,
     xds_reconnects: Counter,
     admin_refused: Counter,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct XdsLabels {
-    /// The resource type: Cluster, ClusterLoadAssignment, RouteConfiguration.
-    resource: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DropLabels {
-    reason: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DeniedLabels {
-    listener: String,
-    /// Bounded by the workloads in the mesh; "none" for a caller without an identity.
-    peer: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OverflowLabels {
-    cluster: String,
-    limit: &'static str,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ClusterLabels {
-    cluster: String,
 }
 
 impl Default for Metrics {

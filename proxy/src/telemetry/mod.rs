@@ -1,5 +1,7 @@
-//! TODO
+//! What the proxy tells about itself: Prometheus metrics with their label sets, and
+//! OpenTelemetry traces (W3C and B3 context, spans, the bounded OTLP exporter).
 
+pub mod labels;
 pub mod metrics;
 pub mod otlp_proto;
 pub mod request_trace;

@@ -1,4 +1,5 @@
-//! TODO
+//! The xDS client: an ADS stream to the control plane, the translation of Envoy resources
+//! into the same file model a YAML file gives, and its on-disk cache.
 
 pub mod client;
 pub mod tracing;

@@ -1,0 +1,243 @@
+//! Building a route: its matches, backends, timeout, retries, rate limit, header changes
+//! and upgrades.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::Method;
+use http::header::{HeaderName, HeaderValue};
+use outrigger_core::config_error::ConfigError;
+use outrigger_core::policy;
+use outrigger_core::token_bucket::RateLimiter;
+use regex::Regex;
+use serde_saphyr::Spanned;
+
+use crate::cluster::balance::{Cluster, WeightedBackend};
+use crate::config::build::Builder;
+use crate::config::carry_over;
+use crate::config::file::{HeaderChangesFile, RateLimitFile, RetryFile, RouteFile};
+use crate::config::snapshot::DEFAULT_ROUTE_TIMEOUT;
+use crate::policy::retry::RetryPolicy;
+use crate::route::router::{HeaderMatch, PathMatch};
+use crate::route::table::{HeaderChanges, Route};
+
+impl Builder<'_> {
+    /// A bucket keeps its tokens across reloads that leave its limits alone; otherwise every
+    /// config push would hand out a fresh burst.
+    pub(super) fn rate_limiter(
+        &self,
+        limit: &Option<RateLimitFile>,
+        field: &str,
+        listener: &str,
+        route: Option<&str>,
+    ) -> Result<Option<Arc<RateLimiter>>, ConfigError> {
+        let Some(limit) = limit else {
+            return Ok(None);
+        };
+        let policy::RateLimit {
+            requests_per_second: rate,
+            burst,
+        } = policy::check_rate_limit(self.source, limit, field)?;
+        let old = self.previous.and_then(|p| p.rate_limiter(listener, route));
+        Ok(Some(carry_over::rate_limiter(old, rate, burst)))
+    }
+
+    pub(super) fn route(
+        &self,
+        r: &RouteFile,
+        field: &str,
+        (listener, vhost): (&str, &str),
+        index: usize,
+        clusters: &HashMap<String, Arc<Cluster>>,
+    ) -> Result<Route, ConfigError> {
+        let name = r.name.clone().unwrap_or_else(|| format!("{vhost}/{index}"));
+        let m = &r.matches;
+        let path = match (&m.exact, &m.prefix, &m.regex) {
+            (Some(p), None, None) => PathMatch::Exact(p.clone()),
+            (None, Some(p), None) => PathMatch::Prefix(p.clone()),
+            (None, None, Some(re)) => {
+                PathMatch::Regex(self.regex(re, &format!("{field}.match.regex"))?)
+            }
+            (None, None, None) => PathMatch::Prefix("/".into()),
+            _ => {
+                return Err(ConfigError::at(
+                    self.source,
+                    None,
+                    &format!("{field}.match"),
+                    "set at most one of `exact`, `prefix` and `regex`",
+                ));
+            }
+        };
+        let mut headers = Vec::with_capacity(m.headers.len());
+        for (h, hm) in m.headers.iter().enumerate() {
+            let hfield = format!("{field}.match.headers[{h}]");
+            let name = self.header_name(&hm.name, &format!("{hfield}.name"))?;
+            let matcher = match (&hm.exact, &hm.regex, hm.present) {
+                (Some(v), None, None) => HeaderMatch::Exact(name, v.clone()),
+                (None, Some(re), None) => {
+                    HeaderMatch::Regex(name, self.regex(re, &format!("{hfield}.regex"))?)
+                }
+                (None, None, Some(p)) => HeaderMatch::Present(name, p),
+                _ => {
+                    return Err(self.err(
+                        &hm.name,
+                        &hfield,
+                        "set exactly one of `exact`, `regex` and `present`",
+                    ));
+                }
+            };
+            headers.push(matcher);
+        }
+        let mut methods = Vec::with_capacity(m.methods.len());
+        for (k, method) in m.methods.iter().enumerate() {
+            let parsed =
+                Method::from_bytes(method.value.to_ascii_uppercase().as_bytes()).map_err(|_| {
+                    self.err(
+                        method,
+                        &format!("{field}.match.methods[{k}]"),
+                        "not an HTTP method",
+                    )
+                })?;
+            methods.push(parsed);
+        }
+        if r.backends.is_empty() {
+            return Err(ConfigError::at(
+                self.source,
+                None,
+                &format!("{field}.backends"),
+                "a route needs at least one backend",
+            ));
+        }
+        let mut backends = Vec::with_capacity(r.backends.len());
+        for (b, backend) in r.backends.iter().enumerate() {
+            let cluster = self.cluster_ref(
+                &backend.cluster,
+                &format!("{field}.backends[{b}].cluster"),
+                clusters,
+            )?;
+            backends.push(WeightedBackend {
+                cluster,
+                weight: backend.weight,
+            });
+        }
+        let total_weight: u32 = backends.iter().map(|b| b.weight).sum();
+        if total_weight == 0 {
+            return Err(self.err(
+                &r.backends[0].cluster,
+                &format!("{field}.backends"),
+                "backend weights add up to 0",
+            ));
+        }
+        if let Some(ratio) = r.sampling.filter(|r| !(0.0..=1.0).contains(r)) {
+            return Err(ConfigError::at(
+                self.source,
+                None,
+                &format!("{field}.sampling"),
+                format!("{ratio} is not between 0 and 1"),
+            ));
+        }
+        let mut websocket = r.upgrades.is_none();
+        for u in r.upgrades.iter().flatten() {
+            match u.value.to_ascii_lowercase().as_str() {
+                "websocket" => websocket = true,
+                "h2c" => {
+                    return Err(self.err(
+                        u,
+                        &format!("{field}.upgrades"),
+                        "`h2c` is never honoured: it would hand the connection to the app unrouted",
+                    ));
+                }
+                other => {
+                    return Err(self.err(
+                        u,
+                        &format!("{field}.upgrades"),
+                        format!("`{other}` is not an upgrade the proxy honours (only `websocket`)"),
+                    ));
+                }
+            }
+        }
+        Ok(Route {
+            websocket,
+            sampling: r.sampling,
+            rate_limit: self.rate_limiter(
+                &r.rate_limit,
+                &format!("{field}.rate_limit"),
+                listener,
+                Some(&name),
+            )?,
+            name,
+            path,
+            headers,
+            methods,
+            backends,
+            total_weight,
+            timeout: self.duration(
+                &r.timeout,
+                &format!("{field}.timeout"),
+                DEFAULT_ROUTE_TIMEOUT,
+            )?,
+            request_headers: self
+                .header_changes(&r.request_headers, &format!("{field}.request_headers"))?,
+            response_headers: self
+                .header_changes(&r.response_headers, &format!("{field}.response_headers"))?,
+            // On unless turned off (`attempts: 0`): the defaults retry only what never reached
+            // the app or what it said it could not take, idempotent requests only.
+            retry: Some(match &r.retry {
+                Some(retry) => self.retry(retry, &format!("{field}.retry"))?,
+                None => RetryPolicy::from_model(&policy::default_retry()),
+            }),
+        })
+    }
+
+    pub(super) fn retry(&self, r: &RetryFile, field: &str) -> Result<RetryPolicy, ConfigError> {
+        Ok(RetryPolicy::from_model(&policy::check_retry(
+            self.source,
+            r,
+            field,
+        )?))
+    }
+
+    pub(super) fn regex(&self, re: &Spanned<String>, field: &str) -> Result<Regex, ConfigError> {
+        // Anchored: a path regex must match the whole path, as in Envoy's safe_regex.
+        Regex::new(&format!("^(?:{})$", re.value))
+            .map_err(|e| self.err(re, field, format!("invalid regex: {e}")))
+    }
+
+    pub(super) fn header_name(
+        &self,
+        name: &Spanned<String>,
+        field: &str,
+    ) -> Result<HeaderName, ConfigError> {
+        HeaderName::from_bytes(name.value.to_ascii_lowercase().as_bytes()).map_err(|_| {
+            self.err(
+                name,
+                field,
+                format!("`{}` is not a valid header name", name.value),
+            )
+        })
+    }
+
+    pub(super) fn header_changes(
+        &self,
+        h: &HeaderChangesFile,
+        field: &str,
+    ) -> Result<HeaderChanges, ConfigError> {
+        let mut out = HeaderChanges::default();
+        for (i, kv) in h.set.iter().enumerate() {
+            let name = self.header_name(&kv.name, &format!("{field}.set[{i}].name"))?;
+            let value = HeaderValue::from_str(&kv.value.value).map_err(|_| {
+                self.err(
+                    &kv.value,
+                    &format!("{field}.set[{i}].value"),
+                    "not a valid header value",
+                )
+            })?;
+            out.set.push((name, value));
+        }
+        for (i, name) in h.remove.iter().enumerate() {
+            out.remove
+                .push(self.header_name(name, &format!("{field}.remove[{i}]"))?);
+        }
+        Ok(out)
+    }
+}
