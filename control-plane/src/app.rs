@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use http::{Response, StatusCode};
@@ -25,13 +25,9 @@ use tokio::net::TcpListener;
 use crate::ads::Ads;
 use crate::ca::Ca;
 use crate::identity_service::IdentityService;
-use crate::mesh::Mesh;
+use crate::mesh_source::MeshSource;
 use crate::node_status::NodeRegistry;
 use crate::snapshot::Publisher;
-
-const POLL: Duration = Duration::from_millis(200);
-/// Editors write a file in several steps; wait for it to settle before reading it.
-const DEBOUNCE: Duration = Duration::from_millis(100);
 
 pub struct Options {
     pub mesh_path: PathBuf,
@@ -106,111 +102,6 @@ impl ControlPlane {
     }
 }
 
-struct MeshSource {
-    path: PathBuf,
-    publisher: Arc<Publisher>,
-    last_text: std::sync::Mutex<String>,
-    /// The last good mesh file, and the cluster's services to fold into it.
-    file_mesh: std::sync::Mutex<Option<Mesh>>,
-    cluster: std::sync::Mutex<Vec<crate::mesh::Service>>,
-    /// Why the last cluster listing failed (cleared by a good one), and how often it has.
-    cluster_error: ArcSwapOption<String>,
-    cluster_failures: AtomicU64,
-    last_error: ArcSwapOption<ConfigError>,
-    rejections: AtomicU64,
-}
-
-impl MeshSource {
-    fn reload(&self) -> Result<u64, ConfigError> {
-        let source = self.path.display().to_string();
-        let mut last = self.last_text.lock().unwrap_or_else(|p| p.into_inner());
-        let result = read_inputs(&self.path).and_then(|inputs| {
-            *last = fingerprint(&inputs);
-            Mesh::parse_many(&inputs)
-        });
-        match result {
-            Ok(mesh) => {
-                let cluster = self.cluster.lock().unwrap_or_else(|p| p.into_inner());
-                self.publisher
-                    .publish(crate::cluster_source::merge(&mesh, &cluster));
-                drop(cluster);
-                *self.file_mesh.lock().unwrap_or_else(|p| p.into_inner()) = Some(mesh);
-                self.last_error.store(None);
-                let version = self.publisher.current().mesh_version;
-                tracing::info!(version, file = %source, "mesh accepted");
-                Ok(version)
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "mesh rejected; the last good mesh stays live");
-                self.rejections.fetch_add(1, Ordering::Relaxed);
-                self.last_error.store(Some(Arc::new(e.clone())));
-                Err(e)
-            }
-        }
-    }
-
-    /// A new view of the cluster: published, folded into the last good mesh file, when it
-    /// differs from the one before.
-    fn set_cluster(&self, services: Vec<crate::mesh::Service>) {
-        let mut cluster = self.cluster.lock().unwrap_or_else(|p| p.into_inner());
-        if *cluster == services {
-            return;
-        }
-        *cluster = services;
-        let file = self.file_mesh.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(mesh) = file.as_ref() {
-            self.publisher
-                .publish(crate::cluster_source::merge(mesh, &cluster));
-            tracing::info!(services = cluster.len(), "cluster services changed");
-        }
-    }
-
-    fn changed(&self) -> bool {
-        read_inputs(&self.path).is_ok_and(|inputs| {
-            *self.last_text.lock().unwrap_or_else(|p| p.into_inner()) != fingerprint(&inputs)
-        })
-    }
-
-    async fn watch(self: Arc<Self>) {
-        loop {
-            tokio::time::sleep(POLL).await;
-            if self.changed() {
-                tokio::time::sleep(DEBOUNCE).await;
-                let _ = self.reload();
-            }
-        }
-    }
-}
-
-/// The mesh file, or every `*.yaml` / `*.yml` file of a mesh directory in name order.
-fn read_inputs(path: &std::path::Path) -> Result<Vec<(String, String)>, ConfigError> {
-    let read = |p: &std::path::Path| {
-        let source = p.display().to_string();
-        std::fs::read_to_string(p)
-            .map(|t| (source.clone(), t))
-            .map_err(|e| ConfigError::io(&source, &e))
-    };
-    if !path.is_dir() {
-        return Ok(vec![read(path)?]);
-    }
-    let listing =
-        std::fs::read_dir(path).map_err(|e| ConfigError::io(&path.display().to_string(), &e))?;
-    let mut files: Vec<PathBuf> = listing
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "yaml" || x == "yml"))
-        .collect();
-    files.sort();
-    files.iter().map(|p| read(p)).collect()
-}
-
-/// What the poller compares: every file's name and content.
-fn fingerprint(inputs: &[(String, String)]) -> String {
-    inputs
-        .iter()
-        .map(|(source, text)| format!("{source}\0{text}\0"))
-        .collect()
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("{0}")]
@@ -228,17 +119,7 @@ pub enum StartError {
 pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
     let publisher = Arc::new(Publisher::default());
     let nodes = Arc::new(NodeRegistry::default());
-    let source = Arc::new(MeshSource {
-        path: options.mesh_path,
-        publisher: publisher.clone(),
-        last_text: Default::default(),
-        file_mesh: Default::default(),
-        cluster: Default::default(),
-        cluster_error: ArcSwapOption::empty(),
-        cluster_failures: AtomicU64::new(0),
-        last_error: ArcSwapOption::empty(),
-        rejections: AtomicU64::new(0),
-    });
+    let source = Arc::new(MeshSource::new(options.mesh_path, publisher.clone()));
     // An invalid mesh at start is fatal: there is no last good one to keep serving.
     source.reload()?;
 
@@ -385,7 +266,7 @@ fn status_json(source: &MeshSource, nodes: &NodeRegistry) -> serde_json::Value {
             "last_error": err.as_ref().map(|e| json!({"message": e.to_string(), "line": e.line, "field": e.field})),
         },
         "cluster": {
-            "services": source.cluster.lock().unwrap_or_else(|p| p.into_inner()).len(),
+            "services": source.cluster_services(),
             "last_error": source.cluster_error.load().as_deref().map(String::as_str),
         },
         "nodes": nodes.to_json(),

@@ -12,6 +12,7 @@ pub mod identity_service;
 pub mod inject;
 pub mod kube_api;
 pub mod mesh;
+pub mod mesh_source;
 pub mod node_status;
 pub mod policy;
 pub mod secure_xds;

@@ -105,17 +105,23 @@ impl Snapshot {
 /// Holds the latest snapshot and hands out receivers to ADS streams.
 pub struct Publisher {
     tx: watch::Sender<Arc<Snapshot>>,
+    /// What the snapshot is built from, held while it is built and sent: two publishes can
+    /// neither interleave nor give different resources the same version.
+    inputs: std::sync::Mutex<Inputs>,
+}
+
+#[derive(Default)]
+struct Inputs {
+    mesh: Option<Mesh>,
     /// Raw resources laid over the translation: for tests that must push exactly this.
-    overrides: std::sync::Mutex<BTreeMap<(&'static str, String), Any>>,
-    last_mesh: std::sync::Mutex<Option<Mesh>>,
+    overrides: BTreeMap<(&'static str, String), Any>,
 }
 
 impl Default for Publisher {
     fn default() -> Self {
         Publisher {
             tx: watch::channel(Arc::new(Snapshot::default())).0,
-            overrides: Default::default(),
-            last_mesh: Default::default(),
+            inputs: Default::default(),
         }
     }
 }
@@ -131,36 +137,29 @@ impl Publisher {
 
     /// Publishes a new mesh. Types whose resources did not change keep their version.
     pub fn publish(&self, mesh: Mesh) {
-        *self.last_mesh.lock().unwrap_or_else(|p| p.into_inner()) = Some(mesh);
-        self.rebuild();
+        let mut inputs = self.inputs();
+        inputs.mesh = Some(mesh);
+        self.rebuild(&inputs);
+    }
+
+    fn inputs(&self) -> std::sync::MutexGuard<'_, Inputs> {
+        self.inputs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Replaces (or with `None`, removes) one raw resource on top of the mesh's own.
     pub fn set_override(&self, type_url: &'static str, name: &str, resource: Option<Any>) {
-        {
-            let mut o = self.overrides.lock().unwrap_or_else(|p| p.into_inner());
-            match resource {
-                Some(r) => o.insert((type_url, name.to_string()), r),
-                None => o.remove(&(type_url, name.to_string())),
-            };
-        }
-        self.rebuild();
+        let mut inputs = self.inputs();
+        match resource {
+            Some(r) => inputs.overrides.insert((type_url, name.to_string()), r),
+            None => inputs.overrides.remove(&(type_url, name.to_string())),
+        };
+        self.rebuild(&inputs);
     }
 
-    fn rebuild(&self) {
-        let mesh = self
-            .last_mesh
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        let Some(mesh) = mesh else { return };
-        let mut fresh: BTreeMap<&'static str, Resources> = translate(&mesh).into_iter().collect();
-        for ((type_url, name), any) in self
-            .overrides
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
+    fn rebuild(&self, inputs: &Inputs) {
+        let Some(mesh) = &inputs.mesh else { return };
+        let mut fresh: BTreeMap<&'static str, Resources> = translate(mesh).into_iter().collect();
+        for ((type_url, name), any) in &inputs.overrides {
             fresh
                 .entry(type_url)
                 .or_default()
@@ -181,7 +180,7 @@ impl Publisher {
         self.tx.send_replace(Arc::new(Snapshot {
             mesh_version: old.mesh_version + 1,
             types,
-            mesh: Some(Arc::new(mesh)),
+            mesh: Some(Arc::new(mesh.clone())),
         }));
     }
 }

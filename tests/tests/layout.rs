@@ -23,7 +23,12 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 /// The proxy's units: each folder under `proxy/src`, and each file directly in it.
 fn unit_of(src: &Path, file: &Path) -> String {
     let rel = file.strip_prefix(src).unwrap();
-    let first = rel.components().next().unwrap().as_os_str().to_string_lossy();
+    let first = rel
+        .components()
+        .next()
+        .unwrap()
+        .as_os_str()
+        .to_string_lossy();
     first.trim_end_matches(".rs").to_string()
 }
 
@@ -113,7 +118,10 @@ fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>>
 #[test]
 fn the_proxys_folders_import_one_another_without_a_cycle() {
     let graph = proxy_graph();
-    assert!(graph.contains_key("stack") && graph.contains_key("config"), "{graph:?}");
+    assert!(
+        graph.contains_key("stack") && graph.contains_key("config"),
+        "{graph:?}"
+    );
     if let Some(cycle) = find_cycle(&graph) {
         panic!("import cycle between folders: {}", cycle.join(" → "));
     }
