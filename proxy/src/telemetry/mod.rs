@@ -3,7 +3,7 @@
 
 pub mod labels;
 pub mod metrics;
-pub mod otlp_proto;
+pub mod otlp;
 pub mod request_trace;
 pub mod span_export;
 pub mod trace_context;

@@ -10,9 +10,7 @@ use std::time::Duration;
 use http::{HeaderMap, Method};
 
 use crate::telemetry::metrics::Metrics;
-use crate::telemetry::otlp_proto::{
-    KeyValue, SPAN_KIND_CLIENT, SPAN_KIND_SERVER, STATUS_ERROR, Span, Status,
-};
+use crate::telemetry::otlp::{self, SPAN_KIND_CLIENT, SPAN_KIND_SERVER, STATUS_ERROR, Span, Status};
 use crate::telemetry::span_export::{Tracer, now_nanos};
 use crate::telemetry::trace_context::{self, SpanContext, new_span_id, new_trace_id};
 
@@ -102,23 +100,23 @@ pub fn record_request(trace: Trace, facts: RequestFacts<'_>, metrics: &Arc<Metri
     span.start_time_unix_nano = trace.start;
     span.end_time_unix_nano = now_nanos();
     let mut attrs = vec![
-        KeyValue::string("http.request.method", facts.method.as_str()),
-        KeyValue::string("http.route", facts.route),
-        KeyValue::int("http.response.status_code", i64::from(facts.status)),
-        KeyValue::string("server.address", facts.host),
+        otlp::string("http.request.method", facts.method.as_str()),
+        otlp::string("http.route", facts.route),
+        otlp::int("http.response.status_code", i64::from(facts.status)),
+        otlp::string("server.address", facts.host),
     ];
     if let Some(addr) = facts.client {
-        attrs.push(KeyValue::string(
+        attrs.push(otlp::string(
             "network.peer.address",
             addr.ip().to_string(),
         ));
-        attrs.push(KeyValue::int("network.peer.port", i64::from(addr.port())));
+        attrs.push(otlp::int("network.peer.port", i64::from(addr.port())));
     }
     if let Some(id) = facts.peer_identity {
-        attrs.push(KeyValue::string("outrigger.peer.identity", id));
+        attrs.push(otlp::string("outrigger.peer.identity", id));
     }
     if let Some(reason) = facts.synthetic {
-        attrs.push(KeyValue::string("outrigger.synthetic_response", reason));
+        attrs.push(otlp::string("outrigger.synthetic_response", reason));
     }
     span.attributes = attrs;
     if facts.status >= 500 {
@@ -168,22 +166,22 @@ impl AttemptSpan {
         span.start_time_unix_nano = self.start;
         span.end_time_unix_nano = now_nanos();
         let mut attrs = vec![
-            KeyValue::int("outrigger.attempt", i64::from(self.number)),
-            KeyValue::string("outrigger.upstream.cluster", cluster),
-            KeyValue::string("outrigger.upstream.endpoint", endpoint.to_string()),
+            otlp::int("outrigger.attempt", i64::from(self.number)),
+            otlp::string("outrigger.upstream.cluster", cluster),
+            otlp::string("outrigger.upstream.endpoint", endpoint.to_string()),
         ];
         if self.number > 1 {
-            attrs.push(KeyValue::int(
+            attrs.push(otlp::int(
                 "outrigger.backoff_ms",
                 self.waited.as_millis() as i64,
             ));
         }
         if ejected {
-            attrs.push(KeyValue::string("outrigger.outlier", "ejected"));
+            attrs.push(otlp::string("outrigger.outlier", "ejected"));
         }
         match outcome {
             Ok(status) => {
-                attrs.push(KeyValue::int(
+                attrs.push(otlp::int(
                     "http.response.status_code",
                     i64::from(status),
                 ));
@@ -195,7 +193,7 @@ impl AttemptSpan {
                 }
             }
             Err(reason) => {
-                attrs.push(KeyValue::string("error.type", reason));
+                attrs.push(otlp::string("error.type", reason));
                 span.status = Some(Status {
                     message: reason.to_string(),
                     code: STATUS_ERROR,

@@ -11,15 +11,13 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use prost::Message;
 use tokio::sync::mpsc;
-use tonic::codegen::http::uri::PathAndQuery;
 
 use crate::telemetry::metrics::Metrics;
-use crate::telemetry::otlp_proto::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse, InstrumentationScope, KeyValue,
-    Resource, ResourceSpans, ScopeSpans, Span,
+use crate::telemetry::otlp::{
+    self, ExportTraceServiceRequest, InstrumentationScope, Resource, ResourceSpans, ScopeSpans,
+    Span, TraceServiceClient,
 };
 
-const EXPORT_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 const BATCH: usize = 512;
 const LINGER: Duration = Duration::from_millis(200);
 const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -107,11 +105,13 @@ async fn export_loop(
     metrics: Arc<OnceLock<Arc<Metrics>>>,
 ) {
     let resource = Resource {
-        attributes: vec![KeyValue::string("service.name", service_name)],
+        attributes: vec![otlp::string("service.name", service_name)],
+        ..Default::default()
     };
     let scope = InstrumentationScope {
         name: "outrigger-proxy".into(),
         version: env!("CARGO_PKG_VERSION").into(),
+        ..Default::default()
     };
     let sender = Sender::new(&collector);
     while let Some(first) = rx.recv().await {
@@ -130,7 +130,9 @@ async fn export_loop(
                 scope_spans: vec![ScopeSpans {
                     scope: Some(scope.clone()),
                     spans,
+                    ..Default::default()
                 }],
+                ..Default::default()
             }],
         };
         let result = tokio::time::timeout(EXPORT_TIMEOUT, sender.send(request)).await;
@@ -185,23 +187,11 @@ impl Sender {
     async fn send(&self, request: ExportTraceServiceRequest) -> Result<(), String> {
         match self {
             Sender::Grpc(None) => Err("invalid collector URL".into()),
-            Sender::Grpc(Some(channel)) => {
-                let mut client = tonic::client::Grpc::new(channel.clone());
-                client.ready().await.map_err(|e| e.to_string())?;
-                let codec = tonic_prost::ProstCodec::<
-                    ExportTraceServiceRequest,
-                    ExportTraceServiceResponse,
-                >::default();
-                client
-                    .unary(
-                        tonic::Request::new(request),
-                        PathAndQuery::from_static(EXPORT_PATH),
-                        codec,
-                    )
-                    .await
-                    .map(|_| ())
-                    .map_err(|s| s.to_string())
-            }
+            Sender::Grpc(Some(channel)) => TraceServiceClient::new(channel.clone())
+                .export(request)
+                .await
+                .map(|_| ())
+                .map_err(|s| s.to_string()),
             Sender::Http(url, client) => {
                 let req = http::Request::post(url.as_str())
                     .header(http::header::CONTENT_TYPE, "application/x-protobuf")
