@@ -368,7 +368,7 @@ impl Injector {
                 cidr.parse::<outrigger_core::cidr::Cidr>()
                     .map_err(|message| InjectError::Annotation {
                         annotation: ANNOTATION_SKIP_OUTBOUND_CIDRS.into(),
-                        message,
+                        message: message.to_string(),
                     })?;
             }
             args.extend(["--exclude-outbound-cidrs".into(), cidrs.replace(' ', "")]);

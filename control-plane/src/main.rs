@@ -337,7 +337,7 @@ fn main() -> ExitCode {
 }
 
 fn issue(ca_dir: &Path, id: &str, out: &Path, lifetime: std::time::Duration) -> Result<(), String> {
-    let id = SpiffeId::parse(id)?;
+    let id = SpiffeId::parse(id).map_err(|e| e.to_string())?;
     let ca = Ca::load(ca_dir, &id.trust_domain).map_err(|e| e.to_string())?;
     let (chain, key) = ca.issue(&id, lifetime).map_err(|e| e.to_string())?;
     let write = |name: &str, text: &str| {

@@ -8,14 +8,22 @@ pub struct Cidr {
     pub len: u8,
 }
 
-impl std::str::FromStr for Cidr {
-    type Err = String;
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CidrError {
+    #[error("`{0}` is not an address or CIDR such as 10.0.0.0/8")]
+    NotAnAddress(String),
+    #[error("`{text}`: the prefix length must be 0 to {max}")]
+    PrefixLength { text: String, max: u8 },
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
+impl std::str::FromStr for Cidr {
+    type Err = CidrError;
+
+    fn from_str(s: &str) -> Result<Self, CidrError> {
         let (addr, len) = s.split_once('/').unwrap_or((s, ""));
         let addr: IpAddr = addr
             .parse()
-            .map_err(|_| format!("`{s}` is not an address or CIDR such as 10.0.0.0/8"))?;
+            .map_err(|_| CidrError::NotAnAddress(s.to_string()))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         let len = if len.is_empty() {
             max
@@ -23,7 +31,10 @@ impl std::str::FromStr for Cidr {
             len.parse::<u8>()
                 .ok()
                 .filter(|l| *l <= max)
-                .ok_or_else(|| format!("`{s}`: the prefix length must be 0 to {max}"))?
+                .ok_or_else(|| CidrError::PrefixLength {
+                    text: s.to_string(),
+                    max,
+                })?
         };
         Ok(Cidr { addr, len })
     }

@@ -19,7 +19,7 @@ impl ConfigError {
         file: &str,
         location: Option<Location>,
         field: &str,
-        message: impl Into<String>,
+        message: impl fmt::Display,
     ) -> Self {
         // Values that came from xDS rather than a file carry no location.
         let location = location.filter(|l| *l != Location::UNKNOWN);
@@ -28,7 +28,7 @@ impl ConfigError {
             line: location.map(|l| l.line()),
             column: location.map(|l| l.column()),
             field: field.to_string(),
-            message: message.into(),
+            message: message.to_string(),
         }
     }
 

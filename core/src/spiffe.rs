@@ -28,8 +28,8 @@ impl SpiffeId {
     }
 
     /// Parses the mesh's form of ID; anything else is an error that says what was expected.
-    pub fn parse(text: &str) -> Result<SpiffeId, String> {
-        let bad = || format!("`{text}` is not spiffe://<trust-domain>/ns/<namespace>/sa/<account>");
+    pub fn parse(text: &str) -> Result<SpiffeId, SpiffeError> {
+        let bad = || SpiffeError::NotAnId(text.to_string());
         let rest = text.strip_prefix("spiffe://").ok_or_else(bad)?;
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
@@ -47,13 +47,13 @@ impl SpiffeId {
     }
 
     /// The identity in a certificate: its one `spiffe://` URI SAN.
-    pub fn from_certificate(der: &[u8]) -> Result<SpiffeId, String> {
-        let (_, cert) =
-            X509Certificate::from_der(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;
+    pub fn from_certificate(der: &[u8]) -> Result<SpiffeId, SpiffeError> {
+        let (_, cert) = X509Certificate::from_der(der)
+            .map_err(|e| SpiffeError::NotACertificate(e.to_string()))?;
         let sans = cert
             .subject_alternative_name()
-            .map_err(|e| format!("bad subjectAltName: {e}"))?
-            .ok_or("the certificate has no subjectAltName")?;
+            .map_err(|e| SpiffeError::BadSan(e.to_string()))?
+            .ok_or(SpiffeError::NoSan)?;
         let uris: Vec<&str> = sans
             .value
             .general_names
@@ -65,8 +65,8 @@ impl SpiffeId {
             .collect();
         match uris.as_slice() {
             [one] => SpiffeId::parse(one),
-            [] => Err("the certificate has no spiffe:// URI SAN".into()),
-            _ => Err("the certificate has more than one spiffe:// URI SAN".into()),
+            [] => Err(SpiffeError::NoSpiffeSan),
+            _ => Err(SpiffeError::SeveralSpiffeSans),
         }
     }
 }
@@ -81,6 +81,25 @@ impl fmt::Display for SpiffeId {
     }
 }
 
+/// Why a text or a certificate names no SPIFFE ID.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpiffeError {
+    #[error("`{0}` is not spiffe://<trust-domain>/ns/<namespace>/sa/<account>")]
+    NotAnId(String),
+    #[error("`{0}` is not spiffe://<trust-domain>/ns/<namespace>/*")]
+    NotAPrincipal(String),
+    #[error("not an X.509 certificate: {0}")]
+    NotACertificate(String),
+    #[error("bad subjectAltName: {0}")]
+    BadSan(String),
+    #[error("the certificate has no subjectAltName")]
+    NoSan,
+    #[error("the certificate has no spiffe:// URI SAN")]
+    NoSpiffeSan,
+    #[error("the certificate has more than one spiffe:// URI SAN")]
+    SeveralSpiffeSans,
+}
+
 /// Who may call: an exact identity, or every identity in a namespace
 /// (`spiffe://<td>/ns/<ns>/*`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,11 +112,11 @@ pub enum Principal {
 }
 
 impl Principal {
-    pub fn parse(text: &str) -> Result<Principal, String> {
+    pub fn parse(text: &str) -> Result<Principal, SpiffeError> {
         if let Some(prefix) = text.strip_suffix("/*") {
             // Reuse the ID grammar with a placeholder account.
             let id = SpiffeId::parse(&format!("{prefix}/sa/x"))
-                .map_err(|_| format!("`{text}` is not spiffe://<trust-domain>/ns/<namespace>/*"))?;
+                .map_err(|_| SpiffeError::NotAPrincipal(text.to_string()))?;
             return Ok(Principal::Namespace {
                 trust_domain: id.trust_domain,
                 namespace: id.namespace,

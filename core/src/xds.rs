@@ -7,6 +7,27 @@ use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value
 use prost::{Message, Name};
 use serde_saphyr::{Location, Spanned};
 
+/// Why a reader refuses an xDS resource. It goes back to the control plane as the NACK's
+/// message, which names the resource and the field.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum XdsError {
+    /// A field the reader does not honour: refused rather than ignored.
+    #[error("{what}: field `{field}` is not supported by this proxy")]
+    Unsupported { what: String, field: String },
+    /// A value that is malformed or not valid where it is.
+    #[error("{0}")]
+    Invalid(String),
+    /// The config the resources make fails the reader's own validation.
+    #[error("{0}")]
+    Config(#[from] crate::config_error::ConfigError),
+}
+
+impl From<String> for XdsError {
+    fn from(message: String) -> Self {
+        XdsError::Invalid(message)
+    }
+}
+
 pub fn pack<M: Message + Name>(m: &M) -> Any {
     Any {
         type_url: M::type_url(),
@@ -14,11 +35,12 @@ pub fn pack<M: Message + Name>(m: &M) -> Any {
     }
 }
 
-pub fn decode<M: Message + Name + Default>(any: &Any) -> Result<M, String> {
+pub fn decode<M: Message + Name + Default>(any: &Any) -> Result<M, XdsError> {
     if any.type_url != M::type_url() {
-        return Err(format!("expected {}, got {}", M::type_url(), any.type_url));
+        return Err(format!("expected {}, got {}", M::type_url(), any.type_url).into());
     }
-    M::decode(any.value.as_slice()).map_err(|e| format!("cannot decode {}: {e}", M::full_name()))
+    M::decode(any.value.as_slice())
+        .map_err(|e| XdsError::Invalid(format!("cannot decode {}: {e}", M::full_name())))
 }
 
 pub fn pb_duration(d: Duration) -> PbDuration {
@@ -56,11 +78,12 @@ pub fn duration_text(d: &PbDuration) -> String {
 }
 
 /// Refuses the first set field of a list of (is set, field name).
-pub fn refuse(what: &str, fields: &[(bool, &str)]) -> Result<(), String> {
+pub fn refuse(what: &str, fields: &[(bool, &str)]) -> Result<(), XdsError> {
     match fields.iter().find(|(set, _)| *set) {
-        Some((_, field)) => Err(format!(
-            "{what}: field `{field}` is not supported by this proxy"
-        )),
+        Some((_, field)) => Err(XdsError::Unsupported {
+            what: what.to_string(),
+            field: field.to_string(),
+        }),
         None => Ok(()),
     }
 }

@@ -25,7 +25,9 @@ use crate::policy::{
     DEFAULT_CONSECUTIVE_5XX, DEFAULT_CONSECUTIVE_GATEWAY_FAILURE, Outlier, OutlierFile,
     RETRY_CONDITIONS, RateLimit, RateLimitFile, Retry, RetryBudgetFile, RetryFile,
 };
-use crate::xds::{decode, duration_text, pack, pb_duration as pb, refuse, sp, u32_value as u32v};
+use crate::xds::{
+    XdsError, decode, duration_text, pack, pb_duration as pb, refuse, sp, u32_value as u32v,
+};
 
 /// The HTTP filter's name, in the listener's filter chain and in each route's config.
 pub const LOCAL_RATE_LIMIT_FILTER: &str = "envoy.filters.http.local_ratelimit";
@@ -144,7 +146,7 @@ pub fn outlier_detection(o: &Outlier) -> OutlierDetection {
 pub fn thresholds(
     what: &str,
     cb: &CircuitBreakers,
-) -> Result<(Option<RetryBudgetFile>, Option<CircuitBreakerFile>), String> {
+) -> Result<(Option<RetryBudgetFile>, Option<CircuitBreakerFile>), XdsError> {
     let (mut budget, mut limits) = (None, None);
     for t in &cb.thresholds {
         refuse(
@@ -179,7 +181,7 @@ pub fn thresholds(
     Ok((budget, limits))
 }
 
-pub fn retry(what: &str, p: &RetryPolicy) -> Result<RetryFile, String> {
+pub fn retry(what: &str, p: &RetryPolicy) -> Result<RetryFile, XdsError> {
     refuse(
         what,
         &[
@@ -223,7 +225,8 @@ pub fn retry(what: &str, p: &RetryPolicy) -> Result<RetryFile, String> {
         return Err(format!(
             "{what}: field `route.retry_policy.retry_on`: `{}` is not supported",
             name.value
-        ));
+        )
+        .into());
     }
     let back_off = p.retry_back_off.as_ref();
     if let Some(code) = p
@@ -233,7 +236,7 @@ pub fn retry(what: &str, p: &RetryPolicy) -> Result<RetryFile, String> {
     {
         return Err(format!(
             "{what}: field `route.retry_policy.retriable_status_codes`: {code} is not an HTTP status"
-        ));
+        ).into());
     }
     // As in Envoy, the list means nothing unless `retry_on` asks for it.
     let status_codes = if on.iter().any(|s| s.value == "retriable-status-codes") {
@@ -259,7 +262,7 @@ pub fn retry(what: &str, p: &RetryPolicy) -> Result<RetryFile, String> {
 
 /// Consecutive-failure ejection is implemented; success-rate and failure-percentage
 /// detection are not, so enforcing them is refused.
-pub fn outlier(what: &str, o: &OutlierDetection) -> Result<OutlierFile, String> {
+pub fn outlier(what: &str, o: &OutlierDetection) -> Result<OutlierFile, XdsError> {
     let enforced =
         |v: &Option<UInt32Value>, default: u32| v.as_ref().map_or(default, |v| v.value) > 0;
     refuse(
@@ -311,7 +314,7 @@ pub fn outlier(what: &str, o: &OutlierDetection) -> Result<OutlierFile, String> 
 pub fn route_filters(
     what: &str,
     filters: &HashMap<String, Any>,
-) -> Result<Option<RateLimitFile>, String> {
+) -> Result<Option<RateLimitFile>, XdsError> {
     let mut limit = None;
     for (name, any) in filters {
         let field = format!("typed_per_filter_config.{name}");
@@ -335,7 +338,8 @@ pub fn route_filters(
             return Err(format!(
                 "{what}: field `{field}`: {} is not supported by this proxy",
                 any.type_url
-            ));
+            )
+            .into());
         }
         let rl: LocalRateLimit =
             decode(&any).map_err(|e| format!("{what}: field `{field}`: {e}"))?;
@@ -358,7 +362,7 @@ pub fn route_filters(
                 ),
             ],
         )?;
-        let share = |p: &Option<RuntimeFractionalPercent>, f: &str| -> Result<bool, String> {
+        let share = |p: &Option<RuntimeFractionalPercent>, f: &str| -> Result<bool, XdsError> {
             let Some(fp) = p.as_ref().and_then(|p| p.default_value) else {
                 return Ok(false);
             };
@@ -366,14 +370,15 @@ pub fn route_filters(
                 Ok(DenominatorType::Hundred) => 100,
                 Ok(DenominatorType::TenThousand) => 10_000,
                 Ok(DenominatorType::Million) => 1_000_000,
-                Err(_) => return Err(format!("{what}: field `{f}`: unknown denominator")),
+                Err(_) => return Err(format!("{what}: field `{f}`: unknown denominator").into()),
             };
             match fp.numerator {
                 0 => Ok(false),
                 n if n >= whole => Ok(true),
                 _ => Err(format!(
                     "{what}: field `{f}`: only 0 % or 100 % is supported by this proxy"
-                )),
+                )
+                .into()),
             }
         };
         let on = share(&rl.filter_enabled, "local_ratelimit.filter_enabled")?
@@ -388,7 +393,7 @@ pub fn route_filters(
         if interval <= 0.0 || per_fill == 0 {
             return Err(format!(
                 "{what}: field `local_ratelimit.token_bucket`: fill_interval and tokens_per_fill must be above 0"
-            ));
+            ).into());
         }
         limit = Some(RateLimitFile {
             requests_per_second: f64::from(per_fill) / interval,

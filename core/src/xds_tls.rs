@@ -6,6 +6,7 @@
 //! has its own identity already, so it takes only the SPIFFE IDs from it, and refuses any
 //! other way of naming certificates or peers rather than ignore it.
 
+use crate::xds::XdsError;
 use envoy_types::pb::envoy::config::core::v3::{
     AggregatedConfigSource, ConfigSource, TransportSocket, config_source, transport_socket,
 };
@@ -77,18 +78,19 @@ pub fn upstream_mtls(identities: &[String]) -> TransportSocket {
 }
 
 /// The SPIFFE IDs a cluster's transport socket asks of its endpoints.
-pub fn peer_identities(what: &str, ts: &TransportSocket) -> Result<Vec<String>, String> {
+pub fn peer_identities(what: &str, ts: &TransportSocket) -> Result<Vec<String>, XdsError> {
     let any = match &ts.config_type {
         Some(transport_socket::ConfigType::TypedConfig(any)) => any,
-        None => return Err(format!("{what}: transport_socket has no typed_config")),
+        None => return Err(format!("{what}: transport_socket has no typed_config").into()),
     };
     let context: UpstreamTlsContext =
         crate::xds::decode(any).map_err(|e| format!("{what}: transport_socket: {e}"))?;
     let common = context.common_tls_context.unwrap_or_default();
     let unsupported = |field: &str| {
-        Err(format!(
-            "{what}: transport_socket field `{field}` is not supported by this proxy"
-        ))
+        Err(
+            format!("{what}: transport_socket field `{field}` is not supported by this proxy")
+                .into(),
+        )
     };
     if !common.tls_certificates.is_empty() {
         return unsupported("common_tls_context.tls_certificates");
@@ -122,7 +124,8 @@ pub fn peer_identities(what: &str, ts: &TransportSocket) -> Result<Vec<String>, 
         return Err(format!(
             "{what}: transport_socket names no SPIFFE ID (URI SAN) for the peer; \
              this proxy verifies every upstream identity"
-        ));
+        )
+        .into());
     }
     Ok(identities)
 }
@@ -143,6 +146,6 @@ mod tests {
     #[test]
     fn a_context_without_identities_is_refused() {
         let err = peer_identities("cluster `b`", &upstream_mtls(&[])).unwrap_err();
-        assert!(err.contains("names no SPIFFE ID"), "{err}");
+        assert!(err.to_string().contains("names no SPIFFE ID"), "{err}");
     }
 }

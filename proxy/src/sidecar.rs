@@ -43,9 +43,17 @@ pub fn ipv6_available() -> bool {
     std::net::TcpListener::bind("[::]:0").is_ok()
 }
 
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ResolveError {
+    #[error("cannot resolve `{address}`: {reason}")]
+    Failed { address: String, reason: String },
+    #[error("`{0}` resolves to no address")]
+    NoAddress(String),
+}
+
 /// Resolves `host:port` (a Service's DNS name in Kubernetes), retrying while DNS is not yet
 /// up: a pod's network can come up a moment after its first container starts.
-pub fn resolve(address: &str, deadline: Duration) -> Result<SocketAddr, String> {
+pub fn resolve(address: &str, deadline: Duration) -> Result<SocketAddr, ResolveError> {
     let until = std::time::Instant::now() + deadline;
     loop {
         match address.to_socket_addrs() {
@@ -55,12 +63,15 @@ pub fn resolve(address: &str, deadline: Duration) -> Result<SocketAddr, String> 
                 }
             }
             Err(e) if std::time::Instant::now() >= until => {
-                return Err(format!("cannot resolve `{address}`: {e}"));
+                return Err(ResolveError::Failed {
+                    address: address.to_string(),
+                    reason: e.to_string(),
+                });
             }
             Err(_) => {}
         }
         if std::time::Instant::now() >= until {
-            return Err(format!("`{address}` resolves to no address"));
+            return Err(ResolveError::NoAddress(address.to_string()));
         }
         std::thread::sleep(Duration::from_millis(500));
     }

@@ -468,13 +468,17 @@ fn what_the_ca_returns_is_checked_before_it_is_installed() {
     check_issued(&good, &web, &key, Some(&anchor)).unwrap();
 
     let other_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
-    let e = check_issued(&good, &web, &other_key, Some(&anchor)).unwrap_err();
+    let e = check_issued(&good, &web, &other_key, Some(&anchor))
+        .unwrap_err()
+        .to_string();
     assert_eq!(e, "the certificate is not for this proxy's key");
 
     let (for_api, _) = ca
         .issue(&SpiffeId::parse(API).unwrap(), Duration::from_secs(3600))
         .unwrap();
-    let e = check_issued(&for_api, &web, &key, Some(&anchor)).unwrap_err();
+    let e = check_issued(&for_api, &web, &key, Some(&anchor))
+        .unwrap_err()
+        .to_string();
     assert_eq!(
         e,
         format!("the certificate is for {API}, not the requested {WEB}")
@@ -484,7 +488,9 @@ fn what_the_ca_returns_is_checked_before_it_is_installed() {
     let elsewhere = foreign
         .sign_csr(&csr, &web, Duration::from_secs(3600))
         .unwrap();
-    let e = check_issued(&elsewhere, &web, &key, Some(&anchor)).unwrap_err();
+    let e = check_issued(&elsewhere, &web, &key, Some(&anchor))
+        .unwrap_err()
+        .to_string();
     assert!(
         e.starts_with("the chain does not reach the trust anchor"),
         "{e}"
@@ -498,7 +504,9 @@ fn what_the_ca_returns_is_checked_before_it_is_installed() {
             now - time::Duration::days(1),
         )
         .unwrap();
-    let e = check_issued(&expired, &web, &key, Some(&anchor)).unwrap_err();
+    let e = check_issued(&expired, &web, &key, Some(&anchor))
+        .unwrap_err()
+        .to_string();
     assert!(e.starts_with("the certificate is not valid now"), "{e}");
 }
 

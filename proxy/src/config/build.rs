@@ -38,7 +38,7 @@ impl Builder<'_> {
         &self,
         at: &Spanned<T>,
         field: &str,
-        message: impl Into<String>,
+        message: impl std::fmt::Display,
     ) -> ConfigError {
         ConfigError::at(self.source, Some(at.referenced), field, message)
     }

@@ -19,8 +19,8 @@ use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
 
 use crate::identity::api::{self, SignRequest};
 use crate::identity::mtls;
-use crate::identity::store::IdentityStore;
-use outrigger_core::spiffe::SpiffeId;
+use crate::identity::store::{IdentityError, IdentityStore};
+use outrigger_core::spiffe::{SpiffeError, SpiffeId};
 
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Waits between failed renewals: from 200 ms, doubling, to 30 s.
@@ -37,12 +37,14 @@ pub enum Token {
 }
 
 impl Token {
-    fn current(&self) -> Result<String, String> {
+    fn current(&self) -> Result<String, IdentityError> {
         match self {
             Token::Inline(t) => Ok(t.clone()),
             Token::File(path) => std::fs::read_to_string(path)
                 .map(|t| t.trim().to_string())
-                .map_err(|e| format!("cannot read the token file {}: {e}", path.display())),
+                .map_err(|e| {
+                    IdentityError::new(format!("cannot read the token file {}", path.display()), e)
+                }),
         }
     }
 }
@@ -89,27 +91,24 @@ impl CaClient {
     }
 
     /// One round: a fresh key, a CSR, the CA's answer installed. Returns the new expiry.
-    pub async fn renew(&self, store: &IdentityStore) -> Result<SystemTime, String> {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| e.to_string())?;
+    pub async fn renew(&self, store: &IdentityStore) -> Result<SystemTime, IdentityError> {
+        let csr_error = |e: rcgen::Error| IdentityError::new("the CSR", e);
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(csr_error)?;
         let mut params = CertificateParams::default();
-        let uri = self
-            .id
-            .to_string()
-            .try_into()
-            .map_err(|e: rcgen::Error| e.to_string())?;
+        let uri = self.id.to_string().try_into().map_err(csr_error)?;
         params.subject_alt_names = vec![SanType::URI(uri)];
-        let csr = params.serialize_request(&key).map_err(|e| e.to_string())?;
+        let csr = params.serialize_request(&key).map_err(csr_error)?;
         let token = self.token.current()?;
         // The anchor is read for every call: a rotated root is a new file.
         let anchor = match &self.trust {
             CaTrust::Plaintext => None,
             CaTrust::Anchor { file, server_id } => {
-                let pem = std::fs::read(file)
-                    .map_err(|e| format!("the CA trust anchor {}: {e}", file.display()))?;
+                let anchor_error = |e: &dyn std::fmt::Display| {
+                    IdentityError::new(format!("the CA trust anchor {}", file.display()), e)
+                };
+                let pem = std::fs::read(file).map_err(|e| anchor_error(&e))?;
                 let roots = Arc::new(IdentityStore::default());
-                roots
-                    .set_bundle(&pem)
-                    .map_err(|e| format!("the CA trust anchor {}: {e}", file.display()))?;
+                roots.set_bundle(&pem).map_err(|e| anchor_error(&e))?;
                 let tls =
                     mtls::client_config(roots.clone(), vec![server_id.clone()], mtls::ALPN_H2);
                 Some((roots, tls))
@@ -126,14 +125,14 @@ impl CaClient {
             CALL_TIMEOUT,
         )
         .await
-        .map_err(|s| format!("the CA call failed: {}", s.message()))?;
+        .map_err(|s| IdentityError::new("the CA call failed", s.message()))?;
         check_issued(
             &response.chain_pem,
             &self.id,
             &key,
             anchor.as_ref().map(|(roots, _)| roots.as_ref()),
         )
-        .map_err(|e| format!("the CA's answer was rejected: {e}"))?;
+        .map_err(|e| IdentityError::new("the CA's answer was rejected", e))?;
         store.set_bundle(response.bundle_pem.as_bytes())?;
         store.set_certificate(
             response.chain_pem.as_bytes(),
@@ -162,7 +161,7 @@ impl CaClient {
                 }
                 Err(e) => {
                     failures += 1;
-                    store.set_last_error(Some(e.clone()));
+                    store.set_last_error(Some(e.to_string()));
                     tracing::warn!(identity = %self.id, error = %e, failures, "certificate renewal failed; keeping the current one");
                     RENEWAL_RETRY.equal_jitter(failures)
                 }
@@ -170,6 +169,27 @@ impl CaClient {
             tokio::time::sleep(wait.max(Duration::from_millis(50))).await;
         }
     }
+}
+
+/// Why a chain the CA returned is not installed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum IssuedError {
+    #[error("the chain is not PEM: {0}")]
+    NotPem(String),
+    #[error("the chain is empty")]
+    Empty,
+    #[error(transparent)]
+    Spiffe(#[from] SpiffeError),
+    #[error("the certificate is for {got}, not the requested {want}")]
+    OtherIdentity { got: String, want: String },
+    #[error("the certificate is not valid now (from {from} to {to})")]
+    NotValidNow { from: String, to: String },
+    #[error("the certificate is not for this proxy's key")]
+    OtherKey,
+    #[error("the trust anchor holds no root")]
+    NoAnchorRoot,
+    #[error("the chain does not reach the trust anchor: {0}")]
+    OutsideAnchor(String),
 }
 
 /// Checks a chain the CA returned before it is installed: the leaf carries exactly `want`
@@ -180,40 +200,39 @@ pub fn check_issued(
     want: &SpiffeId,
     key: &KeyPair,
     anchor: Option<&IdentityStore>,
-) -> Result<(), String> {
+) -> Result<(), IssuedError> {
     use rustls_pki_types::CertificateDer;
     use rustls_pki_types::pem::PemObject;
     use x509_parser::prelude::{FromDer, X509Certificate};
 
     let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("the chain is not PEM: {e}"))?;
-    let leaf = chain.first().ok_or("the chain is empty")?;
+        .map_err(|e| IssuedError::NotPem(e.to_string()))?;
+    let leaf = chain.first().ok_or(IssuedError::Empty)?;
     let id = SpiffeId::from_certificate(leaf)?;
     if &id != want {
-        return Err(format!(
-            "the certificate is for {id}, not the requested {want}"
-        ));
+        return Err(IssuedError::OtherIdentity {
+            got: id.to_string(),
+            want: want.to_string(),
+        });
     }
-    let (_, parsed) = X509Certificate::from_der(leaf).map_err(|e| e.to_string())?;
+    let (_, parsed) =
+        X509Certificate::from_der(leaf).map_err(|e| IssuedError::NotPem(e.to_string()))?;
     if !parsed.validity().is_valid() {
-        return Err(format!(
-            "the certificate is not valid now (from {} to {})",
-            parsed.validity().not_before,
-            parsed.validity().not_after
-        ));
+        return Err(IssuedError::NotValidNow {
+            from: parsed.validity().not_before.to_string(),
+            to: parsed.validity().not_after.to_string(),
+        });
     }
     if parsed.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(key).as_slice() {
-        return Err("the certificate is not for this proxy's key".into());
+        return Err(IssuedError::OtherKey);
     }
     if let Some(anchor) = anchor {
-        let verifier = anchor
-            .client_verifier()
-            .ok_or("the trust anchor holds no root")?;
+        let verifier = anchor.client_verifier().ok_or(IssuedError::NoAnchorRoot)?;
         let now = rustls_pki_types::UnixTime::now();
         verifier
             .verify_client_cert(leaf, &chain[1..], now)
-            .map_err(|e| format!("the chain does not reach the trust anchor: {e}"))?;
+            .map_err(|e| IssuedError::OutsideAnchor(e.to_string()))?;
     }
     Ok(())
 }

@@ -105,7 +105,7 @@ impl ClientCertVerifier for CallerVerifier {
         let inner = self.0.client_verifier().ok_or_else(no_bundle)?;
         inner.verify_client_cert(end_entity, intermediates, now)?;
         // A chain from our CA without a SPIFFE ID is still not a workload.
-        SpiffeId::from_certificate(end_entity).map_err(Error::General)?;
+        SpiffeId::from_certificate(end_entity).map_err(|e| Error::General(e.to_string()))?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -161,7 +161,8 @@ impl ServerCertVerifier for PeerVerifier {
         }
         let algs = provider().signature_verification_algorithms;
         verify_server_cert_signed_by_trust_anchor(&cert, &roots, intermediates, now, algs.all)?;
-        let id = SpiffeId::from_certificate(end_entity).map_err(Error::General)?;
+        let id =
+            SpiffeId::from_certificate(end_entity).map_err(|e| Error::General(e.to_string()))?;
         if !self.expected.contains(&id) {
             return Err(Error::General(format!(
                 "peer is {id}, expected {}",

@@ -45,12 +45,30 @@ impl Default for IdentityStore {
     }
 }
 
-fn certificates(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+/// Why an identity could not be loaded or installed: what was wrong (a file, the trust bundle,
+/// the certificate, the key, the CA's answer), and how.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{what}: {reason}")]
+pub struct IdentityError {
+    pub what: String,
+    pub reason: String,
+}
+
+impl IdentityError {
+    pub fn new(what: impl std::fmt::Display, reason: impl std::fmt::Display) -> Self {
+        IdentityError {
+            what: what.to_string(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+fn certificates(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{what}: {e}"))?;
+        .map_err(|e| IdentityError::new(what, e))?;
     if certs.is_empty() {
-        return Err(format!("{what}: no PEM certificate"));
+        return Err(IdentityError::new(what, "no PEM certificate"));
     }
     Ok(certs)
 }
@@ -78,15 +96,16 @@ impl IdentityStore {
 
     /// Replaces the trust bundle: every root in it is trusted (during a root rotation, the
     /// old and the new).
-    pub fn set_bundle(&self, bundle_pem: &[u8]) -> Result<(), String> {
+    pub fn set_bundle(&self, bundle_pem: &[u8]) -> Result<(), IdentityError> {
+        let bad = |e: &dyn std::fmt::Display| IdentityError::new("trust bundle", e);
         let mut roots = RootCertStore::empty();
         for cert in certificates(bundle_pem, "trust bundle")? {
-            roots.add(cert).map_err(|e| format!("trust bundle: {e}"))?;
+            roots.add(cert).map_err(|e| bad(&e))?;
         }
         let roots = Arc::new(roots);
         let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
             .build()
-            .map_err(|e| format!("trust bundle: {e}"))?;
+            .map_err(|e| bad(&e))?;
         self.roots.store(roots);
         self.client_verifier.store(Some(Arc::new(verifier)));
         Ok(())
@@ -94,15 +113,22 @@ impl IdentityStore {
 
     /// Installs a certificate chain (leaf first) and its key, after checking that they belong
     /// together and that the leaf carries a SPIFFE ID.
-    pub fn set_certificate(&self, chain_pem: &[u8], key_pem: &[u8]) -> Result<SpiffeId, String> {
+    pub fn set_certificate(
+        &self,
+        chain_pem: &[u8],
+        key_pem: &[u8],
+    ) -> Result<SpiffeId, IdentityError> {
         let chain = certificates(chain_pem, "certificate")?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| format!("key: {e}"))?;
-        let id = SpiffeId::from_certificate(&chain[0])?;
-        let (_, leaf) = X509Certificate::from_der(&chain[0]).map_err(|e| e.to_string())?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| IdentityError::new("key", e))?;
+        let id = SpiffeId::from_certificate(&chain[0])
+            .map_err(|e| IdentityError::new("certificate", e))?;
+        let (_, leaf) = X509Certificate::from_der(&chain[0])
+            .map_err(|e| IdentityError::new("certificate", e))?;
         let not_after = SystemTime::UNIX_EPOCH
             + Duration::from_secs(leaf.validity().not_after.timestamp().max(0) as u64);
         let key = CertifiedKey::from_der(chain, key, &provider())
-            .map_err(|e| format!("certificate and key: {e}"))?;
+            .map_err(|e| IdentityError::new("certificate and key", e))?;
         self.workload.store(Some(Arc::new(Workload {
             id: id.clone(),
             key: Arc::new(key),
@@ -137,15 +163,15 @@ impl IdentityFiles {
         (&self.cert, &self.key, &self.bundle) == (&other.cert, &other.key, &other.bundle)
     }
 
-    pub fn load_into(&self, store: &IdentityStore) -> Result<SpiffeId, String> {
+    pub fn load_into(&self, store: &IdentityStore) -> Result<SpiffeId, IdentityError> {
         let stamp = self.stamp();
-        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        let read = |p: &PathBuf| std::fs::read(p).map_err(|e| IdentityError::new(p.display(), e));
         store
             .set_bundle(&read(&self.bundle)?)
-            .map_err(|e| format!("{}: {e}", self.bundle.display()))?;
+            .map_err(|e| IdentityError::new(self.bundle.display(), e))?;
         let id = store
             .set_certificate(&read(&self.cert)?, &read(&self.key)?)
-            .map_err(|e| format!("{}: {e}", self.cert.display()))?;
+            .map_err(|e| IdentityError::new(self.cert.display(), e))?;
         *self.loaded.lock().unwrap_or_else(|e| e.into_inner()) = stamp;
         Ok(id)
     }

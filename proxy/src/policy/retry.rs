@@ -9,6 +9,10 @@ use outrigger_core::backoff::Backoff;
 /// Bodies up to this size are kept for replay; a larger request is sent once.
 pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
 
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a retry condition")]
+pub struct UnknownCondition(pub String);
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RetryOn {
     pub connect_failure: bool,
@@ -29,7 +33,9 @@ pub struct RetryOn {
 
 impl RetryOn {
     /// Parses Envoy's `retry_on` names; returns the first it does not know.
-    pub fn parse<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<RetryOn, String> {
+    pub fn parse<'a>(
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<RetryOn, UnknownCondition> {
         let mut on = RetryOn::default();
         for name in names {
             match name.trim() {
@@ -44,7 +50,7 @@ impl RetryOn {
                 "resource-exhausted" => on.grpc_resource_exhausted = true,
                 // The codes themselves come in their own list.
                 "retriable-status-codes" => {}
-                other => return Err(other.to_string()),
+                other => return Err(UnknownCondition(other.to_string())),
             }
         }
         Ok(on)
@@ -254,7 +260,10 @@ mod tests {
             !retriable(&refused, &Outcome::Reset),
             "a plain reset is not a refusal"
         );
-        assert_eq!(RetryOn::parse(["sometimes"]), Err("sometimes".into()));
+        assert_eq!(
+            RetryOn::parse(["sometimes"]),
+            Err(UnknownCondition("sometimes".into()))
+        );
         let mut with_codes = on.clone();
         with_codes.status_codes = vec![429];
         let too_many = Outcome::Response(StatusCode::TOO_MANY_REQUESTS, &empty);

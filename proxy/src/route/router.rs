@@ -50,6 +50,11 @@ impl HeaderMatch {
     }
 }
 
+/// Two virtual hosts of one listener claim the same domain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("domain `{0}` appears in more than one virtual host")]
+pub struct DuplicateDomain(pub String);
+
 /// Host name → index into the listener's virtual hosts.
 #[derive(Default)]
 pub struct DomainTable {
@@ -60,7 +65,7 @@ pub struct DomainTable {
 }
 
 impl DomainTable {
-    pub fn new(vhosts: &[VirtualHost]) -> Result<Self, String> {
+    pub fn new(vhosts: &[VirtualHost]) -> Result<Self, DuplicateDomain> {
         let mut table = DomainTable::default();
         for (i, vh) in vhosts.iter().enumerate() {
             for domain in &vh.domains {
@@ -78,9 +83,7 @@ impl DomainTable {
                     table.exact.insert(domain.clone(), i).is_some()
                 };
                 if taken {
-                    return Err(format!(
-                        "domain `{domain}` appears in more than one virtual host"
-                    ));
+                    return Err(DuplicateDomain(domain));
                 }
             }
         }

@@ -125,11 +125,10 @@ async fn send_with_retries(
         let result = balance::attempt(call, endpoint, req, false, try_).await;
         let outcome = match &result {
             Ok(resp) => Outcome::Response(resp.status(), resp.headers()),
-            Err(ProxyError::UpstreamConnect { .. }) => Outcome::ConnectFailed,
-            Err(ProxyError::UpstreamTimeout { .. }) => Outcome::TimedOut,
-            Err(ProxyError::UpstreamFailed { refused: true, .. }) => Outcome::Refused,
-            Err(ProxyError::UpstreamFailed { .. }) => Outcome::Reset,
-            Err(_) => return result,
+            Err(e) => match e.retry_outcome() {
+                Some(outcome) => outcome,
+                None => return result,
+            },
         };
         // How retries fare decides whether any more may go out (the cluster's throttle).
         let failed = retriable(&policy.on, &outcome);

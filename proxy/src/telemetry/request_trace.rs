@@ -10,7 +10,9 @@ use std::time::Duration;
 use http::{HeaderMap, Method};
 
 use crate::telemetry::metrics::Metrics;
-use crate::telemetry::otlp::{self, SPAN_KIND_CLIENT, SPAN_KIND_SERVER, STATUS_ERROR, Span, Status};
+use crate::telemetry::otlp::{
+    self, SPAN_KIND_CLIENT, SPAN_KIND_SERVER, STATUS_ERROR, Span, Status,
+};
 use crate::telemetry::span_export::{Tracer, now_nanos};
 use crate::telemetry::trace_context::{self, SpanContext, new_span_id, new_trace_id};
 
@@ -106,10 +108,7 @@ pub fn record_request(trace: Trace, facts: RequestFacts<'_>, metrics: &Arc<Metri
         otlp::string("server.address", facts.host),
     ];
     if let Some(addr) = facts.client {
-        attrs.push(otlp::string(
-            "network.peer.address",
-            addr.ip().to_string(),
-        ));
+        attrs.push(otlp::string("network.peer.address", addr.ip().to_string()));
         attrs.push(otlp::int("network.peer.port", i64::from(addr.port())));
     }
     if let Some(id) = facts.peer_identity {
@@ -181,10 +180,7 @@ impl AttemptSpan {
         }
         match outcome {
             Ok(status) => {
-                attrs.push(otlp::int(
-                    "http.response.status_code",
-                    i64::from(status),
-                ));
+                attrs.push(otlp::int("http.response.status_code", i64::from(status)));
                 if status >= 500 {
                     span.status = Some(Status {
                         message: String::new(),

@@ -150,6 +150,11 @@ async fn export_loop(
     }
 }
 
+/// Why a batch did not reach the collector; it is dropped and counted.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct ExportError(String);
+
 enum Sender {
     Grpc(Option<tonic::transport::Channel>),
     Http(String, Box<HttpClient>),
@@ -184,26 +189,29 @@ impl Sender {
         }
     }
 
-    async fn send(&self, request: ExportTraceServiceRequest) -> Result<(), String> {
+    async fn send(&self, request: ExportTraceServiceRequest) -> Result<(), ExportError> {
         match self {
-            Sender::Grpc(None) => Err("invalid collector URL".into()),
+            Sender::Grpc(None) => Err(ExportError("invalid collector URL".into())),
             Sender::Grpc(Some(channel)) => TraceServiceClient::new(channel.clone())
                 .export(request)
                 .await
                 .map(|_| ())
-                .map_err(|s| s.to_string()),
+                .map_err(|s| ExportError(s.to_string())),
             Sender::Http(url, client) => {
                 let req = http::Request::post(url.as_str())
                     .header(http::header::CONTENT_TYPE, "application/x-protobuf")
                     .body(Full::new(Bytes::from(request.encode_to_vec())))
-                    .map_err(|e| e.to_string())?;
-                let resp = client.request(req).await.map_err(|e| e.to_string())?;
+                    .map_err(|e| ExportError(e.to_string()))?;
+                let resp = client
+                    .request(req)
+                    .await
+                    .map_err(|e| ExportError(e.to_string()))?;
                 let status = resp.status();
                 let _ = resp.into_body().collect().await;
                 if status.is_success() {
                     Ok(())
                 } else {
-                    Err(format!("collector answered {status}"))
+                    Err(ExportError(format!("collector answered {status}")))
                 }
             }
         }

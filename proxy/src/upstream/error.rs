@@ -9,6 +9,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
+use crate::policy::retry::Outcome;
 use crate::upstream::client::Body;
 
 pub const ERROR_HEADER: &str = "x-outrigger-error";
@@ -103,6 +104,19 @@ impl ProxyError {
         }
     }
 
+    /// What this failure is to a retry policy, if it may be retried at all: the request never
+    /// reached the app (a failed connect, a refused stream), or the upstream failed or went
+    /// quiet mid-way. A failure on our side or the caller's is never retried.
+    pub fn retry_outcome(&self) -> Option<Outcome<'static>> {
+        match self {
+            ProxyError::UpstreamConnect { .. } => Some(Outcome::ConnectFailed),
+            ProxyError::UpstreamTimeout { .. } => Some(Outcome::TimedOut),
+            ProxyError::UpstreamFailed { refused: true, .. } => Some(Outcome::Refused),
+            ProxyError::UpstreamFailed { .. } => Some(Outcome::Reset),
+            _ => None,
+        }
+    }
+
     pub fn into_response(self) -> Response<Body> {
         let body = format!("outrigger: {}\n", self);
         let mut resp = Response::new(
@@ -129,5 +143,42 @@ impl ProxyError {
             HeaderValue::from_static("text/plain; charset=utf-8"),
         );
         resp
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_what_failed_upstream_may_be_retried() {
+        let upstream = [
+            ProxyError::UpstreamConnect {
+                cluster: "c".into(),
+                reason: "refused".into(),
+            },
+            ProxyError::UpstreamTimeout {
+                after: Duration::from_secs(1),
+            },
+            ProxyError::UpstreamFailed {
+                reason: "reset".into(),
+                refused: false,
+            },
+        ];
+        for e in upstream {
+            assert_eq!(e.side(), Side::Upstream);
+            assert!(e.retry_outcome().is_some(), "{e}");
+        }
+        let ours = [
+            ProxyError::BadRequest("x"),
+            ProxyError::NoEndpoint {
+                cluster: "c".into(),
+            },
+            ProxyError::Denied { peer: "p".into() },
+        ];
+        for e in ours {
+            assert_ne!(e.side(), Side::Upstream);
+            assert!(e.retry_outcome().is_none(), "{e}");
+        }
     }
 }

@@ -27,7 +27,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::config::file::{ClusterFile, VirtualHostFile};
 use crate::config::store::{ConfigStore, XdsOverlay};
 use crate::net::grpc_channel;
-use crate::xds::translate::{self, decode};
+use crate::xds::translate::{self, XdsError, decode};
 
 const RECONNECT: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
 
@@ -305,7 +305,7 @@ async fn session(
                 store
                     .apply_xds(candidate.overlay())
                     .map(|_| true)
-                    .map_err(|e| e.to_string())
+                    .map_err(XdsError::from)
             } else {
                 Ok(false)
             }
@@ -341,7 +341,7 @@ async fn session(
                 let mut nack = request(settings, state, &type_url, names, false);
                 nack.error_detail = Some(RpcStatus {
                     code: 3,
-                    message,
+                    message: message.to_string(),
                     details: vec![],
                 });
                 tx.send(nack).await?;
@@ -364,7 +364,7 @@ async fn session(
 }
 
 /// Folds one response into the state, or says why it cannot be accepted.
-fn absorb(state: &mut State, resp: &DiscoveryResponse) -> Result<(), String> {
+fn absorb(state: &mut State, resp: &DiscoveryResponse) -> Result<(), XdsError> {
     let t = resp.type_url.as_str();
     if t == Cluster::type_url() {
         state.clusters.clear();
@@ -392,7 +392,7 @@ fn absorb(state: &mut State, resp: &DiscoveryResponse) -> Result<(), String> {
                 .insert(rc.name.clone(), translate::route_table(&rc)?);
         }
     } else {
-        return Err(format!("type {t} was not asked for"));
+        return Err(format!("type {t} was not asked for").into());
     }
     Ok(())
 }

@@ -3,14 +3,14 @@
 //! code that writes them.
 
 use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType;
-use outrigger_core::xds::refuse;
+use outrigger_core::xds::{XdsError, refuse};
 
 /// A route's `tracing.random_sampling`: the share of new traces it samples. The other
 /// sampling knobs and custom tags are refused.
 pub fn route_sampling(
     what: &str,
     t: &envoy_types::pb::envoy::config::route::v3::Tracing,
-) -> Result<Option<f64>, String> {
+) -> Result<Option<f64>, XdsError> {
     refuse(
         what,
         &[
@@ -27,9 +27,9 @@ pub fn route_sampling(
         Ok(DenominatorType::TenThousand) => 10_000.0,
         Ok(DenominatorType::Million) => 1_000_000.0,
         Err(_) => {
-            return Err(format!(
-                "{what}: field `tracing.random_sampling`: unknown denominator"
-            ));
+            return Err(
+                format!("{what}: field `tracing.random_sampling`: unknown denominator").into(),
+            );
         }
     };
     Ok(Some((f64::from(fp.numerator) / whole).min(1.0)))

@@ -25,7 +25,7 @@ use crate::config::file::{
 use crate::xds::tracing;
 use outrigger_core::xds_policy as policy_xds;
 
-pub use outrigger_core::xds::{decode, duration_text, refuse, sp};
+pub use outrigger_core::xds::{XdsError, decode, duration_text, refuse, sp};
 
 pub struct TranslatedCluster {
     pub file: ClusterFile,
@@ -33,7 +33,7 @@ pub struct TranslatedCluster {
     pub eds_name: Option<String>,
 }
 
-pub fn cluster(c: &Cluster) -> Result<TranslatedCluster, String> {
+pub fn cluster(c: &Cluster) -> Result<TranslatedCluster, XdsError> {
     let what = format!("Cluster {}", c.name);
     refuse(
         &what,
@@ -77,7 +77,8 @@ pub fn cluster(c: &Cluster) -> Result<TranslatedCluster, String> {
         _ => {
             return Err(format!(
                 "{what}: field `type`: only EDS and STATIC clusters are supported"
-            ));
+            )
+            .into());
         }
     };
     let lb = match &c.load_balancing_policy {
@@ -108,7 +109,8 @@ pub fn cluster(c: &Cluster) -> Result<TranslatedCluster, String> {
         None => {
             return Err(format!(
                 "{what}: field `lb_policy`: only ROUND_ROBIN and LEAST_REQUEST are supported"
-            ));
+            )
+            .into());
         }
     };
     let mut protocol = UpstreamProtocol::Http1;
@@ -116,7 +118,8 @@ pub fn cluster(c: &Cluster) -> Result<TranslatedCluster, String> {
         if key != "envoy.extensions.upstreams.http.v3.HttpProtocolOptions" {
             return Err(format!(
                 "{what}: field `typed_extension_protocol_options[{key}]` is not supported"
-            ));
+            )
+            .into());
         }
         let options: HttpProtocolOptions = decode(any).map_err(|e| format!("{what}: {e}"))?;
         match options.upstream_protocol_options {
@@ -129,7 +132,7 @@ pub fn cluster(c: &Cluster) -> Result<TranslatedCluster, String> {
             }
             None => {}
             Some(_) => {
-                return Err(format!("{what}: field `upstream_protocol_options`: only explicit_http_config is supported"));
+                return Err(format!("{what}: field `upstream_protocol_options`: only explicit_http_config is supported").into());
             }
         }
     }
@@ -164,7 +167,7 @@ pub fn cluster(c: &Cluster) -> Result<TranslatedCluster, String> {
     })
 }
 
-pub fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointFile>, String> {
+pub fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointFile>, XdsError> {
     let mut out = Vec::new();
     for locality in &cla.endpoints {
         for lb in &locality.lb_endpoints {
@@ -172,7 +175,8 @@ pub fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointFile>, Strin
                 return Err(format!(
                     "ClusterLoadAssignment {}: only endpoints with an address are supported",
                     cla.cluster_name
-                ));
+                )
+                .into());
             };
             let Some(address::Address::SocketAddress(sa)) =
                 e.address.as_ref().and_then(|a| a.address.as_ref())
@@ -180,13 +184,15 @@ pub fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointFile>, Strin
                 return Err(format!(
                     "ClusterLoadAssignment {}: only socket addresses are supported",
                     cla.cluster_name
-                ));
+                )
+                .into());
             };
             let Some(socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier else {
                 return Err(format!(
                     "ClusterLoadAssignment {}: a named port is not supported",
                     cla.cluster_name
-                ));
+                )
+                .into());
             };
             let addr = if sa.address.contains(':') {
                 format!("[{}]:{port}", sa.address)
@@ -204,7 +210,7 @@ pub fn endpoints(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointFile>, Strin
 fn upgrades(
     what: &str,
     configs: &[route_action::UpgradeConfig],
-) -> Result<Option<Vec<Spanned<String>>>, String> {
+) -> Result<Option<Vec<Spanned<String>>>, XdsError> {
     if configs.is_empty() {
         return Ok(None);
     }
@@ -214,7 +220,8 @@ fn upgrades(
             return Err(format!(
                 "{what}: field `route.upgrade_configs`: only `websocket` is supported, not `{}`",
                 c.upgrade_type
-            ));
+            )
+            .into());
         }
         if c.enabled.as_ref().is_none_or(|e| e.value) {
             allowed.push(sp("websocket".to_string()));
@@ -223,7 +230,7 @@ fn upgrades(
     Ok(Some(allowed))
 }
 
-pub fn route_table(rc: &RouteConfiguration) -> Result<Vec<VirtualHostFile>, String> {
+pub fn route_table(rc: &RouteConfiguration) -> Result<Vec<VirtualHostFile>, XdsError> {
     let what = format!("RouteConfiguration {}", rc.name);
     refuse(
         &what,
@@ -248,7 +255,7 @@ pub fn route_table(rc: &RouteConfiguration) -> Result<Vec<VirtualHostFile>, Stri
         .collect()
 }
 
-fn virtual_host(what: &str, vh: &VirtualHost) -> Result<VirtualHostFile, String> {
+fn virtual_host(what: &str, vh: &VirtualHost) -> Result<VirtualHostFile, XdsError> {
     let what = format!("{what} virtual_host {}", vh.name);
     refuse(
         &what,
@@ -283,7 +290,7 @@ fn virtual_host(what: &str, vh: &VirtualHost) -> Result<VirtualHostFile, String>
     })
 }
 
-fn route(what: &str, vhost: &str, index: usize, r: &Route) -> Result<RouteFile, String> {
+fn route(what: &str, vhost: &str, index: usize, r: &Route) -> Result<RouteFile, XdsError> {
     let name = if r.name.is_empty() {
         format!("{vhost}/{index}")
     } else {
@@ -319,7 +326,7 @@ fn route(what: &str, vhost: &str, index: usize, r: &Route) -> Result<RouteFile, 
         _ => {
             return Err(format!(
                 "{what}: field `match.path_specifier`: only prefix, path and safe_regex are supported"
-            ));
+            ).into());
         }
     }
     matches.headers = m
@@ -331,7 +338,8 @@ fn route(what: &str, vhost: &str, index: usize, r: &Route) -> Result<RouteFile, 
     let Some(route::Action::Route(action)) = &r.action else {
         return Err(format!(
             "{what}: field `action`: only `route` is supported (not redirect or direct_response)"
-        ));
+        )
+        .into());
     };
     refuse(
         &what,
@@ -371,7 +379,7 @@ fn route(what: &str, vhost: &str, index: usize, r: &Route) -> Result<RouteFile, 
         _ => {
             return Err(format!(
                 "{what}: field `route.cluster_specifier`: only cluster and weighted_clusters are supported"
-            ));
+            ).into());
         }
     };
     Ok(RouteFile {
@@ -394,11 +402,9 @@ fn route(what: &str, vhost: &str, index: usize, r: &Route) -> Result<RouteFile, 
     })
 }
 
-fn header_match(what: &str, h: &HeaderMatcher) -> Result<HeaderMatchFile, String> {
+fn header_match(what: &str, h: &HeaderMatcher) -> Result<HeaderMatchFile, XdsError> {
     if h.invert_match {
-        return Err(format!(
-            "{what}: field `match.headers.invert_match` is not supported"
-        ));
+        return Err(format!("{what}: field `match.headers.invert_match` is not supported").into());
     }
     let mut out = HeaderMatchFile {
         name: sp(h.name.clone()),
@@ -418,7 +424,7 @@ fn header_match(what: &str, h: &HeaderMatcher) -> Result<HeaderMatchFile, String
                     return Err(format!(
                         "{what}: header `{}`: only exact and safe_regex string matches are supported",
                         h.name
-                    ));
+                    ).into());
                 }
             }
         }
@@ -426,7 +432,8 @@ fn header_match(what: &str, h: &HeaderMatcher) -> Result<HeaderMatchFile, String
             return Err(format!(
                 "{what}: header `{}`: only present and string matches are supported",
                 h.name
-            ));
+            )
+            .into());
         }
     }
     Ok(out)
