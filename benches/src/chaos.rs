@@ -193,6 +193,7 @@ pub fn run(raw: &[String]) {
         proxy_bin,
         envoy_bin: envoy,
         out_dir,
+        ..
     } = args;
     let endpoints: Vec<Endpoint> = (0..3).map(|_| Endpoint::start()).collect();
     let addrs: Vec<SocketAddr> = endpoints.iter().map(|e| e.addr).collect();

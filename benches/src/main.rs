@@ -137,12 +137,12 @@ where
     addr
 }
 
-fn start_outrigger(args: &RunArgs, upstream: SocketAddr, dir: &Path) -> Target {
+fn start_outrigger(bin: &Path, upstream: SocketAddr, dir: &Path) -> Target {
     let (addr, admin) = (free_port(), free_port());
     let config = format!(
         "admin:\n  address: {admin}\nworkers: 1\nlisteners:\n  - name: bench\n    address: {addr}\n    direction: outbound\n    virtual_hosts:\n      - name: all\n        domains: [\"*\"]\n        routes:\n          - backends: [{{cluster: upstream}}]\nclusters:\n  - name: upstream\n    endpoints: [{{address: \"{upstream}\"}}]\n"
     );
-    spawn_outrigger(&args.proxy_bin, &config, addr, &dir.join("outrigger.yaml"))
+    spawn_outrigger(bin, &config, addr, &dir.join("outrigger.yaml"))
 }
 
 /// Runs our proxy, single worker, on a config (written to `path`) that listens on `addr`.
@@ -338,6 +338,9 @@ pub(crate) struct RunArgs {
     /// `None`: Envoy is left out of the comparison.
     pub envoy_bin: Option<PathBuf>,
     pub out_dir: PathBuf,
+    /// Another build of the proxy (the previous main, say), measured in the same run as
+    /// `outrigger (baseline)`.
+    pub baseline_bin: Option<PathBuf>,
 }
 
 pub(crate) fn run_args(raw: &[String]) -> RunArgs {
@@ -347,6 +350,7 @@ pub(crate) fn run_args(raw: &[String]) -> RunArgs {
         proxy_bin: PathBuf::from("target/release/outrigger-proxy"),
         envoy_bin: std::env::var_os("ENVOY_BIN").map(PathBuf::from),
         out_dir: PathBuf::from("target/bench"),
+        baseline_bin: None,
     };
     let mut it = raw.iter();
     while let Some(flag) = it.next() {
@@ -357,8 +361,9 @@ pub(crate) fn run_args(raw: &[String]) -> RunArgs {
             "--proxy" => args.proxy_bin = value.into(),
             "--envoy" => args.envoy_bin = Some(value.into()),
             "--out" => args.out_dir = value.into(),
+            "--baseline" => args.baseline_bin = Some(value.into()),
             other => panic!(
-                "unknown flag {other}; flags: --duration S --rate RPS --proxy PATH --envoy PATH --out DIR"
+                "unknown flag {other}; flags: --duration S --rate RPS --proxy PATH --envoy PATH --out DIR --baseline PATH"
             ),
         }
     }
@@ -443,8 +448,15 @@ fn main() {
                 addr: upstream,
                 child: None,
             }),
-            Box::new(|| start_outrigger(&args, upstream, &dir)),
+            Box::new(|| start_outrigger(&args.proxy_bin, upstream, &dir)),
         ];
+        if let Some(baseline) = &args.baseline_bin {
+            t.push(Box::new(|| {
+                let mut target = start_outrigger(baseline, upstream, &dir);
+                target.name = "outrigger (baseline)";
+                target
+            }));
+        }
         if let Some(envoy) = &args.envoy_bin {
             t.push(Box::new(|| start_envoy(envoy, upstream, &dir)));
         }

@@ -240,6 +240,7 @@ pub fn run(raw: &[String]) {
         proxy_bin,
         envoy_bin,
         out_dir,
+        ..
     } = args;
     let out_dir = out_dir.as_path();
     let ca = Ca::generate("bench.test").unwrap();

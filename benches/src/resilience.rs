@@ -134,6 +134,7 @@ pub fn run(raw: &[String]) {
         proxy_bin,
         envoy_bin: envoy,
         out_dir,
+        ..
     } = args;
     let out_dir = out_dir.as_path();
     let endpoints = [

@@ -147,6 +147,7 @@ pub fn run(raw: &[String]) {
         proxy_bin,
         envoy_bin,
         out_dir,
+        baseline_bin,
     } = args;
     let out_dir = out_dir.as_path();
     let upstream = start_upstream();
@@ -176,6 +177,27 @@ pub fn run(raw: &[String]) {
                 (t, Some(admin))
             }),
         ));
+    }
+    if let Some(bin) = &baseline_bin {
+        for (label, collector) in [
+            ("outrigger (baseline), tracing off", None),
+            ("outrigger (baseline), 100 %", Some(sink)),
+        ] {
+            let dir = &dir;
+            runs.push((
+                label,
+                Box::new(move || {
+                    let (addr, admin) = (free_port(), free_port());
+                    let t = spawn_outrigger(
+                        bin,
+                        &ours(addr, admin, upstream, collector),
+                        addr,
+                        &dir.join("baseline.yaml"),
+                    );
+                    (t, Some(admin))
+                }),
+            ));
+        }
     }
     if let Some(envoy_bin) = &envoy_bin {
         for (label, collector) in [("envoy, tracing off", None), ("envoy, 100 %", Some(sink))] {

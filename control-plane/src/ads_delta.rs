@@ -19,7 +19,7 @@ use envoy_types::pb::google::protobuf::Any;
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use crate::ads::Protocol;
+use crate::ads_stream::Protocol;
 use crate::node_status::NodeRegistry;
 use crate::snapshot::Snapshot;
 use crate::xds_limits;

@@ -4,6 +4,7 @@
 //! peer that stops answering PINGs is dropped; and every connection is recycled after
 //! `MAX_CONNECTION_AGE`, which a proxy's xDS client takes as an ordinary reconnect.
 
+use outrigger_core::spiffe::SpiffeId;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,7 +18,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tonic::transport::server::Connected;
 
-use crate::secure_xds::Caller;
+/// Who is on a connection to a gRPC port, in each request's extensions: where it came from,
+/// whether it is the TLS port, and the identity its certificate proved there, if any.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub addr: Option<std::net::SocketAddr>,
+    pub tls: bool,
+    pub identity: Option<SpiffeId>,
+}
 
 /// Enough for 10,000 proxies multiplexed 100 streams to a connection, or a few thousand
 /// proxies with one connection each.

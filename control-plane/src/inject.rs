@@ -576,38 +576,9 @@ fn append(spec: &mut Map<String, Value>, key: &str, items: Vec<Value>) {
     }
 }
 
-/// RFC 6902 operations that turn `before` into `after`: objects are compared key by key,
-/// anything else that differs is replaced whole.
-pub fn json_patch(before: &Value, after: &Value) -> Vec<Value> {
-    let mut ops = Vec::new();
-    diff(before, after, String::new(), &mut ops);
-    ops
-}
-
-fn diff(before: &Value, after: &Value, path: String, ops: &mut Vec<Value>) {
-    match (before, after) {
-        (Value::Object(b), Value::Object(a)) => {
-            for (key, old) in b {
-                let p = format!("{path}/{}", escape(key));
-                match a.get(key) {
-                    None => ops.push(json!({"op": "remove", "path": p})),
-                    Some(new) => diff(old, new, p, ops),
-                }
-            }
-            for (key, new) in a.iter().filter(|(k, _)| !b.contains_key(*k)) {
-                ops.push(
-                    json!({"op": "add", "path": format!("{path}/{}", escape(key)), "value": new}),
-                );
-            }
-        }
-        _ if before != after => ops.push(json!({"op": "replace", "path": path, "value": after})),
-        _ => {}
-    }
-}
-
-/// JSON Pointer escaping: annotation keys carry slashes.
-fn escape(key: &str) -> String {
-    key.replace('~', "~0").replace('/', "~1")
+/// RFC 6902 operations that turn `before` into `after`, as the webhook answers.
+pub fn json_patch(before: &Value, after: &Value) -> json_patch::Patch {
+    json_patch::diff(before, after)
 }
 
 #[cfg(test)]
@@ -743,11 +714,17 @@ mod tests {
     fn the_patch_escapes_keys_and_reaches_the_same_result() {
         let before = json!({"metadata": {"annotations": {"a/b": "1"}}, "x": [1]});
         let after = json!({"metadata": {"annotations": {"a/b": "2", "c": "3"}}, "x": [1, 2]});
-        let ops = json_patch(&before, &after);
-        assert!(ops.contains(
-            &json!({"op": "replace", "path": "/metadata/annotations/a~1b", "value": "2"})
-        ));
-        assert!(ops.contains(&json!({"op": "replace", "path": "/x", "value": [1, 2]})));
-        assert_eq!(ops.len(), 3);
+        let patch = json_patch(&before, &after);
+        let ops = serde_json::to_value(&patch).unwrap();
+        assert!(
+            ops.as_array()
+                .unwrap()
+                .iter()
+                .any(|op| op["path"] == "/metadata/annotations/a~1b"),
+            "{ops}"
+        );
+        let mut patched = before.clone();
+        json_patch::patch(&mut patched, &patch).unwrap();
+        assert_eq!(patched, after);
     }
 }

@@ -4,6 +4,7 @@
 pub mod admission;
 pub mod ads;
 pub mod ads_delta;
+pub mod ads_stream;
 pub mod app;
 pub mod ca;
 pub mod cluster_source;

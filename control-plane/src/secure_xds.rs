@@ -20,15 +20,7 @@ use tokio_rustls::server::TlsStream;
 
 use crate::ca::Ca;
 use crate::grpc_limits::Admitted;
-
-/// Who is on a connection to a gRPC port, in each request's extensions: where it came from,
-/// whether it is the TLS port, and the identity its certificate proved there, if any.
-#[derive(Clone, Debug)]
-pub struct Caller {
-    pub addr: Option<std::net::SocketAddr>,
-    pub tls: bool,
-    pub identity: Option<SpiffeId>,
-}
+pub use crate::grpc_limits::Caller;
 
 /// The control plane's own identity: `spiffe://<td>/ns/outrigger/sa/control-plane`.
 pub fn control_plane_id(trust_domain: &str) -> SpiffeId {

@@ -131,7 +131,17 @@ pub async fn wait_in_flight(admin: SocketAddr, n: usize) {
 /// clusters, on ephemeral ports, with an admin listener.
 pub fn config(virtual_hosts: &str, clusters: &str) -> String {
     format!(
-        "admin:\n  address: 127.0.0.1:0\nlisteners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    virtual_hosts:\n{}\nclusters:\n{}\n",
+        r#"admin:
+  address: 127.0.0.1:0
+listeners:
+  - name: outbound
+    address: 127.0.0.1:0
+    direction: outbound
+    virtual_hosts:
+{}
+clusters:
+{}
+"#,
         indent(virtual_hosts, 6),
         indent(clusters, 2)
     )
@@ -152,7 +162,12 @@ pub fn indent(text: &str, by: usize) -> String {
 
 /// A cluster block for `config`.
 pub fn cluster(name: &str, protocol: &str, endpoints: &[SocketAddr]) -> String {
-    let mut s = format!("- name: {name}\n  protocol: {protocol}\n  endpoints:\n");
+    let mut s = format!(
+        r#"- name: {name}
+  protocol: {protocol}
+  endpoints:
+"#
+    );
     for e in endpoints {
         s.push_str(&format!("    - address: {e}\n"));
     }

@@ -66,9 +66,19 @@ impl Load {
 
 fn proxy_config(endpoints: &[std::net::SocketAddr], retry: &str, outlier: &str) -> String {
     let vhosts = format!(
-        "- name: app\n  domains: [app.test]\n  routes:\n    - name: main\n      retry: {retry}\n      backends: [{{cluster: app}}]\n"
+        r#"- name: app
+  domains: [app.test]
+  routes:
+    - name: main
+      retry: {retry}
+      backends: [{{cluster: app}}]
+"#
     );
-    let mut clusters = format!("- name: app\n{outlier}  endpoints:\n");
+    let mut clusters = format!(
+        r#"- name: app
+{outlier}  endpoints:
+"#
+    );
     for e in endpoints {
         clusters.push_str(&format!("    - address: \"{e}\"\n"));
     }

@@ -3,15 +3,21 @@
 use std::time::{Duration, Instant};
 
 use outrigger_tests::clients::{TestClient, get};
-use outrigger_tests::{TestProxy, config, upstreams};
+use outrigger_tests::{TestProxy, config, upstreams, wait_in_flight};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overflow_fails_fast_with_the_header_and_recovers() {
     let up = upstreams::http("app").await;
-    let vhosts =
-        "- name: app\n  domains: [app.test]\n  routes:\n    - backends: [{cluster: app}]\n";
+    let vhosts = r#"- name: app
+  domains: [app.test]
+  routes:
+    - backends: [{cluster: app}]
+"#;
     let clusters = format!(
-        "- name: app\n  circuit_breaker: {{max_requests: 2}}\n  endpoints: [{{address: \"{}\"}}]\n",
+        r#"- name: app
+  circuit_breaker: {{max_requests: 2}}
+  endpoints: [{{address: "{}"}}]
+"#,
         up.addr
     );
     let proxy = TestProxy::start(&config(vhosts, &clusters)).await;
@@ -54,28 +60,33 @@ async fn overflow_fails_fast_with_the_header_and_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_max_connections_requests_queue_and_past_max_pending_they_fail_fast() {
     let up = upstreams::http("app").await;
-    let vhosts =
-        "- name: app\n  domains: [app.test]\n  routes:\n    - backends: [{cluster: app}]\n";
+    let vhosts = r#"- name: app
+  domains: [app.test]
+  routes:
+    - backends: [{cluster: app}]
+"#;
     let clusters = format!(
-        "- name: app\n  circuit_breaker: {{max_connections: 1, max_pending: 1}}\n  endpoints: [{{address: \"{}\"}}]\n",
+        r#"- name: app
+  circuit_breaker: {{max_connections: 1, max_pending: 1}}
+  endpoints: [{{address: "{}"}}]
+"#,
         up.addr
     );
     let proxy = TestProxy::start(&config(vhosts, &clusters)).await;
     let client = TestClient::http2(proxy.addr("outbound")).await;
 
     let started = Instant::now();
-    let calls = (0..3).map(|i| {
-        let client = client.clone();
-        async move {
-            // Staggered, so that the first holds the connection and the second is queued
-            // before the third arrives.
-            tokio::time::sleep(Duration::from_millis(100 * i)).await;
-            let r = client.get("app.test", "/slow/600").await.unwrap();
-            (r, started.elapsed())
-        }
-    });
-    let results = futures_util::future::join_all(calls).await;
-    let (first, second, third) = (&results[0], &results[1], &results[2]);
+    let call = |client: TestClient| async move {
+        let r = client.get("app.test", "/slow/600").await.unwrap();
+        (r, started.elapsed())
+    };
+    // The first holds the one connection; once it is in flight, two more arrive: one waits
+    // its turn, and the other finds the queue full.
+    let first = tokio::spawn(call(client.clone()));
+    wait_in_flight(proxy.admin(), 1).await;
+    let (a, b) = tokio::join!(call(client.clone()), call(client.clone()));
+    let first = first.await.unwrap();
+    let (second, third) = if a.0.status == 200 { (a, b) } else { (b, a) };
     assert_eq!(first.0.status, 200);
     assert_eq!(second.0.status, 200, "the pending request waited its turn");
     assert!(

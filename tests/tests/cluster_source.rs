@@ -67,7 +67,12 @@ fn answer(cluster: &mut Cluster, path: &str) -> (u16, Value) {
     }
 }
 
-const MESH: &str = "services:\n  - name: catalog\n    namespace: shop\n    policy:\n      retry: {attempts: 2, on: [gateway-error]}\n";
+const MESH: &str = r#"services:
+  - name: catalog
+    namespace: shop
+    policy:
+      retry: {attempts: 2, on: [gateway-error]}
+"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_services_reach_the_proxy_and_follow_their_endpoints() {
@@ -106,7 +111,18 @@ async fn cluster_services_reach_the_proxy_and_follow_their_endpoints() {
     cp.watch_cluster(Arc::new(kube), Duration::from_millis(100));
 
     let proxy = TestProxy::start(&format!(
-        "admin:\n  address: 127.0.0.1:0\nxds:\n  address: \"{}\"\n  node: web-1\n  service: web\nlisteners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    rds: outbound\n",
+        r#"admin:
+  address: 127.0.0.1:0
+xds:
+  address: "{}"
+  node: web-1
+  service: web
+listeners:
+  - name: outbound
+    address: 127.0.0.1:0
+    direction: outbound
+    rds: outbound
+"#,
         cp.xds_addr
     ))
     .await;

@@ -16,7 +16,10 @@ const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 
 async fn control_plane() -> ControlPlane {
     outrigger_tests::control_plane(
-        "services:\n  - name: a\n    endpoints: [{address: \"127.0.0.1:9\"}]\n",
+        r#"services:
+  - name: a
+    endpoints: [{address: "127.0.0.1:9"}]
+"#,
     )
     .await
 }

@@ -71,7 +71,16 @@ fn a_broken_example_would_be_caught() {
     let dir = std::env::temp_dir().join(format!("outrigger-docs-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let page = dir.join("page.md");
-    std::fs::write(&page, "text\n```yaml mesh\nservices:\n  - nme: typo\n```\n").unwrap();
+    std::fs::write(
+        &page,
+        r#"text
+```yaml mesh
+services:
+  - nme: typo
+```
+"#,
+    )
+    .unwrap();
     let blocks = yaml_blocks(&page);
     assert_eq!(blocks.len(), 1);
     let (kind, line, body) = &blocks[0];

@@ -117,7 +117,9 @@ fn envoy_config(dir: &Path, ours: SocketAddr, app: SocketAddr, listen: [SocketAd
         in_hcm = hcm(
             "inbound",
             "app",
-            "                forward_client_cert_details: SANITIZE_SET\n                set_current_client_cert_details: {uri: true}\n"
+            r#"                forward_client_cert_details: SANITIZE_SET
+                set_current_client_cert_details: {uri: true}
+"#
         ),
         down_tls = common_tls(dir, OURS, "h2, http/1.1")
             .replace("\n                  ", "\n              "),
@@ -137,7 +139,30 @@ async fn envoy_and_our_proxy_speak_mtls_both_ways_checking_identities() {
     // listener whose cluster is Envoy's inbound side.
     let envoy_listen = [free_addr(), free_addr()];
     let ours = TestProxy::start(&format!(
-        "{}listeners:\n  - name: inbound\n    address: 127.0.0.1:0\n    direction: inbound\n    tls: {{mode: strict}}\n    authorization: {{allow: [\"{ENVOY_ID}\"]}}\n    virtual_hosts:\n      - name: app\n        domains: ['*']\n        routes: [{{backends: [{{cluster: app}}]}}]\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    virtual_hosts:\n      - name: envoy\n        domains: ['*']\n        routes: [{{backends: [{{cluster: envoy}}]}}]\nclusters:\n  - name: app\n    endpoints: [{{address: \"{}\"}}]\n  - name: envoy\n    tls: {{identities: [\"{ENVOY_ID}\"]}}\n    endpoints: [{{address: \"{}\"}}]\n",
+        r#"{}listeners:
+  - name: inbound
+    address: 127.0.0.1:0
+    direction: inbound
+    tls: {{mode: strict}}
+    authorization: {{allow: ["{ENVOY_ID}"]}}
+    virtual_hosts:
+      - name: app
+        domains: ['*']
+        routes: [{{backends: [{{cluster: app}}]}}]
+  - name: outbound
+    address: 127.0.0.1:0
+    direction: outbound
+    virtual_hosts:
+      - name: envoy
+        domains: ['*']
+        routes: [{{backends: [{{cluster: envoy}}]}}]
+clusters:
+  - name: app
+    endpoints: [{{address: "{}"}}]
+  - name: envoy
+    tls: {{identities: ["{ENVOY_ID}"]}}
+    endpoints: [{{address: "{}"}}]
+"#,
         identity_yaml(&our_dir),
         app.addr,
         envoy_listen[1]
@@ -186,7 +211,19 @@ async fn envoy_refuses_our_proxy_with_an_identity_it_does_not_expect() {
     let app = upstreams::http("app").await;
     let envoy_listen = [free_addr(), free_addr()];
     let ours = TestProxy::start(&format!(
-        "{}listeners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    virtual_hosts:\n      - name: envoy\n        domains: ['*']\n        routes: [{{backends: [{{cluster: envoy}}]}}]\nclusters:\n  - name: envoy\n    tls: {{identities: [\"{ENVOY_ID}\"]}}\n    endpoints: [{{address: \"{}\"}}]\n",
+        r#"{}listeners:
+  - name: outbound
+    address: 127.0.0.1:0
+    direction: outbound
+    virtual_hosts:
+      - name: envoy
+        domains: ['*']
+        routes: [{{backends: [{{cluster: envoy}}]}}]
+clusters:
+  - name: envoy
+    tls: {{identities: ["{ENVOY_ID}"]}}
+    endpoints: [{{address: "{}"}}]
+"#,
         identity_yaml(&stranger),
         envoy_listen[1]
     ))

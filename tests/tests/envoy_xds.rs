@@ -50,7 +50,17 @@ static_resources:
 
 fn mesh(outbound: SocketAddr, v1: SocketAddr, v2: SocketAddr, web_to: &str) -> String {
     format!(
-        "mesh:\n  outbound_port: {}\nservices:\n  - name: web\n    endpoints: [{{address: \"{v1}\"}}]\n    routes:\n      - match: {{prefix: /}}\n        backends: [{{service: {web_to}}}]\n  - name: web-v2\n    endpoints: [{{address: \"{v2}\"}}]\n",
+        r#"mesh:
+  outbound_port: {}
+services:
+  - name: web
+    endpoints: [{{address: "{v1}"}}]
+    routes:
+      - match: {{prefix: /}}
+        backends: [{{service: {web_to}}}]
+  - name: web-v2
+    endpoints: [{{address: "{v2}"}}]
+"#,
         outbound.port()
     )
 }
@@ -215,7 +225,9 @@ async fn envoy_follows_the_mesh_over_delta_ads() {
     // Removing a service removes its cluster from Envoy: delta sends the name as removed.
     let without_v2 = mesh(outbound, v1.addr, v2.addr, "web").replace(
         &format!(
-            "  - name: web-v2\n    endpoints: [{{address: \"{}\"}}]\n",
+            r#"  - name: web-v2
+    endpoints: [{{address: "{}"}}]
+"#,
             v2.addr
         ),
         "",

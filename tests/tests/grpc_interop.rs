@@ -57,8 +57,11 @@ fn start_server() -> (GrpcServer, u16) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpcio_client_and_server_through_the_proxy() {
     let (_server, port) = tokio::task::spawn_blocking(start_server).await.unwrap();
-    let vhosts =
-        "- name: grpc\n  domains: [grpc.test]\n  routes:\n    - backends: [{cluster: echo}]\n";
+    let vhosts = r#"- name: grpc
+  domains: [grpc.test]
+  routes:
+    - backends: [{cluster: echo}]
+"#;
     let upstream = format!("127.0.0.1:{port}").parse().unwrap();
     let proxy = TestProxy::start(&config(vhosts, &cluster("echo", "http2", &[upstream]))).await;
     let target = proxy.addr("outbound").to_string();
@@ -115,7 +118,14 @@ async fn grpcio_xds_client_resolves_through_the_control_plane() {
     let mesh_path = temp_path("mesh.yaml");
     std::fs::write(
         &mesh_path,
-        format!("services:\n  - name: echo\n    protocol: grpc\n    port: 50051\n    endpoints: [{{address: \"127.0.0.1:{port}\"}}]\n"),
+        format!(
+            r#"services:
+  - name: echo
+    protocol: grpc
+    port: 50051
+    endpoints: [{{address: "127.0.0.1:{port}"}}]
+"#
+        ),
     )
     .unwrap();
     let cp = outrigger_control_plane::app::start(outrigger_control_plane::app::Options {

@@ -16,7 +16,14 @@ fn generation(
     v2: std::net::SocketAddr,
 ) -> String {
     let vhosts = format!(
-        "- name: app\n  domains: [app.test]\n  routes:\n    - name: main\n      response_headers:\n        set: [{{name: x-generation, value: \"{generation}\"}}]\n      backends: [{{cluster: {to}}}]\n"
+        r#"- name: app
+  domains: [app.test]
+  routes:
+    - name: main
+      response_headers:
+        set: [{{name: x-generation, value: "{generation}"}}]
+      backends: [{{cluster: {to}}}]
+"#
     );
     config(
         &vhosts,
@@ -121,7 +128,12 @@ async fn invalid_config_is_rejected_with_its_line_and_old_keeps_serving() {
     // A semantic error: a timeout that is not a duration, on a known line.
     let bad = good.replace(
         "- name: main\n",
-        &format!("- name: main\n{}timeout: soon\n", " ".repeat(12)),
+        &format!(
+            r#"- name: main
+{}timeout: soon
+"#,
+            " ".repeat(12)
+        ),
     );
     let line = bad
         .lines()
@@ -141,7 +153,12 @@ async fn invalid_config_is_rejected_with_its_line_and_old_keeps_serving() {
     // A typo in a key: the parser's error, also with its line.
     let typo = good.replace(
         "- name: main\n",
-        &format!("- name: main\n{}timeuot: 1s\n", " ".repeat(12)),
+        &format!(
+            r#"- name: main
+{}timeuot: 1s
+"#,
+            " ".repeat(12)
+        ),
     );
     let typo_line = typo.lines().position(|l| l.contains("timeuot")).unwrap() + 1;
     proxy.write_config(&typo);

@@ -13,13 +13,21 @@ use outrigger_core::sign_api::SignRequest;
 use outrigger_proxy::identity::api;
 use outrigger_tests::clients::{TestClient, get};
 use outrigger_tests::fake_kube::FakeApiServer;
-use outrigger_tests::{TestProxy, eventually, temp_path, upstreams};
+use outrigger_tests::{TestProxy, eventually, metric, temp_path, upstreams};
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
 
 const WEB: &str = "spiffe://mesh.test/ns/shop/sa/web";
 const API: &str = "spiffe://mesh.test/ns/shop/sa/api";
 
-const MESH: &str = "mesh: {trust_domain: mesh.test}\nservices:\n  - name: api\n    namespace: shop\n    tokens: [{token: api-token}]\n  - name: web\n    namespace: shop\n    tokens: [{token: web-token}, {token: old-token, expires: \"2020-01-01T00:00:00Z\"}]\n";
+const MESH: &str = r#"mesh: {trust_domain: mesh.test}
+services:
+  - name: api
+    namespace: shop
+    tokens: [{token: api-token}]
+  - name: web
+    namespace: shop
+    tokens: [{token: web-token}, {token: old-token, expires: "2020-01-01T00:00:00Z"}]
+"#;
 
 async fn control_plane() -> ControlPlane {
     let path = temp_path("mesh.yaml");
@@ -64,7 +72,9 @@ fn identity_with_anchor(
     anchor: &std::path::Path,
 ) -> String {
     format!(
-        "identity:\n  ca: {{address: \"{}\", token: {token}, id: \"{id}\", lifetime: {lifetime}, trust_anchor: \"{}\"}}\n",
+        r#"identity:
+  ca: {{address: "{}", token: {token}, id: "{id}", lifetime: {lifetime}, trust_anchor: "{}"}}
+"#,
         cp.secure_xds_addr.unwrap(),
         anchor.display()
     )
@@ -72,14 +82,44 @@ fn identity_with_anchor(
 
 async fn inbound(identity: &str, app: SocketAddr) -> TestProxy {
     TestProxy::start(&format!(
-        "{identity}admin:\n  address: 127.0.0.1:0\nlisteners:\n  - name: inbound\n    address: 127.0.0.1:0\n    direction: inbound\n    tls: {{mode: strict}}\n    virtual_hosts:\n      - name: app\n        domains: ['*']\n        routes:\n          - backends: [{{cluster: app}}]\nclusters:\n  - name: app\n    endpoints: [{{address: \"{app}\"}}]\n"
+        r#"{identity}admin:
+  address: 127.0.0.1:0
+listeners:
+  - name: inbound
+    address: 127.0.0.1:0
+    direction: inbound
+    tls: {{mode: strict}}
+    virtual_hosts:
+      - name: app
+        domains: ['*']
+        routes:
+          - backends: [{{cluster: app}}]
+clusters:
+  - name: app
+    endpoints: [{{address: "{app}"}}]
+"#
     ))
     .await
 }
 
 async fn outbound(identity: &str, peer: SocketAddr) -> TestProxy {
     TestProxy::start(&format!(
-        "{identity}admin:\n  address: 127.0.0.1:0\nlisteners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    virtual_hosts:\n      - name: api\n        domains: ['*']\n        routes:\n          - backends: [{{cluster: api}}]\nclusters:\n  - name: api\n    tls: {{identities: [\"{API}\"]}}\n    endpoints: [{{address: \"{peer}\"}}]\n"
+        r#"{identity}admin:
+  address: 127.0.0.1:0
+listeners:
+  - name: outbound
+    address: 127.0.0.1:0
+    direction: outbound
+    virtual_hosts:
+      - name: api
+        domains: ['*']
+        routes:
+          - backends: [{{cluster: api}}]
+clusters:
+  - name: api
+    tls: {{identities: ["{API}"]}}
+    endpoints: [{{address: "{peer}"}}]
+"#
     ))
     .await
 }
@@ -149,8 +189,18 @@ async fn the_ca_signs_only_what_a_valid_token_proves() {
     // A proxy with a token that proves nothing never becomes ready.
     let app = upstreams::http("app").await;
     let stuck = inbound(&identity(&cp, "made-up", API, "24h"), app.addr).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(get(stuck.admin(), "/ready").await.status, 503);
+    let admin = stuck.admin();
+    // Its CSR has been answered (and refused): the readiness page says so.
+    let ready = eventually(
+        "the refused CSR shows on /ready",
+        Duration::from_secs(10),
+        || async move {
+            let r = get(admin, "/ready").await;
+            r.body.contains("unknown bootstrap token").then_some(r)
+        },
+    )
+    .await;
+    assert_eq!(ready.status, 503, "{}", ready.body);
 }
 
 /// A copy of `ca` that also trusts `also`'s root.
@@ -237,7 +287,19 @@ async fn over_mtls_xds_a_node_gets_the_config_of_the_identity_it_proves() {
         upstreams::http("secret").await,
     );
     let mesh = format!(
-        "mesh: {{trust_domain: mesh.test}}\nservices:\n  - name: web\n    namespace: shop\n    calls: [api]\n    tokens: [{{token: web-token}}]\n  - name: api\n    namespace: shop\n    endpoints: [{{address: \"{}\"}}]\n  - name: secret\n    namespace: shop\n    endpoints: [{{address: \"{}\"}}]\n",
+        r#"mesh: {{trust_domain: mesh.test}}
+services:
+  - name: web
+    namespace: shop
+    calls: [api]
+    tokens: [{{token: web-token}}]
+  - name: api
+    namespace: shop
+    endpoints: [{{address: "{}"}}]
+  - name: secret
+    namespace: shop
+    endpoints: [{{address: "{}"}}]
+"#,
         api_app.addr, secret_app.addr
     );
     let path = temp_path("mesh.yaml");
@@ -256,7 +318,19 @@ async fn over_mtls_xds_a_node_gets_the_config_of_the_identity_it_proves() {
     let secure = cp.secure_xds_addr.unwrap();
     // The node claims to be `secret` (which may call anything); its certificate says `web`.
     let proxy = TestProxy::start(&format!(
-        "{}admin:\n  address: 127.0.0.1:0\nxds:\n  address: \"{secure}\"\n  node: liar\n  service: secret\n  identity: \"spiffe://mesh.test/ns/outrigger/sa/control-plane\"\nlisteners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    rds: outbound\n",
+        r#"{}admin:
+  address: 127.0.0.1:0
+xds:
+  address: "{secure}"
+  node: liar
+  service: secret
+  identity: "spiffe://mesh.test/ns/outrigger/sa/control-plane"
+listeners:
+  - name: outbound
+    address: 127.0.0.1:0
+    direction: outbound
+    rds: outbound
+"#,
         identity(&cp, "web-token", WEB, "24h")
     ))
     .await;
@@ -268,14 +342,9 @@ async fn over_mtls_xds_a_node_gets_the_config_of_the_identity_it_proves() {
     assert_eq!(r.status, 404, "web may not call secret: {r:?}");
     // The control plane counts its pushes and how long each took to be ACKed.
     let page = get(cp.admin_addr, "/metrics").await.body;
-    let value = |name: &str| {
-        page.lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    assert!(value("outrigger_cp_pushes_total") >= 3.0, "{page}");
+    assert!(metric(&page, "outrigger_cp_pushes_total") >= 3, "{page}");
     assert!(
-        value("outrigger_cp_push_ack_seconds_count") >= 3.0,
+        metric(&page, "outrigger_cp_push_ack_seconds_count") >= 3,
         "{page}"
     );
 
@@ -285,7 +354,19 @@ async fn over_mtls_xds_a_node_gets_the_config_of_the_identity_it_proves() {
     // Our own CA's certificate, but for another trust domain: not one of the mesh's nodes.
     let other_td = "spiffe://other.test/ns/shop/sa/web";
     let stranger = file_identity_proxy(&cp, &cp.ca.load(), other_td, "stranger").await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Each has tried and been turned away at least once: its ADS stream failed.
+    for proxy in [&outsider, &stranger] {
+        let admin = proxy.admin();
+        eventually(
+            "the refused ADS stream is counted",
+            Duration::from_secs(10),
+            || async move {
+                let page = get(admin, "/metrics").await.body;
+                (metric(&page, "outrigger_xds_reconnects_total") >= 1).then_some(())
+            },
+        )
+        .await;
+    }
     for (who, proxy) in [
         ("a foreign CA's", &outsider),
         ("another trust domain's", &stranger),
@@ -319,7 +400,22 @@ async fn file_identity_proxy(cp: &ControlPlane, ca: &Ca, id: &str, node: &str) -
         std::fs::write(files.join(name), text).unwrap();
     }
     TestProxy::start(&format!(
-        "identity:\n  cert: {0}/cert.pem\n  key: {0}/key.pem\n  bundle: {0}/bundle.pem\nadmin:\n  address: 127.0.0.1:0\nxds:\n  address: \"{1}\"\n  node: {node}\n  identity: \"spiffe://mesh.test/ns/outrigger/sa/control-plane\"\nlisteners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    rds: outbound\n",
+        r#"identity:
+  cert: {0}/cert.pem
+  key: {0}/key.pem
+  bundle: {0}/bundle.pem
+admin:
+  address: 127.0.0.1:0
+xds:
+  address: "{1}"
+  node: {node}
+  identity: "spiffe://mesh.test/ns/outrigger/sa/control-plane"
+listeners:
+  - name: outbound
+    address: 127.0.0.1:0
+    direction: outbound
+    rds: outbound
+"#,
         files.display(),
         cp.secure_xds_addr.unwrap()
     ))
@@ -543,7 +639,9 @@ async fn a_ca_that_answers_for_another_identity_is_not_believed() {
         let app = upstreams::http("app").await;
         let proxy = inbound(
             &format!(
-                "identity:\n  ca: {{address: \"{}\", token: t, id: \"{WEB}\", plaintext: true}}\n",
+                r#"identity:
+  ca: {{address: "{}", token: t, id: "{WEB}", plaintext: true}}
+"#,
                 liar.addr
             ),
             app.addr,

@@ -106,7 +106,14 @@ fn a_bad_annotation_fails_with_its_name() {
     let path = outrigger_tests::temp_path("bad.yaml");
     std::fs::write(
         &path,
-        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  annotations: {outrigger.io/sidecar-mode: sidecar}\nspec:\n  containers: [{name: a, image: a}]\n",
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: p
+  annotations: {outrigger.io/sidecar-mode: sidecar}
+spec:
+  containers: [{name: a, image: a}]
+"#,
     )
     .unwrap();
     let out = Command::new(workspace_binary("outrigger-control-plane"))

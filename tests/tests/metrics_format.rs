@@ -49,7 +49,36 @@ async fn metrics_parse_and_carry_the_families_operators_need() {
         .unwrap();
     let dir = write_identity(&chain, &key, ca.bundle_pem());
     let proxy = TestProxy::start(&format!(
-        "identity: {{cert: {d}/cert.pem, key: {d}/key.pem, bundle: {d}/bundle.pem}}\nxds: {{address: \"{dead}\"}}\ntracing:\n  service_name: app\n  otlp_grpc: \"{}\"\nadmin:\n  address: 127.0.0.1:0\nlisteners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    virtual_hosts:\n      - name: app\n        domains: ['*']\n        routes:\n          - name: main\n            retry: {{attempts: 1, on: [gateway-error]}}\n            rate_limit: {{requests_per_second: 1000}}\n            backends: [{{cluster: app}}]\n  - name: inbound\n    address: 127.0.0.1:0\n    direction: inbound\n    tls: {{mode: strict}}\n    authorization: {{allow: [\"spiffe://mesh.test/ns/a/*\"]}}\n    virtual_hosts: []\nclusters:\n  - name: app\n    outlier: {{consecutive_5xx: 5}}\n    endpoints: [{{address: \"{}\"}}]\n",
+        r#"identity: {{cert: {d}/cert.pem, key: {d}/key.pem, bundle: {d}/bundle.pem}}
+xds: {{address: "{dead}"}}
+tracing:
+  service_name: app
+  otlp_grpc: "{}"
+admin:
+  address: 127.0.0.1:0
+listeners:
+  - name: outbound
+    address: 127.0.0.1:0
+    direction: outbound
+    virtual_hosts:
+      - name: app
+        domains: ['*']
+        routes:
+          - name: main
+            retry: {{attempts: 1, on: [gateway-error]}}
+            rate_limit: {{requests_per_second: 1000}}
+            backends: [{{cluster: app}}]
+  - name: inbound
+    address: 127.0.0.1:0
+    direction: inbound
+    tls: {{mode: strict}}
+    authorization: {{allow: ["spiffe://mesh.test/ns/a/*"]}}
+    virtual_hosts: []
+clusters:
+  - name: app
+    outlier: {{consecutive_5xx: 5}}
+    endpoints: [{{address: "{}"}}]
+"#,
         collector.addr,
         up.addr,
         d = dir.display(),

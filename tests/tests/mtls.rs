@@ -25,7 +25,21 @@ fn issue(ca: &Ca, id: &str) -> (String, String) {
 /// Proxy B: an inbound listener in front of the app.
 async fn inbound(identity: &str, app: SocketAddr, tls_extra: &str) -> TestProxy {
     TestProxy::start(&format!(
-        "{identity}admin:\n  address: 127.0.0.1:0\nlisteners:\n  - name: inbound\n    address: 127.0.0.1:0\n    direction: inbound\n{tls_extra}    virtual_hosts:\n      - name: app\n        domains: ['*']\n        routes:\n          - backends: [{{cluster: app}}]\nclusters:\n  - name: app\n    endpoints: [{{address: \"{app}\"}}]\n"
+        r#"{identity}admin:
+  address: 127.0.0.1:0
+listeners:
+  - name: inbound
+    address: 127.0.0.1:0
+    direction: inbound
+{tls_extra}    virtual_hosts:
+      - name: app
+        domains: ['*']
+        routes:
+          - backends: [{{cluster: app}}]
+clusters:
+  - name: app
+    endpoints: [{{address: "{app}"}}]
+"#
     ))
     .await
 }
@@ -33,7 +47,22 @@ async fn inbound(identity: &str, app: SocketAddr, tls_extra: &str) -> TestProxy 
 /// Proxy A: an outbound listener whose cluster is proxy B, over mTLS.
 async fn outbound(identity: &str, peer: SocketAddr, expect: &str) -> TestProxy {
     TestProxy::start(&format!(
-        "{identity}admin:\n  address: 127.0.0.1:0\nlisteners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    virtual_hosts:\n      - name: api\n        domains: ['*']\n        routes:\n          - backends: [{{cluster: api}}]\nclusters:\n  - name: api\n    tls: {{identities: [\"{expect}\"]}}\n    endpoints: [{{address: \"{peer}\"}}]\n"
+        r#"{identity}admin:
+  address: 127.0.0.1:0
+listeners:
+  - name: outbound
+    address: 127.0.0.1:0
+    direction: outbound
+    virtual_hosts:
+      - name: api
+        domains: ['*']
+        routes:
+          - backends: [{{cluster: api}}]
+clusters:
+  - name: api
+    tls: {{identities: ["{expect}"]}}
+    endpoints: [{{address: "{peer}"}}]
+"#
     ))
     .await
 }
@@ -181,7 +210,9 @@ async fn authorization_denies_an_identity_it_does_not_list() {
     let b = inbound(
         &identity(&ca, issue(&ca, API)),
         app.addr,
-        "    tls: {mode: strict}\n    authorization: {default: deny, allow: [\"spiffe://mesh.test/ns/pay/*\"]}\n",
+        r#"    tls: {mode: strict}
+    authorization: {default: deny, allow: ["spiffe://mesh.test/ns/pay/*"]}
+"#,
     )
     .await;
     let a = outbound(&identity(&ca, issue(&ca, WEB)), b.addr("inbound"), API).await;
@@ -217,7 +248,17 @@ async fn authorization_denies_an_identity_it_does_not_list() {
 async fn tcp_through(ca: &Ca, caller: &str, b_inbound: SocketAddr, message: &[u8]) -> Vec<u8> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let a = TestProxy::start(&format!(
-        "{}listeners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    protocol: opaque\n    tcp: {{cluster: peer}}\nclusters:\n  - name: peer\n    tls: {{identities: [\"{API}\"]}}\n    endpoints: [{{address: \"{b_inbound}\"}}]\n",
+        r#"{}listeners:
+  - name: outbound
+    address: 127.0.0.1:0
+    direction: outbound
+    protocol: opaque
+    tcp: {{cluster: peer}}
+clusters:
+  - name: peer
+    tls: {{identities: ["{API}"]}}
+    endpoints: [{{address: "{b_inbound}"}}]
+"#,
         identity(ca, issue(ca, caller))
     ))
     .await;
@@ -241,7 +282,19 @@ async fn opaque_tcp_rides_mtls_and_a_denied_caller_is_closed() {
     let ca = Ca::generate("mesh.test").unwrap();
     let echo = upstreams::tcp_echo().await;
     let b = TestProxy::start(&format!(
-        "{}admin:\n  address: 127.0.0.1:0\nlisteners:\n  - name: inbound\n    address: 127.0.0.1:0\n    direction: inbound\n    tls: {{mode: strict}}\n    authorization: {{allow: [\"{WEB}\"]}}\n    tcp: {{cluster: echo}}\nclusters:\n  - name: echo\n    endpoints: [{{address: \"{}\"}}]\n",
+        r#"{}admin:
+  address: 127.0.0.1:0
+listeners:
+  - name: inbound
+    address: 127.0.0.1:0
+    direction: inbound
+    tls: {{mode: strict}}
+    authorization: {{allow: ["{WEB}"]}}
+    tcp: {{cluster: echo}}
+clusters:
+  - name: echo
+    endpoints: [{{address: "{}"}}]
+"#,
         identity(&ca, issue(&ca, API)),
         echo.addr
     ))

@@ -5,15 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use outrigger_tests::clients::{TestClient, get};
-use outrigger_tests::{TestProxy, config, eventually, upstreams};
-
-fn counter(metrics: &str, prefix: &str) -> u64 {
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
+use outrigger_tests::{TestProxy, config, eventually, metric, upstreams};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_endpoint_is_ejected_then_comes_back() {
@@ -23,9 +15,19 @@ async fn a_dead_endpoint_is_ejected_then_comes_back() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let vhosts = "- name: app\n  domains: [app.test]\n  routes:\n    - name: main\n      retry: {attempts: 2}\n      backends: [{cluster: app}]\n";
+    let vhosts = r#"- name: app
+  domains: [app.test]
+  routes:
+    - name: main
+      retry: {attempts: 2}
+      backends: [{cluster: app}]
+"#;
     let clusters = format!(
-        "- name: app\n  lb: round_robin\n  outlier: {{consecutive_gateway_failure: 3, base_ejection: 1s, max_ejection_percent: 50}}\n  endpoints: [{{address: \"{}\"}}, {{address: \"{}\"}}, {{address: \"{dead}\"}}]\n",
+        r#"- name: app
+  lb: round_robin
+  outlier: {{consecutive_gateway_failure: 3, base_ejection: 1s, max_ejection_percent: 50}}
+  endpoints: [{{address: "{}"}}, {{address: "{}"}}, {{address: "{dead}"}}]
+"#,
         a.addr, b.addr
     );
     let proxy = TestProxy::start(&config(vhosts, &clusters)).await;
@@ -41,13 +43,13 @@ async fn a_dead_endpoint_is_ejected_then_comes_back() {
         *served.entry(r.body).or_default() += 1;
     }
     let metrics = get(proxy.admin(), "/metrics").await.body;
-    let retries = counter(
+    let retries = metric(
         &metrics,
-        "outrigger_retries_total{direction=\"outbound\",route=\"main\"} ",
+        "outrigger_retries_total{direction=\"outbound\",route=\"main\"}",
     );
-    let ejections = counter(
+    let ejections = metric(
         &metrics,
-        "outrigger_outlier_ejections_total{cluster=\"app\"} ",
+        "outrigger_outlier_ejections_total{cluster=\"app\"}",
     );
     eprintln!(
         "300 requests: {served:?}; {retries} hit the dead endpoint and were retried; {ejections} ejection(s)"
@@ -80,9 +82,17 @@ async fn an_endpoint_that_says_it_is_overloaded_is_steered_around_not_ejected() 
     let (busy, busy_faults) = outrigger_tests::faults::faulty("busy").await;
     busy_faults.fail(100, 429);
     let (calm, _) = outrigger_tests::faults::faulty("calm").await;
-    let vhosts = "- name: app\n  domains: [app.test]\n  routes:\n    - name: main\n      backends: [{cluster: app}]\n";
+    let vhosts = r#"- name: app
+  domains: [app.test]
+  routes:
+    - name: main
+      backends: [{cluster: app}]
+"#;
     let clusters = format!(
-        "- name: app\n  outlier: {{consecutive_5xx: 1, consecutive_gateway_failure: 1}}\n  endpoints: [{{address: \"{}\"}}, {{address: \"{}\"}}]\n",
+        r#"- name: app
+  outlier: {{consecutive_5xx: 1, consecutive_gateway_failure: 1}}
+  endpoints: [{{address: "{}"}}, {{address: "{}"}}]
+"#,
         busy.addr, calm.addr
     );
     let proxy = TestProxy::start(&config(vhosts, &clusters)).await;
@@ -93,9 +103,9 @@ async fn an_endpoint_that_says_it_is_overloaded_is_steered_around_not_ejected() 
         told_to_wait += usize::from(r.status == 429);
     }
     let metrics = get(proxy.admin(), "/metrics").await.body;
-    let ejections = counter(
+    let ejections = metric(
         &metrics,
-        "outrigger_outlier_ejections_total{cluster=\"app\"} ",
+        "outrigger_outlier_ejections_total{cluster=\"app\"}",
     );
     assert_eq!(ejections, 0, "a 429 is not a failure");
     // Without steering, peak-EWMA would favour the endpoint whose 429s come back fastest.
@@ -113,9 +123,16 @@ async fn a_restarted_endpoint_is_back_within_a_second_by_default() {
     let a = upstreams::http("a").await;
     let b = upstreams::http("b").await;
     let b_addr = b.addr;
-    let vhosts = "- name: app\n  domains: [app.test]\n  routes:\n    - name: main\n      backends: [{cluster: app}]\n";
+    let vhosts = r#"- name: app
+  domains: [app.test]
+  routes:
+    - name: main
+      backends: [{cluster: app}]
+"#;
     let clusters = format!(
-        "- name: app\n  endpoints: [{{address: \"{}\"}}, {{address: \"{b_addr}\"}}]\n",
+        r#"- name: app
+  endpoints: [{{address: "{}"}}, {{address: "{b_addr}"}}]
+"#,
         a.addr
     );
     let proxy = TestProxy::start(&config(vhosts, &clusters)).await;
@@ -141,9 +158,9 @@ async fn a_restarted_endpoint_is_back_within_a_second_by_default() {
         }
     }
     let metrics = get(proxy.admin(), "/metrics").await.body;
-    let ejections = counter(
+    let ejections = metric(
         &metrics,
-        "outrigger_outlier_ejections_total{cluster=\"app\"} ",
+        "outrigger_outlier_ejections_total{cluster=\"app\"}",
     );
     let _b = upstreams::http_at("b", b_addr).await;
     let back = std::time::Instant::now();
@@ -167,9 +184,16 @@ async fn a_still_broken_endpoint_stays_out_at_the_probe_rate() {
     let a = upstreams::http("a").await;
     let (broken, faults) = outrigger_tests::faults::faulty("broken").await;
     faults.fail(100, 503);
-    let vhosts = "- name: app\n  domains: [app.test]\n  routes:\n    - name: main\n      backends: [{cluster: app}]\n";
+    let vhosts = r#"- name: app
+  domains: [app.test]
+  routes:
+    - name: main
+      backends: [{cluster: app}]
+"#;
     let clusters = format!(
-        "- name: app\n  endpoints: [{{address: \"{}\"}}, {{address: \"{}\"}}]\n",
+        r#"- name: app
+  endpoints: [{{address: "{}"}}, {{address: "{}"}}]
+"#,
         a.addr, broken.addr
     );
     let proxy = TestProxy::start(&config(vhosts, &clusters)).await;
@@ -183,9 +207,9 @@ async fn a_still_broken_endpoint_stays_out_at_the_probe_rate() {
             let calls: Vec<_> = (0..8).map(|_| client.get("app.test", "/")).collect();
             futures_util::future::join_all(calls).await;
             let metrics = get(proxy.admin(), "/metrics").await.body;
-            (counter(
+            (metric(
                 &metrics,
-                "outrigger_outlier_ejections_total{cluster=\"app\"} ",
+                "outrigger_outlier_ejections_total{cluster=\"app\"}",
             ) >= 1)
                 .then_some(())
         },

@@ -32,7 +32,11 @@ fn vip(subnet: u8, i: u8) -> IpAddr {
 }
 
 fn mesh(net: &PodNetwork, subnet: u8) -> String {
-    let mut yaml = String::from("mesh: {trust_domain: cluster.local}\nservices:\n");
+    let mut yaml = String::from(
+        r#"mesh: {trust_domain: cluster.local}
+services:
+"#,
+    );
     for (i, pod) in net.pods.iter().enumerate() {
         // b is reached over IPv6, whatever address family its callers dial.
         let endpoint = if pod.name == "b" {
@@ -41,12 +45,20 @@ fn mesh(net: &PodNetwork, subnet: u8) -> String {
             SocketAddr::new(pod.ip.into(), APP_PORT)
         };
         yaml += &format!(
-            "  - name: {name}\n    port: {APP_PORT}\n    mtls: true\n    addresses: [\"{vip}\"]\n    endpoints: [{{address: \"{endpoint}\"}}]\n    tokens: [{{token: token-{name}}}]\n",
+            r#"  - name: {name}
+    port: {APP_PORT}
+    mtls: true
+    addresses: ["{vip}"]
+    endpoints: [{{address: "{endpoint}"}}]
+    tokens: [{{token: token-{name}}}]
+"#,
             name = pod.name,
             vip = vip(subnet, i as u8),
         );
         if pod.name == "b" {
-            yaml += "    policy:\n      retry: {attempts: 2, on: [gateway-error]}\n";
+            yaml += r#"    policy:
+      retry: {attempts: 2, on: [gateway-error]}
+"#;
         }
     }
     yaml
@@ -70,14 +82,20 @@ fn proxy_config(
         ),
         format!("xds: {{address: \"{cp}\", node: {pod}-0, service: {pod}}}"),
         "listeners:".into(),
-        "  - name: outbound\n    address: \"0.0.0.0:15001\"\n    direction: outbound".into(),
+        r#"  - name: outbound
+    address: "0.0.0.0:15001"
+    direction: outbound"#.into(),
         "    original_destination: true\n    rds: outbound".into(),
-        "  - name: inbound\n    address: \"0.0.0.0:15006\"\n    direction: inbound".into(),
+        r#"  - name: inbound
+    address: "0.0.0.0:15006"
+    direction: inbound"#.into(),
         "    original_destination: true".into(),
         format!("    tls: {{mode: strict}}\n{authorization}    virtual_hosts:"),
         format!("      - name: app\n        domains: [':{APP_PORT}']"),
         "        routes:\n          - backends: [{cluster: app}]".into(),
-        format!("clusters:\n  - name: app\n    endpoints: [{{address: \"127.0.0.1:{APP_PORT}\"}}]"),
+        format!(r#"clusters:
+  - name: app
+    endpoints: [{{address: "127.0.0.1:{APP_PORT}"}}]"#),
     ]
     .join("\n")
         + "\n"
@@ -421,7 +439,11 @@ fn init_is_idempotent_and_removable_with_nft_and_legacy() {
                 .iter()
                 .map(|save| nat_rules(&net, "solo", save))
                 .collect::<Vec<_>>()
-                .join("\n--- ipv6 ---\n")
+                .join(
+                    r#"
+--- ipv6 ---
+"#,
+                )
         };
         let pristine = rules();
         let flags = [

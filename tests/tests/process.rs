@@ -31,10 +31,31 @@ impl ProxyProcess {
         tag: &str,
     ) -> String {
         let vhosts = format!(
-            "- name: app\n  domains: [app.test]\n  routes:\n    - response_headers:\n        set: [{{name: x-tag, value: {tag}}}]\n      backends: [{{cluster: app}}]\n"
+            r#"- name: app
+  domains: [app.test]
+  routes:
+    - response_headers:
+        set: [{{name: x-tag, value: {tag}}}]
+      backends: [{{cluster: app}}]
+"#
         );
         format!(
-            "admin:\n  address: {admin}\nworkers: 1\nlisteners:\n  - name: outbound\n    address: {outbound}\n    direction: outbound\n    virtual_hosts:\n{0}  - name: inbound\n    address: {inbound}\n    direction: inbound\n    virtual_hosts:\n{0}clusters:\n  - name: app\n    endpoints: [{{address: \"{upstream}\"}}]\n",
+            r#"admin:
+  address: {admin}
+workers: 1
+listeners:
+  - name: outbound
+    address: {outbound}
+    direction: outbound
+    virtual_hosts:
+{0}  - name: inbound
+    address: {inbound}
+    direction: inbound
+    virtual_hosts:
+{0}clusters:
+  - name: app
+    endpoints: [{{address: "{upstream}"}}]
+"#,
             indent(&vhosts, 6)
         )
     }

@@ -25,7 +25,11 @@ async fn one_cluster_proxy(
     upstream: std::net::SocketAddr,
 ) -> TestProxy {
     let vhosts = format!(
-        "- name: app\n  domains: [\"{host}\"]\n  routes:\n    - backends: [{{cluster: app}}]\n"
+        r#"- name: app
+  domains: ["{host}"]
+  routes:
+    - backends: [{{cluster: app}}]
+"#
     );
     TestProxy::start(&config(&vhosts, &cluster("app", protocol, &[upstream]))).await
 }
@@ -290,7 +294,17 @@ async fn websocket_echo_through_upgrade() {
 
 fn tcp_config(protocol: &str, upstream: std::net::SocketAddr) -> String {
     format!(
-        "listeners:\n  - name: tcp\n    address: 127.0.0.1:0\n    direction: outbound\n    protocol: {protocol}\n    detect_timeout: 10s\n    tcp: {{cluster: backend}}\nclusters:\n  - name: backend\n    endpoints: [{{address: \"{upstream}\"}}]\n"
+        r#"listeners:
+  - name: tcp
+    address: 127.0.0.1:0
+    direction: outbound
+    protocol: {protocol}
+    detect_timeout: 10s
+    tcp: {{cluster: backend}}
+clusters:
+  - name: backend
+    endpoints: [{{address: "{upstream}"}}]
+"#
     )
 }
 

@@ -19,13 +19,32 @@ use outrigger_tests::{TestProxy, eventually, free_addr, temp_path, upstreams, wo
 
 fn mesh(v1: SocketAddr, v2: SocketAddr, web_to: &str) -> String {
     format!(
-        "services:\n  - name: web\n    endpoints: [{{address: \"{v1}\"}}]\n    routes:\n      - backends: [{{service: {web_to}}}]\n  - name: web-v2\n    protocol: http2\n    endpoints: [{{address: \"{v2}\"}}]\n"
+        r#"services:
+  - name: web
+    endpoints: [{{address: "{v1}"}}]
+    routes:
+      - backends: [{{service: {web_to}}}]
+  - name: web-v2
+    protocol: http2
+    endpoints: [{{address: "{v2}"}}]
+"#
     )
 }
 
 fn proxy_config(xds: SocketAddr, node: &str) -> String {
     format!(
-        "admin:\n  address: 127.0.0.1:0\nxds:\n  address: \"{xds}\"\n  node: {node}\n  service: client\nlisteners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    rds: outbound\n"
+        r#"admin:
+  address: 127.0.0.1:0
+xds:
+  address: "{xds}"
+  node: {node}
+  service: client
+listeners:
+  - name: outbound
+    address: 127.0.0.1:0
+    direction: outbound
+    rds: outbound
+"#
     )
 }
 
@@ -254,7 +273,18 @@ async fn not_ready_until_the_first_complete_config() {
 async fn a_proxy_gets_only_what_its_service_may_call() {
     let (v1, v2) = (upstreams::http("v1").await, upstreams::http("v2").await);
     let mesh_text = format!(
-        "services:\n  - name: front\n    calls: [web]\n  - name: web\n    endpoints: [{{address: \"{v1}\"}}]\n    routes:\n      - backends: [{{service: web-v2}}]\n  - name: web-v2\n    endpoints: [{{address: \"{v2}\"}}]\n  - name: billing\n    endpoints: [{{address: \"{v1}\"}}]\n",
+        r#"services:
+  - name: front
+    calls: [web]
+  - name: web
+    endpoints: [{{address: "{v1}"}}]
+    routes:
+      - backends: [{{service: web-v2}}]
+  - name: web-v2
+    endpoints: [{{address: "{v2}"}}]
+  - name: billing
+    endpoints: [{{address: "{v1}"}}]
+"#,
         v1 = v1.addr,
         v2 = v2.addr
     );
@@ -299,7 +329,12 @@ async fn a_restarted_proxy_serves_its_cached_config_while_the_control_plane_is_a
     let cache = temp_path("xds-cache.bin");
     let config = proxy_config(xds, "cached").replace(
         "  service: client\n",
-        &format!("  service: client\n  cache: \"{}\"\n", cache.display()),
+        &format!(
+            r#"  service: client
+  cache: "{}"
+"#,
+            cache.display()
+        ),
     );
 
     let cp = CpProcess::start(&mesh_path, xds, admin);
@@ -326,11 +361,19 @@ async fn a_mesh_directory_is_one_mesh_and_errors_name_their_file() {
     let dir = temp_path("mesh.d");
     std::fs::create_dir_all(&dir).unwrap();
     let web = format!(
-        "services:\n  - name: web\n    endpoints: [{{address: \"{}\"}}]\n    routes:\n      - backends: [{{service: web-v2}}]\n",
+        r#"services:
+  - name: web
+    endpoints: [{{address: "{}"}}]
+    routes:
+      - backends: [{{service: web-v2}}]
+"#,
         v1.addr
     );
     let web_v2 = format!(
-        "services:\n  - name: web-v2\n    endpoints: [{{address: \"{}\"}}]\n",
+        r#"services:
+  - name: web-v2
+    endpoints: [{{address: "{}"}}]
+"#,
         v2.addr
     );
     std::fs::write(dir.join("10-web.yaml"), &web).unwrap();
@@ -363,12 +406,23 @@ async fn a_mesh_directory_is_one_mesh_and_errors_name_their_file() {
 async fn a_retry_policy_in_the_mesh_changes_the_proxy_live() {
     let (up, seen) = upstreams::fail_first().await;
     let service = format!(
-        "services:\n  - name: web\n    endpoints: [{{address: \"{}\"}}]\n",
+        r#"services:
+  - name: web
+    endpoints: [{{address: "{}"}}]
+"#,
         up.addr
     );
     // Retries are on by default; this mesh starts with them turned off.
-    let without = format!("{service}    policy:\n      retry: {{attempts: 0}}\n");
-    let with = format!("{service}    policy:\n      retry: {{attempts: 2, on: [gateway-error]}}\n");
+    let without = format!(
+        r#"{service}    policy:
+      retry: {{attempts: 0}}
+"#
+    );
+    let with = format!(
+        r#"{service}    policy:
+      retry: {{attempts: 2, on: [gateway-error]}}
+"#
+    );
     let (cp, mesh_path) = start_cp(&without).await;
     let proxy = TestProxy::start(&proxy_config(cp.xds_addr, "retrying")).await;
     let client = TestClient::http1(proxy.addr("outbound"));
@@ -422,12 +476,19 @@ async fn outlier_and_rate_limit_policies_in_the_mesh_change_the_proxy_live() {
     let (bad, bad_faults) = faults::faulty("bad").await;
     bad_faults.fail(100, 503);
     let service = format!(
-        "services:\n  - name: web\n    endpoints: [{{address: \"{}\"}}, {{address: \"{}\"}}]\n",
+        r#"services:
+  - name: web
+    endpoints: [{{address: "{}"}}, {{address: "{}"}}]
+"#,
         good.addr, bad.addr
     );
     // Retries and outlier detection are on by default; this mesh starts with both off, sent
     // as off, so the proxy's own defaults do not turn them back on.
-    let base = format!("{service}    policy:\n      retry: {{attempts: 0}}\n");
+    let base = format!(
+        r#"{service}    policy:
+      retry: {{attempts: 0}}
+"#
+    );
     let (cp, mesh_path) = start_cp(&format!("{base}      outlier: {{enabled: false}}\n")).await;
     let proxy = TestProxy::start(&proxy_config(cp.xds_addr, "policies")).await;
     let client = TestClient::http1(proxy.addr("outbound"));

@@ -10,7 +10,13 @@ use outrigger_tests::{TestProxy, cluster, config, metric, upstreams};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_limit_admits_the_configured_rate_within_ten_percent() {
     let up = upstreams::http("app").await;
-    let vhosts = "- name: app\n  domains: [app.test]\n  routes:\n    - name: limited\n      rate_limit: {requests_per_second: 100, burst: 10}\n      backends: [{cluster: app}]\n";
+    let vhosts = r#"- name: app
+  domains: [app.test]
+  routes:
+    - name: limited
+      rate_limit: {requests_per_second: 100, burst: 10}
+      backends: [{cluster: app}]
+"#;
     let proxy = TestProxy::start(&config(vhosts, &cluster("app", "http1", &[up.addr]))).await;
     let client = TestClient::http1(proxy.addr("outbound"));
 
@@ -70,7 +76,26 @@ async fn a_route_limit_admits_the_configured_rate_within_ten_percent() {
 async fn a_listener_limit_covers_every_route_of_the_service() {
     let up = upstreams::http("app").await;
     let text = format!(
-        "admin:\n  address: 127.0.0.1:0\nlisteners:\n  - name: inbound\n    address: 127.0.0.1:0\n    direction: inbound\n    rate_limit: {{requests_per_second: 0.5, burst: 2}}\n    virtual_hosts:\n      - name: app\n        domains: ['*']\n        routes:\n          - name: one\n            match: {{prefix: /one}}\n            backends: [{{cluster: app}}]\n          - name: two\n            backends: [{{cluster: app}}]\nclusters:\n  - name: app\n    endpoints: [{{address: \"{}\"}}]\n",
+        r#"admin:
+  address: 127.0.0.1:0
+listeners:
+  - name: inbound
+    address: 127.0.0.1:0
+    direction: inbound
+    rate_limit: {{requests_per_second: 0.5, burst: 2}}
+    virtual_hosts:
+      - name: app
+        domains: ['*']
+        routes:
+          - name: one
+            match: {{prefix: /one}}
+            backends: [{{cluster: app}}]
+          - name: two
+            backends: [{{cluster: app}}]
+clusters:
+  - name: app
+    endpoints: [{{address: "{}"}}]
+"#,
         up.addr
     );
     let proxy = TestProxy::start(&text).await;

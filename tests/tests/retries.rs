@@ -11,7 +11,12 @@ use outrigger_tests::upstreams::{self, Seen};
 use outrigger_tests::{TestProxy, config};
 
 fn cluster_yaml(name: &str, endpoints: &[SocketAddr]) -> String {
-    let mut s = format!("- name: {name}\n  lb: round_robin\n  endpoints:\n");
+    let mut s = format!(
+        r#"- name: {name}
+  lb: round_robin
+  endpoints:
+"#
+    );
     for e in endpoints {
         s.push_str(&format!("    - address: {e}\n"));
     }
@@ -20,7 +25,13 @@ fn cluster_yaml(name: &str, endpoints: &[SocketAddr]) -> String {
 
 async fn proxy(endpoints: &[SocketAddr], retry: &str) -> TestProxy {
     let vhosts = format!(
-        "- name: app\n  domains: [app.test]\n  routes:\n    - name: main\n      retry: {retry}\n      backends: [{{cluster: app}}]\n"
+        r#"- name: app
+  domains: [app.test]
+  routes:
+    - name: main
+      retry: {retry}
+      backends: [{{cluster: app}}]
+"#
     );
     TestProxy::start(&config(&vhosts, &cluster_yaml("app", endpoints))).await
 }
@@ -203,7 +214,13 @@ async fn retry_after_is_honoured_and_never_outlasts_the_route_timeout() {
     assert_eq!((bucket("0.512"), bucket("1.024")), (0, 1), "{page}");
 
     // Asked to wait longer than the route allows: the 503 goes back at once, not a 504 later.
-    let vhosts = "- name: app\n  domains: [app.test]\n  routes:\n    - timeout: 2s\n      retry: {attempts: 2, on: [gateway-error]}\n      backends: [{cluster: app}]\n";
+    let vhosts = r#"- name: app
+  domains: [app.test]
+  routes:
+    - timeout: 2s
+      retry: {attempts: 2, on: [gateway-error]}
+      backends: [{cluster: app}]
+"#;
     let short = TestProxy::start(&config(vhosts, &cluster_yaml("app", &[up.addr]))).await;
     let client = TestClient::http1(short.addr("outbound"));
     let started = Instant::now();
@@ -234,7 +251,12 @@ async fn an_upstream_that_closes_mid_body_fails_that_request_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_unavailable_is_retried() {
     let up = upstreams::grpc().await;
-    let vhosts = "- name: app\n  domains: [app.test]\n  routes:\n    - retry: {attempts: 2, on: [unavailable]}\n      backends: [{cluster: app}]\n";
+    let vhosts = r#"- name: app
+  domains: [app.test]
+  routes:
+    - retry: {attempts: 2, on: [unavailable]}
+      backends: [{cluster: app}]
+"#;
     let proxy = TestProxy::start(&config(
         vhosts,
         &outrigger_tests::cluster("app", "http2", &[up.addr]),
@@ -291,7 +313,12 @@ async fn a_post_that_never_left_is_retried_whatever_the_method() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_stream_is_retried() {
     let (up, streams) = faults::refuses_first_stream().await;
-    let vhosts = "- name: app\n  domains: [app.test]\n  routes:\n    - retry: {attempts: 1, on: [refused-stream]}\n      backends: [{cluster: app}]\n";
+    let vhosts = r#"- name: app
+  domains: [app.test]
+  routes:
+    - retry: {attempts: 1, on: [refused-stream]}
+      backends: [{cluster: app}]
+"#;
     let proxy = TestProxy::start(&config(
         vhosts,
         &outrigger_tests::cluster("app", "http2", &[up.addr]),

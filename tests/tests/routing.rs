@@ -79,7 +79,11 @@ async fn path_header_and_method_matching() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_split_is_within_five_points() {
     let (v1, v2) = (upstreams::http("v1").await, upstreams::http("v2").await);
-    let vhosts = "- name: web\n  domains: [web.test]\n  routes:\n    - backends: [{cluster: v1, weight: 80}, {cluster: v2, weight: 20}]\n";
+    let vhosts = r#"- name: web
+  domains: [web.test]
+  routes:
+    - backends: [{cluster: v1, weight: 80}, {cluster: v2, weight: 20}]
+"#;
     let proxy = TestProxy::start(&config(
         vhosts,
         &[
@@ -175,7 +179,10 @@ async fn synthetic_404_503_504() {
     let clusters = [
         cluster("app", "http1", &[up.addr]),
         cluster("dead", "http1", &[dead]),
-        "- name: empty\n  endpoints: []\n".to_string(),
+        r#"- name: empty
+  endpoints: []
+"#
+        .to_string(),
     ]
     .concat();
     let proxy = TestProxy::start(&config(vhosts, &clusters)).await;
@@ -224,7 +231,11 @@ async fn synthetic_404_503_504() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_get_400_and_cost_nothing_else() {
     let up = upstreams::http("app").await;
-    let vhosts = "- name: app\n  domains: [\"*\"]\n  routes:\n    - backends: [{cluster: app}]\n";
+    let vhosts = r#"- name: app
+  domains: ["*"]
+  routes:
+    - backends: [{cluster: app}]
+"#;
     let proxy = TestProxy::start(&config(vhosts, &cluster("app", "http1", &[up.addr]))).await;
     let addr = proxy.addr("outbound");
 

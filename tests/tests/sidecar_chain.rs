@@ -8,16 +8,53 @@ async fn outbound_to_inbound_to_local_app() {
     let app = upstreams::http("orders").await;
     // The server side's sidecar: its inbound listener sends everything to the local app.
     let server_side = TestProxy::start(&format!(
-        "admin:\n  address: 127.0.0.1:0\nlisteners:\n  - name: inbound\n    address: 127.0.0.1:0\n    direction: inbound\n    virtual_hosts:\n{}clusters:\n  - name: local-app\n    endpoints: [{{address: \"{}\"}}]\n",
-        indent("- name: local\n  domains: [orders.shop.svc]\n  routes:\n    - name: to-app\n      backends: [{cluster: local-app}]\n", 6),
+        r#"admin:
+  address: 127.0.0.1:0
+listeners:
+  - name: inbound
+    address: 127.0.0.1:0
+    direction: inbound
+    virtual_hosts:
+{}clusters:
+  - name: local-app
+    endpoints: [{{address: "{}"}}]
+"#,
+        indent(
+            r#"- name: local
+  domains: [orders.shop.svc]
+  routes:
+    - name: to-app
+      backends: [{cluster: local-app}]
+"#,
+            6
+        ),
         app.addr
     ))
     .await;
     // The client side's sidecar: its outbound listener knows `orders` lives behind that sidecar,
     // and speaks HTTP/2 to it whatever the app spoke.
     let client_side = TestProxy::start(&format!(
-        "admin:\n  address: 127.0.0.1:0\nlisteners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    virtual_hosts:\n{}clusters:\n  - name: orders\n    protocol: http2\n    endpoints: [{{address: \"{}\"}}]\n",
-        indent("- name: orders\n  domains: [orders, orders.shop.svc]\n  routes:\n    - name: orders\n      backends: [{cluster: orders}]\n", 6),
+        r#"admin:
+  address: 127.0.0.1:0
+listeners:
+  - name: outbound
+    address: 127.0.0.1:0
+    direction: outbound
+    virtual_hosts:
+{}clusters:
+  - name: orders
+    protocol: http2
+    endpoints: [{{address: "{}"}}]
+"#,
+        indent(
+            r#"- name: orders
+  domains: [orders, orders.shop.svc]
+  routes:
+    - name: orders
+      backends: [{cluster: orders}]
+"#,
+            6
+        ),
         server_side.addr("inbound")
     ))
     .await;

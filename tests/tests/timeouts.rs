@@ -10,8 +10,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_grpc_deadline_shortens_the_route_timeout() {
     let (up, _) = faults::faulty("app").await;
-    let vhosts =
-        "- name: app\n  domains: [app.test]\n  routes:\n    - backends: [{cluster: app}]\n";
+    let vhosts = r#"- name: app
+  domains: [app.test]
+  routes:
+    - backends: [{cluster: app}]
+"#;
     let proxy = TestProxy::start(&config(vhosts, &cluster("app", "http1", &[up.addr]))).await;
     let client = TestClient::http2(proxy.addr("outbound")).await;
     let started = Instant::now();
@@ -38,7 +41,18 @@ async fn a_grpc_deadline_shortens_the_route_timeout() {
 async fn an_idle_connection_is_closed_but_a_slow_request_is_not_idle() {
     let up = upstreams::http("app").await;
     let text = format!(
-        "listeners:\n  - name: inbound\n    address: 127.0.0.1:0\n    direction: inbound\n    idle_timeout: 300ms\n    virtual_hosts:\n      - name: app\n        domains: ['*']\n        routes:\n          - backends: [{{cluster: app}}]\nclusters:\n{}",
+        r#"listeners:
+  - name: inbound
+    address: 127.0.0.1:0
+    direction: inbound
+    idle_timeout: 300ms
+    virtual_hosts:
+      - name: app
+        domains: ['*']
+        routes:
+          - backends: [{{cluster: app}}]
+clusters:
+{}"#,
         outrigger_tests::indent(&cluster("app", "http1", &[up.addr]), 2)
     );
     let proxy = TestProxy::start(&text).await;

@@ -18,12 +18,33 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn tracing_block(service: &str, collector: &str) -> String {
-    format!("tracing:\n  service_name: {service}\n  {collector}\n")
+    format!(
+        r#"tracing:
+  service_name: {service}
+  {collector}
+"#
+    )
 }
 
 async fn sidecar(tracing: &str, direction: &str, to: SocketAddr, retry: &str) -> TestProxy {
     TestProxy::start(&format!(
-        "{tracing}admin:\n  address: 127.0.0.1:0\nlisteners:\n  - name: {direction}\n    address: 127.0.0.1:0\n    direction: {direction}\n    virtual_hosts:\n      - name: app\n        domains: ['*']\n        routes:\n          - name: main\n{retry}            backends: [{{cluster: next}}]\nclusters:\n  - name: next\n    lb: round_robin\n    endpoints: [{{address: \"{to}\"}}]\n"
+        r#"{tracing}admin:
+  address: 127.0.0.1:0
+listeners:
+  - name: {direction}
+    address: 127.0.0.1:0
+    direction: {direction}
+    virtual_hosts:
+      - name: app
+        domains: ['*']
+        routes:
+          - name: main
+{retry}            backends: [{{cluster: next}}]
+clusters:
+  - name: next
+    lb: round_robin
+    endpoints: [{{address: "{to}"}}]
+"#
     ))
     .await
 }
@@ -250,7 +271,11 @@ async fn the_sampling_ratio_is_set_centrally_in_the_mesh() {
     let app_b = upstreams::http("b").await;
     let mesh = |ratio: &str| {
         format!(
-            "mesh: {{tracing: {{sampling: {ratio}}}}}\nservices:\n  - name: b\n    endpoints: [{{address: \"{}\"}}]\n",
+            r#"mesh: {{tracing: {{sampling: {ratio}}}}}
+services:
+  - name: b
+    endpoints: [{{address: "{}"}}]
+"#,
             app_b.addr
         )
     };
@@ -266,7 +291,17 @@ async fn the_sampling_ratio_is_set_centrally_in_the_mesh() {
     .unwrap();
     // The proxy's own ratio would sample everything; the mesh says otherwise.
     let a = TestProxy::start(&format!(
-        "{}admin:\n  address: 127.0.0.1:0\nxds:\n  address: \"{}\"\n  node: a\nlisteners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    rds: outbound\n",
+        r#"{}admin:
+  address: 127.0.0.1:0
+xds:
+  address: "{}"
+  node: a
+listeners:
+  - name: outbound
+    address: 127.0.0.1:0
+    direction: outbound
+    rds: outbound
+"#,
         tracing_block("a", &format!("otlp_grpc: \"{}\"", collector.addr)),
         cp.xds_addr
     ))
@@ -327,14 +362,38 @@ async fn over_mtls_the_inbound_span_names_the_callers_identity() {
     let grpc = format!("otlp_grpc: \"{}\"", collector.addr);
     let app_b = upstreams::http("b").await;
     let b = TestProxy::start(&format!(
-        "{}{}listeners:\n  - name: inbound\n    address: 127.0.0.1:0\n    direction: inbound\n    tls: {{mode: strict}}\n    virtual_hosts:\n      - name: app\n        domains: ['*']\n        routes: [{{name: main, backends: [{{cluster: app}}]}}]\nclusters:\n  - name: app\n    endpoints: [{{address: \"{}\"}}]\n",
+        r#"{}{}listeners:
+  - name: inbound
+    address: 127.0.0.1:0
+    direction: inbound
+    tls: {{mode: strict}}
+    virtual_hosts:
+      - name: app
+        domains: ['*']
+        routes: [{{name: main, backends: [{{cluster: app}}]}}]
+clusters:
+  - name: app
+    endpoints: [{{address: "{}"}}]
+"#,
         identity(api),
         tracing_block("b", &grpc),
         app_b.addr
     ))
     .await;
     let a = TestProxy::start(&format!(
-        "{}{}listeners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    virtual_hosts:\n      - name: app\n        domains: ['*']\n        routes: [{{name: main, backends: [{{cluster: b}}]}}]\nclusters:\n  - name: b\n    tls: {{identities: [\"{api}\"]}}\n    endpoints: [{{address: \"{}\"}}]\n",
+        r#"{}{}listeners:
+  - name: outbound
+    address: 127.0.0.1:0
+    direction: outbound
+    virtual_hosts:
+      - name: app
+        domains: ['*']
+        routes: [{{name: main, backends: [{{cluster: b}}]}}]
+clusters:
+  - name: b
+    tls: {{identities: ["{api}"]}}
+    endpoints: [{{address: "{}"}}]
+"#,
         identity(web),
         tracing_block("a", &grpc),
         b.addr("inbound")

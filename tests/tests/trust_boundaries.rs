@@ -24,7 +24,19 @@ async fn permissive(tcp_to: SocketAddr, extra: &str) -> TestProxy {
         .unwrap();
     let identity = identity_yaml(&write_identity(&chain, &key, ca.bundle_pem()));
     TestProxy::start(&format!(
-        "{identity}admin:\n  address: 127.0.0.1:0\nlisteners:\n  - name: inbound\n    address: 127.0.0.1:0\n    direction: inbound\n    detect_timeout: 300ms\n    tls: {{mode: permissive}}\n{extra}    tcp: {{cluster: app}}\nclusters:\n  - name: app\n    endpoints: [{{address: \"{tcp_to}\"}}]\n"
+        r#"{identity}admin:
+  address: 127.0.0.1:0
+listeners:
+  - name: inbound
+    address: 127.0.0.1:0
+    direction: inbound
+    detect_timeout: 300ms
+    tls: {{mode: permissive}}
+{extra}    tcp: {{cluster: app}}
+clusters:
+  - name: app
+    endpoints: [{{address: "{tcp_to}"}}]
+"#
     ))
     .await
 }
@@ -32,7 +44,21 @@ async fn permissive(tcp_to: SocketAddr, extra: &str) -> TestProxy {
 /// One plain HTTP listener routing everything to `upstream`, with `route_extra` on its route.
 async fn plain(upstream: SocketAddr, route_extra: &str) -> TestProxy {
     TestProxy::start(&format!(
-        "admin:\n  address: 127.0.0.1:0\nlisteners:\n  - name: inbound\n    address: 127.0.0.1:0\n    direction: inbound\n    virtual_hosts:\n      - name: app\n        domains: ['*']\n        routes:\n          - backends: [{{cluster: app}}]\n{route_extra}clusters:\n  - name: app\n    endpoints: [{{address: \"{upstream}\"}}]\n"
+        r#"admin:
+  address: 127.0.0.1:0
+listeners:
+  - name: inbound
+    address: 127.0.0.1:0
+    direction: inbound
+    virtual_hosts:
+      - name: app
+        domains: ['*']
+        routes:
+          - backends: [{{cluster: app}}]
+{route_extra}clusters:
+  - name: app
+    endpoints: [{{address: "{upstream}"}}]
+"#
     ))
     .await
 }
@@ -205,7 +231,20 @@ async fn only_the_upgrades_a_route_allows_are_passed_on() {
     // h2c cannot even be asked for.
     let err = outrigger_proxy::config::snapshot::RuntimeConfig::build(
         "upgrades.yaml",
-        "listeners:\n  - name: l\n    address: 127.0.0.1:0\n    direction: inbound\n    virtual_hosts:\n      - name: v\n        domains: ['*']\n        routes:\n          - backends: [{cluster: c}]\n            upgrades: [h2c]\nclusters:\n  - name: c\n    endpoints: [{address: \"127.0.0.1:9\"}]\n",
+        r#"listeners:
+  - name: l
+    address: 127.0.0.1:0
+    direction: inbound
+    virtual_hosts:
+      - name: v
+        domains: ['*']
+        routes:
+          - backends: [{cluster: c}]
+            upgrades: [h2c]
+clusters:
+  - name: c
+    endpoints: [{address: "127.0.0.1:9"}]
+"#,
         1,
         None,
     )

@@ -85,12 +85,27 @@ impl Relay {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_black_holed_control_plane_is_noticed_and_redialled() {
-    let cp =
-        control_plane("services:\n  - name: web\n    endpoints: [{address: \"127.0.0.1:9\"}]\n")
-            .await;
+    let cp = control_plane(
+        r#"services:
+  - name: web
+    endpoints: [{address: "127.0.0.1:9"}]
+"#,
+    )
+    .await;
     let relay = Relay::start(cp.xds_addr).await;
     let proxy = TestProxy::start(&format!(
-        "admin:\n  address: 127.0.0.1:0\nxds:\n  address: \"{}\"\n  node: silent-test\n  service: client\nlisteners:\n  - name: outbound\n    address: 127.0.0.1:0\n    direction: outbound\n    rds: outbound\n",
+        r#"admin:
+  address: 127.0.0.1:0
+xds:
+  address: "{}"
+  node: silent-test
+  service: client
+listeners:
+  - name: outbound
+    address: 127.0.0.1:0
+    direction: outbound
+    rds: outbound
+"#,
         relay.addr
     ))
     .await;

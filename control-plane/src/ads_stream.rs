@@ -1,0 +1,141 @@
+//! One ADS stream, whichever the variant: requests in, pushes out on every snapshot change, in
+//! push order. State of the world (`ads.rs`) and delta (`ads_delta.rs`) differ only in what
+//! the `Protocol` trait hides.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use crate::node_status::NodeRegistry;
+use crate::snapshot::{Publisher, Snapshot};
+use crate::translate::PUSH_ORDER;
+use crate::xds_limits;
+use outrigger_core::spiffe::SpiffeId;
+
+/// What differs between state-of-the-world and delta; the stream loop is shared.
+pub(crate) trait Protocol: Sized + Send + 'static {
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    fn node(req: &Self::Request) -> Option<&Node>;
+    /// Refuses a request whose strings or lists exceed what a stream may make us hold.
+    fn check(req: &Self::Request) -> Result<(), Status>;
+    fn open(
+        node: String,
+        out: mpsc::Sender<Result<Self::Response, Status>>,
+        nodes: Arc<NodeRegistry>,
+        nonce: Arc<AtomicU64>,
+    ) -> Self;
+    fn node_id(&self) -> &str;
+    /// Handles one request; false when the stream is gone.
+    fn on_request(
+        &mut self,
+        req: Self::Request,
+        snapshot: &Snapshot,
+    ) -> impl Future<Output = bool> + Send;
+    /// Pushes `type_url` if the client lacks its current state; false when the stream is gone.
+    fn push(
+        &mut self,
+        snapshot: &Snapshot,
+        type_url: &str,
+        force: bool,
+    ) -> impl Future<Output = bool> + Send;
+}
+
+fn view(snapshot: Arc<Snapshot>, proven: &Option<SpiffeId>, claimed: &str) -> Arc<Snapshot> {
+    match proven {
+        Some(id) => snapshot.view_for_identity(id),
+        None => snapshot.view_for(claimed),
+    }
+}
+
+/// The last snapshot a stream saw and the node's view of it.
+#[derive(Default)]
+struct ViewCache(Option<(Arc<Snapshot>, Arc<Snapshot>)>);
+
+impl ViewCache {
+    fn get(
+        &mut self,
+        base: Arc<Snapshot>,
+        proven: &Option<SpiffeId>,
+        caller: &str,
+        nodes: &NodeRegistry,
+    ) -> Arc<Snapshot> {
+        match &self.0 {
+            Some((seen, view)) if Arc::ptr_eq(seen, &base) => view.clone(),
+            _ => {
+                nodes.views_built.inc();
+                let fresh = view(base.clone(), proven, caller);
+                self.0 = Some((base, fresh.clone()));
+                fresh
+            }
+        }
+    }
+}
+
+/// One ADS stream: requests in, pushes out on every snapshot change, in push order.
+pub(crate) async fn run_stream<P: Protocol>(
+    proven: Option<SpiffeId>,
+    mut inbound: Streaming<P::Request>,
+    out: mpsc::Sender<Result<P::Response, Status>>,
+    publisher: Arc<Publisher>,
+    nodes: Arc<NodeRegistry>,
+    nonce: Arc<AtomicU64>,
+) {
+    let mut snapshots = publisher.subscribe();
+    let mut stream: Option<P> = None;
+    // The node's service, from its first request; it decides the node's scope.
+    let mut caller = String::new();
+    // The node's view of the last snapshot: a request that changes nothing rebuilds nothing.
+    let mut views = ViewCache::default();
+    loop {
+        tokio::select! {
+            msg = inbound.message() => {
+                let Ok(Some(req)) = msg else { break };
+                if let Err(status) = P::check(&req) {
+                    let _ = out.send(Err(status)).await;
+                    break;
+                }
+                if stream.is_none() {
+                    let node = P::node(&req).map(|n| n.id.clone()).unwrap_or_else(|| "unknown".into());
+                    let cluster = P::node(&req).map(|n| n.cluster.clone()).unwrap_or_default();
+                    let admitted = xds_limits::check_node(&node, &cluster)
+                        .and_then(|()| nodes.connected(&node, &cluster));
+                    if let Err(status) = admitted {
+                        tracing::warn!(node = %xds_limits::truncate(&node, xds_limits::MAX_NAME), error = %status.message(), "ADS stream refused");
+                        let _ = out.send(Err(status)).await;
+                        return;
+                    }
+                    caller.clone_from(&cluster);
+                    tracing::info!(%node, "ADS stream opened");
+                    stream = Some(P::open(node, out.clone(), nodes.clone(), nonce.clone()));
+                }
+                let s = stream.as_mut().expect("opened above");
+                let snapshot = views.get(snapshots.borrow().clone(), &proven, &caller, &nodes);
+                if !s.on_request(req, &snapshot).await {
+                    break;
+                }
+            }
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let snapshot = views.get(snapshots.borrow_and_update().clone(), &proven, &caller, &nodes);
+                if let Some(s) = stream.as_mut() {
+                    for type_url in PUSH_ORDER {
+                        if !s.push(&snapshot, type_url, false).await {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if let Some(s) = stream {
+        tracing::info!(node = %s.node_id(), "ADS stream closed");
+        nodes.disconnected(s.node_id());
+    }
+}
