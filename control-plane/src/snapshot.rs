@@ -113,8 +113,6 @@ pub struct Publisher {
 #[derive(Default)]
 struct Inputs {
     mesh: Option<Mesh>,
-    /// Raw resources laid over the translation: for tests that must push exactly this.
-    overrides: BTreeMap<(&'static str, String), Any>,
 }
 
 impl Default for Publisher {
@@ -146,26 +144,9 @@ impl Publisher {
         self.inputs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Replaces (or with `None`, removes) one raw resource on top of the mesh's own.
-    pub fn set_override(&self, type_url: &'static str, name: &str, resource: Option<Any>) {
-        let mut inputs = self.inputs();
-        match resource {
-            Some(r) => inputs.overrides.insert((type_url, name.to_string()), r),
-            None => inputs.overrides.remove(&(type_url, name.to_string())),
-        };
-        self.rebuild(&inputs);
-    }
-
     fn rebuild(&self, inputs: &Inputs) {
         let Some(mesh) = &inputs.mesh else { return };
         let mut fresh: BTreeMap<&'static str, Resources> = translate(mesh).into_iter().collect();
-        for ((type_url, name), any) in &inputs.overrides {
-            fresh
-                .entry(type_url)
-                .or_default()
-                .by_name
-                .insert(name.clone(), any.clone());
-        }
         let old = self.current();
         let mut types = BTreeMap::new();
         for type_url in PUSH_ORDER {

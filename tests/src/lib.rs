@@ -5,6 +5,7 @@
 
 pub mod clients;
 pub mod envoy;
+pub mod fake_ads;
 pub mod fake_kube;
 pub mod faults;
 pub mod kube;

@@ -165,3 +165,45 @@ async fn requests_that_change_nothing_rebuild_nothing() {
     );
     assert!(after > before, "the second stream built its view");
 }
+
+/// A client's NACK is recorded against its node and type, with the client's message, in
+/// `/status` and in the NACK counter; the version it names is the one still in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nack_is_recorded_with_its_message() {
+    let cp = control_plane().await;
+    let (answer, tx) = open_stream(&cp, "nacker").await;
+    let answer = answer.unwrap();
+    tx.send(DiscoveryRequest {
+        type_url: CDS.into(),
+        response_nonce: answer.nonce.clone(),
+        error_detail: Some(envoy_types::pb::google::rpc::Status {
+            code: 3,
+            message: "cluster `a.default`: field `lb_policy` is not supported".into(),
+            details: vec![],
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let admin = cp.admin_addr;
+    let nack = outrigger_tests::eventually(
+        "/status shows the NACK",
+        Duration::from_secs(5),
+        || async move {
+            let status: serde_json::Value =
+                serde_json::from_str(&get(admin, "/status").await.body).ok()?;
+            let nack = status["nodes"]["nacker"]["types"]["Cluster"]["last_nack"].clone();
+            nack.is_object().then_some(nack)
+        },
+    )
+    .await;
+    assert_eq!(
+        nack["message"], "cluster `a.default`: field `lb_policy` is not supported",
+        "{nack}"
+    );
+    let metrics = get(admin, "/metrics").await.body;
+    assert!(
+        metrics.contains("outrigger_cp_nacks_total{node=\"nacker\"} 1"),
+        "{metrics}"
+    );
+}

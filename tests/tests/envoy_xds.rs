@@ -5,9 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use envoy_types::pb::google::protobuf::Any;
 use outrigger_control_plane::app::{self, ControlPlane};
-use outrigger_control_plane::translate::CLUSTER_TYPE;
 use outrigger_tests::clients::{TestClient, get};
 use outrigger_tests::envoy::Envoy;
 use outrigger_tests::{eventually, free_addr, temp_path, upstreams};
@@ -159,14 +157,15 @@ async fn envoy_follows_the_mesh_over_sotw_ads() {
         0
     );
 
-    // A resource Envoy cannot accept is NACKed; the NACK shows in /status, Envoy keeps the
-    // config it had, and traffic keeps flowing.
-    let broken = Any {
-        type_url: CLUSTER_TYPE.into(),
-        value: vec![0xff, 0xff, 0xff],
-    };
-    cp.publisher
-        .set_override(CLUSTER_TYPE, "broken", Some(broken));
+    // A route Envoy cannot accept is NACKed; the NACK shows in /status, Envoy keeps the
+    // config it had, and traffic keeps flowing. Envoy's RE2 refuses a regex whose program is
+    // larger than 100 (its default limit), which the mesh file's validation lets through.
+    let refused = mesh(outbound, v1.addr, v2.addr, "web-v2").replace(
+        "      - match: {prefix: /}\n",
+        "      - match: {regex: \"/items/[a-z0-9]{40}/[a-z0-9]{40}\"}\n        backends: [{service: web}]\n      - match: {prefix: /}\n",
+    );
+    assert_ne!(refused, mesh(outbound, v1.addr, v2.addr, "web-v2"));
+    std::fs::write(&mesh_path, refused).unwrap();
     let admin = cp.admin_addr;
     let nack = eventually(
         "/status shows Envoy's NACK",
@@ -174,7 +173,8 @@ async fn envoy_follows_the_mesh_over_sotw_ads() {
         || async move {
             let status: serde_json::Value =
                 serde_json::from_str(&get(admin, "/status").await.body).ok()?;
-            let nack = status["nodes"]["envoy-sotw"]["types"]["Cluster"]["last_nack"].clone();
+            let nack =
+                status["nodes"]["envoy-sotw"]["types"]["RouteConfiguration"]["last_nack"].clone();
             nack.is_object().then_some(nack)
         },
     )

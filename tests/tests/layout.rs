@@ -131,7 +131,10 @@ fn the_proxys_folders_import_one_another_without_a_cycle() {
 #[test]
 fn the_control_planes_modules_import_one_another_without_a_cycle() {
     let graph = graph_of("control-plane");
-    assert!(graph.contains_key("ads") && graph.contains_key("mesh"), "{graph:?}");
+    assert!(
+        graph.contains_key("ads") && graph.contains_key("mesh"),
+        "{graph:?}"
+    );
     if let Some(cycle) = find_cycle(&graph) {
         panic!("import cycle between modules: {}", cycle.join(" → "));
     }
