@@ -107,8 +107,9 @@ async fn forward<'a>(
         trace: ex.trace.as_ref(),
     };
     let policy = route.retry.as_ref().filter(|p| p.retries > 0 && !upgrade);
-    let mut resp =
-        timeout::within(timeout, retry::send(&call, policy, timeout, req, upgrade)).await?;
+    let mut resp = timeout::within(timeout, retry::send(&call, policy, timeout, req, upgrade))
+        .await
+        .map_err(|_| timeout::expired(timeout))??;
     match downstream_upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS) {
         Some(downstream) => {
             upgrade::tunnel(downstream, &mut resp, slot, drain, ex.listener.idle_timeout)
