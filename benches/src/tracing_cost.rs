@@ -158,12 +158,21 @@ pub fn run(raw: &[String]) {
     let scenario = fixed_rate("tracing", rate, duration);
     type Start<'a> = Box<dyn Fn() -> (Target, Option<SocketAddr>) + 'a>;
     let mut runs: Vec<(&str, Start)> = Vec::new();
-    for (label, collector) in [
-        ("outrigger, tracing off", None),
-        ("outrigger, 100 %", Some(sink)),
-        ("outrigger, 100 %, collector black-holed", Some(hole)),
-    ] {
-        let (bin, dir) = (&proxy_bin, &dir);
+    let mut ours_runs = vec![
+        ("outrigger, tracing off", &proxy_bin, None),
+        ("outrigger, 100 %", &proxy_bin, Some(sink)),
+        (
+            "outrigger, 100 %, collector black-holed",
+            &proxy_bin,
+            Some(hole),
+        ),
+    ];
+    if let Some(bin) = &baseline_bin {
+        ours_runs.push(("outrigger (baseline), tracing off", bin, None));
+        ours_runs.push(("outrigger (baseline), 100 %", bin, Some(sink)));
+    }
+    for (label, bin, collector) in ours_runs {
+        let dir = &dir;
         runs.push((
             label,
             Box::new(move || {
@@ -177,27 +186,6 @@ pub fn run(raw: &[String]) {
                 (t, Some(admin))
             }),
         ));
-    }
-    if let Some(bin) = &baseline_bin {
-        for (label, collector) in [
-            ("outrigger (baseline), tracing off", None),
-            ("outrigger (baseline), 100 %", Some(sink)),
-        ] {
-            let dir = &dir;
-            runs.push((
-                label,
-                Box::new(move || {
-                    let (addr, admin) = (free_port(), free_port());
-                    let t = spawn_outrigger(
-                        bin,
-                        &ours(addr, admin, upstream, collector),
-                        addr,
-                        &dir.join("baseline.yaml"),
-                    );
-                    (t, Some(admin))
-                }),
-            ));
-        }
     }
     if let Some(envoy_bin) = &envoy_bin {
         for (label, collector) in [("envoy, tracing off", None), ("envoy, 100 %", Some(sink))] {
