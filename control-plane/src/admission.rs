@@ -22,23 +22,41 @@ use rustls::ServerConfig;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
-use crate::ca::Ca;
+use crate::ca::{Ca, CaError};
 use crate::inject::{Injector, Outcome, json_patch};
 
 /// An AdmissionReview larger than this is not a pod.
 const MAX_BODY: usize = 4 * 1024 * 1024;
 
+/// Why a request to the webhook gets no review back, or the webhook does not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WebhookError {
+    #[error("not an AdmissionReview: {0}")]
+    NotAReview(String),
+    #[error("an AdmissionReview without `request`")]
+    NoRequest,
+    #[error("an AdmissionReview request without `uid`")]
+    NoUid,
+    #[error("the patch: {0}")]
+    Patch(String),
+    #[error(transparent)]
+    Ca(#[from] CaError),
+    #[error("cannot bind the webhook on {address}: {source}")]
+    Bind {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
 /// Answers one AdmissionReview (the request body) with another.
-pub fn review(injector: &Injector, body: &[u8]) -> Result<Value, String> {
+pub fn review(injector: &Injector, body: &[u8]) -> Result<Value, WebhookError> {
     let review: Value =
-        serde_json::from_slice(body).map_err(|e| format!("not an AdmissionReview: {e}"))?;
-    let request = review
-        .get("request")
-        .ok_or("an AdmissionReview without `request`")?;
+        serde_json::from_slice(body).map_err(|e| WebhookError::NotAReview(e.to_string()))?;
+    let request = review.get("request").ok_or(WebhookError::NoRequest)?;
     let uid = request
         .get("uid")
         .and_then(Value::as_str)
-        .ok_or("an AdmissionReview request without `uid`")?;
+        .ok_or(WebhookError::NoUid)?;
     let api_version = review
         .get("apiVersion")
         .and_then(Value::as_str)
@@ -49,8 +67,8 @@ pub fn review(injector: &Injector, body: &[u8]) -> Result<Value, String> {
         let mut injected = pod.clone();
         match injector.inject_template(&mut injected) {
             Ok(Outcome::Injected) => {
-                let patch =
-                    serde_json::to_vec(&json_patch(pod, &injected)).map_err(|e| e.to_string())?;
+                let patch = serde_json::to_vec(&json_patch(pod, &injected))
+                    .map_err(|e| WebhookError::Patch(e.to_string()))?;
                 response["patchType"] = json!("JSONPatch");
                 response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(patch));
             }
@@ -70,17 +88,16 @@ pub fn review(injector: &Injector, body: &[u8]) -> Result<Value, String> {
 
 /// A TLS config for the webhook, with a certificate from the mesh CA for `dns_names`; the
 /// webhook configuration's `caBundle` is the CA's root.
-pub fn tls_config(ca: &Ca, dns_names: &[String]) -> Result<Arc<ServerConfig>, String> {
-    let (chain, key) = ca
-        .issue_server(dns_names, Duration::from_secs(365 * 24 * 3600))
-        .map_err(|e| e.to_string())?;
+pub fn tls_config(ca: &Ca, dns_names: &[String]) -> Result<Arc<ServerConfig>, CaError> {
+    let tls = |e: rustls::Error| CaError::Tls(e.to_string());
+    let (chain, key) = ca.issue_server(dns_names, Duration::from_secs(365 * 24 * 3600))?;
     let (chain, key) = crate::ca::rustls_pair(&chain, &key)?;
     let mut config = ServerConfig::builder_with_provider(outrigger_core::tls::provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(tls)?
         .with_no_client_auth()
         .with_single_cert(chain, key)
-        .map_err(|e| e.to_string())?;
+        .map_err(tls)?;
     // HTTP/1.1 only: the API server speaks it, and the port's limits are HTTP/1.1's.
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(config))
@@ -118,7 +135,7 @@ async fn handle(
             tracing::warn!(error = %e, "bad admission request");
             reply(
                 StatusCode::BAD_REQUEST,
-                json!({"error": e}).to_string().into_bytes(),
+                json!({"error": e.to_string()}).to_string().into_bytes(),
             )
         }
     }
@@ -153,7 +170,7 @@ pub async fn start(
     ca: &Ca,
     dns_names: &[String],
     mut injector: Injector,
-) -> Result<SocketAddr, String> {
+) -> Result<SocketAddr, WebhookError> {
     let tls = tls_config(ca, dns_names)?;
     // Injected pods check the CA against the roots of the CA that serves this webhook.
     if injector.ca_root_pem.is_none() {
@@ -161,7 +178,7 @@ pub async fn start(
     }
     let socket = TcpListener::bind(address)
         .await
-        .map_err(|e| format!("cannot bind the webhook on {address}: {e}"))?;
+        .map_err(|source| WebhookError::Bind { address, source })?;
     let bound = socket.local_addr().unwrap_or(address);
     tracing::info!(address = %bound, "admission webhook serving POST /inject");
     tokio::spawn(serve(socket, tls, Arc::new(injector)));

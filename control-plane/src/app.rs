@@ -166,8 +166,7 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
         Some(addr) => {
             let socket = bind("xDS (mTLS)", addr).await?;
             let bound = socket.local_addr().unwrap_or(addr);
-            let config = crate::secure_xds::server_config(&ca.load())
-                .map_err(|e| StartError::Ca(crate::ca::CaError::Files(e)))?;
+            let config = crate::secure_xds::server_config(&ca.load()).map_err(StartError::Ca)?;
             let (ads, identity) = (Ads::new(publisher.clone(), nodes.clone()), identity.clone());
             let td = trust_domain.clone();
             let gate = secure_gate.clone();

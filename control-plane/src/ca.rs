@@ -32,6 +32,10 @@ pub enum CaError {
     Files(String),
     #[error("signing failed: {0}")]
     Signing(#[from] rcgen::Error),
+    #[error("not a PEM chain and key: {0}")]
+    Pem(String),
+    #[error("the TLS config: {0}")]
+    Tls(String),
 }
 
 pub struct Ca {
@@ -212,11 +216,12 @@ impl Ca {
 pub fn rustls_pair(
     chain_pem: &str,
     key_pem: &str,
-) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), String> {
+) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), CaError> {
+    let pem = |e: rustls_pki_types::pem::Error| CaError::Pem(e.to_string());
     let chain = CertificateDer::pem_slice_iter(chain_pem.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| e.to_string())?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| e.to_string())?;
+        .map_err(pem)?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(pem)?;
     Ok((chain, key))
 }
 

@@ -18,7 +18,7 @@ use rustls_pki_types::pem::PemObject;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::server::TlsStream;
 
-use crate::ca::Ca;
+use crate::ca::{Ca, CaError};
 use crate::grpc_limits::Admitted;
 pub use crate::grpc_limits::Caller;
 
@@ -29,29 +29,28 @@ pub fn control_plane_id(trust_domain: &str) -> SpiffeId {
 
 /// A server config with a fresh certificate for the control plane, valid for a year; a
 /// client certificate, if any, is checked against the CA's roots.
-pub fn server_config(ca: &Ca) -> Result<Arc<ServerConfig>, String> {
+pub fn server_config(ca: &Ca) -> Result<Arc<ServerConfig>, CaError> {
+    let tls = |e: &dyn std::fmt::Display| CaError::Tls(e.to_string());
     let id = control_plane_id(&ca.trust_domain);
-    let (chain, key) = ca
-        .issue(&id, Duration::from_secs(365 * 24 * 3600))
-        .map_err(|e| e.to_string())?;
+    let (chain, key) = ca.issue(&id, Duration::from_secs(365 * 24 * 3600))?;
     let (chain, key) = crate::ca::rustls_pair(&chain, &key)?;
     let mut roots = rustls::RootCertStore::empty();
     for root in CertificateDer::pem_slice_iter(ca.bundle_pem().as_bytes()) {
         roots
-            .add(root.map_err(|e| e.to_string())?)
-            .map_err(|e| e.to_string())?;
+            .add(root.map_err(|e| CaError::Pem(e.to_string()))?)
+            .map_err(|e| tls(&e))?;
     }
     let provider = outrigger_core::tls::provider();
     let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
         .allow_unauthenticated()
         .build()
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| tls(&e))?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(|e| tls(&e))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| tls(&e))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(Arc::new(config))
 }
