@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use outrigger_control_plane::ca::Ca;
 use outrigger_control_plane::inject::Injector;
 use outrigger_control_plane::{app, mesh::Mesh};
+use outrigger_core::duration::duration_arg;
 use outrigger_core::spiffe::SpiffeId;
 
 #[derive(Parser)]
@@ -39,7 +40,7 @@ enum Command {
         #[arg(long)]
         ca: Option<PathBuf>,
         /// How long the certificates the CA signs last, unless a proxy asks for less.
-        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        #[arg(long, default_value = "24h", value_parser = duration_arg)]
         cert_lifetime: std::time::Duration,
         /// Also serve ADS over mTLS on this address; each proxy then gets the config of the
         /// identity its certificate proves.
@@ -63,7 +64,7 @@ enum Command {
         kube_ca_file: PathBuf,
         /// Also take services from the cluster (`--kube-api`): Services, EndpointSlices and
         /// the Pods behind them, listed at this interval and folded into the mesh file.
-        #[arg(long, value_parser = parse_duration)]
+        #[arg(long, value_parser = duration_arg)]
         kube_services: Option<std::time::Duration>,
         /// Serve the sidecar-injecting admission webhook (HTTPS, `POST /inject`) here.
         #[arg(long)]
@@ -100,7 +101,7 @@ enum Command {
         id: String,
         #[arg(long)]
         out: PathBuf,
-        #[arg(long, default_value = "24h", value_parser = parse_duration)]
+        #[arg(long, default_value = "24h", value_parser = duration_arg)]
         lifetime: std::time::Duration,
     },
     /// Validate a mesh file and exit: 0 if valid, 1 with the error otherwise.
@@ -136,13 +137,10 @@ struct SidecarFlags {
 impl SidecarFlags {
     /// The injector, with the CA root from `--ca-root` (the webhook otherwise takes its
     /// own CA's).
-    fn injector(&self) -> Result<Injector, String> {
+    fn injector(&self) -> Result<Injector, CliError> {
         let ca_root_pem = match &self.ca_root {
             None => None,
-            Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| format!("the CA root {}: {e}", path.display()))?,
-            ),
+            Some(path) => Some(std::fs::read_to_string(path).map_err(file_error(path))?),
         };
         Ok(Injector {
             image: self.proxy_image.clone(),
@@ -184,11 +182,6 @@ fn inject(filename: &Path, injector: &Injector) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    outrigger_core::duration::parse_duration(s)
-        .ok_or_else(|| format!("`{s}` is not a duration such as 10s"))
 }
 
 fn main() -> ExitCode {
@@ -336,18 +329,47 @@ fn main() -> ExitCode {
     }
 }
 
-fn issue(ca_dir: &Path, id: &str, out: &Path, lifetime: std::time::Duration) -> Result<(), String> {
-    let id = SpiffeId::parse(id).map_err(|e| e.to_string())?;
-    let ca = Ca::load(ca_dir, &id.trust_domain).map_err(|e| e.to_string())?;
-    let (chain, key) = ca.issue(&id, lifetime).map_err(|e| e.to_string())?;
+/// Why a command could not do its work; printed, and the exit code is 1.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("{path}: {source}")]
+    File {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Spiffe(#[from] outrigger_core::spiffe::SpiffeError),
+    #[error(transparent)]
+    Ca(#[from] outrigger_control_plane::ca::CaError),
+    #[error("the token review client: {0}")]
+    TokenReview(String),
+}
+
+fn file_error(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
+    move |source| CliError::File {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+fn issue(
+    ca_dir: &Path,
+    id: &str,
+    out: &Path,
+    lifetime: std::time::Duration,
+) -> Result<(), CliError> {
+    let id = SpiffeId::parse(id)?;
+    let ca = Ca::load(ca_dir, &id.trust_domain)?;
+    let (chain, key) = ca.issue(&id, lifetime)?;
     let write = |name: &str, text: &str| {
-        std::fs::write(out.join(name), text)
-            .map_err(|e| format!("{}: {e}", out.join(name).display()))
+        let path = out.join(name);
+        std::fs::write(&path, text).map_err(file_error(&path))
     };
-    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    std::fs::create_dir_all(out).map_err(file_error(out))?;
     write("cert.pem", &chain)?;
-    outrigger_control_plane::ca::write_private(&out.join("key.pem"), key.as_bytes())
-        .map_err(|e| format!("{}: {e}", out.join("key.pem").display()))?;
+    let key_path = out.join("key.pem");
+    outrigger_control_plane::ca::write_private(&key_path, key.as_bytes())
+        .map_err(file_error(&key_path))?;
     write("bundle.pem", ca.bundle_pem())
 }
 
@@ -355,11 +377,11 @@ fn token_reviewer(
     api: &str,
     token_file: &Path,
     ca_file: &Path,
-) -> Result<outrigger_control_plane::token_review::TokenReviewer, String> {
-    let token = std::fs::read_to_string(token_file)
-        .map_err(|e| format!("{}: {e}", token_file.display()))?;
-    let ca = std::fs::read(ca_file).map_err(|e| format!("{}: {e}", ca_file.display()))?;
+) -> Result<outrigger_control_plane::token_review::TokenReviewer, CliError> {
+    let token = std::fs::read_to_string(token_file).map_err(file_error(token_file))?;
+    let ca = std::fs::read(ca_file).map_err(file_error(ca_file))?;
     outrigger_control_plane::token_review::TokenReviewer::new(api, token.trim().to_string(), &ca)
+        .map_err(CliError::TokenReview)
 }
 
 /// SIGTERM (what Kubernetes sends) or Ctrl-C.

@@ -22,6 +22,16 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
     }
 }
 
+/// A command-line duration that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not a duration such as 500ms, 30s or 24h")]
+pub struct NotADuration(pub String);
+
+/// A duration flag's value, for clap's `value_parser`.
+pub fn duration_arg(text: &str) -> Result<Duration, NotADuration> {
+    parse_duration(text).ok_or_else(|| NotADuration(text.to_string()))
+}
+
 /// An optional duration field of a config file, located when it does not parse.
 pub fn field_duration(
     source: &str,

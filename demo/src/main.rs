@@ -7,6 +7,7 @@ mod mesh;
 use std::process::ExitCode;
 
 use clap::Parser;
+use outrigger_core::duration::duration_arg;
 
 #[derive(Parser)]
 #[command(
@@ -16,13 +17,8 @@ use clap::Parser;
 )]
 struct Cli {
     /// How long the traffic runs; the canary weights change halfway.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = duration_arg)]
     duration: std::time::Duration,
-}
-
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    outrigger_core::duration::parse_duration(s)
-        .ok_or_else(|| format!("`{s}` is not a duration such as 10s"))
 }
 
 fn main() -> ExitCode {

@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use outrigger_core::duration::duration_arg;
 use tokio::signal::unix::{SignalKind, signal};
 
 use outrigger_proxy::app;
@@ -26,7 +27,7 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
         /// How long in-flight work may take to finish after SIGTERM.
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        #[arg(long, default_value = "30s", value_parser = duration_arg)]
         drain_timeout: Duration,
         /// Data-path worker threads; overrides `workers` in the config file.
         #[arg(long)]
@@ -36,13 +37,13 @@ enum Command {
         log_json: bool,
         /// How often to check the config file for changes; 0s turns polling off (SIGHUP
         /// still reloads).
-        #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+        #[arg(long, default_value = "200ms", value_parser = duration_arg)]
         watch_interval: Duration,
     },
     /// Run a local demo: two demo upstreams behind the proxy, traffic, and a live summary.
     Demo {
         /// How long to send traffic.
-        #[arg(long, default_value = "10s", value_parser = parse_duration)]
+        #[arg(long, default_value = "10s", value_parser = duration_arg)]
         duration: Duration,
     },
     /// Check a config file and exit: 0 if valid, 1 with the error otherwise.
@@ -55,7 +56,7 @@ enum Command {
     WaitReady {
         #[arg(long, default_value = "127.0.0.1:15020")]
         admin: std::net::SocketAddr,
-        #[arg(long, default_value = "120s", value_parser = parse_duration)]
+        #[arg(long, default_value = "120s", value_parser = duration_arg)]
         timeout: Duration,
     },
     /// Install (or with --remove, take out) the iptables rules that send this network
@@ -117,7 +118,7 @@ struct SidecarArgs {
     /// Where the generated config is written (an emptyDir in the pod).
     #[arg(long, default_value = "/var/run/outrigger")]
     work_dir: PathBuf,
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = duration_arg)]
     drain_timeout: Duration,
     #[arg(long)]
     log_json: bool,
@@ -277,11 +278,6 @@ fn init(args: InitArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    runtime_config::parse_duration(s)
-        .ok_or_else(|| format!("`{s}` is not a duration such as 500ms or 30s"))
 }
 
 fn init_logging(json: bool, default_level: &str) {
