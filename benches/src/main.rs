@@ -341,6 +341,8 @@ pub(crate) struct RunArgs {
     /// Another build of the proxy (the previous main, say), measured in the same run as
     /// `outrigger (baseline)`.
     pub baseline_bin: Option<PathBuf>,
+    /// Run only the scenarios whose name contains this.
+    pub only: Option<String>,
 }
 
 pub(crate) fn run_args(raw: &[String]) -> RunArgs {
@@ -351,6 +353,7 @@ pub(crate) fn run_args(raw: &[String]) -> RunArgs {
         envoy_bin: std::env::var_os("ENVOY_BIN").map(PathBuf::from),
         out_dir: PathBuf::from("target/bench"),
         baseline_bin: None,
+        only: None,
     };
     let mut it = raw.iter();
     while let Some(flag) = it.next() {
@@ -362,8 +365,9 @@ pub(crate) fn run_args(raw: &[String]) -> RunArgs {
             "--envoy" => args.envoy_bin = Some(value.into()),
             "--out" => args.out_dir = value.into(),
             "--baseline" => args.baseline_bin = Some(value.into()),
+            "--only" => args.only = Some(value.clone()),
             other => panic!(
-                "unknown flag {other}; flags: --duration S --rate RPS --proxy PATH --envoy PATH --out DIR --baseline PATH"
+                "unknown flag {other}; flags: --duration S --rate RPS --proxy PATH --envoy PATH --out DIR --baseline PATH --only NAME"
             ),
         }
     }
@@ -473,7 +477,12 @@ fn main() {
             .args(["--h1", "-c", "10", "-n", "2000"])
             .arg(format!("http://{}/", target.addr))
             .output();
-        for scenario in scenarios(&args) {
+        let chosen = scenarios(&args).into_iter().filter(|s| {
+            args.only
+                .as_deref()
+                .is_none_or(|only| s.name.contains(only))
+        });
+        for scenario in chosen {
             eprintln!("running {:<16} through {}", scenario.name, target.name);
             let m = run_h2load(&scenario, &target, &dir.join("h2load.log"));
             let peak_kib = pid.map(|p| memory_kib(p, "VmHWM:"));

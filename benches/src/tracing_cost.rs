@@ -148,6 +148,7 @@ pub fn run(raw: &[String]) {
         envoy_bin,
         out_dir,
         baseline_bin,
+        ..
     } = args;
     let out_dir = out_dir.as_path();
     let upstream = start_upstream();
