@@ -1,9 +1,10 @@
-//! The whole proxy, assembled in one place: config → listeners → per-connection stages.
+//! The whole proxy process, assembled in one place: config → listeners → per-connection
+//! stages, the admin port, the xDS client and the identity's renewal.
 //!
 //! ```text
-//! config_store (ArcSwap<RuntimeConfig>, file watch + SIGHUP)
-//!   └─ accept::accept_loop  (one per configured listener)
-//!        └─ detect → http_proxy::handle (router → balance → upstream) | tcp::proxy
+//! config::store (ArcSwap<RuntimeConfig>, file watch + SIGHUP, xDS overlay)
+//!   └─ listener::accept::accept_loop  (one per configured listener)
+//!        └─ detect → TLS → stack::handle (the HTTP request stack) | listener::tcp::proxy
 //! admin::serve (/live /ready /metrics /config)
 //! ```
 

@@ -7,7 +7,7 @@ use outrigger_core::duration::duration_arg;
 use tokio::signal::unix::{SignalKind, signal};
 
 use outrigger_proxy::app;
-use outrigger_proxy::config::snapshot as runtime_config;
+use outrigger_proxy::config::snapshot::RuntimeConfig;
 
 #[derive(Parser)]
 #[command(
@@ -311,7 +311,7 @@ fn main() -> ExitCode {
             let source = config.display().to_string();
             let result = std::fs::read_to_string(&config)
                 .map_err(|e| outrigger_core::config_error::ConfigError::io(&source, &e))
-                .and_then(|text| runtime_config::RuntimeConfig::build(&source, &text, 1, None));
+                .and_then(|text| RuntimeConfig::build(&source, &text, 1, None));
             match result {
                 Ok(_) => {
                     println!("{source}: ok");
@@ -359,7 +359,7 @@ fn serve(
     let workers = workers.unwrap_or_else(|| {
         std::fs::read_to_string(&config)
             .ok()
-            .and_then(|t| runtime_config::RuntimeConfig::build("", &t, 0, None).ok())
+            .and_then(|t| RuntimeConfig::build("", &t, 0, None).ok())
             .map_or(0, |c| c.workers)
     });
     let rt = runtime(workers).expect("tokio runtime");

@@ -128,7 +128,7 @@ impl Cluster {
         self.due_probe().or_else(|| self.pick_healthy())
     }
 
-    /// An ejected endpoint whose probe is due, which this request then is (see `outlier.rs`).
+    /// An ejected endpoint whose probe is due, which this request then is (see `policy/outlier.rs`).
     fn due_probe(&self) -> Option<&Arc<Endpoint>> {
         self.outlier.as_ref()?;
         let (now, last) = (now_nanos(), self.probe_scan.load(Ordering::Relaxed));

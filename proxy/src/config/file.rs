@@ -2,7 +2,7 @@
 //!
 //! This module only describes the YAML shape. Turning it into something the data path can
 //! use (compiled regexes, resolved cluster references, parsed durations) is the job of
-//! `runtime_config`, which reports every problem with the file, line and field.
+//! `config::build`, which reports every problem with the file, line and field.
 //!
 //! Values whose correctness can only be judged after parsing (durations, regexes, addresses,
 //! references to clusters) are `Spanned`, so that a validation error can still point at the

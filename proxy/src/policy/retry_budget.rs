@@ -8,7 +8,7 @@
 //! The first bound is what stops a storm: when every endpoint fails, upstream attempts stay
 //! near (1 + percent) × the client's requests plus the floor, however many retries each
 //! route asks for. The second keeps a burst of slow failures from piling retries up. Beside
-//! both, the cluster's throttle (`retry_throttle.rs`) stops retries altogether while
+//! both, the cluster's throttle (`policy/retry_throttle.rs`) stops retries altogether while
 //! failures far outweigh successes, so a total outage costs hardly more than no retries.
 
 use std::sync::Arc;
