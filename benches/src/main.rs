@@ -212,6 +212,31 @@ static_resources:
     spawn_envoy(envoy, &config, addr, &dir.join("envoy.yaml"))
 }
 
+/// HAProxy with one thread, in HTTP mode with keep-alive to the upstream: the same work as the
+/// two proxies' single routes. Its config is written to `dir`.
+fn start_haproxy(haproxy: &Path, upstream: SocketAddr, dir: &Path) -> Target {
+    let addr = free_port();
+    let config = format!(
+        "global\n  nbthread 1\n  maxconn 4096\n\ndefaults\n  mode http\n  option http-keep-alive\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n\nfrontend bench\n  bind {addr}\n  default_backend upstream\n\nbackend upstream\n  http-reuse always\n  server up {upstream}\n"
+    );
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, config).unwrap();
+    let child = Command::new(haproxy)
+        // Foreground, one process: its CPU is the process's own.
+        .args(["-db", "-f"])
+        .arg(&path)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start haproxy at {}: {e}", haproxy.display()));
+    wait_for_port(addr);
+    Target {
+        name: "haproxy 2.6",
+        addr,
+        child: Some(child),
+    }
+}
+
 /// Runs Envoy, single worker, on a config (written to `path`) that listens on `addr`.
 pub(crate) fn spawn_envoy(envoy: &Path, config: &str, addr: SocketAddr, path: &Path) -> Target {
     std::fs::write(path, config).unwrap();
@@ -343,6 +368,8 @@ pub(crate) struct RunArgs {
     pub baseline_bin: Option<PathBuf>,
     /// Run only the scenarios whose name contains this.
     pub only: Option<String>,
+    /// `None`: HAProxy is left out of the comparison.
+    pub haproxy_bin: Option<PathBuf>,
 }
 
 pub(crate) fn run_args(raw: &[String]) -> RunArgs {
@@ -354,6 +381,9 @@ pub(crate) fn run_args(raw: &[String]) -> RunArgs {
         out_dir: PathBuf::from("target/bench"),
         baseline_bin: None,
         only: None,
+        haproxy_bin: std::env::var_os("HAPROXY_BIN")
+            .map(PathBuf::from)
+            .or_else(|| Some(PathBuf::from("/usr/sbin/haproxy")).filter(|p| p.exists())),
     };
     let mut it = raw.iter();
     while let Some(flag) = it.next() {
@@ -366,8 +396,9 @@ pub(crate) fn run_args(raw: &[String]) -> RunArgs {
             "--out" => args.out_dir = value.into(),
             "--baseline" => args.baseline_bin = Some(value.into()),
             "--only" => args.only = Some(value.clone()),
+            "--haproxy" => args.haproxy_bin = Some(value.into()),
             other => panic!(
-                "unknown flag {other}; flags: --duration S --rate RPS --proxy PATH --envoy PATH --out DIR --baseline PATH --only NAME"
+                "unknown flag {other}; flags: --duration S --rate RPS --proxy PATH --envoy PATH --out DIR --baseline PATH --only NAME --haproxy PATH"
             ),
         }
     }
@@ -463,6 +494,9 @@ fn main() {
         }
         if let Some(envoy) = &args.envoy_bin {
             t.push(Box::new(|| start_envoy(envoy, upstream, &dir)));
+        }
+        if let Some(haproxy) = &args.haproxy_bin {
+            t.push(Box::new(|| start_haproxy(haproxy, upstream, &dir)));
         }
         t
     };
