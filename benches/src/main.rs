@@ -48,9 +48,9 @@ fn scenarios(args: &RunArgs) -> Vec<Scenario> {
 }
 
 pub(crate) struct Target {
-    name: &'static str,
-    addr: SocketAddr,
-    child: Option<Child>,
+    pub(crate) name: &'static str,
+    pub(crate) addr: SocketAddr,
+    pub(crate) child: Option<Child>,
 }
 
 impl Drop for Target {
@@ -137,7 +137,7 @@ where
     addr
 }
 
-fn start_outrigger(bin: &Path, upstream: SocketAddr, dir: &Path) -> Target {
+pub(crate) fn start_outrigger(bin: &Path, upstream: SocketAddr, dir: &Path) -> Target {
     let (addr, admin) = (free_port(), free_port());
     let config = format!(
         "admin:\n  address: {admin}\nworkers: 1\nlisteners:\n  - name: bench\n    address: {addr}\n    direction: outbound\n    virtual_hosts:\n      - name: all\n        domains: [\"*\"]\n        routes:\n          - backends: [{{cluster: upstream}}]\nclusters:\n  - name: upstream\n    endpoints: [{{address: \"{upstream}\"}}]\n"
@@ -168,7 +168,7 @@ pub(crate) fn spawn_outrigger(bin: &Path, config: &str, addr: SocketAddr, path: 
     }
 }
 
-fn start_envoy(envoy: &Path, upstream: SocketAddr, dir: &Path) -> Target {
+pub(crate) fn start_envoy(envoy: &Path, upstream: SocketAddr, dir: &Path) -> Target {
     let (addr, admin) = (free_port(), free_port());
     let config = format!(
         r#"admin:
@@ -214,7 +214,7 @@ static_resources:
 
 /// HAProxy with one thread, in HTTP mode with keep-alive to the upstream: the same work as the
 /// two proxies' single routes. Its config is written to `dir`.
-fn start_haproxy(haproxy: &Path, upstream: SocketAddr, dir: &Path) -> Target {
+pub(crate) fn start_haproxy(haproxy: &Path, upstream: SocketAddr, dir: &Path) -> Target {
     let addr = free_port();
     let config = format!(
         "global\n  nbthread 1\n  maxconn 4096\n\ndefaults\n  mode http\n  option http-keep-alive\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n\nfrontend bench\n  bind {addr}\n  default_backend upstream\n\nbackend upstream\n  http-reuse always\n  server up {upstream}\n"
@@ -456,6 +456,7 @@ mod hostile;
 mod mesh_hop;
 mod resilience;
 mod tracing_cost;
+mod wrk_nginx;
 mod xds_scale;
 
 fn main() {
@@ -538,7 +539,37 @@ fn main() {
         }
     }
 
-    table.sort_by_key(|(s, _, _, _, _)| scenarios(&args).iter().position(|x| x.name == *s));
+    if args
+        .only
+        .as_deref()
+        .is_none_or(|only| wrk_nginx::SCENARIO.contains(only))
+    {
+        for (target, m, idle_kib, peak_kib) in wrk_nginx::rows(&args, &dir) {
+            rows.push(json!({
+                "scenario": wrk_nginx::SCENARIO,
+                "target": target,
+                "fixed_rate": false,
+                "requests": m.requests,
+                "failed": m.failed,
+                "rps": m.rps,
+                "p50_ms": m.p50_ms,
+                "p99_ms": m.p99_ms,
+                "cpu_us_per_request": m.cpu_us_per_req,
+                "idle_rss_kib": idle_kib,
+                "peak_rss_kib": peak_kib,
+                "wrk_args": "-t1 -c32 (nginx upstream)",
+            }));
+            table.push((wrk_nginx::SCENARIO, target, m, idle_kib, peak_kib));
+        }
+    }
+
+    // The h2load scenarios in their order, then the wrk row.
+    table.sort_by_key(|(s, _, _, _, _)| {
+        scenarios(&args)
+            .iter()
+            .position(|x| x.name == *s)
+            .unwrap_or(usize::MAX)
+    });
     let mut out = String::new();
     out.push_str(&format!(
         "{:<17} {:<10} {:>10} {:>9} {:>9} {:>11} {:>9} {:>9} {:>7}\n",
