@@ -110,6 +110,9 @@ impl UpstreamClient {
 /// One multiplexed HTTP/2 connection to one endpoint, made on first use and made again
 /// when it closes. Requests clone the sender without any lock; only connecting takes one,
 /// so that a burst of requests to a cold endpoint opens one connection, not a hundred.
+// Taken only to make a connection (a request finds the live one without it), so that a
+// burst to a cold endpoint opens one connection.
+#[allow(clippy::disallowed_types)]
 #[derive(Default)]
 pub struct H2Connection {
     sender: ArcSwapOption<http2::SendRequest<Body>>,
