@@ -179,12 +179,7 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
                         Some(mtls::ALPN_H2) => Protocol::Http2,
                         _ => Protocol::Http1,
                     };
-                    let peer = Peer {
-                        identity: peer,
-                        addr: client_addr,
-                        virtual_host,
-                        drain: None,
-                    };
+                    let peer = Peer::new(peer, client_addr, virtual_host);
                     if serve_http(stream, protocol, idle, peer, ctx.clone(), shutdown)
                         .await
                         .is_err()
@@ -207,12 +202,7 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
         Protocol::Http1 | Protocol::Http2 => {
             let idle = listener.idle_timeout;
             drop(snapshot);
-            let peer = Peer {
-                identity: None,
-                addr: client_addr,
-                virtual_host: redirected.virtual_host,
-                drain: None,
-            };
+            let peer = Peer::new(None, client_addr, redirected.virtual_host);
             if serve_http(io, protocol, idle, peer, ctx.clone(), shutdown)
                 .await
                 .is_err()

@@ -33,10 +33,7 @@ impl AccessLog {
             .or(self.caller_trace)
             .map(|id| hex(&id))
             .unwrap_or_default();
-        let peer = ex
-            .peer
-            .as_ref()
-            .and_then(|p| p.identity.as_ref().map(|i| i.to_string()));
+        let peer = ex.peer.as_ref().and_then(|p| p.identity_text.as_deref());
         tracing::info!(
             target: "access",
             direction = ex.ctx.direction,
@@ -45,7 +42,7 @@ impl AccessLog {
             route = ex.route_label(),
             status = response.status().as_u16(),
             duration_ms = ex.started.elapsed().as_secs_f64() * 1e3,
-            peer = peer.as_deref().unwrap_or(""),
+            peer = peer.unwrap_or(""),
             trace_id,
             error = response
                 .headers()

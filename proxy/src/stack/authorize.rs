@@ -3,7 +3,6 @@
 //! header is removed on every listener, and the verified identity is set in its place.
 
 use http::HeaderMap;
-use http::header::HeaderValue;
 
 use crate::policy::authz::Authorization;
 use crate::stack::exchange::Exchange;
@@ -20,9 +19,7 @@ pub fn authorize(ex: &Exchange<'_>, headers: &mut HeaderMap) -> Result<(), Proxy
         })?;
     }
     strip_vouched(headers);
-    if let Some(peer) = peer
-        && let Ok(value) = HeaderValue::from_str(&peer.to_string())
-    {
+    if let Some(value) = ex.peer.as_ref().and_then(|p| p.identity_header.clone()) {
         headers.insert(CLIENT_ID_HEADER, value);
     }
     Ok(())

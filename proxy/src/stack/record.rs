@@ -50,10 +50,7 @@ pub fn finish(
 ) -> Response<Body> {
     let status = response.status().as_u16();
     let route = ex.route_label();
-    let peer_identity = ex
-        .peer
-        .as_ref()
-        .and_then(|p| p.identity.as_ref().map(|i| i.to_string()));
+    let peer_identity = ex.peer.as_ref().and_then(|p| p.identity_text.clone());
     let record = PendingRecord {
         metrics: ex.ctx.metrics.clone(),
         direction: ex.ctx.direction,
@@ -93,7 +90,7 @@ pub fn finish(
             route,
             status,
             client: peer.and_then(|p| p.addr),
-            peer_identity: peer.and_then(|p| p.identity.as_ref().map(|i| i.to_string())),
+            peer_identity: peer.and_then(|p| p.identity_text.as_deref().map(str::to_string)),
             synthetic: response
                 .headers()
                 .get(ERROR_HEADER)
@@ -114,7 +111,7 @@ struct PendingRecord {
     direction: &'static str,
     route: String,
     status: u16,
-    peer: Option<String>,
+    peer: Option<Arc<str>>,
     elapsed: Duration,
     trace_id: Option<String>,
 }
