@@ -143,7 +143,7 @@ fn snapshot_json(config: &RuntimeConfig) -> serde_json::Value {
                 "name": v.name,
                 "domains": v.domains,
                 "routes": v.routes.iter().map(|r| json!({
-                    "name": r.name,
+                    "name": &*r.name,
                     "timeout_ms": r.timeout.as_millis() as u64,
                     "backends": r.backends.iter().map(|b| json!({"cluster": b.cluster.name, "weight": b.weight})).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),

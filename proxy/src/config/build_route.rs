@@ -165,7 +165,7 @@ impl Builder<'_> {
                 listener,
                 Some(&name),
             )?,
-            name,
+            name: name.into(),
             path,
             headers,
             methods,

@@ -43,7 +43,7 @@ impl RuntimeConfig {
                 .virtual_hosts
                 .iter()
                 .flat_map(|vh| &vh.routes)
-                .find(|r| r.name == name)?
+                .find(|r| &*r.name == name)?
                 .rate_limit
                 .clone(),
         }

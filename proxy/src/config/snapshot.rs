@@ -102,12 +102,7 @@ impl RuntimeConfig {
                 .virtual_hosts
                 .iter()
                 .flat_map(|vh| &vh.routes)
-                .map(|r| {
-                    (
-                        r.name.as_str(),
-                        r.rate_limit.is_some() || l.rate_limit.is_some(),
-                    )
-                })
+                .map(|r| (&*r.name, r.rate_limit.is_some() || l.rate_limit.is_some()))
                 .collect(),
         });
         metrics.declare(

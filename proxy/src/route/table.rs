@@ -20,7 +20,7 @@ pub struct VirtualHost {
 
 pub struct Route {
     /// Used as the metrics label; bounded because it comes from config, not from requests.
-    pub name: String,
+    pub name: Arc<str>,
     pub path: PathMatch,
     pub headers: Vec<HeaderMatch>,
     pub methods: Vec<Method>,

@@ -53,7 +53,7 @@ impl<'a> Exchange<'a> {
 
     /// The metrics label of the route taken, or `none`.
     pub fn route_label(&self) -> &'a str {
-        self.route.map_or("none", |r| r.name.as_str())
+        self.route.map_or("none", |r| &*r.name)
     }
 }
 

@@ -50,11 +50,14 @@ pub fn finish(
 ) -> Response<Body> {
     let status = response.status().as_u16();
     let route = ex.route_label();
+    let route_name: Arc<str> = ex
+        .route
+        .map_or_else(|| Arc::from("none"), |r| r.name.clone());
     let peer_identity = ex.peer.as_ref().and_then(|p| p.identity_text.clone());
     let record = PendingRecord {
         metrics: ex.ctx.metrics.clone(),
         direction: ex.ctx.direction,
-        route: route.to_string(),
+        route: route_name,
         status,
         peer: peer_identity,
         elapsed: ex.started.elapsed(),
@@ -109,7 +112,7 @@ pub fn hex(bytes: &[u8]) -> String {
 struct PendingRecord {
     metrics: Arc<Metrics>,
     direction: &'static str,
-    route: String,
+    route: Arc<str>,
     status: u16,
     peer: Option<Arc<str>>,
     elapsed: Duration,
@@ -120,10 +123,10 @@ impl PendingRecord {
     fn finish(self, grpc_status: Option<&str>) {
         self.metrics.record_request(RequestRecord {
             direction: self.direction,
-            route: &self.route,
+            route: self.route,
             status: self.status,
             grpc_status,
-            peer: self.peer.as_deref(),
+            peer: self.peer,
             elapsed: self.elapsed,
             trace_id: self.trace_id,
         });

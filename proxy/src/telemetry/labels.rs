@@ -2,7 +2,15 @@
 //! route, cluster names) or from a fixed list, never from a request, so the number of series
 //! is bounded by the config.
 
+use std::sync::{Arc, OnceLock};
+
 use prometheus_client::encoding::EncodeLabelSet;
+
+/// The empty label value, shared: a request without a peer identity allocates none.
+pub(super) fn empty() -> Arc<str> {
+    static EMPTY: OnceLock<Arc<str>> = OnceLock::new();
+    EMPTY.get_or_init(|| Arc::from("")).clone()
+}
 
 /// A gRPC status as a label: the upstream sends any text it likes, so only the 17 codes
 /// gRPC defines (and "unknown", for a call that never finished) are kept as they are.
@@ -20,12 +28,13 @@ pub(super) fn grpc_status_label(status: Option<&str>) -> &'static str {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct RequestLabels {
     pub(super) direction: &'static str,
-    pub(super) route: String,
+    /// Route names and identities are shared, not copied: a lookup costs no allocation.
+    pub(super) route: Arc<str>,
     pub(super) status: u16,
     /// Empty unless the response is gRPC.
     pub(super) grpc_status: &'static str,
     /// The caller's SPIFFE ID on an mTLS listener, else empty: bounded by the mesh's workloads.
-    pub(super) peer: String,
+    pub(super) peer: Arc<str>,
 }
 
 /// The trace a duration sample came from, so a slow bucket links to a trace in Jaeger.
@@ -37,7 +46,7 @@ pub(super) struct TraceExemplar {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct RouteLabels {
     pub(super) direction: &'static str,
-    pub(super) route: String,
+    pub(super) route: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

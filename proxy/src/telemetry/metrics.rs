@@ -3,6 +3,7 @@
 //! Labels are bounded by config, never by traffic: route names come from the config file,
 //! not from request paths, and no endpoint address becomes a label.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
@@ -14,16 +15,16 @@ use prometheus_client::registry::Registry;
 
 use crate::telemetry::labels::{
     ClusterLabels, ConnectionLabels, DeniedLabels, DropLabels, ListenerLabels, OverflowLabels,
-    RequestLabels, ResultLabels, RouteLabels, TraceExemplar, XdsLabels, grpc_status_label,
+    RequestLabels, ResultLabels, RouteLabels, TraceExemplar, XdsLabels, empty, grpc_status_label,
 };
 
 /// One finished request, as the metrics see it.
 pub struct RequestRecord<'a> {
     pub direction: &'static str,
-    pub route: &'a str,
+    pub route: Arc<str>,
     pub status: u16,
     pub grpc_status: Option<&'a str>,
-    pub peer: Option<&'a str>,
+    pub peer: Option<Arc<str>>,
     pub elapsed: Duration,
     pub trace_id: Option<String>,
 }
@@ -405,7 +406,7 @@ impl Metrics {
             for (route, rate_limited) in l.routes {
                 let labels = RouteLabels {
                     direction: l.direction,
-                    route: route.to_string(),
+                    route: route.into(),
                 };
                 let _ = self.retries.get_or_create(&labels);
                 if rate_limited {
@@ -433,7 +434,7 @@ impl Metrics {
         self.rate_limited
             .get_or_create(&RouteLabels {
                 direction,
-                route: route.to_string(),
+                route: route.into(),
             })
             .inc();
     }
@@ -442,16 +443,16 @@ impl Metrics {
         self.requests
             .get_or_create(&RequestLabels {
                 direction: r.direction,
-                route: r.route.to_string(),
+                route: r.route.clone(),
                 status: r.status,
                 grpc_status: grpc_status_label(r.grpc_status),
-                peer: r.peer.unwrap_or_default().to_string(),
+                peer: r.peer.unwrap_or_else(empty),
             })
             .inc();
         self.durations
             .get_or_create(&RouteLabels {
                 direction: r.direction,
-                route: r.route.to_string(),
+                route: r.route,
             })
             .observe(
                 r.elapsed.as_secs_f64(),
@@ -463,7 +464,7 @@ impl Metrics {
     pub fn retry(&self, direction: &'static str, route: &str, waited: Duration) {
         let labels = RouteLabels {
             direction,
-            route: route.to_string(),
+            route: route.into(),
         };
         self.retries.get_or_create(&labels).inc();
         self.backoff
