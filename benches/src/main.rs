@@ -442,6 +442,31 @@ pub(crate) fn fixed_rate(name: &'static str, rate: u64, duration: u64) -> Scenar
     }
 }
 
+/// One row of the JSON output.
+fn row_json(
+    scenario: &str,
+    target: &str,
+    fixed_rate: bool,
+    m: &Measured,
+    (idle_kib, peak_kib): (Option<u64>, Option<u64>),
+    load: &str,
+) -> serde_json::Value {
+    json!({
+        "scenario": scenario,
+        "target": target,
+        "fixed_rate": fixed_rate,
+        "requests": m.requests,
+        "failed": m.failed,
+        "rps": m.rps,
+        "p50_ms": m.p50_ms,
+        "p99_ms": m.p99_ms,
+        "cpu_us_per_request": m.cpu_us_per_req,
+        "idle_rss_kib": idle_kib,
+        "peak_rss_kib": peak_kib,
+        "load": load,
+    })
+}
+
 /// Writes a scenario's rows, and says where.
 pub(crate) fn write_json(out_dir: &Path, name: &str, doc: &serde_json::Value) {
     std::fs::create_dir_all(out_dir).unwrap();
@@ -521,20 +546,14 @@ fn main() {
             eprintln!("running {:<16} through {}", scenario.name, target.name);
             let m = run_h2load(&scenario, &target, &dir.join("h2load.log"));
             let peak_kib = pid.map(|p| memory_kib(p, "VmHWM:"));
-            rows.push(json!({
-                "scenario": scenario.name,
-                "target": target.name,
-                "fixed_rate": scenario.fixed_rate,
-                "requests": m.requests,
-                "failed": m.failed,
-                "rps": m.rps,
-                "p50_ms": m.p50_ms,
-                "p99_ms": m.p99_ms,
-                "cpu_us_per_request": m.cpu_us_per_req,
-                "idle_rss_kib": idle_kib,
-                "peak_rss_kib": peak_kib,
-                "h2load_args": scenario.h2load.join(" "),
-            }));
+            rows.push(row_json(
+                scenario.name,
+                target.name,
+                scenario.fixed_rate,
+                &m,
+                (idle_kib, peak_kib),
+                &format!("h2load {}", scenario.h2load.join(" ")),
+            ));
             table.push((scenario.name, target.name, m, idle_kib, peak_kib));
         }
     }
@@ -545,20 +564,14 @@ fn main() {
         .is_none_or(|only| wrk_nginx::SCENARIO.contains(only))
     {
         for (target, m, idle_kib, peak_kib) in wrk_nginx::rows(&args, &dir) {
-            rows.push(json!({
-                "scenario": wrk_nginx::SCENARIO,
-                "target": target,
-                "fixed_rate": false,
-                "requests": m.requests,
-                "failed": m.failed,
-                "rps": m.rps,
-                "p50_ms": m.p50_ms,
-                "p99_ms": m.p99_ms,
-                "cpu_us_per_request": m.cpu_us_per_req,
-                "idle_rss_kib": idle_kib,
-                "peak_rss_kib": peak_kib,
-                "wrk_args": "-t1 -c32 (nginx upstream)",
-            }));
+            rows.push(row_json(
+                wrk_nginx::SCENARIO,
+                target,
+                false,
+                &m,
+                (idle_kib, peak_kib),
+                "wrk -t1 -c32 (nginx upstream)",
+            ));
             table.push((wrk_nginx::SCENARIO, target, m, idle_kib, peak_kib));
         }
     }
