@@ -449,9 +449,9 @@ fn row_json(
     fixed_rate: bool,
     m: &Measured,
     (idle_kib, peak_kib): (Option<u64>, Option<u64>),
-    load: &str,
+    (load_key, load): (&str, &str),
 ) -> serde_json::Value {
-    json!({
+    let mut row = json!({
         "scenario": scenario,
         "target": target,
         "fixed_rate": fixed_rate,
@@ -463,8 +463,9 @@ fn row_json(
         "cpu_us_per_request": m.cpu_us_per_req,
         "idle_rss_kib": idle_kib,
         "peak_rss_kib": peak_kib,
-        "load": load,
-    })
+    });
+    row[load_key] = json!(load);
+    row
 }
 
 /// Writes a scenario's rows, and says where.
@@ -552,7 +553,7 @@ fn main() {
                 scenario.fixed_rate,
                 &m,
                 (idle_kib, peak_kib),
-                &format!("h2load {}", scenario.h2load.join(" ")),
+                ("h2load_args", &scenario.h2load.join(" ")),
             ));
             table.push((scenario.name, target.name, m, idle_kib, peak_kib));
         }
@@ -570,7 +571,7 @@ fn main() {
                 false,
                 &m,
                 (idle_kib, peak_kib),
-                "wrk -t1 -c32 (nginx upstream)",
+                ("wrk_args", "-t1 -c32 (nginx upstream)"),
             ));
             table.push((wrk_nginx::SCENARIO, target, m, idle_kib, peak_kib));
         }
