@@ -148,10 +148,7 @@ impl SidecarFlags {
             ca_root_pem,
             ca_plaintext: self.ca_plaintext,
             xds_address: self.xds_address.clone(),
-            control_plane_identity: outrigger_control_plane::secure_xds::control_plane_id(
-                &self.trust_domain,
-            )
-            .to_string(),
+            control_plane_identity: SpiffeId::control_plane(&self.trust_domain).to_string(),
             trust_domain: self.trust_domain.clone(),
             native: !self.classic,
         })

@@ -22,16 +22,11 @@ use crate::ca::{Ca, CaError};
 use crate::grpc_limits::Admitted;
 pub use crate::grpc_limits::Caller;
 
-/// The control plane's own identity: `spiffe://<td>/ns/outrigger/sa/control-plane`.
-pub fn control_plane_id(trust_domain: &str) -> SpiffeId {
-    SpiffeId::control_plane(trust_domain)
-}
-
 /// A server config with a fresh certificate for the control plane, valid for a year; a
 /// client certificate, if any, is checked against the CA's roots.
 pub fn server_config(ca: &Ca) -> Result<Arc<ServerConfig>, CaError> {
     let tls = |e: &dyn std::fmt::Display| CaError::Tls(e.to_string());
-    let id = control_plane_id(&ca.trust_domain);
+    let id = SpiffeId::control_plane(&ca.trust_domain);
     let (chain, key) = ca.issue(&id, Duration::from_secs(365 * 24 * 3600))?;
     let (chain, key) = crate::ca::rustls_pair(&chain, &key)?;
     let mut roots = rustls::RootCertStore::empty();

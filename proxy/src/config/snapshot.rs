@@ -24,7 +24,6 @@ use crate::route::router::DomainTable;
 pub use crate::route::table::{HeaderChanges, Route, VirtualHost};
 use crate::telemetry::span_export::Tracer;
 use outrigger_core::config_error::ConfigError;
-pub use outrigger_core::duration::parse_duration;
 use outrigger_core::token_bucket::RateLimiter;
 
 pub const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);

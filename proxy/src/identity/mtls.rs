@@ -21,8 +21,9 @@ use rustls::{
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use crate::identity::store::{IdentityStore, provider};
+use crate::identity::store::IdentityStore;
 use outrigger_core::spiffe::SpiffeId;
+use outrigger_core::tls::provider;
 
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";

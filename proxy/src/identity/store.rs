@@ -17,7 +17,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use outrigger_core::spiffe::SpiffeId;
 
-pub use outrigger_core::tls::provider;
+use outrigger_core::tls::provider;
 
 pub struct Workload {
     pub id: SpiffeId,
