@@ -16,6 +16,7 @@ use crate::policy::circuit_breaker::CircuitBreaker;
 use crate::policy::outlier::{self, Health, OutlierPolicy, OutlierState};
 use crate::policy::retry_budget::RetryBudget;
 use crate::upstream::client::{H2Connection, UpstreamClient};
+use crate::upstream::http1_pool::Http1Pool;
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]
@@ -221,8 +222,9 @@ pub fn pick_backend(backends: &[WeightedBackend], total_weight: u32) -> &Weighte
 
 pub struct Endpoint {
     pub addr: SocketAddr,
-    /// `http://ip:port`, prepared once, for building HTTP/1.1 upstream URIs.
-    pub base_uri: String,
+    /// Used only when the endpoint's cluster speaks HTTP/1.1; shared with the response
+    /// bodies that will give their connections back to it.
+    pub h1: Arc<Http1Pool>,
     /// Used only when the endpoint's cluster speaks HTTP/2.
     pub h2: H2Connection,
     /// Consecutive failures and ejection; kept across reloads with the endpoint.
@@ -247,7 +249,7 @@ impl Endpoint {
     pub fn new(addr: SocketAddr) -> Self {
         Endpoint {
             addr,
-            base_uri: format!("http://{addr}"),
+            h1: Arc::default(),
             h2: H2Connection::default(),
             outlier: OutlierState::default(),
             outstanding: AtomicU64::new(0),

@@ -92,6 +92,9 @@ pub async fn accept_loop(listener: TcpListener, ctx: Arc<HttpContext>, shutdown:
     // Dropping the socket here makes new connections fail at once.
 }
 
+/// A connection's task. Until the first bytes arrive it holds only what detection needs:
+/// each later stage (a TLS handshake, HTTP serving, a TCP proxy) is boxed when reached, so
+/// a connection that sends nothing costs little more than its socket.
 async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Shutdown) {
     let _open = OpenConnection::new(&shutdown.open);
     let client_addr = stream.peer_addr().ok();
@@ -121,7 +124,7 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
                 .map_or(DEFAULT_TCP_IDLE_TIMEOUT, |t| t.idle_timeout);
             drop(snapshot);
             let _guard = shutdown.tracker;
-            match tcp::passthrough(stream, to, idle).await {
+            match Box::pin(tcp::passthrough(stream, to, idle)).await {
                 Ok(n) => ctx.metrics.tcp_bytes(&name, n),
                 Err(e) => {
                     tracing::debug!(error = %e, listener = %name, %to, "passthrough ended");
@@ -155,7 +158,8 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
         Protocol::Tls if listener.tls.is_some() => {
             let acceptor = listener.tls.as_ref().expect("checked").acceptor.clone();
             let idle = listener.idle_timeout;
-            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(io)).await {
+            let handshake = Box::pin(acceptor.accept(io));
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
                 Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(mtls::ALPN_TCP) => {
                     let peer = mtls::peer_identity(stream.get_ref().1);
                     let admitted = admit_tcp(listener, peer.as_ref(), &ctx);
@@ -165,7 +169,7 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
                         _ if !admitted => {}
                         Some((cluster, idle)) => {
                             let _guard = shutdown.tracker;
-                            proxy_tcp(stream, &cluster, idle, &ctx, &name).await;
+                            Box::pin(proxy_tcp(stream, &cluster, idle, &ctx, &name)).await;
                         }
                         None => tracing::debug!(listener = %name, "no tcp route for mTLS TCP"),
                     }
@@ -180,9 +184,16 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
                         _ => Protocol::Http1,
                     };
                     let peer = Peer::new(peer, client_addr, virtual_host);
-                    if serve_http(stream, protocol, idle, peer, ctx.clone(), shutdown)
-                        .await
-                        .is_err()
+                    if Box::pin(serve_http(
+                        stream,
+                        protocol,
+                        idle,
+                        peer,
+                        ctx.clone(),
+                        shutdown,
+                    ))
+                    .await
+                    .is_err()
                     {
                         ctx.metrics.connection_error(&name);
                     }
@@ -203,7 +214,7 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
             let idle = listener.idle_timeout;
             drop(snapshot);
             let peer = Peer::new(None, client_addr, redirected.virtual_host);
-            if serve_http(io, protocol, idle, peer, ctx.clone(), shutdown)
+            if Box::pin(serve_http(io, protocol, idle, peer, ctx.clone(), shutdown))
                 .await
                 .is_err()
             {
@@ -217,7 +228,7 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
             Some((cluster, idle)) => {
                 drop(snapshot);
                 let _guard = shutdown.tracker;
-                proxy_tcp(io, &cluster, idle, &ctx, &name).await;
+                Box::pin(proxy_tcp(io, &cluster, idle, &ctx, &name)).await;
             }
             None => tracing::debug!(listener = %name, "no tcp route; closing opaque connection"),
         },

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use http::header;
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 
 use crate::cluster::balance::Endpoint;
 use crate::policy::outlier::Health;
@@ -19,12 +18,13 @@ use crate::telemetry::request_trace::AttemptSpan;
 use crate::telemetry::trace_context;
 use crate::upstream::client::Body;
 use crate::upstream::error::ProxyError;
+use crate::upstream::http1_pool::UpstreamBody;
 
 pub async fn send_once(
     call: &Call<'_>,
     req: Request<Body>,
     upgrade: bool,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamBody>, ProxyError> {
     let endpoint = call.cluster.pick().ok_or_else(|| ProxyError::NoEndpoint {
         cluster: call.cluster.name.clone(),
     })?;
@@ -50,7 +50,7 @@ pub async fn attempt(
     req: Request<Body>,
     upgrade: bool,
     try_: Try,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamBody>, ProxyError> {
     let Call {
         ctx,
         route,
@@ -60,14 +60,7 @@ pub async fn attempt(
     } = *call;
     let per_try_timeout = try_.per_try_timeout;
     let span = trace.map(|t| AttemptSpan::begin(t, try_.number, try_.waited));
-    let mut upstream_req = headers::rewrite_request(
-        req,
-        route,
-        &endpoint.base_uri,
-        host,
-        cluster.protocol,
-        upgrade,
-    )?;
+    let mut upstream_req = headers::rewrite_request(req, route, host, cluster.protocol, upgrade)?;
     if let Some(span) = &span {
         // The upstream's parent is this attempt.
         trace_context::inject(upstream_req.headers_mut(), &span.ctx);

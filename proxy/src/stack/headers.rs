@@ -104,22 +104,30 @@ pub fn is_upgrade(req: &Request<Incoming>) -> bool {
 pub fn rewrite_request(
     req: Request<Body>,
     route: &Route,
-    base_uri: &str,
     host: &str,
     protocol: UpstreamProtocol,
     upgrade: bool,
 ) -> Result<Request<Body>, ProxyError> {
     let (mut parts, body) = req.into_parts();
-    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let invalid = |_| ProxyError::BadRequest("invalid request target");
+    let invalid = || ProxyError::BadRequest("invalid request target");
     if !upgrade {
         strip_hop_by_hop(&mut parts.headers);
     }
     match protocol {
         UpstreamProtocol::Http1 => {
-            // The pool connects to the URI's authority: the endpoint. The name the client
-            // asked for rides in Host, which an HTTP/2 client did not send.
-            parts.uri = Uri::try_from(format!("{base_uri}{path}")).map_err(invalid)?;
+            // The connection is already the endpoint's: the target goes in origin form, and
+            // the name the client asked for rides in Host, which an HTTP/2 client did not send.
+            if parts.uri.authority().is_some() || parts.uri.path_and_query().is_none() {
+                let mut origin = http::uri::Parts::default();
+                origin.path_and_query = Some(
+                    parts
+                        .uri
+                        .path_and_query()
+                        .cloned()
+                        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+                );
+                parts.uri = Uri::from_parts(origin).map_err(|_| invalid())?;
+            }
             parts.version = Version::HTTP_11;
             if !parts.headers.contains_key(header::HOST) {
                 let value = HeaderValue::from_str(host)
@@ -129,7 +137,8 @@ pub fn rewrite_request(
         }
         UpstreamProtocol::Http2 => {
             // The connection is already the endpoint's; the URI only supplies :authority.
-            parts.uri = Uri::try_from(format!("http://{host}{path}")).map_err(invalid)?;
+            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+            parts.uri = Uri::try_from(format!("http://{host}{path}")).map_err(|_| invalid())?;
             parts.version = Version::HTTP_2;
             parts.headers.remove(header::HOST);
         }

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use http::{Request, Response};
-use hyper::body::Incoming;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::cluster::balance::{Endpoint, UpstreamProtocol};
@@ -14,6 +13,7 @@ use crate::policy::circuit_breaker::Overflow;
 use crate::stack::exchange::Call;
 use crate::upstream::client::Body;
 use crate::upstream::error::ProxyError;
+use crate::upstream::http1_pool::UpstreamBody;
 
 /// A permit for an HTTP/1.1 connection, waited for while fewer than `max_pending` requests
 /// wait; `None` where the protocol needs none.
@@ -42,23 +42,32 @@ pub async fn send(
     endpoint: &Arc<Endpoint>,
     req: Request<Body>,
     upgrade: bool,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamBody>, ProxyError> {
     let cluster = call.cluster;
+    let timeout = cluster.client.connect_timeout();
+    let unpooled = |resp: Response<_>| resp.map(UpstreamBody::unpooled);
     match (upgrade, cluster.protocol) {
-        (true, _) => {
+        // An upgrade dials a connection of its own: boxed, like every dial.
+        (true, _) => Box::pin(
             cluster
                 .client
-                .send_upgrade(&cluster.name, endpoint.addr, req)
+                .send_upgrade(&cluster.name, endpoint.addr, req),
+        )
+        .await
+        .map(unpooled),
+        (false, UpstreamProtocol::Http1) => {
+            endpoint
+                .h1
+                .send(&cluster.name, endpoint.addr, timeout, req)
                 .await
         }
-        (false, UpstreamProtocol::Http1) => cluster.client.send(&cluster.name, req).await,
         (false, UpstreamProtocol::Http2) => {
-            let timeout = cluster.client.connect_timeout();
             let tls = cluster.tls.as_ref().map(|t| &t.config);
             endpoint
                 .h2
                 .send(&cluster.name, endpoint.addr, timeout, tls, req)
                 .await
+                .map(unpooled)
         }
     }
 }

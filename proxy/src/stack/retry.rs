@@ -15,6 +15,7 @@ use crate::stack::balance::{self, Try};
 use crate::stack::exchange::Call;
 use crate::stack::headers::ATTEMPT_HEADER;
 use crate::upstream::error::ProxyError;
+use crate::upstream::http1_pool::UpstreamBody;
 
 /// Sends the request: with retries when its route has a policy (and it is no upgrade), else
 /// once.
@@ -24,7 +25,7 @@ pub async fn send(
     timeout: Duration,
     req: Request<Incoming>,
     upgrade: bool,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamBody>, ProxyError> {
     match policy {
         Some(policy) => match replayable(req).await? {
             Replay::Ready(head, body) => {
@@ -85,7 +86,7 @@ async fn send_with_retries(
     deadline: tokio::time::Instant,
     head: Head,
     body: Bytes,
-) -> Result<Response<Incoming>, ProxyError> {
+) -> Result<Response<UpstreamBody>, ProxyError> {
     let Call {
         ctx,
         route,

@@ -5,17 +5,17 @@
 use std::time::Duration;
 
 use http::Response;
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 
 use crate::net::splice::copy_with_idle_timeout;
 use crate::policy::circuit_breaker::Slot;
+use crate::upstream::http1_pool::UpstreamBody;
 
 pub fn tunnel(
     downstream: OnUpgrade,
-    resp: &mut Response<Incoming>,
+    resp: &mut Response<UpstreamBody>,
     slot: Slot,
     drain: Option<mpsc::Sender<()>>,
     idle: Duration,

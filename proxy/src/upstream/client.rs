@@ -1,7 +1,7 @@
 //! Upstream HTTP connections.
 //!
-//! - HTTP/1.1: hyper-util's keep-alive pool, keyed by the endpoint address in the URI; the
-//!   original `Host` header travels as is.
+//! - HTTP/1.1: a keep-alive pool per endpoint (`http1_pool`); the request goes in origin
+//!   form, and the original `Host` header travels as is.
 //! - HTTP/2: one multiplexed connection per endpoint (`H2Connection`, owned by the endpoint so
 //!   it survives config swaps). The request URI carries the original authority, so
 //!   `:authority` is the name the app asked for, not the endpoint address (RFC 9113 §8.3.1).
@@ -19,8 +19,6 @@ use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -29,13 +27,13 @@ use crate::upstream::error::ProxyError;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
+/// What a cluster's upstream connections share: how long a connect may take.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    inner: Client<HttpConnector, Body>,
     connect_timeout: Duration,
 }
 
-async fn connect(
+pub(super) async fn connect(
     cluster: &str,
     addr: SocketAddr,
     timeout: Duration,
@@ -54,38 +52,11 @@ async fn connect(
 
 impl UpstreamClient {
     pub fn new(connect_timeout: Duration) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
-        let mut builder = Client::builder(TokioExecutor::new());
-        builder
-            .pool_idle_timeout(Duration::from_secs(90))
-            .pool_max_idle_per_host(256);
-        UpstreamClient {
-            inner: builder.build(connector),
-            connect_timeout,
-        }
+        UpstreamClient { connect_timeout }
     }
 
     pub fn connect_timeout(&self) -> Duration {
         self.connect_timeout
-    }
-
-    pub async fn send(
-        &self,
-        cluster: &str,
-        req: Request<Body>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        self.inner.request(req).await.map_err(|e| {
-            if e.is_connect() {
-                ProxyError::UpstreamConnect {
-                    cluster: cluster.to_string(),
-                    reason: source_chain(&e),
-                }
-            } else {
-                failed(&e)
-            }
-        })
     }
 
     /// Sends an HTTP/1.1 upgrade request on a fresh connection of its own.
@@ -140,41 +111,47 @@ impl H2Connection {
     ) -> Result<Response<Incoming>, ProxyError> {
         let mut sender = match self.live() {
             Some(s) => s,
-            None => {
-                let _one_at_a_time = self.connecting.lock().await;
-                match self.live() {
-                    Some(s) => s,
-                    None => {
-                        let stream = connect(cluster, addr, connect_timeout).await?;
-                        let sender = match tls {
-                            None => handshake(cluster, addr, stream).await?,
-                            Some(config) => {
-                                let tls = tokio::time::timeout(
-                                    connect_timeout,
-                                    tokio_rustls::TlsConnector::from(config.clone())
-                                        .connect(ServerName::IpAddress(addr.ip().into()), stream),
-                                )
-                                .await
-                                .map_err(|_| ProxyError::UpstreamConnect {
-                                    cluster: cluster.to_string(),
-                                    reason: format!("{addr}: TLS handshake timed out"),
-                                })?
-                                .map_err(|e| {
-                                    ProxyError::UpstreamConnect {
-                                        cluster: cluster.to_string(),
-                                        reason: format!("{addr}: TLS handshake: {e}"),
-                                    }
-                                })?;
-                                handshake(cluster, addr, tls).await?
-                            }
-                        };
-                        self.sender.store(Some(Arc::new(sender.clone())));
-                        sender
-                    }
-                }
-            }
+            // Connecting is rare and its futures are large (a TLS handshake): boxed, so that
+            // every request's future does not carry them.
+            None => Box::pin(self.connect(cluster, addr, connect_timeout, tls)).await?,
         };
         sender.send_request(req).await.map_err(|e| failed(&e))
+    }
+
+    async fn connect(
+        &self,
+        cluster: &str,
+        addr: SocketAddr,
+        connect_timeout: Duration,
+        tls: Option<&Arc<rustls::ClientConfig>>,
+    ) -> Result<http2::SendRequest<Body>, ProxyError> {
+        let _one_at_a_time = self.connecting.lock().await;
+        if let Some(live) = self.live() {
+            return Ok(live);
+        }
+        let stream = connect(cluster, addr, connect_timeout).await?;
+        let sender = match tls {
+            None => handshake(cluster, addr, stream).await?,
+            Some(config) => {
+                let tls = tokio::time::timeout(
+                    connect_timeout,
+                    tokio_rustls::TlsConnector::from(config.clone())
+                        .connect(ServerName::IpAddress(addr.ip().into()), stream),
+                )
+                .await
+                .map_err(|_| ProxyError::UpstreamConnect {
+                    cluster: cluster.to_string(),
+                    reason: format!("{addr}: TLS handshake timed out"),
+                })?
+                .map_err(|e| ProxyError::UpstreamConnect {
+                    cluster: cluster.to_string(),
+                    reason: format!("{addr}: TLS handshake: {e}"),
+                })?;
+                handshake(cluster, addr, tls).await?
+            }
+        };
+        self.sender.store(Some(Arc::new(sender.clone())));
+        Ok(sender)
     }
 }
 
@@ -205,7 +182,7 @@ where
 
 /// An exchange that broke after the connection was made. HTTP/2's REFUSED_STREAM is told
 /// apart: it promises the upstream did not process the request, so any method may be retried.
-fn failed(e: &(dyn std::error::Error + 'static)) -> ProxyError {
+pub(super) fn failed(e: &(dyn std::error::Error + 'static)) -> ProxyError {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     let mut refused = false;
     while let Some(err) = cur {
