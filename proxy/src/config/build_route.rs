@@ -158,6 +158,7 @@ impl Builder<'_> {
         }
         Ok(Route {
             websocket,
+            series: Default::default(),
             sampling: r.sampling,
             rate_limit: self.rate_limiter(
                 &r.rate_limit,

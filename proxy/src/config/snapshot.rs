@@ -87,6 +87,21 @@ pub struct TcpRoute {
 }
 
 impl RuntimeConfig {
+    /// Hands each route the series its requests write to, before the config serves one.
+    pub fn resolve_series(&self, metrics: &Metrics) {
+        for l in &self.listeners {
+            let direction = match l.direction {
+                Direction::Inbound => "inbound",
+                Direction::Outbound => "outbound",
+            };
+            for route in l.virtual_hosts.iter().flat_map(|vh| &vh.routes) {
+                let _ = route
+                    .series
+                    .set(metrics.route_series(direction, &route.name));
+            }
+        }
+    }
+
     /// Makes the series this config implies exist at zero (see `Metrics::declare`).
     pub fn declare_series(&self, metrics: &Metrics) {
         let listeners = self.listeners.iter().map(|l| ListenerSeries {

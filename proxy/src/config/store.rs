@@ -104,6 +104,7 @@ impl ConfigStore {
             .filter_map(|l| l.rds.clone())
             .collect();
         let config = RuntimeConfig::from_model(&source, file, 1, None)?;
+        config.resolve_series(&metrics);
         metrics.config_reload(true, 1);
         Ok(ConfigStore {
             path,
@@ -174,6 +175,7 @@ impl ConfigStore {
         match built {
             Ok(new) => {
                 let version = new.version;
+                new.resolve_series(&self.metrics);
                 self.current.store(Arc::new(new));
                 self.last_rejection.store(None);
                 self.loaded_at_unix.store(unix_now(), Ordering::Relaxed);

@@ -1,7 +1,7 @@
 //! The compiled route table of one listener: virtual hosts, and in each the routes tried in
 //! order, with what a matched request gets (backends, timeout, retries, header changes).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use http::Method;
@@ -11,6 +11,7 @@ use outrigger_core::token_bucket::RateLimiter;
 use crate::cluster::balance::WeightedBackend;
 use crate::policy::retry::RetryPolicy;
 use crate::route::router::{HeaderMatch, PathMatch};
+use crate::telemetry::route_series::RouteSeries;
 
 pub struct VirtualHost {
     pub name: String,
@@ -35,6 +36,9 @@ pub struct Route {
     pub sampling: Option<f64>,
     /// Whether a WebSocket upgrade is honoured here (the only upgrade there is).
     pub websocket: bool,
+    /// The metric series its requests write to, handed over when the config is accepted
+    /// (`RuntimeConfig::resolve_series`).
+    pub series: OnceLock<Arc<RouteSeries>>,
 }
 
 #[derive(Default)]

@@ -11,8 +11,9 @@ use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 
 use crate::stack::exchange::Exchange;
-use crate::telemetry::metrics::{Metrics, RequestRecord};
+use crate::telemetry::metrics::Metrics;
 use crate::telemetry::request_trace::{self, RequestFacts};
+use crate::telemetry::route_series::{Outcome, RouteSeries};
 use crate::upstream::client::Body;
 use crate::upstream::error::ERROR_HEADER;
 
@@ -50,14 +51,20 @@ pub fn finish(
 ) -> Response<Body> {
     let status = response.status().as_u16();
     let route = ex.route_label();
-    let route_name: Arc<str> = ex
-        .route
-        .map_or_else(|| Arc::from("none"), |r| r.name.clone());
+    let metrics = &ex.ctx.metrics;
+    let series = match ex.route {
+        Some(r) => r
+            .series
+            .get()
+            .cloned()
+            // A config built outside the store (a test's) has not been handed its series.
+            .unwrap_or_else(|| metrics.route_series(ex.ctx.direction, &r.name)),
+        None => metrics.unrouted(ex.ctx.direction).clone(),
+    };
     let peer_identity = ex.peer.as_ref().and_then(|p| p.identity_text.clone());
     let record = PendingRecord {
-        metrics: ex.ctx.metrics.clone(),
-        direction: ex.ctx.direction,
-        route: route_name,
+        metrics: metrics.clone(),
+        series,
         status,
         peer: peer_identity,
         elapsed: ex.started.elapsed(),
@@ -111,8 +118,7 @@ pub fn hex(bytes: &[u8]) -> String {
 /// A request's metrics, waiting for its outcome.
 struct PendingRecord {
     metrics: Arc<Metrics>,
-    direction: &'static str,
-    route: Arc<str>,
+    series: Arc<RouteSeries>,
     status: u16,
     peer: Option<Arc<str>>,
     elapsed: Duration,
@@ -121,15 +127,16 @@ struct PendingRecord {
 
 impl PendingRecord {
     fn finish(self, grpc_status: Option<&str>) {
-        self.metrics.record_request(RequestRecord {
-            direction: self.direction,
-            route: self.route,
-            status: self.status,
-            grpc_status,
-            peer: self.peer,
-            elapsed: self.elapsed,
-            trace_id: self.trace_id,
-        });
+        self.metrics.record_request(
+            &self.series,
+            Outcome {
+                status: self.status,
+                grpc_status,
+                peer: self.peer,
+                elapsed: self.elapsed,
+                trace_id: self.trace_id,
+            },
+        );
     }
 }
 

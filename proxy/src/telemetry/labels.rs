@@ -37,12 +37,6 @@ pub(super) struct RequestLabels {
     pub(super) peer: Arc<str>,
 }
 
-/// The trace a duration sample came from, so a slow bucket links to a trace in Jaeger.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub(super) struct TraceExemplar {
-    pub(super) trace_id: String,
-}
-
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(super) struct RouteLabels {
     pub(super) direction: &'static str,

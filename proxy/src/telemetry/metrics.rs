@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -15,37 +14,22 @@ use prometheus_client::registry::Registry;
 
 use crate::telemetry::labels::{
     ClusterLabels, ConnectionLabels, DeniedLabels, DropLabels, ListenerLabels, OverflowLabels,
-    RequestLabels, ResultLabels, RouteLabels, TraceExemplar, XdsLabels, empty, grpc_status_label,
+    RequestLabels, ResultLabels, RouteLabels, XdsLabels,
 };
-
-/// One finished request, as the metrics see it.
-pub struct RequestRecord<'a> {
-    pub direction: &'static str,
-    pub route: Arc<str>,
-    pub status: u16,
-    pub grpc_status: Option<&'a str>,
-    pub peer: Option<Arc<str>>,
-    pub elapsed: Duration,
-    pub trace_id: Option<String>,
-}
+use crate::telemetry::route_series::{Outcome, RouteRegistry, RouteSeries};
 
 fn latency_histogram() -> Histogram {
     // 0.5 ms … ~16 s.
     Histogram::new(exponential_buckets(0.0005, 2.0, 16))
 }
 
-fn latency_histogram_with_exemplars() -> HistogramWithExemplars<TraceExemplar> {
-    HistogramWithExemplars::new(exponential_buckets(0.0005, 2.0, 16))
-}
-
 pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
-    durations: Family<
-        RouteLabels,
-        HistogramWithExemplars<TraceExemplar>,
-        fn() -> HistogramWithExemplars<TraceExemplar>,
-    >,
+    /// Each route's request counters and latency histogram (the latter encoded by hand).
+    routes: RouteRegistry,
+    /// Where requests that matched no route are counted, by direction.
+    unrouted: [Arc<RouteSeries>; 2],
     open_connections: Family<ListenerLabels, Gauge>,
     connections: Family<ConnectionLabels, Counter>,
     connection_errors: Family<ListenerLabels, Counter>,
@@ -92,11 +76,9 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("outrigger");
         let requests = Family::<RequestLabels, Counter>::default();
-        let durations = Family::<
-            RouteLabels,
-            HistogramWithExemplars<TraceExemplar>,
-            fn() -> HistogramWithExemplars<TraceExemplar>,
-        >::new_with_constructor(latency_histogram_with_exemplars);
+        let routes = RouteRegistry::default();
+        let none: Arc<str> = Arc::from("none");
+        let unrouted = [routes.get("inbound", &none), routes.get("outbound", &none)];
         let open_connections = Family::<ListenerLabels, Gauge>::default();
         let connections = Family::<ConnectionLabels, Counter>::default();
         let connection_errors = Family::<ListenerLabels, Counter>::default();
@@ -219,11 +201,6 @@ impl Metrics {
             requests.clone(),
         );
         registry.register(
-            "request_duration_seconds",
-            "Time to the response head",
-            durations.clone(),
-        );
-        registry.register(
             "open_connections",
             "Downstream connections now open",
             open_connections.clone(),
@@ -256,7 +233,8 @@ impl Metrics {
         Metrics {
             registry,
             requests,
-            durations,
+            routes,
+            unrouted,
             open_connections,
             connections,
             connection_errors,
@@ -439,26 +417,18 @@ impl Metrics {
             .inc();
     }
 
-    pub fn record_request(&self, r: RequestRecord<'_>) {
-        self.requests
-            .get_or_create(&RequestLabels {
-                direction: r.direction,
-                route: r.route.clone(),
-                status: r.status,
-                grpc_status: grpc_status_label(r.grpc_status),
-                peer: r.peer.unwrap_or_else(empty),
-            })
-            .inc();
-        self.durations
-            .get_or_create(&RouteLabels {
-                direction: r.direction,
-                route: r.route,
-            })
-            .observe(
-                r.elapsed.as_secs_f64(),
-                r.trace_id.map(|trace_id| TraceExemplar { trace_id }),
-                None,
-            );
+    /// The series `route` writes to, the same ones across reloads.
+    pub fn route_series(&self, direction: &'static str, route: &Arc<str>) -> Arc<RouteSeries> {
+        self.routes.get(direction, route)
+    }
+
+    /// Where a request that matched no route is counted.
+    pub fn unrouted(&self, direction: &'static str) -> &Arc<RouteSeries> {
+        &self.unrouted[usize::from(direction == "outbound")]
+    }
+
+    pub fn record_request(&self, series: &RouteSeries, outcome: Outcome<'_>) {
+        series.record(&self.requests, outcome);
     }
 
     pub fn retry(&self, direction: &'static str, route: &str, waited: Duration) {
@@ -542,6 +512,11 @@ impl Metrics {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        // The latency family goes before the end marker.
+        let end = out.strip_suffix("# EOF\n").map_or(out.len(), str::len);
+        out.truncate(end);
+        self.routes.encode_durations(&mut out);
+        out.push_str("# EOF\n");
         out
     }
 }
