@@ -217,7 +217,7 @@ static_resources:
 pub(crate) fn start_haproxy(haproxy: &Path, upstream: SocketAddr, dir: &Path) -> Target {
     let addr = free_port();
     let config = format!(
-        "global\n  nbthread 1\n  maxconn 4096\n\ndefaults\n  mode http\n  option http-keep-alive\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n\nfrontend bench\n  bind {addr}\n  default_backend upstream\n\nbackend upstream\n  http-reuse always\n  server up {upstream}\n"
+        "global\n  nbthread 1\n  maxconn 9900\n  ulimit-n 20000\n\ndefaults\n  mode http\n  option http-keep-alive\n  timeout connect 1s\n  timeout client 30s\n  timeout server 30s\n\nfrontend bench\n  bind {addr}\n  default_backend upstream\n\nbackend upstream\n  http-reuse always\n  server up {upstream}\n"
     );
     let path = dir.join("haproxy.cfg");
     std::fs::write(&path, config).unwrap();
@@ -479,6 +479,7 @@ pub(crate) fn write_json(out_dir: &Path, name: &str, doc: &serde_json::Value) {
 
 mod chaos;
 mod hostile;
+mod memory;
 mod mesh_hop;
 mod resilience;
 mod tracing_cost;
@@ -494,6 +495,7 @@ fn main() {
         Some("tracing") => return tracing_cost::run(&raw[1..]),
         Some("hostile") => return hostile::run(&raw[1..]),
         Some("chaos") => return chaos::run(&raw[1..]),
+        Some("memory") => return memory::run(&raw[1..]),
         _ => {}
     }
     let args = run_args(&raw);

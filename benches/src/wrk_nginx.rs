@@ -15,7 +15,7 @@ use crate::{
 pub(crate) const SCENARIO: &str = "http1 wrk nginx";
 
 /// nginx with one worker answering every request with 128 bytes.
-struct Nginx(Child);
+pub(crate) struct Nginx(Child);
 
 impl Drop for Nginx {
     fn drop(&mut self) {
@@ -24,7 +24,7 @@ impl Drop for Nginx {
     }
 }
 
-fn start_nginx(dir: &Path) -> Option<(SocketAddr, Nginx)> {
+pub(crate) fn start_nginx(dir: &Path) -> Option<(SocketAddr, Nginx)> {
     let addr = free_port();
     let d = dir.display();
     let body = "x".repeat(128);

@@ -182,13 +182,11 @@ pub async fn start(options: Options) -> Result<ProxyHandle, StartError> {
 
     let mut listener_addrs = Vec::new();
     for (index, l) in config.listeners.iter().enumerate() {
-        let socket = TcpListener::bind(l.address)
-            .await
-            .map_err(|source| StartError::Bind {
-                name: l.name.clone(),
-                addr: l.address,
-                source,
-            })?;
+        let socket = accept::bind(l.address).map_err(|source| StartError::Bind {
+            name: l.name.clone(),
+            addr: l.address,
+            source,
+        })?;
         let bound = socket.local_addr().unwrap_or(l.address);
         tracing::info!(listener = %l.name, address = %bound, protocol = ?l.protocol, "listening");
         listener_addrs.push((l.name.clone(), bound));

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::cluster::balance::Cluster;
 use crate::config::file::{Direction, ListenerProtocol, TlsMode};
-use crate::config::snapshot::{DEFAULT_TCP_IDLE_TIMEOUT, Listener};
+use crate::config::snapshot::{DEFAULT_TCP_IDLE_TIMEOUT, Listener, RuntimeConfig};
 use crate::identity::mtls;
 use crate::listener::tcp;
 use crate::net::detect::{self, Protocol};
@@ -69,6 +69,24 @@ impl Drop for OpenConnection {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// How many finished handshakes a listener's socket holds before it is accepted. The
+/// standard library's 128 is soon full under a burst of connections (a service scaling up,
+/// a pool reconnecting), and every connection past it waits a second for its SYN to be sent
+/// again. The kernel caps it at `net.core.somaxconn`.
+const BACKLOG: u32 = 1024;
+
+/// A listening socket with the backlog above.
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 pub async fn accept_loop(listener: TcpListener, ctx: Arc<HttpContext>, shutdown: Shutdown) {
@@ -156,54 +174,16 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
         .is_some_and(|t| t.mode == TlsMode::Strict);
     match protocol {
         Protocol::Tls if listener.tls.is_some() => {
-            let acceptor = listener.tls.as_ref().expect("checked").acceptor.clone();
-            let idle = listener.idle_timeout;
-            let handshake = Box::pin(acceptor.accept(io));
-            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
-                Ok(Ok(stream)) if stream.get_ref().1.alpn_protocol() == Some(mtls::ALPN_TCP) => {
-                    let peer = mtls::peer_identity(stream.get_ref().1);
-                    let admitted = admit_tcp(listener, peer.as_ref(), &ctx);
-                    let route = tcp_route(redirected, listener);
-                    drop(snapshot);
-                    match route {
-                        _ if !admitted => {}
-                        Some((cluster, idle)) => {
-                            let _guard = shutdown.tracker;
-                            Box::pin(proxy_tcp(stream, &cluster, idle, &ctx, &name)).await;
-                        }
-                        None => tracing::debug!(listener = %name, "no tcp route for mTLS TCP"),
-                    }
-                }
-                Ok(Ok(stream)) => {
-                    let virtual_host = redirected.virtual_host;
-                    drop(snapshot);
-                    let conn = stream.get_ref().1;
-                    let peer = mtls::peer_identity(conn).map(Arc::new);
-                    let protocol = match conn.alpn_protocol() {
-                        Some(mtls::ALPN_H2) => Protocol::Http2,
-                        _ => Protocol::Http1,
-                    };
-                    let peer = Peer::new(peer, client_addr, virtual_host);
-                    if Box::pin(serve_http(
-                        stream,
-                        protocol,
-                        idle,
-                        peer,
-                        ctx.clone(),
-                        shutdown,
-                    ))
-                    .await
-                    .is_err()
-                    {
-                        ctx.metrics.connection_error(&name);
-                    }
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(error = %e, listener = %name, "TLS handshake failed");
-                    ctx.metrics.tls_handshake_failure(&name);
-                }
-                Err(_) => ctx.metrics.tls_handshake_failure(&name),
-            }
+            // The handshake and all after it are boxed: a connection that has sent nothing
+            // does not carry them.
+            let tls = TlsConnection {
+                io,
+                snapshot,
+                redirected,
+                client_addr,
+                name: &name,
+            };
+            Box::pin(serve_tls(tls, &ctx, shutdown)).await;
         }
         // Strict mTLS: whatever is not TLS is closed unread.
         _ if strict => {
@@ -234,6 +214,65 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
         },
     }
     open.dec();
+}
+
+/// A connection that opened with a TLS ClientHello on a listener that terminates mTLS.
+struct TlsConnection<'a> {
+    io: Prefixed<TcpStream>,
+    snapshot: Arc<RuntimeConfig>,
+    redirected: Service,
+    client_addr: Option<std::net::SocketAddr>,
+    name: &'a str,
+}
+
+/// The mTLS handshake, then HTTP or opaque TCP by the ALPN the caller chose.
+async fn serve_tls(tls: TlsConnection<'_>, ctx: &Arc<HttpContext>, shutdown: Shutdown) {
+    let TlsConnection {
+        io,
+        snapshot,
+        redirected,
+        client_addr,
+        name,
+    } = tls;
+    let listener = &snapshot.listeners[ctx.listener];
+    let acceptor = listener.tls.as_ref().expect("checked").acceptor.clone();
+    let idle = listener.idle_timeout;
+    let handshake = Box::pin(acceptor.accept(io));
+    let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, listener = %name, "TLS handshake failed");
+            ctx.metrics.tls_handshake_failure(name);
+            return;
+        }
+        Err(_) => return ctx.metrics.tls_handshake_failure(name),
+    };
+    let conn = stream.get_ref().1;
+    let peer = mtls::peer_identity(conn);
+    if conn.alpn_protocol() == Some(mtls::ALPN_TCP) {
+        let admitted = admit_tcp(listener, peer.as_ref(), ctx);
+        let route = tcp_route(redirected, listener);
+        drop(snapshot);
+        match route {
+            _ if !admitted => {}
+            Some((cluster, idle)) => {
+                let _guard = shutdown.tracker;
+                Box::pin(proxy_tcp(stream, &cluster, idle, ctx, name)).await;
+            }
+            None => tracing::debug!(listener = %name, "no tcp route for mTLS TCP"),
+        }
+        return;
+    }
+    let protocol = match conn.alpn_protocol() {
+        Some(mtls::ALPN_H2) => Protocol::Http2,
+        _ => Protocol::Http1,
+    };
+    let peer = Peer::new(peer.map(Arc::new), client_addr, redirected.virtual_host);
+    drop(snapshot);
+    let serve = serve_http(stream, protocol, idle, peer, ctx.clone(), shutdown);
+    if Box::pin(serve).await.is_err() {
+        ctx.metrics.connection_error(name);
+    }
 }
 
 /// Opaque TCP to `cluster`, holding one of its connections under the circuit breaker for as
@@ -331,16 +370,16 @@ where
     peer.drain = Some(tracker.clone());
     let _guard = tracker;
     let activity = Arc::new(Activity::default());
-    let svc = {
+    let handler = {
         let activity = activity.clone();
-        service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(peer.clone());
             let (ctx, in_flight) = (ctx.clone(), activity.request());
             async move {
                 let resp = stack::handle(ctx, req).await?;
                 Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, in_flight)))
             }
-        })
+        }
     };
     let io = TokioIo::new(io);
     // Both connection types have the same graceful-shutdown dance but no common trait.
@@ -369,7 +408,7 @@ where
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(MAX_HEADER_BYTES as u32)
-                .serve_connection(io, svc)
+                .serve_connection(io, service_fn(handler))
         ),
         _ => drive!(
             hyper::server::conn::http1::Builder::new()
@@ -377,8 +416,33 @@ where
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .max_buf_size(MAX_HEADER_BYTES)
                 .max_headers(MAX_HEADERS)
-                .serve_connection(io, svc)
+                // hyper keeps room for one request's future in every HTTP/1 connection from
+                // its start: boxed, that room is a pointer, and the future exists only while
+                // a request is in flight.
+                .serve_connection(io, service_fn(move |req| Box::pin(handler(req))))
                 .with_upgrades()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Nobody accepts here: whatever connects is held by the backlog alone, and a connection
+    /// past it would hang on SYN retransmits.
+    #[tokio::test]
+    async fn a_burst_of_connections_fits_in_the_backlog() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut held = Vec::new();
+        for i in 0..400 {
+            let connected =
+                tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await;
+            match connected {
+                Ok(Ok(stream)) => held.push(stream),
+                _ => panic!("connection {i} was not taken into the backlog"),
+            }
+        }
     }
 }

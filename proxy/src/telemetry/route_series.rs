@@ -10,7 +10,7 @@
 //!   nobody called costs a few words and writes no lines at scrape.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwapOption;
@@ -97,11 +97,16 @@ impl RouteSeries {
 /// and a scrape finds them all.
 #[derive(Default)]
 pub struct RouteRegistry {
-    // Taken when a config is accepted and at each scrape, never by a request: requests use
-    // the handle their route holds.
-    #[allow(clippy::disallowed_types)]
-    series: Mutex<HashMap<(&'static str, Arc<str>), Arc<RouteSeries>>>,
+    series: Locked<HashMap<RouteKey, Arc<RouteSeries>>>,
 }
+
+/// Direction and route name.
+type RouteKey = (&'static str, Arc<str>);
+
+// Taken when a config is accepted and at each scrape, never by a request: requests use the
+// handle their route holds.
+#[allow(clippy::disallowed_types)]
+type Locked<T> = std::sync::Mutex<T>;
 
 impl RouteRegistry {
     pub fn get(&self, direction: &'static str, route: &Arc<str>) -> Arc<RouteSeries> {
