@@ -193,6 +193,8 @@ fn rss_on(start: impl Fn() -> Target) -> u64 {
     settle(pid, 0)
 }
 
+type Starter<'a> = Box<dyn Fn() -> Target + 'a>;
+
 pub(crate) fn run(raw: &[String]) {
     let (sizes, rest) = sizes(raw);
     let args = run_args(&rest);
@@ -217,7 +219,7 @@ pub(crate) fn run(raw: &[String]) {
         "KB/virtual host",
         "KB/route in one"
     ));
-    let mut starts: Vec<(&str, Box<dyn Fn() -> Target + '_>)> = vec![(
+    let mut starts: Vec<(&str, Starter<'_>)> = vec![(
         "outrigger",
         Box::new(|| start_outrigger(&args.proxy_bin, upstream, &dir)),
     )];
