@@ -15,7 +15,7 @@ use serde_saphyr::Spanned;
 use crate::cluster::balance::{Cluster, WeightedBackend};
 use crate::config::build::Builder;
 use crate::config::carry_over;
-use crate::config::file::{HeaderChangesFile, RateLimitFile, RetryFile, RouteFile};
+use crate::config::file::{HeaderChangesFile, MatchFile, RateLimitFile, RetryFile, RouteFile};
 use crate::config::snapshot::DEFAULT_ROUTE_TIMEOUT;
 use crate::policy::retry::RetryPolicy;
 use crate::route::router::{HeaderMatch, PathMatch};
@@ -51,7 +51,8 @@ impl Builder<'_> {
         clusters: &HashMap<String, Arc<Cluster>>,
     ) -> Result<Route, ConfigError> {
         let name = r.name.clone().unwrap_or_else(|| format!("{vhost}/{index}"));
-        let m = &r.matches;
+        let every_path = MatchFile::default();
+        let m = r.matches.as_deref().unwrap_or(&every_path);
         let path = match (&m.exact, &m.prefix, &m.regex) {
             (Some(p), None, None) => PathMatch::Exact(p.clone()),
             (None, Some(p), None) => PathMatch::Prefix(p.clone()),

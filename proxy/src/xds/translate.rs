@@ -384,13 +384,13 @@ fn route(what: &str, vhost: &str, index: usize, r: &Route) -> Result<RouteFile, 
     };
     Ok(RouteFile {
         name: Some(name),
-        matches,
+        matches: Some(Box::new(matches)),
         backends,
         timeout: action.timeout.as_ref().map(|d| sp(duration_text(d))),
         request_headers: header_changes(&r.request_headers_to_add, &r.request_headers_to_remove),
         response_headers: header_changes(&r.response_headers_to_add, &r.response_headers_to_remove),
         retry: match &action.retry_policy {
-            Some(p) => Some(policy_xds::retry(&what, p)?),
+            Some(p) => Some(Box::new(policy_xds::retry(&what, p)?)),
             None => None,
         },
         rate_limit: policy_xds::route_filters(&what, &r.typed_per_filter_config)?,
