@@ -198,6 +198,7 @@ pub async fn start(options: Options) -> Result<ProxyHandle, StartError> {
                 Direction::Outbound => "outbound",
             },
             metrics: metrics.clone(),
+            connections: metrics.connection_series(&l.name),
         });
         let shutdown = match l.direction {
             Direction::Inbound => inbound.clone(),

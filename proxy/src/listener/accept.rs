@@ -153,7 +153,7 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
         }
         Redirect::Mesh(service) => service,
     };
-    let open = ctx.metrics.open_connections(&name);
+    let open = &ctx.connections.open;
     open.inc();
     let (protocol, io) = match listener.protocol {
         ListenerProtocol::Http1 => (Protocol::Http1, Prefixed::new(stream)),
@@ -167,7 +167,7 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
             }
         },
     };
-    ctx.metrics.connection_opened(&name, protocol.label());
+    ctx.connections.opened(protocol.label());
     let strict = listener
         .tls
         .as_ref()

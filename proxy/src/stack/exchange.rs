@@ -11,7 +11,7 @@ use crate::cluster::balance::Cluster;
 use crate::config::snapshot::{Listener, RuntimeConfig};
 use crate::route::table::Route;
 use crate::stack::peer::Peer;
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{ConnectionSeries, Metrics};
 use crate::telemetry::request_trace::Trace;
 
 /// What every request on one listener shares.
@@ -21,6 +21,7 @@ pub struct HttpContext {
     pub listener: usize,
     pub direction: &'static str,
     pub metrics: Arc<Metrics>,
+    pub connections: ConnectionSeries,
 }
 
 /// One request on its way through the stack.

@@ -62,6 +62,21 @@ impl Default for Metrics {
     }
 }
 
+/// The connection counters of one listener.
+pub struct ConnectionSeries {
+    pub open: Gauge,
+    opened: [(&'static str, Counter); 4],
+}
+
+impl ConnectionSeries {
+    /// Counts a connection by the protocol it turned out to speak.
+    pub fn opened(&self, protocol: &str) {
+        if let Some((_, counter)) = self.opened.iter().find(|(p, _)| *p == protocol) {
+            counter.inc();
+        }
+    }
+}
+
 /// The series one listener implies, declared at zero when a config is accepted.
 pub struct ListenerSeries<'a> {
     pub name: &'a str,
@@ -467,21 +482,25 @@ impl Metrics {
             .inc();
     }
 
-    pub fn connection_opened(&self, listener: &str, protocol: &'static str) {
-        self.connections
-            .get_or_create(&ConnectionLabels {
+    /// A listener's connection series, found once: listeners are fixed for the process's
+    /// life, so accepting a connection looks nothing up.
+    pub fn connection_series(&self, listener: &str) -> ConnectionSeries {
+        let opened = ["http1", "http2", "tls", "opaque"].map(|protocol| {
+            let labels = ConnectionLabels {
                 listener: listener.to_string(),
                 protocol,
-            })
-            .inc();
-    }
-
-    pub fn open_connections(&self, listener: &str) -> Gauge {
-        self.open_connections
-            .get_or_create(&ListenerLabels {
-                listener: listener.to_string(),
-            })
-            .clone()
+            };
+            (protocol, self.connections.get_or_create(&labels).clone())
+        });
+        ConnectionSeries {
+            open: self
+                .open_connections
+                .get_or_create(&ListenerLabels {
+                    listener: listener.to_string(),
+                })
+                .clone(),
+            opened,
+        }
     }
 
     pub fn connection_error(&self, listener: &str) {
