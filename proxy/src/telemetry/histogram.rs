@@ -22,6 +22,16 @@ fn bound(i: usize) -> f64 {
     0.0005 * f64::from(1u32 << i)
 }
 
+/// The first bucket whose bound holds `elapsed`: bounds double from 0.5 ms, so it is the
+/// bit length of how many half milliseconds (rounded up, less one) it took.
+fn bucket(elapsed: Duration) -> usize {
+    let halves = u64::try_from(elapsed.as_nanos())
+        .unwrap_or(u64::MAX)
+        .saturating_sub(1)
+        / 500_000;
+    ((u64::BITS - halves.leading_zeros()) as usize).min(BOUNDS)
+}
+
 /// The trace a sample came from, so that a slow bucket links to a trace in Jaeger.
 struct Exemplar {
     trace_id: String,
@@ -48,7 +58,7 @@ impl Default for LatencyHistogram {
 impl LatencyHistogram {
     pub fn observe(&self, elapsed: Duration, trace_id: Option<String>) {
         let seconds = elapsed.as_secs_f64();
-        let i = (0..BOUNDS).find(|&i| seconds <= bound(i)).unwrap_or(BOUNDS);
+        let i = bucket(elapsed);
         self.buckets[i].fetch_add(1, Ordering::Relaxed);
         self.sum_nanos.fetch_add(
             u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX),
@@ -138,6 +148,17 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("x_sum{route=\"r\"} 60.0034\n"), "{out}");
+    }
+
+    #[test]
+    fn a_sample_on_a_bound_is_counted_under_it() {
+        for i in 0..BOUNDS {
+            let on = Duration::from_secs_f64(bound(i));
+            assert_eq!(bucket(on), i, "{on:?}");
+            assert_eq!(bucket(on + Duration::from_nanos(1)), i + 1, "{on:?} + 1 ns");
+        }
+        assert_eq!(bucket(Duration::ZERO), 0);
+        assert_eq!(bucket(Duration::from_secs(3600)), BOUNDS);
     }
 
     #[test]

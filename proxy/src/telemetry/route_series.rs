@@ -23,15 +23,39 @@ use crate::telemetry::labels::{RequestLabels, empty, grpc_status_label};
 pub struct RouteSeries {
     direction: &'static str,
     route: Arc<str>,
-    requests: ArcSwapOption<HashMap<StatusKey, Counter>>,
+    requests: ArcSwapOption<StatusCounters>,
     duration: OnceLock<Box<LatencyHistogram>>,
 }
 
-#[derive(Clone, Hash, PartialEq, Eq)]
+/// foldhash rather than SipHash: the keys are a status, a gRPC code and a verified identity,
+/// which no caller can choose freely, and this lookup runs on every request.
+type StatusCounters = HashMap<StatusKey, Counter, foldhash::fast::RandomState>;
+
+#[derive(Clone, Eq)]
 struct StatusKey {
     status: u16,
     grpc_status: &'static str,
     peer: Arc<str>,
+}
+
+// By content, as equality is: equal keys hash alike.
+impl std::hash::Hash for StatusKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.status.hash(state);
+        self.grpc_status.hash(state);
+        self.peer.hash(state);
+    }
+}
+
+impl PartialEq for StatusKey {
+    fn eq(&self, other: &Self) -> bool {
+        // The gRPC label is one of a fixed set of statics, and a connection's requests share
+        // one identity string: the pointers usually decide, without comparing text.
+        self.status == other.status
+            && (std::ptr::eq(self.grpc_status, other.grpc_status)
+                || self.grpc_status == other.grpc_status)
+            && (Arc::ptr_eq(&self.peer, &other.peer) || self.peer == other.peer)
+    }
 }
 
 /// One finished request, as its route's series see it.
