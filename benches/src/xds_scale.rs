@@ -2,8 +2,8 @@
 //! simulated ADS streams.
 //!
 //! Each simulated proxy is a lightweight state-of-the-world client: it subscribes to CDS and
-//! to the route table `outbound`, and ACKs everything. Streams are multiplexed, 100 to an
-//! HTTP/2 connection, as many sidecars behind one node-local agent would be. After every
+//! to the route table `outbound`, and ACKs everything. Each has an HTTP/2 connection of its
+//! own, as sidecars connect (`--per-connection N` multiplexes N streams on one instead). After every
 //! stream holds the first config, the harness edits the mesh file (one route weight, so only
 //! RDS changes) and times each stream's receipt of the new route table.
 //!
@@ -26,7 +26,6 @@ use crate::{cpu_seconds, free_port, memory_kib, wait_for_port};
 
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
-const STREAMS_PER_CONNECTION: usize = 100;
 const SERVICES: usize = 20;
 
 fn mesh(canary_weight: u32) -> String {
@@ -122,6 +121,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 pub fn run(args: &[String], out_dir: &Path) {
     let mut counts = vec![1000usize, 10000];
     let mut cp_bin = PathBuf::from("target/release/outrigger-control-plane");
+    let mut per_connection = 1usize;
     let mut it = args.iter();
     while let Some(flag) = it.next() {
         match flag.as_str() {
@@ -134,7 +134,16 @@ pub fn run(args: &[String], out_dir: &Path) {
                     .collect()
             }
             "--control-plane" => cp_bin = it.next().expect("--control-plane PATH").into(),
-            other => panic!("unknown flag {other}; flags: --streams N[,N] --control-plane PATH"),
+            "--per-connection" => {
+                per_connection = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|&n| n > 0)
+                    .expect("--per-connection N")
+            }
+            other => panic!(
+                "unknown flag {other}; flags: --streams N[,N] --control-plane PATH --per-connection N"
+            ),
         }
     }
     // The harness's own streams run on one thread, so the other core is the control plane's.
@@ -170,7 +179,7 @@ pub fn run(args: &[String], out_dir: &Path) {
 
         let row = rt.block_on(async {
             let (events_tx, mut events) = mpsc::unbounded_channel();
-            let connections = n.div_ceil(STREAMS_PER_CONNECTION);
+            let connections = n.div_ceil(per_connection);
             let started = Instant::now();
             for c in 0..connections {
                 let channel = tonic::transport::Endpoint::from_shared(format!("http://{xds}"))
@@ -178,8 +187,8 @@ pub fn run(args: &[String], out_dir: &Path) {
                     .connect()
                     .await
                     .expect("connect to the control plane");
-                for s in 0..STREAMS_PER_CONNECTION.min(n - c * STREAMS_PER_CONNECTION) {
-                    let id = c * STREAMS_PER_CONNECTION + s;
+                for s in 0..per_connection.min(n - c * per_connection) {
+                    let id = c * per_connection + s;
                     tokio::spawn(simulated_proxy(channel.clone(), id, events_tx.clone()));
                 }
             }
@@ -226,7 +235,7 @@ pub fn run(args: &[String], out_dir: &Path) {
             latencies[n - 1],
         );
         println!(
-            "{n:>6} streams  initial sync {:>7.0} ms  edit→new config p50 {:>6.0} ms  p99 {:>6.0} ms  max {:>6.0} ms  RSS {:.1} KiB/stream ({:.1} MB total)  CPU {:.0} ms per push ({:.1} µs/stream)",
+            "{n:>6} streams ({per_connection}/connection)  initial sync {:>7.0} ms  edit→new config p50 {:>6.0} ms  p99 {:>6.0} ms  max {:>6.0} ms  RSS {:.1} KiB/stream ({:.1} MB total)  CPU {:.0} ms per push ({:.1} µs/stream)",
             initial_sync.as_secs_f64() * 1e3,
             p50.as_secs_f64() * 1e3,
             p99.as_secs_f64() * 1e3,
@@ -243,6 +252,7 @@ pub fn run(args: &[String], out_dir: &Path) {
         );
         rows.push(json!({
             "streams": n,
+            "streams_per_connection": per_connection,
             "control_plane_workers": 1,
             "services": SERVICES,
             "initial_sync_ms": initial_sync.as_secs_f64() * 1e3,

@@ -27,9 +27,9 @@ pub struct Caller {
     pub identity: Option<SpiffeId>,
 }
 
-/// Enough for 10,000 proxies multiplexed 100 streams to a connection, or a few thousand
-/// proxies with one connection each.
-pub const MAX_CONNECTIONS: usize = 8192;
+/// Enough for 10,000 proxies with a connection each, as sidecars connect, with room to
+/// spare for a rollout's overlap. The process needs as many file descriptors.
+pub const MAX_CONNECTIONS: usize = 16_384;
 /// An ADS client needs one or two streams; the headroom is for multiplexing test clients.
 pub const MAX_STREAMS: u32 = 128;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
