@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::policy::circuit_breaker::CircuitBreaker;
 use crate::policy::outlier::{self, Health, OutlierPolicy, OutlierState};
 use crate::policy::retry_budget::RetryBudget;
-use crate::upstream::client::{H2Connection, UpstreamClient};
+use crate::upstream::client::H2Connection;
 use crate::upstream::http1_pool::Http1Pool;
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
@@ -51,7 +51,6 @@ pub struct Cluster {
     pub lb: LbPolicy,
     pub connect_timeout: Duration,
     pub endpoints: Vec<Arc<Endpoint>>,
-    pub client: UpstreamClient,
     /// Shared by the cluster's requests; carried over a reload of an unchanged budget.
     pub retry_budget: Arc<RetryBudget>,
     pub breaker: Arc<CircuitBreaker>,
@@ -81,7 +80,6 @@ impl Cluster {
         lb: LbPolicy,
         connect_timeout: Duration,
         endpoints: Vec<Arc<Endpoint>>,
-        client: UpstreamClient,
     ) -> Self {
         Cluster {
             name,
@@ -89,7 +87,6 @@ impl Cluster {
             lb,
             connect_timeout,
             endpoints,
-            client,
             retry_budget: Arc::new(RetryBudget::default()),
             breaker: Arc::new(CircuitBreaker::default()),
             outlier: None,
@@ -349,7 +346,6 @@ mod tests {
             lb,
             Duration::from_secs(1),
             eps,
-            UpstreamClient::new(Duration::from_secs(1)),
         )
     }
 

@@ -55,7 +55,6 @@ impl Builder<'_> {
         let old = self
             .previous
             .and_then(|p| p.reusable_cluster(&c.name.value, tls.as_ref()));
-        let client = carry_over::client(old, connect_timeout);
         let endpoints = carry_over::endpoints(old, addrs);
         let mut cluster = Cluster::new(
             c.name.value.clone(),
@@ -68,7 +67,6 @@ impl Builder<'_> {
             c.lb,
             connect_timeout,
             endpoints,
-            client,
         );
         cluster.tls = tls;
         let budget = policy::check_retry_budget(

@@ -6,7 +6,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use outrigger_core::token_bucket::RateLimiter;
 
@@ -14,7 +13,6 @@ use crate::cluster::balance::{Cluster, ClusterTls, Endpoint};
 use crate::config::snapshot::{Identity, IdentitySource, RuntimeConfig};
 use crate::policy::circuit_breaker::CircuitBreaker;
 use crate::policy::retry_budget::RetryBudget;
-use crate::upstream::client::UpstreamClient;
 
 impl RuntimeConfig {
     /// The previous cluster of this name, if its connections may be reused: a connection
@@ -72,13 +70,6 @@ impl IdentitySource {
             (IdentitySource::Ca(a), IdentitySource::Ca(b)) => a.same_settings(b),
             _ => false,
         }
-    }
-}
-
-pub(super) fn client(old: Option<&Cluster>, connect_timeout: Duration) -> UpstreamClient {
-    match old {
-        Some(old) if old.connect_timeout == connect_timeout => old.client.clone(),
-        _ => UpstreamClient::new(connect_timeout),
     }
 }
 

@@ -126,9 +126,9 @@ impl RuntimeConfig {
         );
     }
 
-    /// Parses and validates `text`, read from `source`. Cluster clients and endpoint load
-    /// statistics are carried over from `previous` where a cluster is unchanged, so that a
-    /// reload keeps warm connection pools and latency estimates.
+    /// Parses and validates `text`, read from `source`. Endpoints (with their connection
+    /// pools and load statistics) are carried over from `previous` where they remain, so that
+    /// a reload keeps warm connections and latency estimates.
     pub fn build(
         source: &str,
         text: &str,

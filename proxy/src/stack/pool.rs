@@ -11,7 +11,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use crate::cluster::balance::{Endpoint, UpstreamProtocol};
 use crate::policy::circuit_breaker::Overflow;
 use crate::stack::exchange::Call;
-use crate::upstream::client::Body;
+use crate::upstream::client::{Body, send_upgrade};
 use crate::upstream::error::ProxyError;
 use crate::upstream::http1_pool::UpstreamBody;
 
@@ -44,17 +44,13 @@ pub async fn send(
     upgrade: bool,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
     let cluster = call.cluster;
-    let timeout = cluster.client.connect_timeout();
+    let timeout = cluster.connect_timeout;
     let unpooled = |resp: Response<_>| resp.map(UpstreamBody::unpooled);
     match (upgrade, cluster.protocol) {
         // An upgrade dials a connection of its own: boxed, like every dial.
-        (true, _) => Box::pin(
-            cluster
-                .client
-                .send_upgrade(&cluster.name, endpoint.addr, req),
-        )
-        .await
-        .map(unpooled),
+        (true, _) => Box::pin(send_upgrade(&cluster.name, endpoint.addr, timeout, req))
+            .await
+            .map(unpooled),
         (false, UpstreamProtocol::Http1) => {
             endpoint
                 .h1

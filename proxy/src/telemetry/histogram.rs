@@ -69,10 +69,6 @@ impl LatencyHistogram {
         }
     }
 
-    pub fn count(&self) -> u64 {
-        self.buckets.iter().map(|b| b.load(Ordering::Relaxed)).sum()
-    }
-
     /// Appends this series' lines: `labels` is its label set, already encoded
     /// (`direction="inbound",route="r"`).
     pub fn encode(&self, out: &mut String, name: &str, labels: &str) {

@@ -27,12 +27,6 @@ use crate::upstream::error::ProxyError;
 
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// What a cluster's upstream connections share: how long a connect may take.
-#[derive(Clone)]
-pub struct UpstreamClient {
-    connect_timeout: Duration,
-}
-
 pub(super) async fn connect(
     cluster: &str,
     addr: SocketAddr,
@@ -50,32 +44,22 @@ pub(super) async fn connect(
     Ok(stream)
 }
 
-impl UpstreamClient {
-    pub fn new(connect_timeout: Duration) -> Self {
-        UpstreamClient { connect_timeout }
-    }
-
-    pub fn connect_timeout(&self) -> Duration {
-        self.connect_timeout
-    }
-
-    /// Sends an HTTP/1.1 upgrade request on a fresh connection of its own.
-    pub async fn send_upgrade(
-        &self,
-        cluster: &str,
-        addr: SocketAddr,
-        req: Request<Body>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let stream = connect(cluster, addr, self.connect_timeout).await?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| ProxyError::UpstreamConnect {
-                cluster: cluster.to_string(),
-                reason: e.to_string(),
-            })?;
-        tokio::spawn(conn.with_upgrades());
-        sender.send_request(req).await.map_err(|e| failed(&e))
-    }
+/// Sends an HTTP/1.1 upgrade request on a fresh connection of its own.
+pub async fn send_upgrade(
+    cluster: &str,
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    req: Request<Body>,
+) -> Result<Response<Incoming>, ProxyError> {
+    let stream = connect(cluster, addr, connect_timeout).await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ProxyError::UpstreamConnect {
+            cluster: cluster.to_string(),
+            reason: e.to_string(),
+        })?;
+    tokio::spawn(conn.with_upgrades());
+    sender.send_request(req).await.map_err(|e| failed(&e))
 }
 
 /// One multiplexed HTTP/2 connection to one endpoint, made on first use and made again

@@ -102,7 +102,8 @@ impl Http1Pool {
     }
 
     /// How many idle connections wait in the pool.
-    pub fn idle(&self) -> usize {
+    #[cfg(test)]
+    fn idle(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
     }
 
