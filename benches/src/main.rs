@@ -300,6 +300,25 @@ pub(crate) struct Measured {
     cpu_us_per_req: Option<f64>,
 }
 
+impl Measured {
+    /// A JSON row: `head`'s keys, then the measured fields.
+    pub(crate) fn row(&self, mut head: serde_json::Value) -> serde_json::Value {
+        let measured = json!({
+            "requests": self.requests,
+            "failed": self.failed,
+            "rps": self.rps,
+            "p50_ms": self.p50_ms,
+            "p99_ms": self.p99_ms,
+            "cpu_us_per_request": self.cpu_us_per_req,
+        });
+        if let (Some(head), serde_json::Value::Object(measured)) = (head.as_object_mut(), measured)
+        {
+            head.extend(measured);
+        }
+        head
+    }
+}
+
 pub(crate) fn run_h2load(scenario: &Scenario, target: &Target, log: &Path) -> Measured {
     let pid = target.child.as_ref().map(|c| c.id());
     // h2load appends to its log; each run must start from an empty one.
@@ -451,19 +470,13 @@ fn row_json(
     (idle_kib, peak_kib): (Option<u64>, Option<u64>),
     (load_key, load): (&str, &str),
 ) -> serde_json::Value {
-    let mut row = json!({
+    let mut row = m.row(json!({
         "scenario": scenario,
         "target": target,
         "fixed_rate": fixed_rate,
-        "requests": m.requests,
-        "failed": m.failed,
-        "rps": m.rps,
-        "p50_ms": m.p50_ms,
-        "p99_ms": m.p99_ms,
-        "cpu_us_per_request": m.cpu_us_per_req,
-        "idle_rss_kib": idle_kib,
-        "peak_rss_kib": peak_kib,
-    });
+    }));
+    row["idle_rss_kib"] = json!(idle_kib);
+    row["peak_rss_kib"] = json!(peak_kib);
     row[load_key] = json!(load);
     row
 }

@@ -227,17 +227,10 @@ pub fn run(raw: &[String]) {
             m.cpu_us_per_req.map_or("-".into(), |c| format!("{c:.1}")),
             dropped.map_or("-".into(), |d| d.to_string()),
         ));
-        rows.push(json!({
-            "run": label,
-            "requests": m.requests,
-            "failed": m.failed,
-            "rps": m.rps,
-            "p50_ms": m.p50_ms,
-            "p99_ms": m.p99_ms,
-            "cpu_us_per_request": m.cpu_us_per_req,
-            "spans_dropped": dropped,
-            "h2load_args": scenario.h2load.join(" "),
-        }));
+        let mut row = m.row(json!({ "run": label }));
+        row["spans_dropped"] = json!(dropped);
+        row["h2load_args"] = json!(scenario.h2load.join(" "));
+        rows.push(row);
     }
     println!("\n{table}");
     let doc = json!({
