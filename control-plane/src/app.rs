@@ -10,7 +10,6 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
@@ -78,27 +77,11 @@ impl ControlPlane {
         self.source.reload()
     }
 
-    /// Lists the cluster's Services, EndpointSlices and Pods every `interval` and folds them
-    /// into the mesh. A listing that fails keeps the last good view, and is logged.
-    pub fn watch_cluster(&self, api: Arc<crate::kube_api::KubeApi>, interval: Duration) {
-        let source = self.source.clone();
+    /// Watches the cluster's Services, EndpointSlices and Pods through `client` and folds
+    /// them into the mesh (`cluster_watch`).
+    pub fn watch_cluster(&self, client: crate::kube_client::KubeClient) {
         let trust_domain = self.ca.load().trust_domain.clone();
-        tokio::spawn(async move {
-            loop {
-                match crate::cluster_source::fetch(&api, &trust_domain).await {
-                    Ok(services) => {
-                        source.cluster_error.store(None);
-                        source.set_cluster(services);
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot list the cluster; keeping its last view");
-                        source.cluster_failures.fetch_add(1, Ordering::Relaxed);
-                        source.cluster_error.store(Some(Arc::new(e)));
-                    }
-                }
-                tokio::time::sleep(interval).await;
-            }
-        });
+        crate::cluster_watch::spawn(client, self.source.clone(), trust_domain);
     }
 }
 
@@ -257,6 +240,7 @@ async fn serve_admin(
 fn status_json(source: &MeshSource, nodes: &NodeRegistry) -> serde_json::Value {
     let snapshot = source.publisher.current();
     let err = source.last_error.load();
+    let cluster_errors = source.cluster_health.errors();
     json!({
         "mesh": {
             "file": source.path.display().to_string(),
@@ -266,7 +250,9 @@ fn status_json(source: &MeshSource, nodes: &NodeRegistry) -> serde_json::Value {
         },
         "cluster": {
             "services": source.cluster_services(),
-            "last_error": source.cluster_error.load().as_deref().map(String::as_str),
+            "synced": source.cluster_health.synced.load(Ordering::Relaxed),
+            "last_error": cluster_errors.values().next(),
+            "errors": cluster_errors,
         },
         "nodes": nodes.to_json(),
     })
@@ -335,10 +321,31 @@ fn metrics_text(
         counter(source.rejections.load(Ordering::Relaxed)),
     );
     r.register(
-        "cluster_list_failures",
-        "Kubernetes listings that failed (the last view kept serving)",
-        counter(source.cluster_failures.load(Ordering::Relaxed)),
+        "cluster_watch_errors",
+        "Errors from the Kubernetes API server's lists and watches (the last view kept serving)",
+        counter(source.cluster_health.errors_total.load(Ordering::Relaxed)),
     );
+    if let Some(calls) = source.cluster_health.calls.get() {
+        #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+        struct VerbLabel {
+            verb: &'static str,
+        }
+        let requests = Family::<VerbLabel, Counter>::default();
+        for (verb, n) in [
+            ("list", &calls.lists),
+            ("watch", &calls.watches),
+            ("other", &calls.others),
+        ] {
+            requests
+                .get_or_create(&VerbLabel { verb })
+                .inc_by(n.load(Ordering::Relaxed));
+        }
+        r.register(
+            "kube_requests",
+            "Requests made to the Kubernetes API server, by verb",
+            requests,
+        );
+    }
     let nacks = Family::<NodeLabel, Counter>::default();
     for (node, n) in nodes.nacks_per_node() {
         nacks.get_or_create(&NodeLabel { node }).inc_by(n);

@@ -5,40 +5,24 @@
 //! The mesh file still says what the cluster cannot: routes, policies, `calls`, tokens. A
 //! file service without endpoints takes its endpoints, VIPs, port and identity from the
 //! cluster Service of the same name and namespace; a file service with endpoints wins
-//! outright. The cluster is listed on an interval (not watched); a failed listing keeps the
-//! last good view.
+//! outright. `cluster_watch` keeps the objects this reads up to date.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
+use k8s_openapi::api::core::v1::{Pod, Service as KubeService, ServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use outrigger_core::spiffe::SpiffeId;
-use serde_json::Value;
 
-use crate::kube_api::KubeApi;
 use crate::mesh::{Mesh, Protocol, Service};
 
-const SERVICES: &str = "/api/v1/services";
-const ENDPOINT_SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
-const PODS: &str = "/api/v1/pods";
 /// Set by the injector on every pod that has the sidecar.
-const INJECTED: &str = "outrigger.io/injected";
-
-/// Lists the cluster and turns it into mesh services.
-pub async fn fetch(api: &KubeApi, trust_domain: &str) -> Result<Vec<Service>, String> {
-    let (services, slices, pods) =
-        tokio::try_join!(api.get(SERVICES), api.get(ENDPOINT_SLICES), api.get(PODS))?;
-    Ok(services_from(&services, &slices, &pods, trust_domain))
-}
-
-fn items(list: &Value) -> &[Value] {
-    list["items"].as_array().map_or(&[], Vec::as_slice)
-}
-
-fn str_at<'a>(v: &'a Value, pointer: &str) -> &'a str {
-    v.pointer(pointer)
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-}
+pub const INJECTED: &str = "outrigger.io/injected";
+/// Set on a Service by its owner: the service account its pods run as.
+const SERVICE_ACCOUNT: &str = "outrigger.io/service-account";
+/// The label that ties an EndpointSlice to its Service.
+const SERVICE_NAME: &str = "kubernetes.io/service-name";
 
 /// What the mesh needs to know of a pod: who it runs as, and whether it has the sidecar.
 struct PodFacts<'a> {
@@ -46,97 +30,112 @@ struct PodFacts<'a> {
     injected: bool,
 }
 
+fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> (&str, &str) {
+    (
+        meta.namespace.as_deref().unwrap_or_default(),
+        meta.name.as_deref().unwrap_or_default(),
+    )
+}
+
 /// Each Service with a TCP port becomes one mesh service on its first TCP port. Endpoints are
 /// the ready addresses of its EndpointSlices on that port. It gets mTLS when every endpoint
 /// is a pod with the sidecar, and the identity of those pods' service account.
 pub fn services_from(
-    services: &Value,
-    slices: &Value,
-    pods: &Value,
+    services: &[Arc<KubeService>],
+    slices: &[Arc<EndpointSlice>],
+    pods: &[Arc<Pod>],
     trust_domain: &str,
 ) -> Vec<Service> {
-    let pods: HashMap<(&str, &str), PodFacts> = items(pods)
+    let pods: HashMap<(&str, &str), PodFacts> = pods
         .iter()
         .map(|p| {
-            let key = (
-                str_at(p, "/metadata/namespace"),
-                str_at(p, "/metadata/name"),
-            );
             let facts = PodFacts {
                 service_account: p
-                    .pointer("/spec/serviceAccountName")
-                    .and_then(Value::as_str)
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.service_account_name.as_deref())
                     .unwrap_or("default"),
                 injected: p
-                    .pointer("/metadata/annotations")
-                    .is_some_and(|a| a.get(INJECTED).is_some()),
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .is_some_and(|a| a.contains_key(INJECTED)),
             };
-            (key, facts)
+            (name_of(&p.metadata), facts)
         })
         .collect();
-    let mut out = Vec::new();
-    for svc in items(services) {
-        let (name, namespace) = (
-            str_at(svc, "/metadata/name"),
-            str_at(svc, "/metadata/namespace"),
-        );
-        if str_at(svc, "/spec/type") == "ExternalName" {
-            continue;
-        }
-        let Some(port) = svc["spec"]["ports"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|p| p["protocol"].as_str().unwrap_or("TCP") == "TCP")
+    // Slices by the (namespace, name) of their Service, so that each Service finds its own
+    // without a pass over every slice.
+    let mut slices_of: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+    for slice in slices {
+        let Some(service) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME))
         else {
             continue;
         };
-        let Some(number) = port["port"].as_u64().and_then(|p| u16::try_from(p).ok()) else {
+        let namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
+        slices_of
+            .entry((namespace, service.as_str()))
+            .or_default()
+            .push(slice);
+    }
+    let mut out = Vec::new();
+    for svc in services {
+        let (namespace, name) = name_of(&svc.metadata);
+        let Some(spec) = &svc.spec else { continue };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        let Some(port) = spec
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        else {
             continue;
         };
-        let port_name = port["name"].as_str().unwrap_or_default();
-        let protocol = match port["appProtocol"].as_str().unwrap_or_default() {
-            "grpc" => Protocol::Grpc,
-            "kubernetes.io/h2c" | "http2" => Protocol::Http2,
-            _ => Protocol::Http,
+        let Ok(number) = u16::try_from(port.port) else {
+            continue;
         };
-        let mut addresses: Vec<IpAddr> = svc["spec"]["clusterIPs"]
-            .as_array()
-            .into_iter()
+        let mut addresses: Vec<IpAddr> = spec
+            .cluster_ips
+            .iter()
             .flatten()
-            .chain(std::iter::once(&svc["spec"]["clusterIP"]))
-            .filter_map(|ip| ip.as_str()?.parse().ok())
+            .chain(spec.cluster_ip.as_ref())
+            .filter_map(|ip| ip.parse().ok())
             .collect();
         addresses.dedup();
 
+        let port_name = port.name.as_deref().unwrap_or_default();
         let mut endpoints = Vec::new();
         let mut backing_pods = Vec::new();
-        for slice in items(slices).iter().filter(|s| {
-            str_at(s, "/metadata/namespace") == namespace
-                && s.pointer("/metadata/labels/kubernetes.io~1service-name")
-                    .and_then(Value::as_str)
-                    == Some(name)
-        }) {
-            let Some(slice_port) = slice["ports"]
-                .as_array()
-                .into_iter()
+        for slice in slices_of.get(&(namespace, name)).into_iter().flatten() {
+            let Some(slice_port) = slice
+                .ports
+                .iter()
                 .flatten()
-                .find(|p| p["name"].as_str().unwrap_or_default() == port_name)
-                .and_then(|p| p["port"].as_u64())
+                .find(|p| p.name.as_deref().unwrap_or_default() == port_name)
+                .and_then(|p| p.port)
                 .and_then(|p| u16::try_from(p).ok())
             else {
                 continue;
             };
-            for endpoint in slice["endpoints"].as_array().into_iter().flatten() {
+            for endpoint in &slice.endpoints {
                 // Absent means ready, as the API documents.
-                if endpoint.pointer("/conditions/ready") == Some(&Value::Bool(false)) {
+                if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
                     continue;
                 }
-                if str_at(endpoint, "/targetRef/kind") == "Pod" {
-                    backing_pods.push(pods.get(&(namespace, str_at(endpoint, "/targetRef/name"))));
+                if let Some(target) = &endpoint.target_ref
+                    && target.kind.as_deref() == Some("Pod")
+                {
+                    let pod = target.name.as_deref().unwrap_or_default();
+                    backing_pods.push(pods.get(&(namespace, pod)));
                 }
-                for ip in endpoint["addresses"].as_array().into_iter().flatten() {
-                    if let Some(ip) = ip.as_str().and_then(|ip| ip.parse::<IpAddr>().ok()) {
+                for ip in &endpoint.addresses {
+                    if let Ok(ip) = ip.parse::<IpAddr>() {
                         endpoints.push((SocketAddr::new(ip, slice_port), 1));
                     }
                 }
@@ -152,8 +151,11 @@ pub fn services_from(
         let pods: Vec<&PodFacts> = backing_pods.iter().flatten().copied().collect();
         let mtls = pods.iter().any(|p| p.injected);
         let named = svc
-            .pointer("/metadata/annotations/outrigger.io~1service-account")
-            .and_then(Value::as_str)
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SERVICE_ACCOUNT))
+            .map(String::as_str)
             .filter(|a| !a.is_empty());
         let account = named
             .or_else(|| {
@@ -167,7 +169,7 @@ pub fn services_from(
         out.push(Service {
             name: name.to_string(),
             namespace: namespace.to_string(),
-            protocol,
+            protocol: protocol_of(port),
             port: number,
             endpoints,
             routes: Vec::new(),
@@ -179,6 +181,15 @@ pub fn services_from(
         });
     }
     out
+}
+
+/// The port's `appProtocol`, as Kubernetes names them.
+fn protocol_of(port: &ServicePort) -> Protocol {
+    match port.app_protocol.as_deref().unwrap_or_default() {
+        "grpc" => Protocol::Grpc,
+        "kubernetes.io/h2c" | "http2" => Protocol::Http2,
+        _ => Protocol::Http,
+    }
 }
 
 /// The value that occurs most often; ties go to the smallest.
@@ -218,7 +229,25 @@ pub fn merge(file: &Mesh, cluster: &[Service]) -> Mesh {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
+
+    fn typed<K: serde::de::DeserializeOwned>(list: &Value) -> Vec<Arc<K>> {
+        list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| Arc::new(serde_json::from_value(v.clone()).unwrap()))
+            .collect()
+    }
+
+    fn services_from(
+        services: &Value,
+        slices: &Value,
+        pods: &Value,
+        trust_domain: &str,
+    ) -> Vec<Service> {
+        super::services_from(&typed(services), &typed(slices), &typed(pods), trust_domain)
+    }
 
     fn cluster() -> (Value, Value, Value) {
         let services = json!({"kind": "ServiceList", "items": [

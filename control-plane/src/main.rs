@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use outrigger_control_plane::ca::Ca;
 use outrigger_control_plane::inject::Injector;
+use outrigger_control_plane::kube_client::{self, KubeAccess};
+use outrigger_control_plane::token_review::TokenReviewer;
 use outrigger_control_plane::{app, mesh::Mesh};
 use outrigger_core::duration::duration_arg;
 use outrigger_core::spiffe::SpiffeId;
@@ -63,9 +65,9 @@ enum Command {
         )]
         kube_ca_file: PathBuf,
         /// Also take services from the cluster (`--kube-api`): Services, EndpointSlices and
-        /// the Pods behind them, listed at this interval and folded into the mesh file.
-        #[arg(long, value_parser = duration_arg)]
-        kube_services: Option<std::time::Duration>,
+        /// the Pods behind them, watched and folded into the mesh file.
+        #[arg(long)]
+        kube_services: bool,
         /// Serve the sidecar-injecting admission webhook (HTTPS, `POST /inject`) here.
         #[arg(long)]
         webhook: Option<SocketAddr>,
@@ -257,26 +259,32 @@ fn main() -> ExitCode {
             sidecar,
             kube_services,
         } => {
-            if kube_services.is_some() && kube_api.is_none() {
+            if kube_services && kube_api.is_none() {
                 eprintln!("--kube-services needs --kube-api");
                 return ExitCode::FAILURE;
             }
-            let token_review = match kube_api {
-                None => None,
-                Some(api) => match token_reviewer(&api, &kube_token_file, &kube_ca_file) {
-                    Ok(r) => Some(std::sync::Arc::new(r)),
-                    Err(e) => {
-                        eprintln!("{e}");
-                        return ExitCode::FAILURE;
-                    }
-                },
-            };
+            let kube_access = kube_api.map(|url| KubeAccess {
+                url,
+                token_file: kube_token_file,
+                ca_file: kube_ca_file,
+            });
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             if workers > 0 {
                 builder.worker_threads(workers);
             }
             let rt = builder.enable_all().build().expect("tokio runtime");
             rt.block_on(async move {
+                // The client's connection pool lives on the runtime, so it is made here.
+                let kube = match kube_access.as_ref().map(kube_client::client).transpose() {
+                    Ok(kube) => kube,
+                    Err(e) => {
+                        eprintln!("serve: {e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                let token_review = kube
+                    .clone()
+                    .map(|kube| std::sync::Arc::new(TokenReviewer::new(kube.client)));
                 let options = app::Options {
                     mesh_path: mesh,
                     xds_address: xds,
@@ -285,13 +293,13 @@ fn main() -> ExitCode {
                         ca_dir: ca,
                         cert_lifetime,
                         secure_xds_address: secure_xds,
-                        token_review: token_review.clone(),
+                        token_review,
                     },
                 };
                 match app::start(options).await {
                     Ok(cp) => {
-                        if let (Some(interval), Some(reviewer)) = (kube_services, &token_review) {
-                            cp.watch_cluster(reviewer.api(), interval);
+                        if let (true, Some(client)) = (kube_services, kube) {
+                            cp.watch_cluster(client);
                         }
                         if let Some(address) = webhook {
                             let ca = cp.ca.load_full();
@@ -338,8 +346,6 @@ enum CliError {
     Spiffe(#[from] outrigger_core::spiffe::SpiffeError),
     #[error(transparent)]
     Ca(#[from] outrigger_control_plane::ca::CaError),
-    #[error("the token review client: {0}")]
-    TokenReview(String),
 }
 
 fn file_error(path: &Path) -> impl FnOnce(std::io::Error) -> CliError + '_ {
@@ -368,17 +374,6 @@ fn issue(
     outrigger_control_plane::ca::write_private(&key_path, key.as_bytes())
         .map_err(file_error(&key_path))?;
     write("bundle.pem", ca.bundle_pem())
-}
-
-fn token_reviewer(
-    api: &str,
-    token_file: &Path,
-    ca_file: &Path,
-) -> Result<outrigger_control_plane::token_review::TokenReviewer, CliError> {
-    let token = std::fs::read_to_string(token_file).map_err(file_error(token_file))?;
-    let ca = std::fs::read(ca_file).map_err(file_error(ca_file))?;
-    outrigger_control_plane::token_review::TokenReviewer::new(api, token.trim().to_string(), &ca)
-        .map_err(CliError::TokenReview)
 }
 
 /// SIGTERM (what Kubernetes sends) or Ctrl-C.

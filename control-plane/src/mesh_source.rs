@@ -12,6 +12,7 @@ use arc_swap::ArcSwapOption;
 use outrigger_core::config_error::ConfigError;
 
 use crate::cluster_source::merge;
+use crate::cluster_watch::ClusterHealth;
 use crate::mesh::{Mesh, Service};
 use crate::snapshot::Publisher;
 
@@ -24,9 +25,8 @@ pub struct MeshSource {
     pub path: PathBuf,
     pub publisher: Arc<Publisher>,
     state: Mutex<State>,
-    /// Why the last cluster listing failed (cleared by a good one), and how often it has.
-    pub cluster_error: ArcSwapOption<String>,
-    pub cluster_failures: AtomicU64,
+    /// How the cluster's watches are doing.
+    pub cluster_health: Arc<ClusterHealth>,
     pub last_error: ArcSwapOption<ConfigError>,
     pub rejections: AtomicU64,
 }
@@ -47,8 +47,7 @@ impl MeshSource {
             path,
             publisher,
             state: Mutex::default(),
-            cluster_error: ArcSwapOption::empty(),
-            cluster_failures: AtomicU64::new(0),
+            cluster_health: Arc::default(),
             last_error: ArcSwapOption::empty(),
             rejections: AtomicU64::new(0),
         }

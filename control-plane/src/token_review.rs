@@ -4,15 +4,14 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use outrigger_core::token_bucket::RateLimiter;
 
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use kube::api::{Api, PostParams};
 use outrigger_core::spiffe::SpiffeId;
-use serde_json::{Value, json};
-
-use crate::kube_api::KubeApi;
 
 /// The audience projected tokens must be minted for.
 pub const AUDIENCE: &str = "outrigger";
@@ -37,21 +36,21 @@ const CALLERS: usize = 4096;
 type Cached = (Instant, Result<SpiffeId, String>);
 
 pub struct TokenReviewer {
-    api: Arc<KubeApi>,
+    api: Api<TokenReview>,
     cache: Mutex<HashMap<String, Cached>>,
     limiter: RateLimiter,
     callers: Mutex<HashMap<IpAddr, RateLimiter>>,
 }
 
 impl TokenReviewer {
-    /// `api` is `https://host:port`; `ca_pem` verifies the API server.
-    pub fn new(api: &str, bearer: String, ca_pem: &[u8]) -> Result<TokenReviewer, String> {
-        Ok(TokenReviewer {
-            api: Arc::new(KubeApi::new(api, bearer, ca_pem)?),
+    /// Reviews through `client`, the control plane's own.
+    pub fn new(client: kube::Client) -> TokenReviewer {
+        TokenReviewer {
+            api: Api::all(client),
             cache: Mutex::default(),
             limiter: RateLimiter::new(REVIEWS_PER_SECOND, REVIEW_BURST),
             callers: Mutex::default(),
-        })
+        }
     }
 
     /// `review`, answered from a short cache, and refused without asking once too many
@@ -103,33 +102,33 @@ impl TokenReviewer {
         answer
     }
 
-    /// The same API server, for the cluster's Services and endpoints.
-    pub fn api(&self) -> Arc<KubeApi> {
-        self.api.clone()
-    }
-
     /// The identity `token` proves, or why it proves none.
     pub async fn review(&self, token: &str, trust_domain: &str) -> Result<SpiffeId, String> {
-        let body = json!({
-            "apiVersion": "authentication.k8s.io/v1",
-            "kind": "TokenReview",
-            "spec": {"token": token, "audiences": [AUDIENCE]},
-        });
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_string()),
+                audiences: Some(vec![AUDIENCE.to_string()]),
+            },
+            ..Default::default()
+        };
         let answer = self
             .api
-            .post("/apis/authentication.k8s.io/v1/tokenreviews", &body)
-            .await?;
-        let status = &answer["status"];
-        if status["authenticated"] != Value::Bool(true) {
-            let why = status["error"].as_str().unwrap_or("not authenticated");
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| format!("the TokenReview failed: {e}"))?;
+        let status = answer.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            let why = status.error.as_deref().unwrap_or("not authenticated");
             return Err(format!("the API server refused the token: {why}"));
         }
         // An API server that does not say which audiences it checked has not checked ours.
-        let audiences = status["audiences"].as_array();
-        if !audiences.is_some_and(|a| a.iter().any(|v| v == AUDIENCE)) {
+        if !status
+            .audiences
+            .is_some_and(|a| a.iter().any(|v| v == AUDIENCE))
+        {
             return Err(format!("the token is not for audience `{AUDIENCE}`"));
         }
-        let user = status["user"]["username"].as_str().unwrap_or_default();
+        let user = status.user.and_then(|u| u.username).unwrap_or_default();
         match user.split(':').collect::<Vec<_>>().as_slice() {
             ["system", "serviceaccount", ns, sa] if !ns.is_empty() && !sa.is_empty() => {
                 Ok(SpiffeId::new(trust_domain, ns, sa))

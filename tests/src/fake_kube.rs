@@ -1,27 +1,52 @@
-//! A Kubernetes API server for tests: real TLS with a self-signed `localhost` certificate, a
-//! bearer token it checks, and JSON answers from a handler the test supplies.
+//! A Kubernetes API server for tests, speaking the real protocol over real TLS (a self-signed
+//! `localhost` certificate) to clients that present its bearer token:
+//!
+//! - **list**: `GET /api/v1/services?limit=500`, paginated with `continue`, each list
+//!   stamped with the store's `resourceVersion`;
+//! - **watch**: `GET ...?watch=true&resourceVersion=N`, a chunked stream of one JSON event
+//!   per line (`ADDED`, `MODIFIED`, `DELETED`, `BOOKMARK` when asked for), replaying what
+//!   happened after `N`, or `ERROR` with code 410 when `N` is older than what the store
+//!   still remembers (`compact`);
+//! - **faults**: a failing API server (`fail`), and dropped watch connections (`drop_watches`);
+//! - anything else (TokenReview) goes to a handler the test supplies.
+//!
+//! Objects are JSON trees in their wire form; any kind works, its collection being the
+//! lowercase plural of its kind under its group and version.
 
+use std::collections::BTreeMap;
+use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use futures_util::StreamExt;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use outrigger_control_plane::kube_client::KubeAccess;
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls_pki_types::pem::PemObject;
-use serde_json::Value;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
 
 /// `(method, path and query, request body)` → `(status, response body)`.
 pub type Handler = dyn Fn(&str, &str, Value) -> (u16, Value) + Send + Sync;
+
+type Body = BoxBody<Bytes, std::io::Error>;
 
 pub struct FakeApiServer {
     pub addr: SocketAddr,
     /// The CA a client must trust: the server's own certificate.
     pub ca_pem: String,
+    /// The objects it serves and the watches open on them.
+    pub cluster: Arc<FakeCluster>,
+    bearer: &'static str,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl FakeApiServer {
-    /// Answers requests carrying `Bearer <bearer>` with `handler`, others with 401.
+    /// Serves `cluster` to requests carrying `Bearer <bearer>`, other requests that carry it
+    /// with `handler`, and refuses the rest with 401.
     pub async fn start(bearer: &'static str, handler: Arc<Handler>) -> FakeApiServer {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let cert = CertificateParams::new(vec!["localhost".to_string()])
@@ -41,41 +66,24 @@ impl FakeApiServer {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let cluster = Arc::new(FakeCluster::default());
+        let served = cluster.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
-                let (acceptor, handler) = (acceptor.clone(), handler.clone());
+                let (acceptor, handler, cluster) =
+                    (acceptor.clone(), handler.clone(), served.clone());
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(tcp).await else {
                         return;
                     };
                     let svc = hyper::service::service_fn(
                         move |req: http::Request<hyper::body::Incoming>| {
-                            let handler = handler.clone();
+                            let (handler, cluster) = (handler.clone(), cluster.clone());
                             async move {
-                                let authorized = req
-                                    .headers()
-                                    .get("authorization")
-                                    .and_then(|v| v.to_str().ok())
-                                    == Some(&format!("Bearer {bearer}"));
-                                let method = req.method().to_string();
-                                let path = req
-                                    .uri()
-                                    .path_and_query()
-                                    .map_or("/".into(), |p| p.to_string());
-                                let body = req.into_body().collect().await.unwrap().to_bytes();
-                                let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                                let (status, answer) = if authorized {
-                                    handler(&method, &path, body)
-                                } else {
-                                    (401, serde_json::json!({"kind": "Status", "code": 401}))
-                                };
-                                let mut resp =
-                                    http::Response::new(Full::new(Bytes::from(answer.to_string())));
-                                *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
-                                Ok::<_, std::convert::Infallible>(resp)
+                                Ok::<_, Infallible>(answer(req, bearer, &*handler, &cluster).await)
                             }
                         },
                     );
@@ -88,13 +96,43 @@ impl FakeApiServer {
         FakeApiServer {
             addr,
             ca_pem: cert.pem(),
+            cluster,
+            bearer,
             task,
         }
+    }
+
+    /// An API server that only serves its cluster.
+    pub async fn empty(bearer: &'static str) -> FakeApiServer {
+        Self::start(
+            bearer,
+            Arc::new(|_: &str, _: &str, _: Value| (404, status(404, "NotFound", "not found"))),
+        )
+        .await
     }
 
     /// The URL a client uses: the certificate names `localhost`.
     pub fn url(&self) -> String {
         format!("https://localhost:{}", self.addr.port())
+    }
+
+    /// What the control plane needs to reach this server: its token and CA, written to files
+    /// as a pod's service account would have them.
+    pub fn access(&self) -> KubeAccess {
+        let token_file = crate::temp_path("kube-token");
+        let ca_file = crate::temp_path("kube-ca.crt");
+        std::fs::write(&token_file, self.bearer).unwrap();
+        std::fs::write(&ca_file, &self.ca_pem).unwrap();
+        KubeAccess {
+            url: self.url(),
+            token_file,
+            ca_file,
+        }
+    }
+
+    /// A client of this server, as the control plane makes one.
+    pub fn client(&self) -> outrigger_control_plane::kube_client::KubeClient {
+        outrigger_control_plane::kube_client::client(&self.access()).unwrap()
     }
 }
 
@@ -102,4 +140,303 @@ impl Drop for FakeApiServer {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+fn json_response(code: u16, body: &Value) -> http::Response<Body> {
+    let mut resp = http::Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = http::StatusCode::from_u16(code).unwrap();
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+async fn answer(
+    req: http::Request<hyper::body::Incoming>,
+    bearer: &str,
+    handler: &Handler,
+    cluster: &FakeCluster,
+) -> http::Response<Body> {
+    let authorized = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        == Some(&format!("Bearer {bearer}"));
+    let method = req.method().to_string();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/".into(), |p| p.to_string());
+    if !authorized {
+        return json_response(401, &status(401, "Unauthorized", "Unauthorized"));
+    }
+    cluster.lock().requests.push(format!("{method} {path}"));
+    if let Some(failure) = cluster.lock().failing.clone() {
+        return json_response(500, &status(500, "InternalError", &failure));
+    }
+    if method == "GET"
+        && let Some(resp) = cluster.read(&path)
+    {
+        return resp;
+    }
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let (code, answer) = handler(&method, &path, body);
+    json_response(code, &answer)
+}
+
+/// The objects of a fake cluster, their history, and the watches open on them.
+#[derive(Default)]
+pub struct FakeCluster {
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The store's resourceVersion: bumped by every write.
+    version: u64,
+    /// Collection path → `(namespace, name)` → object.
+    objects: BTreeMap<String, BTreeMap<(String, String), Value>>,
+    /// Every event since the last compaction: `(version, collection, event)`.
+    history: Vec<(u64, String, Value)>,
+    /// Watches older than this get 410 Gone.
+    compacted: u64,
+    watches: Vec<(String, mpsc::UnboundedSender<Result<Bytes, std::io::Error>>)>,
+    failing: Option<String>,
+    requests: Vec<String>,
+}
+
+/// The collection an object belongs to: `/api/v1/services`, `/apis/g/v/kinds`.
+fn collection_of(obj: &Value) -> String {
+    let api_version = obj["apiVersion"]
+        .as_str()
+        .expect("an object has an apiVersion");
+    let kind = obj["kind"].as_str().expect("an object has a kind");
+    let plural = format!("{}s", kind.to_lowercase());
+    if api_version.contains('/') {
+        format!("/apis/{api_version}/{plural}")
+    } else {
+        format!("/api/{api_version}/{plural}")
+    }
+}
+
+fn key_of(obj: &Value) -> (String, String) {
+    let meta = &obj["metadata"];
+    let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    (s(&meta["namespace"]), s(&meta["name"]))
+}
+
+fn query(path: &str) -> (&str, BTreeMap<&str, &str>) {
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
+    let params = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .collect();
+    (path, params)
+}
+
+impl FakeCluster {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Creates or replaces `obj`, as `kubectl apply` would: watchers see ADDED or MODIFIED.
+    pub fn apply(&self, mut obj: Value) {
+        let mut state = self.lock();
+        state.version += 1;
+        let version = state.version;
+        obj["metadata"]["resourceVersion"] = json!(version.to_string());
+        let collection = collection_of(&obj);
+        let existed = state
+            .objects
+            .entry(collection.clone())
+            .or_default()
+            .insert(key_of(&obj), obj.clone())
+            .is_some();
+        let kind = if existed { "MODIFIED" } else { "ADDED" };
+        state.record(version, &collection, json!({"type": kind, "object": obj}));
+    }
+
+    /// Deletes the object `obj` names: watchers see DELETED.
+    pub fn delete(&self, obj: &Value) {
+        let mut state = self.lock();
+        let collection = collection_of(obj);
+        let Some(mut gone) = state
+            .objects
+            .get_mut(&collection)
+            .and_then(|c| c.remove(&key_of(obj)))
+        else {
+            return;
+        };
+        state.version += 1;
+        let version = state.version;
+        gone["metadata"]["resourceVersion"] = json!(version.to_string());
+        state.record(
+            version,
+            &collection,
+            json!({"type": "DELETED", "object": gone}),
+        );
+    }
+
+    /// Forgets the history so far, as etcd's compaction does: a watch resumed from before
+    /// now gets 410 Gone and must list again.
+    pub fn compact(&self) {
+        let mut state = self.lock();
+        state.compacted = state.version;
+        state.history.clear();
+    }
+
+    /// Cuts every open watch connection mid-stream.
+    pub fn drop_watches(&self) {
+        for (_, tx) in self.lock().watches.drain(..) {
+            let _ = tx.send(Err(std::io::Error::other("watch dropped")));
+        }
+    }
+
+    /// Sends a BOOKMARK with the current resourceVersion on every open watch.
+    pub fn bookmark(&self) {
+        let mut state = self.lock();
+        let version = state.version.to_string();
+        state.watches.retain(|(collection, tx)| {
+            let kind = collection.rsplit('/').next().unwrap_or_default();
+            let event = json!({"type": "BOOKMARK", "object": {
+                "kind": kind, "metadata": {"resourceVersion": version}}});
+            tx.send(Ok(line(&event))).is_ok()
+        });
+    }
+
+    /// Answers every request with 500 and `message` until called with `None`.
+    pub fn fail(&self, message: Option<&str>) {
+        self.lock().failing = message.map(str::to_string);
+    }
+
+    /// Every request received, as `METHOD path?query`.
+    pub fn requests(&self) -> Vec<String> {
+        self.lock().requests.clone()
+    }
+
+    /// Watches open now.
+    pub fn open_watches(&self) -> usize {
+        let mut state = self.lock();
+        state.watches.retain(|(_, tx)| !tx.is_closed());
+        state.watches.len()
+    }
+
+    /// A list or a watch, if `path` names a collection this cluster has.
+    fn read(&self, path: &str) -> Option<http::Response<Body>> {
+        let (path, params) = query(path);
+        let mut state = self.lock();
+        if params.get("watch") == Some(&"true") {
+            return Some(state.watch(path, &params));
+        }
+        let segments = path.split('/').filter(|s| !s.is_empty()).count();
+        let collection = (path.starts_with("/api/") && segments == 3)
+            || (path.starts_with("/apis/") && segments == 4);
+        if !collection {
+            return None;
+        }
+        let empty = BTreeMap::new();
+        let objects = state.objects.get(path).unwrap_or(&empty);
+        let offset: usize = params
+            .get("continue")
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let limit: usize = params
+            .get("limit")
+            .and_then(|l| l.parse().ok())
+            .unwrap_or(usize::MAX);
+        let items: Vec<Value> = objects
+            .values()
+            .skip(offset)
+            .take(limit)
+            .map(|o| {
+                // A list's items leave out their own kind and apiVersion, as the API does.
+                let mut o = o.clone();
+                let map = o.as_object_mut().unwrap();
+                map.shift_remove("kind");
+                map.shift_remove("apiVersion");
+                o
+            })
+            .collect();
+        let rest = objects.len().saturating_sub(offset + items.len());
+        let mut metadata = json!({"resourceVersion": state.version.to_string()});
+        if rest > 0 {
+            metadata["continue"] = json!((offset + items.len()).to_string());
+            metadata["remainingItemCount"] = json!(rest);
+        }
+        let kind = objects
+            .values()
+            .next()
+            .and_then(|o| o["kind"].as_str())
+            .map_or("List".to_string(), |k| format!("{k}List"));
+        Some(json_response(
+            200,
+            &json!({"kind": kind, "apiVersion": "v1", "metadata": metadata, "items": items}),
+        ))
+    }
+}
+
+impl State {
+    fn record(&mut self, version: u64, collection: &str, event: Value) {
+        let bytes = line(&event);
+        self.watches
+            .retain(|(c, tx)| c != collection || tx.send(Ok(bytes.clone())).is_ok());
+        self.history.push((version, collection.to_string(), event));
+    }
+
+    fn watch(&mut self, path: &str, params: &BTreeMap<&str, &str>) -> http::Response<Body> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let from: u64 = params
+            .get("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        if from == 0 {
+            // "Any version": the objects as they are now, each as ADDED.
+            for obj in self.objects.get(path).into_iter().flat_map(|o| o.values()) {
+                let _ = tx.send(Ok(line(&json!({"type": "ADDED", "object": obj}))));
+            }
+            self.watches.push((path.to_string(), tx));
+        } else if from < self.compacted {
+            // What the API server does: a 200 whose one event is the error, then the end.
+            let gone = status(
+                410,
+                "Expired",
+                &format!("too old resource version: {from} ({})", self.compacted),
+            );
+            let _ = tx.send(Ok(line(&json!({"type": "ERROR", "object": gone}))));
+        } else {
+            for (_, _, event) in self
+                .history
+                .iter()
+                .filter(|(v, c, _)| *v > from && c == path)
+            {
+                let _ = tx.send(Ok(line(event)));
+            }
+            self.watches.push((path.to_string(), tx));
+        }
+        let stream = tokio_stream::wrappers::UnboundedReceiverStream::new(rx)
+            .map(|chunk| chunk.map(Frame::data));
+        let mut resp = http::Response::new(BodyExt::boxed(StreamBody::new(stream)));
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        resp
+    }
+}
+
+fn line(event: &Value) -> Bytes {
+    let mut text = event.to_string();
+    text.push('\n');
+    Bytes::from(text)
 }

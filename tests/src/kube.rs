@@ -76,6 +76,7 @@ pub fn assert_typed(obj: &Value) {
         "CronJob" => round_trip::<batch::CronJob>(obj),
         "Pod" => round_trip::<core::Pod>(obj),
         "Service" => round_trip::<core::Service>(obj),
+        "EndpointSlice" => round_trip::<k8s_openapi::api::discovery::v1::EndpointSlice>(obj),
         "ConfigMap" => round_trip::<core::ConfigMap>(obj),
         "Secret" => round_trip::<core::Secret>(obj),
         "Namespace" => round_trip::<core::Namespace>(obj),

@@ -1,70 +1,75 @@
-//! Services from the cluster: a Kubernetes API server (fake, over real TLS) lists Services,
-//! EndpointSlices and Pods; the control plane folds them into the mesh file, and a proxy on
-//! xDS routes by the Service's DNS names and VIP to the ready endpoints, following them as
-//! they move, and keeps serving while the API server fails.
+//! Services from the cluster: a Kubernetes API server (fake, over real TLS, speaking the real
+//! list/watch protocol) holds Services, EndpointSlices and Pods; the control plane watches
+//! them and folds them into the mesh file, and a proxy on xDS routes by the Service's DNS
+//! names and VIP to the ready endpoints, following them as they move. Watches that drop are
+//! resumed, a `410 Gone` lists again, and a failing API server leaves the last view serving.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use outrigger_control_plane::app;
-use outrigger_control_plane::kube_api::KubeApi;
+use outrigger_control_plane::app::{self, ControlPlane};
 use outrigger_tests::clients::{TestClient, get};
 use outrigger_tests::fake_kube::FakeApiServer;
+use outrigger_tests::kube::{assert_typed, yaml_documents};
 use outrigger_tests::{TestProxy, eventually, metric, temp_path, upstreams};
-use serde_json::{Value, json};
+use serde_json::Value;
 
-/// The cluster as the API server lists it: `catalog` (also in the mesh file, with a retry
-/// policy but no endpoints) and `ledger` (only in the cluster).
-struct Cluster {
-    catalog_endpoint: SocketAddr,
-    ledger_endpoint: SocketAddr,
-    failing: bool,
-    /// Requests answered with an error.
-    failed: u32,
+/// `catalog` (also in the mesh file, with a retry policy but no endpoints) and `ledger`
+/// (only in the cluster), and the pod behind `catalog`.
+const CLUSTER: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: catalog, namespace: shop}
+spec:
+  clusterIP: 10.96.0.50
+  clusterIPs: [10.96.0.50]
+  ports: [{name: http, port: 80, targetPort: 9090, protocol: TCP}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ledger, namespace: shop}
+spec:
+  clusterIP: 10.96.0.51
+  ports: [{name: http, port: 80, protocol: TCP}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: catalog-1, namespace: shop}
+spec:
+  serviceAccountName: catalog-sa
+  containers: [{name: app, image: "catalog:1"}]
+"#;
+
+/// `service`'s EndpointSlice: `endpoint` ready, and one more address that is not.
+fn slice(service: &str, endpoint: SocketAddr) -> Value {
+    let yaml = format!(
+        r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {service}-x1
+  namespace: shop
+  labels: {{kubernetes.io/service-name: {service}}}
+addressType: IPv4
+ports: [{{name: http, port: {port}, protocol: TCP}}]
+endpoints:
+  - addresses: ["{ip}"]
+    conditions: {{ready: true}}
+    targetRef: {{kind: Pod, name: {service}-1, namespace: shop}}
+  - addresses: [127.0.0.9]
+    conditions: {{ready: false}}
+"#,
+        port = endpoint.port(),
+        ip = endpoint.ip()
+    );
+    typed(&yaml).remove(0)
 }
 
-fn slice(service: &str, endpoint: SocketAddr, extra_not_ready: &str) -> Value {
-    json!({"metadata": {"name": format!("{service}-x1"), "namespace": "shop",
-                        "labels": {"kubernetes.io/service-name": service}},
-           "addressType": "IPv4",
-           "ports": [{"name": "http", "port": endpoint.port(), "protocol": "TCP"}],
-           "endpoints": [
-               {"addresses": [endpoint.ip().to_string()], "conditions": {"ready": true},
-                "targetRef": {"kind": "Pod", "name": format!("{service}-1"), "namespace": "shop"}},
-               {"addresses": [extra_not_ready], "conditions": {"ready": false}}]})
-}
-
-fn answer(cluster: &mut Cluster, path: &str) -> (u16, Value) {
-    if cluster.failing {
-        cluster.failed += 1;
-        return (500, json!({"kind": "Status", "message": "etcd is down"}));
-    }
-    match path {
-        "/api/v1/services" => (
-            200,
-            json!({"kind": "ServiceList", "apiVersion": "v1", "items": [
-            {"metadata": {"name": "catalog", "namespace": "shop"},
-             "spec": {"clusterIP": "10.96.0.50", "clusterIPs": ["10.96.0.50"],
-                      "ports": [{"name": "http", "port": 80, "targetPort": 9090, "protocol": "TCP"}]}},
-            {"metadata": {"name": "ledger", "namespace": "shop"},
-             "spec": {"clusterIP": "10.96.0.51",
-                      "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}}]}),
-        ),
-        "/apis/discovery.k8s.io/v1/endpointslices" => (
-            200,
-            json!({"kind": "EndpointSliceList", "items": [
-            slice("catalog", cluster.catalog_endpoint, "127.0.0.9"),
-            slice("ledger", cluster.ledger_endpoint, "127.0.0.9")]}),
-        ),
-        "/api/v1/pods" => (
-            200,
-            json!({"kind": "PodList", "items": [
-            {"metadata": {"name": "catalog-1", "namespace": "shop"},
-             "spec": {"serviceAccountName": "catalog-sa"}}]}),
-        ),
-        _ => (404, json!({"kind": "Status", "code": 404})),
-    }
+/// The documents of `yaml`, each checked against its typed Kubernetes object.
+fn typed(yaml: &str) -> Vec<Value> {
+    let docs = yaml_documents(yaml);
+    docs.iter().for_each(assert_typed);
+    docs
 }
 
 const MESH: &str = r#"services:
@@ -74,44 +79,28 @@ const MESH: &str = r#"services:
       retry: {attempts: 2, on: [gateway-error]}
 "#;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cluster_services_reach_the_proxy_and_follow_their_endpoints() {
-    let (catalog_v1, catalog_v2, ledger) = (
-        upstreams::http("catalog-v1").await,
-        upstreams::http("catalog-v2").await,
-        upstreams::http("ledger").await,
-    );
-    let cluster = Arc::new(Mutex::new(Cluster {
-        catalog_endpoint: catalog_v1.addr,
-        ledger_endpoint: ledger.addr,
-        failing: false,
-        failed: 0,
-    }));
-    let api = {
-        let cluster = cluster.clone();
-        FakeApiServer::start(
-            "cp-token",
-            Arc::new(move |_: &str, path: &str, _: Value| {
-                answer(&mut cluster.lock().unwrap(), path)
-            }),
-        )
-        .await
-    };
-    let mesh = temp_path("mesh.yaml");
-    std::fs::write(&mesh, MESH).unwrap();
-    let cp = app::start(app::Options {
-        mesh_path: mesh,
-        xds_address: "127.0.0.1:0".parse().unwrap(),
-        admin_address: "127.0.0.1:0".parse().unwrap(),
-        identity: Default::default(),
-    })
-    .await
-    .unwrap();
-    let kube = KubeApi::new(&api.url(), "cp-token".into(), api.ca_pem.as_bytes()).unwrap();
-    cp.watch_cluster(Arc::new(kube), Duration::from_millis(100));
+/// A control plane watching `api`, and a proxy following it.
+struct Mesh {
+    cp: ControlPlane,
+    client: TestClient,
+    _proxy: TestProxy,
+}
 
-    let proxy = TestProxy::start(&format!(
-        r#"admin:
+impl Mesh {
+    async fn start(api: &FakeApiServer) -> Mesh {
+        let mesh = temp_path("mesh.yaml");
+        std::fs::write(&mesh, MESH).unwrap();
+        let cp = app::start(app::Options {
+            mesh_path: mesh,
+            xds_address: "127.0.0.1:0".parse().unwrap(),
+            admin_address: "127.0.0.1:0".parse().unwrap(),
+            identity: Default::default(),
+        })
+        .await
+        .unwrap();
+        cp.watch_cluster(api.client());
+        let proxy = TestProxy::start(&format!(
+            r#"admin:
   address: 127.0.0.1:0
 xds:
   address: "{}"
@@ -123,32 +112,73 @@ listeners:
     direction: outbound
     rds: outbound
 "#,
-        cp.xds_addr
-    ))
-    .await;
-    let client = TestClient::http1(proxy.addr("outbound"));
-    let body_for = |host: &'static str| {
-        let client = client.clone();
-        async move { client.get(host, "/").await.ok().map(|r| r.body) }
-    };
+            cp.xds_addr
+        ))
+        .await;
+        let client = TestClient::http1(proxy.addr("outbound"));
+        Mesh {
+            cp,
+            client,
+            _proxy: proxy,
+        }
+    }
+
+    async fn body(&self, host: &str) -> Option<String> {
+        self.client.get(host, "/").await.ok().map(|r| r.body)
+    }
+
+    /// Waits until `host` answers with `body`.
+    async fn routes(&self, host: &str, body: &str, within: Duration) {
+        eventually(&format!("{host} answers {body}"), within, || async {
+            (self.body(host).await.as_deref() == Some(body)).then_some(())
+        })
+        .await;
+    }
+
+    async fn status(&self) -> Value {
+        serde_json::from_str(&get(self.cp.admin_addr, "/status").await.body).unwrap()
+    }
+}
+
+/// Lists (not watches) made so far.
+fn lists(api: &FakeApiServer) -> usize {
+    api.cluster
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("GET ") && !r.contains("watch=true"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_services_reach_the_proxy_and_follow_their_endpoints() {
+    let (catalog_v1, catalog_v2, ledger) = (
+        upstreams::http("catalog-v1").await,
+        upstreams::http("catalog-v2").await,
+        upstreams::http("ledger").await,
+    );
+    let api = FakeApiServer::empty("cp-token").await;
+    for obj in typed(CLUSTER) {
+        api.cluster.apply(obj);
+    }
+    api.cluster.apply(slice("catalog", catalog_v1.addr));
+    api.cluster.apply(slice("ledger", ledger.addr));
+    let mesh = Mesh::start(&api).await;
+
     // The file's service, with its endpoints from the cluster, by DNS name and by VIP.
-    eventually(
-        "catalog routes to its ready endpoint",
+    mesh.routes(
+        "catalog.shop.svc.cluster.local",
+        "catalog-v1",
         Duration::from_secs(10),
-        || async {
-            (body_for("catalog.shop.svc.cluster.local").await.as_deref() == Some("catalog-v1"))
-                .then_some(())
-        },
     )
     .await;
     assert_eq!(
-        body_for("10.96.0.50:80").await.as_deref(),
+        mesh.body("10.96.0.50:80").await.as_deref(),
         Some("catalog-v1")
     );
     // A service only the cluster knows.
-    assert_eq!(body_for("ledger.shop").await.as_deref(), Some("ledger"));
+    assert_eq!(mesh.body("ledger.shop").await.as_deref(), Some("ledger"));
     // The mesh file's policy and the pods' identity are both there.
-    let snapshot = cp.publisher.current();
+    let snapshot = mesh.cp.publisher.current();
     let catalog = &snapshot.mesh.as_ref().unwrap().services["catalog.shop"];
     assert!(catalog.policy.retry.is_some());
     assert_eq!(
@@ -160,47 +190,148 @@ listeners:
         1,
         "the not-ready endpoint is left out"
     );
+    assert_eq!(mesh.status().await["cluster"]["synced"], true);
 
-    // The API server fails: the last view keeps serving.
-    cluster.lock().unwrap().failing = true;
-    let version = cp.publisher.current().mesh_version;
-    eventually(
-        "the control plane lists a failing API server",
-        Duration::from_secs(10),
-        || async { (cluster.lock().unwrap().failed >= 6).then_some(()) },
-    )
-    .await;
-    for _ in 0..5 {
-        assert_eq!(
-            body_for("catalog.shop").await.as_deref(),
-            Some("catalog-v1")
-        );
-    }
-    assert_eq!(cp.publisher.current().mesh_version, version);
-    // The failure is visible: in /status with the API server's words, and in a metric.
-    let status = get(cp.admin_addr, "/status").await.body;
-    assert!(status.contains("etcd is down"), "{status}");
-    let metrics = get(cp.admin_addr, "/metrics").await.body;
-    assert!(
-        metric(&metrics, "outrigger_cp_cluster_list_failures_total") >= 2,
-        "{metrics}"
-    );
-
-    // The pod moves: the proxy follows.
-    {
-        let mut c = cluster.lock().unwrap();
-        c.failing = false;
-        c.catalog_endpoint = catalog_v2.addr;
-    }
-    eventually(
-        "catalog follows its endpoint",
+    // The API server fails and its watches drop: the last view keeps serving.
+    api.cluster.fail(Some("etcd is down"));
+    api.cluster.drop_watches();
+    let version = mesh.cp.publisher.current().mesh_version;
+    let status = eventually(
+        "the failure shows on /status",
         Duration::from_secs(10),
         || async {
-            (body_for("catalog.shop").await.as_deref() == Some("catalog-v2")).then_some(())
+            let status = mesh.status().await;
+            status["cluster"]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("etcd is down"))
+                .then_some(status)
         },
     )
     .await;
-    let status: Value = serde_json::from_str(&get(cp.admin_addr, "/status").await.body).unwrap();
-    assert_eq!(status["cluster"]["last_error"], Value::Null);
+    assert!(
+        status["cluster"]["errors"]["Service"].is_string(),
+        "{status}"
+    );
+    for _ in 0..5 {
+        assert_eq!(
+            mesh.body("catalog.shop").await.as_deref(),
+            Some("catalog-v1")
+        );
+    }
+    assert_eq!(mesh.cp.publisher.current().mesh_version, version);
+    let metrics = get(mesh.cp.admin_addr, "/metrics").await.body;
+    assert!(
+        metric(&metrics, "outrigger_cp_cluster_watch_errors_total") >= 1,
+        "{metrics}"
+    );
+
+    // It recovers, and the pod moves: the proxy follows.
+    api.cluster.fail(None);
+    api.cluster.apply(slice("catalog", catalog_v2.addr));
+    mesh.routes("catalog.shop", "catalog-v2", Duration::from_secs(60))
+        .await;
+    let status = eventually("the error clears", Duration::from_secs(10), || async {
+        let status = mesh.status().await;
+        status["cluster"]["last_error"].is_null().then_some(status)
+    })
+    .await;
     assert_eq!(status["cluster"]["services"], 2);
+
+    // A Service that goes away leaves the mesh.
+    api.cluster.delete(&typed(CLUSTER)[1]);
+    eventually(
+        "ledger leaves the mesh",
+        Duration::from_secs(10),
+        || async { (mesh.status().await["cluster"]["services"] == 1).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_resume_after_a_drop_and_list_again_after_410_gone() {
+    let (v1, v2, v3) = (
+        upstreams::http("catalog-v1").await,
+        upstreams::http("catalog-v2").await,
+        upstreams::http("catalog-v3").await,
+    );
+    let api = FakeApiServer::empty("cp-token").await;
+    for obj in typed(CLUSTER) {
+        api.cluster.apply(obj);
+    }
+    api.cluster.apply(slice("catalog", v1.addr));
+    let mesh = Mesh::start(&api).await;
+    mesh.routes("catalog.shop", "catalog-v1", Duration::from_secs(10))
+        .await;
+    eventually(
+        "three watches are open",
+        Duration::from_secs(10),
+        || async { (api.cluster.open_watches() == 3).then_some(()) },
+    )
+    .await;
+    let listed = lists(&api);
+
+    // Bookmarks and changes come over the open watches: no list.
+    api.cluster.bookmark();
+    api.cluster.apply(slice("catalog", v2.addr));
+    mesh.routes("catalog.shop", "catalog-v2", Duration::from_secs(10))
+        .await;
+    assert_eq!(lists(&api), listed, "{:#?}", api.cluster.requests());
+
+    // A dropped watch is resumed from where it was, and what happened meanwhile arrives.
+    api.cluster.drop_watches();
+    api.cluster.apply(slice("catalog", v3.addr));
+    mesh.routes("catalog.shop", "catalog-v3", Duration::from_secs(10))
+        .await;
+    assert_eq!(lists(&api), listed, "a resumed watch needs no list");
+
+    // The history is compacted while the watches are down: 410 Gone, and a new list.
+    api.cluster.compact();
+    api.cluster.drop_watches();
+    api.cluster.apply(slice("catalog", v1.addr));
+    api.cluster.compact();
+    mesh.routes("catalog.shop", "catalog-v1", Duration::from_secs(10))
+        .await;
+    assert!(lists(&api) > listed, "{:#?}", api.cluster.requests());
+    // What the control plane asked for, in the protocol's terms.
+    let requests = api.cluster.requests();
+    assert!(
+        requests.iter().any(|r| r.contains("watch=true")
+            && r.contains("allowWatchBookmarks=true")
+            && r.contains("resourceVersion=")),
+        "{requests:#?}"
+    );
+    assert!(
+        requests.iter().any(|r| r.contains("limit=500")),
+        "{requests:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_change_reaches_the_proxy_within_half_a_second() {
+    let (v1, v2) = (
+        upstreams::http("catalog-v1").await,
+        upstreams::http("catalog-v2").await,
+    );
+    let api = FakeApiServer::empty("cp-token").await;
+    for obj in typed(CLUSTER) {
+        api.cluster.apply(obj);
+    }
+    api.cluster.apply(slice("catalog", v1.addr));
+    let mesh = Mesh::start(&api).await;
+    mesh.routes("catalog.shop", "catalog-v1", Duration::from_secs(10))
+        .await;
+    eventually(
+        "three watches are open",
+        Duration::from_secs(10),
+        || async { (api.cluster.open_watches() == 3).then_some(()) },
+    )
+    .await;
+    let moved = Instant::now();
+    api.cluster.apply(slice("catalog", v2.addr));
+    mesh.routes("catalog.shop", "catalog-v2", Duration::from_millis(500))
+        .await;
+    eprintln!(
+        "the endpoint change reached the proxy in {:?}",
+        moved.elapsed()
+    );
 }

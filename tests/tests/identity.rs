@@ -453,8 +453,7 @@ async fn fake_api_server() -> FakeApiServer {
 async fn in_kubernetes_a_service_account_token_is_checked_with_a_token_review() {
     use outrigger_control_plane::token_review::TokenReviewer;
     let api = fake_api_server().await;
-    let reviewer =
-        TokenReviewer::new(&api.url(), "cp-token".into(), api.ca_pem.as_bytes()).unwrap();
+    let reviewer = TokenReviewer::new(api.client().client);
     let path = temp_path("mesh.yaml");
     std::fs::write(&path, MESH).unwrap();
     let cp = app::start(app::Options {

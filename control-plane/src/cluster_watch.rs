@@ -1,0 +1,173 @@
+//! The cluster, watched: one kube-rs reflector per kind (Services, EndpointSlices, Pods)
+//! keeps a local copy of what the API server holds, and every change to any of them
+//! recomputes the mesh's view of the cluster (`cluster_source::services_from`).
+//!
+//! ```text
+//! API server ──list once, then watch──► reflector stores ──change──► services_from ──► MeshSource
+//!      └─ watch dropped: resumed from the last resourceVersion; 410 Gone: listed again
+//! ```
+//!
+//! A failing API server keeps the last view: the stores are only replaced by a complete new
+//! listing. Each kind's last error is on `/status` and every error counts in a metric.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, PodSpec, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::Api;
+use kube::runtime::reflector::{self, Store, store::Writer};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::{WatchStreamExt, reflector::reflector};
+use serde::de::DeserializeOwned;
+use tokio::sync::Notify;
+
+use crate::cluster_source::{INJECTED, services_from};
+use crate::kube_client::{ApiCalls, KubeClient};
+use crate::mesh_source::MeshSource;
+
+/// Changes that arrive this close together are folded into one recomputation: a rollout
+/// moves many endpoints at once.
+const COALESCE: Duration = Duration::from_millis(20);
+
+/// How the watches are doing, for `/status` and `/metrics`.
+#[derive(Default)]
+pub struct ClusterHealth {
+    /// Each kind's last error: its collection's path, the error and when it came.
+    errors: Mutex<BTreeMap<&'static str, (String, String, Instant)>>,
+    /// Errors seen from the API server since start, all kinds together.
+    pub errors_total: AtomicU64,
+    /// Every kind has been listed once: the view is the cluster's, not a partial one.
+    pub synced: AtomicBool,
+    /// The client's requests, once the cluster is watched.
+    pub calls: OnceLock<Arc<ApiCalls>>,
+}
+
+impl ClusterHealth {
+    fn failed(&self, kind: &'static str, path: &str, error: String) {
+        self.errors_total.fetch_add(1, Ordering::Relaxed);
+        self.lock()
+            .insert(kind, (path.to_string(), error, Instant::now()));
+    }
+
+    /// Each failing kind with its last error: one its collection has not answered well
+    /// since.
+    pub fn errors(&self) -> BTreeMap<&'static str, String> {
+        let calls = self.calls.get();
+        self.lock()
+            .iter()
+            .filter(|(_, (path, _, at))| {
+                calls
+                    .and_then(|c| c.answered(path))
+                    .is_none_or(|ok| ok < *at)
+            })
+            .map(|(kind, (_, error, _))| (*kind, error.clone()))
+            .collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, (String, String, Instant)>> {
+        self.errors.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Watches the cluster through `client` for as long as the process runs, folding it into
+/// `source`.
+pub fn spawn(kube: KubeClient, source: Arc<MeshSource>, trust_domain: String) {
+    let changed = Arc::new(Notify::new());
+    let health = source.cluster_health.clone();
+    let _ = health.calls.set(kube.calls);
+    let client = kube.client;
+    let watch = |kind| Watch {
+        kind,
+        changed: changed.clone(),
+        health: health.clone(),
+    };
+    let services = watch("Service").start(Api::<Service>::all(client.clone()), |_| {});
+    let slices = watch("EndpointSlice").start(Api::<EndpointSlice>::all(client.clone()), |_| {});
+    let pods = watch("Pod").start(Api::<Pod>::all(client), strip_pod);
+    tokio::spawn(async move {
+        // Each fails only if its writer is gone, which ends its watch first.
+        let _ = tokio::join!(
+            services.wait_until_ready(),
+            slices.wait_until_ready(),
+            pods.wait_until_ready()
+        );
+        health.synced.store(true, Ordering::Relaxed);
+        loop {
+            let view = services_from(
+                &services.state(),
+                &slices.state(),
+                &pods.state(),
+                &trust_domain,
+            );
+            source.set_cluster(view);
+            changed.notified().await;
+            tokio::time::sleep(COALESCE).await;
+        }
+    });
+}
+
+/// A pod is kept only for who it runs as and whether it has the sidecar: a cluster's pods
+/// are its largest objects, and the store holds every one.
+fn strip_pod(pod: &mut Pod) {
+    let meta = &mut pod.metadata;
+    meta.managed_fields = None;
+    meta.labels = None;
+    meta.owner_references = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.retain(|k, _| k == INJECTED);
+    }
+    pod.spec = Some(PodSpec {
+        service_account_name: pod.spec.take().and_then(|s| s.service_account_name),
+        ..Default::default()
+    });
+    pod.status = None;
+}
+
+struct Watch {
+    kind: &'static str,
+    changed: Arc<Notify>,
+    health: Arc<ClusterHealth>,
+}
+
+impl Watch {
+    /// Runs a reflector for `api`'s kind, and returns its store.
+    fn start<K>(self, api: Api<K>, strip: fn(&mut K)) -> Store<K>
+    where
+        K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync,
+        K: 'static,
+    {
+        let (store, writer): (Store<K>, Writer<K>) = reflector::store();
+        let path = K::url_path(&(), None);
+        let events = watcher(api).modify(strip).default_backoff();
+        tokio::spawn(async move {
+            let mut events = std::pin::pin!(reflector(writer, events));
+            while let Some(event) = events.next().await {
+                match event {
+                    Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_)) => {
+                        self.changed.notify_one();
+                    }
+                    Ok(Event::Init | Event::InitApply(_)) => {}
+                    Err(e) => {
+                        tracing::warn!(kind = self.kind, error = %e, "watching the cluster failed; keeping its last view");
+                        let error = format!("{}s: {e}", self.kind);
+                        self.health.failed(self.kind, &path, error);
+                    }
+                }
+            }
+        });
+        store
+    }
+}
+
+/// A watcher with the defaults the mesh wants: bookmarks on, pages of 500.
+fn watcher<K>(api: Api<K>) -> impl futures_util::Stream<Item = watcher::Result<Event<K>>> + Send
+where
+    K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    watcher::watcher(api, watcher::Config::default())
+}
