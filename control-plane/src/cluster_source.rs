@@ -183,12 +183,26 @@ pub fn services_from(
     out
 }
 
-/// The port's `appProtocol`, as Kubernetes names them.
+/// The port's `appProtocol`, as Kubernetes names them; without one, its name (`grpc`,
+/// `grpc-web`, `h2c-api`: the prefix before the first `-`), as the convention most meshes
+/// follow; else HTTP/1.1, which the proxy upgrades where the client asks.
 fn protocol_of(port: &ServicePort) -> Protocol {
-    match port.app_protocol.as_deref().unwrap_or_default() {
-        "grpc" => Protocol::Grpc,
-        "kubernetes.io/h2c" | "http2" => Protocol::Http2,
-        _ => Protocol::Http,
+    let named = || {
+        let name = port.name.as_deref().unwrap_or_default();
+        name.split('-')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase()
+    };
+    match port.app_protocol.as_deref() {
+        Some("grpc") => Protocol::Grpc,
+        Some("kubernetes.io/h2c" | "http2") => Protocol::Http2,
+        Some(_) => Protocol::Http,
+        None => match named().as_str() {
+            "grpc" => Protocol::Grpc,
+            "h2c" | "http2" => Protocol::Http2,
+            _ => Protocol::Http,
+        },
     }
 }
 
@@ -306,6 +320,36 @@ mod tests {
             catalog.identity.to_string(),
             "spiffe://cluster.local/ns/shop/sa/catalog-sa"
         );
+    }
+
+    #[test]
+    fn the_protocol_comes_from_app_protocol_then_the_port_name() {
+        let port = |name: &str, app: Option<&str>| ServicePort {
+            name: Some(name.to_string()),
+            app_protocol: app.map(str::to_string),
+            port: 80,
+            ..Default::default()
+        };
+        let cases = [
+            (port("web", Some("grpc")), Protocol::Grpc),
+            (port("grpc", Some("http")), Protocol::Http),
+            (port("x", Some("kubernetes.io/h2c")), Protocol::Http2),
+            (port("grpc-api", None), Protocol::Grpc),
+            (port("GRPC", None), Protocol::Grpc),
+            (port("h2c-internal", None), Protocol::Http2),
+            (port("http2", None), Protocol::Http2),
+            (port("grpcish", None), Protocol::Http),
+            (port("http", None), Protocol::Http),
+        ];
+        for (port, want) in cases {
+            assert_eq!(
+                protocol_of(&port),
+                want,
+                "{:?} {:?}",
+                port.name,
+                port.app_protocol
+            );
+        }
     }
 
     #[test]

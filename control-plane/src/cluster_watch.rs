@@ -8,13 +8,12 @@
 //! ```
 //!
 //! A failing API server keeps the last view: the stores are only replaced by a complete new
-//! listing. Each kind's last error is on `/status` and every error counts in a metric.
+//! listing. Errors go to `cluster_health`.
 
-use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, PodSpec, Service};
@@ -26,53 +25,14 @@ use kube::runtime::{WatchStreamExt, reflector::reflector};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
 
+use crate::cluster_health::ClusterHealth;
 use crate::cluster_source::{INJECTED, services_from};
-use crate::kube_client::{ApiCalls, KubeClient};
+use crate::kube_client::KubeClient;
 use crate::mesh_source::MeshSource;
 
 /// Changes that arrive this close together are folded into one recomputation: a rollout
 /// moves many endpoints at once.
 const COALESCE: Duration = Duration::from_millis(20);
-
-/// How the watches are doing, for `/status` and `/metrics`.
-#[derive(Default)]
-pub struct ClusterHealth {
-    /// Each kind's last error: its collection's path, the error and when it came.
-    errors: Mutex<BTreeMap<&'static str, (String, String, Instant)>>,
-    /// Errors seen from the API server since start, all kinds together.
-    pub errors_total: AtomicU64,
-    /// Every kind has been listed once: the view is the cluster's, not a partial one.
-    pub synced: AtomicBool,
-    /// The client's requests, once the cluster is watched.
-    pub calls: OnceLock<Arc<ApiCalls>>,
-}
-
-impl ClusterHealth {
-    fn failed(&self, kind: &'static str, path: &str, error: String) {
-        self.errors_total.fetch_add(1, Ordering::Relaxed);
-        self.lock()
-            .insert(kind, (path.to_string(), error, Instant::now()));
-    }
-
-    /// Each failing kind with its last error: one its collection has not answered well
-    /// since.
-    pub fn errors(&self) -> BTreeMap<&'static str, String> {
-        let calls = self.calls.get();
-        self.lock()
-            .iter()
-            .filter(|(_, (path, _, at))| {
-                calls
-                    .and_then(|c| c.answered(path))
-                    .is_none_or(|ok| ok < *at)
-            })
-            .map(|(kind, (_, error, _))| (*kind, error.clone()))
-            .collect()
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, (String, String, Instant)>> {
-        self.errors.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
 
 /// Watches the cluster through `client` for as long as the process runs, folding it into
 /// `source`.

@@ -7,6 +7,7 @@ pub mod ads_delta;
 pub mod ads_stream;
 pub mod app;
 pub mod ca;
+pub mod cluster_health;
 pub mod cluster_source;
 pub mod cluster_watch;
 pub mod grpc_limits;

@@ -11,8 +11,8 @@ use std::time::Duration;
 use arc_swap::ArcSwapOption;
 use outrigger_core::config_error::ConfigError;
 
+use crate::cluster_health::ClusterHealth;
 use crate::cluster_source::merge;
-use crate::cluster_watch::ClusterHealth;
 use crate::mesh::{Mesh, Service};
 use crate::snapshot::Publisher;
 

@@ -234,14 +234,20 @@ pub async fn start(options: Options) -> Result<ProxyHandle, StartError> {
         None => None,
     };
     if let Some(xds) = &store.xds {
-        let address = xds.address.value.parse().map_err(|_| {
-            ConfigError::at(
-                &config.source,
-                Some(xds.address.referenced),
-                "xds.address",
-                format!("`{}` is not an IP:port address", xds.address.value),
-            )
-        })?;
+        let parse = |field: &'static str, a: &serde_saphyr::Spanned<String>| {
+            a.value.parse::<std::net::SocketAddr>().map_err(|_| {
+                ConfigError::at(
+                    &config.source,
+                    Some(a.referenced),
+                    field,
+                    format!("`{}` is not an IP:port address", a.value),
+                )
+            })
+        };
+        let mut addresses = vec![parse("xds.address", &xds.address)?];
+        for a in &xds.alternates {
+            addresses.push(parse("xds.alternates", a)?);
+        }
         let tls = match &xds.identity {
             None => None,
             Some(id) => {
@@ -269,7 +275,7 @@ pub async fn start(options: Options) -> Result<ProxyHandle, StartError> {
         };
         let settings = crate::xds::client::XdsSettings {
             tls,
-            address,
+            addresses,
             node: xds
                 .node
                 .clone()
@@ -278,7 +284,7 @@ pub async fn start(options: Options) -> Result<ProxyHandle, StartError> {
             route_tables: store.rds_names(),
             cache: xds.cache.as_ref().map(std::path::PathBuf::from),
         };
-        tracing::info!(%address, node = %settings.node, "taking routes and clusters from the control plane");
+        tracing::info!(addresses = ?settings.addresses, node = %settings.node, "taking routes and clusters from the control plane");
         crate::xds::client::spawn(store.clone(), settings);
     }
     tokio::spawn(store.clone().watch(options.watch_interval));

@@ -80,6 +80,9 @@ pub fn assert_typed(obj: &Value) {
         "ConfigMap" => round_trip::<core::ConfigMap>(obj),
         "Secret" => round_trip::<core::Secret>(obj),
         "Namespace" => round_trip::<core::Namespace>(obj),
+        "PodDisruptionBudget" => {
+            round_trip::<k8s_openapi::api::policy::v1::PodDisruptionBudget>(obj)
+        }
         "ServiceAccount" => round_trip::<core::ServiceAccount>(obj),
         "ClusterRole" => round_trip::<rbac::ClusterRole>(obj),
         "ClusterRoleBinding" => round_trip::<rbac::ClusterRoleBinding>(obj),

@@ -147,6 +147,10 @@ pub struct ClusterTlsFile {
 pub struct XdsFile {
     /// The control plane's ADS address, `IP:port`.
     pub address: Spanned<String>,
+    /// Other replicas of the control plane, `IP:port`. When the stream to one fails, the
+    /// next is tried, in turn; the last good config serves meanwhile.
+    #[serde(default)]
+    pub alternates: Vec<Spanned<String>>,
     /// This proxy's node id; defaults to the host name and process id.
     #[serde(default)]
     pub node: Option<String>,

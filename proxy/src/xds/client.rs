@@ -32,7 +32,9 @@ use crate::xds::translate::{self, XdsError, decode};
 const RECONNECT: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
 
 pub struct XdsSettings {
-    pub address: std::net::SocketAddr,
+    /// The control plane's replicas: the first is tried first, and each failure moves on to
+    /// the next.
+    pub addresses: Vec<std::net::SocketAddr>,
     pub node: String,
     pub service: String,
     /// The RouteConfiguration names the listeners ask for.
@@ -204,12 +206,10 @@ pub fn spawn(store: Arc<ConfigStore>, settings: XdsSettings) {
 
 async fn run(store: Arc<ConfigStore>, settings: XdsSettings, mut state: State) {
     let mut attempt = 0u32;
-    loop {
-        match session(&store, &settings, &mut state, &mut attempt).await {
-            Ok(()) => {
-                tracing::warn!(address = %settings.address, "control plane closed the ADS stream")
-            }
-            Err(e) => tracing::warn!(address = %settings.address, error = %e, "ADS stream failed"),
+    for address in settings.addresses.iter().cycle() {
+        match session(&store, &settings, *address, &mut state, &mut attempt).await {
+            Ok(()) => tracing::warn!(%address, "control plane closed the ADS stream"),
+            Err(e) => tracing::warn!(%address, error = %e, "ADS stream failed"),
         }
         // A stream lost, whether closed or broken (a peer gone silent is caught by the
         // HTTP/2 keepalive): counted, so a flapping control plane shows.
@@ -260,11 +260,12 @@ fn type_short(type_url: &str) -> &'static str {
 async fn session(
     store: &ConfigStore,
     settings: &XdsSettings,
+    address: std::net::SocketAddr,
     state: &mut State,
     attempt: &mut u32,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let endpoint = grpc_channel::endpoint(settings.address, Duration::from_secs(1));
-    let channel = grpc_channel::connect(endpoint, settings.address, settings.tls.as_ref()).await?;
+    let endpoint = grpc_channel::endpoint(address, Duration::from_secs(1));
+    let channel = grpc_channel::connect(endpoint, address, settings.tls.as_ref()).await?;
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(16);
     // A new stream knows no nonces; versions are kept so an unchanged config is not resent.
@@ -293,7 +294,7 @@ async fn session(
         .stream_aggregated_resources(ReceiverStream::new(rx))
         .await?
         .into_inner();
-    tracing::info!(address = %settings.address, node = %settings.node, "ADS stream open");
+    tracing::info!(%address, node = %settings.node, "ADS stream open");
 
     while let Some(resp) = inbound.message().await? {
         *attempt = 0;
