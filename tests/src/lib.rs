@@ -128,6 +128,25 @@ pub async fn wait_in_flight(admin: SocketAddr, n: usize) {
     .await;
 }
 
+/// A proxy config that takes everything from a control plane: `xds` is the body of its
+/// `xds:` block (`address: ...` and more, one per line), and one outbound listener follows
+/// the `outbound` route table.
+pub fn xds_config(xds: &str) -> String {
+    format!(
+        r#"admin:
+  address: 127.0.0.1:0
+xds:
+{}
+listeners:
+  - name: outbound
+    address: 127.0.0.1:0
+    direction: outbound
+    rds: outbound
+"#,
+        indent(xds, 2)
+    )
+}
+
 /// A minimal proxy config: one outbound listener with the given virtual hosts, plus
 /// clusters, on ephemeral ports, with an admin listener.
 pub fn config(virtual_hosts: &str, clusters: &str) -> String {

@@ -11,7 +11,7 @@ use outrigger_control_plane::app::{self, ControlPlane};
 use outrigger_tests::clients::{TestClient, get};
 use outrigger_tests::fake_kube::FakeApiServer;
 use outrigger_tests::kube::{assert_typed, yaml_documents};
-use outrigger_tests::{TestProxy, eventually, metric, temp_path, upstreams};
+use outrigger_tests::{TestProxy, eventually, metric, temp_path, upstreams, xds_config};
 use serde_json::Value;
 
 /// `catalog` (also in the mesh file, with a retry policy but no endpoints) and `ledger`
@@ -99,21 +99,10 @@ impl Mesh {
         .await
         .unwrap();
         cp.watch_cluster(api.client());
-        let proxy = TestProxy::start(&format!(
-            r#"admin:
-  address: 127.0.0.1:0
-xds:
-  address: "{}"
-  node: web-1
-  service: web
-listeners:
-  - name: outbound
-    address: 127.0.0.1:0
-    direction: outbound
-    rds: outbound
-"#,
+        let proxy = TestProxy::start(&xds_config(&format!(
+            "address: \"{}\"\nnode: web-1\nservice: web",
             cp.xds_addr
-        ))
+        )))
         .await;
         let client = TestClient::http1(proxy.addr("outbound"));
         Mesh {
@@ -121,6 +110,20 @@ listeners:
             client,
             _proxy: proxy,
         }
+    }
+
+    /// Started, routing `catalog` to `catalog-v1`, with a watch open on each kind.
+    async fn watching(api: &FakeApiServer) -> Mesh {
+        let mesh = Mesh::start(api).await;
+        mesh.routes("catalog.shop", "catalog-v1", Duration::from_secs(10))
+            .await;
+        eventually(
+            "three watches are open",
+            Duration::from_secs(10),
+            || async { (api.cluster.open_watches() == 3).then_some(()) },
+        )
+        .await;
+        mesh
     }
 
     async fn body(&self, host: &str) -> Option<String> {
@@ -140,6 +143,18 @@ listeners:
     }
 }
 
+/// An API server holding `CLUSTER` and one EndpointSlice per `(service, endpoint)`.
+async fn api_server(slices: &[(&str, SocketAddr)]) -> FakeApiServer {
+    let api = FakeApiServer::empty("cp-token").await;
+    for obj in typed(CLUSTER) {
+        api.cluster.apply(obj);
+    }
+    for (service, endpoint) in slices {
+        api.cluster.apply(slice(service, *endpoint));
+    }
+    api
+}
+
 /// Lists (not watches) made so far.
 fn lists(api: &FakeApiServer) -> usize {
     api.cluster
@@ -156,12 +171,7 @@ async fn cluster_services_reach_the_proxy_and_follow_their_endpoints() {
         upstreams::http("catalog-v2").await,
         upstreams::http("ledger").await,
     );
-    let api = FakeApiServer::empty("cp-token").await;
-    for obj in typed(CLUSTER) {
-        api.cluster.apply(obj);
-    }
-    api.cluster.apply(slice("catalog", catalog_v1.addr));
-    api.cluster.apply(slice("ledger", ledger.addr));
+    let api = api_server(&[("catalog", catalog_v1.addr), ("ledger", ledger.addr)]).await;
     let mesh = Mesh::start(&api).await;
 
     // The file's service, with its endpoints from the cluster, by DNS name and by VIP.
@@ -208,8 +218,11 @@ async fn cluster_services_reach_the_proxy_and_follow_their_endpoints() {
         },
     )
     .await;
+    // Each kind says for itself; whichever watch broke first is there.
     assert!(
-        status["cluster"]["errors"]["Service"].is_string(),
+        status["cluster"]["errors"]
+            .as_object()
+            .is_some_and(|e| !e.is_empty()),
         "{status}"
     );
     for _ in 0..5 {
@@ -254,20 +267,8 @@ async fn watches_resume_after_a_drop_and_list_again_after_410_gone() {
         upstreams::http("catalog-v2").await,
         upstreams::http("catalog-v3").await,
     );
-    let api = FakeApiServer::empty("cp-token").await;
-    for obj in typed(CLUSTER) {
-        api.cluster.apply(obj);
-    }
-    api.cluster.apply(slice("catalog", v1.addr));
-    let mesh = Mesh::start(&api).await;
-    mesh.routes("catalog.shop", "catalog-v1", Duration::from_secs(10))
-        .await;
-    eventually(
-        "three watches are open",
-        Duration::from_secs(10),
-        || async { (api.cluster.open_watches() == 3).then_some(()) },
-    )
-    .await;
+    let api = api_server(&[("catalog", v1.addr)]).await;
+    let mesh = Mesh::watching(&api).await;
     let listed = lists(&api);
 
     // Bookmarks and changes come over the open watches: no list.
@@ -312,20 +313,8 @@ async fn an_endpoint_change_reaches_the_proxy_within_half_a_second() {
         upstreams::http("catalog-v1").await,
         upstreams::http("catalog-v2").await,
     );
-    let api = FakeApiServer::empty("cp-token").await;
-    for obj in typed(CLUSTER) {
-        api.cluster.apply(obj);
-    }
-    api.cluster.apply(slice("catalog", v1.addr));
-    let mesh = Mesh::start(&api).await;
-    mesh.routes("catalog.shop", "catalog-v1", Duration::from_secs(10))
-        .await;
-    eventually(
-        "three watches are open",
-        Duration::from_secs(10),
-        || async { (api.cluster.open_watches() == 3).then_some(()) },
-    )
-    .await;
+    let api = api_server(&[("catalog", v1.addr)]).await;
+    let mesh = Mesh::watching(&api).await;
     let moved = Instant::now();
     api.cluster.apply(slice("catalog", v2.addr));
     mesh.routes("catalog.shop", "catalog-v2", Duration::from_millis(500))

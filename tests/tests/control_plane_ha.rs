@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use outrigger_tests::clients::{TestClient, get};
 use outrigger_tests::{
-    TestProxy, eventually, free_addr, metric, temp_path, upstreams, workspace_binary,
+    TestProxy, eventually, free_addr, metric, temp_path, upstreams, workspace_binary, xds_config,
 };
 
 fn mesh(endpoint: std::net::SocketAddr) -> String {
@@ -63,22 +63,10 @@ async fn a_proxy_fails_over_to_another_replica_without_a_failed_request() {
     std::fs::write(&mesh_path, mesh(v1.addr)).unwrap();
     let mut first = Replica::start(&mesh_path).await;
     let second = Replica::start(&mesh_path).await;
-    let proxy = TestProxy::start(&format!(
-        r#"admin:
-  address: 127.0.0.1:0
-xds:
-  address: "{}"
-  alternates: ["{}"]
-  node: web-1
-  service: web
-listeners:
-  - name: outbound
-    address: 127.0.0.1:0
-    direction: outbound
-    rds: outbound
-"#,
+    let proxy = TestProxy::start(&xds_config(&format!(
+        "address: \"{}\"\nalternates: [\"{}\"]\nnode: web-1\nservice: web",
         first.xds, second.xds
-    ))
+    )))
     .await;
     let client = TestClient::http1(proxy.addr("outbound"));
     eventually("catalog is routed", Duration::from_secs(10), || async {

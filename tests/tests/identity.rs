@@ -318,20 +318,12 @@ services:
     let secure = cp.secure_xds_addr.unwrap();
     // The node claims to be `secret` (which may call anything); its certificate says `web`.
     let proxy = TestProxy::start(&format!(
-        r#"{}admin:
-  address: 127.0.0.1:0
-xds:
-  address: "{secure}"
-  node: liar
-  service: secret
-  identity: "spiffe://mesh.test/ns/outrigger/sa/control-plane"
-listeners:
-  - name: outbound
-    address: 127.0.0.1:0
-    direction: outbound
-    rds: outbound
-"#,
-        identity(&cp, "web-token", WEB, "24h")
+        "{}{}",
+        identity(&cp, "web-token", WEB, "24h"),
+        outrigger_tests::xds_config(&format!(
+            "address: \"{secure}\"\nnode: liar\nservice: secret\n\
+             identity: \"spiffe://mesh.test/ns/outrigger/sa/control-plane\""
+        ))
     ))
     .await;
     ready(&proxy).await;
@@ -400,24 +392,13 @@ async fn file_identity_proxy(cp: &ControlPlane, ca: &Ca, id: &str, node: &str) -
         std::fs::write(files.join(name), text).unwrap();
     }
     TestProxy::start(&format!(
-        r#"identity:
-  cert: {0}/cert.pem
-  key: {0}/key.pem
-  bundle: {0}/bundle.pem
-admin:
-  address: 127.0.0.1:0
-xds:
-  address: "{1}"
-  node: {node}
-  identity: "spiffe://mesh.test/ns/outrigger/sa/control-plane"
-listeners:
-  - name: outbound
-    address: 127.0.0.1:0
-    direction: outbound
-    rds: outbound
-"#,
+        "identity:\n  cert: {0}/cert.pem\n  key: {0}/key.pem\n  bundle: {0}/bundle.pem\n{1}",
         files.display(),
-        cp.secure_xds_addr.unwrap()
+        outrigger_tests::xds_config(&format!(
+            "address: \"{}\"\nnode: {node}\n\
+             identity: \"spiffe://mesh.test/ns/outrigger/sa/control-plane\"",
+            cp.secure_xds_addr.unwrap()
+        ))
     ))
     .await
 }

@@ -291,19 +291,9 @@ services:
     .unwrap();
     // The proxy's own ratio would sample everything; the mesh says otherwise.
     let a = TestProxy::start(&format!(
-        r#"{}admin:
-  address: 127.0.0.1:0
-xds:
-  address: "{}"
-  node: a
-listeners:
-  - name: outbound
-    address: 127.0.0.1:0
-    direction: outbound
-    rds: outbound
-"#,
+        "{}{}",
         tracing_block("a", &format!("otlp_grpc: \"{}\"", collector.addr)),
-        cp.xds_addr
+        outrigger_tests::xds_config(&format!("address: \"{}\"\nnode: a", cp.xds_addr))
     ))
     .await;
     let client = TestClient::http1(a.addr("outbound"));

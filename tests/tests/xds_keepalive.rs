@@ -93,21 +93,10 @@ async fn a_black_holed_control_plane_is_noticed_and_redialled() {
     )
     .await;
     let relay = Relay::start(cp.xds_addr).await;
-    let proxy = TestProxy::start(&format!(
-        r#"admin:
-  address: 127.0.0.1:0
-xds:
-  address: "{}"
-  node: silent-test
-  service: client
-listeners:
-  - name: outbound
-    address: 127.0.0.1:0
-    direction: outbound
-    rds: outbound
-"#,
+    let proxy = TestProxy::start(&outrigger_tests::xds_config(&format!(
+        "address: \"{}\"\nnode: silent-test\nservice: client",
         relay.addr
-    ))
+    )))
     .await;
     let admin = proxy.admin();
     eventually(
