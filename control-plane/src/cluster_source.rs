@@ -37,9 +37,10 @@ fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) ->
     )
 }
 
-/// Each Service with a TCP port becomes one mesh service on its first TCP port. Endpoints are
-/// the ready addresses of its EndpointSlices on that port. It gets mTLS when every endpoint
-/// is a pod with the sidecar, and the identity of those pods' service account.
+/// Each TCP port of a Service becomes a mesh service: the main port (80 if the Service has
+/// it, else the first) as `name.namespace`, the others as `name.namespace:port`. Endpoints
+/// are the ready addresses of its EndpointSlices on that port. All ports get mTLS once a pod
+/// behind the Service has the sidecar, and the identity of those pods' service account.
 pub fn services_from(
     services: &[Arc<KubeService>],
     slices: &[Arc<EndpointSlice>],
@@ -89,17 +90,21 @@ pub fn services_from(
         if spec.type_.as_deref() == Some("ExternalName") {
             continue;
         }
-        let Some(port) = spec
+        // Every TCP port; the main one (port 80 if the Service has it, else the first) is
+        // also what a host name without a port reaches.
+        let mut ports: Vec<(&ServicePort, u16)> = spec
             .ports
             .iter()
             .flatten()
-            .find(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
-        else {
+            .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+            .filter_map(|p| Some((p, u16::try_from(p.port).ok()?)))
+            .collect();
+        if ports.is_empty() {
             continue;
-        };
-        let Ok(number) = u16::try_from(port.port) else {
-            continue;
-        };
+        }
+        if let Some(i) = ports.iter().position(|(_, n)| *n == 80) {
+            ports.swap(0, i);
+        }
         let mut addresses: Vec<IpAddr> = spec
             .cluster_ips
             .iter()
@@ -109,40 +114,17 @@ pub fn services_from(
             .collect();
         addresses.dedup();
 
-        let port_name = port.name.as_deref().unwrap_or_default();
-        let mut endpoints = Vec::new();
+        let slices = slices_of
+            .get(&(namespace, name))
+            .map_or(&[][..], Vec::as_slice);
         let mut backing_pods = Vec::new();
-        for slice in slices_of.get(&(namespace, name)).into_iter().flatten() {
-            let Some(slice_port) = slice
-                .ports
-                .iter()
-                .flatten()
-                .find(|p| p.name.as_deref().unwrap_or_default() == port_name)
-                .and_then(|p| p.port)
-                .and_then(|p| u16::try_from(p).ok())
-            else {
-                continue;
-            };
-            for endpoint in &slice.endpoints {
-                // Absent means ready, as the API documents.
-                if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
-                    continue;
-                }
-                if let Some(target) = &endpoint.target_ref
-                    && target.kind.as_deref() == Some("Pod")
-                {
-                    let pod = target.name.as_deref().unwrap_or_default();
-                    backing_pods.push(pods.get(&(namespace, pod)));
-                }
-                for ip in &endpoint.addresses {
-                    if let Ok(ip) = ip.parse::<IpAddr>() {
-                        endpoints.push((SocketAddr::new(ip, slice_port), 1));
-                    }
-                }
-            }
+        let mut per_port = Vec::with_capacity(ports.len());
+        for (port, number) in &ports {
+            let endpoints = ready_endpoints(slices, port, |pod| {
+                backing_pods.push(pods.get(&(namespace, pod)));
+            });
+            per_port.push((*port, *number, endpoints));
         }
-        endpoints.sort();
-        endpoints.dedup();
         // Neither is decided by what one pod says of itself. mTLS holds once any pod backing
         // the service has the sidecar: a pod without it cannot turn the service back to
         // plaintext, it only fails the handshakes it cannot answer. The identity is the one
@@ -166,21 +148,68 @@ pub fn services_from(
                 )
             })
             .unwrap_or(name);
-        out.push(Service {
-            name: name.to_string(),
-            namespace: namespace.to_string(),
-            protocol: protocol_of(port),
-            port: number,
-            endpoints,
-            routes: Vec::new(),
-            calls: None,
-            policy: Default::default(),
-            identity: SpiffeId::new(trust_domain, namespace, account),
-            addresses,
-            mtls,
-        });
+        let identity = SpiffeId::new(trust_domain, namespace, account);
+        for (i, (port, number, endpoints)) in per_port.into_iter().enumerate() {
+            out.push(Service {
+                name: name.to_string(),
+                namespace: namespace.to_string(),
+                protocol: protocol_of(port),
+                port: number,
+                endpoints,
+                routes: Vec::new(),
+                calls: None,
+                policy: Default::default(),
+                identity: identity.clone(),
+                addresses: addresses.clone(),
+                mtls,
+                extra_port: i > 0,
+            });
+        }
     }
     out
+}
+
+/// The ready addresses of `slices` on the Service port `port` (matched by name, as the
+/// slices carry the target port under the Service port's name), sorted; `pod` is told the
+/// name of each ready pod behind them.
+fn ready_endpoints<'a>(
+    slices: &[&'a EndpointSlice],
+    port: &ServicePort,
+    mut pod: impl FnMut(&'a str),
+) -> Vec<(SocketAddr, u32)> {
+    let port_name = port.name.as_deref().unwrap_or_default();
+    let mut endpoints = Vec::new();
+    for slice in slices {
+        let Some(slice_port) = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref().unwrap_or_default() == port_name)
+            .and_then(|p| p.port)
+            .and_then(|p| u16::try_from(p).ok())
+        else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            // Absent means ready, as the API documents.
+            if endpoint.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            if let Some(target) = &endpoint.target_ref
+                && target.kind.as_deref() == Some("Pod")
+            {
+                pod(target.name.as_deref().unwrap_or_default());
+            }
+            for ip in &endpoint.addresses {
+                if let Ok(ip) = ip.parse::<IpAddr>() {
+                    endpoints.push((SocketAddr::new(ip, slice_port), 1));
+                }
+            }
+        }
+    }
+    endpoints.sort();
+    endpoints.dedup();
+    endpoints
 }
 
 /// The port's `appProtocol`, as Kubernetes names them; without one, its name (`grpc`,
@@ -221,6 +250,11 @@ pub fn merge(file: &Mesh, cluster: &[Service]) -> Mesh {
     let mut mesh = file.clone();
     let services: &mut BTreeMap<String, Service> = &mut mesh.services;
     for c in cluster {
+        // A file service with endpoints wins outright, over all of the Service's ports.
+        let owned_by_file = |f: &Service| f.same_service(c) && !f.endpoints.is_empty();
+        if c.extra_port && file.services.values().any(owned_by_file) {
+            continue;
+        }
         match services.get_mut(&c.cluster_name()) {
             Some(f) if f.endpoints.is_empty() => {
                 f.endpoints = c.endpoints.clone();
@@ -320,6 +354,52 @@ mod tests {
             catalog.identity.to_string(),
             "spiffe://cluster.local/ns/shop/sa/catalog-sa"
         );
+    }
+
+    #[test]
+    fn every_tcp_port_is_meshed_and_port_80_is_the_main_one() {
+        let (mut services, mut slices, pods) = cluster();
+        services["items"][0]["spec"]["ports"] = json!([
+            {"name": "grpc-api", "port": 9000, "targetPort": 9900, "protocol": "TCP"},
+            {"name": "dns", "port": 53, "protocol": "UDP"},
+            {"name": "http", "port": 80, "targetPort": 9090, "protocol": "TCP"}]);
+        slices["items"][0]["ports"] = json!([
+            {"name": "grpc-api", "port": 9900, "protocol": "TCP"},
+            {"name": "http", "port": 9090, "protocol": "TCP"}]);
+        let found = services_from(&services, &slices, &pods, "cluster.local");
+        let names: Vec<String> = found.iter().map(Service::cluster_name).collect();
+        assert_eq!(names, ["catalog.shop", "catalog.shop:9000"]);
+        let (main, grpc) = (&found[0], &found[1]);
+        assert_eq!((main.port, main.protocol), (80, Protocol::Http));
+        assert_eq!((grpc.port, grpc.protocol), (9000, Protocol::Grpc));
+        assert_eq!(grpc.endpoints[0].0.port(), 9900);
+        assert_eq!(grpc.identity, main.identity);
+        assert!(grpc.mtls);
+        // Only the main port answers to a name without a port.
+        assert!(main.hostnames().contains(&"catalog.shop".to_string()));
+        let grpc_names = grpc.hostnames();
+        assert!(!grpc_names.contains(&"catalog.shop".to_string()));
+        assert!(grpc_names.contains(&"catalog.shop:9000".to_string()));
+        assert!(grpc_names.contains(&"10.96.0.50:9000".to_string()));
+    }
+
+    #[test]
+    fn a_caller_allowed_a_service_may_call_all_its_ports() {
+        let file = Mesh::parse(
+            "mesh.yaml",
+            "services:\n  - name: web\n    namespace: shop\n    calls: [catalog]\n  - name: catalog\n    namespace: shop\n",
+        )
+        .unwrap();
+        let (mut services, slices, pods) = cluster();
+        services["items"][0]["spec"]["ports"] = json!([
+            {"name": "http", "port": 80, "protocol": "TCP"},
+            {"name": "admin", "port": 8080, "protocol": "TCP"}]);
+        let mesh = merge(
+            &file,
+            &services_from(&services, &slices, &pods, "cluster.local"),
+        );
+        let scope = mesh.scope_for("web").unwrap();
+        assert!(scope.contains("catalog.shop:8080"), "{scope:?}");
     }
 
     #[test]

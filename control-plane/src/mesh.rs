@@ -212,12 +212,25 @@ pub struct Service {
     /// Virtual IPs: `vip:port` is one more host name of the service.
     pub addresses: Vec<std::net::IpAddr>,
     pub mtls: bool,
+    /// One more port of a Kubernetes Service whose main port is another mesh service: its
+    /// cluster is `name.namespace:port`, and a host name without a port does not lead here.
+    pub extra_port: bool,
 }
 
 impl Service {
-    /// The cluster and EDS name: `name.namespace`.
+    /// The cluster and EDS name: `name.namespace`, or `name.namespace:port` for an extra
+    /// port.
     pub fn cluster_name(&self) -> String {
-        format!("{}.{}", self.name, self.namespace)
+        if self.extra_port {
+            format!("{}.{}:{}", self.name, self.namespace, self.port)
+        } else {
+            format!("{}.{}", self.name, self.namespace)
+        }
+    }
+
+    /// Both are ports of the same Service.
+    pub fn same_service(&self, other: &Service) -> bool {
+        self.name == other.name && self.namespace == other.namespace
     }
 
     /// The host names a client may use for this service, as Kubernetes DNS would give them.
@@ -233,9 +246,11 @@ impl Service {
             .addresses
             .iter()
             .map(|ip| SocketAddr::new(*ip, self.port).to_string());
+        let bare = !self.extra_port;
         names
             .iter()
-            .flat_map(|h| [h.clone(), format!("{h}:{}", self.port)])
+            .flat_map(|h| [bare.then(|| h.clone()), Some(format!("{h}:{}", self.port))])
+            .flatten()
             .chain(vips)
             .collect()
     }
@@ -512,6 +527,7 @@ impl Mesh {
             let service = Service {
                 addresses,
                 mtls: s.mtls,
+                extra_port: false,
                 name: s.name.value.clone(),
                 namespace: s.namespace.clone(),
                 protocol: s.protocol,
@@ -591,6 +607,13 @@ impl Mesh {
                         .routes
                         .iter()
                         .flat_map(|r| r.backends.iter().map(|(c, _)| c.clone())),
+                );
+                // A service that may be called may be called on any of its ports.
+                todo.extend(
+                    self.services
+                        .values()
+                        .filter(|s| s.extra_port && s.same_service(callee))
+                        .map(Service::cluster_name),
                 );
             }
         }

@@ -23,7 +23,9 @@ metadata: {name: catalog, namespace: shop}
 spec:
   clusterIP: 10.96.0.50
   clusterIPs: [10.96.0.50]
-  ports: [{name: http, port: 80, targetPort: 9090, protocol: TCP}]
+  ports:
+    - {name: admin, port: 8080, targetPort: 9091, protocol: TCP}
+    - {name: http, port: 80, targetPort: 9090, protocol: TCP}
 ---
 apiVersion: v1
 kind: Service
@@ -40,18 +42,24 @@ spec:
   containers: [{name: app, image: "catalog:1"}]
 "#;
 
-/// `service`'s EndpointSlice: `endpoint` ready, and one more address that is not.
+/// `service`'s EndpointSlice for its `http` port: `endpoint` ready, and one more address that
+/// is not.
 fn slice(service: &str, endpoint: SocketAddr) -> Value {
+    port_slice(service, "http", endpoint)
+}
+
+/// `service`'s EndpointSlice for its port `port_name`.
+fn port_slice(service: &str, port_name: &str, endpoint: SocketAddr) -> Value {
     let yaml = format!(
         r#"
 apiVersion: discovery.k8s.io/v1
 kind: EndpointSlice
 metadata:
-  name: {service}-x1
+  name: {service}-{port_name}
   namespace: shop
   labels: {{kubernetes.io/service-name: {service}}}
 addressType: IPv4
-ports: [{{name: http, port: {port}, protocol: TCP}}]
+ports: [{{name: {port_name}, port: {port}, protocol: TCP}}]
 endpoints:
   - addresses: ["{ip}"]
     conditions: {{ready: true}}
@@ -187,6 +195,28 @@ async fn cluster_services_reach_the_proxy_and_follow_their_endpoints() {
     );
     // A service only the cluster knows.
     assert_eq!(mesh.body("ledger.shop").await.as_deref(), Some("ledger"));
+    // Every TCP port is meshed; a host name without a port reaches port 80.
+    let admin = upstreams::http("catalog-admin").await;
+    api.cluster
+        .apply(port_slice("catalog", "admin", admin.addr));
+    mesh.routes(
+        "catalog.shop:8080",
+        "catalog-admin",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        mesh.body("10.96.0.50:8080").await.as_deref(),
+        Some("catalog-admin")
+    );
+    assert_eq!(
+        mesh.body("catalog.shop:80").await.as_deref(),
+        Some("catalog-v1")
+    );
+    assert_eq!(
+        mesh.body("catalog.shop").await.as_deref(),
+        Some("catalog-v1")
+    );
     // The mesh file's policy and the pods' identity are both there.
     let snapshot = mesh.cp.publisher.current();
     let catalog = &snapshot.mesh.as_ref().unwrap().services["catalog.shop"];
@@ -248,14 +278,15 @@ async fn cluster_services_reach_the_proxy_and_follow_their_endpoints() {
         status["cluster"]["last_error"].is_null().then_some(status)
     })
     .await;
-    assert_eq!(status["cluster"]["services"], 2);
+    // catalog (two ports) and ledger.
+    assert_eq!(status["cluster"]["services"], 3);
 
     // A Service that goes away leaves the mesh.
     api.cluster.delete(&typed(CLUSTER)[1]);
     eventually(
         "ledger leaves the mesh",
         Duration::from_secs(10),
-        || async { (mesh.status().await["cluster"]["services"] == 1).then_some(()) },
+        || async { (mesh.status().await["cluster"]["services"] == 2).then_some(()) },
     )
     .await;
 }
