@@ -253,6 +253,9 @@ fn status_json(source: &MeshSource, nodes: &NodeRegistry) -> serde_json::Value {
             "synced": source.cluster_health.synced.load(Ordering::Relaxed),
             "last_error": cluster_errors.values().next(),
             "errors": cluster_errors,
+            "routes": source.cluster_health.routes().0.iter().map(|(name, (_, outcomes))| {
+                (name.clone(), outcomes.iter().map(|o| o.to_json()).collect::<serde_json::Value>())
+            }).collect::<serde_json::Map<_, _>>(),
         },
         "nodes": nodes.to_json(),
     })

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
+use crate::gateway_routes::RouteOutcomes;
 use crate::kube_client::ApiCalls;
 
 /// How the watches are doing, for `/status` and `/metrics`.
@@ -19,6 +20,8 @@ pub struct ClusterHealth {
     pub synced: AtomicBool,
     /// The client's requests, once the cluster is watched.
     pub calls: OnceLock<Arc<ApiCalls>>,
+    /// What became of each HTTPRoute.
+    routes: Mutex<RouteOutcomes>,
 }
 
 impl ClusterHealth {
@@ -26,6 +29,17 @@ impl ClusterHealth {
         self.errors_total.fetch_add(1, Ordering::Relaxed);
         self.lock()
             .insert(kind, (path.to_string(), error, Instant::now()));
+    }
+
+    pub fn set_routes(&self, outcomes: RouteOutcomes) {
+        *self.routes.lock().unwrap_or_else(|p| p.into_inner()) = outcomes;
+    }
+
+    pub fn routes(&self) -> RouteOutcomes {
+        self.routes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Each failing kind with its last error: one its collection has not answered well

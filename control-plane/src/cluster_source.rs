@@ -163,6 +163,7 @@ pub fn services_from(
                 addresses: addresses.clone(),
                 mtls,
                 extra_port: i > 0,
+                only_routes: false,
             });
         }
     }
@@ -264,6 +265,11 @@ pub fn merge(file: &Mesh, cluster: &[Service]) -> Mesh {
                 f.port = c.port;
                 f.mtls |= c.mtls;
                 f.identity = c.identity.clone();
+                // The file's routes, if it has any, else the cluster's HTTPRoutes.
+                if f.routes.is_empty() {
+                    f.routes = c.routes.clone();
+                    f.only_routes = c.only_routes;
+                }
             }
             Some(_) => {}
             None => {

@@ -27,6 +27,8 @@ use tokio::sync::Notify;
 
 use crate::cluster_health::ClusterHealth;
 use crate::cluster_source::{INJECTED, services_from};
+use crate::gateway_api::HttpRoute;
+use crate::gateway_routes;
 use crate::kube_client::KubeClient;
 use crate::mesh_source::MeshSource;
 
@@ -45,10 +47,14 @@ pub fn spawn(kube: KubeClient, source: Arc<MeshSource>, trust_domain: String) {
         kind,
         changed: changed.clone(),
         health: health.clone(),
+        failed: Arc::new(Notify::new()),
     };
     let services = watch("Service").start(Api::<Service>::all(client.clone()), |_| {});
     let slices = watch("EndpointSlice").start(Api::<EndpointSlice>::all(client.clone()), |_| {});
-    let pods = watch("Pod").start(Api::<Pod>::all(client), strip_pod);
+    let pods = watch("Pod").start(Api::<Pod>::all(client.clone()), strip_pod);
+    let routes_watch = watch("HTTPRoute");
+    let routes_failed = routes_watch.failed.clone();
+    let routes = routes_watch.start(Api::<HttpRoute>::all(client), strip_route);
     tokio::spawn(async move {
         // Each fails only if its writer is gone, which ends its watch first.
         let _ = tokio::join!(
@@ -56,14 +62,22 @@ pub fn spawn(kube: KubeClient, source: Arc<MeshSource>, trust_domain: String) {
             slices.wait_until_ready(),
             pods.wait_until_ready()
         );
+        // Routes are optional: without Gateway API's CRDs their list fails, and the mesh goes
+        // on without them (the error is on /status) rather than waiting.
+        tokio::select! {
+            _ = routes.wait_until_ready() => {}
+            _ = routes_failed.notified() => {}
+        }
         health.synced.store(true, Ordering::Relaxed);
         loop {
-            let view = services_from(
+            let mut view = services_from(
                 &services.state(),
                 &slices.state(),
                 &pods.state(),
                 &trust_domain,
             );
+            let outcomes = gateway_routes::attach(&mut view, &routes.state());
+            health.set_routes(outcomes);
             source.set_cluster(view);
             changed.notified().await;
             tokio::time::sleep(COALESCE).await;
@@ -88,10 +102,18 @@ fn strip_pod(pod: &mut Pod) {
     pod.status = None;
 }
 
+/// A route is kept without what the API server adds for its own bookkeeping.
+fn strip_route(route: &mut HttpRoute) {
+    route.metadata.managed_fields = None;
+    route.metadata.annotations = None;
+}
+
 struct Watch {
     kind: &'static str,
     changed: Arc<Notify>,
     health: Arc<ClusterHealth>,
+    /// Told of each error.
+    failed: Arc<Notify>,
 }
 
 impl Watch {
@@ -116,6 +138,7 @@ impl Watch {
                         tracing::warn!(kind = self.kind, error = %e, "watching the cluster failed; keeping its last view");
                         let error = format!("{}s: {e}", self.kind);
                         self.health.failed(self.kind, &path, error);
+                        self.failed.notify_one();
                     }
                 }
             }

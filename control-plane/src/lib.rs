@@ -10,6 +10,8 @@ pub mod ca;
 pub mod cluster_health;
 pub mod cluster_source;
 pub mod cluster_watch;
+pub mod gateway_api;
+pub mod gateway_routes;
 pub mod grpc_limits;
 pub mod identity_service;
 pub mod inject;

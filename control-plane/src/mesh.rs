@@ -215,6 +215,9 @@ pub struct Service {
     /// One more port of a Kubernetes Service whose main port is another mesh service: its
     /// cluster is `name.namespace:port`, and a host name without a port does not lead here.
     pub extra_port: bool,
+    /// A request no route matches gets 404 instead of going to the service itself, as with
+    /// Gateway API routes.
+    pub only_routes: bool,
 }
 
 impl Service {
@@ -275,6 +278,8 @@ pub struct Route {
     pub retry: Option<Retry>,
     /// The route's own rate limit, else the service's.
     pub rate_limit: Option<RateLimit>,
+    /// Each try's timeout, over whichever retry policy applies.
+    pub per_try_timeout: Option<Duration>,
 }
 
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
@@ -295,7 +300,16 @@ impl Service {
             .routes
             .iter()
             .map(|r| Route {
-                retry: r.retry.clone().or_else(|| policy.retry.clone()),
+                retry: r
+                    .retry
+                    .clone()
+                    .or_else(|| policy.retry.clone())
+                    .map(|mut retry| {
+                        if r.per_try_timeout.is_some() {
+                            retry.per_try_timeout = r.per_try_timeout;
+                        }
+                        retry
+                    }),
                 rate_limit: r.rate_limit.or(policy.rate_limit),
                 ..r.clone()
             })
@@ -479,6 +493,7 @@ impl Mesh {
                         .collect(),
                     backends,
                     timeout,
+                    per_try_timeout: None,
                     retry: match &route.retry {
                         Some(retry) => Some(policy::check_retry(
                             source,
@@ -528,6 +543,7 @@ impl Mesh {
                 addresses,
                 mtls: s.mtls,
                 extra_port: false,
+                only_routes: false,
                 name: s.name.value.clone(),
                 namespace: s.namespace.clone(),
                 protocol: s.protocol,

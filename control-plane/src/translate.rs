@@ -347,6 +347,15 @@ fn outbound_routes(mesh: &Mesh) -> RouteConfiguration {
 
 fn virtual_host(s: &Service) -> VirtualHost {
     let mut routes: Vec<EnvoyRoute> = s.routes.iter().map(route_for).collect();
+    if s.only_routes {
+        // No route matched: 404, from every client.
+        return VirtualHost {
+            name: s.cluster_name(),
+            domains: s.hostnames(),
+            routes,
+            ..Default::default()
+        };
+    }
     // Whatever no route matched goes to the service itself.
     routes.push(EnvoyRoute {
         name: format!("{}/default", s.name),

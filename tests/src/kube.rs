@@ -80,6 +80,7 @@ pub fn assert_typed(obj: &Value) {
         "ConfigMap" => round_trip::<core::ConfigMap>(obj),
         "Secret" => round_trip::<core::Secret>(obj),
         "Namespace" => round_trip::<core::Namespace>(obj),
+        "HTTPRoute" => round_trip::<outrigger_control_plane::gateway_api::HttpRoute>(obj),
         "PodDisruptionBudget" => {
             round_trip::<k8s_openapi::api::policy::v1::PodDisruptionBudget>(obj)
         }

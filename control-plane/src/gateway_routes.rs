@@ -1,0 +1,364 @@
+//! HTTPRoutes attached to Services (Gateway API for the mesh, GAMMA) become the routes of
+//! the mesh services they name, in the same model as the mesh file's routes.
+//!
+//! - A route's `parentRefs` name a Service (`group: ""`, `kind: Service`), optionally one of
+//!   its ports; without a port it applies to every port.
+//! - Producer routes only: a route in the Service's own namespace. A route in another
+//!   namespace (a consumer route) is not accepted yet, and says so.
+//! - Each match of each rule becomes one mesh route; they are ordered by Gateway API's
+//!   precedence (exact path, longest prefix, method, most headers, most query parameters,
+//!   oldest route, then name), and a request no rule matches gets 404.
+//! - A route that uses anything this version cannot honour is not applied at all; its
+//!   outcome names the field, for `/status` and the route's status.
+
+use std::cmp::Reverse;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use outrigger_core::policy::{self, Retry};
+
+use crate::gateway_api::{
+    HttpBackendRef, HttpRoute, HttpRouteMatch, HttpRouteRule, ParentRef, parse_duration,
+};
+use crate::mesh::{PathMatch, Route, Service};
+
+/// What became of one route on one parent, as the status conditions say it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Outcome {
+    pub parent: ParentRef,
+    /// `Accepted`: `Ok`, or the reason and a message.
+    pub accepted: Result<(), (&'static str, String)>,
+    /// `ResolvedRefs`: every backend exists and may be referenced.
+    pub resolved_refs: Result<(), (&'static str, String)>,
+}
+
+impl Outcome {
+    /// As `/status` shows it: each condition `true`, or its reason and message.
+    pub fn to_json(&self) -> serde_json::Value {
+        let condition = |c: &Result<(), (&'static str, String)>| match c {
+            Ok(()) => serde_json::json!(true),
+            Err((reason, message)) => serde_json::json!({"reason": reason, "message": message}),
+        };
+        serde_json::json!({
+            "parent": self.parent,
+            "accepted": condition(&self.accepted),
+            "resolved_refs": condition(&self.resolved_refs),
+        })
+    }
+}
+
+/// The outcomes of one route, keyed `namespace/name`, with the generation they describe.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RouteOutcomes(pub BTreeMap<String, (i64, Vec<Outcome>)>);
+
+/// A mesh route with what orders it among the others.
+struct Ranked {
+    route: Route,
+    rank: Rank,
+    age: (String, String),
+    order: usize,
+}
+
+/// Attaches `routes` to `services` (those the cluster gave), and says what became of each.
+pub fn attach(services: &mut [Service], routes: &[Arc<HttpRoute>]) -> RouteOutcomes {
+    let mut outcomes = RouteOutcomes::default();
+    let mut attached: BTreeMap<String, Vec<Ranked>> = BTreeMap::new();
+    let mut order = 0;
+    for route in routes {
+        let namespace = route.metadata.namespace.clone().unwrap_or_default();
+        let name = route.metadata.name.clone().unwrap_or_default();
+        let created = route
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map(|t| t.0.to_string())
+            .unwrap_or_default();
+        let mut route_outcomes = Vec::new();
+        for parent in route.spec.parent_refs.iter().filter(|p| p.is_service()) {
+            let parent_ns = parent
+                .namespace
+                .clone()
+                .unwrap_or_else(|| namespace.clone());
+            let targets: Vec<usize> = services
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.name == parent.name && s.namespace == parent_ns)
+                .filter(|(_, s)| parent.port.is_none_or(|p| i32::from(s.port) == p))
+                .map(|(i, _)| i)
+                .collect();
+            let accepted = if parent_ns != namespace {
+                Err((
+                    "NotAllowedByParent",
+                    "consumer routes (a route in another namespace than its Service) are not supported yet".to_string(),
+                ))
+            } else if targets.is_empty() {
+                Err((
+                    "NoMatchingParent",
+                    format!("no Service {parent_ns}/{} with that port", parent.name),
+                ))
+            } else {
+                unsupported(route).map_or(Ok(()), |field| {
+                    Err((
+                        "UnsupportedValue",
+                        format!("{field} is not supported by this version of the mesh"),
+                    ))
+                })
+            };
+            let translated = translate(route, &namespace, services);
+            let resolved_refs = translated.as_ref().map(|_| ()).map_err(Clone::clone);
+            if accepted.is_ok()
+                && let Ok(mesh_routes) = translated
+            {
+                for target in &targets {
+                    let key = services[*target].cluster_name();
+                    for (r, rank) in &mesh_routes {
+                        order += 1;
+                        attached.entry(key.clone()).or_default().push(Ranked {
+                            route: r.clone(),
+                            rank: *rank,
+                            age: (created.clone(), format!("{namespace}/{name}")),
+                            order,
+                        });
+                    }
+                }
+            }
+            route_outcomes.push(Outcome {
+                parent: parent.clone(),
+                accepted,
+                resolved_refs,
+            });
+        }
+        if route_outcomes.is_empty() {
+            // Not a mesh route (a Gateway's, say): not ours to report on.
+            continue;
+        }
+        let generation = route.metadata.generation.unwrap_or_default();
+        outcomes
+            .0
+            .insert(format!("{namespace}/{name}"), (generation, route_outcomes));
+    }
+    for service in services.iter_mut() {
+        if let Some(mut ranked) = attached.remove(&service.cluster_name()) {
+            ranked.sort_by(|a, b| (a.rank, &a.age, a.order).cmp(&(b.rank, &b.age, b.order)));
+            service.routes = ranked.into_iter().map(|r| r.route).collect();
+            service.only_routes = true;
+        }
+    }
+    outcomes
+}
+
+/// The first field of `route` this version cannot honour, by its path in the object.
+fn unsupported(route: &HttpRoute) -> Option<String> {
+    if let Some(field) = route.spec.unknown.keys().next() {
+        return Some(format!("spec.{field}"));
+    }
+    for (r, rule) in route.spec.rules.iter().enumerate() {
+        let at = format!("spec.rules[{r}]");
+        if let Some(field) = rule.unknown.keys().next() {
+            return Some(format!("{at}.{field}"));
+        }
+        if let Some(filter) = rule.filters.first() {
+            return Some(format!("{at}.filters[0] ({})", filter.type_));
+        }
+        for (m, matched) in rule.matches.iter().enumerate() {
+            let at = format!("{at}.matches[{m}]");
+            if let Some(field) = matched.unknown.keys().next() {
+                return Some(format!("{at}.{field}"));
+            }
+            if !matched.query_params.is_empty() {
+                return Some(format!("{at}.queryParams"));
+            }
+            if matched.method.is_some() {
+                return Some(format!("{at}.method"));
+            }
+            if let Some(h) = matched
+                .headers
+                .iter()
+                .position(|h| h.type_.as_deref().is_some_and(|t| t != "Exact"))
+            {
+                return Some(format!("{at}.headers[{h}].type"));
+            }
+        }
+        for (b, backend) in rule.backend_refs.iter().enumerate() {
+            if !backend.filters.is_empty() {
+                return Some(format!("{at}.backendRefs[{b}].filters"));
+            }
+        }
+    }
+    None
+}
+
+type Rank = (u8, Reverse<usize>, bool, Reverse<usize>);
+
+/// The mesh routes of `route`, each with its precedence, or why its backends do not resolve.
+fn translate(
+    route: &HttpRoute,
+    namespace: &str,
+    services: &[Service],
+) -> Result<Vec<(Route, Rank)>, (&'static str, String)> {
+    let name = route.metadata.name.as_deref().unwrap_or_default();
+    let mut out = Vec::new();
+    for (r, rule) in route.spec.rules.iter().enumerate() {
+        let backends = backends(rule, namespace, services)?;
+        let rule_name = rule.name.clone().unwrap_or_else(|| r.to_string());
+        let default_match = [HttpRouteMatch::default()];
+        let matches = if rule.matches.is_empty() {
+            &default_match[..]
+        } else {
+            &rule.matches[..]
+        };
+        let timeouts = rule.timeouts.clone().unwrap_or_default();
+        let timeout = duration_at(timeouts.request.as_deref(), r, "timeouts.request")?;
+        let per_try = duration_at(
+            timeouts.backend_request.as_deref(),
+            r,
+            "timeouts.backendRequest",
+        )?;
+        let retry = retry(rule, r)?;
+        for (m, matched) in matches.iter().enumerate() {
+            let path = matched.path.clone().unwrap_or_default();
+            let value = path.value.unwrap_or_else(|| "/".into());
+            let (path, rank) = match path.type_.as_deref().unwrap_or("PathPrefix") {
+                "Exact" => (PathMatch::Exact(value), 0),
+                "PathPrefix" => (PathMatch::Prefix(value), 1),
+                "RegularExpression" => (PathMatch::Regex(value), 2),
+                other => {
+                    return Err((
+                        "UnsupportedValue",
+                        format!("spec.rules[{r}].matches[{m}].path.type `{other}`"),
+                    ));
+                }
+            };
+            let length = match &path {
+                PathMatch::Prefix(p) => p.len(),
+                _ => 0,
+            };
+            let headers: Vec<(String, String)> = matched
+                .headers
+                .iter()
+                .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
+                .collect();
+            let rank = (
+                rank,
+                Reverse(length),
+                matched.method.is_none(),
+                Reverse(headers.len()),
+            );
+            out.push((
+                Route {
+                    name: format!("{namespace}/{name}/{rule_name}"),
+                    path,
+                    headers,
+                    backends: backends.clone(),
+                    timeout,
+                    retry: retry.clone(),
+                    per_try_timeout: per_try,
+                    rate_limit: None,
+                },
+                rank,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn duration_at(
+    text: Option<&str>,
+    rule: usize,
+    field: &str,
+) -> Result<Option<std::time::Duration>, (&'static str, String)> {
+    text.map(|t| {
+        parse_duration(t).ok_or((
+            "UnsupportedValue",
+            format!("spec.rules[{rule}].{field} `{t}` is not a duration"),
+        ))
+    })
+    .transpose()
+}
+
+/// The rule's backends as (cluster, weight); weight 0 sends nothing and is left out.
+fn backends(
+    rule: &HttpRouteRule,
+    namespace: &str,
+    services: &[Service],
+) -> Result<Vec<(String, u32)>, (&'static str, String)> {
+    let mut out = Vec::new();
+    for backend in &rule.backend_refs {
+        let cluster = backend_cluster(backend, namespace, services)?;
+        let weight = u32::try_from(backend.weight.unwrap_or(1)).unwrap_or(0);
+        if weight > 0 {
+            out.push((cluster, weight));
+        }
+    }
+    if out.is_empty() {
+        return Err((
+            "BackendNotFound",
+            "a rule has no backend with a weight above 0".into(),
+        ));
+    }
+    Ok(out)
+}
+
+fn backend_cluster(
+    backend: &HttpBackendRef,
+    namespace: &str,
+    services: &[Service],
+) -> Result<String, (&'static str, String)> {
+    let is_service = matches!(backend.group.as_deref(), None | Some("") | Some("core"))
+        && matches!(backend.kind.as_deref(), None | Some("Service"));
+    if !is_service {
+        return Err((
+            "InvalidKind",
+            format!("backend `{}` is not a Service", backend.name),
+        ));
+    }
+    // Another namespace's Service needs a ReferenceGrant, which this version does not read.
+    if backend
+        .namespace
+        .as_deref()
+        .is_some_and(|ns| ns != namespace)
+    {
+        return Err((
+            "RefNotPermitted",
+            format!(
+                "backend `{}` is in another namespace, which needs a ReferenceGrant (not supported yet)",
+                backend.name
+            ),
+        ));
+    }
+    services
+        .iter()
+        .find(|s| {
+            s.name == backend.name
+                && s.namespace == namespace
+                && backend.port.is_none_or(|p| i32::from(s.port) == p)
+        })
+        .map(Service::cluster_name)
+        .ok_or_else(|| {
+            (
+                "BackendNotFound",
+                format!("no Service {namespace}/{} with that port", backend.name),
+            )
+        })
+}
+
+/// The rule's `retry`: the attempts after the first, on the conditions that are always safe
+/// plus the statuses it names.
+fn retry(rule: &HttpRouteRule, r: usize) -> Result<Option<Retry>, (&'static str, String)> {
+    let Some(spec) = &rule.retry else {
+        return Ok(None);
+    };
+    let mut retry = policy::default_retry();
+    if let Some(attempts) = spec.attempts {
+        retry.retries = attempts;
+    }
+    if !spec.codes.is_empty() {
+        retry.status_codes = spec.codes.clone();
+        retry.on.push("retriable-status-codes".into());
+    }
+    if let Some(backoff) = duration_at(spec.backoff.as_deref(), r, "retry.backoff")? {
+        retry.backoff_base = backoff;
+        retry.backoff_max = retry.backoff_max.max(backoff * 10);
+    }
+    Ok(Some(retry))
+}

@@ -1,0 +1,291 @@
+//! Gateway API for the mesh (GAMMA): HTTPRoutes attached to a Service, served by a fake
+//! Kubernetes API server over the real list/watch protocol, reach a proxy through the control
+//! plane, and route as the Gateway API defines: weighted backends, path and header matches,
+//! 404 for a request no rule matches, timeouts and retries. A route using something this
+//! version cannot honour is not applied, and its status says which field.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use outrigger_control_plane::app::{self, ControlPlane};
+use outrigger_tests::clients::{TestClient, get};
+use outrigger_tests::fake_kube::FakeApiServer;
+use outrigger_tests::kube::{assert_typed, yaml_documents};
+use outrigger_tests::{TestProxy, eventually, temp_path, upstreams, xds_config};
+use serde_json::Value;
+
+/// The documents of `yaml`, each checked against its typed object.
+fn typed(yaml: &str) -> Vec<Value> {
+    let docs = yaml_documents(yaml);
+    docs.iter().for_each(assert_typed);
+    docs
+}
+
+/// A Service `name` in `shop` on port 80, and its EndpointSlice with one ready endpoint.
+fn service(name: &str, endpoint: SocketAddr) -> Vec<Value> {
+    typed(&format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: {name}, namespace: shop}}
+spec:
+  ports: [{{name: http, port: 80, protocol: TCP}}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: {name}-1
+  namespace: shop
+  labels: {{kubernetes.io/service-name: {name}}}
+addressType: IPv4
+ports: [{{name: http, port: {port}, protocol: TCP}}]
+endpoints:
+  - addresses: ["{ip}"]
+"#,
+        port = endpoint.port(),
+        ip = endpoint.ip()
+    ))
+}
+
+/// A control plane watching the API server, and a proxy following it.
+struct Mesh {
+    cp: ControlPlane,
+    client: TestClient,
+    _proxy: TestProxy,
+}
+
+impl Mesh {
+    async fn start(api: &FakeApiServer) -> Mesh {
+        let mesh = temp_path("mesh.yaml");
+        std::fs::write(&mesh, "mesh: {trust_domain: cluster.local}\n").unwrap();
+        let cp = app::start(app::Options {
+            mesh_path: mesh,
+            xds_address: "127.0.0.1:0".parse().unwrap(),
+            admin_address: "127.0.0.1:0".parse().unwrap(),
+            identity: Default::default(),
+        })
+        .await
+        .unwrap();
+        cp.watch_cluster(api.client());
+        let proxy = TestProxy::start(&xds_config(&format!(
+            "address: \"{}\"\nnode: web-1\nservice: web",
+            cp.xds_addr
+        )))
+        .await;
+        let client = TestClient::http1(proxy.addr("outbound"));
+        Mesh {
+            cp,
+            client,
+            _proxy: proxy,
+        }
+    }
+
+    /// `(status, body)` of `GET path` to `catalog`, with `headers`.
+    async fn get(&self, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
+        match self
+            .client
+            .send(
+                http::Method::GET,
+                "catalog.shop.svc.cluster.local",
+                path,
+                headers,
+                "",
+            )
+            .await
+        {
+            Ok(r) => (r.status.as_u16(), r.body),
+            Err(e) => (0, e.to_string()),
+        }
+    }
+
+    async fn status(&self) -> Value {
+        serde_json::from_str(&get(self.cp.admin_addr, "/status").await.body).unwrap()
+    }
+}
+
+/// The cluster: `catalog` (the parent, whose own pods are `catalog-v1`), `catalog-v1`,
+/// `catalog-v2` and `flaky`, each a Service with its endpoint.
+struct Cluster {
+    api: FakeApiServer,
+    _upstreams: Vec<upstreams::Upstream>,
+    flaky: upstreams::Seen,
+}
+
+impl Cluster {
+    async fn start() -> Cluster {
+        let api = FakeApiServer::empty("cp-token").await;
+        let (v1, v2) = (
+            upstreams::http("catalog-v1").await,
+            upstreams::http("catalog-v2").await,
+        );
+        let (flaky, seen) = upstreams::fail_first().await;
+        for (name, addr) in [
+            ("catalog", v1.addr),
+            ("catalog-v1", v1.addr),
+            ("catalog-v2", v2.addr),
+            ("flaky", flaky.addr),
+        ] {
+            for obj in service(name, addr) {
+                api.cluster.apply(obj);
+            }
+        }
+        Cluster {
+            api,
+            _upstreams: vec![v1, v2, flaky],
+            flaky: seen,
+        }
+    }
+
+    fn route(&self, yaml: &str) {
+        for obj in typed(yaml) {
+            self.api.cluster.apply(obj);
+        }
+    }
+}
+
+const PARENT: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: catalog, namespace: shop, generation: 1}
+spec:
+  parentRefs: [{group: "", kind: Service, name: catalog, port: 80}]
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_weighted_split_matches_and_a_404_for_what_no_rule_matches() {
+    let cluster = Cluster::start().await;
+    let mesh = Mesh::start(&cluster.api).await;
+    // Before any route: the Service's own endpoints.
+    eventually("catalog is routed", Duration::from_secs(10), || async {
+        (mesh.get("/", &[]).await == (200, "catalog-v1".into())).then_some(())
+    })
+    .await;
+
+    cluster.route(&format!(
+        r#"{PARENT}  rules:
+    - matches: [{{path: {{type: Exact, value: /admin}}}}]
+      backendRefs: [{{name: catalog-v2, port: 80}}]
+    - matches:
+        - path: {{type: PathPrefix, value: /api}}
+          headers: [{{name: X-Canary, value: "yes"}}]
+      backendRefs: [{{name: catalog-v2, port: 80}}]
+    - matches: [{{path: {{type: PathPrefix, value: /api}}}}]
+      backendRefs:
+        - {{name: catalog-v1, port: 80, weight: 80}}
+        - {{name: catalog-v2, port: 80, weight: 20}}
+"#
+    ));
+    eventually("the route applies", Duration::from_secs(10), || async {
+        (mesh.get("/admin", &[]).await == (200, "catalog-v2".into())).then_some(())
+    })
+    .await;
+    // Exact is exact; the header match wins over the plain prefix; no rule, 404.
+    assert_eq!(mesh.get("/admin/x", &[]).await.0, 404);
+    assert_eq!(mesh.get("/other", &[]).await.0, 404);
+    for _ in 0..20 {
+        assert_eq!(
+            mesh.get("/api/items", &[("x-canary", "yes")]).await,
+            (200, "catalog-v2".into())
+        );
+    }
+    // 80/20 within 5 points over 2,000 requests.
+    let mut counts: HashMap<String, u32> = HashMap::new();
+    for _ in 0..2000 {
+        let (status, body) = mesh.get("/api/items", &[]).await;
+        assert_eq!(status, 200, "{body}");
+        *counts.entry(body).or_default() += 1;
+    }
+    let share = f64::from(counts["catalog-v2"]) / 2000.0 * 100.0;
+    assert!((15.0..=25.0).contains(&share), "{counts:?}");
+
+    // The status says it was accepted, with every reference resolved.
+    let status = mesh.status().await;
+    let outcome = &status["cluster"]["routes"]["shop/catalog"][0];
+    assert_eq!(outcome["accepted"], true, "{status}");
+    assert_eq!(outcome["resolved_refs"], true, "{status}");
+
+    // The route goes away: the Service's own endpoints again.
+    cluster.api.cluster.delete(&typed(PARENT)[0]);
+    eventually("the route is gone", Duration::from_secs(10), || async {
+        (mesh.get("/other", &[]).await == (200, "catalog-v1".into())).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeouts_and_retries_come_from_the_route() {
+    let cluster = Cluster::start().await;
+    let mesh = Mesh::start(&cluster.api).await;
+    cluster.route(&format!(
+        r#"{PARENT}  rules:
+    - matches: [{{path: {{value: /slow}}}}]
+      backendRefs: [{{name: catalog-v1, port: 80}}]
+      timeouts: {{request: 200ms}}
+    - matches: [{{path: {{value: /fail-once}}}}]
+      backendRefs: [{{name: flaky, port: 80}}]
+      retry: {{attempts: 2, codes: [503], backoff: 10ms}}
+    - matches: [{{path: {{value: /always-503}}}}]
+      backendRefs: [{{name: flaky, port: 80}}]
+      retry: {{attempts: 0}}
+"#
+    ));
+    eventually("the route applies", Duration::from_secs(10), || async {
+        (mesh.get("/slow/1", &[]).await.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(mesh.get("/slow/3000", &[]).await.0, 504);
+    assert_eq!(mesh.get("/fail-once/a", &[]).await.0, 200);
+    assert_eq!(cluster.flaky.lock().unwrap()["/fail-once/a"], 2);
+    // attempts: 0 turns off even the retries the mesh makes by default.
+    assert_eq!(mesh.get("/always-503/b", &[]).await.0, 503);
+    assert_eq!(cluster.flaky.lock().unwrap()["/always-503/b"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_with_what_the_mesh_cannot_honour_is_refused_by_name() {
+    let cluster = Cluster::start().await;
+    let mesh = Mesh::start(&cluster.api).await;
+    cluster.route(&format!(
+        r#"{PARENT}  rules:
+    - matches: [{{path: {{value: /}}, queryParams: [{{name: v, value: "2"}}]}}]
+      backendRefs: [{{name: catalog-v2, port: 80}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: elsewhere, namespace: shop}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: catalog, port: 80}}]
+  rules:
+    - backendRefs: [{{name: nowhere, port: 80}}]
+"#
+    ));
+    let status = eventually(
+        "the outcome is on /status",
+        Duration::from_secs(10),
+        || async {
+            let status = mesh.status().await;
+            let routes = &status["cluster"]["routes"];
+            (routes["shop/catalog"].is_array() && routes["shop/elsewhere"].is_array())
+                .then_some(status)
+        },
+    )
+    .await;
+    let refused = &status["cluster"]["routes"]["shop/catalog"][0]["accepted"];
+    assert_eq!(refused["reason"], "UnsupportedValue", "{status}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("spec.rules[0].matches[0].queryParams"),
+        "{status}"
+    );
+    let unresolved = &status["cluster"]["routes"]["shop/elsewhere"][0]["resolved_refs"];
+    assert_eq!(unresolved["reason"], "BackendNotFound", "{status}");
+    // Neither applies: the Service's own endpoints serve everything.
+    eventually("catalog is routed", Duration::from_secs(10), || async {
+        (mesh.get("/", &[]).await == (200, "catalog-v1".into())).then_some(())
+    })
+    .await;
+    assert_eq!(mesh.get("/anything", &[]).await, (200, "catalog-v1".into()));
+}
