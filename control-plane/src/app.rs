@@ -79,9 +79,15 @@ impl ControlPlane {
 
     /// Watches the cluster's Services, EndpointSlices and Pods through `client` and folds
     /// them into the mesh (`cluster_watch`).
-    pub fn watch_cluster(&self, client: crate::kube_client::KubeClient) {
+    /// `status_writer`, when given, is the Lease that decides which replica writes the
+    /// routes' status; without it, none is written.
+    pub fn watch_cluster(
+        &self,
+        client: crate::kube_client::KubeClient,
+        status_writer: Option<Arc<crate::lease::Lease>>,
+    ) {
         let trust_domain = self.ca.load().trust_domain.clone();
-        crate::cluster_watch::spawn(client, self.source.clone(), trust_domain);
+        crate::cluster_watch::spawn(client, self.source.clone(), trust_domain, status_writer);
     }
 }
 

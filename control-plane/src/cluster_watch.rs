@@ -30,15 +30,24 @@ use crate::cluster_source::{INJECTED, services_from};
 use crate::gateway_api::HttpRoute;
 use crate::gateway_routes;
 use crate::kube_client::KubeClient;
+use crate::lease::Lease;
 use crate::mesh_source::MeshSource;
+use crate::route_status;
 
 /// Changes that arrive this close together are folded into one recomputation: a rollout
 /// moves many endpoints at once.
 const COALESCE: Duration = Duration::from_millis(20);
+/// How often the status writer looks again without being told of a change.
+const STATUS_RECHECK: Duration = Duration::from_secs(5);
 
 /// Watches the cluster through `client` for as long as the process runs, folding it into
 /// `source`.
-pub fn spawn(kube: KubeClient, source: Arc<MeshSource>, trust_domain: String) {
+pub fn spawn(
+    kube: KubeClient,
+    source: Arc<MeshSource>,
+    trust_domain: String,
+    status_writer: Option<Arc<Lease>>,
+) {
     let changed = Arc::new(Notify::new());
     let health = source.cluster_health.clone();
     let _ = health.calls.set(kube.calls);
@@ -54,7 +63,18 @@ pub fn spawn(kube: KubeClient, source: Arc<MeshSource>, trust_domain: String) {
     let pods = watch("Pod").start(Api::<Pod>::all(client.clone()), strip_pod);
     let routes_watch = watch("HTTPRoute");
     let routes_failed = routes_watch.failed.clone();
-    let routes = routes_watch.start(Api::<HttpRoute>::all(client), strip_route);
+    let routes = routes_watch.start(Api::<HttpRoute>::all(client.clone()), strip_route);
+    let recomputed = Arc::new(Notify::new());
+    if let Some(lease) = status_writer {
+        lease.clone().spawn();
+        tokio::spawn(write_statuses(
+            client,
+            lease,
+            routes.clone(),
+            health.clone(),
+            recomputed.clone(),
+        ));
+    }
     tokio::spawn(async move {
         // Each fails only if its writer is gone, which ends its watch first.
         let _ = tokio::join!(
@@ -79,10 +99,32 @@ pub fn spawn(kube: KubeClient, source: Arc<MeshSource>, trust_domain: String) {
             let outcomes = gateway_routes::attach(&mut view, &routes.state());
             health.set_routes(outcomes);
             source.set_cluster(view);
+            recomputed.notify_one();
             changed.notified().await;
             tokio::time::sleep(COALESCE).await;
         }
     });
+}
+
+/// While this replica holds the Lease, writes each route's status after every
+/// recomputation, and now and then besides: a replica that has just become the writer
+/// catches up without waiting for a change.
+async fn write_statuses(
+    client: kube::Client,
+    lease: Arc<Lease>,
+    routes: Store<HttpRoute>,
+    health: Arc<ClusterHealth>,
+    recomputed: Arc<Notify>,
+) {
+    loop {
+        tokio::select! {
+            _ = recomputed.notified() => {}
+            _ = tokio::time::sleep(STATUS_RECHECK) => {}
+        }
+        if lease.is_leader() {
+            route_status::write(&client, &routes.state(), &health.routes()).await;
+        }
+    }
 }
 
 /// A pod is kept only for who it runs as and whether it has the sidecar: a cluster's pods

@@ -68,6 +68,13 @@ enum Command {
         /// the Pods behind them, watched and folded into the mesh file.
         #[arg(long)]
         kube_services: bool,
+        /// This replica's name, for the Lease that picks the one replica writing the routes'
+        /// status (the pod name; default: host name and process id).
+        #[arg(long, env = "POD_NAME")]
+        instance: Option<String>,
+        /// The namespace of that Lease (the control plane's own).
+        #[arg(long, env = "POD_NAMESPACE", default_value = "outrigger")]
+        lease_namespace: String,
         /// Serve the sidecar-injecting admission webhook (HTTPS, `POST /inject`) here.
         #[arg(long)]
         webhook: Option<SocketAddr>,
@@ -258,6 +265,8 @@ fn main() -> ExitCode {
             webhook_dns,
             sidecar,
             kube_services,
+            instance,
+            lease_namespace,
         } => {
             if kube_services && kube_api.is_none() {
                 eprintln!("--kube-services needs --kube-api");
@@ -298,8 +307,16 @@ fn main() -> ExitCode {
                 };
                 match app::start(options).await {
                     Ok(cp) => {
-                        if let (true, Some(client)) = (kube_services, kube) {
-                            cp.watch_cluster(client);
+                        if let (true, Some(kube)) = (kube_services, kube) {
+                            let holder = instance.unwrap_or_else(default_instance);
+                            let lease = outrigger_control_plane::lease::Lease::new(
+                                kube.client.clone(),
+                                &lease_namespace,
+                                STATUS_LEASE,
+                                &holder,
+                                STATUS_LEASE_DURATION,
+                            );
+                            cp.watch_cluster(kube, Some(std::sync::Arc::new(lease)));
                         }
                         if let Some(address) = webhook {
                             let ca = cp.ca.load_full();
@@ -374,6 +391,15 @@ fn issue(
     outrigger_control_plane::ca::write_private(&key_path, key.as_bytes())
         .map_err(file_error(&key_path))?;
     write("bundle.pem", ca.bundle_pem())
+}
+
+/// The Lease whose holder writes the routes' status, and how long a claim on it lasts.
+const STATUS_LEASE: &str = "outrigger-status-writer";
+const STATUS_LEASE_DURATION: std::time::Duration = std::time::Duration::from_secs(15);
+
+fn default_instance() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
 }
 
 /// SIGTERM (what Kubernetes sends) or Ctrl-C.

@@ -86,6 +86,8 @@ pub fn assert_typed(obj: &Value) {
         }
         "ServiceAccount" => round_trip::<core::ServiceAccount>(obj),
         "ClusterRole" => round_trip::<rbac::ClusterRole>(obj),
+        "Role" => round_trip::<rbac::Role>(obj),
+        "RoleBinding" => round_trip::<rbac::RoleBinding>(obj),
         "ClusterRoleBinding" => round_trip::<rbac::ClusterRoleBinding>(obj),
         "MutatingWebhookConfiguration" => {
             round_trip::<admission::MutatingWebhookConfiguration>(obj)

@@ -106,7 +106,7 @@ impl Mesh {
         })
         .await
         .unwrap();
-        cp.watch_cluster(api.client());
+        cp.watch_cluster(api.client(), None);
         let proxy = TestProxy::start(&xds_config(&format!(
             "address: \"{}\"\nnode: web-1\nservice: web",
             cp.xds_addr
@@ -125,11 +125,10 @@ impl Mesh {
         let mesh = Mesh::start(api).await;
         mesh.routes("catalog.shop", "catalog-v1", Duration::from_secs(10))
             .await;
-        eventually(
-            "three watches are open",
-            Duration::from_secs(10),
-            || async { (api.cluster.open_watches() == 3).then_some(()) },
-        )
+        // Services, EndpointSlices, Pods and HTTPRoutes.
+        eventually("four watches are open", Duration::from_secs(10), || async {
+            (api.cluster.open_watches() == 4).then_some(())
+        })
         .await;
         mesh
     }

@@ -123,3 +123,38 @@ async fn a_proxy_fails_over_to_another_replica_without_a_failed_request() {
         "{metrics}"
     );
 }
+
+/// The Lease that picks the status writer: one holder at a time, and another takes over
+/// once the holder stops renewing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_holds_the_status_lease_and_another_takes_it_when_it_lapses() {
+    use outrigger_control_plane::lease::Lease;
+    let api = outrigger_tests::fake_kube::FakeApiServer::empty("cp-token").await;
+    let lease = |holder: &str| {
+        Lease::new(
+            api.client().client,
+            "outrigger",
+            "outrigger-status-writer",
+            holder,
+            Duration::from_secs(1),
+        )
+    };
+    let (a, b) = (lease("cp-a"), lease("cp-b"));
+    assert!(a.try_acquire().await);
+    assert!(a.is_leader());
+    assert!(!b.try_acquire().await);
+    assert!(!b.is_leader());
+    // a renews: still a's.
+    assert!(a.try_acquire().await);
+    assert!(!b.try_acquire().await);
+    // a stops renewing; once its claim has lapsed, b takes it, and a knows it lost.
+    eventually(
+        "b takes the lapsed lease",
+        Duration::from_secs(10),
+        || async { b.try_acquire().await.then_some(()) },
+    )
+    .await;
+    assert!(!a.is_leader());
+    assert!(!a.try_acquire().await);
+    assert!(b.is_leader());
+}

@@ -6,9 +6,11 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use outrigger_control_plane::app::{self, ControlPlane};
+use outrigger_control_plane::lease::Lease;
 use outrigger_tests::clients::{TestClient, get};
 use outrigger_tests::fake_kube::FakeApiServer;
 use outrigger_tests::kube::{assert_typed, yaml_documents};
@@ -57,6 +59,11 @@ struct Mesh {
 
 impl Mesh {
     async fn start(api: &FakeApiServer) -> Mesh {
+        Self::replica(api, "cp-a").await
+    }
+
+    /// A replica named `instance`, competing for the status writer's Lease.
+    async fn replica(api: &FakeApiServer, instance: &str) -> Mesh {
         let mesh = temp_path("mesh.yaml");
         std::fs::write(&mesh, "mesh: {trust_domain: cluster.local}\n").unwrap();
         let cp = app::start(app::Options {
@@ -67,7 +74,15 @@ impl Mesh {
         })
         .await
         .unwrap();
-        cp.watch_cluster(api.client());
+        let kube = api.client();
+        let lease = Lease::new(
+            kube.client.clone(),
+            "outrigger",
+            "outrigger-status-writer",
+            instance,
+            Duration::from_secs(15),
+        );
+        cp.watch_cluster(kube, Some(Arc::new(lease)));
         let proxy = TestProxy::start(&xds_config(&format!(
             "address: \"{}\"\nnode: web-1\nservice: web",
             cp.xds_addr
@@ -288,4 +303,121 @@ spec:
     })
     .await;
     assert_eq!(mesh.get("/anything", &[]).await, (200, "catalog-v1".into()));
+}
+
+/// Status writes to `shop/catalog` so far.
+fn status_writes(cluster: &Cluster) -> usize {
+    cluster
+        .api
+        .cluster
+        .requests()
+        .iter()
+        .filter(|r| r.starts_with("PATCH ") && r.contains("/httproutes/catalog/status"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_route_status_is_written_once_by_the_replica_holding_the_lease() {
+    let cluster = Cluster::start().await;
+    let (a, b) = (
+        Mesh::replica(&cluster.api, "cp-a").await,
+        Mesh::replica(&cluster.api, "cp-b").await,
+    );
+    // Another controller's entry is there already, and stays.
+    let mut route = typed(&format!(
+        r#"{PARENT}  rules:
+    - backendRefs: [{{name: catalog-v2, port: 80}}]
+status:
+  parents:
+    - parentRef: {{name: edge}}
+      controllerName: example.com/gateway
+      conditions: []
+"#
+    ))
+    .remove(0);
+    cluster.route(&route.to_string());
+    let ours = |route: &Value| -> Vec<Value> {
+        route["status"]["parents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["controllerName"] == "outrigger.io/mesh")
+            .cloned()
+            .collect()
+    };
+    let written = eventually("the status is written", Duration::from_secs(10), || async {
+        let now = cluster.api.cluster.get(&route)?;
+        (!ours(&now).is_empty()).then_some(now)
+    })
+    .await;
+    let entry = &ours(&written)[0];
+    assert_eq!(entry["parentRef"]["name"], "catalog");
+    let conditions = entry["conditions"].as_array().unwrap();
+    for (kind, reason) in [("Accepted", "Accepted"), ("ResolvedRefs", "ResolvedRefs")] {
+        let c = conditions.iter().find(|c| c["type"] == kind).unwrap();
+        assert_eq!(
+            (c["status"].as_str(), c["reason"].as_str()),
+            (Some("True"), Some(reason))
+        );
+        assert_eq!(c["observedGeneration"], 1);
+    }
+    assert_eq!(
+        written["status"]["parents"][0]["controllerName"],
+        "example.com/gateway"
+    );
+    assert_eq!(ours(&written).len(), 1);
+
+    // Both replicas serve the route; one wrote, once, and an unchanged cluster costs no write.
+    for mesh in [&a, &b] {
+        eventually("the route applies", Duration::from_secs(10), || async {
+            (mesh.get("/", &[]).await == (200, "catalog-v2".into())).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(
+        status_writes(&cluster),
+        1,
+        "{:#?}",
+        cluster.api.cluster.requests()
+    );
+    let holder = cluster
+        .api
+        .cluster
+        .get(
+            &serde_json::json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"namespace": "outrigger", "name": "outrigger-status-writer"}}),
+        )
+        .unwrap();
+    let holder = holder["spec"]["holderIdentity"].as_str().unwrap();
+    assert!(["cp-a", "cp-b"].contains(&holder), "{holder}");
+
+    // The route changes to one the mesh refuses: the status follows, naming the field.
+    route["spec"]["rules"][0]["filters"] = serde_json::json!([{"type": "CORS", "cors": {}}]);
+    route["metadata"]["generation"] = serde_json::json!(2);
+    cluster.route(&route.to_string());
+    let refused = eventually(
+        "the refusal is written",
+        Duration::from_secs(10),
+        || async {
+            let now = cluster.api.cluster.get(&route)?;
+            let entry = ours(&now).into_iter().next()?;
+            let accepted = entry["conditions"]
+                .as_array()?
+                .iter()
+                .find(|c| c["type"] == "Accepted")?
+                .clone();
+            (accepted["status"] == "False").then_some(accepted)
+        },
+    )
+    .await;
+    assert_eq!(refused["reason"], "UnsupportedValue");
+    assert_eq!(refused["observedGeneration"], 2);
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("filters[0] (CORS)"),
+        "{refused}"
+    );
+    assert_eq!(status_writes(&cluster), 2);
 }

@@ -1,0 +1,93 @@
+//! Writes what became of each HTTPRoute back to its status, as the Gateway API requires: for
+//! each Service it attaches to, an entry under `status.parents` with this mesh's controller
+//! name and the `Accepted` and `ResolvedRefs` conditions. Entries of other controllers are
+//! kept; ours are written only when they change (a condition's `lastTransitionTime` moves
+//! only when its status does), so an unchanged cluster costs no writes.
+
+use std::sync::Arc;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::Api;
+use kube::api::{Patch, PatchParams};
+use serde_json::json;
+
+use crate::gateway_api::{HttpRoute, RouteParentStatus};
+use crate::gateway_routes::{Outcome, RouteOutcomes};
+
+/// Our name in `status.parents[].controllerName`.
+pub const CONTROLLER: &str = "outrigger.io/mesh";
+
+/// Writes the status of every route in `routes` whose conditions differ from `outcomes`.
+pub async fn write(client: &kube::Client, routes: &[Arc<HttpRoute>], outcomes: &RouteOutcomes) {
+    for route in routes {
+        let namespace = route.metadata.namespace.as_deref().unwrap_or_default();
+        let name = route.metadata.name.as_deref().unwrap_or_default();
+        let Some((generation, outcomes)) = outcomes.0.get(&format!("{namespace}/{name}")) else {
+            continue;
+        };
+        let current = route.status.clone().unwrap_or_default().parents;
+        let ours: Vec<RouteParentStatus> = outcomes
+            .iter()
+            .map(|o| entry(o, *generation, &current))
+            .collect();
+        let mine = |p: &&RouteParentStatus| p.controller_name == CONTROLLER;
+        if current.iter().filter(mine).eq(ours.iter()) {
+            continue;
+        }
+        let parents: Vec<&RouteParentStatus> = current
+            .iter()
+            .filter(|p| p.controller_name != CONTROLLER)
+            .chain(&ours)
+            .collect();
+        // Conditional on the version read: a route that changed meanwhile is written again
+        // once its new version is seen.
+        let patch = json!({
+            "metadata": {"resourceVersion": route.metadata.resource_version},
+            "status": {"parents": parents},
+        });
+        let api: Api<HttpRoute> = Api::namespaced(client.clone(), namespace);
+        if let Err(e) = api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            tracing::warn!(route = %format!("{namespace}/{name}"), error = %e, "cannot write the route's status");
+        }
+    }
+}
+
+/// Our entry for one parent, keeping each condition's transition time while its status holds.
+fn entry(outcome: &Outcome, generation: i64, current: &[RouteParentStatus]) -> RouteParentStatus {
+    let before = current
+        .iter()
+        .find(|p| p.controller_name == CONTROLLER && p.parent_ref == outcome.parent);
+    let condition = |kind: &str, result: &Result<(), (&'static str, String)>, ok: &str| {
+        let (status, reason, message) = match result {
+            Ok(()) => ("True", ok.to_string(), String::new()),
+            Err((reason, message)) => ("False", reason.to_string(), message.clone()),
+        };
+        let since = before
+            .and_then(|b| b.conditions.iter().find(|c| c.type_ == kind))
+            .filter(|c| c.status == status)
+            .map_or_else(
+                || Time(Timestamp::now()),
+                |c| c.last_transition_time.clone(),
+            );
+        Condition {
+            type_: kind.to_string(),
+            status: status.to_string(),
+            reason,
+            message,
+            observed_generation: Some(generation),
+            last_transition_time: since,
+        }
+    };
+    RouteParentStatus {
+        parent_ref: outcome.parent.clone(),
+        controller_name: CONTROLLER.to_string(),
+        conditions: vec![
+            condition("Accepted", &outcome.accepted, "Accepted"),
+            condition("ResolvedRefs", &outcome.resolved_refs, "ResolvedRefs"),
+        ],
+    }
+}
