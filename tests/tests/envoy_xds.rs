@@ -10,42 +10,6 @@ use outrigger_tests::clients::{TestClient, get};
 use outrigger_tests::envoy::Envoy;
 use outrigger_tests::{eventually, free_addr, temp_path, upstreams};
 
-/// `api_type` is `GRPC` (state of the world) or `DELTA_GRPC`.
-fn start_envoy(node: &str, api_type: &str, xds: SocketAddr, admin: SocketAddr) -> Envoy {
-    let bootstrap = format!(
-        r#"node: {{id: {node}, cluster: test}}
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
-dynamic_resources:
-  ads_config:
-    api_type: {api_type}
-    transport_api_version: V3
-    grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]
-  cds_config: {{ads: {{}}, resource_api_version: V3}}
-  lds_config: {{ads: {{}}, resource_api_version: V3}}
-static_resources:
-  clusters:
-    - name: xds
-      type: STATIC
-      connect_timeout: 1s
-      typed_extension_protocol_options:
-        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-          explicit_http_config: {{http2_protocol_options: {{}}}}
-      load_assignment:
-        cluster_name: xds
-        endpoints:
-          - lb_endpoints:
-              - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {xds_port}}}}}}}
-"#,
-        admin_port = admin.port(),
-        xds_port = xds.port()
-    );
-    let path = temp_path("envoy-bootstrap.yaml");
-    std::fs::write(&path, bootstrap).unwrap();
-    Envoy::start(&path)
-}
-
 fn mesh(outbound: SocketAddr, v1: SocketAddr, v2: SocketAddr, web_to: &str) -> String {
     format!(
         r#"mesh:
@@ -114,7 +78,7 @@ async fn envoy_follows_the_mesh_over_sotw_ads() {
     let (v1, v2) = (upstreams::http("v1").await, upstreams::http("v2").await);
     let (outbound, envoy_admin) = (free_addr(), free_addr());
     let (cp, mesh_path) = start_control_plane(&mesh(outbound, v1.addr, v2.addr, "web")).await;
-    let _envoy = start_envoy("envoy-sotw", "GRPC", cp.xds_addr, envoy_admin);
+    let _envoy = Envoy::ads("envoy-sotw", "GRPC", cp.xds_addr, envoy_admin);
 
     let upstream = eventually(
         "Envoy routes web to v1",
@@ -200,7 +164,7 @@ async fn envoy_follows_the_mesh_over_delta_ads() {
     let (v1, v2) = (upstreams::http("v1").await, upstreams::http("v2").await);
     let (outbound, envoy_admin) = (free_addr(), free_addr());
     let (cp, mesh_path) = start_control_plane(&mesh(outbound, v1.addr, v2.addr, "web")).await;
-    let _envoy = start_envoy("envoy-delta", "DELTA_GRPC", cp.xds_addr, envoy_admin);
+    let _envoy = Envoy::ads("envoy-delta", "DELTA_GRPC", cp.xds_addr, envoy_admin);
 
     eventually(
         "Envoy routes web to v1",
@@ -282,7 +246,7 @@ services:
         v1 = v1.addr
     );
     let (cp, _) = start_control_plane(&mesh_text).await;
-    let _envoy = start_envoy("envoy-policy", "GRPC", cp.xds_addr, envoy_admin);
+    let _envoy = Envoy::ads("envoy-policy", "GRPC", cp.xds_addr, envoy_admin);
     eventually("Envoy routes web", Duration::from_secs(30), || async move {
         envoy_routes_to(outbound, "web").await.filter(|u| u == "v1")
     })

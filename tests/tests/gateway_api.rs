@@ -12,9 +12,10 @@ use std::time::Duration;
 use outrigger_control_plane::app::{self, ControlPlane};
 use outrigger_control_plane::lease::Lease;
 use outrigger_tests::clients::{TestClient, get};
+use outrigger_tests::envoy::Envoy;
 use outrigger_tests::fake_kube::FakeApiServer;
 use outrigger_tests::kube::{assert_typed, yaml_documents};
-use outrigger_tests::{TestProxy, eventually, temp_path, upstreams, xds_config};
+use outrigger_tests::{TestProxy, eventually, free_addr, temp_path, upstreams, xds_config};
 use serde_json::Value;
 
 /// The documents of `yaml`, each checked against its typed object.
@@ -50,11 +51,13 @@ endpoints:
     ))
 }
 
-/// A control plane watching the API server, and a proxy following it.
+/// A control plane watching the API server, and a proxy following it: ours, or a real
+/// Envoy.
 struct Mesh {
     cp: ControlPlane,
     client: TestClient,
-    _proxy: TestProxy,
+    _proxy: Option<TestProxy>,
+    _envoy: Option<Envoy>,
 }
 
 impl Mesh {
@@ -62,27 +65,22 @@ impl Mesh {
         Self::replica(api, "cp-a").await
     }
 
+    /// The same, with a real Envoy as the proxy, listening where the mesh file says.
+    async fn with_envoy(api: &FakeApiServer) -> Mesh {
+        let outbound = free_addr();
+        let cp = control_plane(api, "cp-a", outbound.port()).await;
+        let envoy = Envoy::ads("envoy-gamma", "GRPC", cp.xds_addr, free_addr());
+        Mesh {
+            cp,
+            client: TestClient::http1(outbound),
+            _proxy: None,
+            _envoy: Some(envoy),
+        }
+    }
+
     /// A replica named `instance`, competing for the status writer's Lease.
     async fn replica(api: &FakeApiServer, instance: &str) -> Mesh {
-        let mesh = temp_path("mesh.yaml");
-        std::fs::write(&mesh, "mesh: {trust_domain: cluster.local}\n").unwrap();
-        let cp = app::start(app::Options {
-            mesh_path: mesh,
-            xds_address: "127.0.0.1:0".parse().unwrap(),
-            admin_address: "127.0.0.1:0".parse().unwrap(),
-            identity: Default::default(),
-        })
-        .await
-        .unwrap();
-        let kube = api.client();
-        let lease = Lease::new(
-            kube.client.clone(),
-            "outrigger",
-            "outrigger-status-writer",
-            instance,
-            Duration::from_secs(15),
-        );
-        cp.watch_cluster(kube, Some(Arc::new(lease)));
+        let cp = control_plane(api, instance, 15001).await;
         let proxy = TestProxy::start(&xds_config(&format!(
             "address: \"{}\"\nnode: web-1\nservice: web",
             cp.xds_addr
@@ -92,7 +90,8 @@ impl Mesh {
         Mesh {
             cp,
             client,
-            _proxy: proxy,
+            _proxy: Some(proxy),
+            _envoy: None,
         }
     }
 
@@ -117,6 +116,34 @@ impl Mesh {
     async fn status(&self) -> Value {
         serde_json::from_str(&get(self.cp.admin_addr, "/status").await.body).unwrap()
     }
+}
+
+/// A control plane watching `api` as replica `instance`; Envoy's listener on `outbound_port`.
+async fn control_plane(api: &FakeApiServer, instance: &str, outbound_port: u16) -> ControlPlane {
+    let mesh = temp_path("mesh.yaml");
+    std::fs::write(
+        &mesh,
+        format!("mesh: {{trust_domain: cluster.local, outbound_port: {outbound_port}}}\n"),
+    )
+    .unwrap();
+    let cp = app::start(app::Options {
+        mesh_path: mesh,
+        xds_address: "127.0.0.1:0".parse().unwrap(),
+        admin_address: "127.0.0.1:0".parse().unwrap(),
+        identity: Default::default(),
+    })
+    .await
+    .unwrap();
+    let kube = api.client();
+    let lease = Lease::new(
+        kube.client.clone(),
+        "outrigger",
+        "outrigger-status-writer",
+        instance,
+        Duration::from_secs(15),
+    );
+    cp.watch_cluster(kube, Some(Arc::new(lease)));
+    cp
 }
 
 /// The cluster: `catalog` (the parent, whose own pods are `catalog-v1`), `catalog-v1`,
@@ -171,8 +198,19 @@ spec:
 async fn a_weighted_split_matches_and_a_404_for_what_no_rule_matches() {
     let cluster = Cluster::start().await;
     let mesh = Mesh::start(&cluster.api).await;
+    split_matches_and_404(&cluster, &mesh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_follows_the_same_split_matches_and_404() {
+    let cluster = Cluster::start().await;
+    let mesh = Mesh::with_envoy(&cluster.api).await;
+    split_matches_and_404(&cluster, &mesh).await;
+}
+
+async fn split_matches_and_404(cluster: &Cluster, mesh: &Mesh) {
     // Before any route: the Service's own endpoints.
-    eventually("catalog is routed", Duration::from_secs(10), || async {
+    eventually("catalog is routed", Duration::from_secs(30), || async {
         (mesh.get("/", &[]).await == (200, "catalog-v1".into())).then_some(())
     })
     .await;
@@ -232,6 +270,17 @@ async fn a_weighted_split_matches_and_a_404_for_what_no_rule_matches() {
 async fn timeouts_and_retries_come_from_the_route() {
     let cluster = Cluster::start().await;
     let mesh = Mesh::start(&cluster.api).await;
+    timeouts_and_retries(&cluster, &mesh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_takes_the_same_timeouts_and_retries() {
+    let cluster = Cluster::start().await;
+    let mesh = Mesh::with_envoy(&cluster.api).await;
+    timeouts_and_retries(&cluster, &mesh).await;
+}
+
+async fn timeouts_and_retries(cluster: &Cluster, mesh: &Mesh) {
     cluster.route(&format!(
         r#"{PARENT}  rules:
     - matches: [{{path: {{value: /slow}}}}]
@@ -245,8 +294,10 @@ async fn timeouts_and_retries_come_from_the_route() {
       retry: {{attempts: 0}}
 "#
     ));
-    eventually("the route applies", Duration::from_secs(10), || async {
-        (mesh.get("/slow/1", &[]).await.0 == 200).then_some(())
+    // Before the route, catalog's own pods answer everything.
+    eventually("the route applies", Duration::from_secs(30), || async {
+        let (status, body) = mesh.get("/fail-once/probe", &[]).await;
+        (status == 200 && body != "catalog-v1").then_some(())
     })
     .await;
     assert_eq!(mesh.get("/slow/3000", &[]).await.0, 504);
