@@ -5,6 +5,8 @@
 //!   its ports; without a port it applies to every port.
 //! - Producer routes only: a route in the Service's own namespace. A route in another
 //!   namespace (a consumer route) is not accepted yet, and says so.
+//! - Matches on path, headers, query parameters and method, weighted backends, timeouts,
+//!   retries and the two header modifier filters are honoured.
 //! - Each match of each rule becomes one mesh route; they are ordered by Gateway API's
 //!   precedence (exact path, longest prefix, method, most headers, most query parameters,
 //!   oldest route, then name), and a request no rule matches gets 404.
@@ -18,9 +20,10 @@ use std::sync::Arc;
 use outrigger_core::policy::{self, Retry};
 
 use crate::gateway_api::{
-    HttpBackendRef, HttpRoute, HttpRouteMatch, HttpRouteRule, ParentRef, parse_duration,
+    HeaderModifier, HttpBackendRef, HttpRoute, HttpRouteMatch, HttpRouteRule, HttpValueMatch,
+    ParentRef, parse_duration,
 };
-use crate::mesh::{PathMatch, Route, Service};
+use crate::mesh::{HeaderChanges, PathMatch, Route, Service, ValueMatch};
 
 /// What became of one route on one parent, as the status conditions say it.
 #[derive(Clone, Debug, PartialEq)]
@@ -147,6 +150,9 @@ pub fn attach(services: &mut [Service], routes: &[Arc<HttpRoute>]) -> RouteOutco
     outcomes
 }
 
+/// The filters a mesh route honours: header changes on the request and on the response.
+const FILTERS: [&str; 2] = ["RequestHeaderModifier", "ResponseHeaderModifier"];
+
 /// The first field of `route` this version cannot honour, by its path in the object.
 fn unsupported(route: &HttpRoute) -> Option<String> {
     if let Some(field) = route.spec.unknown.keys().next() {
@@ -157,26 +163,16 @@ fn unsupported(route: &HttpRoute) -> Option<String> {
         if let Some(field) = rule.unknown.keys().next() {
             return Some(format!("{at}.{field}"));
         }
-        if let Some(filter) = rule.filters.first() {
-            return Some(format!("{at}.filters[0] ({})", filter.type_));
+        if let Some(f) = rule
+            .filters
+            .iter()
+            .position(|f| !FILTERS.contains(&f.type_.as_str()))
+        {
+            return Some(format!("{at}.filters[{f}] ({})", rule.filters[f].type_));
         }
         for (m, matched) in rule.matches.iter().enumerate() {
-            let at = format!("{at}.matches[{m}]");
             if let Some(field) = matched.unknown.keys().next() {
-                return Some(format!("{at}.{field}"));
-            }
-            if !matched.query_params.is_empty() {
-                return Some(format!("{at}.queryParams"));
-            }
-            if matched.method.is_some() {
-                return Some(format!("{at}.method"));
-            }
-            if let Some(h) = matched
-                .headers
-                .iter()
-                .position(|h| h.type_.as_deref().is_some_and(|t| t != "Exact"))
-            {
-                return Some(format!("{at}.headers[{h}].type"));
+                return Some(format!("{at}.matches[{m}].{field}"));
             }
         }
         for (b, backend) in rule.backend_refs.iter().enumerate() {
@@ -188,7 +184,11 @@ fn unsupported(route: &HttpRoute) -> Option<String> {
     None
 }
 
-type Rank = (u8, Reverse<usize>, bool, Reverse<usize>);
+/// Gateway API's precedence among matches: exact path, then the longest prefix, then a
+/// method, the most headers, the most query parameters; smaller sorts first.
+type Rank = (u8, Reverse<usize>, bool, Reverse<usize>, Reverse<usize>);
+
+type Refusal = (&'static str, String);
 
 /// The mesh routes of `route`, each with its precedence, or why its backends do not resolve.
 fn translate(
@@ -215,40 +215,44 @@ fn translate(
             "timeouts.backendRequest",
         )?;
         let retry = retry(rule, r)?;
+        let (request_headers, response_headers) = header_filters(rule, r)?;
         for (m, matched) in matches.iter().enumerate() {
+            let at = format!("spec.rules[{r}].matches[{m}]");
             let path = matched.path.clone().unwrap_or_default();
             let value = path.value.unwrap_or_else(|| "/".into());
             let (path, rank) = match path.type_.as_deref().unwrap_or("PathPrefix") {
                 "Exact" => (PathMatch::Exact(value), 0),
-                "PathPrefix" => (PathMatch::Prefix(value), 1),
-                "RegularExpression" => (PathMatch::Regex(value), 2),
+                "PathPrefix" => (PathMatch::SegmentPrefix(value), 1),
+                "RegularExpression" => {
+                    check_regex(&value, &format!("{at}.path.value"))?;
+                    (PathMatch::Regex(value), 2)
+                }
                 other => {
-                    return Err((
-                        "UnsupportedValue",
-                        format!("spec.rules[{r}].matches[{m}].path.type `{other}`"),
-                    ));
+                    return Err(("UnsupportedValue", format!("{at}.path.type `{other}`")));
                 }
             };
             let length = match &path {
-                PathMatch::Prefix(p) => p.len(),
+                PathMatch::SegmentPrefix(p) => p.trim_end_matches('/').len(),
                 _ => 0,
             };
-            let headers: Vec<(String, String)> = matched
-                .headers
-                .iter()
-                .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
-                .collect();
+            let headers = values(&matched.headers, &format!("{at}.headers"), true)?;
+            let query = values(&matched.query_params, &format!("{at}.queryParams"), false)?;
             let rank = (
                 rank,
                 Reverse(length),
                 matched.method.is_none(),
                 Reverse(headers.len()),
+                Reverse(query.len()),
             );
             out.push((
                 Route {
                     name: format!("{namespace}/{name}/{rule_name}"),
                     path,
                     headers,
+                    method: matched.method.clone(),
+                    query,
+                    request_headers: request_headers.clone(),
+                    response_headers: response_headers.clone(),
                     backends: backends.clone(),
                     timeout,
                     retry: retry.clone(),
@@ -260,6 +264,87 @@ fn translate(
         }
     }
     Ok(out)
+}
+
+/// Header (`lowercase`) or query parameter matches.
+fn values(
+    matches: &[HttpValueMatch],
+    at: &str,
+    lowercase: bool,
+) -> Result<Vec<(String, ValueMatch)>, Refusal> {
+    let mut out = Vec::with_capacity(matches.len());
+    for (i, m) in matches.iter().enumerate() {
+        let value = match m.type_.as_deref().unwrap_or("Exact") {
+            "Exact" => ValueMatch::Exact(m.value.clone()),
+            "RegularExpression" => {
+                check_regex(&m.value, &format!("{at}[{i}].value"))?;
+                ValueMatch::Regex(m.value.clone())
+            }
+            other => return Err(("UnsupportedValue", format!("{at}[{i}].type `{other}`"))),
+        };
+        let name = if lowercase {
+            m.name.to_ascii_lowercase()
+        } else {
+            m.name.clone()
+        };
+        out.push((name, value));
+    }
+    Ok(out)
+}
+
+fn check_regex(re: &str, at: &str) -> Result<(), Refusal> {
+    regex::Regex::new(re).map(|_| ()).map_err(|e| {
+        (
+            "UnsupportedValue",
+            format!("{at}: not a regular expression: {e}"),
+        )
+    })
+}
+
+/// The rule's request and response header changes. Headers named `x-outrigger-*` are the
+/// mesh's own, and a route may not set or remove them.
+fn header_filters(
+    rule: &HttpRouteRule,
+    r: usize,
+) -> Result<(HeaderChanges, HeaderChanges), Refusal> {
+    let mut request = HeaderChanges::default();
+    let mut response = HeaderChanges::default();
+    for (f, filter) in rule.filters.iter().enumerate() {
+        let (key, into) = match filter.type_.as_str() {
+            "RequestHeaderModifier" => ("requestHeaderModifier", &mut request),
+            "ResponseHeaderModifier" => ("responseHeaderModifier", &mut response),
+            _ => continue,
+        };
+        let at = format!("spec.rules[{r}].filters[{f}].{key}");
+        let settings = filter.settings.get(key).cloned().unwrap_or_default();
+        let modifier: HeaderModifier = serde_json::from_value(settings)
+            .map_err(|e| ("UnsupportedValue", format!("{at}: {e}")))?;
+        let names = modifier
+            .set
+            .iter()
+            .chain(&modifier.add)
+            .map(|h| &h.name)
+            .chain(&modifier.remove);
+        for name in names {
+            let valid = http::HeaderName::from_bytes(name.as_bytes()).is_ok();
+            if !valid || name.to_ascii_lowercase().starts_with("x-outrigger-") {
+                return Err((
+                    "UnsupportedValue",
+                    format!("{at}: header `{name}` may not be changed by a route"),
+                ));
+            }
+        }
+        let pairs = |hs: &[crate::gateway_api::HttpHeader]| {
+            hs.iter()
+                .map(|h| (h.name.to_ascii_lowercase(), h.value.clone()))
+                .collect::<Vec<_>>()
+        };
+        into.set.extend(pairs(&modifier.set));
+        into.add.extend(pairs(&modifier.add));
+        into.remove
+            .extend(modifier.remove.iter().map(|n| n.to_ascii_lowercase()));
+    }
+    Ok((request, response))
 }
 
 fn duration_at(

@@ -263,14 +263,39 @@ impl Service {
 pub enum PathMatch {
     Exact(String),
     Prefix(String),
+    /// The path itself or anything under it at a `/` (Gateway API's `PathPrefix`).
+    SegmentPrefix(String),
     Regex(String),
+}
+
+/// A header's or query parameter's value as a route matches it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ValueMatch {
+    Exact(String),
+    /// RE2 syntax, matching the whole value.
+    Regex(String),
+}
+
+/// Headers a route changes on the request or the response.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct HeaderChanges {
+    /// Replaces any header of the name.
+    pub set: Vec<(String, String)>,
+    /// Added beside any of the name.
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     pub name: String,
     pub path: PathMatch,
-    pub headers: Vec<(String, String)>,
+    /// Lowercase names.
+    pub headers: Vec<(String, ValueMatch)>,
+    pub method: Option<String>,
+    pub query: Vec<(String, ValueMatch)>,
+    pub request_headers: HeaderChanges,
+    pub response_headers: HeaderChanges,
     /// (cluster name, weight)
     pub backends: Vec<(String, u32)>,
     pub timeout: Option<Duration>,
@@ -489,8 +514,15 @@ impl Mesh {
                     headers: m
                         .headers
                         .iter()
-                        .map(|h| (h.name.to_ascii_lowercase(), h.exact.clone()))
+                        .map(|h| {
+                            let value = ValueMatch::Exact(h.exact.clone());
+                            (h.name.to_ascii_lowercase(), value)
+                        })
                         .collect(),
+                    method: None,
+                    query: Vec::new(),
+                    request_headers: HeaderChanges::default(),
+                    response_headers: HeaderChanges::default(),
                     backends,
                     timeout,
                     per_try_timeout: None,

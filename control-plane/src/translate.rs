@@ -9,8 +9,9 @@ use envoy_types::pb::envoy::config::cluster::v3::{
     Cluster, LoadBalancingPolicy, cluster, load_balancing_policy,
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    Address, AggregatedConfigSource, ApiVersion, ConfigSource, Http2ProtocolOptions, Locality,
-    SocketAddress, TypedExtensionConfig, address, config_source, socket_address,
+    Address, AggregatedConfigSource, ApiVersion, ConfigSource, HeaderValue, HeaderValueOption,
+    Http2ProtocolOptions, Locality, SocketAddress, TypedExtensionConfig, address, config_source,
+    header_value_option, socket_address,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -19,8 +20,9 @@ use envoy_types::pb::envoy::config::listener::v3::{
     ApiListener, Filter, FilterChain, Listener, filter,
 };
 use envoy_types::pb::envoy::config::route::v3::{
-    HeaderMatcher, Route as EnvoyRoute, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
-    WeightedCluster, header_matcher, route, route_action, route_match, weighted_cluster,
+    HeaderMatcher, QueryParameterMatcher, Route as EnvoyRoute, RouteAction, RouteConfiguration,
+    RouteMatch, VirtualHost, WeightedCluster, header_matcher, query_parameter_matcher, route,
+    route_action, route_match, weighted_cluster,
 };
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
@@ -36,7 +38,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, s
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
 use prost::{Message, Name};
 
-use crate::mesh::{Mesh, PathMatch, Service};
+use crate::mesh::{HeaderChanges, Mesh, PathMatch, Service, ValueMatch};
 use crate::policy;
 
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
@@ -383,23 +385,43 @@ fn route_for(r: &crate::mesh::Route) -> EnvoyRoute {
     let path_specifier = match &r.path {
         PathMatch::Exact(p) => route_match::PathSpecifier::Path(p.clone()),
         PathMatch::Prefix(p) => route_match::PathSpecifier::Prefix(p.clone()),
+        PathMatch::SegmentPrefix(p) => match p.trim_end_matches('/') {
+            "" => route_match::PathSpecifier::Prefix("/".into()),
+            p => route_match::PathSpecifier::PathSeparatedPrefix(p.to_string()),
+        },
         PathMatch::Regex(re) => route_match::PathSpecifier::SafeRegex(RegexMatcher {
             regex: re.clone(),
             ..Default::default()
         }),
     };
+    let header = |name: &str, value: &ValueMatch| HeaderMatcher {
+        name: name.to_string(),
+        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(
+            string_match(value),
+        )),
+        ..Default::default()
+    };
+    // Envoy matches the method as the `:method` pseudo-header.
+    let method = r
+        .method
+        .iter()
+        .map(|m| header(":method", &ValueMatch::Exact(m.clone())));
     let headers = r
         .headers
         .iter()
-        .map(|(name, value)| HeaderMatcher {
+        .map(|(name, value)| header(name, value))
+        .chain(method)
+        .collect();
+    let query_parameters = r
+        .query
+        .iter()
+        .map(|(name, value)| QueryParameterMatcher {
             name: name.clone(),
-            header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(
-                StringMatcher {
-                    match_pattern: Some(string_matcher::MatchPattern::Exact(value.clone())),
-                    ..Default::default()
-                },
-            )),
-            ..Default::default()
+            query_parameter_match_specifier: Some(
+                query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(string_match(
+                    value,
+                )),
+            ),
         })
         .collect();
     let cluster_specifier = if r.backends.len() == 1 {
@@ -423,8 +445,13 @@ fn route_for(r: &crate::mesh::Route) -> EnvoyRoute {
         r#match: Some(RouteMatch {
             path_specifier: Some(path_specifier),
             headers,
+            query_parameters,
             ..Default::default()
         }),
+        request_headers_to_add: header_additions(&r.request_headers),
+        request_headers_to_remove: r.request_headers.remove.clone(),
+        response_headers_to_add: header_additions(&r.response_headers),
+        response_headers_to_remove: r.response_headers.remove.clone(),
         action: Some(route::Action::Route(RouteAction {
             cluster_specifier: Some(cluster_specifier),
             timeout: r.timeout.map(duration),
@@ -434,6 +461,42 @@ fn route_for(r: &crate::mesh::Route) -> EnvoyRoute {
         typed_per_filter_config: rate_limit_config(r.rate_limit.as_ref()),
         ..Default::default()
     }
+}
+
+fn string_match(value: &ValueMatch) -> StringMatcher {
+    StringMatcher {
+        match_pattern: Some(match value {
+            ValueMatch::Exact(v) => string_matcher::MatchPattern::Exact(v.clone()),
+            ValueMatch::Regex(re) => string_matcher::MatchPattern::SafeRegex(RegexMatcher {
+                regex: re.clone(),
+                ..Default::default()
+            }),
+        }),
+        ..Default::default()
+    }
+}
+
+/// `set` overwrites, `add` appends: Envoy's append actions say which.
+fn header_additions(changes: &HeaderChanges) -> Vec<HeaderValueOption> {
+    use header_value_option::HeaderAppendAction;
+    let option = |(name, value): &(String, String), action: HeaderAppendAction| HeaderValueOption {
+        header: Some(HeaderValue {
+            key: name.clone(),
+            value: value.clone(),
+            ..Default::default()
+        }),
+        append_action: action as i32,
+        ..Default::default()
+    };
+    let set = changes
+        .set
+        .iter()
+        .map(|h| option(h, HeaderAppendAction::OverwriteIfExistsOrAdd));
+    let add = changes
+        .add
+        .iter()
+        .map(|h| option(h, HeaderAppendAction::AppendIfExistsOrAdd));
+    set.chain(add).collect()
 }
 
 fn rate_limit_config(limit: Option<&policy::RateLimit>) -> std::collections::HashMap<String, Any> {

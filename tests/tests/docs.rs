@@ -1,8 +1,9 @@
 //! Every YAML example in the documentation is checked with the binaries' own validation, so
 //! the docs cannot drift from what the binaries accept. A block says what it is after the
 //! language: ```` ```yaml proxy ```` (a proxy config, as `outrigger-proxy check` reads it) or
-//! ```` ```yaml mesh ```` (a mesh file, as `outrigger-control-plane check` reads it). A YAML
-//! block that says neither fails the test.
+//! ```` ```yaml mesh ```` (a mesh file, as `outrigger-control-plane check` reads it) or
+//! ```` ```yaml kube ```` (Kubernetes objects, each parsed as its typed object with no field
+//! lost). A YAML block that says none of these fails the test.
 
 use std::path::{Path, PathBuf};
 
@@ -55,7 +56,15 @@ async fn every_yaml_example_in_the_docs_is_valid() {
             let result = match kind.as_str() {
                 "proxy" => RuntimeConfig::build(&source, &body, 1, None).map(|_| ()),
                 "mesh" => Mesh::parse(&source, &body).map(|_| ()),
-                other => panic!("{source}: a YAML block must say `proxy` or `mesh`, not `{other}`"),
+                "kube" => {
+                    let docs = outrigger_tests::kube::yaml_documents(&body);
+                    assert!(!docs.is_empty(), "{source}: no object");
+                    docs.iter().for_each(outrigger_tests::kube::assert_typed);
+                    Ok(())
+                }
+                other => panic!(
+                    "{source}: a YAML block must say `proxy`, `mesh` or `kube`, not `{other}`"
+                ),
             };
             if let Err(e) = result {
                 panic!("{e}");

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use outrigger_control_plane::app::{self, ControlPlane};
 use outrigger_control_plane::lease::Lease;
-use outrigger_tests::clients::{TestClient, get};
+use outrigger_tests::clients::{Reply, TestClient, get};
 use outrigger_tests::envoy::Envoy;
 use outrigger_tests::fake_kube::FakeApiServer;
 use outrigger_tests::kube::{assert_typed, yaml_documents};
@@ -93,6 +93,20 @@ impl Mesh {
             _proxy: Some(proxy),
             _envoy: None,
         }
+    }
+
+    /// The whole reply to `method path` to `catalog`, with `headers`.
+    async fn send(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
+        self.client
+            .send(
+                http::Method::from_bytes(method.as_bytes()).unwrap(),
+                "catalog.shop.svc.cluster.local",
+                path,
+                headers,
+                "",
+            )
+            .await
+            .unwrap()
     }
 
     /// `(status, body)` of `GET path` to `catalog`, with `headers`.
@@ -314,7 +328,7 @@ async fn a_route_with_what_the_mesh_cannot_honour_is_refused_by_name() {
     let mesh = Mesh::start(&cluster.api).await;
     cluster.route(&format!(
         r#"{PARENT}  rules:
-    - matches: [{{path: {{value: /}}, queryParams: [{{name: v, value: "2"}}]}}]
+    - filters: [{{type: RequestMirror, requestMirror: {{backendRef: {{name: catalog-v2, port: 80}}}}}}]
       backendRefs: [{{name: catalog-v2, port: 80}}]
 ---
 apiVersion: gateway.networking.k8s.io/v1
@@ -343,7 +357,7 @@ spec:
         refused["message"]
             .as_str()
             .unwrap()
-            .contains("spec.rules[0].matches[0].queryParams"),
+            .contains("spec.rules[0].filters[0] (RequestMirror)"),
         "{status}"
     );
     let unresolved = &status["cluster"]["routes"]["shop/elsewhere"][0]["resolved_refs"];
@@ -471,4 +485,88 @@ status:
         "{refused}"
     );
     assert_eq!(status_writes(&cluster), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn methods_query_parameters_regexes_and_header_changes() {
+    let cluster = Cluster::start().await;
+    let mesh = Mesh::start(&cluster.api).await;
+    methods_queries_and_headers(&cluster, &mesh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_takes_the_same_methods_query_parameters_and_header_changes() {
+    let cluster = Cluster::start().await;
+    let mesh = Mesh::with_envoy(&cluster.api).await;
+    methods_queries_and_headers(&cluster, &mesh).await;
+}
+
+async fn methods_queries_and_headers(cluster: &Cluster, mesh: &Mesh) {
+    cluster.route(&format!(
+        r#"{PARENT}  rules:
+    - matches: [{{path: {{value: /api}}, method: POST}}]
+      backendRefs: [{{name: catalog-v2, port: 80}}]
+    - matches: [{{path: {{value: /api}}, queryParams: [{{name: version, value: "2"}}]}}]
+      backendRefs: [{{name: catalog-v2, port: 80}}]
+    - matches:
+        - path: {{value: /api}}
+          headers: [{{type: RegularExpression, name: x-user, value: "tester-[0-9]+"}}]
+      backendRefs: [{{name: catalog-v2, port: 80}}]
+    - matches: [{{path: {{value: /api/}}}}]
+      filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier:
+            set: [{{name: X-Env, value: prod}}]
+            add: [{{name: x-tag, value: added}}]
+            remove: [x-secret]
+        - type: ResponseHeaderModifier
+          responseHeaderModifier:
+            set: [{{name: x-served-by, value: mesh}}]
+      backendRefs: [{{name: catalog-v1, port: 80}}]
+"#
+    ));
+    eventually("the route applies", Duration::from_secs(30), || async {
+        (mesh.get("/api?version=2", &[]).await == (200, "catalog-v2".into())).then_some(())
+    })
+    .await;
+    let body = |r: Reply| (r.status.as_u16(), r.body);
+    assert_eq!(body(mesh.send("POST", "/api/x", &[]).await).0, 200);
+    assert_eq!(
+        mesh.send("POST", "/api/x", &[]).await.header("x-upstream"),
+        Some("catalog-v2")
+    );
+    assert_eq!(mesh.get("/api/x?a=1&version=2", &[]).await.1, "catalog-v2");
+    assert_eq!(mesh.get("/api/x?version=3", &[]).await.1, "catalog-v1");
+    assert_eq!(
+        mesh.get("/api", &[("x-user", "tester-42")]).await.1,
+        "catalog-v2"
+    );
+    assert_eq!(
+        mesh.get("/api", &[("x-user", "tester-x")]).await.1,
+        "catalog-v1"
+    );
+    // PathPrefix matches whole path segments.
+    assert_eq!(mesh.get("/apix", &[]).await.0, 404);
+
+    let reply = mesh
+        .send(
+            "GET",
+            "/api/items",
+            &[("x-env", "dev"), ("x-tag", "mine"), ("x-secret", "s3cret")],
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("x-echo-x-env"), Some("prod"));
+    let tags: Vec<&str> = reply
+        .headers
+        .get_all("x-echo-x-tag")
+        .iter()
+        .map(|v| v.to_str().unwrap())
+        .collect();
+    assert!(
+        tags.contains(&"mine") && tags.contains(&"added"),
+        "{tags:?}"
+    );
+    assert_eq!(reply.header("x-echo-x-secret"), None);
+    assert_eq!(reply.header("x-served-by"), Some("mesh"));
 }

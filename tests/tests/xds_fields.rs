@@ -12,9 +12,9 @@ use envoy_types::pb::envoy::config::core::v3::{
 use envoy_types::pb::envoy::config::route::v3::{
     Decorator, HeaderMatcher, QueryParameterMatcher, RateLimit, RedirectAction, RetryPolicy, Route,
     RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, header_matcher,
-    route, route_action, route_match, weighted_cluster,
+    query_parameter_matcher, route, route_action, route_match, weighted_cluster,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher;
+use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
 use envoy_types::pb::google::protobuf::{BoolValue, Duration as PbDuration, UInt32Value};
 use outrigger_proxy::xds::translate::{cluster, route_table};
 
@@ -185,7 +185,26 @@ fn route_fields() {
             Refused("match.case_sensitive"),
         ),
         (
-            "query parameters",
+            "query parameter, exact",
+            |r| {
+                matcher(r).query_parameters.push(QueryParameterMatcher {
+                    name: "debug".into(),
+                    query_parameter_match_specifier: Some(
+                        query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(
+                            StringMatcher {
+                                match_pattern: Some(string_matcher::MatchPattern::Exact(
+                                    "1".into(),
+                                )),
+                                ..Default::default()
+                            },
+                        ),
+                    ),
+                })
+            },
+            Accepted,
+        ),
+        (
+            "query parameter, present",
             |r| {
                 matcher(r).query_parameters.push(QueryParameterMatcher {
                     name: "debug".into(),

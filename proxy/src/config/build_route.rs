@@ -18,7 +18,7 @@ use crate::config::carry_over;
 use crate::config::file::{HeaderChangesFile, MatchFile, RateLimitFile, RetryFile, RouteFile};
 use crate::config::snapshot::DEFAULT_ROUTE_TIMEOUT;
 use crate::policy::retry::RetryPolicy;
-use crate::route::router::{HeaderMatch, PathMatch};
+use crate::route::router::{HeaderMatch, PathMatch, QueryMatch};
 use crate::route::table::{HeaderChanges, Route};
 
 impl Builder<'_> {
@@ -53,19 +53,23 @@ impl Builder<'_> {
         let name = r.name.clone().unwrap_or_else(|| format!("{vhost}/{index}"));
         let every_path = MatchFile::default();
         let m = r.matches.as_deref().unwrap_or(&every_path);
-        let path = match (&m.exact, &m.prefix, &m.regex) {
-            (Some(p), None, None) => PathMatch::Exact(p.clone()),
-            (None, Some(p), None) => PathMatch::Prefix(p.clone()),
-            (None, None, Some(re)) => {
+        let path = match (&m.exact, &m.prefix, &m.segment_prefix, &m.regex) {
+            (Some(p), None, None, None) => PathMatch::Exact(p.clone()),
+            (None, Some(p), None, None) => PathMatch::Prefix(p.clone()),
+            (None, None, Some(p), None) => match p.trim_end_matches('/') {
+                "" => PathMatch::Prefix("/".into()),
+                p => PathMatch::SegmentPrefix(p.to_string()),
+            },
+            (None, None, None, Some(re)) => {
                 PathMatch::Regex(self.regex(re, &format!("{field}.match.regex"))?)
             }
-            (None, None, None) => PathMatch::Prefix("/".into()),
+            (None, None, None, None) => PathMatch::Prefix("/".into()),
             _ => {
                 return Err(ConfigError::at(
                     self.source,
                     None,
                     &format!("{field}.match"),
-                    "set at most one of `exact`, `prefix` and `regex`",
+                    "set at most one of `exact`, `prefix`, `segment_prefix` and `regex`",
                 ));
             }
         };
@@ -100,6 +104,24 @@ impl Builder<'_> {
                     )
                 })?;
             methods.push(parsed);
+        }
+        let mut query = Vec::with_capacity(m.query.len());
+        for (q, qm) in m.query.iter().enumerate() {
+            let qfield = format!("{field}.match.query[{q}]");
+            let name = qm.name.value.clone();
+            query.push(match (&qm.exact, &qm.regex) {
+                (Some(v), None) => QueryMatch::Exact(name, v.clone()),
+                (None, Some(re)) => {
+                    QueryMatch::Regex(name, self.regex(re, &format!("{qfield}.regex"))?)
+                }
+                _ => {
+                    return Err(self.err(
+                        &qm.name,
+                        &qfield,
+                        "set exactly one of `exact` and `regex`",
+                    ));
+                }
+            });
         }
         if r.backends.is_empty() {
             return Err(ConfigError::at(
@@ -171,6 +193,7 @@ impl Builder<'_> {
             path,
             headers,
             methods,
+            query,
             backends,
             total_weight,
             timeout: self.duration(
@@ -225,16 +248,18 @@ impl Builder<'_> {
         field: &str,
     ) -> Result<HeaderChanges, ConfigError> {
         let mut out = HeaderChanges::default();
-        for (i, kv) in h.set.iter().enumerate() {
-            let name = self.header_name(&kv.name, &format!("{field}.set[{i}].name"))?;
-            let value = HeaderValue::from_str(&kv.value.value).map_err(|_| {
-                self.err(
-                    &kv.value,
-                    &format!("{field}.set[{i}].value"),
-                    "not a valid header value",
-                )
-            })?;
-            out.set.push((name, value));
+        for (key, list, into) in [("set", &h.set, &mut out.set), ("add", &h.add, &mut out.add)] {
+            for (i, kv) in list.iter().enumerate() {
+                let name = self.header_name(&kv.name, &format!("{field}.{key}[{i}].name"))?;
+                let value = HeaderValue::from_str(&kv.value.value).map_err(|_| {
+                    self.err(
+                        &kv.value,
+                        &format!("{field}.{key}[{i}].value"),
+                        "not a valid header value",
+                    )
+                })?;
+                into.push((name, value));
+            }
         }
         for (i, name) in h.remove.iter().enumerate() {
             out.remove

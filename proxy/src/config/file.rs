@@ -301,12 +301,29 @@ pub struct MatchFile {
     pub exact: Option<String>,
     #[serde(default)]
     pub prefix: Option<String>,
+    /// The path itself or anything under it at a `/`: `/api` takes `/api` and `/api/x`,
+    /// not `/apix` (Gateway API's `PathPrefix`).
+    #[serde(default)]
+    pub segment_prefix: Option<String>,
     #[serde(default)]
     pub regex: Option<Spanned<String>>,
     #[serde(default)]
     pub headers: Vec<HeaderMatchFile>,
     #[serde(default)]
     pub methods: Vec<Spanned<String>>,
+    /// Query parameters that must be there, each with a value matching `exact` or `regex`.
+    #[serde(default)]
+    pub query: Vec<QueryMatchFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueryMatchFile {
+    pub name: Spanned<String>,
+    #[serde(default)]
+    pub exact: Option<String>,
+    #[serde(default)]
+    pub regex: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -340,6 +357,9 @@ pub struct HeaderChangesFile {
     /// Header name → value; an existing header of that name is replaced.
     #[serde(default)]
     pub set: Vec<HeaderValueFile>,
+    /// Header name → value, added beside any the message has.
+    #[serde(default)]
+    pub add: Vec<HeaderValueFile>,
     #[serde(default)]
     pub remove: Vec<Spanned<String>>,
 }

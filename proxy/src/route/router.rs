@@ -15,6 +15,8 @@ use crate::route::table::{Route, VirtualHost};
 pub enum PathMatch {
     Exact(String),
     Prefix(String),
+    /// The path itself, or anything under it at a `/` (held without a trailing `/`).
+    SegmentPrefix(String),
     Regex(Regex),
 }
 
@@ -23,8 +25,35 @@ impl PathMatch {
         match self {
             PathMatch::Exact(p) => path == p,
             PathMatch::Prefix(p) => path.starts_with(p.as_str()),
+            PathMatch::SegmentPrefix(p) => path
+                .strip_prefix(p.as_str())
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/')),
             PathMatch::Regex(re) => re.is_match(path),
         }
+    }
+}
+
+/// A query parameter that must be there with a matching value. Names and values are
+/// compared as they are on the wire (not percent-decoded), as Envoy compares them.
+pub enum QueryMatch {
+    Exact(String, String),
+    Regex(String, Regex),
+}
+
+impl QueryMatch {
+    fn matches(&self, query: Option<&str>) -> bool {
+        let (QueryMatch::Exact(name, _) | QueryMatch::Regex(name, _)) = self;
+        query
+            .into_iter()
+            .flat_map(|q| q.split('&'))
+            .filter_map(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                (k == name).then_some(v)
+            })
+            .any(|v| match self {
+                QueryMatch::Exact(_, value) => v == value,
+                QueryMatch::Regex(_, re) => re.is_match(v),
+            })
     }
 }
 
@@ -147,6 +176,7 @@ pub fn route_in<'a>(vhost: &'a VirtualHost, parts: &Parts) -> RouteOutcome<'a> {
         r.path.matches(path)
             && (r.methods.is_empty() || r.methods.contains(&parts.method))
             && r.headers.iter().all(|h| h.matches(&parts.headers))
+            && r.query.iter().all(|q| q.matches(parts.uri.query()))
     });
     match found {
         Some(r) => RouteOutcome::Matched(vhost, r),

@@ -10,7 +10,7 @@ use outrigger_core::token_bucket::RateLimiter;
 
 use crate::cluster::balance::WeightedBackend;
 use crate::policy::retry::RetryPolicy;
-use crate::route::router::{HeaderMatch, PathMatch};
+use crate::route::router::{HeaderMatch, PathMatch, QueryMatch};
 use crate::telemetry::route_series::RouteSeries;
 
 pub struct VirtualHost {
@@ -25,6 +25,7 @@ pub struct Route {
     pub path: PathMatch,
     pub headers: Vec<HeaderMatch>,
     pub methods: Vec<Method>,
+    pub query: Vec<QueryMatch>,
     pub backends: Vec<WeightedBackend>,
     pub total_weight: u32,
     pub timeout: Duration,
@@ -44,6 +45,7 @@ pub struct Route {
 #[derive(Default)]
 pub struct HeaderChanges {
     pub set: Vec<(HeaderName, HeaderValue)>,
+    pub add: Vec<(HeaderName, HeaderValue)>,
     pub remove: Vec<HeaderName>,
 }
 
@@ -54,6 +56,9 @@ impl HeaderChanges {
         }
         for (name, value) in &self.set {
             headers.insert(name.clone(), value.clone());
+        }
+        for (name, value) in &self.add {
+            headers.append(name.clone(), value.clone());
         }
     }
 }

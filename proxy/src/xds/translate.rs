@@ -6,21 +6,24 @@
 //! a NACK; it is never silently ignored.
 
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
-use envoy_types::pb::envoy::config::core::v3::{HeaderValueOption, address, socket_address};
+use envoy_types::pb::envoy::config::core::v3::{
+    HeaderValue, HeaderValueOption, address, header_value_option, socket_address,
+};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
 use envoy_types::pb::envoy::config::route::v3::{
-    HeaderMatcher, Route, RouteConfiguration, VirtualHost, header_matcher, route, route_action,
-    route_match,
+    HeaderMatcher, QueryParameterMatcher, Route, RouteConfiguration, VirtualHost, header_matcher,
+    query_parameter_matcher, route, route_action, route_match,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 use serde_saphyr::Spanned;
 
 use crate::config::file::{
     BackendFile, ClusterFile, ClusterTlsFile, EndpointFile, HeaderChangesFile, HeaderMatchFile,
-    HeaderValueFile, LbPolicy, MatchFile, RouteFile, UpstreamProtocol, VirtualHostFile,
+    HeaderValueFile, LbPolicy, MatchFile, QueryMatchFile, RouteFile, UpstreamProtocol,
+    VirtualHostFile,
 };
 use crate::xds::tracing;
 use outrigger_core::xds_policy as policy_xds;
@@ -310,7 +313,6 @@ fn route(what: &str, vhost: &str, index: usize, r: &Route) -> Result<RouteFile, 
                 "match.case_sensitive",
             ),
             (m.runtime_fraction.is_some(), "match.runtime_fraction"),
-            (!m.query_parameters.is_empty(), "match.query_parameters"),
             (m.grpc.is_some(), "match.grpc"),
             (m.tls_context.is_some(), "match.tls_context"),
             (!m.dynamic_metadata.is_empty(), "match.dynamic_metadata"),
@@ -320,19 +322,30 @@ fn route(what: &str, vhost: &str, index: usize, r: &Route) -> Result<RouteFile, 
     match &m.path_specifier {
         Some(route_match::PathSpecifier::Prefix(p)) => matches.prefix = Some(p.clone()),
         Some(route_match::PathSpecifier::Path(p)) => matches.exact = Some(p.clone()),
+        Some(route_match::PathSpecifier::PathSeparatedPrefix(p)) => {
+            matches.segment_prefix = Some(p.clone())
+        }
         Some(route_match::PathSpecifier::SafeRegex(re)) => {
             matches.regex = Some(sp(re.regex.clone()))
         }
         _ => {
             return Err(format!(
-                "{what}: field `match.path_specifier`: only prefix, path and safe_regex are supported"
+                "{what}: field `match.path_specifier`: only prefix, path, path_separated_prefix and safe_regex are supported"
             ).into());
         }
     }
-    matches.headers = m
-        .headers
+    for h in &m.headers {
+        // Envoy matches the method as the `:method` pseudo-header.
+        if h.name == ":method" {
+            matches.methods.push(sp(method_match(&what, h)?));
+        } else {
+            matches.headers.push(header_match(&what, h)?);
+        }
+    }
+    matches.query = m
+        .query_parameters
         .iter()
-        .map(|h| header_match(&what, h))
+        .map(|q| query_match(&what, q))
         .collect::<Result<_, _>>()?;
 
     let Some(route::Action::Route(action)) = &r.action else {
@@ -439,15 +452,71 @@ fn header_match(what: &str, h: &HeaderMatcher) -> Result<HeaderMatchFile, XdsErr
     Ok(out)
 }
 
+fn method_match(what: &str, h: &HeaderMatcher) -> Result<String, XdsError> {
+    match &h.header_match_specifier {
+        Some(header_matcher::HeaderMatchSpecifier::StringMatch(StringMatcher {
+            match_pattern: Some(string_matcher::MatchPattern::Exact(method)),
+            ignore_case: false,
+        })) if !h.invert_match => Ok(method.clone()),
+        _ => Err(format!("{what}: header `:method`: only an exact match is supported").into()),
+    }
+}
+
+fn query_match(what: &str, q: &QueryParameterMatcher) -> Result<QueryMatchFile, XdsError> {
+    let mut out = QueryMatchFile {
+        name: sp(q.name.clone()),
+        exact: None,
+        regex: None,
+    };
+    match &q.query_parameter_match_specifier {
+        Some(query_parameter_matcher::QueryParameterMatchSpecifier::StringMatch(s))
+            if !s.ignore_case =>
+        {
+            match &s.match_pattern {
+                Some(string_matcher::MatchPattern::Exact(v)) => out.exact = Some(v.clone()),
+                Some(string_matcher::MatchPattern::SafeRegex(re)) => {
+                    out.regex = Some(sp(re.regex.clone()))
+                }
+                _ => return Err(format!(
+                    "{what}: query parameter `{}`: only exact and safe_regex matches are supported",
+                    q.name
+                )
+                .into()),
+            }
+        }
+        _ => {
+            return Err(format!(
+                "{what}: field `match.query_parameters` `{}`: only string matches are supported",
+                q.name
+            )
+            .into());
+        }
+    }
+    Ok(out)
+}
+
+/// Envoy's header additions: those that overwrite are `set`, those that append are `add`.
 fn header_changes(add: &[HeaderValueOption], remove: &[String]) -> HeaderChangesFile {
+    use header_value_option::HeaderAppendAction;
+    let value = |h: &HeaderValue| HeaderValueFile {
+        name: sp(h.key.clone()),
+        value: sp(h.value.clone()),
+    };
+    let overwrites = |o: &&HeaderValueOption| {
+        o.append_action == HeaderAppendAction::OverwriteIfExistsOrAdd as i32
+    };
     HeaderChangesFile {
         set: add
             .iter()
+            .filter(overwrites)
             .filter_map(|o| o.header.as_ref())
-            .map(|h| HeaderValueFile {
-                name: sp(h.key.clone()),
-                value: sp(h.value.clone()),
-            })
+            .map(value)
+            .collect(),
+        add: add
+            .iter()
+            .filter(|o| !overwrites(o))
+            .filter_map(|o| o.header.as_ref())
+            .map(value)
             .collect(),
         remove: remove.iter().map(|r| sp(r.clone())).collect(),
     }
