@@ -20,10 +20,12 @@ use std::sync::Arc;
 use outrigger_core::policy::{self, Retry};
 
 use crate::gateway_api::{
-    HeaderModifier, HttpBackendRef, HttpRoute, HttpRouteMatch, HttpRouteRule, HttpValueMatch,
-    ParentRef, parse_duration,
+    HeaderModifier, HttpBackendRef, HttpPathModifier, HttpRoute, HttpRouteMatch, HttpRouteRule,
+    HttpValueMatch, ParentRef, RequestRedirect, UrlRewrite, parse_duration,
 };
-use crate::mesh::{HeaderChanges, PathMatch, Route, Service, ValueMatch};
+use crate::mesh::{
+    HeaderChanges, PathMatch, PathModifier, Redirect, Rewrite, Route, Service, ValueMatch,
+};
 
 /// What became of one route on one parent, as the status conditions say it.
 #[derive(Clone, Debug, PartialEq)]
@@ -150,8 +152,13 @@ pub fn attach(services: &mut [Service], routes: &[Arc<HttpRoute>]) -> RouteOutco
     outcomes
 }
 
-/// The filters a mesh route honours: header changes on the request and on the response.
-const FILTERS: [&str; 2] = ["RequestHeaderModifier", "ResponseHeaderModifier"];
+/// The filters a mesh route honours.
+const FILTERS: [&str; 4] = [
+    "RequestHeaderModifier",
+    "ResponseHeaderModifier",
+    "RequestRedirect",
+    "URLRewrite",
+];
 
 /// The first field of `route` this version cannot honour, by its path in the object.
 fn unsupported(route: &HttpRoute) -> Option<String> {
@@ -199,7 +206,12 @@ fn translate(
     let name = route.metadata.name.as_deref().unwrap_or_default();
     let mut out = Vec::new();
     for (r, rule) in route.spec.rules.iter().enumerate() {
-        let backends = backends(rule, namespace, services)?;
+        let (redirect, rewrite) = target_filters(rule, r)?;
+        // A rule that redirects sends nothing to its backends.
+        let backends = match redirect {
+            Some(_) => Vec::new(),
+            None => backends(rule, namespace, services)?,
+        };
         let rule_name = rule.name.clone().unwrap_or_else(|| r.to_string());
         let default_match = [HttpRouteMatch::default()];
         let matches = if rule.matches.is_empty() {
@@ -237,6 +249,21 @@ fn translate(
             };
             let headers = values(&matched.headers, &format!("{at}.headers"), true)?;
             let query = values(&matched.query_params, &format!("{at}.queryParams"), false)?;
+            let changes_prefix = [
+                redirect.as_ref().and_then(|d| d.path.as_ref()),
+                rewrite.as_ref().and_then(|w| w.path.as_ref()),
+            ]
+            .into_iter()
+            .flatten()
+            .any(|p| matches!(p, PathModifier::Prefix(_)));
+            if changes_prefix && !matches!(path, PathMatch::SegmentPrefix(_)) {
+                return Err((
+                    "UnsupportedValue",
+                    format!(
+                        "spec.rules[{r}]: ReplacePrefixMatch needs every match to be a PathPrefix"
+                    ),
+                ));
+            }
             let rank = (
                 rank,
                 Reverse(length),
@@ -254,6 +281,8 @@ fn translate(
                     request_headers: request_headers.clone(),
                     response_headers: response_headers.clone(),
                     backends: backends.clone(),
+                    redirect: redirect.clone(),
+                    rewrite: rewrite.clone(),
                     timeout,
                     retry: retry.clone(),
                     per_try_timeout: per_try,
@@ -345,6 +374,111 @@ fn header_filters(
             .extend(modifier.remove.iter().map(|n| n.to_ascii_lowercase()));
     }
     Ok((request, response))
+}
+
+/// The rule's `RequestRedirect` or `URLRewrite` (at most one of the two, as the Gateway API
+/// allows).
+fn target_filters(
+    rule: &HttpRouteRule,
+    r: usize,
+) -> Result<(Option<Redirect>, Option<Rewrite>), Refusal> {
+    let (mut redirect, mut rewrite) = (None, None);
+    for (f, filter) in rule.filters.iter().enumerate() {
+        let at = format!("spec.rules[{r}].filters[{f}]");
+        let settings = |key: &str| filter.settings.get(key).cloned().unwrap_or_default();
+        let refused = |e: serde_json::Error| ("UnsupportedValue", format!("{at}: {e}"));
+        match filter.type_.as_str() {
+            "RequestRedirect" => {
+                let d: RequestRedirect =
+                    serde_json::from_value(settings("requestRedirect")).map_err(refused)?;
+                let status = d.status_code.unwrap_or(302);
+                if ![301, 302, 303, 307, 308].contains(&status) {
+                    return Err((
+                        "UnsupportedValue",
+                        format!("{at}.requestRedirect.statusCode {status}"),
+                    ));
+                }
+                if let Some(s) = d
+                    .scheme
+                    .as_deref()
+                    .filter(|s| !matches!(*s, "http" | "https"))
+                {
+                    return Err((
+                        "UnsupportedValue",
+                        format!("{at}.requestRedirect.scheme `{s}`"),
+                    ));
+                }
+                let port = d
+                    .port
+                    .map(|p| {
+                        u16::try_from(p).map_err(|_| {
+                            ("UnsupportedValue", format!("{at}.requestRedirect.port {p}"))
+                        })
+                    })
+                    .transpose()?;
+                redirect = Some(Redirect {
+                    scheme: d.scheme,
+                    host: d.hostname,
+                    port,
+                    path: d
+                        .path
+                        .map(|p| path_modifier(&p, &format!("{at}.requestRedirect.path")))
+                        .transpose()?,
+                    status,
+                });
+            }
+            "URLRewrite" => {
+                let w: UrlRewrite =
+                    serde_json::from_value(settings("urlRewrite")).map_err(refused)?;
+                if let Some(h) = w
+                    .hostname
+                    .as_deref()
+                    .filter(|h| http::HeaderValue::from_str(h).is_err())
+                {
+                    return Err((
+                        "UnsupportedValue",
+                        format!("{at}.urlRewrite.hostname `{h}`"),
+                    ));
+                }
+                rewrite = Some(Rewrite {
+                    host: w.hostname,
+                    path: w
+                        .path
+                        .map(|p| path_modifier(&p, &format!("{at}.urlRewrite.path")))
+                        .transpose()?,
+                });
+            }
+            _ => {}
+        }
+    }
+    if redirect.is_some() && rewrite.is_some() {
+        return Err((
+            "UnsupportedValue",
+            format!("spec.rules[{r}]: RequestRedirect and URLRewrite cannot both be set"),
+        ));
+    }
+    Ok((redirect, rewrite))
+}
+
+fn path_modifier(p: &HttpPathModifier, at: &str) -> Result<PathModifier, Refusal> {
+    let checked = |path: &Option<String>, field: &str| match path {
+        Some(v) if v.starts_with('/') => Ok(v.clone()),
+        _ => Err((
+            "UnsupportedValue",
+            format!("{at}.{field} must be a path starting with `/`"),
+        )),
+    };
+    match p.type_.as_str() {
+        "ReplaceFullPath" => Ok(PathModifier::Full(checked(
+            &p.replace_full_path,
+            "replaceFullPath",
+        )?)),
+        "ReplacePrefixMatch" => Ok(PathModifier::Prefix(checked(
+            &p.replace_prefix_match,
+            "replacePrefixMatch",
+        )?)),
+        other => Err(("UnsupportedValue", format!("{at}.type `{other}`"))),
+    }
 }
 
 fn duration_at(

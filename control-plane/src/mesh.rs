@@ -286,6 +286,32 @@ pub struct HeaderChanges {
     pub remove: Vec<String>,
 }
 
+/// A new path, as Gateway API says it: the whole path, or the part the route's prefix
+/// matched (only on a route that matches a `SegmentPrefix` or `Prefix`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum PathModifier {
+    Full(String),
+    Prefix(String),
+}
+
+/// Answer with a redirect: what is not set stays as the request had it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Redirect {
+    pub scheme: Option<String>,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    pub path: Option<PathModifier>,
+    /// 301, 302, 303, 307 or 308.
+    pub status: u16,
+}
+
+/// Rewrite the request before it goes to a backend.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Rewrite {
+    pub host: Option<String>,
+    pub path: Option<PathModifier>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     pub name: String,
@@ -296,8 +322,10 @@ pub struct Route {
     pub query: Vec<(String, ValueMatch)>,
     pub request_headers: HeaderChanges,
     pub response_headers: HeaderChanges,
-    /// (cluster name, weight)
+    /// (cluster name, weight); empty when the route redirects.
     pub backends: Vec<(String, u32)>,
+    pub redirect: Option<Redirect>,
+    pub rewrite: Option<Rewrite>,
     pub timeout: Option<Duration>,
     /// The route's own retry policy, else the service's.
     pub retry: Option<Retry>,
@@ -521,6 +549,8 @@ impl Mesh {
                         .collect(),
                     method: None,
                     query: Vec::new(),
+                    redirect: None,
+                    rewrite: None,
                     request_headers: HeaderChanges::default(),
                     response_headers: HeaderChanges::default(),
                     backends,

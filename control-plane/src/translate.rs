@@ -20,9 +20,9 @@ use envoy_types::pb::envoy::config::listener::v3::{
     ApiListener, Filter, FilterChain, Listener, filter,
 };
 use envoy_types::pb::envoy::config::route::v3::{
-    HeaderMatcher, QueryParameterMatcher, Route as EnvoyRoute, RouteAction, RouteConfiguration,
-    RouteMatch, VirtualHost, WeightedCluster, header_matcher, query_parameter_matcher, route,
-    route_action, route_match, weighted_cluster,
+    HeaderMatcher, QueryParameterMatcher, RedirectAction, Route as EnvoyRoute, RouteAction,
+    RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, header_matcher,
+    query_parameter_matcher, redirect_action, route, route_action, route_match, weighted_cluster,
 };
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
@@ -34,11 +34,13 @@ use envoy_types::pb::envoy::extensions::load_balancing_policies::round_robin::v3
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatcher, StringMatcher, string_matcher};
+use envoy_types::pb::envoy::r#type::matcher::v3::{
+    RegexMatchAndSubstitute, RegexMatcher, StringMatcher, string_matcher,
+};
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
 use prost::{Message, Name};
 
-use crate::mesh::{HeaderChanges, Mesh, PathMatch, Service, ValueMatch};
+use crate::mesh::{HeaderChanges, Mesh, PathMatch, PathModifier, Redirect, Service, ValueMatch};
 use crate::policy;
 
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
@@ -452,13 +454,80 @@ fn route_for(r: &crate::mesh::Route) -> EnvoyRoute {
         request_headers_to_remove: r.request_headers.remove.clone(),
         response_headers_to_add: header_additions(&r.response_headers),
         response_headers_to_remove: r.response_headers.remove.clone(),
-        action: Some(route::Action::Route(RouteAction {
-            cluster_specifier: Some(cluster_specifier),
-            timeout: r.timeout.map(duration),
-            retry_policy: r.retry.as_ref().map(policy::retry_policy),
-            ..Default::default()
-        })),
+        action: Some(match &r.redirect {
+            Some(redirect) => route::Action::Redirect(redirect_action(redirect, &r.path)),
+            None => route::Action::Route(RouteAction {
+                cluster_specifier: Some(cluster_specifier),
+                timeout: r.timeout.map(duration),
+                retry_policy: r.retry.as_ref().map(policy::retry_policy),
+                regex_rewrite: r
+                    .rewrite
+                    .as_ref()
+                    .and_then(|w| w.path.as_ref())
+                    .map(|p| path_substitution(p, &r.path)),
+                host_rewrite_specifier: r.rewrite.as_ref().and_then(|w| {
+                    w.host
+                        .clone()
+                        .map(route_action::HostRewriteSpecifier::HostRewriteLiteral)
+                }),
+                ..Default::default()
+            }),
+        }),
         typed_per_filter_config: rate_limit_config(r.rate_limit.as_ref()),
+        ..Default::default()
+    }
+}
+
+/// A path change as a regex substitution, which Envoy and our proxy apply alike. Replacing a
+/// prefix this way (rather than with `prefix_rewrite`) keeps Gateway API's meaning at the
+/// edges: `/api` → `/` turns `/api/x` into `/x`, not `//x`.
+fn path_substitution(modifier: &PathModifier, matched: &PathMatch) -> RegexMatchAndSubstitute {
+    let (pattern, substitution) = match (modifier, matched) {
+        (PathModifier::Prefix(to), PathMatch::Prefix(from) | PathMatch::SegmentPrefix(from)) => {
+            let from = regex::escape(from.trim_end_matches('/'));
+            match to.trim_end_matches('/') {
+                "" => (format!("^{from}/*(.*)$"), r"/\1".to_string()),
+                to => (format!("^{from}(/.*)?$"), format!(r"{to}\1")),
+            }
+        }
+        // Anything else replaces the whole path (a prefix change on a route without a
+        // prefix is refused before it gets here).
+        (PathModifier::Full(to) | PathModifier::Prefix(to), _) => {
+            ("^.*$".to_string(), to.replace('\\', r"\\"))
+        }
+    };
+    RegexMatchAndSubstitute {
+        pattern: Some(RegexMatcher {
+            regex: pattern,
+            ..Default::default()
+        }),
+        substitution,
+    }
+}
+
+fn redirect_action(redirect: &Redirect, matched: &PathMatch) -> RedirectAction {
+    use redirect_action::{PathRewriteSpecifier, RedirectResponseCode, SchemeRewriteSpecifier};
+    let code = match redirect.status {
+        301 => RedirectResponseCode::MovedPermanently,
+        303 => RedirectResponseCode::SeeOther,
+        307 => RedirectResponseCode::TemporaryRedirect,
+        308 => RedirectResponseCode::PermanentRedirect,
+        _ => RedirectResponseCode::Found,
+    };
+    RedirectAction {
+        host_redirect: redirect.host.clone().unwrap_or_default(),
+        port_redirect: redirect.port.map_or(0, u32::from),
+        response_code: code as i32,
+        scheme_rewrite_specifier: redirect
+            .scheme
+            .clone()
+            .map(SchemeRewriteSpecifier::SchemeRedirect),
+        path_rewrite_specifier: redirect.path.as_ref().map(|p| match p {
+            PathModifier::Full(to) => PathRewriteSpecifier::PathRedirect(to.clone()),
+            PathModifier::Prefix(_) => {
+                PathRewriteSpecifier::RegexRewrite(path_substitution(p, matched))
+            }
+        }),
         ..Default::default()
     }
 }

@@ -570,3 +570,92 @@ async fn methods_queries_and_headers(cluster: &Cluster, mesh: &Mesh) {
     assert_eq!(reply.header("x-echo-x-secret"), None);
     assert_eq!(reply.header("x-served-by"), Some("mesh"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_and_rewrites() {
+    let cluster = Cluster::start().await;
+    let mesh = Mesh::start(&cluster.api).await;
+    redirects_and_rewrites_through(&cluster, &mesh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_takes_the_same_redirects_and_rewrites() {
+    let cluster = Cluster::start().await;
+    let mesh = Mesh::with_envoy(&cluster.api).await;
+    redirects_and_rewrites_through(&cluster, &mesh).await;
+}
+
+async fn redirects_and_rewrites_through(cluster: &Cluster, mesh: &Mesh) {
+    cluster.route(&format!(
+        r#"{PARENT}  rules:
+    - matches: [{{path: {{type: Exact, value: /old}}}}]
+      filters:
+        - type: RequestRedirect
+          requestRedirect: {{path: {{type: ReplaceFullPath, replaceFullPath: /new}}, statusCode: 301}}
+    - matches: [{{path: {{value: /moved}}}}]
+      filters:
+        - type: RequestRedirect
+          requestRedirect:
+            hostname: elsewhere.example
+            path: {{type: ReplacePrefixMatch, replacePrefixMatch: /here}}
+            statusCode: 308
+    - matches: [{{path: {{type: Exact, value: /secure}}}}]
+      filters:
+        - type: RequestRedirect
+          requestRedirect: {{scheme: https, port: 8443}}
+    - matches: [{{path: {{value: /v1}}}}]
+      filters:
+        - type: URLRewrite
+          urlRewrite: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /v2}}}}
+      backendRefs: [{{name: catalog-v2, port: 80}}]
+    - matches: [{{path: {{value: /strip}}}}]
+      filters:
+        - type: URLRewrite
+          urlRewrite: {{path: {{type: ReplacePrefixMatch, replacePrefixMatch: /}}}}
+      backendRefs: [{{name: catalog-v2, port: 80}}]
+    - matches: [{{path: {{value: /whole}}}}]
+      filters:
+        - type: URLRewrite
+          urlRewrite: {{hostname: internal.example, path: {{type: ReplaceFullPath, replaceFullPath: /all}}}}
+      backendRefs: [{{name: catalog-v2, port: 80}}]
+"#
+    ));
+    eventually("the route applies", Duration::from_secs(30), || async {
+        (mesh.get("/old", &[]).await.0 == 301).then_some(())
+    })
+    .await;
+    let redirect = |path: &'static str| async move {
+        let r = mesh.send("GET", path, &[]).await;
+        (
+            r.status.as_u16(),
+            r.header("location").unwrap_or_default().to_string(),
+        )
+    };
+    let host = "catalog.shop.svc.cluster.local";
+    assert_eq!(redirect("/old").await, (301, format!("http://{host}/new")));
+    assert_eq!(
+        redirect("/moved/a?x=1").await,
+        (308, "http://elsewhere.example/here/a?x=1".to_string())
+    );
+    assert_eq!(
+        redirect("/secure").await,
+        (302, format!("https://{host}:8443/secure"))
+    );
+    // Rewrites: what the backend sees.
+    let seen = |path: &'static str| async move {
+        let r = mesh.send("GET", path, &[]).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+        (
+            r.header("x-path").unwrap_or_default().to_string(),
+            r.header("x-echo-host").unwrap_or_default().to_string(),
+        )
+    };
+    assert_eq!(seen("/v1/items?q=1").await.0, "/v2/items?q=1");
+    assert_eq!(seen("/v1").await.0, "/v2");
+    assert_eq!(seen("/strip/a").await.0, "/a");
+    assert_eq!(seen("/strip").await.0, "/");
+    assert_eq!(
+        seen("/whole/x?y=2").await,
+        ("/all?y=2".to_string(), "internal.example".to_string())
+    );
+}

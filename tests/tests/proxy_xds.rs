@@ -130,7 +130,7 @@ async fn a_field_the_proxy_cannot_honour_is_nacked_by_name_and_the_old_config_se
     )
     .await;
 
-    let rewriting = RouteConfiguration {
+    let hashing = RouteConfiguration {
         name: "outbound".into(),
         virtual_hosts: vec![VirtualHost {
             name: "web".into(),
@@ -144,7 +144,7 @@ async fn a_field_the_proxy_cannot_honour_is_nacked_by_name_and_the_old_config_se
                     cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
                         "web.default".into(),
                     )),
-                    prefix_rewrite: "/rewritten".into(),
+                    hash_policy: vec![Default::default()],
                     ..Default::default()
                 })),
                 ..Default::default()
@@ -153,16 +153,16 @@ async fn a_field_the_proxy_cannot_honour_is_nacked_by_name_and_the_old_config_se
         }],
         ..Default::default()
     };
-    ads.push(ROUTE_TYPE, "2", vec![pack(&rewriting)]);
+    ads.push(ROUTE_TYPE, "2", vec![pack(&hashing)]);
     let nack = ads
         .request(
-            "the proxy NACKs the rewrite",
+            "the proxy NACKs the hash policy",
             Duration::from_secs(10),
             |r| r.type_url == ROUTE_TYPE && r.error_detail.is_some(),
         )
         .await;
     let message = nack.error_detail.unwrap().message;
-    assert!(message.contains("prefix_rewrite"), "{message}");
+    assert!(message.contains("hash_policy"), "{message}");
     assert_eq!(
         nack.version_info, "1",
         "the NACK names the version still in use"

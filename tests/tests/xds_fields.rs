@@ -221,12 +221,36 @@ fn route_fields() {
         (
             "redirect",
             |r| r.action = Some(route::Action::Redirect(RedirectAction::default())),
+            Accepted,
+        ),
+        (
+            "redirect without the query",
+            |r| {
+                r.action = Some(route::Action::Redirect(RedirectAction {
+                    strip_query: true,
+                    ..Default::default()
+                }))
+            },
+            Refused("redirect.strip_query"),
+        ),
+        (
+            "direct response",
+            |r| r.action = Some(route::Action::DirectResponse(Default::default())),
             Refused("action"),
         ),
         (
             "prefix rewrite",
             |r| action(r).prefix_rewrite = "/v2".into(),
-            Refused("route.prefix_rewrite"),
+            Accepted,
+        ),
+        (
+            "host rewrite from a header",
+            |r| {
+                action(r).host_rewrite_specifier = Some(
+                    route_action::HostRewriteSpecifier::HostRewriteHeader("x-host".into()),
+                )
+            },
+            Refused("route.host_rewrite_specifier"),
         ),
         (
             "hash policy",

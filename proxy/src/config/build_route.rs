@@ -15,9 +15,13 @@ use serde_saphyr::Spanned;
 use crate::cluster::balance::{Cluster, WeightedBackend};
 use crate::config::build::Builder;
 use crate::config::carry_over;
-use crate::config::file::{HeaderChangesFile, MatchFile, RateLimitFile, RetryFile, RouteFile};
+use crate::config::file::{
+    HeaderChangesFile, MatchFile, RateLimitFile, RedirectFile, RegexRewriteFile, RetryFile,
+    RouteFile,
+};
 use crate::config::snapshot::DEFAULT_ROUTE_TIMEOUT;
 use crate::policy::retry::RetryPolicy;
+use crate::route::rewrite::{PathRewrite, Redirect, Rewrite, substitution};
 use crate::route::router::{HeaderMatch, PathMatch, QueryMatch};
 use crate::route::table::{HeaderChanges, Route};
 
@@ -123,12 +127,29 @@ impl Builder<'_> {
                 }
             });
         }
-        if r.backends.is_empty() {
+        let redirect = match &r.redirect {
+            Some(d) => Some(self.redirect(d, &format!("{field}.redirect"))?),
+            None => None,
+        };
+        let rewrite = match &r.rewrite {
+            Some(w) => Some(Rewrite {
+                path: self
+                    .path_rewrite((&w.path, &w.prefix, &w.regex), &format!("{field}.rewrite"))?,
+                host: match &w.host {
+                    Some(h) => Some(HeaderValue::from_str(&h.value).map_err(|_| {
+                        self.err(h, &format!("{field}.rewrite.host"), "not a valid host")
+                    })?),
+                    None => None,
+                },
+            }),
+            None => None,
+        };
+        if redirect.is_some() != r.backends.is_empty() {
             return Err(ConfigError::at(
                 self.source,
                 None,
                 &format!("{field}.backends"),
-                "a route needs at least one backend",
+                "a route needs backends, or a redirect instead of them",
             ));
         }
         let mut backends = Vec::with_capacity(r.backends.len());
@@ -144,7 +165,7 @@ impl Builder<'_> {
             });
         }
         let total_weight: u32 = backends.iter().map(|b| b.weight).sum();
-        if total_weight == 0 {
+        if total_weight == 0 && redirect.is_none() {
             return Err(self.err(
                 &r.backends[0].cluster,
                 &format!("{field}.backends"),
@@ -196,6 +217,8 @@ impl Builder<'_> {
             query,
             backends,
             total_weight,
+            rewrite,
+            redirect,
             timeout: self.duration(
                 &r.timeout,
                 &format!("{field}.timeout"),
@@ -211,6 +234,71 @@ impl Builder<'_> {
                 Some(retry) => self.retry(retry, &format!("{field}.retry"))?,
                 None => RetryPolicy::from_model(&policy::default_retry()),
             }),
+        })
+    }
+
+    fn path_rewrite(
+        &self,
+        (path, prefix, regex): (&Option<String>, &Option<String>, &Option<RegexRewriteFile>),
+        field: &str,
+    ) -> Result<Option<PathRewrite>, ConfigError> {
+        Ok(match (path, prefix, regex) {
+            (None, None, None) => None,
+            (Some(p), None, None) => Some(PathRewrite::Full(p.clone())),
+            (None, Some(p), None) => Some(PathRewrite::Prefix(p.clone())),
+            (None, None, Some(re)) => Some(PathRewrite::Regex(
+                Regex::new(&re.pattern.value).map_err(|e| {
+                    self.err(
+                        &re.pattern,
+                        &format!("{field}.regex.pattern"),
+                        format!("invalid regex: {e}"),
+                    )
+                })?,
+                substitution(&re.substitution),
+            )),
+            _ => {
+                return Err(ConfigError::at(
+                    self.source,
+                    None,
+                    field,
+                    "set at most one of `path`, `prefix` and `regex`",
+                ));
+            }
+        })
+    }
+
+    fn redirect(&self, d: &RedirectFile, field: &str) -> Result<Redirect, ConfigError> {
+        let status = match d.status.unwrap_or(302) {
+            s @ (301 | 302 | 303 | 307 | 308) => {
+                http::StatusCode::from_u16(s).unwrap_or(http::StatusCode::FOUND)
+            }
+            other => {
+                return Err(ConfigError::at(
+                    self.source,
+                    None,
+                    &format!("{field}.status"),
+                    format!("{other} is not a redirect status (301, 302, 303, 307, 308)"),
+                ));
+            }
+        };
+        if let Some(scheme) = d
+            .scheme
+            .as_deref()
+            .filter(|s| !matches!(*s, "http" | "https"))
+        {
+            return Err(ConfigError::at(
+                self.source,
+                None,
+                &format!("{field}.scheme"),
+                format!("`{scheme}` is not http or https"),
+            ));
+        }
+        Ok(Redirect {
+            scheme: d.scheme.clone(),
+            host: d.host.clone(),
+            port: d.port,
+            path: self.path_rewrite((&d.path, &d.prefix, &d.regex), field)?,
+            status,
         })
     }
 

@@ -273,8 +273,15 @@ pub struct RouteFile {
     // Boxed, as is `retry`: most routes leave them out, and every route read holds its room.
     #[serde(default, rename = "match")]
     pub matches: Option<Box<MatchFile>>,
-    #[serde(deserialize_with = "shrunk")]
+    /// Where matched requests go; none for a route that redirects.
+    #[serde(default, deserialize_with = "shrunk")]
     pub backends: Vec<BackendFile>,
+    /// A new path or host for the request before it goes on.
+    #[serde(default)]
+    pub rewrite: Option<Box<RewriteFile>>,
+    /// Answer with a redirect instead of forwarding.
+    #[serde(default)]
+    pub redirect: Option<Box<RedirectFile>>,
     #[serde(default)]
     pub timeout: Option<Spanned<String>>,
     #[serde(default)]
@@ -292,6 +299,50 @@ pub struct RouteFile {
     /// Nothing else is accepted, and never `h2c`.
     #[serde(default)]
     pub upgrades: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegexRewriteFile {
+    pub pattern: Spanned<String>,
+    pub substitution: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RewriteFile {
+    /// A new path, at most one of: the whole of it, the part the route's prefix matched, or
+    /// a regex substitution (Envoy's: `\1` is the first group).
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub regex: Option<RegexRewriteFile>,
+    #[serde(default)]
+    pub host: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectFile {
+    /// `http` or `https`; default: the request's.
+    #[serde(default)]
+    pub scheme: Option<String>,
+    #[serde(default)]
+    pub host: Option<String>,
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// The path, as in `rewrite`; default: the request's.
+    #[serde(default)]
+    pub path: Option<String>,
+    #[serde(default)]
+    pub prefix: Option<String>,
+    #[serde(default)]
+    pub regex: Option<RegexRewriteFile>,
+    /// 301, 302 (the default), 303, 307 or 308.
+    #[serde(default)]
+    pub status: Option<u16>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

@@ -10,6 +10,7 @@ use outrigger_core::token_bucket::RateLimiter;
 
 use crate::cluster::balance::WeightedBackend;
 use crate::policy::retry::RetryPolicy;
+use crate::route::rewrite::{Redirect, Rewrite};
 use crate::route::router::{HeaderMatch, PathMatch, QueryMatch};
 use crate::telemetry::route_series::RouteSeries;
 
@@ -26,8 +27,11 @@ pub struct Route {
     pub headers: Vec<HeaderMatch>,
     pub methods: Vec<Method>,
     pub query: Vec<QueryMatch>,
+    /// Empty for a route that redirects.
     pub backends: Vec<WeightedBackend>,
     pub total_weight: u32,
+    pub rewrite: Option<Rewrite>,
+    pub redirect: Option<Redirect>,
     pub timeout: Duration,
     pub request_headers: HeaderChanges,
     pub response_headers: HeaderChanges,

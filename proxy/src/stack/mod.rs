@@ -75,10 +75,19 @@ async fn forward<'a>(
 ) -> Result<Response<Body>, ProxyError> {
     authorize::authorize(ex, req.headers_mut())?;
     let host = route::request_host(&req)?;
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let route = route::select(ex, &host, &parts)?;
     ex.route = Some(route);
     rate_limit::admit(ex, route)?;
+    if let Some(redirect) = &route.redirect {
+        let mut resp = redirect.respond(&host, &parts.uri, &route.path);
+        route.response_headers.apply(resp.headers_mut());
+        return Ok(resp);
+    }
+    let host = match &route.rewrite {
+        Some(rewrite) => route::rewrite(rewrite, &route.path, &mut parts, host)?,
+        None => host,
+    };
     let timeout = timeout::for_request(route.timeout, &parts.headers);
     let mut req = Request::from_parts(parts, body);
     if let Some(tracer) = &ex.snapshot.tracing {

@@ -5,7 +5,8 @@ use http::Request;
 use http::header;
 use http::request::Parts;
 
-use crate::route::router::{self, RouteOutcome};
+use crate::route::rewrite::Rewrite;
+use crate::route::router::{self, PathMatch, RouteOutcome};
 use crate::route::table::Route;
 use crate::stack::exchange::Exchange;
 use crate::upstream::error::ProxyError;
@@ -30,6 +31,35 @@ pub fn select<'a>(ex: &Exchange<'a>, host: &str, parts: &Parts) -> Result<&'a Ro
             host: host.to_string(),
             path: parts.uri.path().to_string(),
         }),
+    }
+}
+
+/// Applies a route's rewrite to the request's target and Host; returns the host it now goes
+/// to. The target becomes origin-form: the upstream stage puts the host back where the
+/// upstream's protocol wants it.
+pub fn rewrite(
+    rewrite: &Rewrite,
+    matched: &PathMatch,
+    parts: &mut Parts,
+    host: String,
+) -> Result<String, ProxyError> {
+    if let Some(target) = rewrite.target(&parts.uri, matched) {
+        parts.uri = target
+            .parse()
+            .map_err(|_| ProxyError::BadRequest("the rewritten path is not a valid target"))?;
+    }
+    match &rewrite.host {
+        Some(value) => {
+            parts.headers.insert(header::HOST, value.clone());
+            if parts.uri.authority().is_some() {
+                let origin = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                parts.uri = origin
+                    .parse()
+                    .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
+            }
+            Ok(value.to_str().map(str::to_string).unwrap_or(host))
+        }
+        None => Ok(host),
     }
 }
 

@@ -2,5 +2,6 @@
 //! into the same file model a YAML file gives, and its on-disk cache.
 
 pub mod client;
+pub mod route_table;
 pub mod tracing;
 pub mod translate;
