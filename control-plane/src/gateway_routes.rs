@@ -21,7 +21,7 @@ use outrigger_core::policy::{self, Retry};
 
 use crate::gateway_api::{
     HeaderModifier, HttpBackendRef, HttpPathModifier, HttpRoute, HttpRouteMatch, HttpRouteRule,
-    HttpValueMatch, ParentRef, RequestRedirect, UrlRewrite, parse_duration,
+    HttpValueMatch, ParentRef, RequestMirror, RequestRedirect, UrlRewrite, parse_duration,
 };
 use crate::mesh::{
     HeaderChanges, PathMatch, PathModifier, Redirect, Rewrite, Route, Service, ValueMatch,
@@ -153,11 +153,12 @@ pub fn attach(services: &mut [Service], routes: &[Arc<HttpRoute>]) -> RouteOutco
 }
 
 /// The filters a mesh route honours.
-const FILTERS: [&str; 4] = [
+const FILTERS: [&str; 5] = [
     "RequestHeaderModifier",
     "ResponseHeaderModifier",
     "RequestRedirect",
     "URLRewrite",
+    "RequestMirror",
 ];
 
 /// The first field of `route` this version cannot honour, by its path in the object.
@@ -228,6 +229,7 @@ fn translate(
         )?;
         let retry = retry(rule, r)?;
         let (request_headers, response_headers) = header_filters(rule, r)?;
+        let mirrors = mirrors(rule, r, namespace, services)?;
         for (m, matched) in matches.iter().enumerate() {
             let at = format!("spec.rules[{r}].matches[{m}]");
             let path = matched.path.clone().unwrap_or_default();
@@ -283,6 +285,7 @@ fn translate(
                     backends: backends.clone(),
                     redirect: redirect.clone(),
                     rewrite: rewrite.clone(),
+                    mirrors: mirrors.clone(),
                     timeout,
                     retry: retry.clone(),
                     per_try_timeout: per_try,
@@ -458,6 +461,54 @@ fn target_filters(
         ));
     }
     Ok((redirect, rewrite))
+}
+
+/// The rule's `RequestMirror`s: (cluster, percent).
+fn mirrors(
+    rule: &HttpRouteRule,
+    r: usize,
+    namespace: &str,
+    services: &[Service],
+) -> Result<Vec<(String, f64)>, Refusal> {
+    let mut out = Vec::new();
+    for (f, filter) in rule.filters.iter().enumerate() {
+        if filter.type_ != "RequestMirror" {
+            continue;
+        }
+        let at = format!("spec.rules[{r}].filters[{f}].requestMirror");
+        let settings = filter
+            .settings
+            .get("requestMirror")
+            .cloned()
+            .unwrap_or_default();
+        let m: RequestMirror = serde_json::from_value(settings)
+            .map_err(|e| ("UnsupportedValue", format!("{at}: {e}")))?;
+        let percent = match (m.percent, m.fraction) {
+            (Some(p), None) => f64::from(p),
+            (None, Some(f)) => {
+                let denominator = f.denominator.unwrap_or(100);
+                if denominator <= 0 || f.numerator < 0 || f.numerator > denominator {
+                    return Err(("UnsupportedValue", format!("{at}.fraction")));
+                }
+                f64::from(f.numerator) / f64::from(denominator) * 100.0
+            }
+            (None, None) => 100.0,
+            (Some(_), Some(_)) => {
+                return Err((
+                    "UnsupportedValue",
+                    format!("{at}: percent and fraction are exclusive"),
+                ));
+            }
+        };
+        if !(0.0..=100.0).contains(&percent) {
+            return Err(("UnsupportedValue", format!("{at}.percent")));
+        }
+        out.push((
+            backend_cluster(&m.backend_ref, namespace, services)?,
+            percent,
+        ));
+    }
+    Ok(out)
 }
 
 fn path_modifier(p: &HttpPathModifier, at: &str) -> Result<PathModifier, Refusal> {

@@ -326,6 +326,8 @@ pub struct Route {
     pub backends: Vec<(String, u32)>,
     pub redirect: Option<Redirect>,
     pub rewrite: Option<Rewrite>,
+    /// (cluster name, percent of requests copied to it).
+    pub mirrors: Vec<(String, f64)>,
     pub timeout: Option<Duration>,
     /// The route's own retry policy, else the service's.
     pub retry: Option<Retry>,
@@ -551,6 +553,7 @@ impl Mesh {
                     query: Vec::new(),
                     redirect: None,
                     rewrite: None,
+                    mirrors: Vec::new(),
                     request_headers: HeaderChanges::default(),
                     response_headers: HeaderChanges::default(),
                     backends,

@@ -10,8 +10,8 @@ use envoy_types::pb::envoy::config::cluster::v3::{
 };
 use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, ConfigSource, HeaderValue, HeaderValueOption,
-    Http2ProtocolOptions, Locality, SocketAddress, TypedExtensionConfig, address, config_source,
-    header_value_option, socket_address,
+    Http2ProtocolOptions, Locality, RuntimeFractionalPercent, SocketAddress, TypedExtensionConfig,
+    address, config_source, header_value_option, socket_address,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -470,6 +470,11 @@ fn route_for(r: &crate::mesh::Route) -> EnvoyRoute {
                         .clone()
                         .map(route_action::HostRewriteSpecifier::HostRewriteLiteral)
                 }),
+                request_mirror_policies: r
+                    .mirrors
+                    .iter()
+                    .map(|(cluster, percent)| mirror_policy(cluster, *percent))
+                    .collect(),
                 ..Default::default()
             }),
         }),
@@ -502,6 +507,24 @@ fn path_substitution(modifier: &PathModifier, matched: &PathMatch) -> RegexMatch
             ..Default::default()
         }),
         substitution,
+    }
+}
+
+/// A copy of `percent` of requests to `cluster`, keeping the Host (no `-shadow` suffix: our
+/// proxy sends the copy as it is, and both clients should do the same).
+fn mirror_policy(cluster: &str, percent: f64) -> route_action::RequestMirrorPolicy {
+    use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent};
+    route_action::RequestMirrorPolicy {
+        cluster: cluster.to_string(),
+        runtime_fraction: Some(RuntimeFractionalPercent {
+            default_value: Some(FractionalPercent {
+                numerator: (percent.clamp(0.0, 100.0) * 10_000.0).round() as u32,
+                denominator: fractional_percent::DenominatorType::Million as i32,
+            }),
+            ..Default::default()
+        }),
+        disable_shadow_host_suffix_append: true,
+        ..Default::default()
     }
 }
 

@@ -328,7 +328,7 @@ async fn a_route_with_what_the_mesh_cannot_honour_is_refused_by_name() {
     let mesh = Mesh::start(&cluster.api).await;
     cluster.route(&format!(
         r#"{PARENT}  rules:
-    - filters: [{{type: RequestMirror, requestMirror: {{backendRef: {{name: catalog-v2, port: 80}}}}}}]
+    - filters: [{{type: CORS, cors: {{allowOrigins: ["*"]}}}}]
       backendRefs: [{{name: catalog-v2, port: 80}}]
 ---
 apiVersion: gateway.networking.k8s.io/v1
@@ -357,7 +357,7 @@ spec:
         refused["message"]
             .as_str()
             .unwrap()
-            .contains("spec.rules[0].filters[0] (RequestMirror)"),
+            .contains("spec.rules[0].filters[0] (CORS)"),
         "{status}"
     );
     let unresolved = &status["cluster"]["routes"]["shop/elsewhere"][0]["resolved_refs"];
@@ -658,4 +658,44 @@ async fn redirects_and_rewrites_through(cluster: &Cluster, mesh: &Mesh) {
         seen("/whole/x?y=2").await,
         ("/all?y=2".to_string(), "internal.example".to_string())
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_sees_the_request_and_its_answer_is_ignored() {
+    let cluster = Cluster::start().await;
+    let mesh = Mesh::start(&cluster.api).await;
+    mirrored(&cluster, &mesh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_mirrors_the_same_way() {
+    let cluster = Cluster::start().await;
+    let mesh = Mesh::with_envoy(&cluster.api).await;
+    mirrored(&cluster, &mesh).await;
+}
+
+async fn mirrored(cluster: &Cluster, mesh: &Mesh) {
+    cluster.route(&format!(
+        r#"{PARENT}  rules:
+    - filters:
+        - type: RequestMirror
+          requestMirror: {{backendRef: {{name: flaky, port: 80}}}}
+      backendRefs: [{{name: catalog-v2, port: 80}}]
+"#
+    ));
+    eventually("the route applies", Duration::from_secs(30), || async {
+        (mesh.get("/x", &[]).await == (200, "catalog-v2".into())).then_some(())
+    })
+    .await;
+    // The mirror answers 503 to this path; the caller still gets the backend's answer.
+    assert_eq!(
+        mesh.get("/always-503/m", &[]).await,
+        (200, "catalog-v2".into())
+    );
+    eventually(
+        "the mirror sees the request",
+        Duration::from_secs(10),
+        || async { (cluster.flaky.lock().unwrap().get("/always-503/m") == Some(&1)).then_some(()) },
+    )
+    .await;
 }

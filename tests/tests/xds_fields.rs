@@ -258,9 +258,29 @@ fn route_fields() {
             Refused("route.hash_policy"),
         ),
         (
-            "request mirror",
-            |r| action(r).request_mirror_policies.push(Default::default()),
-            Refused("route.request_mirror_policies"),
+            "request mirror keeping the host",
+            |r| {
+                action(r)
+                    .request_mirror_policies
+                    .push(route_action::RequestMirrorPolicy {
+                        cluster: "web".into(),
+                        disable_shadow_host_suffix_append: true,
+                        ..Default::default()
+                    })
+            },
+            Accepted,
+        ),
+        (
+            "request mirror renaming the host",
+            |r| {
+                action(r)
+                    .request_mirror_policies
+                    .push(route_action::RequestMirrorPolicy {
+                        cluster: "web".into(),
+                        ..Default::default()
+                    })
+            },
+            Refused("disable_shadow_host_suffix_append"),
         ),
         (
             "idle timeout",

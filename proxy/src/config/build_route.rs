@@ -23,7 +23,7 @@ use crate::config::snapshot::DEFAULT_ROUTE_TIMEOUT;
 use crate::policy::retry::RetryPolicy;
 use crate::route::rewrite::{PathRewrite, Redirect, Rewrite, substitution};
 use crate::route::router::{HeaderMatch, PathMatch, QueryMatch};
-use crate::route::table::{HeaderChanges, Route};
+use crate::route::table::{HeaderChanges, Mirror, Route};
 
 impl Builder<'_> {
     /// A bucket keeps its tokens across reloads that leave its limits alone; otherwise every
@@ -164,6 +164,22 @@ impl Builder<'_> {
                 weight: backend.weight,
             });
         }
+        let mut mirrors = Vec::with_capacity(r.mirror.len());
+        for (m, mirror) in r.mirror.iter().enumerate() {
+            let at = format!("{field}.mirror[{m}]");
+            let percent = mirror.percent.unwrap_or(100.0);
+            if !(0.0..=100.0).contains(&percent) {
+                return Err(self.err(
+                    &mirror.cluster,
+                    &format!("{at}.percent"),
+                    format!("{percent} is not between 0 and 100"),
+                ));
+            }
+            mirrors.push(Mirror {
+                cluster: self.cluster_ref(&mirror.cluster, &format!("{at}.cluster"), clusters)?,
+                percent,
+            });
+        }
         let total_weight: u32 = backends.iter().map(|b| b.weight).sum();
         if total_weight == 0 && redirect.is_none() {
             return Err(self.err(
@@ -219,6 +235,7 @@ impl Builder<'_> {
             total_weight,
             rewrite,
             redirect,
+            mirrors,
             timeout: self.duration(
                 &r.timeout,
                 &format!("{field}.timeout"),

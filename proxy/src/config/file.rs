@@ -282,6 +282,9 @@ pub struct RouteFile {
     /// Answer with a redirect instead of forwarding.
     #[serde(default)]
     pub redirect: Option<Box<RedirectFile>>,
+    /// Clusters that also get a copy of each request (its answer is ignored).
+    #[serde(default)]
+    pub mirror: Vec<MirrorFile>,
     #[serde(default)]
     pub timeout: Option<Spanned<String>>,
     #[serde(default)]
@@ -321,6 +324,15 @@ pub struct RewriteFile {
     pub regex: Option<RegexRewriteFile>,
     #[serde(default)]
     pub host: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorFile {
+    pub cluster: Spanned<String>,
+    /// The share of requests copied, 0 to 100 (default 100).
+    #[serde(default)]
+    pub percent: Option<f64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]

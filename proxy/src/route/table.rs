@@ -32,6 +32,7 @@ pub struct Route {
     pub total_weight: u32,
     pub rewrite: Option<Rewrite>,
     pub redirect: Option<Redirect>,
+    pub mirrors: Vec<Mirror>,
     pub timeout: Duration,
     pub request_headers: HeaderChanges,
     pub response_headers: HeaderChanges,
@@ -44,6 +45,13 @@ pub struct Route {
     /// The metric series its requests write to, handed over when the config is accepted
     /// (`RuntimeConfig::resolve_series`).
     pub series: OnceLock<Arc<RouteSeries>>,
+}
+
+/// A cluster that gets a copy of a share of the route's requests.
+pub struct Mirror {
+    pub cluster: Arc<crate::cluster::balance::Cluster>,
+    /// 0 to 100.
+    pub percent: f64,
 }
 
 #[derive(Default)]

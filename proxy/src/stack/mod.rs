@@ -20,6 +20,7 @@ pub mod balance;
 pub mod exchange;
 pub mod headers;
 pub mod idle;
+pub mod mirror;
 pub mod peer;
 pub mod pool;
 pub mod rate_limit;
@@ -54,7 +55,7 @@ pub async fn handle(
     // access log → metrics: what they need of the request is taken before it goes down.
     let access = access_log::begin(&ex, &req);
     let span = record::span_facts(&ex, &req);
-    let response = match forward(&mut ex, req).await {
+    let response = match forward(&ctx, &mut ex, req).await {
         Ok(resp) => resp,
         Err(err) => {
             let trace_id = ex.trace.as_ref().map(|t| record::hex(&t.span.trace_id));
@@ -68,8 +69,10 @@ pub async fn handle(
     Ok(record::finish(ex, span, response))
 }
 
-/// authorize → route → rate limit → timeout → retry → balance → pool, and the response back.
+/// authorize → route → rate limit → (redirect, rewrite, mirror) → timeout → retry → balance →
+/// pool, and the response back.
 async fn forward<'a>(
+    ctx: &Arc<HttpContext>,
     ex: &mut Exchange<'a>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
@@ -88,6 +91,9 @@ async fn forward<'a>(
         Some(rewrite) => route::rewrite(rewrite, &route.path, &mut parts, host)?,
         None => host,
     };
+    if !route.mirrors.is_empty() {
+        mirror::copy(ctx, route, &parts, mirror::bodiless(&body), &host);
+    }
     let timeout = timeout::for_request(route.timeout, &parts.headers);
     let mut req = Request::from_parts(parts, body);
     if let Some(tracer) = &ex.snapshot.tracing {

@@ -16,8 +16,8 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
 use serde_saphyr::Spanned;
 
 use crate::config::file::{
-    BackendFile, HeaderChangesFile, HeaderMatchFile, HeaderValueFile, MatchFile, QueryMatchFile,
-    RedirectFile, RegexRewriteFile, RewriteFile, RouteFile, VirtualHostFile,
+    BackendFile, HeaderChangesFile, HeaderMatchFile, HeaderValueFile, MatchFile, MirrorFile,
+    QueryMatchFile, RedirectFile, RegexRewriteFile, RewriteFile, RouteFile, VirtualHostFile,
 };
 use crate::xds::tracing;
 use outrigger_core::xds::{XdsError, duration_text, refuse, sp};
@@ -170,6 +170,7 @@ fn route(what: &str, vhost: &str, index: usize, r: &Route) -> Result<RouteFile, 
                 name: Some(name),
                 matches: Some(Box::new(matches)),
                 backends: Vec::new(),
+                mirror: Vec::new(),
                 rewrite: None,
                 redirect: Some(Box::new(redirect_file(&what, redirect)?)),
                 timeout: None,
@@ -217,10 +218,6 @@ fn route(what: &str, vhost: &str, index: usize, r: &Route) -> Result<RouteFile, 
         &what,
         &[
             (!action.hash_policy.is_empty(), "route.hash_policy"),
-            (
-                !action.request_mirror_policies.is_empty(),
-                "route.request_mirror_policies",
-            ),
             (action.idle_timeout.is_some(), "route.idle_timeout"),
             (
                 action.max_stream_duration.is_some(),
@@ -252,6 +249,11 @@ fn route(what: &str, vhost: &str, index: usize, r: &Route) -> Result<RouteFile, 
         name: Some(name),
         matches: Some(Box::new(matches)),
         backends,
+        mirror: action
+            .request_mirror_policies
+            .iter()
+            .map(|m| mirror(&what, m))
+            .collect::<Result<_, _>>()?,
         rewrite,
         redirect: None,
         timeout: action.timeout.as_ref().map(|d| sp(duration_text(d))),
@@ -305,6 +307,51 @@ fn header_match(what: &str, h: &HeaderMatcher) -> Result<HeaderMatchFile, XdsErr
         }
     }
     Ok(out)
+}
+
+/// A mirror that keeps the request's Host: our proxy does not rename the copy, so it takes
+/// only policies that say so (`disable_shadow_host_suffix_append`), as ours do.
+fn mirror(what: &str, m: &route_action::RequestMirrorPolicy) -> Result<MirrorFile, XdsError> {
+    use envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType;
+    refuse(
+        what,
+        &[
+            (
+                !m.cluster_header.is_empty(),
+                "request_mirror_policies.cluster_header",
+            ),
+            (
+                !m.request_headers_mutations.is_empty(),
+                "request_mirror_policies.request_headers_mutations",
+            ),
+            (
+                !m.disable_shadow_host_suffix_append,
+                "request_mirror_policies.disable_shadow_host_suffix_append (only true)",
+            ),
+        ],
+    )?;
+    let percent = match m
+        .runtime_fraction
+        .as_ref()
+        .and_then(|f| f.default_value.as_ref())
+    {
+        None => None,
+        Some(f) => {
+            let per = match DenominatorType::try_from(f.denominator) {
+                Ok(DenominatorType::Hundred) => 100.0,
+                Ok(DenominatorType::TenThousand) => 10_000.0,
+                Ok(DenominatorType::Million) => 1_000_000.0,
+                Err(_) => {
+                    return Err(format!("{what}: field `request_mirror_policies.runtime_fraction`: unknown denominator").into());
+                }
+            };
+            Some((f64::from(f.numerator) / per * 100.0).min(100.0))
+        }
+    };
+    Ok(MirrorFile {
+        cluster: sp(m.cluster.clone()),
+        percent,
+    })
 }
 
 fn regex_rewrite(what: &str, r: &RegexMatchAndSubstitute) -> Result<RegexRewriteFile, XdsError> {

@@ -1,0 +1,81 @@
+//! The mirror stage: a copy of the request to each of the route's mirror clusters (a share of
+//! requests each), sent on its own and never waited for; its answer is read and dropped.
+//!
+//! Only requests without a body are copied: copying one with a body would mean holding the
+//! body until both sides had it. A request with a body is not mirrored, and that is counted.
+
+use std::sync::{Arc, LazyLock, OnceLock};
+use std::time::Duration;
+
+use http::Request;
+use http::request::Parts;
+use http_body_util::{BodyExt, Empty};
+
+use crate::route::router::PathMatch;
+use crate::route::table::{HeaderChanges, Route};
+use crate::stack::balance;
+use crate::stack::exchange::{Call, HttpContext};
+
+/// What a copy goes through: no header changes of its own (the original route's are applied
+/// to the copy first), no retries.
+static MIRROR_ROUTE: LazyLock<Route> = LazyLock::new(|| Route {
+    name: Arc::from("mirror"),
+    path: PathMatch::Prefix("/".into()),
+    headers: Vec::new(),
+    methods: Vec::new(),
+    query: Vec::new(),
+    backends: Vec::new(),
+    total_weight: 0,
+    rewrite: None,
+    redirect: None,
+    mirrors: Vec::new(),
+    timeout: Duration::from_secs(15),
+    request_headers: HeaderChanges::default(),
+    response_headers: HeaderChanges::default(),
+    retry: None,
+    rate_limit: None,
+    sampling: None,
+    websocket: false,
+    series: OnceLock::new(),
+});
+
+/// Sends copies of the request `parts` describes (its body empty if `bodiless`) to `route`'s
+/// mirrors, to `host`.
+pub fn copy(ctx: &Arc<HttpContext>, route: &Route, parts: &Parts, bodiless: bool, host: &str) {
+    for mirror in &route.mirrors {
+        if mirror.percent < 100.0 && fastrand::f64() * 100.0 >= mirror.percent {
+            continue;
+        }
+        if !bodiless {
+            ctx.metrics.overflow(&mirror.cluster.name, "mirror_body");
+            continue;
+        }
+        let mut req = Request::new(Empty::new().map_err(|never| match never {}).boxed());
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = parts.uri.clone();
+        *req.version_mut() = parts.version;
+        *req.headers_mut() = parts.headers.clone();
+        route.request_headers.apply(req.headers_mut());
+        let (ctx, cluster, host) = (ctx.clone(), mirror.cluster.clone(), host.to_string());
+        let timeout = route.timeout;
+        tokio::spawn(async move {
+            let call = Call {
+                ctx: &ctx,
+                route: &MIRROR_ROUTE,
+                cluster: &cluster,
+                host: &host,
+                trace: None,
+            };
+            let sent = tokio::time::timeout(timeout, balance::send_once(&call, req, false)).await;
+            if let Ok(Ok(resp)) = sent {
+                // Read to its end, so that its connection goes back to the pool.
+                let _ = tokio::time::timeout(timeout, resp.into_body().collect()).await;
+            }
+        });
+    }
+}
+
+/// A request whose body has ended before it began.
+pub fn bodiless(body: &impl hyper::body::Body) -> bool {
+    body.is_end_stream()
+}
