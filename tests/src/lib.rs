@@ -234,3 +234,14 @@ pub async fn control_plane(yaml: &str) -> outrigger_control_plane::app::ControlP
     .await
     .expect("the control plane starts")
 }
+
+/// A proxy following the control plane whose ADS is at `xds` (as node `web-1` of service
+/// `web`), and a client of its outbound listener.
+pub async fn xds_proxy(xds: SocketAddr) -> (TestProxy, clients::TestClient) {
+    let proxy = TestProxy::start(&xds_config(&format!(
+        "address: \"{xds}\"\nnode: web-1\nservice: web"
+    )))
+    .await;
+    let client = clients::TestClient::http1(proxy.addr("outbound"));
+    (proxy, client)
+}

@@ -7,11 +7,11 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use outrigger_control_plane::app::{self, ControlPlane};
+use outrigger_control_plane::app::ControlPlane;
 use outrigger_tests::clients::{TestClient, get};
 use outrigger_tests::fake_kube::FakeApiServer;
 use outrigger_tests::kube::{assert_typed, yaml_documents};
-use outrigger_tests::{TestProxy, eventually, metric, temp_path, upstreams, xds_config};
+use outrigger_tests::{TestProxy, eventually, metric, upstreams};
 use serde_json::Value;
 
 /// `catalog` (also in the mesh file, with a retry policy but no endpoints) and `ledger`
@@ -96,23 +96,9 @@ struct Mesh {
 
 impl Mesh {
     async fn start(api: &FakeApiServer) -> Mesh {
-        let mesh = temp_path("mesh.yaml");
-        std::fs::write(&mesh, MESH).unwrap();
-        let cp = app::start(app::Options {
-            mesh_path: mesh,
-            xds_address: "127.0.0.1:0".parse().unwrap(),
-            admin_address: "127.0.0.1:0".parse().unwrap(),
-            identity: Default::default(),
-        })
-        .await
-        .unwrap();
+        let cp = outrigger_tests::control_plane(MESH).await;
         cp.watch_cluster(api.client(), None);
-        let proxy = TestProxy::start(&xds_config(&format!(
-            "address: \"{}\"\nnode: web-1\nservice: web",
-            cp.xds_addr
-        )))
-        .await;
-        let client = TestClient::http1(proxy.addr("outbound"));
+        let (proxy, client) = outrigger_tests::xds_proxy(cp.xds_addr).await;
         Mesh {
             cp,
             client,

@@ -9,13 +9,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use outrigger_control_plane::app::{self, ControlPlane};
+use outrigger_control_plane::app::ControlPlane;
 use outrigger_control_plane::lease::Lease;
 use outrigger_tests::clients::{Reply, TestClient, get};
 use outrigger_tests::envoy::Envoy;
 use outrigger_tests::fake_kube::FakeApiServer;
 use outrigger_tests::kube::{assert_typed, yaml_documents};
-use outrigger_tests::{TestProxy, eventually, free_addr, temp_path, upstreams, xds_config};
+use outrigger_tests::{TestProxy, eventually, free_addr, upstreams, xds_proxy};
 use serde_json::Value;
 
 /// The documents of `yaml`, each checked against its typed object.
@@ -81,12 +81,7 @@ impl Mesh {
     /// A replica named `instance`, competing for the status writer's Lease.
     async fn replica(api: &FakeApiServer, instance: &str) -> Mesh {
         let cp = control_plane(api, instance, 15001).await;
-        let proxy = TestProxy::start(&xds_config(&format!(
-            "address: \"{}\"\nnode: web-1\nservice: web",
-            cp.xds_addr
-        )))
-        .await;
-        let client = TestClient::http1(proxy.addr("outbound"));
+        let (proxy, client) = xds_proxy(cp.xds_addr).await;
         Mesh {
             cp,
             client,
@@ -134,20 +129,10 @@ impl Mesh {
 
 /// A control plane watching `api` as replica `instance`; Envoy's listener on `outbound_port`.
 async fn control_plane(api: &FakeApiServer, instance: &str, outbound_port: u16) -> ControlPlane {
-    let mesh = temp_path("mesh.yaml");
-    std::fs::write(
-        &mesh,
-        format!("mesh: {{trust_domain: cluster.local, outbound_port: {outbound_port}}}\n"),
-    )
-    .unwrap();
-    let cp = app::start(app::Options {
-        mesh_path: mesh,
-        xds_address: "127.0.0.1:0".parse().unwrap(),
-        admin_address: "127.0.0.1:0".parse().unwrap(),
-        identity: Default::default(),
-    })
-    .await
-    .unwrap();
+    let cp = outrigger_tests::control_plane(&format!(
+        "mesh: {{trust_domain: cluster.local, outbound_port: {outbound_port}}}\n"
+    ))
+    .await;
     let kube = api.client();
     let lease = Lease::new(
         kube.client.clone(),

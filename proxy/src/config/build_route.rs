@@ -16,8 +16,7 @@ use crate::cluster::balance::{Cluster, WeightedBackend};
 use crate::config::build::Builder;
 use crate::config::carry_over;
 use crate::config::file::{
-    HeaderChangesFile, MatchFile, RateLimitFile, RedirectFile, RegexRewriteFile, RetryFile,
-    RouteFile,
+    HeaderChangesFile, MatchFile, RateLimitFile, RetryFile, RouteFile, TargetFile,
 };
 use crate::config::snapshot::DEFAULT_ROUTE_TIMEOUT;
 use crate::policy::retry::RetryPolicy;
@@ -132,9 +131,16 @@ impl Builder<'_> {
             None => None,
         };
         let rewrite = match &r.rewrite {
+            Some(w) if w.scheme.is_some() || w.port.is_some() || w.status.is_some() => {
+                return Err(ConfigError::at(
+                    self.source,
+                    None,
+                    &format!("{field}.rewrite"),
+                    "`scheme`, `port` and `status` belong to a redirect",
+                ));
+            }
             Some(w) => Some(Rewrite {
-                path: self
-                    .path_rewrite((&w.path, &w.prefix, &w.regex), &format!("{field}.rewrite"))?,
+                path: self.path_rewrite(w, &format!("{field}.rewrite"))?,
                 host: match &w.host {
                     Some(h) => Some(HeaderValue::from_str(&h.value).map_err(|_| {
                         self.err(h, &format!("{field}.rewrite.host"), "not a valid host")
@@ -256,10 +262,10 @@ impl Builder<'_> {
 
     fn path_rewrite(
         &self,
-        (path, prefix, regex): (&Option<String>, &Option<String>, &Option<RegexRewriteFile>),
+        t: &TargetFile,
         field: &str,
     ) -> Result<Option<PathRewrite>, ConfigError> {
-        Ok(match (path, prefix, regex) {
+        Ok(match (&t.path, &t.prefix, &t.regex) {
             (None, None, None) => None,
             (Some(p), None, None) => Some(PathRewrite::Full(p.clone())),
             (None, Some(p), None) => Some(PathRewrite::Prefix(p.clone())),
@@ -284,7 +290,7 @@ impl Builder<'_> {
         })
     }
 
-    fn redirect(&self, d: &RedirectFile, field: &str) -> Result<Redirect, ConfigError> {
+    fn redirect(&self, d: &TargetFile, field: &str) -> Result<Redirect, ConfigError> {
         let status = match d.status.unwrap_or(302) {
             s @ (301 | 302 | 303 | 307 | 308) => {
                 http::StatusCode::from_u16(s).unwrap_or(http::StatusCode::FOUND)
@@ -312,9 +318,9 @@ impl Builder<'_> {
         }
         Ok(Redirect {
             scheme: d.scheme.clone(),
-            host: d.host.clone(),
+            host: d.host.as_ref().map(|h| h.value.clone()),
             port: d.port,
-            path: self.path_rewrite((&d.path, &d.prefix, &d.regex), field)?,
+            path: self.path_rewrite(d, field)?,
             status,
         })
     }

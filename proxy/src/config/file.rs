@@ -278,10 +278,10 @@ pub struct RouteFile {
     pub backends: Vec<BackendFile>,
     /// A new path or host for the request before it goes on.
     #[serde(default)]
-    pub rewrite: Option<Box<RewriteFile>>,
+    pub rewrite: Option<Box<TargetFile>>,
     /// Answer with a redirect instead of forwarding.
     #[serde(default)]
-    pub redirect: Option<Box<RedirectFile>>,
+    pub redirect: Option<Box<TargetFile>>,
     /// Clusters that also get a copy of each request (its answer is ignored).
     #[serde(default)]
     pub mirror: Vec<MirrorFile>,
@@ -311,21 +311,6 @@ pub struct RegexRewriteFile {
     pub substitution: String,
 }
 
-#[derive(Debug, Clone, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct RewriteFile {
-    /// A new path, at most one of: the whole of it, the part the route's prefix matched, or
-    /// a regex substitution (Envoy's: `\1` is the first group).
-    #[serde(default)]
-    pub path: Option<String>,
-    #[serde(default)]
-    pub prefix: Option<String>,
-    #[serde(default)]
-    pub regex: Option<RegexRewriteFile>,
-    #[serde(default)]
-    pub host: Option<Spanned<String>>,
-}
-
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MirrorFile {
@@ -335,24 +320,29 @@ pub struct MirrorFile {
     pub percent: Option<f64>,
 }
 
+/// Where a request goes instead: as a `rewrite`, a new path and Host before it goes on; as
+/// a `redirect`, the Location the caller is sent to. What is not set stays as the request
+/// had it.
 #[derive(Debug, Clone, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
-pub struct RedirectFile {
-    /// `http` or `https`; default: the request's.
+pub struct TargetFile {
+    /// Redirects only: `http` or `https`.
     #[serde(default)]
     pub scheme: Option<String>,
     #[serde(default)]
-    pub host: Option<String>,
+    pub host: Option<Spanned<String>>,
+    /// Redirects only.
     #[serde(default)]
     pub port: Option<u16>,
-    /// The path, as in `rewrite`; default: the request's.
+    /// A new path, at most one of: the whole of it, the part the route's prefix matched, or
+    /// a regex substitution (Envoy's: `\1` is the first group).
     #[serde(default)]
     pub path: Option<String>,
     #[serde(default)]
     pub prefix: Option<String>,
     #[serde(default)]
     pub regex: Option<RegexRewriteFile>,
-    /// 301, 302 (the default), 303, 307 or 308.
+    /// Redirects only: 301, 302 (the default), 303, 307 or 308.
     #[serde(default)]
     pub status: Option<u16>,
 }

@@ -17,7 +17,7 @@ use serde_saphyr::Spanned;
 
 use crate::config::file::{
     BackendFile, HeaderChangesFile, HeaderMatchFile, HeaderValueFile, MatchFile, MirrorFile,
-    QueryMatchFile, RedirectFile, RegexRewriteFile, RewriteFile, RouteFile, VirtualHostFile,
+    QueryMatchFile, RegexRewriteFile, RouteFile, TargetFile, VirtualHostFile,
 };
 use crate::xds::tracing;
 use outrigger_core::xds::{XdsError, duration_text, refuse, sp};
@@ -204,7 +204,7 @@ fn route(what: &str, vhost: &str, index: usize, r: &Route) -> Result<RouteFile, 
     };
     let rewrite = match (&action.prefix_rewrite, &action.regex_rewrite, host) {
         (p, None, None) if p.is_empty() => None,
-        (p, regex, host) => Some(Box::new(RewriteFile {
+        (p, regex, host) => Some(Box::new(TargetFile {
             path: None,
             prefix: (!p.is_empty()).then(|| p.clone()),
             regex: regex
@@ -212,6 +212,7 @@ fn route(what: &str, vhost: &str, index: usize, r: &Route) -> Result<RouteFile, 
                 .map(|r| regex_rewrite(&what, r))
                 .transpose()?,
             host,
+            ..Default::default()
         })),
     };
     refuse(
@@ -365,7 +366,7 @@ fn regex_rewrite(what: &str, r: &RegexMatchAndSubstitute) -> Result<RegexRewrite
     })
 }
 
-fn redirect_file(what: &str, d: &RedirectAction) -> Result<RedirectFile, XdsError> {
+fn redirect_file(what: &str, d: &RedirectAction) -> Result<TargetFile, XdsError> {
     use redirect_action::{PathRewriteSpecifier, RedirectResponseCode, SchemeRewriteSpecifier};
     refuse(what, &[(d.strip_query, "redirect.strip_query")])?;
     let scheme = match &d.scheme_rewrite_specifier {
@@ -373,9 +374,9 @@ fn redirect_file(what: &str, d: &RedirectAction) -> Result<RedirectFile, XdsErro
         Some(SchemeRewriteSpecifier::HttpsRedirect(https)) => https.then(|| "https".to_string()),
         Some(SchemeRewriteSpecifier::SchemeRedirect(s)) => Some(s.clone()),
     };
-    let mut out = RedirectFile {
+    let mut out = TargetFile {
         scheme,
-        host: (!d.host_redirect.is_empty()).then(|| d.host_redirect.clone()),
+        host: (!d.host_redirect.is_empty()).then(|| sp(d.host_redirect.clone())),
         port: match d.port_redirect {
             0 => None,
             p => Some(u16::try_from(p).map_err(|_| {
