@@ -75,11 +75,17 @@ pub fn workspace_binary(name: &str) -> PathBuf {
 }
 
 /// A loopback address that was free a moment ago, for a process that binds it itself.
+///
+/// The port is drawn below the kernel's ephemeral range (32768 and up by default): a port
+/// the kernel hands to `bind(0)` and that is released again is soon handed to another test
+/// binding port 0, while one from here is taken only by another draw of the same number.
 pub fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    loop {
+        let port = fastrand::u16(20_000..32_000);
+        if let Ok(socket) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            return socket.local_addr().unwrap();
+        }
+    }
 }
 
 /// A fresh path in a per-process scratch directory.
