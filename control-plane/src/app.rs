@@ -247,6 +247,7 @@ fn status_json(source: &MeshSource, nodes: &NodeRegistry) -> serde_json::Value {
     let snapshot = source.publisher.current();
     let err = source.last_error.load();
     let cluster_errors = source.cluster_health.errors();
+    let routes = source.cluster_health.routes();
     json!({
         "mesh": {
             "file": source.path.display().to_string(),
@@ -259,12 +260,21 @@ fn status_json(source: &MeshSource, nodes: &NodeRegistry) -> serde_json::Value {
             "synced": source.cluster_health.synced.load(Ordering::Relaxed),
             "last_error": cluster_errors.values().next(),
             "errors": cluster_errors,
-            "routes": source.cluster_health.routes().0.iter().map(|(name, (_, outcomes))| {
-                (name.clone(), outcomes.iter().map(|o| o.to_json()).collect::<serde_json::Value>())
-            }).collect::<serde_json::Map<_, _>>(),
+            "routes": outcome_json(&routes.http),
+            "grpc_routes": outcome_json(&routes.grpc),
         },
         "nodes": nodes.to_json(),
     })
+}
+
+/// Each route's outcomes, by `namespace/name`.
+fn outcome_json(outcomes: &crate::gateway_routes::RouteOutcomes) -> serde_json::Value {
+    outcomes
+        .0
+        .iter()
+        .map(|(name, (_, o))| (name.clone(), o.iter().map(|o| o.to_json()).collect()))
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 /// The metrics page, in OpenMetrics text from prometheus-client, which escapes every label

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
-use crate::gateway_routes::RouteOutcomes;
+use crate::gateway_routes::Outcomes;
 use crate::kube_client::ApiCalls;
 
 /// How the watches are doing, for `/status` and `/metrics`.
@@ -20,8 +20,8 @@ pub struct ClusterHealth {
     pub synced: AtomicBool,
     /// The client's requests, once the cluster is watched.
     pub calls: OnceLock<Arc<ApiCalls>>,
-    /// What became of each HTTPRoute.
-    routes: Mutex<RouteOutcomes>,
+    /// What became of each HTTPRoute and GRPCRoute.
+    routes: Mutex<Outcomes>,
 }
 
 impl ClusterHealth {
@@ -31,11 +31,11 @@ impl ClusterHealth {
             .insert(kind, (path.to_string(), error, Instant::now()));
     }
 
-    pub fn set_routes(&self, outcomes: RouteOutcomes) {
+    pub fn set_routes(&self, outcomes: Outcomes) {
         *self.routes.lock().unwrap_or_else(|p| p.into_inner()) = outcomes;
     }
 
-    pub fn routes(&self) -> RouteOutcomes {
+    pub fn routes(&self) -> Outcomes {
         self.routes
             .lock()
             .unwrap_or_else(|p| p.into_inner())

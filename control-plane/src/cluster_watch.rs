@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 
 use crate::cluster_health::ClusterHealth;
 use crate::cluster_source::{INJECTED, services_from};
-use crate::gateway_api::HttpRoute;
+use crate::gateway_api::{GrpcRoute, HttpRoute};
 use crate::gateway_routes;
 use crate::kube_client::KubeClient;
 use crate::lease::Lease;
@@ -63,14 +63,21 @@ pub fn spawn(
     let pods = watch("Pod").start(Api::<Pod>::all(client.clone()), strip_pod);
     let routes_watch = watch("HTTPRoute");
     let routes_failed = routes_watch.failed.clone();
-    let routes = routes_watch.start(Api::<HttpRoute>::all(client.clone()), strip_route);
+    let routes = routes_watch.start(Api::<HttpRoute>::all(client.clone()), |r| {
+        strip_route(&mut r.metadata)
+    });
+    let grpc_watch = watch("GRPCRoute");
+    let grpc_failed = grpc_watch.failed.clone();
+    let grpc = grpc_watch.start(Api::<GrpcRoute>::all(client.clone()), |r| {
+        strip_route(&mut r.metadata)
+    });
     let recomputed = Arc::new(Notify::new());
     if let Some(lease) = status_writer {
         lease.clone().spawn();
         tokio::spawn(write_statuses(
             client,
             lease,
-            routes.clone(),
+            (routes.clone(), grpc.clone()),
             health.clone(),
             recomputed.clone(),
         ));
@@ -84,10 +91,20 @@ pub fn spawn(
         );
         // Routes are optional: without Gateway API's CRDs their list fails, and the mesh goes
         // on without them (the error is on /status) rather than waiting.
-        tokio::select! {
-            _ = routes.wait_until_ready() => {}
-            _ = routes_failed.notified() => {}
-        }
+        tokio::join!(
+            async {
+                tokio::select! {
+                    _ = routes.wait_until_ready() => {}
+                    _ = routes_failed.notified() => {}
+                }
+            },
+            async {
+                tokio::select! {
+                    _ = grpc.wait_until_ready() => {}
+                    _ = grpc_failed.notified() => {}
+                }
+            }
+        );
         health.synced.store(true, Ordering::Relaxed);
         loop {
             let mut view = services_from(
@@ -96,7 +113,7 @@ pub fn spawn(
                 &pods.state(),
                 &trust_domain,
             );
-            let outcomes = gateway_routes::attach(&mut view, &routes.state());
+            let outcomes = gateway_routes::attach(&mut view, &routes.state(), &grpc.state());
             health.set_routes(outcomes);
             source.set_cluster(view);
             recomputed.notify_one();
@@ -112,19 +129,21 @@ pub fn spawn(
 async fn write_statuses(
     client: kube::Client,
     lease: Arc<Lease>,
-    routes: Store<HttpRoute>,
+    (routes, grpc): (Store<HttpRoute>, Store<GrpcRoute>),
     health: Arc<ClusterHealth>,
     recomputed: Arc<Notify>,
 ) {
-    let mut written = route_status::Written::new();
+    let (mut written, mut written_grpc) =
+        (route_status::Written::new(), route_status::Written::new());
     loop {
         tokio::select! {
             _ = recomputed.notified() => {}
             _ = tokio::time::sleep(STATUS_RECHECK) => {}
         }
         if lease.is_leader() {
-            let (routes, outcomes) = (routes.state(), health.routes());
-            route_status::write(&client, &routes, &outcomes, &mut written).await;
+            let outcomes = health.routes();
+            route_status::write(&client, &routes.state(), &outcomes.http, &mut written).await;
+            route_status::write(&client, &grpc.state(), &outcomes.grpc, &mut written_grpc).await;
         }
     }
 }
@@ -147,9 +166,9 @@ fn strip_pod(pod: &mut Pod) {
 }
 
 /// A route is kept without what the API server adds for its own bookkeeping.
-fn strip_route(route: &mut HttpRoute) {
-    route.metadata.managed_fields = None;
-    route.metadata.annotations = None;
+fn strip_route(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+    meta.managed_fields = None;
+    meta.annotations = None;
 }
 
 struct Watch {

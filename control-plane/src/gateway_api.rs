@@ -53,6 +53,158 @@ impl kube::Resource for HttpRoute {
 
 pub const GROUP: &str = "gateway.networking.k8s.io";
 
+/// A GRPCRoute: routes for gRPC calls, by service and method.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcRoute {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub metadata: ObjectMeta,
+    pub spec: GrpcRouteSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<RouteStatus>,
+}
+
+impl kube::Resource for GrpcRoute {
+    type DynamicType = ();
+    type Scope = kube::core::NamespaceResourceScope;
+
+    fn kind(_: &()) -> Cow<'_, str> {
+        "GRPCRoute".into()
+    }
+    fn group(_: &()) -> Cow<'_, str> {
+        GROUP.into()
+    }
+    fn version(_: &()) -> Cow<'_, str> {
+        "v1".into()
+    }
+    fn plural(_: &()) -> Cow<'_, str> {
+        "grpcroutes".into()
+    }
+    fn meta(&self) -> &ObjectMeta {
+        &self.metadata
+    }
+    fn meta_mut(&mut self) -> &mut ObjectMeta {
+        &mut self.metadata
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcRouteSpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parent_refs: Vec<ParentRef>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hostnames: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<GrpcRouteRule>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcRouteRule {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<GrpcRouteMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<HttpRouteFilter>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub backend_refs: Vec<HttpBackendRef>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcRouteMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<GrpcMethodMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: Vec<HttpValueMatch>,
+    #[serde(flatten)]
+    pub unknown: Unknown,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct GrpcMethodMatch {
+    /// `Exact` (the default) or `RegularExpression`.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    pub type_: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+}
+
+impl GrpcRoute {
+    /// The same routes as an HTTPRoute: a gRPC call is a POST to `/<service>/<method>`, so
+    /// each method match becomes a path match, and everything else carries over.
+    pub fn as_http(&self) -> HttpRoute {
+        let rules = self
+            .spec
+            .rules
+            .iter()
+            .map(|rule| HttpRouteRule {
+                name: rule.name.clone(),
+                matches: rule
+                    .matches
+                    .iter()
+                    .map(|m| HttpRouteMatch {
+                        path: m.method.as_ref().map(GrpcMethodMatch::as_path),
+                        headers: m.headers.clone(),
+                        unknown: m.unknown.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+                filters: rule.filters.clone(),
+                backend_refs: rule.backend_refs.clone(),
+                unknown: rule.unknown.clone(),
+                ..Default::default()
+            })
+            .collect();
+        HttpRoute {
+            api_version: None,
+            kind: None,
+            metadata: self.metadata.clone(),
+            spec: HttpRouteSpec {
+                parent_refs: self.spec.parent_refs.clone(),
+                hostnames: self.spec.hostnames.clone(),
+                rules,
+                unknown: self.spec.unknown.clone(),
+            },
+            status: self.status.clone(),
+        }
+    }
+}
+
+impl GrpcMethodMatch {
+    fn as_path(&self) -> HttpPathMatch {
+        let path = |type_: &str, value: String| HttpPathMatch {
+            type_: Some(type_.to_string()),
+            value: Some(value),
+        };
+        let regex = self.type_.as_deref() == Some("RegularExpression");
+        match (regex, self.service.as_deref(), self.method.as_deref()) {
+            (false, Some(s), Some(m)) => path("Exact", format!("/{s}/{m}")),
+            (false, Some(s), None) => path("PathPrefix", format!("/{s}")),
+            (false, None, Some(m)) => {
+                path("RegularExpression", format!("/[^/]+/{}", regex::escape(m)))
+            }
+            (false, None, None) => path("PathPrefix", "/".into()),
+            (true, s, m) => path(
+                "RegularExpression",
+                format!("/{}/{}", s.unwrap_or("[^/]+"), m.unwrap_or("[^/]+")),
+            ),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRouteSpec {

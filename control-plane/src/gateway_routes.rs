@@ -20,11 +20,12 @@ use std::sync::Arc;
 use outrigger_core::policy::{self, Retry};
 
 use crate::gateway_api::{
-    HeaderModifier, HttpBackendRef, HttpPathModifier, HttpRoute, HttpRouteMatch, HttpRouteRule,
-    HttpValueMatch, ParentRef, RequestMirror, RequestRedirect, UrlRewrite, parse_duration,
+    GrpcRoute, HeaderModifier, HttpBackendRef, HttpPathModifier, HttpRoute, HttpRouteMatch,
+    HttpRouteRule, HttpValueMatch, ParentRef, RequestMirror, RequestRedirect, UrlRewrite,
+    parse_duration,
 };
 use crate::mesh::{
-    HeaderChanges, PathMatch, PathModifier, Redirect, Rewrite, Route, Service, ValueMatch,
+    HeaderChanges, PathMatch, PathModifier, Protocol, Redirect, Rewrite, Route, Service, ValueMatch,
 };
 
 /// What became of one route on one parent, as the status conditions say it.
@@ -64,12 +65,32 @@ struct Ranked {
     order: usize,
 }
 
-/// Attaches `routes` to `services` (those the cluster gave), and says what became of each.
-pub fn attach(services: &mut [Service], routes: &[Arc<HttpRoute>]) -> RouteOutcomes {
-    let mut outcomes = RouteOutcomes::default();
+/// What became of the HTTPRoutes, and of the GRPCRoutes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Outcomes {
+    pub http: RouteOutcomes,
+    pub grpc: RouteOutcomes,
+}
+
+/// Attaches `http` and `grpc` routes to `services` (those the cluster gave), and says what
+/// became of each. A GRPCRoute is read as the HTTPRoute it amounts to; the Services it sends
+/// to speak gRPC (HTTP/2) unless their port says otherwise.
+pub fn attach(
+    services: &mut [Service],
+    http: &[Arc<HttpRoute>],
+    grpc: &[Arc<GrpcRoute>],
+) -> Outcomes {
+    let grpc_as_http: Vec<Arc<HttpRoute>> = grpc.iter().map(|g| Arc::new(g.as_http())).collect();
+    let mut grpc_backends = std::collections::BTreeSet::new();
+    let mut all = RouteOutcomes::default();
     let mut attached: BTreeMap<String, Vec<Ranked>> = BTreeMap::new();
     let mut order = 0;
-    for route in routes {
+    let tagged = http
+        .iter()
+        .map(|r| (false, r))
+        .chain(grpc_as_http.iter().map(|r| (true, r)));
+    let mut outcomes = RouteOutcomes::default();
+    for (is_grpc, route) in tagged {
         let namespace = route.metadata.namespace.clone().unwrap_or_default();
         let name = route.metadata.name.clone().unwrap_or_default();
         let created = route
@@ -114,6 +135,13 @@ pub fn attach(services: &mut [Service], routes: &[Arc<HttpRoute>]) -> RouteOutco
             if accepted.is_ok()
                 && let Ok(mesh_routes) = translated
             {
+                if is_grpc {
+                    grpc_backends.extend(
+                        mesh_routes
+                            .iter()
+                            .flat_map(|(r, _)| r.backends.iter().map(|(c, _)| c.clone())),
+                    );
+                }
                 for target in &targets {
                     let key = services[*target].cluster_name();
                     for (r, rank) in &mesh_routes {
@@ -138,8 +166,8 @@ pub fn attach(services: &mut [Service], routes: &[Arc<HttpRoute>]) -> RouteOutco
             continue;
         }
         let generation = route.metadata.generation.unwrap_or_default();
-        outcomes
-            .0
+        let into = if is_grpc { &mut all } else { &mut outcomes };
+        into.0
             .insert(format!("{namespace}/{name}"), (generation, route_outcomes));
     }
     for service in services.iter_mut() {
@@ -148,8 +176,14 @@ pub fn attach(services: &mut [Service], routes: &[Arc<HttpRoute>]) -> RouteOutco
             service.routes = ranked.into_iter().map(|r| r.route).collect();
             service.only_routes = true;
         }
+        if grpc_backends.contains(&service.cluster_name()) && service.protocol == Protocol::Http {
+            service.protocol = Protocol::Grpc;
+        }
     }
-    outcomes
+    Outcomes {
+        http: outcomes,
+        grpc: all,
+    }
 }
 
 /// The filters a mesh route honours.

@@ -13,7 +13,7 @@ use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
 
-use crate::gateway_api::{HttpRoute, RouteParentStatus};
+use crate::gateway_api::{GrpcRoute, HttpRoute, RouteParentStatus};
 use crate::gateway_routes::{Outcome, RouteOutcomes};
 
 /// Our name in `status.parents[].controllerName`.
@@ -23,26 +23,49 @@ pub const CONTROLLER: &str = "outrigger.io/mesh";
 /// the watch shows a newer one, the route's view here is older than what was written.
 pub type Written = HashMap<String, String>;
 
+/// A Gateway API route kind whose status this writes.
+pub trait RouteObject:
+    kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+    + Clone
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+{
+    fn parents(&self) -> Vec<RouteParentStatus>;
+}
+
+impl RouteObject for HttpRoute {
+    fn parents(&self) -> Vec<RouteParentStatus> {
+        self.status.clone().unwrap_or_default().parents
+    }
+}
+
+impl RouteObject for GrpcRoute {
+    fn parents(&self) -> Vec<RouteParentStatus> {
+        self.status.clone().unwrap_or_default().parents
+    }
+}
+
 /// Writes the status of every route in `routes` whose conditions differ from `outcomes`.
-pub async fn write(
+pub async fn write<K: RouteObject>(
     client: &kube::Client,
-    routes: &[Arc<HttpRoute>],
+    routes: &[Arc<K>],
     outcomes: &RouteOutcomes,
     written: &mut Written,
 ) {
     written.retain(|key, _| outcomes.0.contains_key(key));
     for route in routes {
-        let namespace = route.metadata.namespace.as_deref().unwrap_or_default();
-        let name = route.metadata.name.as_deref().unwrap_or_default();
+        let meta = route.meta();
+        let namespace = meta.namespace.as_deref().unwrap_or_default();
+        let name = meta.name.as_deref().unwrap_or_default();
         let key = format!("{namespace}/{name}");
-        let version = route.metadata.resource_version.clone().unwrap_or_default();
+        let version = meta.resource_version.clone().unwrap_or_default();
         if written.get(&key) == Some(&version) {
             continue;
         }
         let Some((generation, outcomes)) = outcomes.0.get(&key) else {
             continue;
         };
-        let current = route.status.clone().unwrap_or_default().parents;
+        let current = route.parents();
         let ours: Vec<RouteParentStatus> = outcomes
             .iter()
             .map(|o| entry(o, *generation, &current))
@@ -59,10 +82,10 @@ pub async fn write(
         // Conditional on the version read: a route that changed meanwhile is written again
         // once its new version is seen.
         let patch = json!({
-            "metadata": {"resourceVersion": route.metadata.resource_version},
+            "metadata": {"resourceVersion": meta.resource_version},
             "status": {"parents": parents},
         });
-        let api: Api<HttpRoute> = Api::namespaced(client.clone(), namespace);
+        let api: Api<K> = Api::namespaced(client.clone(), namespace);
         match api
             .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
             .await

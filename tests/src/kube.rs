@@ -81,6 +81,7 @@ pub fn assert_typed(obj: &Value) {
         "Secret" => round_trip::<core::Secret>(obj),
         "Namespace" => round_trip::<core::Namespace>(obj),
         "HTTPRoute" => round_trip::<outrigger_control_plane::gateway_api::HttpRoute>(obj),
+        "GRPCRoute" => round_trip::<outrigger_control_plane::gateway_api::GrpcRoute>(obj),
         "PodDisruptionBudget" => {
             round_trip::<k8s_openapi::api::policy::v1::PodDisruptionBudget>(obj)
         }

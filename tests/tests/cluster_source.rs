@@ -111,9 +111,9 @@ impl Mesh {
         let mesh = Mesh::start(api).await;
         mesh.routes("catalog.shop", "catalog-v1", Duration::from_secs(10))
             .await;
-        // Services, EndpointSlices, Pods and HTTPRoutes.
-        eventually("four watches are open", Duration::from_secs(10), || async {
-            (api.cluster.open_watches() == 4).then_some(())
+        // Services, EndpointSlices, Pods, HTTPRoutes and GRPCRoutes.
+        eventually("five watches are open", Duration::from_secs(10), || async {
+            (api.cluster.open_watches() == 5).then_some(())
         })
         .await;
         mesh
@@ -301,11 +301,13 @@ async fn watches_resume_after_a_drop_and_list_again_after_410_gone() {
         .await;
     assert_eq!(lists(&api), listed, "a resumed watch needs no list");
 
-    // The history is compacted while the watches are down: 410 Gone, and a new list.
-    api.cluster.compact();
+    // The history is compacted while the watches are down (the API server refuses them
+    // meanwhile): resumed, they get 410 Gone, and list again.
+    api.cluster.fail(Some("restarting"));
     api.cluster.drop_watches();
     api.cluster.apply(slice("catalog", v1.addr));
     api.cluster.compact();
+    api.cluster.fail(None);
     mesh.routes("catalog.shop", "catalog-v1", Duration::from_secs(10))
         .await;
     assert!(lists(&api) > listed, "{:#?}", api.cluster.requests());

@@ -56,6 +56,7 @@ endpoints:
 struct Mesh {
     cp: ControlPlane,
     client: TestClient,
+    outbound: SocketAddr,
     _proxy: Option<TestProxy>,
     _envoy: Option<Envoy>,
 }
@@ -73,6 +74,7 @@ impl Mesh {
         Mesh {
             cp,
             client: TestClient::http1(outbound),
+            outbound,
             _proxy: None,
             _envoy: Some(envoy),
         }
@@ -85,9 +87,15 @@ impl Mesh {
         Mesh {
             cp,
             client,
+            outbound: proxy.addr("outbound"),
             _proxy: Some(proxy),
             _envoy: None,
         }
+    }
+
+    /// Where the proxy (ours or Envoy) takes outbound calls.
+    fn outbound(&self) -> SocketAddr {
+        self.outbound
     }
 
     /// The whole reply to `method path` to `catalog`, with `headers`.
@@ -683,4 +691,94 @@ async fn mirrored(cluster: &Cluster, mesh: &Mesh) {
         || async { (cluster.flaky.lock().unwrap().get("/always-503/m") == Some(&1)).then_some(()) },
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_routes_split_by_weight_match_methods_and_change_headers() {
+    let cluster = Cluster::start().await;
+    let mesh = Mesh::start(&cluster.api).await;
+    grpc_routes(&cluster, &mesh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_takes_the_same_grpc_routes() {
+    let cluster = Cluster::start().await;
+    let mesh = Mesh::with_envoy(&cluster.api).await;
+    grpc_routes(&cluster, &mesh).await;
+}
+
+async fn grpc_routes(cluster: &Cluster, mesh: &Mesh) {
+    cluster.route(
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: catalog-grpc, namespace: shop, generation: 1}
+spec:
+  parentRefs: [{group: "", kind: Service, name: catalog, port: 80}]
+  rules:
+    - matches: [{method: {service: shop.Catalog, method: Admin}}]
+      backendRefs: [{name: catalog-v2, port: 80}]
+    - matches: [{method: {service: shop.Catalog}}]
+      filters:
+        - type: RequestHeaderModifier
+          requestHeaderModifier: {set: [{name: x-via, value: grpcroute}]}
+      backendRefs:
+        - {name: catalog-v1, port: 80, weight: 50}
+        - {name: catalog-v2, port: 80, weight: 50}
+"#,
+    );
+    // gRPC calls, over HTTP/2 as a gRPC client makes them, once the proxy listens (Envoy's
+    // listener comes from the control plane).
+    eventually("the proxy listens", Duration::from_secs(30), || async {
+        tokio::net::TcpStream::connect(mesh.outbound()).await.ok()
+    })
+    .await;
+    let client = TestClient::http2(mesh.outbound()).await;
+    let call = |method: &'static str| {
+        let client = client.clone();
+        async move {
+            client
+                .send(
+                    http::Method::POST,
+                    "catalog.shop.svc.cluster.local",
+                    method,
+                    &[("content-type", "application/grpc"), ("te", "trailers")],
+                    "",
+                )
+                .await
+                .unwrap()
+        }
+    };
+    eventually("the route applies", Duration::from_secs(30), || async {
+        (call("/shop.Catalog/Admin").await.header("x-upstream") == Some("catalog-v2")).then_some(())
+    })
+    .await;
+    for _ in 0..10 {
+        assert_eq!(
+            call("/shop.Catalog/Admin").await.header("x-upstream"),
+            Some("catalog-v2")
+        );
+    }
+    let mut v2 = 0;
+    for _ in 0..400 {
+        let reply = call("/shop.Catalog/Get").await;
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.header("x-echo-x-via"), Some("grpcroute"));
+        v2 += u32::from(reply.header("x-upstream") == Some("catalog-v2"));
+    }
+    assert!((160..=240).contains(&v2), "{v2} of 400 to catalog-v2");
+    // No rule for another service: 404, or as Envoy answers a gRPC call, UNIMPLEMENTED (a
+    // gRPC client reads a 404 as UNIMPLEMENTED too).
+    let unrouted = call("/other.Svc/Get").await;
+    assert!(
+        unrouted.status == 404 || unrouted.header("grpc-status") == Some("12"),
+        "{} {:?}",
+        unrouted.status,
+        unrouted.headers
+    );
+    let status = mesh.status().await;
+    assert_eq!(
+        status["cluster"]["grpc_routes"]["shop/catalog-grpc"][0]["accepted"], true,
+        "{status}"
+    );
 }
