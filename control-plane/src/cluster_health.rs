@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use crate::gateway_routes::Outcomes;
 use crate::kube_client::ApiCalls;
+use crate::resilience_policy::PolicyOutcomes;
 
 /// How the watches are doing, for `/status` and `/metrics`.
 #[derive(Default)]
@@ -22,6 +23,8 @@ pub struct ClusterHealth {
     pub calls: OnceLock<Arc<ApiCalls>>,
     /// What became of each HTTPRoute and GRPCRoute.
     routes: Mutex<Outcomes>,
+    /// What became of each ResiliencePolicy.
+    policies: Mutex<PolicyOutcomes>,
 }
 
 impl ClusterHealth {
@@ -29,6 +32,17 @@ impl ClusterHealth {
         self.errors_total.fetch_add(1, Ordering::Relaxed);
         self.lock()
             .insert(kind, (path.to_string(), error, Instant::now()));
+    }
+
+    pub fn set_policies(&self, outcomes: PolicyOutcomes) {
+        *self.policies.lock().unwrap_or_else(|p| p.into_inner()) = outcomes;
+    }
+
+    pub fn policies(&self) -> PolicyOutcomes {
+        self.policies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn set_routes(&self, outcomes: Outcomes) {

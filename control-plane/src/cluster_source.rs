@@ -265,6 +265,8 @@ pub fn merge(file: &Mesh, cluster: &[Service]) -> Mesh {
                 f.port = c.port;
                 f.mtls |= c.mtls;
                 f.identity = c.identity.clone();
+                // The file's policy, field by field, else the cluster's ResiliencePolicy.
+                f.policy = f.policy.or(&c.policy);
                 // The file's routes, if it has any, else the cluster's HTTPRoutes.
                 if f.routes.is_empty() {
                     f.routes = c.routes.clone();

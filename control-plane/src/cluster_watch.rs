@@ -32,6 +32,7 @@ use crate::gateway_routes;
 use crate::kube_client::KubeClient;
 use crate::lease::Lease;
 use crate::mesh_source::MeshSource;
+use crate::resilience_policy::{self, ResiliencePolicy};
 use crate::route_status;
 
 /// Changes that arrive this close together are folded into one recomputation: a rollout
@@ -71,6 +72,11 @@ pub fn spawn(
     let grpc = grpc_watch.start(Api::<GrpcRoute>::all(client.clone()), |r| {
         strip_route(&mut r.metadata)
     });
+    let policies_watch = watch("ResiliencePolicy");
+    let policies_failed = policies_watch.failed.clone();
+    let policies = policies_watch.start(Api::<ResiliencePolicy>::all(client.clone()), |p| {
+        strip_route(&mut p.metadata)
+    });
     let recomputed = Arc::new(Notify::new());
     if let Some(lease) = status_writer {
         lease.clone().spawn();
@@ -89,8 +95,8 @@ pub fn spawn(
             slices.wait_until_ready(),
             pods.wait_until_ready()
         );
-        // Routes are optional: without Gateway API's CRDs their list fails, and the mesh goes
-        // on without them (the error is on /status) rather than waiting.
+        // Routes and policies are optional: without their CRDs the list fails, and the mesh
+        // goes on without them (the error is on /status) rather than waiting.
         tokio::join!(
             async {
                 tokio::select! {
@@ -103,6 +109,12 @@ pub fn spawn(
                     _ = grpc.wait_until_ready() => {}
                     _ = grpc_failed.notified() => {}
                 }
+            },
+            async {
+                tokio::select! {
+                    _ = policies.wait_until_ready() => {}
+                    _ = policies_failed.notified() => {}
+                }
             }
         );
         health.synced.store(true, Ordering::Relaxed);
@@ -113,6 +125,8 @@ pub fn spawn(
                 &pods.state(),
                 &trust_domain,
             );
+            let applied = resilience_policy::apply(&mut view, &policies.state());
+            health.set_policies(applied);
             let outcomes = gateway_routes::attach(&mut view, &routes.state(), &grpc.state());
             health.set_routes(outcomes);
             source.set_cluster(view);

@@ -21,6 +21,7 @@ pub mod mesh;
 pub mod mesh_source;
 pub mod node_status;
 pub mod policy;
+pub mod resilience_policy;
 pub mod route_status;
 pub mod secure_xds;
 pub mod snapshot;

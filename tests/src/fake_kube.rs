@@ -243,7 +243,13 @@ fn collection_of(obj: &Value) -> String {
         .as_str()
         .expect("an object has an apiVersion");
     let kind = obj["kind"].as_str().expect("an object has a kind");
-    let plural = format!("{}s", kind.to_lowercase());
+    let lower = kind.to_lowercase();
+    // English plurals, as the API's resource names have them: policy → policies.
+    let plural = match lower.strip_suffix('y') {
+        Some(stem) if !stem.ends_with(['a', 'e', 'o', 'u']) => format!("{stem}ies"),
+        _ if lower.ends_with('s') => format!("{lower}es"),
+        _ => format!("{lower}s"),
+    };
     if api_version.contains('/') {
         format!("/apis/{api_version}/{plural}")
     } else {

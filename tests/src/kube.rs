@@ -26,9 +26,15 @@ fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(obj: &Value) {
     assert_eq!(back, obj, "fields lost in {}", std::any::type_name::<T>());
 }
 
-/// `null` and `{}` say nothing, and the typed objects leave them out.
+/// `null` and `{}` say nothing, and the typed objects leave them out. A number is compared
+/// by value: a schema's `minimum: 1` comes back as `1.0`.
 fn drop_empty(v: &mut Value) {
     match v {
+        Value::Number(n) => {
+            if let Some(f) = n.as_f64().and_then(serde_json::Number::from_f64) {
+                *n = f;
+            }
+        }
         Value::Object(map) => {
             map.values_mut().for_each(drop_empty);
             map.retain(|_, c| !c.is_null() && c.as_object().is_none_or(|o| !o.is_empty()));
@@ -82,6 +88,12 @@ pub fn assert_typed(obj: &Value) {
         "Namespace" => round_trip::<core::Namespace>(obj),
         "HTTPRoute" => round_trip::<outrigger_control_plane::gateway_api::HttpRoute>(obj),
         "GRPCRoute" => round_trip::<outrigger_control_plane::gateway_api::GrpcRoute>(obj),
+        "ResiliencePolicy" => {
+            round_trip::<outrigger_control_plane::resilience_policy::ResiliencePolicy>(obj)
+        }
+        "CustomResourceDefinition" => round_trip::<
+            k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+        >(obj),
         "PodDisruptionBudget" => {
             round_trip::<k8s_openapi::api::policy::v1::PodDisruptionBudget>(obj)
         }

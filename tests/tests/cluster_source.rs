@@ -111,9 +111,9 @@ impl Mesh {
         let mesh = Mesh::start(api).await;
         mesh.routes("catalog.shop", "catalog-v1", Duration::from_secs(10))
             .await;
-        // Services, EndpointSlices, Pods, HTTPRoutes and GRPCRoutes.
-        eventually("five watches are open", Duration::from_secs(10), || async {
-            (api.cluster.open_watches() == 5).then_some(())
+        // Services, EndpointSlices, Pods, HTTPRoutes, GRPCRoutes and ResiliencePolicies.
+        eventually("six watches are open", Duration::from_secs(10), || async {
+            (api.cluster.open_watches() == 6).then_some(())
         })
         .await;
         mesh

@@ -782,3 +782,98 @@ spec:
         "{status}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resilience_policy_attached_to_a_service_applies_and_a_bad_one_is_refused_by_field() {
+    let cluster = Cluster::start().await;
+    let mesh = Mesh::start(&cluster.api).await;
+    eventually("catalog is routed", Duration::from_secs(10), || async {
+        (mesh.get("/", &[]).await.0 == 200).then_some(())
+    })
+    .await;
+    let policy = typed(
+        r#"
+apiVersion: policy.outrigger.io/v1alpha1
+kind: ResiliencePolicy
+metadata: {name: catalog-limits, namespace: shop}
+spec:
+  targetRefs: [{group: "", kind: Service, name: catalog}]
+  rateLimit: {requestsPerSecond: 0.5, burst: 2}
+  retryBudget: {percent: 20, minRetries: 5}
+  outlier: {consecutive5xx: 3}
+"#,
+    )
+    .remove(0);
+    cluster.api.cluster.apply(policy.clone());
+    // Two in the burst, then 429 until the bucket refills.
+    eventually(
+        "the rate limit applies",
+        Duration::from_secs(10),
+        || async {
+            let mut statuses = Vec::new();
+            for _ in 0..3 {
+                statuses.push(mesh.get("/", &[]).await.0);
+            }
+            statuses.contains(&429).then_some(())
+        },
+    )
+    .await;
+    let status = mesh.status().await;
+    assert_eq!(
+        status["cluster"]["resilience_policies"]["shop/catalog-limits"], true,
+        "{status}"
+    );
+
+    // A second policy on the same Service conflicts; one with a typo is refused by field.
+    cluster.route(
+        r#"
+apiVersion: policy.outrigger.io/v1alpha1
+kind: ResiliencePolicy
+metadata: {name: zz-second, namespace: shop}
+spec:
+  targetRefs: [{group: "", kind: Service, name: catalog}]
+  rateLimit: {requestsPerSecond: 1000}
+---
+apiVersion: policy.outrigger.io/v1alpha1
+kind: ResiliencePolicy
+metadata: {name: typo, namespace: shop}
+spec:
+  targetRefs: [{group: "", kind: Service, name: catalog-v2}]
+  retry: {atempts: 3}
+"#,
+    );
+    let status = eventually("both are refused", Duration::from_secs(10), || async {
+        let status = mesh.status().await;
+        let policies = &status["cluster"]["resilience_policies"];
+        (policies["shop/typo"]["error"].is_string()
+            && policies["shop/zz-second"]["error"].is_string())
+        .then_some(status)
+    })
+    .await;
+    let policies = &status["cluster"]["resilience_policies"];
+    assert!(
+        policies["shop/typo"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("atempts"),
+        "{status}"
+    );
+    assert!(
+        policies["shop/zz-second"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("already takes"),
+        "{status}"
+    );
+
+    // Removed, the limit goes with it.
+    cluster.api.cluster.delete(&policy);
+    eventually("the limit is gone", Duration::from_secs(10), || async {
+        let mut statuses = Vec::new();
+        for _ in 0..5 {
+            statuses.push(mesh.get("/", &[]).await.0);
+        }
+        statuses.iter().all(|s| *s == 200).then_some(())
+    })
+    .await;
+}
