@@ -164,6 +164,7 @@ pub fn services_from(
                 mtls,
                 extra_port: i > 0,
                 only_routes: false,
+                consumer_routes: BTreeMap::new(),
             });
         }
     }
@@ -272,6 +273,7 @@ pub fn merge(file: &Mesh, cluster: &[Service]) -> Mesh {
                     f.routes = c.routes.clone();
                     f.only_routes = c.only_routes;
                 }
+                f.consumer_routes = c.consumer_routes.clone();
             }
             Some(_) => {}
             None => {

@@ -3,8 +3,10 @@
 //!
 //! - A route's `parentRefs` name a Service (`group: ""`, `kind: Service`), optionally one of
 //!   its ports; without a port it applies to every port.
-//! - Producer routes only: a route in the Service's own namespace. A route in another
-//!   namespace (a consumer route) is not accepted yet, and says so.
+//! - A route in the Service's own namespace is a producer route, for every caller; one in
+//!   another namespace is a consumer route, for the callers in its own namespace only, in
+//!   place of the producer's (GAMMA). Its backends are Services of its own namespace, or the
+//!   Service it is attached to.
 //! - Matches on path, headers, query parameters and method, weighted backends, timeouts,
 //!   retries and the two header modifier filters are honoured.
 //! - Each match of each rule becomes one mesh route; they are ordered by Gateway API's
@@ -83,7 +85,8 @@ pub fn attach(
     let grpc_as_http: Vec<Arc<HttpRoute>> = grpc.iter().map(|g| Arc::new(g.as_http())).collect();
     let mut grpc_backends = std::collections::BTreeSet::new();
     let mut all = RouteOutcomes::default();
-    let mut attached: BTreeMap<String, Vec<Ranked>> = BTreeMap::new();
+    // By (cluster, the consumer namespace for a consumer route).
+    let mut attached: BTreeMap<(String, Option<String>), Vec<Ranked>> = BTreeMap::new();
     let mut order = 0;
     let tagged = http
         .iter()
@@ -112,12 +115,10 @@ pub fn attach(
                 .filter(|(_, s)| parent.port.is_none_or(|p| i32::from(s.port) == p))
                 .map(|(i, _)| i)
                 .collect();
-            let accepted = if parent_ns != namespace {
-                Err((
-                    "NotAllowedByParent",
-                    "consumer routes (a route in another namespace than its Service) are not supported yet".to_string(),
-                ))
-            } else if targets.is_empty() {
+            // A route in another namespace than its Service is a consumer route: for the
+            // callers in the route's namespace only.
+            let consumer = (parent_ns != namespace).then(|| namespace.clone());
+            let accepted = if targets.is_empty() {
                 Err((
                     "NoMatchingParent",
                     format!("no Service {parent_ns}/{} with that port", parent.name),
@@ -130,7 +131,8 @@ pub fn attach(
                     ))
                 })
             };
-            let translated = translate(route, &namespace, services);
+            let parent_service = (parent_ns.as_str(), parent.name.as_str());
+            let translated = translate(route, &namespace, parent_service, services);
             let resolved_refs = translated.as_ref().map(|_| ()).map_err(Clone::clone);
             if accepted.is_ok()
                 && let Ok(mesh_routes) = translated
@@ -143,7 +145,7 @@ pub fn attach(
                     );
                 }
                 for target in &targets {
-                    let key = services[*target].cluster_name();
+                    let key = (services[*target].cluster_name(), consumer.clone());
                     for (r, rank) in &mesh_routes {
                         order += 1;
                         attached.entry(key.clone()).or_default().push(Ranked {
@@ -170,12 +172,25 @@ pub fn attach(
         into.0
             .insert(format!("{namespace}/{name}"), (generation, route_outcomes));
     }
-    for service in services.iter_mut() {
-        if let Some(mut ranked) = attached.remove(&service.cluster_name()) {
-            ranked.sort_by(|a, b| (a.rank, &a.age, a.order).cmp(&(b.rank, &b.age, b.order)));
-            service.routes = ranked.into_iter().map(|r| r.route).collect();
-            service.only_routes = true;
+    let ordered = |mut ranked: Vec<Ranked>| -> Vec<Route> {
+        ranked.sort_by(|a, b| (a.rank, &a.age, a.order).cmp(&(b.rank, &b.age, b.order)));
+        ranked.into_iter().map(|r| r.route).collect()
+    };
+    for ((cluster, consumer), ranked) in attached {
+        let Some(service) = services.iter_mut().find(|s| s.cluster_name() == cluster) else {
+            continue;
+        };
+        match consumer {
+            None => {
+                service.routes = ordered(ranked);
+                service.only_routes = true;
+            }
+            Some(ns) => {
+                service.consumer_routes.insert(ns, ordered(ranked));
+            }
         }
+    }
+    for service in services.iter_mut() {
         if grpc_backends.contains(&service.cluster_name()) && service.protocol == Protocol::Http {
             service.protocol = Protocol::Grpc;
         }
@@ -236,6 +251,7 @@ type Refusal = (&'static str, String);
 fn translate(
     route: &HttpRoute,
     namespace: &str,
+    parent: (&str, &str),
     services: &[Service],
 ) -> Result<Vec<(Route, Rank)>, (&'static str, String)> {
     let name = route.metadata.name.as_deref().unwrap_or_default();
@@ -245,7 +261,7 @@ fn translate(
         // A rule that redirects sends nothing to its backends.
         let backends = match redirect {
             Some(_) => Vec::new(),
-            None => backends(rule, namespace, services)?,
+            None => backends(rule, namespace, parent, services)?,
         };
         let rule_name = rule.name.clone().unwrap_or_else(|| r.to_string());
         let default_match = [HttpRouteMatch::default()];
@@ -263,7 +279,7 @@ fn translate(
         )?;
         let retry = retry(rule, r)?;
         let (request_headers, response_headers) = header_filters(rule, r)?;
-        let mirrors = mirrors(rule, r, namespace, services)?;
+        let mirrors = mirrors(rule, r, namespace, parent, services)?;
         for (m, matched) in matches.iter().enumerate() {
             let at = format!("spec.rules[{r}].matches[{m}]");
             let path = matched.path.clone().unwrap_or_default();
@@ -502,6 +518,7 @@ fn mirrors(
     rule: &HttpRouteRule,
     r: usize,
     namespace: &str,
+    parent: (&str, &str),
     services: &[Service],
 ) -> Result<Vec<(String, f64)>, Refusal> {
     let mut out = Vec::new();
@@ -538,7 +555,7 @@ fn mirrors(
             return Err(("UnsupportedValue", format!("{at}.percent")));
         }
         out.push((
-            backend_cluster(&m.backend_ref, namespace, services)?,
+            backend_cluster(&m.backend_ref, namespace, parent, services)?,
             percent,
         ));
     }
@@ -584,11 +601,12 @@ fn duration_at(
 fn backends(
     rule: &HttpRouteRule,
     namespace: &str,
+    parent: (&str, &str),
     services: &[Service],
 ) -> Result<Vec<(String, u32)>, (&'static str, String)> {
     let mut out = Vec::new();
     for backend in &rule.backend_refs {
-        let cluster = backend_cluster(backend, namespace, services)?;
+        let cluster = backend_cluster(backend, namespace, parent, services)?;
         let weight = u32::try_from(backend.weight.unwrap_or(1)).unwrap_or(0);
         if weight > 0 {
             out.push((cluster, weight));
@@ -606,6 +624,7 @@ fn backends(
 fn backend_cluster(
     backend: &HttpBackendRef,
     namespace: &str,
+    (parent_ns, parent_name): (&str, &str),
     services: &[Service],
 ) -> Result<String, (&'static str, String)> {
     let is_service = matches!(backend.group.as_deref(), None | Some("") | Some("core"))
@@ -616,12 +635,11 @@ fn backend_cluster(
             format!("backend `{}` is not a Service", backend.name),
         ));
     }
-    // Another namespace's Service needs a ReferenceGrant, which this version does not read.
-    if backend
-        .namespace
-        .as_deref()
-        .is_some_and(|ns| ns != namespace)
-    {
+    let backend_ns = backend.namespace.as_deref().unwrap_or(namespace);
+    // Another namespace's Service needs a ReferenceGrant, which this version does not read,
+    // except the route's own parent: its callers may call it anyway.
+    let is_parent = backend_ns == parent_ns && backend.name == parent_name;
+    if backend_ns != namespace && !is_parent {
         return Err((
             "RefNotPermitted",
             format!(
@@ -634,14 +652,14 @@ fn backend_cluster(
         .iter()
         .find(|s| {
             s.name == backend.name
-                && s.namespace == namespace
+                && s.namespace == backend_ns
                 && backend.port.is_none_or(|p| i32::from(s.port) == p)
         })
         .map(Service::cluster_name)
         .ok_or_else(|| {
             (
                 "BackendNotFound",
-                format!("no Service {namespace}/{} with that port", backend.name),
+                format!("no Service {backend_ns}/{} with that port", backend.name),
             )
         })
 }

@@ -218,6 +218,9 @@ pub struct Service {
     /// A request no route matches gets 404 instead of going to the service itself, as with
     /// Gateway API routes.
     pub only_routes: bool,
+    /// Consumer routes (GAMMA): by the namespace of the callers they are for, routes that
+    /// take the place of these for those callers only.
+    pub consumer_routes: BTreeMap<String, Vec<Route>>,
 }
 
 impl Service {
@@ -351,27 +354,35 @@ impl Service {
     /// This service with `defaults` wherever it, or one of its routes, says nothing.
     pub fn with_defaults(&self, defaults: &Policy) -> Service {
         let policy = self.policy.or(defaults);
-        let routes = self
-            .routes
+        let defaulted = |routes: &[Route]| -> Vec<Route> {
+            routes
+                .iter()
+                .map(|r| Route {
+                    retry: r
+                        .retry
+                        .clone()
+                        .or_else(|| policy.retry.clone())
+                        .map(|mut retry| {
+                            if r.per_try_timeout.is_some() {
+                                retry.per_try_timeout = r.per_try_timeout;
+                            }
+                            retry
+                        }),
+                    rate_limit: r.rate_limit.or(policy.rate_limit),
+                    ..r.clone()
+                })
+                .collect()
+        };
+        let routes = defaulted(&self.routes);
+        let consumer_routes = self
+            .consumer_routes
             .iter()
-            .map(|r| Route {
-                retry: r
-                    .retry
-                    .clone()
-                    .or_else(|| policy.retry.clone())
-                    .map(|mut retry| {
-                        if r.per_try_timeout.is_some() {
-                            retry.per_try_timeout = r.per_try_timeout;
-                        }
-                        retry
-                    }),
-                rate_limit: r.rate_limit.or(policy.rate_limit),
-                ..r.clone()
-            })
+            .map(|(ns, routes)| (ns.clone(), defaulted(routes)))
             .collect();
         Service {
             policy,
             routes,
+            consumer_routes,
             ..self.clone()
         }
     }
@@ -609,6 +620,7 @@ impl Mesh {
                 mtls: s.mtls,
                 extra_port: false,
                 only_routes: false,
+                consumer_routes: BTreeMap::new(),
                 name: s.name.value.clone(),
                 namespace: s.namespace.clone(),
                 protocol: s.protocol,

@@ -15,7 +15,8 @@ use outrigger_core::spiffe::SpiffeId;
 use prost::Message;
 
 use crate::translate::{
-    CLUSTER_TYPE, ENDPOINT_TYPE, OUTBOUND, PUSH_ORDER, ROUTE_TYPE, Resources, pack, translate,
+    CLUSTER_TYPE, ENDPOINT_TYPE, OUTBOUND, PUSH_ORDER, ROUTE_TYPE, Resources, consumer_table, pack,
+    translate,
 };
 
 #[derive(Debug, Clone, Default)]
@@ -38,10 +39,35 @@ impl Snapshot {
     /// those clusters and their virtual hosts; otherwise everything (the same `Arc`).
     /// Versions stay the snapshot's, so a scoped node moves in step with the mesh.
     pub fn view_for(self: &Arc<Self>, caller: &str) -> Arc<Snapshot> {
+        let consumer = self.consumer_view(caller);
+        let base = consumer.as_ref().unwrap_or(self);
         match self.mesh.as_ref().and_then(|m| m.scope_for(caller)) {
-            None => self.clone(),
-            Some(scope) => self.view_scoped(&scope),
+            None => base.clone(),
+            Some(scope) => base.view_scoped(&scope),
         }
+    }
+
+    /// For a caller in a namespace that has consumer routes, this snapshot with that
+    /// namespace's outbound table in place of the shared one.
+    fn consumer_view(&self, caller: &str) -> Option<Arc<Snapshot>> {
+        let mesh = self.mesh.as_ref()?;
+        let namespace = &mesh
+            .services
+            .values()
+            .find(|s| s.name == caller || s.cluster_name() == caller)?
+            .namespace;
+        let table = self
+            .types
+            .get(ROUTE_TYPE)?
+            .resources
+            .by_name
+            .get(&consumer_table(namespace))?
+            .clone();
+        let mut view = self.clone();
+        if let Some(t) = view.types.get_mut(ROUTE_TYPE) {
+            t.resources.by_name.insert(OUTBOUND.into(), table);
+        }
+        Some(Arc::new(view))
     }
 
     /// What a node that proved the identity `id` should see: its service's view, or nothing

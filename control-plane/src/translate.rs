@@ -55,6 +55,12 @@ pub const PUSH_ORDER: [&str; 4] = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, R
 
 pub const OUTBOUND: &str = "outbound";
 
+/// The name under which the outbound table of namespace `ns`'s callers is kept. Not a name
+/// a client asks for: it is sent as `outbound`.
+pub fn consumer_table(ns: &str) -> String {
+    format!("{OUTBOUND}@{ns}")
+}
+
 pub fn pack<M: Message + Name>(m: &M) -> Any {
     Any {
         type_url: M::type_url(),
@@ -104,6 +110,35 @@ pub fn translate(mesh: &Mesh) -> [(&'static str, Resources); 4] {
     routes
         .by_name
         .insert(OUTBOUND.into(), pack(&outbound_routes(mesh)));
+    // Consumer routes: the outbound table as the callers of one namespace see it, sent in
+    // place of `outbound` to a node of that namespace (`Snapshot::view_for`).
+    let consumers: std::collections::BTreeSet<&String> = mesh
+        .services
+        .values()
+        .flat_map(|s| s.consumer_routes.keys())
+        .collect();
+    for ns in consumers {
+        let seen_from = Mesh {
+            services: mesh
+                .services
+                .iter()
+                .map(|(name, s)| {
+                    let mut s = s.clone();
+                    if let Some(routes) = s.consumer_routes.get(ns) {
+                        s.routes = routes.clone();
+                        s.only_routes = true;
+                    }
+                    (name.clone(), s)
+                })
+                .collect(),
+            ..mesh.clone()
+        };
+        let name = consumer_table(ns);
+        routes
+            .by_name
+            .insert(name.clone(), pack(&outbound_routes(&seen_from)));
+        routes.named_only.insert(name);
+    }
     // Proxyless gRPC: `xds:///<host>` asks for a listener named exactly `<host>`.
     for service in mesh.services.values() {
         let route_name = service.cluster_name();

@@ -877,3 +877,71 @@ spec:
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_route_applies_to_its_namespace_s_callers_only() {
+    let cluster = Cluster::start().await;
+    // The caller `web` lives in namespace `web`.
+    cluster.route(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: web}
+spec:
+  ports: [{name: http, port: 80, protocol: TCP}]
+"#,
+    );
+    let mesh = Mesh::start(&cluster.api).await;
+    let (_other_proxy, other) = {
+        let proxy = TestProxy::start(&outrigger_tests::xds_config(&format!(
+            "address: \"{}\"\nnode: other-1\nservice: nobody",
+            mesh.cp.xds_addr
+        )))
+        .await;
+        let client = TestClient::http1(proxy.addr("outbound"));
+        (proxy, client)
+    };
+    cluster.route(&format!(
+        r#"{PARENT}  rules:
+    - backendRefs: [{{name: catalog-v2, port: 80}}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: catalog-for-web, namespace: web}}
+spec:
+  parentRefs: [{{group: "", kind: Service, name: catalog, namespace: shop, port: 80}}]
+  rules:
+    - filters:
+        - type: ResponseHeaderModifier
+          responseHeaderModifier: {{set: [{{name: x-consumer, value: web}}]}}
+      backendRefs: [{{name: catalog, namespace: shop, port: 80}}]
+"#
+    ));
+    // web's callers take their own route (catalog's own pods, marked); others the producer's.
+    eventually(
+        "web's consumer route applies",
+        Duration::from_secs(10),
+        || async {
+            let r = mesh.send("GET", "/", &[]).await;
+            (r.body == "catalog-v1" && r.header("x-consumer") == Some("web")).then_some(())
+        },
+    )
+    .await;
+    eventually(
+        "others take the producer route",
+        Duration::from_secs(10),
+        || async {
+            let r = other
+                .get("catalog.shop.svc.cluster.local", "/")
+                .await
+                .ok()?;
+            (r.body == "catalog-v2" && r.header("x-consumer").is_none()).then_some(())
+        },
+    )
+    .await;
+    let status = mesh.status().await;
+    assert_eq!(
+        status["cluster"]["routes"]["web/catalog-for-web"][0]["accepted"], true,
+        "{status}"
+    );
+}
