@@ -14,6 +14,74 @@ use serde_json::Value;
 /// Fields this version does not read, by name.
 type Unknown = BTreeMap<String, Value>;
 
+/// A spec as read from the API server: typed, or, when it does not fit the type (a string
+/// where a number goes), kept as it came with the reason. One such object is then refused by
+/// itself; it can never fail the list or watch that brings the others.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Checked<T> {
+    pub value: T,
+    /// Why it does not fit, and what it was.
+    pub invalid: Option<(String, Value)>,
+}
+
+impl<T> std::ops::Deref for Checked<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.value
+    }
+}
+
+impl<T> From<T> for Checked<T> {
+    fn from(value: T) -> Self {
+        Checked {
+            value,
+            invalid: None,
+        }
+    }
+}
+
+impl<'de, T: serde::de::DeserializeOwned + Default> Deserialize<'de> for Checked<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Value::deserialize(d)?;
+        Ok(match T::deserialize(&raw) {
+            Ok(value) => Checked {
+                value,
+                invalid: None,
+            },
+            Err(e) => Checked {
+                value: T::default(),
+                invalid: Some((e.to_string(), raw)),
+            },
+        })
+    }
+}
+
+impl<T: Serialize> Serialize for Checked<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match &self.invalid {
+            Some((_, raw)) => raw.serialize(s),
+            None => self.value.serialize(s),
+        }
+    }
+}
+
+impl<T> Checked<T> {
+    /// The Services a spec names as parents, read as far as they can be from what came,
+    /// so that even a spec that does not fit is reported against its parents.
+    pub fn raw_parents(&self) -> Vec<ParentRef> {
+        let Some((_, raw)) = &self.invalid else {
+            return Vec::new();
+        };
+        raw["parentRefs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| ParentRef::deserialize(p).ok())
+            .collect()
+    }
+}
+
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct HttpRoute {
@@ -22,7 +90,7 @@ pub struct HttpRoute {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
     pub metadata: ObjectMeta,
-    pub spec: HttpRouteSpec,
+    pub spec: Checked<HttpRouteSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<RouteStatus>,
 }
@@ -62,7 +130,7 @@ pub struct GrpcRoute {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kind: Option<String>,
     pub metadata: ObjectMeta,
-    pub spec: GrpcRouteSpec,
+    pub spec: Checked<GrpcRouteSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<RouteStatus>,
 }
@@ -172,11 +240,14 @@ impl GrpcRoute {
             api_version: None,
             kind: None,
             metadata: self.metadata.clone(),
-            spec: HttpRouteSpec {
-                parent_refs: self.spec.parent_refs.clone(),
-                hostnames: self.spec.hostnames.clone(),
-                rules,
-                unknown: self.spec.unknown.clone(),
+            spec: Checked {
+                value: HttpRouteSpec {
+                    parent_refs: self.spec.parent_refs.clone(),
+                    hostnames: self.spec.hostnames.clone(),
+                    rules,
+                    unknown: self.spec.unknown.clone(),
+                },
+                invalid: self.spec.invalid.clone(),
             },
             status: self.status.clone(),
         }

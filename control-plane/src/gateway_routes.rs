@@ -103,6 +103,22 @@ pub fn attach(
             .map(|t| t.0.to_string())
             .unwrap_or_default();
         let mut route_outcomes = Vec::new();
+        if let Some((why, _)) = &route.spec.invalid {
+            // Not a route this mesh can read at all: refused against each Service it names.
+            for parent in route
+                .spec
+                .raw_parents()
+                .into_iter()
+                .filter(|p| p.is_service())
+            {
+                let refusal = Err(("UnsupportedValue", format!("spec: {why}")));
+                route_outcomes.push(Outcome {
+                    parent,
+                    accepted: refusal.clone(),
+                    resolved_refs: refusal,
+                });
+            }
+        }
         for parent in route.spec.parent_refs.iter().filter(|p| p.is_service()) {
             let parent_ns = parent
                 .namespace

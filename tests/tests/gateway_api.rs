@@ -945,3 +945,41 @@ spec:
         "{status}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_that_does_not_fit_its_type_is_refused_alone() {
+    let cluster = Cluster::start().await;
+    let mesh = Mesh::start(&cluster.api).await;
+    // What an API server without the CRD's validation could hand over: a weight in words.
+    cluster.api.cluster.apply(serde_json::json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "broken", "namespace": "shop"},
+        "spec": {
+            "parentRefs": [{"group": "", "kind": "Service", "name": "catalog-v1", "port": 80}],
+            "rules": [{"backendRefs": [{"name": "catalog-v2", "port": 80, "weight": "heavy"}]}],
+        },
+    }));
+    cluster.route(&format!(
+        r#"{PARENT}  rules:
+    - backendRefs: [{{name: catalog-v2, port: 80}}]
+"#
+    ));
+    // The good route applies; the broken one is refused by itself, saying why.
+    eventually(
+        "the good route applies",
+        Duration::from_secs(10),
+        || async { (mesh.get("/", &[]).await == (200, "catalog-v2".into())).then_some(()) },
+    )
+    .await;
+    let status = mesh.status().await;
+    let broken = &status["cluster"]["routes"]["shop/broken"][0]["accepted"];
+    assert_eq!(broken["reason"], "UnsupportedValue", "{status}");
+    assert!(
+        broken["message"].as_str().unwrap().contains("invalid type"),
+        "{status}"
+    );
+    assert!(
+        status["cluster"]["errors"].as_object().unwrap().is_empty(),
+        "{status}"
+    );
+}
