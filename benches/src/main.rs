@@ -492,6 +492,7 @@ pub(crate) fn write_json(out_dir: &Path, name: &str, doc: &serde_json::Value) {
 
 mod chaos;
 mod hostile;
+mod kube_idle;
 mod memory;
 mod mesh_hop;
 mod resilience;
@@ -509,6 +510,7 @@ fn main() {
         Some("hostile") => return hostile::run(&raw[1..]),
         Some("chaos") => return chaos::run(&raw[1..]),
         Some("memory") => return memory::run(&raw[1..]),
+        Some("kube-idle") => return kube_idle::run(&raw[1..]),
         _ => {}
     }
     let args = run_args(&raw);
