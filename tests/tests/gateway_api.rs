@@ -57,7 +57,7 @@ struct Mesh {
     cp: ControlPlane,
     client: TestClient,
     outbound: SocketAddr,
-    _proxy: Option<TestProxy>,
+    proxy: Option<TestProxy>,
     _envoy: Option<Envoy>,
 }
 
@@ -75,7 +75,7 @@ impl Mesh {
             cp,
             client: TestClient::http1(outbound),
             outbound,
-            _proxy: None,
+            proxy: None,
             _envoy: Some(envoy),
         }
     }
@@ -88,7 +88,7 @@ impl Mesh {
             cp,
             client,
             outbound: proxy.addr("outbound"),
-            _proxy: Some(proxy),
+            proxy: Some(proxy),
             _envoy: None,
         }
     }
@@ -982,4 +982,31 @@ async fn a_route_that_does_not_fit_its_type_is_refused_alone() {
         status["cluster"]["errors"].as_object().unwrap().is_empty(),
         "{status}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_named_rule_names_its_routes() {
+    let cluster = Cluster::start().await;
+    let mesh = Mesh::start(&cluster.api).await;
+    cluster.route(&format!(
+        r#"{PARENT}  rules:
+    - name: canary
+      matches: [{{path: {{value: /canary}}}}]
+      backendRefs: [{{name: catalog-v2, port: 80}}]
+    - backendRefs: [{{name: catalog-v1, port: 80}}]
+"#
+    ));
+    eventually("the route applies", Duration::from_secs(10), || async {
+        (mesh.get("/canary", &[]).await == (200, "catalog-v2".into())).then_some(())
+    })
+    .await;
+    mesh.get("/other", &[]).await;
+    // The rule's name is the route's, in the proxy's metrics; an unnamed rule is numbered.
+    let admin = mesh.proxy.as_ref().unwrap().admin();
+    let metrics = get(admin, "/metrics").await.body;
+    assert!(
+        metrics.contains("route=\"shop/catalog/canary\""),
+        "{metrics}"
+    );
+    assert!(metrics.contains("route=\"shop/catalog/1\""), "{metrics}");
 }
