@@ -263,7 +263,7 @@ fn status_json(source: &MeshSource, nodes: &NodeRegistry) -> serde_json::Value {
             "routes": outcome_json(&routes.http),
             "grpc_routes": outcome_json(&routes.grpc),
             "resilience_policies": source.cluster_health.policies().into_iter()
-                .map(|(name, o)| (name, o.map_or_else(|e| json!({"error": e}), |()| json!(true))))
+                .map(|(name, o)| (name, o.map_or_else(|(reason, e)| json!({"reason": reason, "error": e}), |()| json!(true))))
                 .collect::<serde_json::Map<_, _>>(),
         },
         "nodes": nodes.to_json(),

@@ -83,7 +83,7 @@ pub fn spawn(
         tokio::spawn(write_statuses(
             client,
             lease,
-            (routes.clone(), grpc.clone()),
+            (routes.clone(), grpc.clone(), policies.clone()),
             health.clone(),
             recomputed.clone(),
         ));
@@ -143,12 +143,13 @@ pub fn spawn(
 async fn write_statuses(
     client: kube::Client,
     lease: Arc<Lease>,
-    (routes, grpc): (Store<HttpRoute>, Store<GrpcRoute>),
+    (routes, grpc, policies): (Store<HttpRoute>, Store<GrpcRoute>, Store<ResiliencePolicy>),
     health: Arc<ClusterHealth>,
     recomputed: Arc<Notify>,
 ) {
-    let (mut written, mut written_grpc) =
-        (route_status::Written::new(), route_status::Written::new());
+    let mut written = route_status::Written::new();
+    let mut written_grpc = route_status::Written::new();
+    let mut written_policies = route_status::Written::new();
     loop {
         tokio::select! {
             _ = recomputed.notified() => {}
@@ -158,6 +159,14 @@ async fn write_statuses(
             let outcomes = health.routes();
             route_status::write(&client, &routes.state(), &outcomes.http, &mut written).await;
             route_status::write(&client, &grpc.state(), &outcomes.grpc, &mut written_grpc).await;
+            let applied = health.policies();
+            resilience_policy::write_status(
+                &client,
+                &policies.state(),
+                &applied,
+                &mut written_policies,
+            )
+            .await;
         }
     }
 }

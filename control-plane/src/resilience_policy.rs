@@ -34,6 +34,8 @@ pub struct ResiliencePolicy {
     pub metadata: ObjectMeta,
     #[serde(default)]
     pub spec: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Value>,
 }
 
 impl kube::Resource for ResiliencePolicy {
@@ -60,8 +62,8 @@ impl kube::Resource for ResiliencePolicy {
     }
 }
 
-/// Each policy, by `namespace/name`: applied, or why not.
-pub type PolicyOutcomes = BTreeMap<String, Result<(), String>>;
+/// Each policy, by `namespace/name`: applied, or why not (a GEP-713 reason and a message).
+pub type PolicyOutcomes = BTreeMap<String, Result<(), (&'static str, String)>>;
 
 /// Sets the policy of each Service that a policy in `policies` targets.
 pub fn apply(services: &mut [Service], policies: &[Arc<ResiliencePolicy>]) -> PolicyOutcomes {
@@ -83,13 +85,17 @@ pub fn apply(services: &mut [Service], policies: &[Arc<ResiliencePolicy>]) -> Po
             "{namespace}/{}",
             p.metadata.name.as_deref().unwrap_or_default()
         );
-        let outcome = targets(&p.spec).and_then(|targets| {
-            let checked = check(&key, &p.spec)?;
+        let invalid = |e: String| ("Invalid", e);
+        let outcome = targets(&p.spec).map_err(invalid).and_then(|targets| {
+            let checked = check(&key, &p.spec).map_err(invalid)?;
             let mut applied = 0;
             for target in targets {
                 if let Some(other) = taken.get(&(namespace.clone(), target.clone())) {
-                    return Err(format!(
-                        "Service {namespace}/{target} already takes ResiliencePolicy {other}"
+                    return Err((
+                        "Conflicted",
+                        format!(
+                            "Service {namespace}/{target} already takes ResiliencePolicy {other}"
+                        ),
                     ));
                 }
                 for s in services
@@ -102,13 +108,106 @@ pub fn apply(services: &mut [Service], policies: &[Arc<ResiliencePolicy>]) -> Po
                 taken.insert((namespace.clone(), target), key.clone());
             }
             if applied == 0 {
-                return Err("no targeted Service exists".into());
+                return Err(("TargetNotFound", "no targeted Service exists".into()));
             }
             Ok(())
         });
         outcomes.insert(key, outcome);
     }
     outcomes
+}
+
+/// Writes each policy's `status.ancestors` (GEP-713): for each Service it targets, the
+/// `Accepted` condition with this mesh's controller name, keeping other controllers' entries.
+/// Written only when it changes, conditional on the policy's resourceVersion.
+pub async fn write_status(
+    client: &kube::Client,
+    policies: &[Arc<ResiliencePolicy>],
+    outcomes: &PolicyOutcomes,
+    written: &mut crate::route_status::Written,
+) {
+    use kube::api::{Patch, PatchParams};
+    use serde_json::json;
+    const CONTROLLER: &str = crate::route_status::CONTROLLER;
+    written.retain(|key, _| outcomes.contains_key(key));
+    for p in policies {
+        let namespace = p.metadata.namespace.as_deref().unwrap_or_default();
+        let name = p.metadata.name.as_deref().unwrap_or_default();
+        let key = format!("{namespace}/{name}");
+        let version = p.metadata.resource_version.clone().unwrap_or_default();
+        let Some(outcome) = outcomes.get(&key) else {
+            continue;
+        };
+        if written.get(&key) == Some(&version) {
+            continue;
+        }
+        let (status, reason, message) = match outcome {
+            Ok(()) => ("True", "Accepted", String::new()),
+            Err((reason, message)) => ("False", *reason, message.clone()),
+        };
+        let current: Vec<Value> = p
+            .status
+            .as_ref()
+            .and_then(|s| s["ancestors"].as_array().cloned())
+            .unwrap_or_default();
+        let mine = |a: &&Value| a["controllerName"] == CONTROLLER;
+        let before = current.iter().find(mine);
+        let unchanged = before.is_some_and(|b| {
+            let c = &b["conditions"][0];
+            c["status"] == status
+                && c["reason"] == reason
+                && c["message"] == message.as_str()
+                && c["observedGeneration"] == json!(p.metadata.generation.unwrap_or_default())
+        });
+        if unchanged
+            && current.iter().filter(mine).count() == targets(&p.spec).map_or(0, |t| t.len()).max(1)
+        {
+            continue;
+        }
+        let since = before
+            .map(|b| &b["conditions"][0])
+            .filter(|c| c["status"] == status)
+            .map(|c| c["lastTransitionTime"].clone())
+            .unwrap_or_else(|| {
+                json!(
+                    k8s_openapi::jiff::Timestamp::now()
+                        .strftime("%Y-%m-%dT%H:%M:%SZ")
+                        .to_string()
+                )
+            });
+        let condition = json!({
+            "type": "Accepted", "status": status, "reason": reason, "message": message,
+            "observedGeneration": p.metadata.generation.unwrap_or_default(),
+            "lastTransitionTime": since,
+        });
+        let ours = targets(&p.spec).unwrap_or_default().into_iter().map(|target| {
+            json!({
+                "ancestorRef": {"group": "", "kind": "Service", "name": target, "namespace": namespace},
+                "controllerName": CONTROLLER,
+                "conditions": [condition.clone()],
+            })
+        });
+        let ancestors: Vec<Value> = current
+            .iter()
+            .filter(|a| !mine(a))
+            .cloned()
+            .chain(ours)
+            .collect();
+        let patch = json!({
+            "metadata": {"resourceVersion": version},
+            "status": {"ancestors": ancestors},
+        });
+        let api: kube::Api<ResiliencePolicy> = kube::Api::namespaced(client.clone(), namespace);
+        match api
+            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                written.insert(key, version);
+            }
+            Err(e) => tracing::warn!(policy = %key, error = %e, "cannot write the policy's status"),
+        }
+    }
 }
 
 /// The names of the Services in `spec.targetRefs`.

@@ -865,6 +865,33 @@ spec:
             .contains("already takes"),
         "{status}"
     );
+    // Each policy's own status says the same, for each Service it targets (GEP-713).
+    let condition = |name: &'static str| {
+        let mut named = policy.clone();
+        named["metadata"]["name"] = serde_json::json!(name);
+        let cluster = &cluster;
+        async move {
+            let now = cluster.api.cluster.get(&named)?;
+            let ancestor = now["status"]["ancestors"]
+                .as_array()?
+                .iter()
+                .find(|a| a["controllerName"] == "outrigger.io/mesh")?
+                .clone();
+            Some(ancestor["conditions"][0]["reason"].as_str()?.to_string())
+        }
+    };
+    for (name, reason) in [
+        ("catalog-limits", "Accepted"),
+        ("zz-second", "Conflicted"),
+        ("typo", "Invalid"),
+    ] {
+        eventually(
+            &format!("{name}'s status says {reason}"),
+            Duration::from_secs(10),
+            || async { (condition(name).await.as_deref() == Some(reason)).then_some(()) },
+        )
+        .await;
+    }
 
     // Removed, the limit goes with it.
     cluster.api.cluster.delete(&policy);
