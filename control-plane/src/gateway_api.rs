@@ -4,7 +4,6 @@
 //! Standard channel's HTTPRoute that a mesh route can use, and a catch-all per level, so a
 //! field this version does not know is reported by name instead of silently ignored.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta};
@@ -95,31 +94,43 @@ pub struct HttpRoute {
     pub status: Option<RouteStatus>,
 }
 
-impl kube::Resource for HttpRoute {
-    type DynamicType = ();
-    type Scope = kube::core::NamespaceResourceScope;
+pub const GROUP: &str = "gateway.networking.k8s.io";
 
-    fn kind(_: &()) -> Cow<'_, str> {
-        "HTTPRoute".into()
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        GROUP.into()
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        "httproutes".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
+/// `kube::Resource` for a namespaced object type of ours: its kind, group, version and
+/// plural, and where its metadata is.
+#[macro_export]
+macro_rules! namespaced_resource {
+    ($type:ty, $kind:literal, $group:expr, $version:literal, $plural:literal) => {
+        impl kube::Resource for $type {
+            type DynamicType = ();
+            type Scope = kube::core::NamespaceResourceScope;
+
+            fn kind(_: &()) -> std::borrow::Cow<'_, str> {
+                $kind.into()
+            }
+            fn group(_: &()) -> std::borrow::Cow<'_, str> {
+                $group.into()
+            }
+            fn version(_: &()) -> std::borrow::Cow<'_, str> {
+                $version.into()
+            }
+            fn plural(_: &()) -> std::borrow::Cow<'_, str> {
+                $plural.into()
+            }
+            fn meta(&self) -> &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(
+                &mut self,
+            ) -> &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
 }
 
-pub const GROUP: &str = "gateway.networking.k8s.io";
+crate::namespaced_resource!(HttpRoute, "HTTPRoute", GROUP, "v1", "httproutes");
+crate::namespaced_resource!(GrpcRoute, "GRPCRoute", GROUP, "v1", "grpcroutes");
 
 /// A GRPCRoute: routes for gRPC calls, by service and method.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
@@ -133,30 +144,6 @@ pub struct GrpcRoute {
     pub spec: Checked<GrpcRouteSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<RouteStatus>,
-}
-
-impl kube::Resource for GrpcRoute {
-    type DynamicType = ();
-    type Scope = kube::core::NamespaceResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        "GRPCRoute".into()
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        GROUP.into()
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1".into()
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        "grpcroutes".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
 }
 
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]

@@ -11,7 +11,6 @@
 //! others are refused as conflicting. A policy in one namespace cannot target another's
 //! Service.
 
-use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -38,29 +37,13 @@ pub struct ResiliencePolicy {
     pub status: Option<Value>,
 }
 
-impl kube::Resource for ResiliencePolicy {
-    type DynamicType = ();
-    type Scope = kube::core::NamespaceResourceScope;
-
-    fn kind(_: &()) -> Cow<'_, str> {
-        "ResiliencePolicy".into()
-    }
-    fn group(_: &()) -> Cow<'_, str> {
-        GROUP.into()
-    }
-    fn version(_: &()) -> Cow<'_, str> {
-        "v1alpha1".into()
-    }
-    fn plural(_: &()) -> Cow<'_, str> {
-        "resiliencepolicies".into()
-    }
-    fn meta(&self) -> &ObjectMeta {
-        &self.metadata
-    }
-    fn meta_mut(&mut self) -> &mut ObjectMeta {
-        &mut self.metadata
-    }
-}
+crate::namespaced_resource!(
+    ResiliencePolicy,
+    "ResiliencePolicy",
+    GROUP,
+    "v1alpha1",
+    "resiliencepolicies"
+);
 
 /// Each policy, by `namespace/name`: applied, or why not (a GEP-713 reason and a message).
 pub type PolicyOutcomes = BTreeMap<String, Result<(), (&'static str, String)>>;
