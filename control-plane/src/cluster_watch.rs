@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 
 use crate::cluster_health::ClusterHealth;
 use crate::cluster_source::{INJECTED, services_from};
-use crate::gateway_api::{GrpcRoute, HttpRoute};
+use crate::gateway_api::{GrpcRoute, HttpRoute, ReferenceGrant};
 use crate::gateway_routes;
 use crate::kube_client::KubeClient;
 use crate::lease::Lease;
@@ -72,6 +72,11 @@ pub fn spawn(
     let grpc = grpc_watch.start(Api::<GrpcRoute>::all(client.clone()), |r| {
         strip_route(&mut r.metadata)
     });
+    let grants_watch = watch("ReferenceGrant");
+    let grants_failed = grants_watch.failed.clone();
+    let grants = grants_watch.start(Api::<ReferenceGrant>::all(client.clone()), |g| {
+        strip_route(&mut g.metadata)
+    });
     let policies_watch = watch("ResiliencePolicy");
     let policies_failed = policies_watch.failed.clone();
     let policies = policies_watch.start(Api::<ResiliencePolicy>::all(client.clone()), |p| {
@@ -98,24 +103,10 @@ pub fn spawn(
         // Routes and policies are optional: without their CRDs the list fails, and the mesh
         // goes on without them (the error is on /status) rather than waiting.
         tokio::join!(
-            async {
-                tokio::select! {
-                    _ = routes.wait_until_ready() => {}
-                    _ = routes_failed.notified() => {}
-                }
-            },
-            async {
-                tokio::select! {
-                    _ = grpc.wait_until_ready() => {}
-                    _ = grpc_failed.notified() => {}
-                }
-            },
-            async {
-                tokio::select! {
-                    _ = policies.wait_until_ready() => {}
-                    _ = policies_failed.notified() => {}
-                }
-            }
+            ready_or_failed(&routes, &routes_failed),
+            ready_or_failed(&grpc, &grpc_failed),
+            ready_or_failed(&grants, &grants_failed),
+            ready_or_failed(&policies, &policies_failed),
         );
         health.synced.store(true, Ordering::Relaxed);
         loop {
@@ -127,7 +118,8 @@ pub fn spawn(
             );
             let applied = resilience_policy::apply(&mut view, &policies.state());
             health.set_policies(applied);
-            let outcomes = gateway_routes::attach(&mut view, &routes.state(), &grpc.state());
+            let outcomes =
+                gateway_routes::attach(&mut view, &routes.state(), &grpc.state(), &grants.state());
             health.set_routes(outcomes);
             source.set_cluster(view);
             recomputed.notify_one();
@@ -135,6 +127,18 @@ pub fn spawn(
             tokio::time::sleep(COALESCE).await;
         }
     });
+}
+
+/// Waits until `store` has its first listing, or its watch has failed once: an optional
+/// kind whose CRD is not installed must not hold the rest back.
+async fn ready_or_failed<K>(store: &Store<K>, failed: &Notify)
+where
+    K: kube::Resource<DynamicType = ()> + Clone + 'static,
+{
+    tokio::select! {
+        _ = store.wait_until_ready() => {}
+        _ = failed.notified() => {}
+    }
 }
 
 /// While this replica holds the Lease, writes each route's status after every

@@ -130,6 +130,68 @@ macro_rules! namespaced_resource {
 }
 
 crate::namespaced_resource!(HttpRoute, "HTTPRoute", GROUP, "v1", "httproutes");
+crate::namespaced_resource!(
+    ReferenceGrant,
+    "ReferenceGrant",
+    GROUP,
+    "v1beta1",
+    "referencegrants"
+);
+
+/// A ReferenceGrant: lets objects of the kinds and namespaces in `from` refer to objects of
+/// the kinds (and names) in `to`, in the grant's own namespace.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReferenceGrant {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    pub metadata: ObjectMeta,
+    pub spec: Checked<ReferenceGrantSpec>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReferenceGrantSpec {
+    #[serde(default)]
+    pub from: Vec<GrantFrom>,
+    #[serde(default)]
+    pub to: Vec<GrantTo>,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct GrantFrom {
+    pub group: String,
+    pub kind: String,
+    pub namespace: String,
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+pub struct GrantTo {
+    pub group: String,
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+impl ReferenceGrant {
+    /// Whether this grant lets a `kind` (HTTPRoute, GRPCRoute) in namespace `from` send to
+    /// the Service `service` in the grant's namespace.
+    pub fn lets(&self, kind: &str, from: &str, service: &str) -> bool {
+        let from_ok = self
+            .spec
+            .from
+            .iter()
+            .any(|f| f.group == GROUP && f.kind == kind && f.namespace == from);
+        let to_ok = self.spec.to.iter().any(|t| {
+            matches!(t.group.as_str(), "" | "core")
+                && t.kind == "Service"
+                && t.name.as_deref().is_none_or(|n| n == service)
+        });
+        from_ok && to_ok
+    }
+}
 crate::namespaced_resource!(GrpcRoute, "GRPCRoute", GROUP, "v1", "grpcroutes");
 
 /// A GRPCRoute: routes for gRPC calls, by service and method.

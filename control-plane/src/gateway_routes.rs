@@ -5,8 +5,9 @@
 //!   its ports; without a port it applies to every port.
 //! - A route in the Service's own namespace is a producer route, for every caller; one in
 //!   another namespace is a consumer route, for the callers in its own namespace only, in
-//!   place of the producer's (GAMMA). Its backends are Services of its own namespace, or the
-//!   Service it is attached to.
+//!   place of the producer's (GAMMA).
+//! - A route's backends are Services of its own namespace, the Service it is attached to, or
+//!   Services whose namespace grants the route's kind and namespace with a ReferenceGrant.
 //! - Matches on path, headers, query parameters and method, weighted backends, timeouts,
 //!   retries and the two header modifier filters are honoured.
 //! - Each match of each rule becomes one mesh route; they are ordered by Gateway API's
@@ -23,8 +24,8 @@ use outrigger_core::policy::{self, Retry};
 
 use crate::gateway_api::{
     GrpcRoute, HeaderModifier, HttpBackendRef, HttpPathModifier, HttpRoute, HttpRouteMatch,
-    HttpRouteRule, HttpValueMatch, ParentRef, RequestMirror, RequestRedirect, UrlRewrite,
-    parse_duration,
+    HttpRouteRule, HttpValueMatch, ParentRef, ReferenceGrant, RequestMirror, RequestRedirect,
+    UrlRewrite, parse_duration,
 };
 use crate::mesh::{
     HeaderChanges, PathMatch, PathModifier, Protocol, Redirect, Rewrite, Route, Service, ValueMatch,
@@ -59,6 +60,16 @@ impl Outcome {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RouteOutcomes(pub BTreeMap<String, (i64, Vec<Outcome>)>);
 
+/// What a route may send to outside its own namespace: the Service it is attached to, and
+/// Services whose namespace grants it with a ReferenceGrant.
+#[derive(Clone, Copy)]
+struct Refs<'a> {
+    parent: (&'a str, &'a str),
+    /// `HTTPRoute` or `GRPCRoute`, as a grant names it.
+    kind: &'static str,
+    grants: &'a [Arc<ReferenceGrant>],
+}
+
 /// A mesh route with what orders it among the others.
 struct Ranked {
     route: Route,
@@ -81,6 +92,7 @@ pub fn attach(
     services: &mut [Service],
     http: &[Arc<HttpRoute>],
     grpc: &[Arc<GrpcRoute>],
+    grants: &[Arc<ReferenceGrant>],
 ) -> Outcomes {
     let grpc_as_http: Vec<Arc<HttpRoute>> = grpc.iter().map(|g| Arc::new(g.as_http())).collect();
     let mut grpc_backends = std::collections::BTreeSet::new();
@@ -147,8 +159,12 @@ pub fn attach(
                     ))
                 })
             };
-            let parent_service = (parent_ns.as_str(), parent.name.as_str());
-            let translated = translate(route, &namespace, parent_service, services);
+            let refs = Refs {
+                parent: (parent_ns.as_str(), parent.name.as_str()),
+                kind: if is_grpc { "GRPCRoute" } else { "HTTPRoute" },
+                grants,
+            };
+            let translated = translate(route, &namespace, refs, services);
             let resolved_refs = translated.as_ref().map(|_| ()).map_err(Clone::clone);
             if accepted.is_ok()
                 && let Ok(mesh_routes) = translated
@@ -267,7 +283,7 @@ type Refusal = (&'static str, String);
 fn translate(
     route: &HttpRoute,
     namespace: &str,
-    parent: (&str, &str),
+    refs: Refs<'_>,
     services: &[Service],
 ) -> Result<Vec<(Route, Rank)>, (&'static str, String)> {
     let name = route.metadata.name.as_deref().unwrap_or_default();
@@ -277,7 +293,7 @@ fn translate(
         // A rule that redirects sends nothing to its backends.
         let backends = match redirect {
             Some(_) => Vec::new(),
-            None => backends(rule, namespace, parent, services)?,
+            None => backends(rule, namespace, refs, services)?,
         };
         let rule_name = rule.name.clone().unwrap_or_else(|| r.to_string());
         let default_match = [HttpRouteMatch::default()];
@@ -295,7 +311,7 @@ fn translate(
         )?;
         let retry = retry(rule, r)?;
         let (request_headers, response_headers) = header_filters(rule, r)?;
-        let mirrors = mirrors(rule, r, namespace, parent, services)?;
+        let mirrors = mirrors(rule, r, namespace, refs, services)?;
         for (m, matched) in matches.iter().enumerate() {
             let at = format!("spec.rules[{r}].matches[{m}]");
             let path = matched.path.clone().unwrap_or_default();
@@ -534,7 +550,7 @@ fn mirrors(
     rule: &HttpRouteRule,
     r: usize,
     namespace: &str,
-    parent: (&str, &str),
+    refs: Refs<'_>,
     services: &[Service],
 ) -> Result<Vec<(String, f64)>, Refusal> {
     let mut out = Vec::new();
@@ -571,7 +587,7 @@ fn mirrors(
             return Err(("UnsupportedValue", format!("{at}.percent")));
         }
         out.push((
-            backend_cluster(&m.backend_ref, namespace, parent, services)?,
+            backend_cluster(&m.backend_ref, namespace, refs, services)?,
             percent,
         ));
     }
@@ -617,12 +633,12 @@ fn duration_at(
 fn backends(
     rule: &HttpRouteRule,
     namespace: &str,
-    parent: (&str, &str),
+    refs: Refs<'_>,
     services: &[Service],
 ) -> Result<Vec<(String, u32)>, (&'static str, String)> {
     let mut out = Vec::new();
     for backend in &rule.backend_refs {
-        let cluster = backend_cluster(backend, namespace, parent, services)?;
+        let cluster = backend_cluster(backend, namespace, refs, services)?;
         let weight = u32::try_from(backend.weight.unwrap_or(1)).unwrap_or(0);
         if weight > 0 {
             out.push((cluster, weight));
@@ -640,7 +656,7 @@ fn backends(
 fn backend_cluster(
     backend: &HttpBackendRef,
     namespace: &str,
-    (parent_ns, parent_name): (&str, &str),
+    refs: Refs<'_>,
     services: &[Service],
 ) -> Result<String, (&'static str, String)> {
     let is_service = matches!(backend.group.as_deref(), None | Some("") | Some("core"))
@@ -652,15 +668,21 @@ fn backend_cluster(
         ));
     }
     let backend_ns = backend.namespace.as_deref().unwrap_or(namespace);
-    // Another namespace's Service needs a ReferenceGrant, which this version does not read,
-    // except the route's own parent: its callers may call it anyway.
-    let is_parent = backend_ns == parent_ns && backend.name == parent_name;
-    if backend_ns != namespace && !is_parent {
+    // Another namespace's Service needs that namespace's ReferenceGrant, except the route's
+    // own parent: its callers may call it anyway.
+    let is_parent = (backend_ns, backend.name.as_str()) == refs.parent;
+    let granted = || {
+        refs.grants.iter().any(|g| {
+            g.metadata.namespace.as_deref() == Some(backend_ns)
+                && g.lets(refs.kind, namespace, &backend.name)
+        })
+    };
+    if backend_ns != namespace && !is_parent && !granted() {
         return Err((
             "RefNotPermitted",
             format!(
-                "backend `{}` is in another namespace, which needs a ReferenceGrant (not supported yet)",
-                backend.name
+                "backend {backend_ns}/{} is in another namespace, and no ReferenceGrant there lets a {} from {namespace} refer to it",
+                backend.name, refs.kind
             ),
         ));
     }

@@ -88,6 +88,9 @@ pub fn assert_typed(obj: &Value) {
         "Namespace" => round_trip::<core::Namespace>(obj),
         "HTTPRoute" => round_trip::<outrigger_control_plane::gateway_api::HttpRoute>(obj),
         "GRPCRoute" => round_trip::<outrigger_control_plane::gateway_api::GrpcRoute>(obj),
+        "ReferenceGrant" => {
+            round_trip::<outrigger_control_plane::gateway_api::ReferenceGrant>(obj)
+        }
         "ResiliencePolicy" => {
             round_trip::<outrigger_control_plane::resilience_policy::ResiliencePolicy>(obj)
         }

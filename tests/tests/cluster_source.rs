@@ -111,10 +111,13 @@ impl Mesh {
         let mesh = Mesh::start(api).await;
         mesh.routes("catalog.shop", "catalog-v1", Duration::from_secs(10))
             .await;
-        // Services, EndpointSlices, Pods, HTTPRoutes, GRPCRoutes and ResiliencePolicies.
-        eventually("six watches are open", Duration::from_secs(10), || async {
-            (api.cluster.open_watches() == 6).then_some(())
-        })
+        // Services, EndpointSlices, Pods, HTTPRoutes, GRPCRoutes, ReferenceGrants and
+        // ResiliencePolicies.
+        eventually(
+            "seven watches are open",
+            Duration::from_secs(10),
+            || async { (api.cluster.open_watches() == 7).then_some(()) },
+        )
         .await;
         mesh
     }

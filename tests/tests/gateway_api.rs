@@ -1037,3 +1037,77 @@ async fn a_named_rule_names_its_routes() {
     );
     assert!(metrics.contains("route=\"shop/catalog/1\""), "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_in_another_namespace_needs_that_namespace_s_reference_grant() {
+    let cluster = Cluster::start().await;
+    let vault = upstreams::http("vault").await;
+    for mut obj in service("vault", vault.addr) {
+        obj["metadata"]["namespace"] = serde_json::json!("other");
+        cluster.api.cluster.apply(obj);
+    }
+    let mesh = Mesh::start(&cluster.api).await;
+    cluster.route(&format!(
+        r#"{PARENT}  rules:
+    - backendRefs: [{{name: vault, namespace: other, port: 80}}]
+"#
+    ));
+    let refused = || async {
+        let status = mesh.status().await;
+        status["cluster"]["routes"]["shop/catalog"][0]["resolved_refs"]["reason"]
+            .as_str()
+            .map(str::to_string)
+    };
+    eventually(
+        "refused without a grant",
+        Duration::from_secs(10),
+        || async { (refused().await.as_deref() == Some("RefNotPermitted")).then_some(()) },
+    )
+    .await;
+    // A grant for another kind, or from another namespace, does not count.
+    let grant = |from_ns: &str, kind: &str| {
+        typed(&format!(
+            r#"
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {{name: from-{from_ns}-{kind}, namespace: other}}
+spec:
+  from: [{{group: gateway.networking.k8s.io, kind: {kind}, namespace: {from_ns}}}]
+  to: [{{group: "", kind: Service}}]
+"#
+        ))
+        .remove(0)
+    };
+    cluster.api.cluster.apply(grant("web", "HTTPRoute"));
+    cluster.api.cluster.apply(grant("shop", "GRPCRoute"));
+    eventually("still refused", Duration::from_secs(10), || async {
+        (mesh.status().await["cluster"]["routes"]["shop/catalog"][0]["resolved_refs"]["reason"]
+            == "RefNotPermitted")
+            .then_some(())
+    })
+    .await;
+    // Not applied: catalog's own pods answer.
+    eventually(
+        "catalog's own pods answer",
+        Duration::from_secs(10),
+        || async { (mesh.get("/", &[]).await == (200, "catalog-v1".into())).then_some(()) },
+    )
+    .await;
+    // The grant `other` gives HTTPRoutes from `shop`: the route applies.
+    let good = grant("shop", "HTTPRoute");
+    cluster.api.cluster.apply(good.clone());
+    eventually("the route applies", Duration::from_secs(10), || async {
+        (mesh.get("/", &[]).await == (200, "vault".into())).then_some(())
+    })
+    .await;
+    assert_eq!(
+        mesh.status().await["cluster"]["routes"]["shop/catalog"][0]["resolved_refs"],
+        true
+    );
+    // Withdrawn, it no longer holds.
+    cluster.api.cluster.delete(&good);
+    eventually("refused again", Duration::from_secs(10), || async {
+        (refused().await.as_deref() == Some("RefNotPermitted")).then_some(())
+    })
+    .await;
+}
