@@ -691,6 +691,30 @@ async fn mirrored(cluster: &Cluster, mesh: &Mesh) {
         || async { (cluster.flaky.lock().unwrap().get("/always-503/m") == Some(&1)).then_some(()) },
     )
     .await;
+    // A request with a body: the backend gets it whole (it echoes it), and so does the mirror.
+    let reply = mesh
+        .client
+        .send(
+            http::Method::POST,
+            "catalog.shop.svc.cluster.local",
+            "/always-503/posted",
+            &[],
+            "a body",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (reply.status.as_u16(), reply.body.as_str()),
+        (200, "a body")
+    );
+    eventually(
+        "the mirror sees the POST",
+        Duration::from_secs(10),
+        || async {
+            (cluster.flaky.lock().unwrap().get("/always-503/posted") == Some(&1)).then_some(())
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

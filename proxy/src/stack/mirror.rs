@@ -1,20 +1,22 @@
 //! The mirror stage: a copy of the request to each of the route's mirror clusters (a share of
 //! requests each), sent on its own and never waited for; its answer is read and dropped.
 //!
-//! Only requests without a body are copied: copying one with a body would mean holding the
-//! body until both sides had it. A request with a body is not mirrored, and that is counted.
+//! A request with a body is copied when the body is small enough to hold (64 KiB, by its
+//! `Content-Length`, as for a retry): it is read first, then sent to both. A larger one, or
+//! one of unknown length, streams to its backend alone, and that is counted.
 
 use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
-use http::Request;
+use bytes::Bytes;
 use http::request::Parts;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::BodyExt;
 
 use crate::route::router::PathMatch;
 use crate::route::table::{HeaderChanges, Route};
 use crate::stack::balance;
 use crate::stack::exchange::{Call, HttpContext};
+use crate::stack::retry::Head;
 
 /// What a copy goes through: no header changes of its own (the original route's are applied
 /// to the copy first), no retries.
@@ -39,22 +41,31 @@ static MIRROR_ROUTE: LazyLock<Route> = LazyLock::new(|| Route {
     series: OnceLock::new(),
 });
 
-/// Sends copies of the request `parts` describes (its body empty if `bodiless`) to `route`'s
-/// mirrors, to `host`.
-pub fn copy(ctx: &Arc<HttpContext>, route: &Route, parts: &Parts, bodiless: bool, host: &str) {
+/// The head of a request, for copies.
+pub fn head_of(parts: &Parts) -> Head {
+    Head {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+    }
+}
+
+/// Counts, for each of `route`'s mirrors, a request not copied because its body could not be
+/// held.
+pub fn skipped(ctx: &HttpContext, route: &Route) {
+    for mirror in &route.mirrors {
+        ctx.metrics.overflow(&mirror.cluster.name, "mirror_body");
+    }
+}
+
+/// Sends copies of the request (`head` and its whole `body`) to `route`'s mirrors, to `host`.
+pub fn copy(ctx: &Arc<HttpContext>, route: &Route, head: &Head, body: &Bytes, host: &str) {
     for mirror in &route.mirrors {
         if mirror.percent < 100.0 && fastrand::f64() * 100.0 >= mirror.percent {
             continue;
         }
-        if !bodiless {
-            ctx.metrics.overflow(&mirror.cluster.name, "mirror_body");
-            continue;
-        }
-        let mut req = Request::new(Empty::new().map_err(|never| match never {}).boxed());
-        *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = parts.uri.clone();
-        *req.version_mut() = parts.version;
-        *req.headers_mut() = parts.headers.clone();
+        let mut req = head.request(body.clone());
         route.request_headers.apply(req.headers_mut());
         let (ctx, cluster, host) = (ctx.clone(), mirror.cluster.clone(), host.to_string());
         let timeout = route.timeout;

@@ -91,8 +91,17 @@ async fn forward<'a>(
         Some(rewrite) => route::rewrite(rewrite, &route.path, &mut parts, host)?,
         None => host,
     };
-    if !route.mirrors.is_empty() {
-        mirror::copy(ctx, route, &parts, mirror::bodiless(&body), &host);
+    // A copy of a request without a body goes now; one with a body once the body is read.
+    let mirrored = !route.mirrors.is_empty();
+    let bodiless = mirror::bodiless(&body);
+    if mirrored && bodiless {
+        mirror::copy(
+            ctx,
+            route,
+            &mirror::head_of(&parts),
+            &bytes::Bytes::new(),
+            &host,
+        );
     }
     let timeout = timeout::for_request(route.timeout, &parts.headers);
     let mut req = Request::from_parts(parts, body);
@@ -122,7 +131,22 @@ async fn forward<'a>(
         trace: ex.trace.as_ref(),
     };
     let policy = route.retry.as_ref().filter(|p| p.retries > 0 && !upgrade);
-    let mut resp = timeout::within(timeout, retry::send(&call, policy, timeout, req, upgrade))
+    let send = async {
+        if !mirrored || bodiless || upgrade {
+            return retry::send(&call, policy, timeout, req, upgrade).await;
+        }
+        match retry::replayable(req).await? {
+            retry::Replay::Ready(head, body) => {
+                mirror::copy(ctx, route, &head, &body, &host);
+                retry::send_buffered(&call, policy, timeout, head, body).await
+            }
+            retry::Replay::Once(req) => {
+                mirror::skipped(ctx, route);
+                retry::send(&call, policy, timeout, req, upgrade).await
+            }
+        }
+    };
+    let mut resp = timeout::within(timeout, send)
         .await
         .map_err(|_| timeout::expired(timeout))??;
     match downstream_upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS) {

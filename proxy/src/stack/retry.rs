@@ -14,6 +14,7 @@ use crate::policy::retry::{MAX_REPLAY_BODY, Outcome, RetryPolicy, retriable, ret
 use crate::stack::balance::{self, Try};
 use crate::stack::exchange::Call;
 use crate::stack::headers::ATTEMPT_HEADER;
+use crate::upstream::client::Body;
 use crate::upstream::error::ProxyError;
 use crate::upstream::http1_pool::UpstreamBody;
 
@@ -38,21 +39,52 @@ pub async fn send(
     }
 }
 
-/// What a retried request needs to be sent again.
-struct Head {
-    method: http::Method,
-    uri: Uri,
-    version: Version,
-    headers: HeaderMap,
+/// What a retried (or mirrored) request needs to be sent again.
+pub struct Head {
+    pub method: http::Method,
+    pub uri: Uri,
+    pub version: Version,
+    pub headers: HeaderMap,
 }
 
-enum Replay {
+impl Head {
+    /// A new request with this head and `body`.
+    pub fn request(&self, body: Bytes) -> Request<Body> {
+        let mut req = Request::new(Full::new(body).map_err(|never| match never {}).boxed());
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers.clone();
+        req
+    }
+}
+
+/// Sends a request whose body is already read: with retries when the route has a policy.
+pub async fn send_buffered(
+    call: &Call<'_>,
+    policy: Option<&RetryPolicy>,
+    timeout: Duration,
+    head: Head,
+    body: Bytes,
+) -> Result<Response<UpstreamBody>, ProxyError> {
+    match policy {
+        Some(policy) => {
+            let deadline = tokio::time::Instant::now() + timeout;
+            send_with_retries(call, policy, deadline, head, body).await
+        }
+        None => balance::send_once(call, head.request(body), false).await,
+    }
+}
+
+pub enum Replay {
     Ready(Head, Bytes),
     /// Too large, or of unknown length: sent once, as it streams.
     Once(Request<Incoming>),
 }
 
-async fn replayable(req: Request<Incoming>) -> Result<Replay, ProxyError> {
+/// The request with its body read, when the body is small enough to hold (64 KiB, by its
+/// `Content-Length`); otherwise the request as it is, to stream.
+pub async fn replayable(req: Request<Incoming>) -> Result<Replay, ProxyError> {
     let length = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -106,15 +138,7 @@ async fn send_with_retries(
             .ok_or_else(|| ProxyError::NoEndpoint {
                 cluster: cluster.name.clone(),
             })?;
-        let mut req = Request::new(
-            Full::new(body.clone())
-                .map_err(|never| match never {})
-                .boxed(),
-        );
-        *req.method_mut() = head.method.clone();
-        *req.uri_mut() = head.uri.clone();
-        *req.version_mut() = head.version;
-        *req.headers_mut() = head.headers.clone();
+        let mut req = head.request(body.clone());
         // The app may want to know it is seeing a retry (and log it).
         req.headers_mut()
             .insert(ATTEMPT_HEADER, HeaderValue::from(number + 1));
