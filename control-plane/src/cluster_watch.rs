@@ -62,26 +62,12 @@ pub fn spawn(
     let services = watch("Service").start(Api::<Service>::all(client.clone()), |_| {});
     let slices = watch("EndpointSlice").start(Api::<EndpointSlice>::all(client.clone()), |_| {});
     let pods = watch("Pod").start(Api::<Pod>::all(client.clone()), strip_pod);
-    let routes_watch = watch("HTTPRoute");
-    let routes_failed = routes_watch.failed.clone();
-    let routes = routes_watch.start(Api::<HttpRoute>::all(client.clone()), |r| {
-        strip_route(&mut r.metadata)
-    });
-    let grpc_watch = watch("GRPCRoute");
-    let grpc_failed = grpc_watch.failed.clone();
-    let grpc = grpc_watch.start(Api::<GrpcRoute>::all(client.clone()), |r| {
-        strip_route(&mut r.metadata)
-    });
-    let grants_watch = watch("ReferenceGrant");
-    let grants_failed = grants_watch.failed.clone();
-    let grants = grants_watch.start(Api::<ReferenceGrant>::all(client.clone()), |g| {
-        strip_route(&mut g.metadata)
-    });
-    let policies_watch = watch("ResiliencePolicy");
-    let policies_failed = policies_watch.failed.clone();
-    let policies = policies_watch.start(Api::<ResiliencePolicy>::all(client.clone()), |p| {
-        strip_route(&mut p.metadata)
-    });
+    // Kinds from CRDs the cluster may not have: each comes with what tells of its failure.
+    let (routes, routes_failed) = watch("HTTPRoute").optional::<HttpRoute>(&client);
+    let (grpc, grpc_failed) = watch("GRPCRoute").optional::<GrpcRoute>(&client);
+    let (grants, grants_failed) = watch("ReferenceGrant").optional::<ReferenceGrant>(&client);
+    let (policies, policies_failed) =
+        watch("ResiliencePolicy").optional::<ResiliencePolicy>(&client);
     let recomputed = Arc::new(Notify::new());
     if let Some(lease) = status_writer {
         lease.clone().spawn();
@@ -192,8 +178,9 @@ fn strip_pod(pod: &mut Pod) {
     pod.status = None;
 }
 
-/// A route is kept without what the API server adds for its own bookkeeping.
-fn strip_route(meta: &mut k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) {
+/// An object is kept without what the API server adds for its own bookkeeping.
+fn strip_bookkeeping<K: kube::Resource>(object: &mut K) {
+    let meta = object.meta_mut();
     meta.managed_fields = None;
     meta.annotations = None;
 }
@@ -208,6 +195,20 @@ struct Watch {
 
 impl Watch {
     /// Runs a reflector for `api`'s kind, and returns its store.
+    /// Watches an optional kind (all namespaces), stripped of bookkeeping: its store, and
+    /// what is told when its watch fails.
+    fn optional<K>(self, client: &kube::Client) -> (Store<K>, Arc<Notify>)
+    where
+        K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>,
+        K: Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    {
+        let failed = self.failed.clone();
+        (
+            self.start(Api::all(client.clone()), strip_bookkeeping::<K>),
+            failed,
+        )
+    }
+
     fn start<K>(self, api: Api<K>, strip: fn(&mut K)) -> Store<K>
     where
         K: kube::Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync,

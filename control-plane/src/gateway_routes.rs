@@ -96,7 +96,6 @@ pub fn attach(
 ) -> Outcomes {
     let grpc_as_http: Vec<Arc<HttpRoute>> = grpc.iter().map(|g| Arc::new(g.as_http())).collect();
     let mut grpc_backends = std::collections::BTreeSet::new();
-    let mut all = RouteOutcomes::default();
     // By (cluster, the consumer namespace for a consumer route).
     let mut attached: BTreeMap<(String, Option<String>), Vec<Ranked>> = BTreeMap::new();
     let mut order = 0;
@@ -104,7 +103,7 @@ pub fn attach(
         .iter()
         .map(|r| (false, r))
         .chain(grpc_as_http.iter().map(|r| (true, r)));
-    let mut outcomes = RouteOutcomes::default();
+    let mut outcomes = Outcomes::default();
     for (is_grpc, route) in tagged {
         let namespace = route.metadata.namespace.clone().unwrap_or_default();
         let name = route.metadata.name.clone().unwrap_or_default();
@@ -200,7 +199,11 @@ pub fn attach(
             continue;
         }
         let generation = route.metadata.generation.unwrap_or_default();
-        let into = if is_grpc { &mut all } else { &mut outcomes };
+        let into = if is_grpc {
+            &mut outcomes.grpc
+        } else {
+            &mut outcomes.http
+        };
         into.0
             .insert(format!("{namespace}/{name}"), (generation, route_outcomes));
     }
@@ -227,10 +230,7 @@ pub fn attach(
             service.protocol = Protocol::Grpc;
         }
     }
-    Outcomes {
-        http: outcomes,
-        grpc: all,
-    }
+    outcomes
 }
 
 /// The filters a mesh route honours.

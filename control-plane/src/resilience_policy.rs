@@ -109,7 +109,6 @@ pub async fn write_status(
     outcomes: &PolicyOutcomes,
     written: &mut crate::route_status::Written,
 ) {
-    use kube::api::{Patch, PatchParams};
     use serde_json::json;
     const CONTROLLER: &str = crate::route_status::CONTROLLER;
     written.retain(|key, _| outcomes.contains_key(key));
@@ -180,16 +179,14 @@ pub async fn write_status(
             "metadata": {"resourceVersion": version},
             "status": {"ancestors": ancestors},
         });
-        let api: kube::Api<ResiliencePolicy> = kube::Api::namespaced(client.clone(), namespace);
-        match api
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {
-                written.insert(key, version);
-            }
-            Err(e) => tracing::warn!(policy = %key, error = %e, "cannot write the policy's status"),
-        }
+        crate::route_status::patch_status::<ResiliencePolicy>(
+            client,
+            (namespace, name),
+            patch,
+            (key, version),
+            written,
+        )
+        .await;
     }
 }
 

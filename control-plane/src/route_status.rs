@@ -85,16 +85,34 @@ pub async fn write<K: RouteObject>(
             "metadata": {"resourceVersion": meta.resource_version},
             "status": {"parents": parents},
         });
-        let api: Api<K> = Api::namespaced(client.clone(), namespace);
-        match api
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {
-                written.insert(key, version);
-            }
-            Err(e) => tracing::warn!(route = %key, error = %e, "cannot write the route's status"),
+        patch_status::<K>(client, (namespace, name), patch, (key, version), written).await;
+    }
+}
+
+/// Merge-patches the status of the object `(namespace, name)` (the patch carries the
+/// resourceVersion it was made from), and remembers the write under `key` against that
+/// version. Shared by the routes' and the policies' status writers.
+pub async fn patch_status<K>(
+    client: &kube::Client,
+    (namespace, name): (&str, &str),
+    patch: serde_json::Value,
+    (key, version): (String, String),
+    written: &mut Written,
+) where
+    K: kube::Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    match api
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => {
+            written.insert(key, version);
         }
+        Err(e) => tracing::warn!(object = %key, error = %e, "cannot write the status"),
     }
 }
 

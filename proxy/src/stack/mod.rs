@@ -93,8 +93,8 @@ async fn forward<'a>(
     };
     // A copy of a request without a body goes now; one with a body once the body is read.
     let mirrored = !route.mirrors.is_empty();
-    let bodiless = mirror::bodiless(&body);
-    if mirrored && bodiless {
+    let bodiless = mirrored && mirror::bodiless(&body);
+    if bodiless {
         mirror::copy(
             ctx,
             route,
