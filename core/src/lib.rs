@@ -3,11 +3,13 @@
 //! sides wait with, and the bounded HTTP/1 serving of their small admin ports.
 #![forbid(unsafe_code)]
 
+pub mod authz;
 pub mod backoff;
 pub mod bounded_server;
 pub mod cidr;
 pub mod config_error;
 pub mod duration;
+pub mod inbound;
 pub mod policy;
 pub mod prefixed;
 pub mod sign_api;
@@ -15,5 +17,7 @@ pub mod spiffe;
 pub mod tls;
 pub mod token_bucket;
 pub mod xds;
+pub mod xds_inbound;
 pub mod xds_policy;
+pub mod xds_rbac;
 pub mod xds_tls;

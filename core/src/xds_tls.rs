@@ -23,7 +23,7 @@ pub const TLS_TRANSPORT_SOCKET: &str = "envoy.transport_sockets.tls";
 pub const WORKLOAD_SECRET: &str = "default";
 pub const BUNDLE_SECRET: &str = "ROOTCA";
 
-fn sds(name: &str) -> SdsSecretConfig {
+pub(crate) fn sds(name: &str) -> SdsSecretConfig {
     SdsSecretConfig {
         name: name.to_string(),
         sds_config: Some(ConfigSource {
