@@ -54,7 +54,9 @@ impl DeltaSub {
         r.by_name
             .iter()
             .filter(|(n, _)| {
-                if self.wildcard {
+                if crate::translate::is_internal(n) {
+                    false
+                } else if self.wildcard {
                     !r.named_only.contains(*n) || self.names.contains(*n)
                 } else {
                     self.names.contains(*n)

@@ -262,12 +262,27 @@ fn status_json(source: &MeshSource, nodes: &NodeRegistry) -> serde_json::Value {
             "errors": cluster_errors,
             "routes": outcome_json(&routes.http),
             "grpc_routes": outcome_json(&routes.grpc),
-            "resilience_policies": source.cluster_health.policies().into_iter()
-                .map(|(name, o)| (name, o.map_or_else(|(reason, e)| json!({"reason": reason, "error": e}), |()| json!(true))))
-                .collect::<serde_json::Map<_, _>>(),
+            "resilience_policies": policy_json(&source.cluster_health.policies("ResiliencePolicy")),
+            "authorization_policies": policy_json(&source.cluster_health.policies("AuthorizationPolicy")),
+            "mtls_policies": policy_json(&source.cluster_health.policies("MTLSPolicy")),
         },
         "nodes": nodes.to_json(),
     })
+}
+
+/// Each policy's outcome, by `namespace/name`: `true`, or why not.
+fn policy_json(outcomes: &crate::policy_attachment::PolicyOutcomes) -> serde_json::Value {
+    outcomes
+        .iter()
+        .map(|(name, o)| {
+            let value = match o {
+                Ok(()) => json!(true),
+                Err((reason, e)) => json!({"reason": reason, "error": e}),
+            };
+            (name.clone(), value)
+        })
+        .collect::<serde_json::Map<_, _>>()
+        .into()
 }
 
 /// Each route's outcomes, by `namespace/name`.

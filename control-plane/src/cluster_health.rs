@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use crate::gateway_routes::Outcomes;
 use crate::kube_client::ApiCalls;
-use crate::resilience_policy::PolicyOutcomes;
+use crate::policy_attachment::PolicyOutcomes;
 
 /// How the watches are doing, for `/status` and `/metrics`.
 #[derive(Default)]
@@ -23,8 +23,8 @@ pub struct ClusterHealth {
     pub calls: OnceLock<Arc<ApiCalls>>,
     /// What became of each HTTPRoute and GRPCRoute.
     routes: Mutex<Outcomes>,
-    /// What became of each ResiliencePolicy.
-    policies: Mutex<PolicyOutcomes>,
+    /// What became of each policy, by kind.
+    policies: Mutex<BTreeMap<&'static str, PolicyOutcomes>>,
 }
 
 impl ClusterHealth {
@@ -34,15 +34,20 @@ impl ClusterHealth {
             .insert(kind, (path.to_string(), error, Instant::now()));
     }
 
-    pub fn set_policies(&self, outcomes: PolicyOutcomes) {
-        *self.policies.lock().unwrap_or_else(|p| p.into_inner()) = outcomes;
-    }
-
-    pub fn policies(&self) -> PolicyOutcomes {
+    pub fn set_policies(&self, kind: &'static str, outcomes: PolicyOutcomes) {
         self.policies
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clone()
+            .insert(kind, outcomes);
+    }
+
+    pub fn policies(&self, kind: &str) -> PolicyOutcomes {
+        self.policies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(kind)
+            .cloned()
+            .unwrap_or_default()
     }
 
     pub fn set_routes(&self, outcomes: Outcomes) {

@@ -151,6 +151,8 @@ pub fn services_from(
         let identity = SpiffeId::new(trust_domain, namespace, account);
         for (i, (port, number, endpoints)) in per_port.into_iter().enumerate() {
             out.push(Service {
+                tls_mode: None,
+                authorization: None,
                 name: name.to_string(),
                 namespace: namespace.to_string(),
                 protocol: protocol_of(port),
@@ -248,6 +250,16 @@ fn most_common<'a>(values: impl Iterator<Item = &'a str>) -> Option<&'a str> {
 }
 
 /// The mesh file's view with the cluster's services folded in (see the module comment).
+/// The file's mTLS mode and authorization for a service, else the cluster's
+/// (`MTLSPolicy`, `AuthorizationPolicy`).
+fn inbound_from(f: &mut Service, c: &Service) {
+    f.tls_mode = f.tls_mode.or(c.tls_mode);
+    f.mtls |= f.tls_mode == Some(crate::mesh::TlsMode::Strict);
+    if f.authorization.is_none() {
+        f.authorization = c.authorization.clone();
+    }
+}
+
 pub fn merge(file: &Mesh, cluster: &[Service]) -> Mesh {
     let mut mesh = file.clone();
     let services: &mut BTreeMap<String, Service> = &mut mesh.services;
@@ -274,8 +286,10 @@ pub fn merge(file: &Mesh, cluster: &[Service]) -> Mesh {
                     f.only_routes = c.only_routes;
                 }
                 f.consumer_routes = c.consumer_routes.clone();
+                inbound_from(f, c);
             }
-            Some(_) => {}
+            // The file's own endpoints: only the cluster's inbound policy is taken.
+            Some(f) => inbound_from(f, c),
             None => {
                 services.insert(c.cluster_name(), c.clone());
             }

@@ -29,9 +29,11 @@ use crate::cluster_health::ClusterHealth;
 use crate::cluster_source::{INJECTED, services_from};
 use crate::gateway_api::{GrpcRoute, HttpRoute, ReferenceGrant};
 use crate::gateway_routes;
+use crate::inbound_policy::{self, AuthorizationPolicy, MtlsPolicy};
 use crate::kube_client::KubeClient;
 use crate::lease::Lease;
 use crate::mesh_source::MeshSource;
+use crate::policy_attachment::write_status;
 use crate::resilience_policy::{self, ResiliencePolicy};
 use crate::route_status;
 
@@ -68,13 +70,17 @@ pub fn spawn(
     let (grants, grants_failed) = watch("ReferenceGrant").optional::<ReferenceGrant>(&client);
     let (policies, policies_failed) =
         watch("ResiliencePolicy").optional::<ResiliencePolicy>(&client);
+    let (authz, authz_failed) =
+        watch("AuthorizationPolicy").optional::<AuthorizationPolicy>(&client);
+    let (mtls, mtls_failed) = watch("MTLSPolicy").optional::<MtlsPolicy>(&client);
     let recomputed = Arc::new(Notify::new());
     if let Some(lease) = status_writer {
         lease.clone().spawn();
         tokio::spawn(write_statuses(
             client,
             lease,
-            (routes.clone(), grpc.clone(), policies.clone()),
+            (routes.clone(), grpc.clone()),
+            (policies.clone(), authz.clone(), mtls.clone()),
             health.clone(),
             recomputed.clone(),
         ));
@@ -93,6 +99,8 @@ pub fn spawn(
             ready_or_failed(&grpc, &grpc_failed),
             ready_or_failed(&grants, &grants_failed),
             ready_or_failed(&policies, &policies_failed),
+            ready_or_failed(&authz, &authz_failed),
+            ready_or_failed(&mtls, &mtls_failed),
         );
         health.synced.store(true, Ordering::Relaxed);
         loop {
@@ -103,7 +111,14 @@ pub fn spawn(
                 &trust_domain,
             );
             let applied = resilience_policy::apply(&mut view, &policies.state());
-            health.set_policies(applied);
+            health.set_policies("ResiliencePolicy", applied);
+            let applied =
+                inbound_policy::apply_authorization(&mut view, &authz.state(), &trust_domain);
+            health.set_policies("AuthorizationPolicy", applied);
+            health.set_policies(
+                "MTLSPolicy",
+                inbound_policy::apply_mtls(&mut view, &mtls.state()),
+            );
             let outcomes =
                 gateway_routes::attach(&mut view, &routes.state(), &grpc.state(), &grants.state());
             health.set_routes(outcomes);
@@ -133,13 +148,20 @@ where
 async fn write_statuses(
     client: kube::Client,
     lease: Arc<Lease>,
-    (routes, grpc, policies): (Store<HttpRoute>, Store<GrpcRoute>, Store<ResiliencePolicy>),
+    (routes, grpc): (Store<HttpRoute>, Store<GrpcRoute>),
+    (policies, authz, mtls): (
+        Store<ResiliencePolicy>,
+        Store<AuthorizationPolicy>,
+        Store<MtlsPolicy>,
+    ),
     health: Arc<ClusterHealth>,
     recomputed: Arc<Notify>,
 ) {
     let mut written = route_status::Written::new();
     let mut written_grpc = route_status::Written::new();
     let mut written_policies = route_status::Written::new();
+    let mut written_authz = route_status::Written::new();
+    let mut written_mtls = route_status::Written::new();
     loop {
         tokio::select! {
             _ = recomputed.notified() => {}
@@ -149,14 +171,12 @@ async fn write_statuses(
             let outcomes = health.routes();
             route_status::write(&client, &routes.state(), &outcomes.http, &mut written).await;
             route_status::write(&client, &grpc.state(), &outcomes.grpc, &mut written_grpc).await;
-            let applied = health.policies();
-            resilience_policy::write_status(
-                &client,
-                &policies.state(),
-                &applied,
-                &mut written_policies,
-            )
-            .await;
+            let applied = health.policies("ResiliencePolicy");
+            write_status(&client, &policies.state(), &applied, &mut written_policies).await;
+            let applied = health.policies("AuthorizationPolicy");
+            write_status(&client, &authz.state(), &applied, &mut written_authz).await;
+            let applied = health.policies("MTLSPolicy");
+            write_status(&client, &mtls.state(), &applied, &mut written_mtls).await;
         }
     }
 }

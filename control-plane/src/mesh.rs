@@ -16,7 +16,10 @@ use serde_saphyr::Spanned;
 use outrigger_core::spiffe::SpiffeId;
 use time::OffsetDateTime;
 
+use crate::authorization::{self, AuthorizationFile};
 use crate::policy::{self, Policy, PolicyFile, RateLimit, RateLimitFile, Retry, RetryFile};
+use outrigger_core::authz::Authorization;
+pub use outrigger_core::inbound::TlsMode;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +31,18 @@ struct MeshFile {
     defaults: Option<policy::PolicyFile>,
     #[serde(default)]
     services: Vec<ServiceFile>,
+    /// Settings for every service of a namespace.
+    #[serde(default)]
+    namespaces: Vec<NamespaceFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NamespaceFile {
+    name: Spanned<String>,
+    /// The mTLS mode of every service in it that sets none.
+    #[serde(default)]
+    tls_mode: Option<TlsMode>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -111,6 +126,13 @@ struct ServiceFile {
     /// and check that the peer proves this service's identity.
     #[serde(default)]
     mtls: bool,
+    /// Whether its sidecars also take plaintext (`permissive`) or only mTLS (`strict`).
+    /// Strict implies `mtls`.
+    #[serde(default)]
+    tls_mode: Option<TlsMode>,
+    /// Who may call it, on which paths; absent, every caller the mode lets connect.
+    #[serde(default)]
+    authorization: Option<AuthorizationFile>,
 }
 
 fn default_namespace() -> String {
@@ -195,6 +217,8 @@ pub struct Mesh {
     pub tokens: BTreeMap<String, (SpiffeId, Option<OffsetDateTime>)>,
     /// Keyed by cluster name (`name.namespace`), so output order is stable.
     pub services: BTreeMap<String, Service>,
+    /// The mTLS mode of each namespace that has one (`namespaces:`).
+    pub namespace_tls: BTreeMap<String, TlsMode>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -221,6 +245,10 @@ pub struct Service {
     /// Consumer routes (GAMMA): by the namespace of the callers they are for, routes that
     /// take the place of these for those callers only.
     pub consumer_routes: BTreeMap<String, Vec<Route>>,
+    /// Its workloads' inbound mTLS mode, where set for the service itself.
+    pub tls_mode: Option<TlsMode>,
+    /// Who may call it; `None`: every caller the mode lets connect.
+    pub authorization: Option<Authorization>,
 }
 
 impl Service {
@@ -615,9 +643,24 @@ impl Mesh {
                     )
                 })?);
             }
+            let authorization = match &s.authorization {
+                None => None,
+                Some(a) => Some(
+                    authorization::check(
+                        a,
+                        &s.namespace,
+                        &trust_domain,
+                        &format!("{field}.authorization"),
+                        &format!("mesh/{}/", s.name.value),
+                    )
+                    .map_err(|e| err(s.name.referenced, &format!("{field}.authorization"), e))?,
+                ),
+            };
             let service = Service {
                 addresses,
-                mtls: s.mtls,
+                mtls: s.mtls || s.tls_mode == Some(TlsMode::Strict),
+                tls_mode: s.tls_mode,
+                authorization,
                 extra_port: false,
                 only_routes: false,
                 consumer_routes: BTreeMap::new(),
@@ -669,6 +712,20 @@ impl Mesh {
             }
             services.insert(service.cluster_name(), service);
         }
+        let mut namespace_tls = BTreeMap::new();
+        for (source, f) in files {
+            for (i, ns) in f.namespaces.iter().enumerate() {
+                let Some(mode) = ns.tls_mode else { continue };
+                if namespace_tls.insert(ns.name.value.clone(), mode).is_some() {
+                    return Err(ConfigError::at(
+                        source,
+                        Some(ns.name.referenced),
+                        &format!("namespaces[{i}].name"),
+                        format!("namespace `{}` is listed twice", ns.name.value),
+                    ));
+                }
+            }
+        }
         Ok(Mesh {
             defaults,
             outbound_port,
@@ -676,6 +733,7 @@ impl Mesh {
             sampling,
             tokens,
             services,
+            namespace_tls,
         })
     }
 }

@@ -15,8 +15,8 @@ use outrigger_core::spiffe::SpiffeId;
 use prost::Message;
 
 use crate::translate::{
-    CLUSTER_TYPE, ENDPOINT_TYPE, OUTBOUND, PUSH_ORDER, ROUTE_TYPE, Resources, consumer_table, pack,
-    translate,
+    CLUSTER_TYPE, ENDPOINT_TYPE, INBOUND, LISTENER_TYPE, OUTBOUND, PUSH_ORDER, ROUTE_TYPE,
+    Resources, consumer_table, inbound_of, pack, translate,
 };
 
 #[derive(Debug, Clone, Default)]
@@ -35,37 +35,46 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    /// What a node of service `caller` should see: for a caller with a `calls` list, only
-    /// those clusters and their virtual hosts; otherwise everything (the same `Arc`).
-    /// Versions stay the snapshot's, so a scoped node moves in step with the mesh.
+    /// What a node of service `caller` should see: its own inbound Listener as `inbound`,
+    /// its namespace's outbound table if it has consumer routes, and for a caller with a
+    /// `calls` list, only those clusters and their virtual hosts. Versions stay the
+    /// snapshot's, so a scoped node moves in step with the mesh.
     pub fn view_for(self: &Arc<Self>, caller: &str) -> Arc<Snapshot> {
-        let consumer = self.consumer_view(caller);
-        let base = consumer.as_ref().unwrap_or(self);
+        let personal = self.personal_view(caller);
+        let base = personal.as_ref().unwrap_or(self);
         match self.mesh.as_ref().and_then(|m| m.scope_for(caller)) {
             None => base.clone(),
             Some(scope) => base.view_scoped(&scope),
         }
     }
 
-    /// For a caller in a namespace that has consumer routes, this snapshot with that
-    /// namespace's outbound table in place of the shared one.
-    fn consumer_view(&self, caller: &str) -> Option<Arc<Snapshot>> {
+    /// This snapshot with the caller's own resources under the names it asks for: its
+    /// service's inbound Listener as `inbound`, and its namespace's outbound table (consumer
+    /// routes) in place of the shared one. `None` when it has neither.
+    fn personal_view(&self, caller: &str) -> Option<Arc<Snapshot>> {
         let mesh = self.mesh.as_ref()?;
-        let namespace = &mesh
+        let service = mesh
             .services
             .values()
-            .find(|s| s.name == caller || s.cluster_name() == caller)?
-            .namespace;
-        let table = self
-            .types
-            .get(ROUTE_TYPE)?
-            .resources
-            .by_name
-            .get(&consumer_table(namespace))?
-            .clone();
+            .find(|s| s.name == caller || s.cluster_name() == caller)?;
+        let kept = |type_url, name: &str| {
+            self.types
+                .get(type_url)
+                .and_then(|t| t.resources.by_name.get(name))
+                .cloned()
+        };
+        let table = kept(ROUTE_TYPE, &consumer_table(&service.namespace));
+        let inbound = kept(LISTENER_TYPE, &inbound_of(&service.cluster_name()));
+        if table.is_none() && inbound.is_none() {
+            return None;
+        }
         let mut view = self.clone();
-        if let Some(t) = view.types.get_mut(ROUTE_TYPE) {
+        if let (Some(table), Some(t)) = (table, view.types.get_mut(ROUTE_TYPE)) {
             t.resources.by_name.insert(OUTBOUND.into(), table);
+        }
+        if let (Some(listener), Some(t)) = (inbound, view.types.get_mut(LISTENER_TYPE)) {
+            t.resources.by_name.insert(INBOUND.into(), listener);
+            t.resources.named_only.insert(INBOUND.into());
         }
         Some(Arc::new(view))
     }
@@ -122,6 +131,7 @@ impl Snapshot {
         } else {
             names
                 .iter()
+                .filter(|n| !crate::translate::is_internal(n))
                 .filter_map(|n| t.resources.by_name.get(n).cloned())
                 .collect()
         }

@@ -40,8 +40,12 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value};
 use prost::{Message, Name};
 
-use crate::mesh::{HeaderChanges, Mesh, PathMatch, PathModifier, Redirect, Service, ValueMatch};
+use crate::mesh::{
+    HeaderChanges, Mesh, PathMatch, PathModifier, Redirect, Service, TlsMode, ValueMatch,
+};
 use crate::policy;
+use outrigger_core::inbound::Inbound;
+use outrigger_core::xds_inbound;
 
 pub const LISTENER_TYPE: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
@@ -54,6 +58,17 @@ pub const ENDPOINT_TYPE: &str =
 pub const PUSH_ORDER: [&str; 4] = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE];
 
 pub const OUTBOUND: &str = "outbound";
+/// The Listener a sidecar asks for its inbound policy by: each node gets its own service's
+/// under this name (`Snapshot::view_for`).
+pub const INBOUND: &str = "inbound";
+/// Where an injected sidecar's inbound listener binds; an Envoy in its place binds there.
+pub const INBOUND_ADDRESS: &str = "0.0.0.0:15006";
+
+/// The name under which service `cluster`'s inbound Listener is kept. Not a name a client
+/// asks for: it is sent as `inbound`.
+pub fn inbound_of(cluster: &str) -> String {
+    format!("{INBOUND}@{cluster}")
+}
 
 /// The name under which the outbound table of namespace `ns`'s callers is kept. Not a name
 /// a client asks for: it is sent as `outbound`.
@@ -66,6 +81,12 @@ pub fn pack<M: Message + Name>(m: &M) -> Any {
         type_url: M::type_url(),
         value: m.encode_to_vec(),
     }
+}
+
+/// Names with an `@` are kept for per-node views (`outbound@ns`, `inbound@cluster`) and are
+/// never served under that name: no Kubernetes name or host name has one.
+pub fn is_internal(name: &str) -> bool {
+    name.contains('@')
 }
 
 /// All resources of one type, by name.
@@ -89,6 +110,13 @@ pub fn translate(mesh: &Mesh) -> [(&'static str, Resources); 4] {
             .collect(),
         ..mesh.clone()
     };
+    let mut with_defaults = with_defaults;
+    // A strict service takes only mTLS: its callers must originate it.
+    for s in with_defaults.services.values_mut() {
+        if inbound_mode(mesh, s) == Some(TlsMode::Strict) {
+            s.mtls = true;
+        }
+    }
     let mesh = &with_defaults;
     let mut clusters = Resources::default();
     let mut endpoints = Resources::default();
@@ -139,6 +167,18 @@ pub fn translate(mesh: &Mesh) -> [(&'static str, Resources); 4] {
             .insert(name.clone(), pack(&outbound_routes(&seen_from)));
         routes.named_only.insert(name);
     }
+    // Each service's inbound policy, for its own sidecars only.
+    for service in mesh.services.values() {
+        if let Some(inbound) = inbound_policy(mesh, service) {
+            let address = INBOUND_ADDRESS.parse().expect("a socket address");
+            let name = inbound_of(&service.cluster_name());
+            listeners.by_name.insert(
+                name.clone(),
+                pack(&xds_inbound::inbound_listener(INBOUND, address, &inbound)),
+            );
+            listeners.named_only.insert(name);
+        }
+    }
     // Proxyless gRPC: `xds:///<host>` asks for a listener named exactly `<host>`.
     for service in mesh.services.values() {
         let route_name = service.cluster_name();
@@ -160,6 +200,26 @@ pub fn translate(mesh: &Mesh) -> [(&'static str, Resources); 4] {
         (LISTENER_TYPE, listeners),
         (ROUTE_TYPE, routes),
     ]
+}
+
+/// A service's inbound mTLS mode: its own, else its namespace's.
+fn inbound_mode(mesh: &Mesh, s: &Service) -> Option<TlsMode> {
+    s.tls_mode
+        .or_else(|| mesh.namespace_tls.get(&s.namespace).copied())
+}
+
+/// What a service's sidecars are told about their inbound side, if the mesh says anything.
+/// Authorization without a mode says permissive: the sidecar keeps the stricter of that and
+/// its own.
+fn inbound_policy(mesh: &Mesh, s: &Service) -> Option<Inbound> {
+    let mode = inbound_mode(mesh, s);
+    if mode.is_none() && s.authorization.is_none() {
+        return None;
+    }
+    Some(Inbound {
+        mode: mode.unwrap_or(TlsMode::Permissive),
+        authorization: s.authorization.clone(),
+    })
 }
 
 fn ads() -> ConfigSource {

@@ -172,6 +172,8 @@ fn read_text(at: &str, m: &StringMatcher) -> Result<TextMatch, XdsError> {
     }
 }
 
+// Deprecated variants are still read, to refuse them by name.
+#[allow(deprecated)]
 fn read_principal(at: &str, p: &PbPrincipal) -> Result<Caller, XdsError> {
     use principal::Identifier as I;
     let all = |set: &principal::Set| {
@@ -291,9 +293,9 @@ mod tests {
             .get_mut("r")
             .unwrap();
         policy.principals = vec![PbPrincipal {
-            identifier: Some(principal::Identifier::SourceIp(Default::default())),
+            identifier: Some(principal::Identifier::RemoteIp(Default::default())),
         }];
         let e = read_rbac("Listener x", &config).unwrap_err().to_string();
-        assert!(e.contains("source_ip") && e.contains("policies[r]"), "{e}");
+        assert!(e.contains("remote_ip") && e.contains("policies[r]"), "{e}");
     }
 }

@@ -282,6 +282,7 @@ pub async fn start(options: Options) -> Result<ProxyHandle, StartError> {
                 .unwrap_or_else(|| format!("outrigger-{}", std::process::id())),
             service: xds.service.clone().unwrap_or_default(),
             route_tables: store.rds_names(),
+            listeners: store.lds_names(),
             cache: xds.cache.as_ref().map(std::path::PathBuf::from),
         };
         tracing::info!(addresses = ?settings.addresses, node = %settings.node, "taking routes and clusters from the control plane");

@@ -83,10 +83,7 @@ impl Sidecar {
             "spiffe://{}/ns/{}/sa/{}",
             self.trust_domain, self.namespace, self.service_account
         );
-        let mode = match self.inbound_tls {
-            TlsMode::Strict => "strict",
-            TlsMode::Permissive => "permissive",
-        };
+        let mode = self.inbound_tls.as_str();
         // Dual stack: one socket takes both families (IPv4 arrives as ::ffff:a.b.c.d).
         let any = if self.dual_stack { "[::]" } else { "0.0.0.0" };
         let mut y = String::new();
@@ -115,7 +112,7 @@ impl Sidecar {
         );
         let _ = writeln!(
             y,
-            "  - name: inbound\n    address: \"{any}:{}\"\n    direction: inbound\n    original_destination: true\n    tls: {{mode: {mode}}}\n    virtual_hosts:",
+            "  - name: inbound\n    address: \"{any}:{}\"\n    direction: inbound\n    original_destination: true\n    tls: {{mode: {mode}}}\n    lds: inbound\n    virtual_hosts:",
             self.inbound_port
         );
         for port in &self.app_ports {

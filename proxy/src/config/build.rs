@@ -7,13 +7,17 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use outrigger_core::authz::{Caller, Rule, TextMatch};
 use outrigger_core::config_error::ConfigError;
 use outrigger_core::duration::parse_duration;
 use outrigger_core::spiffe::{Principal, SpiffeId};
 use serde_saphyr::Spanned;
 
 use crate::cluster::balance::Cluster;
-use crate::config::file::{ConfigFile, IdentityFile, ListenerFile, ListenerProtocol, TracingFile};
+use crate::config::file::{
+    AllowFile, AuthorizationFile, ConfigFile, IdentityFile, ListenerFile, ListenerProtocol,
+    TracingFile,
+};
 use crate::config::snapshot::{
     Authorization, DEFAULT_DETECT_TIMEOUT, DEFAULT_HTTP_IDLE_TIMEOUT, DEFAULT_TCP_IDLE_TIMEOUT,
     Identity, IdentitySource, Listener, ListenerTls, RuntimeConfig, TcpRoute,
@@ -280,47 +284,114 @@ impl Builder<'_> {
         })
     }
 
+    /// The listener's TLS and its authorization layers: the file's, then the control
+    /// plane's (`lds`); the stricter of their modes applies.
     pub(super) fn listener_tls(
         &self,
         l: &ListenerFile,
         field: &str,
-    ) -> Result<(Option<ListenerTls>, Option<Authorization>), ConfigError> {
-        let tls = match &l.tls {
-            None => None,
-            Some(t) => Some(ListenerTls {
-                mode: t.mode,
-                acceptor: tokio_rustls::TlsAcceptor::from(mtls::server_config(
-                    self.identity_for(&format!("{field}.tls"))?,
-                )),
-            }),
+    ) -> Result<(Option<ListenerTls>, Vec<Authorization>), ConfigError> {
+        let central = l.from_control_plane.as_ref();
+        let local_mode = l.tls.as_ref().map(|t| t.mode);
+        let mode = match (local_mode, central.map(|c| c.mode)) {
+            (Some(a), Some(b)) => Some(a.strictest(b)),
+            (a, b) => a.or(b),
         };
-        let authorization = match &l.authorization {
+        let tls = match mode {
             None => None,
-            Some(a) => {
-                let default_allow = match a.default.as_ref().map(|d| d.value.as_str()) {
-                    None | Some("deny") => false,
-                    Some("allow") => true,
-                    Some(other) => {
-                        return Err(self.err(
-                            a.default.as_ref().expect("matched Some"),
-                            &format!("{field}.authorization.default"),
-                            format!("`{other}` is neither `allow` nor `deny`"),
-                        ));
-                    }
+            Some(mode) => {
+                let at = match &l.lds {
+                    Some(name) if l.tls.is_none() => format!("{field} (Listener {name} over xDS)"),
+                    _ => format!("{field}.tls"),
                 };
-                let mut allow = Vec::with_capacity(a.allow.len());
-                for (i, p) in a.allow.iter().enumerate() {
-                    allow.push(Principal::parse(&p.value).map_err(|e| {
-                        self.err(p, &format!("{field}.authorization.allow[{i}]"), e)
-                    })?);
-                }
-                Some(Authorization {
-                    default_allow,
-                    allow,
+                Some(ListenerTls {
+                    mode,
+                    acceptor: tokio_rustls::TlsAcceptor::from(mtls::server_config(
+                        self.identity_for(&at)?,
+                    )),
                 })
             }
         };
-        Ok((tls, authorization))
+        let mut layers = Vec::new();
+        if let Some(a) = &l.authorization {
+            layers.push(self.authorization(a, &format!("{field}.authorization"))?);
+        }
+        if let Some(a) = central.and_then(|c| c.authorization.clone()) {
+            layers.push(a);
+        }
+        Ok((tls, layers))
+    }
+
+    fn authorization(
+        &self,
+        a: &AuthorizationFile,
+        field: &str,
+    ) -> Result<Authorization, ConfigError> {
+        let mut rules = Vec::with_capacity(a.allow.len() + 1);
+        let callers = |list: &[Spanned<String>], at: &str| {
+            list.iter()
+                .enumerate()
+                .map(|(i, p)| {
+                    Principal::parse(&p.value)
+                        .map(|p| Caller::from(&p))
+                        .map_err(|e| self.err(p, &format!("{at}[{i}]"), e))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        };
+        for (i, allow) in a.allow.iter().enumerate() {
+            let at = format!("{field}.allow[{i}]");
+            rules.push(match allow {
+                AllowFile::Caller(p) => Rule::anything(
+                    &format!("allow-{i}"),
+                    callers(std::slice::from_ref(p), &at)?,
+                ),
+                AllowFile::Rule(r) => {
+                    let paths = r
+                        .paths
+                        .iter()
+                        .enumerate()
+                        .map(|(j, p)| {
+                            TextMatch::path(&p.value)
+                                .map_err(|e| self.err(p, &format!("{at}.paths[{j}]"), e))
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    let methods = r
+                        .methods
+                        .iter()
+                        .enumerate()
+                        .map(|(j, m)| {
+                            let ok = !m.value.is_empty()
+                                && m.value.bytes().all(|b| b.is_ascii_uppercase());
+                            ok.then(|| m.value.clone()).ok_or_else(|| {
+                                self.err(
+                                    m,
+                                    &format!("{at}.methods[{j}]"),
+                                    format!("`{}` is not a method in capitals", m.value),
+                                )
+                            })
+                        })
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Rule::from_lists(
+                        format!("allow-{i}"),
+                        callers(&r.from, &format!("{at}.from"))?,
+                        paths,
+                        methods,
+                    )
+                }
+            });
+        }
+        match a.default.as_ref().map(|d| (d, d.value.as_str())) {
+            None | Some((_, "deny")) => {}
+            Some((_, "allow")) => rules.push(Rule::anything("default", vec![Caller::Any])),
+            Some((d, other)) => {
+                return Err(self.err(
+                    d,
+                    &format!("{field}.default"),
+                    format!("`{other}` is neither `allow` nor `deny`"),
+                ));
+            }
+        }
+        Ok(Authorization { rules })
     }
 
     pub(super) fn cluster_ref(

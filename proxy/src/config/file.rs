@@ -108,15 +108,7 @@ pub struct CaIdentityFile {
     pub plaintext: bool,
 }
 
-/// Whether a listener also takes plaintext.
-#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum TlsMode {
-    /// mTLS only: plaintext connections are closed.
-    Strict,
-    /// mTLS and plaintext, while a service moves onto the mesh.
-    Permissive,
-}
+pub use outrigger_core::inbound::TlsMode;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -130,9 +122,31 @@ pub struct AuthorizationFile {
     /// What happens to a caller no rule names: `deny` (the default) or `allow`.
     #[serde(default)]
     pub default: Option<Spanned<String>>,
-    /// SPIFFE IDs, or `spiffe://<td>/ns/<namespace>/*` for a whole namespace.
+    /// Who may call: a SPIFFE ID (or `spiffe://<td>/ns/<namespace>/*` for a whole
+    /// namespace) for any path, or a rule with `from`, `paths` and `methods`.
     #[serde(default)]
-    pub allow: Vec<Spanned<String>>,
+    pub allow: Vec<AllowFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum AllowFile {
+    Caller(Spanned<String>),
+    Rule(AllowRuleFile),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowRuleFile {
+    /// SPIFFE IDs or namespace patterns; absent: any caller, with an identity or not.
+    #[serde(default)]
+    pub from: Vec<Spanned<String>>,
+    /// `/exact`, or `/prefix/*`; absent: any path.
+    #[serde(default)]
+    pub paths: Vec<Spanned<String>>,
+    /// `GET`, `POST`, …; absent: any method.
+    #[serde(default)]
+    pub methods: Vec<Spanned<String>>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -222,9 +236,18 @@ pub struct ListenerFile {
     /// Terminate mTLS from other proxies.
     #[serde(default)]
     pub tls: Option<ListenerTlsFile>,
-    /// Which callers may use this listener's HTTP routes, by SPIFFE ID.
+    /// Which callers may use this listener, by SPIFFE ID, path and method.
     #[serde(default)]
     pub authorization: Option<AuthorizationFile>,
+    /// Also take this listener's mTLS mode and authorization from the control plane's
+    /// Listener of this name. The stricter mode applies, and a caller must pass both this
+    /// file's authorization and the control plane's.
+    #[serde(default)]
+    pub lds: Option<String>,
+    /// What the control plane's Listener `lds` says, once it has said it: set by the xDS
+    /// client, never read from a file.
+    #[serde(skip)]
+    pub from_control_plane: Option<outrigger_core::inbound::Inbound>,
     /// Connections arrive redirected by the `init` rules: read where each was going
     /// (`SO_ORIGINAL_DST`). Outbound, that address picks the service, and an address that is
     /// no service of the mesh is passed straight through.

@@ -19,10 +19,10 @@ use crate::route::destinations::Destinations;
 use crate::telemetry::metrics::{ListenerSeries, Metrics};
 
 pub use crate::cluster::balance::WeightedBackend;
-pub use crate::policy::authz::Authorization;
 use crate::route::router::DomainTable;
 pub use crate::route::table::{HeaderChanges, Route, VirtualHost};
 use crate::telemetry::span_export::Tracer;
+pub use outrigger_core::authz::Authorization;
 use outrigger_core::config_error::ConfigError;
 use outrigger_core::token_bucket::RateLimiter;
 
@@ -76,7 +76,8 @@ pub struct Listener {
     /// Downstream HTTP connections with nothing in flight this long are closed.
     pub idle_timeout: Duration,
     pub tls: Option<ListenerTls>,
-    pub authorization: Option<Authorization>,
+    /// Each must let a request in: the file's rules, then the control plane's.
+    pub authorization: Vec<Authorization>,
     /// `Some` on a listener that takes redirected connections.
     pub destinations: Option<Destinations>,
 }
@@ -111,7 +112,7 @@ impl RuntimeConfig {
                 Direction::Outbound => "outbound",
             },
             tls: l.tls.is_some(),
-            authorization: l.authorization.is_some(),
+            authorization: !l.authorization.is_empty(),
             routes: l
                 .virtual_hosts
                 .iter()

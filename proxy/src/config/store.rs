@@ -22,6 +22,7 @@ use crate::config::file::{ClusterFile, ConfigFile, VirtualHostFile, XdsFile};
 use crate::config::snapshot::{self, RuntimeConfig};
 use crate::telemetry::metrics::Metrics;
 use outrigger_core::config_error::ConfigError;
+use outrigger_core::inbound::Inbound;
 
 pub const DEFAULT_POLL: Duration = Duration::from_millis(200);
 
@@ -36,6 +37,8 @@ pub struct XdsOverlay {
     /// RouteConfiguration name → its virtual hosts.
     pub route_tables: HashMap<String, Vec<VirtualHostFile>>,
     pub clusters: Vec<ClusterFile>,
+    /// Listener name → the inbound policy it says (`lds`).
+    pub inbound: HashMap<String, Inbound>,
 }
 
 struct Inputs {
@@ -53,6 +56,8 @@ pub struct ConfigStore {
     pub xds: Option<XdsFile>,
     /// The route tables the listeners name (`rds`), as at start.
     rds_names: Vec<String>,
+    /// The Listeners they take their policy from (`lds`), as at start.
+    lds_names: Vec<String>,
     /// False while an `xds` section is set and no complete xDS config has been applied.
     xds_synced: AtomicBool,
     /// Holding the lock for a whole rebuild serialises rebuilds, so a slow one can never
@@ -68,7 +73,7 @@ fn unix_now() -> u64 {
 }
 
 /// The file with the overlay's virtual hosts added to every listener that names a route
-/// table, and the overlay's clusters added to the file's (the file wins on a name clash).
+/// table, the control plane's inbound policy on every listener that names one, and the overlay's clusters added to the file's (the file wins on a name clash).
 fn merge(mut file: ConfigFile, overlay: Option<&XdsOverlay>) -> ConfigFile {
     let Some(overlay) = overlay else { return file };
     for listener in &mut file.listeners {
@@ -79,6 +84,11 @@ fn merge(mut file: ConfigFile, overlay: Option<&XdsOverlay>) -> ConfigFile {
         {
             listener.virtual_hosts.extend(table.iter().cloned());
         }
+        listener.from_control_plane = listener
+            .lds
+            .as_ref()
+            .and_then(|name| overlay.inbound.get(name))
+            .cloned();
     }
     for cluster in &overlay.clusters {
         if !file
@@ -103,6 +113,11 @@ impl ConfigStore {
             .iter()
             .filter_map(|l| l.rds.clone())
             .collect();
+        let lds_names = file
+            .listeners
+            .iter()
+            .filter_map(|l| l.lds.clone())
+            .collect();
         let config = RuntimeConfig::from_model(&source, file, 1, None)?;
         config.resolve_series(&metrics);
         metrics.config_reload(true, 1);
@@ -114,6 +129,7 @@ impl ConfigStore {
             xds_synced: AtomicBool::new(xds.is_none()),
             xds,
             rds_names,
+            lds_names,
             inputs: Mutex::new(Inputs {
                 text,
                 overlay: None,
@@ -124,6 +140,10 @@ impl ConfigStore {
 
     pub fn rds_names(&self) -> Vec<String> {
         self.rds_names.clone()
+    }
+
+    pub fn lds_names(&self) -> Vec<String> {
+        self.lds_names.clone()
     }
 
     /// True once the config is complete: always without xDS, after the first full xDS

@@ -302,9 +302,8 @@ async fn proxy_tcp<D>(
 /// Authorization and the listener's rate limit, for a TCP connection: it has no status code
 /// to carry a refusal, so a refused one is just closed (and counted).
 fn admit_tcp(listener: &Listener, peer: Option<&SpiffeId>, ctx: &HttpContext) -> bool {
-    if let Some(authz) = &listener.authorization
-        && !authz.allows(peer)
-    {
+    let request = outrigger_core::authz::Request { peer, http: None };
+    if stack::authorize::check(&listener.authorization, &request).is_err() {
         let peer = peer.map(|p| p.to_string());
         ctx.metrics.denied(&listener.name, peer.as_deref());
         return false;

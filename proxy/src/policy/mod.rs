@@ -2,7 +2,6 @@
 //! throttle, circuit-breaker thresholds, outlier detection, and authorization. The checked
 //! policy model they are built from is `outrigger_core::policy`.
 
-pub mod authz;
 pub mod circuit_breaker;
 pub mod outlier;
 pub mod retry;

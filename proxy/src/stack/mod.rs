@@ -74,11 +74,11 @@ pub async fn handle(
 async fn forward<'a>(
     ctx: &Arc<HttpContext>,
     ex: &mut Exchange<'a>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
-    authorize::authorize(ex, req.headers_mut())?;
-    let host = route::request_host(&req)?;
     let (mut parts, body) = req.into_parts();
+    authorize::authorize(ex, &mut parts)?;
+    let host = route::request_host_of(&parts)?;
     let route = route::select(ex, &host, &parts)?;
     ex.route = Some(route);
     rate_limit::admit(ex, route)?;

@@ -1,7 +1,6 @@
 //! The route stage: the host a request is for, then its virtual host and route in the
 //! listener's table.
 
-use http::Request;
 use http::header;
 use http::request::Parts;
 
@@ -66,9 +65,9 @@ pub fn rewrite(
 /// The host a request is for: `:authority` for HTTP/2 (and absolute-form HTTP/1), else `Host`.
 /// When both are present they must agree: the proxy routes by one, and an app behind it may
 /// read the other.
-pub fn request_host<B>(req: &Request<B>) -> Result<String, ProxyError> {
-    let mut hosts = req.headers().get_all(header::HOST).iter();
-    if let Some(authority) = req.uri().authority() {
+pub fn request_host_of(parts: &http::request::Parts) -> Result<String, ProxyError> {
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    if let Some(authority) = parts.uri.authority() {
         let disagree = hosts.any(|h| {
             !h.as_bytes()
                 .eq_ignore_ascii_case(authority.as_str().as_bytes())
@@ -96,13 +95,14 @@ pub fn request_host<B>(req: &Request<B>) -> Result<String, ProxyError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Request;
 
     fn host_of(uri: &str, hosts: &[&str]) -> Result<String, ProxyError> {
         let mut b = Request::builder().uri(uri);
         for h in hosts {
             b = b.header(header::HOST, *h);
         }
-        request_host(&b.body(()).unwrap())
+        request_host_of(&b.body(()).unwrap().into_parts().0)
     }
 
     #[test]

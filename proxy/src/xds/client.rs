@@ -2,7 +2,8 @@
 //! turned into the config model and applied through the config store.
 //!
 //! Listener sockets stay local (the proxy's ports are fixed where it is injected); a listener
-//! with `rds: NAME` takes its virtual hosts from the RouteConfiguration NAME. A response is
+//! with `rds: NAME` takes its virtual hosts from the RouteConfiguration NAME, and one with
+//! `lds: NAME` its mTLS mode and authorization from the Listener NAME. A response is
 //! ACKed only after the whole resulting config validated and was swapped in (or, while the
 //! config is still incomplete, after its resources translated); otherwise it is NACKed with
 //! the error, and the last good config keeps serving. When the control plane goes away the
@@ -16,6 +17,7 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
@@ -28,6 +30,8 @@ use crate::config::file::{ClusterFile, VirtualHostFile};
 use crate::config::store::{ConfigStore, XdsOverlay};
 use crate::net::grpc_channel;
 use crate::xds::translate::{self, XdsError, decode};
+use outrigger_core::inbound::Inbound;
+use outrigger_core::xds_inbound;
 
 const RECONNECT: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
 
@@ -39,6 +43,8 @@ pub struct XdsSettings {
     pub service: String,
     /// The RouteConfiguration names the listeners ask for.
     pub route_tables: Vec<String>,
+    /// The Listener names the listeners take their inbound policy from.
+    pub listeners: Vec<String>,
     /// Where to keep the last accepted responses (`xds.cache`).
     pub cache: Option<std::path::PathBuf>,
     /// mTLS to the control plane, with this proxy's certificate and the control plane's
@@ -57,6 +63,10 @@ struct State {
     endpoints: HashMap<String, Vec<crate::config::file::EndpointFile>>,
     routes: HashMap<String, Vec<VirtualHostFile>>,
     have_clusters: bool,
+    /// Listener name → its inbound policy. A Listener asked for and not in the response
+    /// does not exist: the file's own settings apply.
+    inbound: HashMap<String, Inbound>,
+    have_listeners: bool,
     /// The last accepted response of each type, as received: what the cache file holds.
     accepted: BTreeMap<String, DiscoveryResponse>,
 }
@@ -71,9 +81,13 @@ impl State {
             .collect()
     }
 
-    fn complete(&self, tables: &[String]) -> bool {
+    fn complete(&self, settings: &XdsSettings) -> bool {
         self.have_clusters
-            && tables.iter().all(|t| self.routes.contains_key(t))
+            && (self.have_listeners || settings.listeners.is_empty())
+            && settings
+                .route_tables
+                .iter()
+                .all(|t| self.routes.contains_key(t))
             && self.eds.values().all(|n| self.endpoints.contains_key(n))
     }
 
@@ -123,6 +137,7 @@ impl State {
         XdsOverlay {
             route_tables: self.routes.clone(),
             clusters,
+            inbound: self.inbound.clone(),
         }
     }
 }
@@ -178,7 +193,7 @@ fn load_cache(
             .insert(resp.type_url.clone(), resp.version_info.clone());
         state.accepted.insert(resp.type_url.clone(), resp);
     }
-    if !state.complete(&settings.route_tables) {
+    if !state.complete(settings) {
         return None;
     }
     match store.apply_xds(state.overlay()) {
@@ -282,6 +297,16 @@ async fn session(
         ))
         .await?;
     }
+    if !settings.listeners.is_empty() {
+        tx.send(request(
+            settings,
+            state,
+            &Listener::type_url(),
+            settings.listeners.clone(),
+            false,
+        ))
+        .await?;
+    }
     tx.send(request(
         settings,
         state,
@@ -302,7 +327,7 @@ async fn session(
         let eds_before = state.eds_names();
         let mut candidate = state.clone();
         let outcome = absorb(&mut candidate, &resp).and_then(|()| {
-            if candidate.complete(&settings.route_tables) {
+            if candidate.complete(settings) {
                 store
                     .apply_xds(candidate.overlay())
                     .map(|_| true)
@@ -314,6 +339,7 @@ async fn session(
         let names = match type_url.as_str() {
             t if t == ClusterLoadAssignment::type_url() => candidate.eds_names(),
             t if t == RouteConfiguration::type_url() => settings.route_tables.clone(),
+            t if t == Listener::type_url() => settings.listeners.clone(),
             _ => vec![],
         };
         match outcome {
@@ -392,6 +418,15 @@ fn absorb(state: &mut State, resp: &DiscoveryResponse) -> Result<(), XdsError> {
                 .routes
                 .insert(rc.name.clone(), translate::route_table(&rc)?);
         }
+    } else if t == Listener::type_url() {
+        state.inbound.clear();
+        for any in &resp.resources {
+            let l = decode::<Listener>(any)?;
+            state
+                .inbound
+                .insert(l.name.clone(), xds_inbound::read_inbound(&l)?);
+        }
+        state.have_listeners = true;
     } else {
         return Err(format!("type {t} was not asked for").into());
     }
