@@ -94,6 +94,10 @@ pub fn assert_typed(obj: &Value) {
         "ResiliencePolicy" => {
             round_trip::<outrigger_control_plane::resilience_policy::ResiliencePolicy>(obj)
         }
+        "AuthorizationPolicy" => {
+            round_trip::<outrigger_control_plane::inbound_policy::AuthorizationPolicy>(obj)
+        }
+        "MTLSPolicy" => round_trip::<outrigger_control_plane::inbound_policy::MtlsPolicy>(obj),
         "CustomResourceDefinition" => round_trip::<
             k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
         >(obj),

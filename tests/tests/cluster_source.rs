@@ -111,13 +111,11 @@ impl Mesh {
         let mesh = Mesh::start(api).await;
         mesh.routes("catalog.shop", "catalog-v1", Duration::from_secs(10))
             .await;
-        // Services, EndpointSlices, Pods, HTTPRoutes, GRPCRoutes, ReferenceGrants and
-        // ResiliencePolicies.
-        eventually(
-            "seven watches are open",
-            Duration::from_secs(10),
-            || async { (api.cluster.open_watches() == 7).then_some(()) },
-        )
+        // Services, EndpointSlices, Pods, HTTPRoutes, GRPCRoutes, ReferenceGrants,
+        // ResiliencePolicies, AuthorizationPolicies and MTLSPolicies.
+        eventually("nine watches are open", Duration::from_secs(10), || async {
+            (api.cluster.open_watches() == 9).then_some(())
+        })
         .await;
         mesh
     }

@@ -212,3 +212,49 @@ fn the_dockerfiles_build_the_real_binaries_and_run_as_non_root() {
     let ignore = std::fs::read_to_string(repo().join(".dockerignore")).unwrap();
     assert!(ignore.lines().any(|l| l == "target"));
 }
+
+/// The example policies next to their CRDs are ones the control plane accepts, and every
+/// policy kind the control plane reads has its CRD there with a status subresource (its
+/// status is written).
+#[test]
+fn the_example_policies_are_accepted() {
+    use outrigger_control_plane::{inbound_policy, mesh::Mesh, resilience_policy};
+    use std::sync::Arc;
+    let docs = documents(&repo().join("deploy/kubernetes/policies.yaml"));
+    for kind in ["ResiliencePolicy", "AuthorizationPolicy", "MTLSPolicy"] {
+        let crd = docs
+            .iter()
+            .find(|d| d["kind"] == "CustomResourceDefinition" && d["spec"]["names"]["kind"] == kind)
+            .unwrap_or_else(|| panic!("no CRD for {kind}"));
+        assert!(
+            crd["spec"]["versions"][0]["subresources"]["status"].is_object(),
+            "{kind}"
+        );
+    }
+    let mut services: Vec<_> = Mesh::parse("t", "services: [{name: catalog, namespace: shop}]")
+        .unwrap()
+        .services
+        .into_values()
+        .collect();
+    let of =
+        |kind: &str| -> Vec<Value> { docs.iter().filter(|d| d["kind"] == kind).cloned().collect() };
+    fn typed<T: serde::de::DeserializeOwned>(docs: Vec<Value>) -> Vec<Arc<T>> {
+        docs.into_iter()
+            .map(|d| Arc::new(serde_json::from_value(d).unwrap()))
+            .collect()
+    }
+    let outcomes = [
+        resilience_policy::apply(&mut services, &typed(of("ResiliencePolicy"))),
+        inbound_policy::apply_authorization(
+            &mut services,
+            &typed(of("AuthorizationPolicy")),
+            "cluster.local",
+        ),
+        inbound_policy::apply_mtls(&mut services, &typed(of("MTLSPolicy"))),
+    ];
+    for o in outcomes {
+        assert!(!o.is_empty());
+        assert!(o.values().all(Result::is_ok), "{o:?}");
+    }
+    assert!(services[0].authorization.is_some());
+}

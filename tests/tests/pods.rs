@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use outrigger_control_plane::app;
 use outrigger_tests::clients::TestClient;
+use outrigger_tests::fake_kube::FakeApiServer;
+use outrigger_tests::kube::{assert_typed, yaml_documents};
 use outrigger_tests::netns::PodNetwork;
 use outrigger_tests::{eventually, metric, temp_path, workspace_binary};
 
@@ -24,6 +26,13 @@ fn pod_app() -> String {
         .join("interop/pod_app.py")
         .display()
         .to_string()
+}
+
+/// The one document of `yaml`, checked against its typed object.
+fn typed(yaml: &str) -> serde_json::Value {
+    let mut docs = yaml_documents(yaml);
+    docs.iter().for_each(assert_typed);
+    docs.remove(0)
 }
 
 /// The service VIP of pod number `i`: on no interface anywhere, like a ClusterIP.
@@ -182,6 +191,9 @@ async fn pods_talk_through_their_sidecars(backend: &str) {
     })
     .await
     .unwrap();
+    // The cluster's API server, for the policy resources; the services are the file's.
+    let kube = FakeApiServer::empty("cp-token").await;
+    cp.watch_cluster(kube.client(), None);
     let xds_port = cp.xds_addr.port().to_string();
     let secure_xds = cp.secure_xds_addr.unwrap();
     // The CA's root, as the injector mounts it into each pod.
@@ -359,6 +371,53 @@ async fn pods_talk_through_their_sidecars(backend: &str) {
     // An address outside the mesh passes straight through: c's admin port.
     let c_admin = format!("http://{}:{ADMIN_PORT}/live", net.pod("c").ip);
     assert_eq!(app_get(&net, "a", &c_admin).0, "200");
+
+    // An AuthorizationPolicy in the cluster lets only c call b: a is refused with 403
+    // within 2 s, and allowed again once the policy is gone.
+    let b_service = typed(&format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: b, namespace: default}}
+spec:
+  clusterIP: {b_vip}
+  ports: [{{name: http, port: {APP_PORT}, protocol: TCP}}]
+"#
+    ));
+    let only_c = typed(
+        r#"
+apiVersion: policy.outrigger.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: only-c, namespace: default}
+spec:
+  targetRefs: [{group: "", kind: Service, name: b}]
+  allow:
+    - from: [{serviceAccount: c}]
+"#,
+    );
+    kube.cluster.apply(b_service);
+    kube.cluster.apply(only_c.clone());
+    let b_url = format!("http://{b_vip}:{APP_PORT}/guarded");
+    let a_to_b = |want: &'static str| {
+        let (net, url) = (&net, b_url.clone());
+        move || {
+            let url = url.clone();
+            async move { (app_get(net, "a", &url).0 == want).then_some(()) }
+        }
+    };
+    let applied = std::time::Instant::now();
+    eventually(
+        "a is denied by the policy",
+        Duration::from_secs(2),
+        a_to_b("403"),
+    )
+    .await;
+    eprintln!("the policy took effect in {:?}", applied.elapsed());
+    let (status, body) = app_get(&net, "c", &b_url);
+    assert_eq!(status, "200", "{body}");
+    assert_eq!(body["client_id"], spiffe("c").as_str());
+    kube.cluster.delete(&only_c);
+    eventually("a is allowed again", Duration::from_secs(2), a_to_b("200")).await;
 
     // The inbound sidecars saw the callers' identities, and nothing in plaintext: strict
     // mode refuses plaintext and counts it.
