@@ -1,4 +1,5 @@
-//! The cluster, watched: one kube-rs reflector per kind (Services, EndpointSlices, Pods)
+//! The cluster, watched: one kube-rs reflector per kind (Services, EndpointSlices, Pods, the
+//! metadata of Namespaces, and the route and policy kinds)
 //! keeps a local copy of what the API server holds, and every change to any of them
 //! recomputes the mesh's view of the cluster (`cluster_source::services_from`).
 //!
@@ -16,9 +17,10 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, PodSpec, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::Api;
+use kube::core::PartialObjectMeta;
 use kube::runtime::reflector::{self, Store, store::Writer};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt, reflector::reflector};
@@ -64,6 +66,11 @@ pub fn spawn(
     let services = watch("Service").start(Api::<Service>::all(client.clone()), |_| {});
     let slices = watch("EndpointSlice").start(Api::<EndpointSlice>::all(client.clone()), |_| {});
     let pods = watch("Pod").start(Api::<Pod>::all(client.clone()), strip_pod);
+    // Only their annotations are read: metadata is enough.
+    let namespaces = watch("Namespace").start(
+        Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+        strip_namespace,
+    );
     // Kinds from CRDs the cluster may not have: each comes with what tells of its failure.
     let (routes, routes_failed) = watch("HTTPRoute").optional::<HttpRoute>(&client);
     let (grpc, grpc_failed) = watch("GRPCRoute").optional::<GrpcRoute>(&client);
@@ -90,7 +97,8 @@ pub fn spawn(
         let _ = tokio::join!(
             services.wait_until_ready(),
             slices.wait_until_ready(),
-            pods.wait_until_ready()
+            pods.wait_until_ready(),
+            namespaces.wait_until_ready()
         );
         // Routes and policies are optional: without their CRDs the list fails, and the mesh
         // goes on without them (the error is on /status) rather than waiting.
@@ -119,6 +127,7 @@ pub fn spawn(
                 "MTLSPolicy",
                 inbound_policy::apply_mtls(&mut view, &mtls.state()),
             );
+            inbound_policy::apply_namespace_modes(&mut view, &namespaces.state());
             let outcomes =
                 gateway_routes::attach(&mut view, &routes.state(), &grpc.state(), &grants.state());
             health.set_routes(outcomes);
@@ -196,6 +205,16 @@ fn strip_pod(pod: &mut Pod) {
         ..Default::default()
     });
     pod.status = None;
+}
+
+/// A namespace is kept for its mTLS annotation only.
+fn strip_namespace(ns: &mut PartialObjectMeta<Namespace>) {
+    let meta = &mut ns.metadata;
+    meta.managed_fields = None;
+    meta.labels = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.retain(|k, _| k == inbound_policy::NAMESPACE_TLS_ANNOTATION);
+    }
 }
 
 /// An object is kept without what the API server adds for its own bookkeeping.

@@ -6,6 +6,8 @@
 //! - `MTLSPolicy`: strict or permissive mTLS, for the Services it targets or, without
 //!   `targetRefs`, for every Service of its namespace. A Service's own policy wins over its
 //!   namespace's; of two at the same level the oldest wins, and the other is `Conflicted`.
+//!   Below both, a Namespace's `outrigger.io/inbound-tls` annotation sets the mode of its
+//!   Services, as the same annotation on a pod sets its sidecar's.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -114,6 +116,44 @@ pub fn apply_mtls(services: &mut [Service], policies: &[Arc<MtlsPolicy>]) -> Pol
         }
     }
     outcomes
+}
+
+/// The annotation that sets a namespace's mTLS mode where no MTLSPolicy does.
+pub const NAMESPACE_TLS_ANNOTATION: &str = "outrigger.io/inbound-tls";
+
+/// Gives each Service without a mode the one its Namespace's annotation says. A value that
+/// is neither `strict` nor `permissive` is ignored (and logged): a Namespace has no status to
+/// say it on.
+pub fn apply_namespace_modes(
+    services: &mut [Service],
+    namespaces: &[Arc<kube::core::PartialObjectMeta<k8s_openapi::api::core::v1::Namespace>>],
+) {
+    let mut modes = BTreeMap::new();
+    for ns in namespaces {
+        let Some(value) = ns
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(NAMESPACE_TLS_ANNOTATION))
+        else {
+            continue;
+        };
+        let name = ns.metadata.name.clone().unwrap_or_default();
+        match value.as_str() {
+            "strict" => modes.insert(name, TlsMode::Strict),
+            "permissive" => modes.insert(name, TlsMode::Permissive),
+            other => {
+                tracing::warn!(namespace = %name, value = other, "{NAMESPACE_TLS_ANNOTATION} is neither `strict` nor `permissive`; ignored");
+                None
+            }
+        };
+    }
+    for s in services.iter_mut().filter(|s| s.tls_mode.is_none()) {
+        if let Some(mode) = modes.get(&s.namespace) {
+            s.tls_mode = Some(*mode);
+            s.mtls |= *mode == TlsMode::Strict;
+        }
+    }
 }
 
 fn conflict(what: &str, name: &str, other: &str) -> (&'static str, String) {

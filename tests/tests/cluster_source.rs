@@ -7,7 +7,10 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use envoy_types::pb::envoy::config::listener::v3::Listener;
 use outrigger_control_plane::app::ControlPlane;
+use outrigger_core::inbound::TlsMode;
+use outrigger_core::xds_inbound::read_inbound;
 use outrigger_tests::clients::{TestClient, get};
 use outrigger_tests::fake_kube::FakeApiServer;
 use outrigger_tests::kube::{assert_typed, yaml_documents};
@@ -112,9 +115,9 @@ impl Mesh {
         mesh.routes("catalog.shop", "catalog-v1", Duration::from_secs(10))
             .await;
         // Services, EndpointSlices, Pods, HTTPRoutes, GRPCRoutes, ReferenceGrants,
-        // ResiliencePolicies, AuthorizationPolicies and MTLSPolicies.
-        eventually("nine watches are open", Duration::from_secs(10), || async {
-            (api.cluster.open_watches() == 9).then_some(())
+        // ResiliencePolicies, AuthorizationPolicies, MTLSPolicies and Namespaces.
+        eventually("ten watches are open", Duration::from_secs(10), || async {
+            (api.cluster.open_watches() == 10).then_some(())
         })
         .await;
         mesh
@@ -342,4 +345,97 @@ async fn an_endpoint_change_reaches_the_proxy_within_half_a_second() {
         "the endpoint change reached the proxy in {:?}",
         moved.elapsed()
     );
+}
+
+/// The mode a node of `service` is told for its inbound side, if any.
+fn inbound_mode(cp: &ControlPlane, service: &str) -> Option<TlsMode> {
+    let view = cp.publisher.current().view_for(service);
+    let any = view
+        .select(
+            "type.googleapis.com/envoy.config.listener.v3.Listener",
+            &["inbound".into()],
+        )
+        .pop()?;
+    let listener: Listener = outrigger_core::xds::decode(&any).unwrap();
+    Some(read_inbound(&listener).unwrap().mode)
+}
+
+/// A Namespace's annotation sets the mode of its Services, a namespace-wide MTLSPolicy wins
+/// over it, and a Service's own MTLSPolicy over that; each change reaches the Service's
+/// inbound Listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_services_mtls_mode_comes_from_its_policy_its_namespaces_or_the_annotation() {
+    let api = api_server(&[]).await;
+    let namespace = typed(
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  annotations: {outrigger.io/inbound-tls: permissive}
+"#,
+    )
+    .remove(0);
+    api.cluster.apply(namespace.clone());
+    let mesh = Mesh::start(&api).await;
+    let cp = &mesh.cp;
+    let mode_is = |want: Option<TlsMode>| {
+        move || async move { (inbound_mode(cp, "ledger.shop") == want).then_some(()) }
+    };
+    eventually(
+        "the annotation applies",
+        Duration::from_secs(5),
+        mode_is(Some(TlsMode::Permissive)),
+    )
+    .await;
+
+    let all = typed(
+        r#"
+apiVersion: policy.outrigger.io/v1alpha1
+kind: MTLSPolicy
+metadata: {name: all, namespace: shop}
+spec: {mode: Strict}
+"#,
+    )
+    .remove(0);
+    api.cluster.apply(all.clone());
+    eventually(
+        "the namespace's policy wins",
+        Duration::from_secs(5),
+        mode_is(Some(TlsMode::Strict)),
+    )
+    .await;
+
+    let own = typed(
+        r#"
+apiVersion: policy.outrigger.io/v1alpha1
+kind: MTLSPolicy
+metadata: {name: ledger, namespace: shop}
+spec:
+  mode: Permissive
+  targetRefs: [{group: "", kind: Service, name: ledger}]
+"#,
+    )
+    .remove(0);
+    api.cluster.apply(own.clone());
+    eventually(
+        "the Service's own policy wins",
+        Duration::from_secs(5),
+        mode_is(Some(TlsMode::Permissive)),
+    )
+    .await;
+    assert_eq!(inbound_mode(cp, "catalog.shop"), Some(TlsMode::Strict));
+
+    for gone in [&own, &all] {
+        api.cluster.delete(gone);
+    }
+    let mut bare = namespace;
+    bare["metadata"]["annotations"] = serde_json::json!({});
+    api.cluster.apply(bare);
+    eventually(
+        "nothing is said any more",
+        Duration::from_secs(5),
+        mode_is(None),
+    )
+    .await;
 }
