@@ -16,7 +16,7 @@ use prost::Message;
 
 use crate::translate::{
     CLUSTER_TYPE, ENDPOINT_TYPE, INBOUND, LISTENER_TYPE, OUTBOUND, PUSH_ORDER, ROUTE_TYPE,
-    Resources, consumer_table, inbound_of, pack, translate,
+    Resources, consumer_of, inbound_of, pack, translate,
 };
 
 #[derive(Debug, Clone, Default)]
@@ -63,14 +63,25 @@ impl Snapshot {
                 .and_then(|t| t.resources.by_name.get(name))
                 .cloned()
         };
-        let table = kept(ROUTE_TYPE, &consumer_table(&service.namespace));
+        // Every table kept for this namespace's callers: `outbound@ns`, and `name.ns'@ns`
+        // for a service's own table (what proxyless gRPC clients ask for).
+        let suffix = consumer_of("", &service.namespace);
+        let tables: Vec<(String, Any)> = self
+            .types
+            .get(ROUTE_TYPE)
+            .into_iter()
+            .flat_map(|t| &t.resources.by_name)
+            .filter_map(|(name, any)| Some((name.strip_suffix(&suffix)?.to_string(), any.clone())))
+            .collect();
         let inbound = kept(LISTENER_TYPE, &inbound_of(&service.cluster_name()));
-        if table.is_none() && inbound.is_none() {
+        if tables.is_empty() && inbound.is_none() {
             return None;
         }
         let mut view = self.clone();
-        if let (Some(table), Some(t)) = (table, view.types.get_mut(ROUTE_TYPE)) {
-            t.resources.by_name.insert(OUTBOUND.into(), table);
+        if let Some(t) = view.types.get_mut(ROUTE_TYPE) {
+            for (name, table) in tables {
+                t.resources.by_name.insert(name, table);
+            }
         }
         if let (Some(listener), Some(t)) = (inbound, view.types.get_mut(LISTENER_TYPE)) {
             t.resources.by_name.insert(INBOUND.into(), listener);

@@ -73,7 +73,13 @@ pub fn inbound_of(cluster: &str) -> String {
 /// The name under which the outbound table of namespace `ns`'s callers is kept. Not a name
 /// a client asks for: it is sent as `outbound`.
 pub fn consumer_table(ns: &str) -> String {
-    format!("{OUTBOUND}@{ns}")
+    consumer_of(OUTBOUND, ns)
+}
+
+/// The name under which route table `name` is kept as namespace `ns`'s callers see it (its
+/// consumer routes in place of the producer's): sent as `name` to a node of `ns`.
+pub fn consumer_of(name: &str, ns: &str) -> String {
+    format!("{name}@{ns}")
 }
 
 pub fn pack<M: Message + Name>(m: &M) -> Any {
@@ -166,6 +172,17 @@ pub fn translate(mesh: &Mesh) -> [(&'static str, Resources); 4] {
             .by_name
             .insert(name.clone(), pack(&outbound_routes(&seen_from)));
         routes.named_only.insert(name);
+        // And each such service's own table, which proxyless gRPC clients ask for.
+        for s in seen_from.services.values() {
+            if s.consumer_routes.contains_key(ns) {
+                let route_name = s.cluster_name();
+                let name = consumer_of(&route_name, ns);
+                routes
+                    .by_name
+                    .insert(name.clone(), pack(&service_routes(s, &route_name)));
+                routes.named_only.insert(name);
+            }
+        }
     }
     // Each service's inbound policy, for its own sidecars only.
     for service in mesh.services.values() {

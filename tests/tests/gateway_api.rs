@@ -4,6 +4,7 @@
 //! 404 for a request no rule matches, timeouts and retries. A route using something this
 //! version cannot honour is not applied, and its status says which field.
 
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -995,6 +996,24 @@ spec:
         status["cluster"]["routes"]["web/catalog-for-web"][0]["accepted"], true,
         "{status}"
     );
+    // A proxyless gRPC client asks for the service's own table, `catalog.shop`: as a node
+    // of web it gets the consumer route, as any other node the producer's.
+    let table_for = |node: &str| {
+        let view = mesh.cp.publisher.current().view_for(node);
+        let any = view
+            .select(
+                "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
+                &["catalog.shop".into()],
+            )
+            .pop()
+            .expect("the table is served");
+        let table: RouteConfiguration = outrigger_core::xds::decode(&any).unwrap();
+        assert_eq!(table.name, "catalog.shop");
+        format!("{table:?}")
+    };
+    assert!(table_for("web.web").contains("x-consumer"));
+    assert!(!table_for("nobody").contains("x-consumer"));
+    assert!(table_for("nobody").contains("catalog-v2"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -488,3 +488,46 @@ impl Builder<'_> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::snapshot::RuntimeConfig;
+
+    fn listener(authorization: &str) -> String {
+        format!(
+            r#"listeners:
+  - name: inbound
+    address: 127.0.0.1:0
+    direction: inbound
+    authorization:
+{authorization}
+"#
+        )
+    }
+
+    #[test]
+    fn allow_takes_identities_and_rules_and_names_a_bad_entry() {
+        let good = listener(
+            r#"      allow:
+        - "spiffe://cluster.local/ns/pay/*"
+        - {from: ["spiffe://cluster.local/ns/shop/sa/web"], paths: ["/api/*"], methods: [GET]}
+        - {paths: [/healthz]}"#,
+        );
+        let built = RuntimeConfig::build("p.yaml", &good, 1, None).unwrap();
+        let rules = &built.listeners[0].authorization[0].rules;
+        assert_eq!(rules.len(), 3);
+        for (bad, field) in [
+            ("      allow: [{paths: [api]}]", "allow[0].paths[0]"),
+            ("      allow: [{methods: [get]}]", "allow[0].methods[0]"),
+            ("      allow: [{from: [web]}]", "allow[0].from[0]"),
+            ("      allow: [\"spiffe://x/ns/a\"]", "allow[0]"),
+            ("      allow: [{form: []}]", "a rule with only `from`"),
+        ] {
+            let e = RuntimeConfig::build("p.yaml", &listener(bad), 1, None)
+                .err()
+                .unwrap_or_else(|| panic!("{bad} was accepted"))
+                .to_string();
+            assert!(e.contains(field), "{bad}: {e}");
+        }
+    }
+}

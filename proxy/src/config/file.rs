@@ -129,7 +129,10 @@ pub struct AuthorizationFile {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a SPIFFE ID, or a rule with only `from`, `paths` and `methods` (lists)"
+)]
 pub enum AllowFile {
     Caller(Spanned<String>),
     Rule(AllowRuleFile),
