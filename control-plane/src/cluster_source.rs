@@ -230,10 +230,12 @@ fn protocol_of(port: &ServicePort) -> Protocol {
     match port.app_protocol.as_deref() {
         Some("grpc") => Protocol::Grpc,
         Some("kubernetes.io/h2c" | "http2") => Protocol::Http2,
+        Some("tcp") => Protocol::Tcp,
         Some(_) => Protocol::Http,
         None => match named().as_str() {
             "grpc" => Protocol::Grpc,
             "h2c" | "http2" => Protocol::Http2,
+            "tcp" => Protocol::Tcp,
             _ => Protocol::Http,
         },
     }
@@ -439,6 +441,8 @@ mod tests {
             (port("grpc", Some("http")), Protocol::Http),
             (port("x", Some("kubernetes.io/h2c")), Protocol::Http2),
             (port("grpc-api", None), Protocol::Grpc),
+            (port("db", Some("tcp")), Protocol::Tcp),
+            (port("tcp-mysql", None), Protocol::Tcp),
             (port("GRPC", None), Protocol::Grpc),
             (port("h2c-internal", None), Protocol::Http2),
             (port("http2", None), Protocol::Http2),

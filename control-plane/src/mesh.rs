@@ -83,6 +83,8 @@ pub enum Protocol {
     Http,
     Http2,
     Grpc,
+    /// Opaque TCP: sidecars proxy connections to it without detecting a protocol.
+    Tcp,
 }
 
 impl Protocol {

@@ -41,9 +41,11 @@ use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value
 use prost::{Message, Name};
 
 use crate::mesh::{
-    HeaderChanges, Mesh, PathMatch, PathModifier, Redirect, Service, TlsMode, ValueMatch,
+    HeaderChanges, Mesh, PathMatch, PathModifier, Protocol, Redirect, Service, TlsMode, ValueMatch,
 };
 use crate::policy;
+use envoy_types::pb::envoy::config::core::v3::Metadata;
+use envoy_types::pb::google::protobuf::{Struct, Value as ProtoValue, value};
 use outrigger_core::inbound::Inbound;
 use outrigger_core::xds_inbound;
 
@@ -309,6 +311,9 @@ fn cluster_for(service: &Service) -> Cluster {
             .identity
             .to_string()]));
     }
+    if service.protocol == Protocol::Tcp {
+        c.metadata = Some(opaque_metadata());
+    }
     if service.protocol.is_http2() {
         let options = HttpProtocolOptions {
             upstream_protocol_options: Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
@@ -326,6 +331,25 @@ fn cluster_for(service: &Service) -> Cluster {
         );
     }
     c
+}
+
+/// What tells our proxy the cluster is opaque TCP (`outrigger_core::xds::CLUSTER_METADATA`).
+fn opaque_metadata() -> Metadata {
+    let protocol = ProtoValue {
+        kind: Some(value::Kind::StringValue(
+            outrigger_core::xds::OPAQUE_PROTOCOL.into(),
+        )),
+    };
+    let fields = [("protocol".to_string(), protocol)].into_iter().collect();
+    Metadata {
+        filter_metadata: [(
+            outrigger_core::xds::CLUSTER_METADATA.to_string(),
+            Struct { fields },
+        )]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    }
 }
 
 fn lb_policy(name: &str, config: Any) -> load_balancing_policy::Policy {

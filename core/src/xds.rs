@@ -7,6 +7,11 @@ use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration, UInt32Value
 use prost::{Message, Name};
 use serde_saphyr::{Location, Spanned};
 
+/// The `filter_metadata` key under which a Cluster says what Envoy has no field for, and the
+/// `protocol` value that makes its connections opaque TCP. Envoy and gRPC ignore it.
+pub const CLUSTER_METADATA: &str = "outrigger";
+pub const OPAQUE_PROTOCOL: &str = "tcp";
+
 /// Why a reader refuses an xDS resource. It goes back to the control plane as the NACK's
 /// message, which names the resource and the field.
 #[derive(Debug, Clone, thiserror::Error)]

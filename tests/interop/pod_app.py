@@ -4,9 +4,15 @@
                                saw; /flaky/KEY fails with 503 the first time for each KEY
   pod_app.py get URL [HOST]    prints the status and body on one line each; HOST, if given,
                                is sent as the Host header instead of the URL's
+  pod_app.py banner NAME PORT  a server-first TCP service: greets each connection at once
+  pod_app.py greet HOST PORT   connects, prints the first line the server sends (waiting at
+                               most 3 s) and how long it took, without sending anything
 """
 import json
+import socket
+import socketserver
 import sys
+import time
 import threading
 import urllib.error
 import urllib.request
@@ -65,8 +71,35 @@ def get(url, host=None):
     print(body.decode(errors="replace"))
 
 
+def banner(name, port):
+    class Greeter(socketserver.BaseRequestHandler):
+        def handle(self):
+            self.request.sendall(f"hello from {name}\n".encode())
+            self.request.recv(1)
+
+    socketserver.ThreadingTCPServer.allow_reuse_address = True
+    server = socketserver.ThreadingTCPServer(("0.0.0.0", int(port)), Greeter)
+    server.serve_forever()
+
+
+def greet(host, port):
+    started = time.monotonic()
+    try:
+        with socket.create_connection((host, int(port)), timeout=3) as s:
+            s.settimeout(3)
+            line = s.makefile().readline().strip()
+    except OSError as e:
+        line = f"error {e}"
+    print(line)
+    print(f"{time.monotonic() - started:.3f}")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "banner":
+        banner(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "greet":
+        greet(sys.argv[2], sys.argv[3])
     else:
         get(*sys.argv[2:4])

@@ -16,6 +16,7 @@ use outrigger_tests::{eventually, metric, temp_path, workspace_binary};
 const PROXY_UID: u32 = 1337;
 const APP_PORT: u16 = 8080;
 const ADMIN_PORT: u16 = 15020;
+const DB_PORT: u16 = 7000;
 
 fn spiffe(sa: &str) -> String {
     format!("spiffe://cluster.local/ns/default/sa/{sa}")
@@ -68,6 +69,17 @@ services:
             yaml += r#"    policy:
       retry: {attempts: 2, on: [gateway-error]}
 "#;
+            // b also runs a server-first TCP service, reached straight (not intercepted).
+            yaml += &format!(
+                r#"  - name: b-db
+    protocol: tcp
+    port: {DB_PORT}
+    addresses: ["{vip}"]
+    endpoints: [{{address: "{ip}:{DB_PORT}"}}]
+"#,
+                vip = vip(subnet, 10),
+                ip = pod.ip,
+            );
         }
     }
     yaml
@@ -286,6 +298,10 @@ async fn pods_talk_through_their_sidecars(backend: &str) {
         );
         let app = ["python3", &pod_app(), "serve", name, &APP_PORT.to_string()];
         net.spawn(name, None, &app, &temp_path(&format!("{name}-app.log")));
+        if name == "b" {
+            let db = ["python3", &pod_app(), "banner", name, &DB_PORT.to_string()];
+            net.spawn(name, None, &db, &temp_path("b-db.log"));
+        }
     }
     // The admin port is exempt from interception, so readiness is visible from outside.
     for pod in &net.pods {
@@ -371,6 +387,20 @@ async fn pods_talk_through_their_sidecars(backend: &str) {
     // An address outside the mesh passes straight through: c's admin port.
     let c_admin = format!("http://{}:{ADMIN_PORT}/live", net.pod("c").ip);
     assert_eq!(app_get(&net, "a", &c_admin).0, "200");
+
+    // A server-first service (protocol tcp) answers at once through a's sidecar: it does
+    // not wait to detect a protocol the client never speaks first.
+    let db_vip = vip(subnet, 10).to_string();
+    let out = net.exec(
+        "a",
+        "python3",
+        &[&pod_app(), "greet", &db_vip, &DB_PORT.to_string()],
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = text.lines();
+    assert_eq!(lines.next(), Some("hello from b"), "{text}");
+    let took: f64 = lines.next().and_then(|t| t.parse().ok()).unwrap_or(99.0);
+    assert!(took < 2.0, "the greeting took {took} s");
 
     // An AuthorizationPolicy in the cluster lets only c call b: a is refused with 403
     // within 2 s, and allowed again once the policy is gone.

@@ -58,6 +58,8 @@ pub struct Cluster {
     pub outlier: Option<OutlierPolicy>,
     /// `Some`: mTLS to the endpoints, which must prove one of these identities.
     pub tls: Option<ClusterTls>,
+    /// Connections to it are opaque TCP: no protocol detection.
+    pub opaque: bool,
     next: AtomicUsize,
     /// When the cluster last looked for a due probe (`now_nanos`): at most every 50 ms.
     probe_scan: AtomicU64,
@@ -91,6 +93,7 @@ impl Cluster {
             breaker: Arc::new(CircuitBreaker::default()),
             outlier: None,
             tls: None,
+            opaque: false,
             next: AtomicUsize::new(0),
             probe_scan: AtomicU64::new(0),
         }

@@ -69,6 +69,7 @@ impl Builder<'_> {
             endpoints,
         );
         cluster.tls = tls;
+        cluster.opaque = c.opaque;
         let budget = policy::check_retry_budget(
             self.source,
             c.retry_budget.as_ref(),

@@ -473,6 +473,10 @@ pub struct ClusterFile {
     /// Originate mTLS to the endpoints (as HTTP/2, whatever `protocol` says).
     #[serde(default)]
     pub tls: Option<ClusterTlsFile>,
+    /// Its endpoints speak opaque TCP: a redirected connection to it is proxied at once,
+    /// without waiting for bytes to detect a protocol (server-first protocols need this).
+    #[serde(default)]
+    pub opaque: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -155,7 +155,11 @@ async fn serve_connection(stream: TcpStream, ctx: Arc<HttpContext>, shutdown: Sh
     };
     let open = &ctx.connections.open;
     open.inc();
+    // A service whose cluster is opaque TCP is not waited on: its protocol may be one where
+    // the server speaks first.
+    let opaque_service = redirected.cluster.as_ref().is_some_and(|c| c.opaque);
     let (protocol, io) = match listener.protocol {
+        _ if opaque_service => (Protocol::Opaque, Prefixed::new(stream)),
         ListenerProtocol::Http1 => (Protocol::Http1, Prefixed::new(stream)),
         ListenerProtocol::Http2 => (Protocol::Http2, Prefixed::new(stream)),
         ListenerProtocol::Opaque => (Protocol::Opaque, Prefixed::new(stream)),

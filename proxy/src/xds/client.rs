@@ -131,6 +131,7 @@ impl State {
                     circuit_breaker: None,
                     outlier: None,
                     tls: None,
+                    opaque: false,
                 });
             }
         }

@@ -24,6 +24,18 @@ pub struct TranslatedCluster {
     pub eds_name: Option<String>,
 }
 
+/// The cluster's metadata says its endpoints speak opaque TCP.
+fn opaque(c: &Cluster) -> bool {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    c.metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get(outrigger_core::xds::CLUSTER_METADATA))
+        .and_then(|s| s.fields.get("protocol"))
+        .is_some_and(|v| {
+            matches!(&v.kind, Some(Kind::StringValue(p)) if p == outrigger_core::xds::OPAQUE_PROTOCOL)
+        })
+}
+
 pub fn cluster(c: &Cluster) -> Result<TranslatedCluster, XdsError> {
     let what = format!("Cluster {}", c.name);
     refuse(
@@ -153,6 +165,7 @@ pub fn cluster(c: &Cluster) -> Result<TranslatedCluster, XdsError> {
                 }),
                 None => None,
             },
+            opaque: opaque(c),
         },
         eds_name,
     })
