@@ -1154,3 +1154,70 @@ spec:
     })
     .await;
 }
+
+/// AuthorizationPolicies and MTLSPolicies get their `status.ancestors` from the Lease holder
+/// as ResiliencePolicies do: a namespace-wide MTLSPolicy names its Namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_policies_get_their_status() {
+    let cluster = Cluster::start().await;
+    let mesh = Mesh::start(&cluster.api).await;
+    let docs = typed(
+        r#"
+apiVersion: policy.outrigger.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: callers, namespace: shop}
+spec:
+  targetRefs: [{group: "", kind: Service, name: catalog}]
+  allow: [{from: [{serviceAccount: web}], methods: [GET]}]
+---
+apiVersion: policy.outrigger.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {name: lowercase, namespace: shop}
+spec:
+  targetRefs: [{group: "", kind: Service, name: catalog}]
+  allow: [{methods: [get]}]
+---
+apiVersion: policy.outrigger.io/v1alpha1
+kind: MTLSPolicy
+metadata: {name: strict, namespace: shop}
+spec: {mode: Strict}
+"#,
+    );
+    for d in &docs {
+        cluster.api.cluster.apply(d.clone());
+    }
+    let ours = |doc: &Value| {
+        let now = cluster.api.cluster.get(doc)?;
+        now["status"]["ancestors"]
+            .as_array()?
+            .iter()
+            .find(|a| a["controllerName"] == "outrigger.io/mesh")
+            .cloned()
+    };
+    for (doc, reason, kind) in [
+        (&docs[0], "Accepted", "Service"),
+        (&docs[1], "Invalid", "Service"),
+        (&docs[2], "Accepted", "Namespace"),
+    ] {
+        let ancestor = eventually(
+            &format!("{}'s status says {reason}", doc["metadata"]["name"]),
+            Duration::from_secs(10),
+            || async { ours(doc).filter(|a| a["conditions"][0]["reason"] == reason) },
+        )
+        .await;
+        assert_eq!(ancestor["ancestorRef"]["kind"], kind, "{ancestor}");
+    }
+    let status = mesh.status().await;
+    assert_eq!(
+        status["cluster"]["authorization_policies"]["shop/callers"],
+        true
+    );
+    assert!(
+        status["cluster"]["authorization_policies"]["shop/lowercase"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("methods[0]"),
+        "{status}"
+    );
+    assert_eq!(status["cluster"]["mtls_policies"]["shop/strict"], true);
+}
