@@ -15,7 +15,7 @@
 
 use serde::Deserialize;
 
-use outrigger_core::authz::{Authorization, Caller, Rule, TextMatch};
+use outrigger_core::authz::{Authorization, Caller, Rule, TextMatch, method};
 use outrigger_core::spiffe::{Principal, SpiffeId};
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -112,18 +112,17 @@ pub fn check(
             .enumerate()
             .map(|(j, p)| TextMatch::path(p).map_err(|e| format!("{at}.paths[{j}]: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
-        for (j, m) in allow.methods.iter().enumerate() {
-            if m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()) {
-                return Err(format!(
-                    "{at}.methods[{j}]: `{m}` is not a method in capitals"
-                ));
-            }
-        }
+        let methods = allow
+            .methods
+            .iter()
+            .enumerate()
+            .map(|(j, m)| method(m).map_err(|e| format!("{at}.methods[{j}]: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
         rules.push(Rule::from_lists(
             format!("{name_prefix}{i}"),
             callers,
             paths,
-            allow.methods.clone(),
+            methods,
         ));
     }
     Ok(Authorization { rules })

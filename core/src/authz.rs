@@ -39,6 +39,15 @@ impl TextMatch {
     }
 }
 
+/// A method as files write it: in capitals (`GET`, `POST`, an extension method).
+pub fn method(text: &str) -> Result<String, String> {
+    if !text.is_empty() && text.len() <= 32 && text.bytes().all(|b| b.is_ascii_uppercase()) {
+        Ok(text.to_string())
+    } else {
+        Err(format!("`{text}` is not a method in capitals"))
+    }
+}
+
 /// Who a rule lets in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use outrigger_core::authz::{Caller, Rule, TextMatch};
+use outrigger_core::authz::{Caller, Rule, TextMatch, method};
 use outrigger_core::config_error::ConfigError;
 use outrigger_core::duration::parse_duration;
 use outrigger_core::spiffe::{Principal, SpiffeId};
@@ -360,15 +360,8 @@ impl Builder<'_> {
                         .iter()
                         .enumerate()
                         .map(|(j, m)| {
-                            let ok = !m.value.is_empty()
-                                && m.value.bytes().all(|b| b.is_ascii_uppercase());
-                            ok.then(|| m.value.clone()).ok_or_else(|| {
-                                self.err(
-                                    m,
-                                    &format!("{at}.methods[{j}]"),
-                                    format!("`{}` is not a method in capitals", m.value),
-                                )
-                            })
+                            method(&m.value)
+                                .map_err(|e| self.err(m, &format!("{at}.methods[{j}]"), e))
                         })
                         .collect::<Result<Vec<_>, _>>()?;
                     Rule::from_lists(
