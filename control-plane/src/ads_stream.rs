@@ -15,6 +15,7 @@ use crate::snapshot::{Publisher, Snapshot};
 use crate::translate::PUSH_ORDER;
 use crate::xds_limits;
 use outrigger_core::spiffe::SpiffeId;
+use outrigger_core::xds_sds;
 
 /// What differs between state-of-the-world and delta; the stream loop is shared.
 pub(crate) trait Protocol: Sized + Send + 'static {
@@ -45,10 +46,45 @@ pub(crate) trait Protocol: Sized + Send + 'static {
     ) -> impl Future<Output = bool> + Send;
 }
 
-fn view(snapshot: Arc<Snapshot>, proven: &Option<SpiffeId>, claimed: &str) -> Arc<Snapshot> {
+/// What the node sees. Only a node that proved its identity gets its workload secret: the
+/// secret names files, but it is the node's own.
+fn view(snapshot: Arc<Snapshot>, proven: &Option<SpiffeId>, node: &NodeFacts) -> Arc<Snapshot> {
     match proven {
-        Some(id) => snapshot.view_for_identity(id),
-        None => snapshot.view_for(claimed),
+        Some(id) => snapshot
+            .view_for_identity(id)
+            .with_workload_secret(&node.cert_dir),
+        None => snapshot.view_for(&node.cluster),
+    }
+}
+
+/// What a stream's first request says about its node.
+#[derive(Default)]
+struct NodeFacts {
+    /// The node's service: it decides the node's scope.
+    cluster: String,
+    /// Where its certificate files are (`OUTRIGGER_CERT_DIR` in its metadata).
+    cert_dir: String,
+}
+
+impl NodeFacts {
+    fn of(node: Option<&Node>) -> Result<NodeFacts, Status> {
+        use envoy_types::pb::google::protobuf::value::Kind;
+        let cert_dir = node
+            .and_then(|n| n.metadata.as_ref())
+            .and_then(|m| m.fields.get(xds_sds::CERT_DIR_METADATA))
+            .map(|v| match &v.kind {
+                Some(Kind::StringValue(dir)) if xds_sds::valid_cert_dir(dir) => Ok(dir.clone()),
+                _ => Err(Status::invalid_argument(format!(
+                    "node.metadata.{}: an absolute path without `..`, at most 512 bytes",
+                    xds_sds::CERT_DIR_METADATA
+                ))),
+            })
+            .transpose()?
+            .unwrap_or_else(|| xds_sds::DEFAULT_CERT_DIR.into());
+        Ok(NodeFacts {
+            cluster: node.map(|n| n.cluster.clone()).unwrap_or_default(),
+            cert_dir,
+        })
     }
 }
 
@@ -61,14 +97,14 @@ impl ViewCache {
         &mut self,
         base: Arc<Snapshot>,
         proven: &Option<SpiffeId>,
-        caller: &str,
+        node: &NodeFacts,
         nodes: &NodeRegistry,
     ) -> Arc<Snapshot> {
         match &self.0 {
             Some((seen, view)) if Arc::ptr_eq(seen, &base) => view.clone(),
             _ => {
                 nodes.views_built.inc();
-                let fresh = view(base.clone(), proven, caller);
+                let fresh = view(base.clone(), proven, node);
                 self.0 = Some((base, fresh.clone()));
                 fresh
             }
@@ -87,8 +123,8 @@ pub(crate) async fn run_stream<P: Protocol>(
 ) {
     let mut snapshots = publisher.subscribe();
     let mut stream: Option<P> = None;
-    // The node's service, from its first request; it decides the node's scope.
-    let mut caller = String::new();
+    // What the node's first request says of it.
+    let mut facts = NodeFacts::default();
     // The node's view of the last snapshot: a request that changes nothing rebuilds nothing.
     let mut views = ViewCache::default();
     loop {
@@ -103,18 +139,21 @@ pub(crate) async fn run_stream<P: Protocol>(
                     let node = P::node(&req).map(|n| n.id.clone()).unwrap_or_else(|| "unknown".into());
                     let cluster = P::node(&req).map(|n| n.cluster.clone()).unwrap_or_default();
                     let admitted = xds_limits::check_node(&node, &cluster)
-                        .and_then(|()| nodes.connected(&node, &cluster));
-                    if let Err(status) = admitted {
-                        tracing::warn!(node = %xds_limits::truncate(&node, xds_limits::MAX_NAME), error = %status.message(), "ADS stream refused");
-                        let _ = out.send(Err(status)).await;
-                        return;
+                        .and_then(|()| NodeFacts::of(P::node(&req)))
+                        .and_then(|f| nodes.connected(&node, &cluster).map(|()| f));
+                    match admitted {
+                        Ok(f) => facts = f,
+                        Err(status) => {
+                            tracing::warn!(node = %xds_limits::truncate(&node, xds_limits::MAX_NAME), error = %status.message(), "ADS stream refused");
+                            let _ = out.send(Err(status)).await;
+                            return;
+                        }
                     }
-                    caller.clone_from(&cluster);
                     tracing::info!(%node, "ADS stream opened");
                     stream = Some(P::open(node, out.clone(), nodes.clone(), nonce.clone()));
                 }
                 let s = stream.as_mut().expect("opened above");
-                let snapshot = views.get(snapshots.borrow().clone(), &proven, &caller, &nodes);
+                let snapshot = views.get(snapshots.borrow().clone(), &proven, &facts, &nodes);
                 if !s.on_request(req, &snapshot).await {
                     break;
                 }
@@ -123,7 +162,7 @@ pub(crate) async fn run_stream<P: Protocol>(
                 if changed.is_err() {
                     break;
                 }
-                let snapshot = views.get(snapshots.borrow_and_update().clone(), &proven, &caller, &nodes);
+                let snapshot = views.get(snapshots.borrow_and_update().clone(), &proven, &facts, &nodes);
                 if let Some(s) = stream.as_mut() {
                     for type_url in PUSH_ORDER {
                         if !s.push(&snapshot, type_url, false).await {

@@ -142,6 +142,7 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
         token_review: options.identity.token_review.clone(),
     };
     let ca = identity.ca.clone();
+    publisher.set_bundle(ca.load().bundle_pem());
     let issued = identity.issued.clone();
     // Each gRPC port's connection cap, reported on /metrics.
     let plaintext_gate = Arc::new(crate::grpc_limits::Gate::default());

@@ -14,9 +14,12 @@ use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use outrigger_core::spiffe::SpiffeId;
 use prost::Message;
 
+use outrigger_core::xds_sds;
+use outrigger_core::xds_tls::{BUNDLE_SECRET, WORKLOAD_SECRET};
+
 use crate::translate::{
     CLUSTER_TYPE, ENDPOINT_TYPE, INBOUND, LISTENER_TYPE, OUTBOUND, PUSH_ORDER, ROUTE_TYPE,
-    Resources, consumer_of, inbound_of, pack, translate,
+    Resources, SECRET_TYPE, consumer_of, inbound_of, pack, translate,
 };
 
 #[derive(Debug, Clone, Default)]
@@ -103,6 +106,18 @@ impl Snapshot {
         }
     }
 
+    /// This view with the node's own workload secret, `default`: its certificate and key as
+    /// files in `dir` on the node's disk.
+    pub fn with_workload_secret(self: &Arc<Self>, dir: &str) -> Arc<Snapshot> {
+        let mut view = (**self).clone();
+        let secrets = view.types.entry(SECRET_TYPE).or_default();
+        secrets
+            .resources
+            .by_name
+            .insert(WORKLOAD_SECRET.into(), pack(&xds_sds::workload_secret(dir)));
+        Arc::new(view)
+    }
+
     fn view_scoped(self: &Arc<Self>, scope: &std::collections::BTreeSet<String>) -> Arc<Snapshot> {
         let mut view = (**self).clone();
         for type_url in [CLUSTER_TYPE, ENDPOINT_TYPE] {
@@ -160,6 +175,8 @@ pub struct Publisher {
 #[derive(Default)]
 struct Inputs {
     mesh: Option<Mesh>,
+    /// The CA's trust bundle, served as the SDS secret `ROOTCA`.
+    bundle: Option<String>,
 }
 
 impl Default for Publisher {
@@ -187,6 +204,13 @@ impl Publisher {
         self.rebuild(&inputs);
     }
 
+    /// Publishes a new trust bundle (at start, and after a CA rotation).
+    pub fn set_bundle(&self, bundle_pem: &str) {
+        let mut inputs = self.inputs();
+        inputs.bundle = Some(bundle_pem.to_string());
+        self.rebuild(&inputs);
+    }
+
     fn inputs(&self) -> std::sync::MutexGuard<'_, Inputs> {
         self.inputs.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -194,6 +218,13 @@ impl Publisher {
     fn rebuild(&self, inputs: &Inputs) {
         let Some(mesh) = &inputs.mesh else { return };
         let mut fresh: BTreeMap<&'static str, Resources> = translate(mesh).into_iter().collect();
+        if let Some(bundle) = &inputs.bundle {
+            let mut secrets = Resources::default();
+            secrets
+                .by_name
+                .insert(BUNDLE_SECRET.into(), pack(&xds_sds::bundle_secret(bundle)));
+            fresh.insert(SECRET_TYPE, secrets);
+        }
         let old = self.current();
         let mut types = BTreeMap::new();
         for type_url in PUSH_ORDER {

@@ -54,10 +54,19 @@ pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteCon
 pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT_TYPE: &str =
     "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const SECRET_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
-/// The order Envoy asks in and we push in: clusters before the endpoints that fill them,
-/// listeners before the routes they name (make before break).
-pub const PUSH_ORDER: [&str; 4] = [CLUSTER_TYPE, ENDPOINT_TYPE, LISTENER_TYPE, ROUTE_TYPE];
+/// The order Envoy asks in and we push in: the secrets TLS contexts name first, clusters
+/// before the endpoints that fill them, listeners before the routes they name (make before
+/// break).
+pub const PUSH_ORDER: [&str; 5] = [
+    SECRET_TYPE,
+    CLUSTER_TYPE,
+    ENDPOINT_TYPE,
+    LISTENER_TYPE,
+    ROUTE_TYPE,
+];
 
 pub const OUTBOUND: &str = "outbound";
 /// The Listener a sidecar asks for its inbound policy by: each node gets its own service's
@@ -314,7 +323,9 @@ fn cluster_for(service: &Service) -> Cluster {
     if service.protocol == Protocol::Tcp {
         c.metadata = Some(opaque_metadata());
     }
-    if service.protocol.is_http2() {
+    // Sidecars talk HTTP/2 to each other over mTLS (the TLS context offers only `h2`), and
+    // an Envoy caller must say so too.
+    if service.protocol.is_http2() || service.mtls {
         let options = HttpProtocolOptions {
             upstream_protocol_options: Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
                 http_protocol_options::ExplicitHttpConfig {

@@ -20,4 +20,5 @@ pub mod xds;
 pub mod xds_inbound;
 pub mod xds_policy;
 pub mod xds_rbac;
+pub mod xds_sds;
 pub mod xds_tls;

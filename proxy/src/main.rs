@@ -62,6 +62,94 @@ enum Command {
     /// Install (or with --remove, take out) the iptables rules that send this network
     /// namespace's TCP through the proxy. Run as root, once per pod, before the app starts.
     Init(InitArgs),
+    /// Keep a workload certificate from the mesh's CA as files (`cert.pem`, `key.pem`,
+    /// `bundle.pem` in --dir), renewed at half-life: for an Envoy beside the app (the control
+    /// plane's SDS names these files) or a proxyless gRPC app (a file-watcher certificate
+    /// provider). The key is made here and never leaves the workload.
+    Certs(CertsArgs),
+}
+
+#[derive(clap::Args)]
+struct CertsArgs {
+    /// The control plane's CA, `host:port`: its TLS port.
+    #[arg(long, env = "OUTRIGGER_CA_ADDRESS")]
+    ca_address: String,
+    /// The CA's root, mounted out of band; the CA must prove itself against it.
+    #[arg(
+        long,
+        env = "OUTRIGGER_CA_TRUST_ANCHOR",
+        default_value = "/var/run/outrigger-ca/root-cert.pem"
+    )]
+    ca_trust_anchor: PathBuf,
+    /// The SPIFFE ID the CA must prove; default: the trust domain's control plane.
+    #[arg(long, env = "OUTRIGGER_CONTROL_PLANE_IDENTITY")]
+    control_plane_identity: Option<String>,
+    /// The workload's SPIFFE ID.
+    #[arg(long)]
+    id: String,
+    /// A file holding the bootstrap token (a projected service-account token, re-read for
+    /// every request).
+    #[arg(long, env = "OUTRIGGER_TOKEN_FILE", conflicts_with = "token")]
+    token_file: Option<PathBuf>,
+    /// The bootstrap token itself (a mesh-file token, outside Kubernetes).
+    #[arg(long, env = "OUTRIGGER_TOKEN")]
+    token: Option<String>,
+    /// Where the files go.
+    #[arg(long, default_value = outrigger_core::xds_sds::DEFAULT_CERT_DIR)]
+    dir: PathBuf,
+    #[arg(long, default_value = "24h", value_parser = duration_arg)]
+    lifetime: Duration,
+    /// Write the first certificate and exit (an init container), instead of renewing.
+    #[arg(long)]
+    once: bool,
+}
+
+fn certs(args: CertsArgs) -> ExitCode {
+    use outrigger_core::spiffe::SpiffeId;
+    use outrigger_proxy::identity::client::{CaClient, CaTrust, Token};
+    init_logging(false, "info");
+    let parsed = (|| {
+        let id = SpiffeId::parse(&args.id).map_err(|e| format!("--id: {e}"))?;
+        let server_id = match &args.control_plane_identity {
+            Some(s) => SpiffeId::parse(s).map_err(|e| format!("--control-plane-identity: {e}"))?,
+            None => SpiffeId::control_plane(&id.trust_domain),
+        };
+        let token = match (args.token.clone(), args.token_file.clone()) {
+            (Some(t), None) => Token::Inline(t),
+            (None, Some(f)) => Token::File(f),
+            _ => return Err("give --token or --token-file".to_string()),
+        };
+        let address = outrigger_proxy::sidecar::resolve(&args.ca_address, Duration::from_secs(60))
+            .map_err(|e| format!("--ca-address: {e}"))?;
+        Ok(CaClient {
+            address,
+            trust: CaTrust::Anchor {
+                file: args.ca_trust_anchor.clone(),
+                server_id,
+            },
+            token,
+            id,
+            lifetime: args.lifetime,
+            started: Default::default(),
+        })
+    })();
+    let client = match parsed {
+        Ok(c) => std::sync::Arc::new(c),
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let rt = runtime(1).expect("tokio runtime");
+    match rt.block_on(outrigger_proxy::identity::cert_files::run(
+        client, args.dir, args.once,
+    )) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -305,6 +393,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Init(args) => init(args),
+        Command::Certs(args) => certs(args),
         Command::Sidecar(args) => sidecar(args),
         Command::WaitReady { admin, timeout } => wait_ready(admin, timeout),
         Command::Check { config } => {

@@ -83,6 +83,72 @@ static_resources:
     }
 }
 
+impl Envoy {
+    /// An Envoy configured only by a control plane's ADS over mTLS on `xds`: its bootstrap
+    /// names the node (`node` of service `cluster`), the certificate files in `cert_dir`
+    /// (kept by `outrigger-proxy certs`, and named again to it over SDS), and the control
+    /// plane's SPIFFE ID.
+    pub fn ads_mtls(
+        node: &str,
+        cluster: &str,
+        xds: SocketAddr,
+        admin: SocketAddr,
+        cert_dir: &Path,
+        control_plane: &str,
+    ) -> Envoy {
+        let d = cert_dir.display();
+        let bootstrap = format!(
+            r#"node:
+  id: {node}
+  cluster: {cluster}
+  metadata: {{OUTRIGGER_CERT_DIR: "{d}"}}
+admin:
+  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
+dynamic_resources:
+  ads_config:
+    api_type: GRPC
+    transport_api_version: V3
+    grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]
+  cds_config: {{ads: {{}}, resource_api_version: V3}}
+  lds_config: {{ads: {{}}, resource_api_version: V3}}
+static_resources:
+  clusters:
+    - name: xds
+      type: STATIC
+      connect_timeout: 1s
+      typed_extension_protocol_options:
+        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+          explicit_http_config: {{http2_protocol_options: {{}}}}
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+          common_tls_context:
+            alpn_protocols: [h2]
+            tls_certificates:
+              - certificate_chain: {{filename: {d}/cert.pem}}
+                private_key: {{filename: {d}/key.pem}}
+            validation_context:
+              trusted_ca: {{filename: {d}/bundle.pem}}
+              match_typed_subject_alt_names:
+                - san_type: URI
+                  matcher: {{exact: "{control_plane}"}}
+      load_assignment:
+        cluster_name: xds
+        endpoints:
+          - lb_endpoints:
+              - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {xds_port}}}}}}}
+"#,
+            admin_port = admin.port(),
+            xds_port = xds.port()
+        );
+        let path = crate::temp_path("envoy-bootstrap.yaml");
+        std::fs::write(&path, bootstrap).unwrap();
+        Envoy::start(&path)
+    }
+}
+
 impl Drop for Envoy {
     fn drop(&mut self) {
         let _ = self.0.kill();

@@ -62,6 +62,13 @@ pub enum CaTrust {
     Plaintext,
 }
 
+/// A certificate the CA signed, the key made for it here, and the bundle it came with.
+pub struct Issued {
+    pub chain_pem: String,
+    pub key_pem: String,
+    pub bundle_pem: String,
+}
+
 #[derive(Debug)]
 pub struct CaClient {
     pub address: std::net::SocketAddr,
@@ -92,6 +99,14 @@ impl CaClient {
 
     /// One round: a fresh key, a CSR, the CA's answer installed. Returns the new expiry.
     pub async fn renew(&self, store: &IdentityStore) -> Result<SystemTime, IdentityError> {
+        let issued = self.issue().await?;
+        store.set_bundle(issued.bundle_pem.as_bytes())?;
+        store.set_certificate(issued.chain_pem.as_bytes(), issued.key_pem.as_bytes())?;
+        Ok(store.workload().map_or(SystemTime::now(), |w| w.not_after))
+    }
+
+    /// A fresh key and the certificate the CA signed for it, checked.
+    pub async fn issue(&self) -> Result<Issued, IdentityError> {
         let csr_error = |e: rcgen::Error| IdentityError::new("the CSR", e);
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(csr_error)?;
         let mut params = CertificateParams::default();
@@ -133,12 +148,11 @@ impl CaClient {
             anchor.as_ref().map(|(roots, _)| roots.as_ref()),
         )
         .map_err(|e| IdentityError::new("the CA's answer was rejected", e))?;
-        store.set_bundle(response.bundle_pem.as_bytes())?;
-        store.set_certificate(
-            response.chain_pem.as_bytes(),
-            key.serialize_pem().as_bytes(),
-        )?;
-        Ok(store.workload().map_or(SystemTime::now(), |w| w.not_after))
+        Ok(Issued {
+            chain_pem: response.chain_pem,
+            key_pem: key.serialize_pem(),
+            bundle_pem: response.bundle_pem,
+        })
     }
 
     /// Keeps the store's certificate fresh while `still_wanted` says so.

@@ -3,6 +3,7 @@
 //! present it and check peers' SPIFFE IDs.
 
 pub mod api;
+pub mod cert_files;
 pub mod client;
 pub mod mtls;
 pub mod store;

@@ -1,0 +1,217 @@
+//! One mTLS mesh for an Envoy and our proxy, both configured only by the control plane:
+//!
+//! client → Envoy (the caller `web`'s sidecar) → mTLS → our proxy (the callee `api`'s
+//! sidecar) → app.
+//!
+//! Envoy's only config is a bootstrap naming the control plane's mTLS ADS port and the files
+//! `outrigger-proxy certs` keeps; its clusters, routes and listener come over ADS, and its
+//! certificate and trust bundle over SDS. Our proxy takes its certificate from the CA and its
+//! inbound mode and authorization over LDS. Each side checks the other's SPIFFE ID.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use outrigger_control_plane::app::{self, ControlPlane};
+use outrigger_tests::clients::{TestClient, get};
+use outrigger_tests::envoy::Envoy;
+use outrigger_tests::{TestProxy, eventually, free_addr, temp_path, upstreams, workspace_binary};
+
+const CONTROL_PLANE: &str = "spiffe://cluster.local/ns/outrigger/sa/control-plane";
+const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
+
+/// `web` and `api`; `api` is strict, behind our proxy at `api_inbound`, and lets in what
+/// `authorization` says.
+fn mesh(outbound_port: u16, api_inbound: SocketAddr, authorization: &str) -> String {
+    format!(
+        r#"mesh: {{trust_domain: cluster.local, outbound_port: {outbound_port}}}
+services:
+  - name: api
+    namespace: shop
+    tls_mode: strict
+    endpoints: [{{address: "{api_inbound}"}}]
+    tokens: [{{token: token-api}}]
+    authorization: {{allow: [{authorization}]}}
+  - name: web
+    namespace: shop
+    tokens: [{{token: token-web}}]
+"#
+    )
+}
+
+/// Runs `outrigger-proxy certs` for `id` into a new directory, until dropped.
+struct Certs {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Certs {
+    fn start(ca: SocketAddr, anchor: &Path, id: &str, token: &str) -> Certs {
+        let dir = temp_path("certs");
+        let child = Command::new(workspace_binary("outrigger-proxy"))
+            .args([
+                "certs",
+                "--ca-address",
+                &ca.to_string(),
+                "--id",
+                id,
+                "--token",
+                token,
+            ])
+            .arg("--ca-trust-anchor")
+            .arg(anchor)
+            .arg("--dir")
+            .arg(&dir)
+            .args(["--lifetime", "1h"])
+            .spawn()
+            .expect("outrigger-proxy certs starts");
+        Certs { child, dir }
+    }
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn control_plane(mesh_path: &Path) -> ControlPlane {
+    app::start(app::Options {
+        mesh_path: mesh_path.to_path_buf(),
+        xds_address: "127.0.0.1:0".parse().unwrap(),
+        admin_address: "127.0.0.1:0".parse().unwrap(),
+        identity: app::IdentityOptions {
+            secure_xds_address: Some("127.0.0.1:0".parse().unwrap()),
+            ..Default::default()
+        },
+    })
+    .await
+    .unwrap()
+}
+
+/// api's sidecar: its certificate from the CA, everything else from the control plane.
+async fn api_sidecar(
+    secure: SocketAddr,
+    anchor: &Path,
+    inbound: SocketAddr,
+    app: SocketAddr,
+) -> TestProxy {
+    TestProxy::start(&format!(
+        r#"admin: {{address: 127.0.0.1:0}}
+identity:
+  ca: {{address: "{secure}", token: token-api, id: "{API}", trust_anchor: "{anchor}"}}
+xds: {{address: "{secure}", node: api-0, service: api, identity: "{CONTROL_PLANE}"}}
+listeners:
+  - name: inbound
+    address: "{inbound}"
+    direction: inbound
+    lds: inbound
+    virtual_hosts:
+      - name: app
+        domains: ['*']
+        routes:
+          - backends: [{{cluster: app}}]
+clusters:
+  - name: app
+    endpoints: [{{address: "{app}"}}]
+"#,
+        anchor = anchor.display()
+    ))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envoy_caller_and_our_callee_share_one_mtls_mesh_set_by_the_control_plane() {
+    let app = upstreams::http("api-app").await;
+    let (outbound, inbound) = (free_addr(), free_addr());
+    let mesh_path = temp_path("mesh.yaml");
+    let allow_web = "{from: [{service_account: web}]}";
+    std::fs::write(&mesh_path, mesh(outbound.port(), inbound, allow_web)).unwrap();
+    let cp = control_plane(&mesh_path).await;
+    let secure = cp.secure_xds_addr.unwrap();
+    let anchor = temp_path("ca-root.pem");
+    std::fs::write(&anchor, cp.ca.load().bundle_pem()).unwrap();
+
+    let _api = api_sidecar(secure, &anchor, inbound, app.addr).await;
+    let certs = Certs::start(secure, &anchor, WEB, "token-web");
+    let cert = certs.dir.join("cert.pem");
+    eventually(
+        "web's certificate is written",
+        Duration::from_secs(10),
+        || {
+            let cert = cert.clone();
+            async move { cert.exists().then_some(()) }
+        },
+    )
+    .await;
+    let envoy_admin = free_addr();
+    let _envoy = Envoy::ads_mtls(
+        "web-0",
+        "web",
+        secure,
+        envoy_admin,
+        &certs.dir,
+        CONTROL_PLANE,
+    );
+
+    // client → Envoy → mTLS → our proxy → app; the app learns the caller's proven identity.
+    let client = TestClient::http1(outbound);
+    let client_ref = &client;
+    let reply = eventually(
+        "Envoy reaches api",
+        Duration::from_secs(20),
+        || async move {
+            client_ref
+                .get("api.shop", "/hello")
+                .await
+                .ok()
+                .filter(|r| r.status == 200)
+        },
+    )
+    .await;
+    assert_eq!(reply.body, "api-app");
+    assert_eq!(reply.header("x-echo-x-outrigger-client-id"), Some(WEB));
+
+    // Every resource Envoy was sent it ACKed, secrets included.
+    let status: serde_json::Value =
+        serde_json::from_str(&get(cp.admin_addr, "/status").await.body).unwrap();
+    let types = &status["nodes"]["web-0"]["types"];
+    for t in [
+        "Secret",
+        "Cluster",
+        "ClusterLoadAssignment",
+        "Listener",
+        "RouteConfiguration",
+    ] {
+        assert_eq!(types[t]["nacks"], 0, "{t}: {status}");
+        assert_eq!(
+            types[t]["acked_version"], types[t]["sent_version"],
+            "{t}: {status}"
+        );
+    }
+    let dump = get(envoy_admin, "/config_dump?include_eds").await.body;
+    assert!(
+        dump.contains(&format!("{}/cert.pem", certs.dir.display())),
+        "{dump}"
+    );
+    assert!(dump.contains(API), "Envoy checks api's identity");
+
+    // The mesh lets only batch in now: Envoy's calls as web get 403 from our proxy.
+    std::fs::write(
+        &mesh_path,
+        mesh(
+            outbound.port(),
+            inbound,
+            "{from: [{service_account: batch}]}",
+        ),
+    )
+    .unwrap();
+    eventually("web is denied", Duration::from_secs(5), || async move {
+        let r = client_ref.get("api.shop", "/hello").await.ok()?;
+        (r.status == 403).then_some(())
+    })
+    .await;
+}
