@@ -21,6 +21,8 @@ use outrigger_tests::{TestProxy, eventually, free_addr, temp_path, upstreams, wo
 const CONTROL_PLANE: &str = "spiffe://cluster.local/ns/outrigger/sa/control-plane";
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
 const API: &str = "spiffe://cluster.local/ns/shop/sa/api";
+/// Short enough that both sides renew their certificates every two seconds or so.
+const LIFETIME: &str = "4s";
 
 /// `web` and `api`; `api` is strict, behind our proxy at `api_inbound`, and lets in what
 /// `authorization` says.
@@ -64,7 +66,7 @@ impl Certs {
             .arg(anchor)
             .arg("--dir")
             .arg(&dir)
-            .args(["--lifetime", "1h"])
+            .args(["--lifetime", LIFETIME])
             .spawn()
             .expect("outrigger-proxy certs starts");
         Certs { child, dir }
@@ -102,7 +104,7 @@ async fn api_sidecar(
     TestProxy::start(&format!(
         r#"admin: {{address: 127.0.0.1:0}}
 identity:
-  ca: {{address: "{secure}", token: token-api, id: "{API}", trust_anchor: "{anchor}"}}
+  ca: {{address: "{secure}", token: token-api, id: "{API}", trust_anchor: "{anchor}", lifetime: {LIFETIME}}}
 xds: {{address: "{secure}", node: api-0, service: api, identity: "{CONTROL_PLANE}"}}
 listeners:
   - name: inbound
@@ -198,6 +200,44 @@ async fn an_envoy_caller_and_our_callee_share_one_mtls_mesh_set_by_the_control_p
         "{dump}"
     );
     assert!(dump.contains(API), "Envoy checks api's identity");
+
+    // Under load, both certificates are renewed several times: no request is lost.
+    let current = || std::fs::read_link(certs.dir.join("..data")).unwrap();
+    let first = current();
+    let envoys_cert = || async move {
+        let certs: serde_json::Value =
+            serde_json::from_str(&get(envoy_admin, "/certs").await.body).unwrap();
+        let chains = certs["certificates"].as_array().cloned().unwrap_or_default();
+        chains
+            .iter()
+            .flat_map(|c| c["cert_chain"].as_array().cloned().unwrap_or_default())
+            .filter(|c| c.to_string().contains(WEB))
+            .map(|c| c["serial_number"].to_string())
+            .collect::<Vec<_>>()
+    };
+    let serial_before = envoys_cert().await;
+    assert!(!serial_before.is_empty(), "Envoy shows web's certificate");
+    let (mut sent, mut failed, mut versions) = (0, Vec::new(), std::collections::BTreeSet::new());
+    let until = std::time::Instant::now() + Duration::from_secs(7);
+    while std::time::Instant::now() < until {
+        let r = client.get("api.shop", "/hello").await;
+        sent += 1;
+        match r {
+            Ok(r) if r.status == 200 => {}
+            other => failed.push(format!("{:?}", other.map(|r| (r.status, r.body)))),
+        }
+        versions.insert(current());
+    }
+    assert!(failed.is_empty(), "{} of {sent} failed: {failed:?}", failed.len());
+    assert!(versions.len() >= 3, "web's certificate was renewed {} times", versions.len() - 1);
+    assert_ne!(current(), first);
+    // Envoy took the renewed files (it watches the directory).
+    eventually("Envoy holds a renewed certificate", Duration::from_secs(5), || async {
+        let now = envoys_cert().await;
+        (!now.is_empty() && now != serial_before).then_some(())
+    })
+    .await;
+    assert!(sent > 100, "only {sent} requests");
 
     // The mesh lets only batch in now: Envoy's calls as web get 403 from our proxy.
     std::fs::write(
