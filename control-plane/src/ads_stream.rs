@@ -15,6 +15,7 @@ use crate::snapshot::{Publisher, Snapshot};
 use crate::translate::PUSH_ORDER;
 use crate::xds_limits;
 use outrigger_core::spiffe::SpiffeId;
+use outrigger_core::xds_inbound::INBOUND_ADDRESS_METADATA;
 use outrigger_core::xds_sds;
 
 /// What differs between state-of-the-world and delta; the stream loop is shared.
@@ -49,11 +50,15 @@ pub(crate) trait Protocol: Sized + Send + 'static {
 /// What the node sees. Only a node that proved its identity gets its workload secret: the
 /// secret names files, but it is the node's own.
 fn view(snapshot: Arc<Snapshot>, proven: &Option<SpiffeId>, node: &NodeFacts) -> Arc<Snapshot> {
-    match proven {
+    let view = match proven {
         Some(id) => snapshot
             .view_for_identity(id)
             .with_workload_secret(&node.cert_dir),
         None => snapshot.view_for(&node.cluster),
+    };
+    match node.inbound_address {
+        Some(address) => view.with_inbound_address(address),
+        None => view,
     }
 }
 
@@ -64,6 +69,8 @@ struct NodeFacts {
     cluster: String,
     /// Where its certificate files are (`OUTRIGGER_CERT_DIR` in its metadata).
     cert_dir: String,
+    /// Where it binds its inbound listener, if not the default (`OUTRIGGER_INBOUND_ADDRESS`).
+    inbound_address: Option<std::net::SocketAddr>,
 }
 
 impl NodeFacts {
@@ -81,9 +88,23 @@ impl NodeFacts {
             })
             .transpose()?
             .unwrap_or_else(|| xds_sds::DEFAULT_CERT_DIR.into());
+        let inbound_address = node
+            .and_then(|n| n.metadata.as_ref())
+            .and_then(|m| m.fields.get(INBOUND_ADDRESS_METADATA))
+            .map(|v| match &v.kind {
+                Some(Kind::StringValue(a)) => a.parse().map_err(|_| ()),
+                _ => Err(()),
+            })
+            .transpose()
+            .map_err(|()| {
+                Status::invalid_argument(format!(
+                    "node.metadata.{INBOUND_ADDRESS_METADATA}: an IP:port address"
+                ))
+            })?;
         Ok(NodeFacts {
             cluster: node.map(|n| n.cluster.clone()).unwrap_or_default(),
             cert_dir,
+            inbound_address,
         })
     }
 }

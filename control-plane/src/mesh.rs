@@ -264,6 +264,12 @@ impl Service {
         }
     }
 
+    /// The port its workloads' app listens on (its endpoints' port), where a sidecar in
+    /// front of the app sends what it admits.
+    pub fn app_port(&self) -> Option<u16> {
+        self.endpoints.first().map(|(addr, _)| addr.port())
+    }
+
     /// Both are ports of the same Service.
     pub fn same_service(&self, other: &Service) -> bool {
         self.name == other.name && self.namespace == other.namespace

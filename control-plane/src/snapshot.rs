@@ -14,11 +14,12 @@ use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use outrigger_core::spiffe::SpiffeId;
 use prost::Message;
 
-use outrigger_core::xds_sds;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
 use outrigger_core::xds_tls::{BUNDLE_SECRET, WORKLOAD_SECRET};
+use outrigger_core::{xds_inbound, xds_sds};
 
 use crate::translate::{
-    CLUSTER_TYPE, ENDPOINT_TYPE, INBOUND, LISTENER_TYPE, OUTBOUND, PUSH_ORDER, ROUTE_TYPE,
+    self, CLUSTER_TYPE, ENDPOINT_TYPE, INBOUND, LISTENER_TYPE, OUTBOUND, PUSH_ORDER, ROUTE_TYPE,
     Resources, SECRET_TYPE, consumer_of, inbound_of, pack, translate,
 };
 
@@ -87,8 +88,17 @@ impl Snapshot {
             }
         }
         if let (Some(listener), Some(t)) = (inbound, view.types.get_mut(LISTENER_TYPE)) {
+            // Sent to a wildcard subscriber too: an Envoy sidecar binds it.
             t.resources.by_name.insert(INBOUND.into(), listener);
-            t.resources.named_only.insert(INBOUND.into());
+            // The app it routes to, for an Envoy (our proxy knows its app from its file).
+            if let (Some(port), Some(clusters)) =
+                (service.app_port(), view.types.get_mut(CLUSTER_TYPE))
+            {
+                clusters.resources.by_name.insert(
+                    xds_inbound::local_app_cluster(port),
+                    pack(&xds_inbound::local_app(port)),
+                );
+            }
         }
         Some(Arc::new(view))
     }
@@ -104,6 +114,26 @@ impl Snapshot {
             Some(s) => self.view_for(&s.cluster_name()),
             None => self.view_scoped(&std::collections::BTreeSet::new()),
         }
+    }
+
+    /// This view with its `inbound` Listener bound at `address` instead of the default.
+    pub fn with_inbound_address(self: &Arc<Self>, address: std::net::SocketAddr) -> Arc<Snapshot> {
+        let Some(any) = self
+            .types
+            .get(LISTENER_TYPE)
+            .and_then(|t| t.resources.by_name.get(INBOUND))
+        else {
+            return self.clone();
+        };
+        let Ok(mut listener) = Listener::decode(any.value.as_slice()) else {
+            return self.clone();
+        };
+        listener.address = Some(translate::socket_address(address));
+        let mut view = (**self).clone();
+        if let Some(t) = view.types.get_mut(LISTENER_TYPE) {
+            t.resources.by_name.insert(INBOUND.into(), pack(&listener));
+        }
+        Arc::new(view)
     }
 
     /// This view with the node's own workload secret, `default`: its certificate and key as
@@ -122,7 +152,10 @@ impl Snapshot {
         let mut view = (**self).clone();
         for type_url in [CLUSTER_TYPE, ENDPOINT_TYPE] {
             if let Some(t) = view.types.get_mut(type_url) {
-                t.resources.by_name.retain(|name, _| scope.contains(name));
+                // The node's own app stays: it is not a service it calls.
+                t.resources.by_name.retain(|name, _| {
+                    scope.contains(name) || name.starts_with(xds_inbound::LOCAL_APP_PREFIX)
+                });
             }
         }
         if let Some(outbound) = view

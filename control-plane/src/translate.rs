@@ -202,7 +202,12 @@ pub fn translate(mesh: &Mesh) -> [(&'static str, Resources); 4] {
             let name = inbound_of(&service.cluster_name());
             listeners.by_name.insert(
                 name.clone(),
-                pack(&xds_inbound::inbound_listener(INBOUND, address, &inbound)),
+                pack(&xds_inbound::inbound_listener(
+                    INBOUND,
+                    address,
+                    &inbound,
+                    service.app_port(),
+                )),
             );
             listeners.named_only.insert(name);
         }
@@ -267,7 +272,7 @@ fn duration(d: std::time::Duration) -> PbDuration {
     }
 }
 
-fn socket_address(addr: std::net::SocketAddr) -> Address {
+pub fn socket_address(addr: std::net::SocketAddr) -> Address {
     Address {
         address: Some(address::Address::SocketAddress(SocketAddress {
             address: addr.ip().to_string(),

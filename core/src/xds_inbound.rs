@@ -9,14 +9,21 @@
 
 use std::net::SocketAddr;
 
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::{
     Address, SocketAddress, TrafficDirection, TransportSocket, address, socket_address,
     transport_socket,
 };
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
 use envoy_types::pb::envoy::config::listener::v3::{
     Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
 };
-use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::config::route::v3::{
+    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action,
+    route_match,
+};
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
@@ -34,21 +41,101 @@ use crate::xds::{XdsError, decode, pack, refuse};
 use crate::xds_rbac::{RBAC_FILTER, rbac, read_rbac};
 use crate::xds_tls::{BUNDLE_SECRET, TLS_TRANSPORT_SOCKET, WORKLOAD_SECRET, sds};
 
+/// The clusters an inbound listener's routes lead to: the app on loopback, one per port.
+pub const LOCAL_APP_PREFIX: &str = "inbound|";
+/// Where the workload tells the control plane to bind its inbound listener, when not
+/// `0.0.0.0:15006` (node metadata).
+pub const INBOUND_ADDRESS_METADATA: &str = "OUTRIGGER_INBOUND_ADDRESS";
+
+pub fn local_app_cluster(port: u16) -> String {
+    format!("{LOCAL_APP_PREFIX}{port}")
+}
+
+/// The app on loopback, `port`: where an Envoy's inbound listener sends what it admits.
+pub fn local_app(port: u16) -> Cluster {
+    let address = Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: "127.0.0.1".into(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(port as u32)),
+            ..Default::default()
+        })),
+    };
+    Cluster {
+        name: local_app_cluster(port),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Static as i32,
+        )),
+        connect_timeout: Some(crate::xds::pb_duration(std::time::Duration::from_secs(1))),
+        load_assignment: Some(ClusterLoadAssignment {
+            cluster_name: local_app_cluster(port),
+            endpoints: vec![LocalityLbEndpoints {
+                lb_endpoints: vec![LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                        address: Some(address),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 pub const TLS_INSPECTOR: &str = "envoy.filters.listener.tls_inspector";
 pub const HTTP_CONNECTION_MANAGER: &str = "envoy.filters.network.http_connection_manager";
 const ROUTER: &str = "envoy.filters.http.router";
 
-/// The listener for `inbound`, named `name`, on `address` (where an Envoy would bind it).
-pub fn inbound_listener(name: &str, address: SocketAddr, inbound: &Inbound) -> Listener {
+/// The listener for `inbound`, named `name`, on `address` (where an Envoy binds it). An
+/// Envoy sends what it admits to `app_port` on loopback (`local_app`), and hands the app the
+/// caller's identity in `x-forwarded-client-cert`; our proxy routes to its own app ports.
+pub fn inbound_listener(
+    name: &str,
+    address: SocketAddr,
+    inbound: &Inbound,
+    app_port: Option<u16>,
+) -> Listener {
+    let virtual_hosts = app_port
+        .map(|port| VirtualHost {
+            name: "app".into(),
+            domains: vec!["*".into()],
+            routes: vec![Route {
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
+                action: Some(route::Action::Route(RouteAction {
+                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                        local_app_cluster(port),
+                    )),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .into_iter()
+        .collect();
     let hcm = pack(&HttpConnectionManager {
         stat_prefix: "inbound".into(),
         codec_type: http_connection_manager::CodecType::Auto as i32,
         route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
             RouteConfiguration {
                 name: name.into(),
+                virtual_hosts,
                 ..Default::default()
             },
         )),
+        forward_client_cert_details: http_connection_manager::ForwardClientCertDetails::SanitizeSet
+            as i32,
+        set_current_client_cert_details: Some(
+            http_connection_manager::SetCurrentClientCertDetails {
+                uri: true,
+                ..Default::default()
+            },
+        ),
         http_filters: inbound
             .authorization
             .iter()
@@ -267,18 +354,28 @@ fn read_filters(at: &str, filters: &[Filter]) -> Result<Option<Authorization>, X
             .into());
         }
     };
-    let routes = match &hcm.route_specifier {
-        Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => {
-            !rc.virtual_hosts.is_empty()
-        }
+    // The routes may lead only to the local app, which this proxy knows from its own
+    // file: they are not used here, and anything else they could say is refused.
+    let routes_elsewhere = match &hcm.route_specifier {
+        Some(http_connection_manager::RouteSpecifier::RouteConfig(rc)) => rc
+            .virtual_hosts
+            .iter()
+            .flat_map(|vh| &vh.routes)
+            .any(|r| match &r.action {
+                Some(route::Action::Route(RouteAction {
+                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(c)),
+                    ..
+                })) => !c.starts_with(LOCAL_APP_PREFIX),
+                _ => true,
+            }),
         None => false,
         Some(_) => true,
     };
     refuse(
         at,
         &[(
-            routes,
-            "http_connection_manager route_specifier (the inbound routes are the pod's own ports)",
+            routes_elsewhere,
+            "http_connection_manager route_specifier (routes to other than the local app)",
         )],
     )?;
     let mut authorization = None;
@@ -326,7 +423,7 @@ mod tests {
         let addr = "0.0.0.0:15006".parse().unwrap();
         for mode in [TlsMode::Strict, TlsMode::Permissive] {
             let inbound = sample(mode);
-            let l = inbound_listener("inbound", addr, &inbound);
+            let l = inbound_listener("inbound", addr, &inbound, Some(8080));
             assert_eq!(read_inbound(&l).unwrap(), inbound);
         }
         let open = Inbound {
@@ -334,7 +431,7 @@ mod tests {
             authorization: None,
         };
         assert_eq!(
-            read_inbound(&inbound_listener("inbound", addr, &open)).unwrap(),
+            read_inbound(&inbound_listener("inbound", addr, &open, None)).unwrap(),
             open
         );
     }
@@ -342,7 +439,7 @@ mod tests {
     #[test]
     fn a_listener_that_would_say_more_is_refused() {
         let addr = "0.0.0.0:15006".parse().unwrap();
-        let mut l = inbound_listener("inbound", addr, &sample(TlsMode::Permissive));
+        let mut l = inbound_listener("inbound", addr, &sample(TlsMode::Permissive), None);
         l.filter_chains[0]
             .filter_chain_match
             .as_mut()
@@ -351,15 +448,16 @@ mod tests {
         let e = read_inbound(&l).unwrap_err().to_string();
         assert!(e.contains("filter_chain_match"), "{e}");
 
-        let mut l = inbound_listener("inbound", addr, &sample(TlsMode::Permissive));
+        let mut l = inbound_listener("inbound", addr, &sample(TlsMode::Permissive), None);
         l.filter_chains.remove(0);
         let e = read_inbound(&l).unwrap_err().to_string();
         assert!(e.contains("no filter chain takes mTLS"), "{e}");
 
-        let mut l = inbound_listener("inbound", addr, &sample(TlsMode::Strict));
+        let mut l = inbound_listener("inbound", addr, &sample(TlsMode::Strict), None);
         l.filter_chains[0].transport_socket = None;
         l.filter_chains.push(
-            inbound_listener("inbound", addr, &sample(TlsMode::Strict)).filter_chains[0].clone(),
+            inbound_listener("inbound", addr, &sample(TlsMode::Strict), None).filter_chains[0]
+                .clone(),
         );
         l.filter_chains[0].filters = inbound_listener(
             "inbound",
@@ -368,6 +466,7 @@ mod tests {
                 mode: TlsMode::Strict,
                 authorization: None,
             },
+            None,
         )
         .filter_chains[0]
             .filters

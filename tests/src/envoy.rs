@@ -87,21 +87,24 @@ impl Envoy {
     /// An Envoy configured only by a control plane's ADS over mTLS on `xds`: its bootstrap
     /// names the node (`node` of service `cluster`), the certificate files in `cert_dir`
     /// (kept by `outrigger-proxy certs`, and named again to it over SDS), and the control
-    /// plane's SPIFFE ID.
+    /// plane's SPIFFE ID; and, for a callee's sidecar, where its inbound listener binds.
     pub fn ads_mtls(
         node: &str,
         cluster: &str,
-        xds: SocketAddr,
-        admin: SocketAddr,
+        (xds, admin): (SocketAddr, SocketAddr),
         cert_dir: &Path,
         control_plane: &str,
+        inbound: Option<SocketAddr>,
     ) -> Envoy {
         let d = cert_dir.display();
+        let inbound = inbound
+            .map(|a| format!(", OUTRIGGER_INBOUND_ADDRESS: \"{a}\""))
+            .unwrap_or_default();
         let bootstrap = format!(
             r#"node:
   id: {node}
   cluster: {cluster}
-  metadata: {{OUTRIGGER_CERT_DIR: "{d}"}}
+  metadata: {{OUTRIGGER_CERT_DIR: "{d}"{inbound}}}
 admin:
   address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
 dynamic_resources:

@@ -153,10 +153,10 @@ async fn an_envoy_caller_and_our_callee_share_one_mtls_mesh_set_by_the_control_p
     let _envoy = Envoy::ads_mtls(
         "web-0",
         "web",
-        secure,
-        envoy_admin,
+        (secure, envoy_admin),
         &certs.dir,
         CONTROL_PLANE,
+        None,
     );
 
     // client → Envoy → mTLS → our proxy → app; the app learns the caller's proven identity.
@@ -207,7 +207,10 @@ async fn an_envoy_caller_and_our_callee_share_one_mtls_mesh_set_by_the_control_p
     let envoys_cert = || async move {
         let certs: serde_json::Value =
             serde_json::from_str(&get(envoy_admin, "/certs").await.body).unwrap();
-        let chains = certs["certificates"].as_array().cloned().unwrap_or_default();
+        let chains = certs["certificates"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         chains
             .iter()
             .flat_map(|c| c["cert_chain"].as_array().cloned().unwrap_or_default())
@@ -228,14 +231,26 @@ async fn an_envoy_caller_and_our_callee_share_one_mtls_mesh_set_by_the_control_p
         }
         versions.insert(current());
     }
-    assert!(failed.is_empty(), "{} of {sent} failed: {failed:?}", failed.len());
-    assert!(versions.len() >= 3, "web's certificate was renewed {} times", versions.len() - 1);
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} failed: {failed:?}",
+        failed.len()
+    );
+    assert!(
+        versions.len() >= 3,
+        "web's certificate was renewed {} times",
+        versions.len() - 1
+    );
     assert_ne!(current(), first);
     // Envoy took the renewed files (it watches the directory).
-    eventually("Envoy holds a renewed certificate", Duration::from_secs(5), || async {
-        let now = envoys_cert().await;
-        (!now.is_empty() && now != serial_before).then_some(())
-    })
+    eventually(
+        "Envoy holds a renewed certificate",
+        Duration::from_secs(5),
+        || async {
+            let now = envoys_cert().await;
+            (!now.is_empty() && now != serial_before).then_some(())
+        },
+    )
     .await;
     assert!(sent > 100, "only {sent} requests");
 
@@ -254,4 +269,112 @@ async fn an_envoy_caller_and_our_callee_share_one_mtls_mesh_set_by_the_control_p
         (r.status == 403).then_some(())
     })
     .await;
+}
+
+/// A caller's sidecar of ours, running as `account`: its certificate from the CA, its routes
+/// from the control plane.
+async fn our_caller(secure: SocketAddr, anchor: &Path, account: &str) -> TestProxy {
+    let id = format!("spiffe://cluster.local/ns/shop/sa/{account}");
+    TestProxy::start(&format!(
+        r#"admin: {{address: 127.0.0.1:0}}
+identity:
+  ca: {{address: "{secure}", token: token-{account}, id: "{id}", trust_anchor: "{anchor}"}}
+xds: {{address: "{secure}", node: {account}-0, service: {account}, identity: "{CONTROL_PLANE}"}}
+listeners:
+  - name: outbound
+    address: 127.0.0.1:0
+    direction: outbound
+    rds: outbound
+"#,
+        anchor = anchor.display()
+    ))
+    .await
+}
+
+/// The reverse: our proxy as the caller's sidecar, an Envoy as the callee's, which takes its
+/// inbound listener (mTLS only, the RBAC filter, the route to its app) from the control plane.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_caller_and_an_envoy_callee_share_one_mtls_mesh_set_by_the_control_plane() {
+    // The app on 127.0.0.1:port; Envoy in front of it on 127.0.0.2:port, as a pod's
+    // inbound capture would put it.
+    let port = free_addr().port();
+    let app = upstreams::http_at("api-app", SocketAddr::from(([127, 0, 0, 1], port))).await;
+    let envoy_inbound = SocketAddr::from(([127, 0, 0, 2], port));
+    let mesh_path = temp_path("mesh.yaml");
+    let text = mesh(
+        free_addr().port(),
+        envoy_inbound,
+        "{from: [{service_account: web}]}",
+    ) + "  - name: batch\n    namespace: shop\n    tokens: [{token: token-batch}]\n";
+    std::fs::write(&mesh_path, text).unwrap();
+    let cp = control_plane(&mesh_path).await;
+    let secure = cp.secure_xds_addr.unwrap();
+    let anchor = temp_path("ca-root.pem");
+    std::fs::write(&anchor, cp.ca.load().bundle_pem()).unwrap();
+
+    let certs = Certs::start(secure, &anchor, API, "token-api");
+    let cert = certs.dir.join("cert.pem");
+    eventually(
+        "api's certificate is written",
+        Duration::from_secs(10),
+        || {
+            let cert = cert.clone();
+            async move { cert.exists().then_some(()) }
+        },
+    )
+    .await;
+    let envoy_admin = free_addr();
+    let _envoy = Envoy::ads_mtls(
+        "api-0",
+        "api",
+        (secure, envoy_admin),
+        &certs.dir,
+        CONTROL_PLANE,
+        Some(envoy_inbound),
+    );
+    let web = our_caller(secure, &anchor, "web").await;
+    let batch = our_caller(secure, &anchor, "batch").await;
+    let web_client = TestClient::http1(web.addr("outbound"));
+    let web_ref = &web_client;
+    let reply = eventually(
+        "web reaches api through Envoy",
+        Duration::from_secs(20),
+        || async move {
+            web_ref
+                .get("api.shop", "/hello")
+                .await
+                .ok()
+                .filter(|r| r.status == 200)
+        },
+    )
+    .await;
+    assert_eq!(reply.body, "api-app");
+    drop(app);
+    // Envoy hands the app the caller's proven identity.
+    let xfcc = reply
+        .header("x-echo-x-forwarded-client-cert")
+        .unwrap_or_default();
+    assert!(xfcc.contains(WEB), "{xfcc}");
+
+    // batch is not allowed: Envoy's RBAC filter, from the mesh's rule, answers 403.
+    let batch_client = TestClient::http1(batch.addr("outbound"));
+    let denied = batch_client.get("api.shop", "/hello").await.unwrap();
+    assert_eq!(denied.status, 403, "{}", denied.body);
+    assert!(
+        denied.body.contains("RBAC"),
+        "Envoy refused it: {}",
+        denied.body
+    );
+
+    // Every resource Envoy was sent it ACKed.
+    let status: serde_json::Value =
+        serde_json::from_str(&get(cp.admin_addr, "/status").await.body).unwrap();
+    let types = &status["nodes"]["api-0"]["types"];
+    for t in ["Secret", "Cluster", "Listener"] {
+        assert_eq!(types[t]["nacks"], 0, "{t}: {status}");
+        assert_eq!(
+            types[t]["acked_version"], types[t]["sent_version"],
+            "{t}: {status}"
+        );
+    }
 }
