@@ -50,12 +50,16 @@ pub(crate) trait Protocol: Sized + Send + 'static {
 /// What the node sees. Only a node that proved its identity gets its workload secret: the
 /// secret names files, but it is the node's own.
 fn view(snapshot: Arc<Snapshot>, proven: &Option<SpiffeId>, node: &NodeFacts) -> Arc<Snapshot> {
-    let view = match proven {
+    let mut view = match proven {
         Some(id) => snapshot
             .view_for_identity(id)
             .with_workload_secret(&node.cert_dir),
         None => snapshot.view_for(&node.cluster),
     };
+    if node.grpc {
+        let service = snapshot.service_of(proven.as_ref(), &node.cluster);
+        view = view.for_grpc(service.as_deref());
+    }
     match node.inbound_address {
         Some(address) => view.with_inbound_address(address),
         None => view,
@@ -71,6 +75,9 @@ struct NodeFacts {
     cert_dir: String,
     /// Where it binds its inbound listener, if not the default (`OUTRIGGER_INBOUND_ADDRESS`).
     inbound_address: Option<std::net::SocketAddr>,
+    /// A proxyless gRPC client or server (its user agent says so): it takes certificate
+    /// providers instead of SDS, and server Listeners by address.
+    grpc: bool,
 }
 
 impl NodeFacts {
@@ -105,6 +112,7 @@ impl NodeFacts {
             cluster: node.map(|n| n.cluster.clone()).unwrap_or_default(),
             cert_dir,
             inbound_address,
+            grpc: node.is_some_and(|n| n.user_agent_name.to_ascii_lowercase().starts_with("grpc")),
         })
     }
 }

@@ -14,9 +14,11 @@ use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use outrigger_core::spiffe::SpiffeId;
 use prost::Message;
 
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
+use outrigger_core::inbound::Inbound;
 use outrigger_core::xds_tls::{BUNDLE_SECRET, WORKLOAD_SECRET};
-use outrigger_core::{xds_inbound, xds_sds};
+use outrigger_core::{xds_grpc, xds_inbound, xds_sds};
 
 use crate::translate::{
     self, CLUSTER_TYPE, ENDPOINT_TYPE, INBOUND, LISTENER_TYPE, OUTBOUND, PUSH_ORDER, ROUTE_TYPE,
@@ -36,6 +38,16 @@ pub struct Snapshot {
     pub types: BTreeMap<&'static str, TypeSnapshot>,
     /// The mesh it was made from, for per-node scoping.
     pub mesh: Option<Arc<Mesh>>,
+    /// For a proxyless gRPC node: what its server Listeners say (`xds_grpc`).
+    pub grpc_server: Option<GrpcServer>,
+}
+
+/// The inbound side of a gRPC node's service, for the Listener a gRPC server asks for.
+#[derive(Debug, Clone, Default)]
+pub struct GrpcServer {
+    pub inbound: Option<Inbound>,
+    /// The service is meshed: its callers originate mTLS.
+    pub mtls: bool,
 }
 
 impl Snapshot {
@@ -116,6 +128,53 @@ impl Snapshot {
         }
     }
 
+    /// This view as a proxyless gRPC node takes it (gRFC A29, A36): TLS contexts name the
+    /// certificate provider instance of its bootstrap instead of SDS secrets, and the server
+    /// Listeners it asks for say what its service's inbound policy says. `service` is the
+    /// node's, as its proven identity or its claimed cluster names it.
+    pub fn for_grpc(self: &Arc<Self>, service: Option<&str>) -> Arc<Snapshot> {
+        let mut view = (**self).clone();
+        if let Some(t) = view.types.get_mut(CLUSTER_TYPE) {
+            for any in t.resources.by_name.values_mut() {
+                if let Ok(mut c) = Cluster::decode(any.value.as_slice())
+                    && c.transport_socket.is_some()
+                {
+                    xds_grpc::for_grpc_client(&mut c);
+                    *any = pack(&c);
+                }
+            }
+        }
+        let mesh = self.mesh.as_ref();
+        let own = mesh.zip(service).and_then(|(m, name)| {
+            m.services
+                .values()
+                .find(|s| s.name == name || s.cluster_name() == name)
+                .map(|s| (m, s))
+        });
+        view.grpc_server = Some(match own {
+            Some((m, s)) => GrpcServer {
+                inbound: translate::inbound_policy(m, s),
+                mtls: s.mtls || translate::inbound_mode(m, s).is_some(),
+            },
+            None => GrpcServer::default(),
+        });
+        Arc::new(view)
+    }
+
+    /// The service a node runs as: the one its proven identity runs as, else the one it
+    /// claims.
+    pub fn service_of(&self, proven: Option<&SpiffeId>, claimed: &str) -> Option<String> {
+        let mesh = self.mesh.as_ref()?;
+        let found = match proven {
+            Some(id) => mesh.services.values().find(|s| &s.identity == id),
+            None => mesh
+                .services
+                .values()
+                .find(|s| s.name == claimed || s.cluster_name() == claimed),
+        };
+        found.map(|s| s.cluster_name())
+    }
+
     /// This view with its `inbound` Listener bound at `address` instead of the default.
     pub fn with_inbound_address(self: &Arc<Self>, address: std::net::SocketAddr) -> Arc<Snapshot> {
         let Some(any) = self
@@ -186,6 +245,21 @@ impl Snapshot {
                 .iter()
                 .filter(|(n, _)| !r.named_only.contains(*n))
                 .map(|(_, a)| a.clone())
+                .collect()
+        } else if let (LISTENER_TYPE, Some(server)) = (type_url, &self.grpc_server) {
+            // A gRPC server's Listener is made for the address its name asks for.
+            names
+                .iter()
+                .filter_map(|n| match xds_grpc::server_address(n) {
+                    Some(addr) => Some(pack(&xds_grpc::server_listener(
+                        n,
+                        addr,
+                        server.inbound.as_ref(),
+                        server.mtls,
+                    ))),
+                    None if crate::translate::is_internal(n) => None,
+                    None => t.resources.by_name.get(n).cloned(),
+                })
                 .collect()
         } else {
             names
@@ -273,6 +347,7 @@ impl Publisher {
             mesh_version: old.mesh_version + 1,
             types,
             mesh: Some(Arc::new(mesh.clone())),
+            grpc_server: None,
         }));
     }
 }

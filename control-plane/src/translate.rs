@@ -236,7 +236,7 @@ pub fn translate(mesh: &Mesh) -> [(&'static str, Resources); 4] {
 }
 
 /// A service's inbound mTLS mode: its own, else its namespace's.
-fn inbound_mode(mesh: &Mesh, s: &Service) -> Option<TlsMode> {
+pub fn inbound_mode(mesh: &Mesh, s: &Service) -> Option<TlsMode> {
     s.tls_mode
         .or_else(|| mesh.namespace_tls.get(&s.namespace).copied())
 }
@@ -244,7 +244,7 @@ fn inbound_mode(mesh: &Mesh, s: &Service) -> Option<TlsMode> {
 /// What a service's sidecars are told about their inbound side, if the mesh says anything.
 /// Authorization without a mode says permissive: the sidecar keeps the stricter of that and
 /// its own.
-fn inbound_policy(mesh: &Mesh, s: &Service) -> Option<Inbound> {
+pub fn inbound_policy(mesh: &Mesh, s: &Service) -> Option<Inbound> {
     let mode = inbound_mode(mesh, s);
     if mode.is_none() && s.authorization.is_none() {
         return None;

@@ -17,6 +17,7 @@ pub mod spiffe;
 pub mod tls;
 pub mod token_bucket;
 pub mod xds;
+pub mod xds_grpc;
 pub mod xds_inbound;
 pub mod xds_policy;
 pub mod xds_rbac;

@@ -52,14 +52,18 @@ pub fn local_app_cluster(port: u16) -> String {
 }
 
 /// The app on loopback, `port`: where an Envoy's inbound listener sends what it admits.
-pub fn local_app(port: u16) -> Cluster {
-    let address = Address {
+pub fn address_of(addr: SocketAddr) -> Address {
+    Address {
         address: Some(address::Address::SocketAddress(SocketAddress {
-            address: "127.0.0.1".into(),
-            port_specifier: Some(socket_address::PortSpecifier::PortValue(port as u32)),
+            address: addr.ip().to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(addr.port() as u32)),
             ..Default::default()
         })),
-    };
+    }
+}
+
+pub fn local_app(port: u16) -> Cluster {
+    let address = address_of(SocketAddr::from(([127, 0, 0, 1], port)));
     Cluster {
         name: local_app_cluster(port),
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
@@ -171,15 +175,7 @@ pub fn inbound_listener(
     }
     Listener {
         name: name.into(),
-        address: Some(Address {
-            address: Some(address::Address::SocketAddress(SocketAddress {
-                address: address.ip().to_string(),
-                port_specifier: Some(socket_address::PortSpecifier::PortValue(
-                    address.port() as u32
-                )),
-                ..Default::default()
-            })),
-        }),
+        address: Some(address_of(address)),
         traffic_direction: TrafficDirection::Inbound as i32,
         filter_chains,
         listener_filters,

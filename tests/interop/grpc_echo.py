@@ -7,6 +7,11 @@ No generated code: the methods use raw bytes, so no protoc is needed.
                                           # runs the calls, prints one JSON object, exits 0
     python grpc_echo.py client xds:///SERVICE -
                                           # the same through xDS (GRPC_XDS_BOOTSTRAP set)
+    python grpc_echo.py xds-server PORT   # an xDS-enabled server on 127.0.0.1:PORT: its
+                                          # security and RBAC come from the control plane
+                                          # (GRPC_XDS_BOOTSTRAP set); prints "SERVING"
+    python grpc_echo.py xds-call TARGET   # one unary call with xDS credentials (or plaintext
+                                          # for a host:port); prints {"code", "reply"}
 """
 
 import json
@@ -15,6 +20,7 @@ import sys
 from concurrent import futures
 
 import grpc
+import grpc.experimental
 
 
 def unary(request, context):
@@ -92,8 +98,48 @@ def client(target, authority):
     print(json.dumps(out), flush=True)
 
 
+def whoami(request, context):
+    # What the server learned of the caller from the handshake: its SPIFFE ID is a URI SAN.
+    seen = {k: [v.decode(errors="replace") for v in vs] for k, vs in context.auth_context().items()}
+    return json.dumps(seen).encode()
+
+
+def xds_serve(port):
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=4),
+        xds=True,
+    )
+    handlers = {"WhoAmI": grpc.unary_unary_rpc_method_handler(whoami)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("test.Echo", handlers),))
+    creds = grpc.xds_server_credentials(grpc.insecure_server_credentials())
+    server.add_secure_port(f"127.0.0.1:{port}", creds)
+    server.start()
+    print("SERVING", flush=True)
+    sys.stdin.read()
+    server.stop(0)
+
+
+def xds_call(target):
+    if target.startswith("xds:"):
+        creds = grpc.xds_channel_credentials(grpc.experimental.insecure_channel_credentials())
+        channel = grpc.secure_channel(target, creds)
+    else:
+        channel = grpc.insecure_channel(target)
+    with channel:
+        try:
+            reply = channel.unary_unary("/test.Echo/WhoAmI")(b"", timeout=10, wait_for_ready=False)
+            out = {"code": "OK", "reply": json.loads(reply)}
+        except grpc.RpcError as e:
+            out = {"code": e.code().name, "details": e.details()}
+    print(json.dumps(out), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve()
+    elif sys.argv[1] == "xds-server":
+        xds_serve(sys.argv[2])
+    elif sys.argv[1] == "xds-call":
+        xds_call(sys.argv[2])
     else:
         client(sys.argv[2], sys.argv[3])
