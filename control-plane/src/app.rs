@@ -42,6 +42,8 @@ pub struct IdentityOptions {
     pub cert_lifetime: std::time::Duration,
     /// Also serve ADS over mTLS here, scoping each node by the identity it proves.
     pub secure_xds_address: Option<SocketAddr>,
+    /// Host names or IPs that port's certificate carries besides the SPIFFE ID.
+    pub server_names: Vec<String>,
     /// Check service-account tokens with this Kubernetes API server.
     pub token_review: Option<Arc<crate::token_review::TokenReviewer>>,
 }
@@ -52,6 +54,7 @@ impl Default for IdentityOptions {
             ca_dir: None,
             cert_lifetime: crate::ca::DEFAULT_LIFETIME,
             secure_xds_address: None,
+            server_names: Vec::new(),
             token_review: None,
         }
     }
@@ -156,7 +159,9 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
         Some(addr) => {
             let socket = bind("xDS (mTLS)", addr).await?;
             let bound = socket.local_addr().unwrap_or(addr);
-            let config = crate::secure_xds::server_config(&ca.load()).map_err(StartError::Ca)?;
+            let config =
+                crate::secure_xds::server_config(&ca.load(), &options.identity.server_names)
+                    .map_err(StartError::Ca)?;
             let (ads, identity) = (Ads::new(publisher.clone(), nodes.clone()), identity.clone());
             let td = trust_domain.clone();
             let gate = secure_gate.clone();

@@ -171,6 +171,29 @@ impl Ca {
         self.issue_between(id, now - time::Duration::minutes(1), now + lifetime)
     }
 
+    /// As `issue`, the certificate also naming `names` (DNS names, or IP addresses): for the
+    /// control plane's own port, whose gRPC clients check the host they dial.
+    pub fn issue_named(
+        &self,
+        id: &SpiffeId,
+        names: &[String],
+        lifetime: Duration,
+    ) -> Result<(String, String), CaError> {
+        let now = now();
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)?;
+        let mut params = svid_params(id, now - time::Duration::minutes(1), now + lifetime)?;
+        for name in names {
+            params
+                .subject_alt_names
+                .push(match name.parse::<std::net::IpAddr>() {
+                    Ok(ip) => SanType::IpAddress(ip),
+                    Err(_) => SanType::DnsName(name.clone().try_into()?),
+                });
+        }
+        let leaf = params.signed_by(&key, &self.issuer)?;
+        Ok((self.chain(leaf.pem()), key.serialize_pem()))
+    }
+
     /// As `issue`, valid between two times (an expired one, for a test).
     pub fn issue_between(
         &self,

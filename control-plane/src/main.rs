@@ -48,6 +48,10 @@ enum Command {
         /// identity its certificate proves.
         #[arg(long)]
         secure_xds: Option<SocketAddr>,
+        /// Host names (or IPs) the mTLS port's certificate also carries, besides the control
+        /// plane's SPIFFE ID: a gRPC app's xDS client checks the host it dials (repeatable).
+        #[arg(long = "server-name")]
+        server_names: Vec<String>,
         /// Check bootstrap tokens the mesh file does not know with this Kubernetes API server's
         /// TokenReview (for example https://kubernetes.default.svc).
         #[arg(long)]
@@ -258,6 +262,7 @@ fn main() -> ExitCode {
             ca,
             cert_lifetime,
             secure_xds,
+            server_names,
             kube_api,
             kube_token_file,
             kube_ca_file,
@@ -302,6 +307,7 @@ fn main() -> ExitCode {
                         ca_dir: ca,
                         cert_lifetime,
                         secure_xds_address: secure_xds,
+                        server_names,
                         token_review,
                     },
                 };

@@ -24,10 +24,10 @@ pub use crate::grpc_limits::Caller;
 
 /// A server config with a fresh certificate for the control plane, valid for a year; a
 /// client certificate, if any, is checked against the CA's roots.
-pub fn server_config(ca: &Ca) -> Result<Arc<ServerConfig>, CaError> {
+pub fn server_config(ca: &Ca, names: &[String]) -> Result<Arc<ServerConfig>, CaError> {
     let tls = |e: &dyn std::fmt::Display| CaError::Tls(e.to_string());
     let id = SpiffeId::control_plane(&ca.trust_domain);
-    let (chain, key) = ca.issue(&id, Duration::from_secs(365 * 24 * 3600))?;
+    let (chain, key) = ca.issue_named(&id, names, Duration::from_secs(365 * 24 * 3600))?;
     let (chain, key) = crate::ca::rustls_pair(&chain, &key)?;
     let mut roots = rustls::RootCertStore::empty();
     for root in CertificateDer::pem_slice_iter(ca.bundle_pem().as_bytes()) {

@@ -102,6 +102,19 @@ struct CertsArgs {
     /// Write the first certificate and exit (an init container), instead of renewing.
     #[arg(long)]
     once: bool,
+    /// Also write a gRPC xDS bootstrap here (for `GRPC_XDS_BOOTSTRAP`): the control plane's
+    /// ADS over mTLS with these files, and the certificate provider `default` reading them.
+    #[arg(long, requires_all = ["xds_address", "node", "service"])]
+    grpc_bootstrap: Option<PathBuf>,
+    /// The control plane's xDS over mTLS, `host:port`, for the bootstrap.
+    #[arg(long, env = "OUTRIGGER_XDS_ADDRESS")]
+    xds_address: Option<String>,
+    /// The node id, for the bootstrap.
+    #[arg(long, env = "POD_NAME")]
+    node: Option<String>,
+    /// The service the app belongs to, for the bootstrap.
+    #[arg(long, env = "OUTRIGGER_SERVICE")]
+    service: Option<String>,
 }
 
 fn certs(args: CertsArgs) -> ExitCode {
@@ -140,6 +153,18 @@ fn certs(args: CertsArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(path) = &args.grpc_bootstrap {
+        let bootstrap = outrigger_proxy::identity::cert_files::grpc_bootstrap(
+            args.xds_address.as_deref().unwrap_or_default(),
+            args.node.as_deref().unwrap_or_default(),
+            args.service.as_deref().unwrap_or_default(),
+            &args.dir,
+        );
+        if let Err(e) = std::fs::write(path, bootstrap) {
+            eprintln!("cannot write {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
     let rt = runtime(1).expect("tokio runtime");
     match rt.block_on(outrigger_proxy::identity::cert_files::run(
         client, args.dir, args.once,

@@ -51,6 +51,10 @@ struct Certs {
 
 impl Certs {
     fn start(ca: SocketAddr, anchor: &Path, id: &str, token: &str) -> Certs {
+        Certs::start_with(ca, anchor, id, token, &["--lifetime", LIFETIME])
+    }
+
+    fn start_with(ca: SocketAddr, anchor: &Path, id: &str, token: &str, extra: &[&str]) -> Certs {
         let dir = temp_path("certs");
         let child = Command::new(workspace_binary("outrigger-proxy"))
             .args([
@@ -66,7 +70,7 @@ impl Certs {
             .arg(anchor)
             .arg("--dir")
             .arg(&dir)
-            .args(["--lifetime", LIFETIME])
+            .args(extra)
             .spawn()
             .expect("outrigger-proxy certs starts");
         Certs { child, dir }
@@ -87,6 +91,8 @@ async fn control_plane(mesh_path: &Path) -> ControlPlane {
         admin_address: "127.0.0.1:0".parse().unwrap(),
         identity: app::IdentityOptions {
             secure_xds_address: Some("127.0.0.1:0".parse().unwrap()),
+            // A gRPC app's xDS client checks the host it dials.
+            server_names: vec!["127.0.0.1".into()],
             ..Default::default()
         },
     })
@@ -387,36 +393,6 @@ fn grpc_script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("interop/grpc_echo.py")
 }
 
-/// A gRPC bootstrap for node `node` of service `cluster`: the control plane's plaintext
-/// xDS, and the certificate provider instance `default` reading the files in `certs`.
-fn grpc_bootstrap(xds: SocketAddr, node: &str, cluster: &str, certs: &Path) -> PathBuf {
-    let d = certs.display();
-    let path = temp_path("grpc-bootstrap.json");
-    let json = serde_json::json!({
-        "xds_servers": [{
-            "server_uri": xds.to_string(),
-            "channel_creds": [{"type": "insecure"}],
-            "server_features": ["xds_v3"],
-        }],
-        "node": {"id": node, "cluster": cluster, "locality": {}},
-        "certificate_providers": {
-            "default": {
-                "plugin_name": "file_watcher",
-                "config": {
-                    "certificate_file": format!("{d}/cert.pem"),
-                    "private_key_file": format!("{d}/key.pem"),
-                    "ca_certificate_file": format!("{d}/bundle.pem"),
-                    "refresh_interval": "1s",
-                },
-            },
-        },
-        "server_listener_resource_name_template":
-            "grpc/server?xds.resource.listening_address=%s",
-    });
-    std::fs::write(&path, json.to_string()).unwrap();
-    path
-}
-
 /// One unary call to `target` as the app with `bootstrap`: `{"code", "reply" | "details"}`.
 async fn grpc_call(target: &str, bootstrap: &Path) -> serde_json::Value {
     let (target, bootstrap) = (target.to_string(), bootstrap.to_path_buf());
@@ -468,11 +444,26 @@ services:
     let secure = cp.secure_xds_addr.unwrap();
     let anchor = temp_path("ca-root.pem");
     std::fs::write(&anchor, cp.ca.load().bundle_pem()).unwrap();
+    // Each app's certificate files and its gRPC bootstrap (ADS over mTLS with those files),
+    // as the helper writes them.
+    let bootstraps: Vec<PathBuf> = (0..3).map(|_| temp_path("grpc-bootstrap.json")).collect();
     let certs: Vec<Certs> = ["api", "web", "batch"]
         .iter()
-        .map(|a| {
+        .zip(&bootstraps)
+        .map(|(a, bootstrap)| {
             let id = format!("spiffe://cluster.local/ns/shop/sa/{a}");
-            Certs::start(secure, &anchor, &id, &format!("token-{a}"))
+            let (address, node) = (secure.to_string(), format!("{a}-grpc"));
+            let args = [
+                "--grpc-bootstrap",
+                bootstrap.to_str().unwrap(),
+                "--xds-address",
+                &address,
+                "--node",
+                &node,
+                "--service",
+                a,
+            ];
+            Certs::start_with(secure, &anchor, &id, &format!("token-{a}"), &args)
         })
         .collect();
     for c in &certs {
@@ -488,18 +479,17 @@ services:
         .await;
     }
 
-    let server_bootstrap = grpc_bootstrap(cp.xds_addr, "api-grpc", "api", &certs[0].dir);
+    let server_bootstrap = &bootstraps[0];
     let mut server = Command::new(python())
         .arg(grpc_script())
         .args(["xds-server", &port.to_string()])
-        .env("GRPC_XDS_BOOTSTRAP", &server_bootstrap)
+        .env("GRPC_XDS_BOOTSTRAP", server_bootstrap)
         .stdin(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let web = grpc_bootstrap(cp.xds_addr, "web-grpc", "web", &certs[1].dir);
-    let batch = grpc_bootstrap(cp.xds_addr, "batch-grpc", "batch", &certs[2].dir);
+    let (web, batch) = (&bootstraps[1], &bootstraps[2]);
 
-    let web_ref = &web;
+    let web_ref = web;
     let ok = eventually(
         "web's call succeeds",
         Duration::from_secs(30),
@@ -515,9 +505,9 @@ services:
         "the server saw {ok}"
     );
     assert_eq!(ok["reply"]["transport_security_type"][0], "tls");
-    let denied = grpc_call("xds:///api.shop", &batch).await;
+    let denied = grpc_call("xds:///api.shop", batch).await;
     assert_eq!(denied["code"], "PERMISSION_DENIED", "{denied}");
-    let plaintext = grpc_call(&format!("127.0.0.1:{port}"), &batch).await;
+    let plaintext = grpc_call(&format!("127.0.0.1:{port}"), batch).await;
     assert_eq!(plaintext["code"], "UNAVAILABLE", "{plaintext}");
 
     let status = cp.nodes.to_json();

@@ -65,6 +65,37 @@ pub fn write(dir: &Path, issued: &Issued) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A gRPC xDS bootstrap (gRFC A27, A29, A36, A65) for an app whose files `dir` holds: ADS
+/// over mTLS to `xds` with those files, the node, the certificate provider instance
+/// `default` reading them, and the name its server Listeners are asked by.
+pub fn grpc_bootstrap(xds: &str, node: &str, service: &str, dir: &Path) -> String {
+    let file = |name: &str| dir.join(name).display().to_string();
+    let files = serde_json::json!({
+        "certificate_file": file(CERT_FILE),
+        "private_key_file": file(KEY_FILE),
+        "ca_certificate_file": file(BUNDLE_FILE),
+    });
+    let mut provider = files.clone();
+    provider["refresh_interval"] = "10s".into();
+    serde_json::json!({
+        "xds_servers": [{
+            "server_uri": xds,
+            "channel_creds": [{"type": "tls", "config": files}],
+            "server_features": ["xds_v3"],
+        }],
+        "node": {"id": node, "cluster": service, "locality": {}},
+        "certificate_providers": {
+            outrigger_core::xds_grpc::PROVIDER_INSTANCE: {
+                "plugin_name": "file_watcher",
+                "config": provider,
+            },
+        },
+        "server_listener_resource_name_template":
+            format!("{}%s", outrigger_core::xds_grpc::SERVER_LISTENER_PREFIX),
+    })
+    .to_string()
+}
+
 /// Keeps `dir` fresh for as long as the process runs: renews at about half the certificate's
 /// life, and on failure keeps the current files (still valid) and tries again with backoff.
 /// With `once`, returns after the first certificate is written.
