@@ -208,57 +208,7 @@ async fn an_envoy_caller_and_our_callee_share_one_mtls_mesh_set_by_the_control_p
     assert!(dump.contains(API), "Envoy checks api's identity");
 
     // Under load, both certificates are renewed several times: no request is lost.
-    let current = || std::fs::read_link(certs.dir.join("..data")).unwrap();
-    let first = current();
-    let envoys_cert = || async move {
-        let certs: serde_json::Value =
-            serde_json::from_str(&get(envoy_admin, "/certs").await.body).unwrap();
-        let chains = certs["certificates"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        chains
-            .iter()
-            .flat_map(|c| c["cert_chain"].as_array().cloned().unwrap_or_default())
-            .filter(|c| c.to_string().contains(WEB))
-            .map(|c| c["serial_number"].to_string())
-            .collect::<Vec<_>>()
-    };
-    let serial_before = envoys_cert().await;
-    assert!(!serial_before.is_empty(), "Envoy shows web's certificate");
-    let (mut sent, mut failed, mut versions) = (0, Vec::new(), std::collections::BTreeSet::new());
-    let until = std::time::Instant::now() + Duration::from_secs(7);
-    while std::time::Instant::now() < until {
-        let r = client.get("api.shop", "/hello").await;
-        sent += 1;
-        match r {
-            Ok(r) if r.status == 200 => {}
-            other => failed.push(format!("{:?}", other.map(|r| (r.status, r.body)))),
-        }
-        versions.insert(current());
-    }
-    assert!(
-        failed.is_empty(),
-        "{} of {sent} failed: {failed:?}",
-        failed.len()
-    );
-    assert!(
-        versions.len() >= 3,
-        "web's certificate was renewed {} times",
-        versions.len() - 1
-    );
-    assert_ne!(current(), first);
-    // Envoy took the renewed files (it watches the directory).
-    eventually(
-        "Envoy holds a renewed certificate",
-        Duration::from_secs(5),
-        || async {
-            let now = envoys_cert().await;
-            (!now.is_empty() && now != serial_before).then_some(())
-        },
-    )
-    .await;
-    assert!(sent > 100, "only {sent} requests");
+    renewals_under_load(&client, &certs, envoy_admin, WEB).await;
 
     // The mesh lets only batch in now: Envoy's calls as web get 403 from our proxy.
     std::fs::write(
@@ -277,6 +227,65 @@ async fn an_envoy_caller_and_our_callee_share_one_mtls_mesh_set_by_the_control_p
     .await;
 }
 
+/// The serial numbers of the certificates for `id` that the Envoy at `admin` holds.
+async fn envoys_serials(admin: SocketAddr, id: &str) -> Vec<String> {
+    let certs: serde_json::Value = serde_json::from_str(&get(admin, "/certs").await.body).unwrap();
+    let chains = certs["certificates"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    chains
+        .iter()
+        .flat_map(|c| c["cert_chain"].as_array().cloned().unwrap_or_default())
+        .filter(|c| c.to_string().contains(id))
+        .map(|c| c["serial_number"].to_string())
+        .collect()
+}
+
+/// Seven seconds of requests through `client` while the certificates (`certs`, Envoy's
+/// `id`, and our proxy's) are renewed every two seconds or so: none fails, and Envoy takes
+/// the renewed files.
+async fn renewals_under_load(
+    client: &TestClient,
+    certs: &Certs,
+    envoy_admin: SocketAddr,
+    id: &str,
+) {
+    let current = || std::fs::read_link(certs.dir.join("..data")).unwrap();
+    let first = current();
+    let serial_before = envoys_serials(envoy_admin, id).await;
+    assert!(!serial_before.is_empty(), "Envoy shows {id}'s certificate");
+    let (mut sent, mut failed, mut versions) = (0, Vec::new(), std::collections::BTreeSet::new());
+    let until = std::time::Instant::now() + Duration::from_secs(7);
+    while std::time::Instant::now() < until {
+        let r = client.get("api.shop", "/hello").await;
+        sent += 1;
+        match r {
+            Ok(r) if r.status == 200 => {}
+            other => failed.push(format!("{:?}", other.map(|r| (r.status, r.body)))),
+        }
+        versions.insert(current());
+    }
+    assert!(
+        failed.is_empty(),
+        "{} of {sent} failed: {failed:?}",
+        failed.len()
+    );
+    assert!(versions.len() >= 3, "renewed {} times", versions.len() - 1);
+    assert_ne!(current(), first);
+    assert!(sent > 100, "only {sent} requests");
+    // Envoy took the renewed files (it watches the directory).
+    eventually(
+        "Envoy holds a renewed certificate",
+        Duration::from_secs(5),
+        || async {
+            let now = envoys_serials(envoy_admin, id).await;
+            (!now.is_empty() && now != serial_before).then_some(())
+        },
+    )
+    .await;
+}
+
 /// A caller's sidecar of ours, running as `account`: its certificate from the CA, its routes
 /// from the control plane.
 async fn our_caller(secure: SocketAddr, anchor: &Path, account: &str) -> TestProxy {
@@ -284,7 +293,7 @@ async fn our_caller(secure: SocketAddr, anchor: &Path, account: &str) -> TestPro
     TestProxy::start(&format!(
         r#"admin: {{address: 127.0.0.1:0}}
 identity:
-  ca: {{address: "{secure}", token: token-{account}, id: "{id}", trust_anchor: "{anchor}"}}
+  ca: {{address: "{secure}", token: token-{account}, id: "{id}", trust_anchor: "{anchor}", lifetime: {LIFETIME}}}
 xds: {{address: "{secure}", node: {account}-0, service: {account}, identity: "{CONTROL_PLANE}"}}
 listeners:
   - name: outbound
@@ -304,7 +313,7 @@ async fn our_caller_and_an_envoy_callee_share_one_mtls_mesh_set_by_the_control_p
     // The app on 127.0.0.1:port; Envoy in front of it on 127.0.0.2:port, as a pod's
     // inbound capture would put it.
     let port = free_addr().port();
-    let app = upstreams::http_at("api-app", SocketAddr::from(([127, 0, 0, 1], port))).await;
+    let _app = upstreams::http_at("api-app", SocketAddr::from(([127, 0, 0, 1], port))).await;
     let envoy_inbound = SocketAddr::from(([127, 0, 0, 2], port));
     let mesh_path = temp_path("mesh.yaml");
     let text = mesh(
@@ -355,7 +364,6 @@ async fn our_caller_and_an_envoy_callee_share_one_mtls_mesh_set_by_the_control_p
     )
     .await;
     assert_eq!(reply.body, "api-app");
-    drop(app);
     // Envoy hands the app the caller's proven identity.
     let xfcc = reply
         .header("x-echo-x-forwarded-client-cert")
@@ -371,6 +379,9 @@ async fn our_caller_and_an_envoy_callee_share_one_mtls_mesh_set_by_the_control_p
         "Envoy refused it: {}",
         denied.body
     );
+
+    // Under load, Envoy's certificate and ours are renewed several times: none is lost.
+    renewals_under_load(&web_client, &certs, envoy_admin, API).await;
 
     // Every resource Envoy was sent it ACKed.
     let status: serde_json::Value =
