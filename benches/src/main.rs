@@ -491,6 +491,7 @@ pub(crate) fn write_json(out_dir: &Path, name: &str, doc: &serde_json::Value) {
 }
 
 mod chaos;
+mod churn;
 mod hostile;
 mod kube_idle;
 mod memory;
@@ -511,6 +512,7 @@ fn main() {
         Some("chaos") => return chaos::run(&raw[1..]),
         Some("memory") => return memory::run(&raw[1..]),
         Some("kube-idle") => return kube_idle::run(&raw[1..]),
+        Some("churn") => return churn::run(&raw[1..]),
         _ => {}
     }
     let args = run_args(&raw);

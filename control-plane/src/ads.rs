@@ -84,6 +84,19 @@ struct Subscription {
     sent_version: Option<u64>,
     sent_nonce: String,
     sent_names: Vec<String>,
+    /// A digest of the resources last sent: a new version whose resources are the same for
+    /// this subscriber (a change elsewhere in the mesh) is not sent again.
+    sent_digest: Option<u64>,
+}
+
+fn digest(resources: &[envoy_types::pb::google::protobuf::Any]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    for r in resources {
+        r.type_url.hash(&mut h);
+        r.value.hash(&mut h);
+    }
+    h.finish()
 }
 
 struct SotwStream {
@@ -134,14 +147,22 @@ impl Protocol for SotwStream {
         if !force && sub.sent_version == Some(version) {
             return true;
         }
+        let resources = snapshot.select(type_url, &sub.names);
+        let digest = digest(&resources);
+        if !force && sub.sent_digest == Some(digest) {
+            // Nothing this subscriber holds changed: it keeps the version it has.
+            sub.sent_version = Some(version);
+            return true;
+        }
         let nonce = self.nonce.fetch_add(1, Ordering::Relaxed).to_string();
         let response = DiscoveryResponse {
             version_info: version.to_string(),
-            resources: snapshot.select(type_url, &sub.names),
+            resources,
             type_url: type_url.to_string(),
             nonce: nonce.clone(),
             ..Default::default()
         };
+        sub.sent_digest = Some(digest);
         sub.sent_version = Some(version);
         sub.sent_nonce = nonce;
         sub.sent_names = sub.names.clone();

@@ -28,7 +28,9 @@ use crate::translate::{
 #[derive(Debug, Clone, Default)]
 pub struct TypeSnapshot {
     pub version: u64,
-    pub resources: Resources,
+    /// Shared between the snapshot and every node's view that leaves this type as it is, so
+    /// that a view costs only what it changes.
+    pub resources: Arc<Resources>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -56,29 +58,34 @@ impl Snapshot {
     /// `calls` list, only those clusters and their virtual hosts. Versions stay the
     /// snapshot's, so a scoped node moves in step with the mesh.
     pub fn view_for(self: &Arc<Self>, caller: &str) -> Arc<Snapshot> {
-        let personal = self.personal_view(caller);
-        let base = personal.as_ref().unwrap_or(self);
-        match self.mesh.as_ref().and_then(|m| m.scope_for(caller)) {
-            None => base.clone(),
-            Some(scope) => base.view_scoped(&scope),
+        let scope = self.mesh.as_ref().and_then(|m| m.scope_for(caller));
+        let with = |base: &Snapshot, own: Personal| {
+            let mut view = base.clone();
+            own.add_to(&mut view);
+            Arc::new(view)
+        };
+        match (scope, self.personal(caller)) {
+            (None, None) => self.clone(),
+            (Some(scope), None) => self.view_scoped(&scope),
+            (None, Some(own)) => with(self, own),
+            // Consumer tables are whole: scoped after they are in.
+            (Some(scope), Some(own)) if !own.tables.is_empty() => {
+                with(self, own).view_scoped(&scope)
+            }
+            // Scoped first, so the view copies only what the scope keeps.
+            (Some(scope), Some(own)) => with(&self.view_scoped(&scope), own),
         }
     }
 
-    /// This snapshot with the caller's own resources under the names it asks for: its
-    /// service's inbound Listener as `inbound`, and its namespace's outbound table (consumer
-    /// routes) in place of the shared one. `None` when it has neither.
-    fn personal_view(&self, caller: &str) -> Option<Arc<Snapshot>> {
+    /// The caller's own resources, under the names it asks for: its service's inbound
+    /// Listener as `inbound` (with its app's cluster), and its namespace's tables with their
+    /// consumer routes in place of the shared ones. `None` when it has neither.
+    fn personal(&self, caller: &str) -> Option<Personal> {
         let mesh = self.mesh.as_ref()?;
         let service = mesh
             .services
             .values()
             .find(|s| s.name == caller || s.cluster_name() == caller)?;
-        let kept = |type_url, name: &str| {
-            self.types
-                .get(type_url)
-                .and_then(|t| t.resources.by_name.get(name))
-                .cloned()
-        };
         // Every table kept for this namespace's callers: `outbound@ns`, and `name.ns'@ns`
         // for a service's own table (what proxyless gRPC clients ask for).
         let suffix = consumer_of("", &service.namespace);
@@ -89,30 +96,20 @@ impl Snapshot {
             .flat_map(|t| &t.resources.by_name)
             .filter_map(|(name, any)| Some((name.strip_suffix(&suffix)?.to_string(), any.clone())))
             .collect();
-        let inbound = kept(LISTENER_TYPE, &inbound_of(&service.cluster_name()));
+        let inbound = self
+            .types
+            .get(LISTENER_TYPE)
+            .and_then(|t| {
+                t.resources
+                    .by_name
+                    .get(&inbound_of(&service.cluster_name()))
+            })
+            .cloned()
+            .map(|listener| (listener, service.app_port()));
         if tables.is_empty() && inbound.is_none() {
             return None;
         }
-        let mut view = self.clone();
-        if let Some(t) = view.types.get_mut(ROUTE_TYPE) {
-            for (name, table) in tables {
-                t.resources.by_name.insert(name, table);
-            }
-        }
-        if let (Some(listener), Some(t)) = (inbound, view.types.get_mut(LISTENER_TYPE)) {
-            // Sent to a wildcard subscriber too: an Envoy sidecar binds it.
-            t.resources.by_name.insert(INBOUND.into(), listener);
-            // The app it routes to, for an Envoy (our proxy knows its app from its file).
-            if let (Some(port), Some(clusters)) =
-                (service.app_port(), view.types.get_mut(CLUSTER_TYPE))
-            {
-                clusters.resources.by_name.insert(
-                    xds_inbound::local_app_cluster(port),
-                    pack(&xds_inbound::local_app(port)),
-                );
-            }
-        }
-        Some(Arc::new(view))
+        Some(Personal { tables, inbound })
     }
 
     /// What a node that proved the identity `id` should see: its service's view, or nothing
@@ -134,8 +131,8 @@ impl Snapshot {
     /// node's, as its proven identity or its claimed cluster names it.
     pub fn for_grpc(self: &Arc<Self>, service: Option<&str>) -> Arc<Snapshot> {
         let mut view = (**self).clone();
-        if let Some(t) = view.types.get_mut(CLUSTER_TYPE) {
-            for any in t.resources.by_name.values_mut() {
+        if view.types.contains_key(CLUSTER_TYPE) {
+            for any in view.resources_mut(CLUSTER_TYPE).by_name.values_mut() {
                 if let Ok(mut c) = Cluster::decode(any.value.as_slice())
                     && c.transport_socket.is_some()
                 {
@@ -189,9 +186,9 @@ impl Snapshot {
         };
         listener.address = Some(translate::socket_address(address));
         let mut view = (**self).clone();
-        if let Some(t) = view.types.get_mut(LISTENER_TYPE) {
-            t.resources.by_name.insert(INBOUND.into(), pack(&listener));
-        }
+        view.resources_mut(LISTENER_TYPE)
+            .by_name
+            .insert(INBOUND.into(), pack(&listener));
         Arc::new(view)
     }
 
@@ -199,28 +196,48 @@ impl Snapshot {
     /// files in `dir` on the node's disk.
     pub fn with_workload_secret(self: &Arc<Self>, dir: &str) -> Arc<Snapshot> {
         let mut view = (**self).clone();
-        let secrets = view.types.entry(SECRET_TYPE).or_default();
-        secrets
-            .resources
+        view.resources_mut(SECRET_TYPE)
             .by_name
             .insert(WORKLOAD_SECRET.into(), pack(&xds_sds::workload_secret(dir)));
         Arc::new(view)
     }
 
+    /// This snapshot with only what a node that calls the clusters in `scope` needs: those
+    /// clusters and their endpoints, their virtual hosts in `outbound`, their own tables and
+    /// the API listeners of their host names. Names kept for other views are left out.
     fn view_scoped(self: &Arc<Self>, scope: &std::collections::BTreeSet<String>) -> Arc<Snapshot> {
+        let hostnames: std::collections::BTreeSet<String> = self
+            .mesh
+            .iter()
+            .flat_map(|m| m.services.values())
+            .filter(|s| scope.contains(&s.cluster_name()))
+            .flat_map(|s| s.hostnames())
+            .collect();
         let mut view = (**self).clone();
-        for type_url in [CLUSTER_TYPE, ENDPOINT_TYPE] {
-            if let Some(t) = view.types.get_mut(type_url) {
+        for (type_url, t) in view.types.iter_mut() {
+            let keep = |name: &str| match *type_url {
                 // The node's own app stays: it is not a service it calls.
-                t.resources.by_name.retain(|name, _| {
+                CLUSTER_TYPE | ENDPOINT_TYPE => {
                     scope.contains(name) || name.starts_with(xds_inbound::LOCAL_APP_PREFIX)
-                });
-            }
+                }
+                ROUTE_TYPE => name == OUTBOUND || scope.contains(name),
+                LISTENER_TYPE => name == OUTBOUND || name == INBOUND || hostnames.contains(name),
+                _ => true,
+            };
+            let r = &t.resources;
+            let by_name = r
+                .by_name
+                .iter()
+                .filter(|(name, _)| keep(name))
+                .map(|(name, any)| (name.clone(), any.clone()))
+                .collect();
+            let named_only = r.named_only.iter().filter(|n| keep(n)).cloned().collect();
+            t.resources = Arc::new(Resources {
+                by_name,
+                named_only,
+            });
         }
-        if let Some(outbound) = view
-            .types
-            .get_mut(ROUTE_TYPE)
-            .and_then(|t| t.resources.by_name.get_mut(OUTBOUND))
+        if let Some(outbound) = view.resources_mut(ROUTE_TYPE).by_name.get_mut(OUTBOUND)
             && let Ok(mut routes) = RouteConfiguration::decode(outbound.value.as_slice())
         {
             // Virtual hosts are named after their service's cluster.
@@ -228,6 +245,11 @@ impl Snapshot {
             *outbound = pack(&routes);
         }
         Arc::new(view)
+    }
+
+    /// A type's resources, to change in this view only.
+    fn resources_mut(&mut self, type_url: &'static str) -> &mut Resources {
+        Arc::make_mut(&mut self.types.entry(type_url).or_default().resources)
     }
 
     pub fn version_of(&self, type_url: &str) -> u64 {
@@ -267,6 +289,38 @@ impl Snapshot {
                 .filter(|n| !crate::translate::is_internal(n))
                 .filter_map(|n| t.resources.by_name.get(n).cloned())
                 .collect()
+        }
+    }
+}
+
+/// A node's own resources (`Snapshot::personal`).
+struct Personal {
+    /// Route tables as its namespace's callers see them, by the names it asks for.
+    tables: Vec<(String, Any)>,
+    /// Its service's inbound Listener, and the app port it routes to.
+    inbound: Option<(Any, Option<u16>)>,
+}
+
+impl Personal {
+    fn add_to(self, view: &mut Snapshot) {
+        if !self.tables.is_empty() {
+            let routes = view.resources_mut(ROUTE_TYPE);
+            for (name, table) in self.tables {
+                routes.by_name.insert(name, table);
+            }
+        }
+        if let Some((listener, port)) = self.inbound {
+            // Sent to a wildcard subscriber too: an Envoy sidecar binds it.
+            view.resources_mut(LISTENER_TYPE)
+                .by_name
+                .insert(INBOUND.into(), listener);
+            // The app it routes to, for an Envoy (our proxy knows its app from its file).
+            if let Some(port) = port {
+                view.resources_mut(CLUSTER_TYPE).by_name.insert(
+                    xds_inbound::local_app_cluster(port),
+                    pack(&xds_inbound::local_app(port)),
+                );
+            }
         }
     }
 }
@@ -337,11 +391,17 @@ impl Publisher {
         for type_url in PUSH_ORDER {
             let resources = fresh.remove(type_url).unwrap_or_default();
             let version = match old.types.get(type_url) {
-                Some(t) if t.resources == resources => t.version,
+                Some(t) if *t.resources == resources => t.version,
                 Some(t) => t.version + 1,
                 None => 1,
             };
-            types.insert(type_url, TypeSnapshot { version, resources });
+            types.insert(
+                type_url,
+                TypeSnapshot {
+                    version,
+                    resources: Arc::new(resources),
+                },
+            );
         }
         self.tx.send_replace(Arc::new(Snapshot {
             mesh_version: old.mesh_version + 1,
