@@ -131,6 +131,20 @@ impl ViewCache {
     ) -> Arc<Snapshot> {
         match &self.0 {
             Some((seen, view)) if Arc::ptr_eq(seen, &base) => view.clone(),
+            // A node that sees the whole mesh as it is sees the new one as it is.
+            Some((seen, view))
+                if Arc::ptr_eq(seen, view) && only_endpoints_changed(seen, &base) =>
+            {
+                self.0 = Some((base.clone(), base.clone()));
+                base
+            }
+            // Only endpoints moved (pods came and went): the view keeps everything else, and
+            // takes the new endpoints of the clusters it already holds.
+            Some((seen, view)) if only_endpoints_changed(seen, &base) => {
+                let fresh = Arc::new(view.with_endpoints_from(seen, &base));
+                self.0 = Some((base, fresh.clone()));
+                fresh
+            }
             _ => {
                 nodes.views_built.inc();
                 let fresh = view(base.clone(), proven, node);
@@ -139,6 +153,16 @@ impl ViewCache {
             }
         }
     }
+}
+
+/// The two snapshots differ in their endpoints only. The clusters, and so every view's set
+/// of endpoint names, are the same.
+fn only_endpoints_changed(seen: &Snapshot, base: &Snapshot) -> bool {
+    PUSH_ORDER
+        .iter()
+        .all(|t| *t == crate::translate::ENDPOINT_TYPE || seen.version_of(t) == base.version_of(t))
+        && seen.version_of(crate::translate::ENDPOINT_TYPE)
+            != base.version_of(crate::translate::ENDPOINT_TYPE)
 }
 
 /// One ADS stream: requests in, pushes out on every snapshot change, in push order.

@@ -247,6 +247,46 @@ impl Snapshot {
         Arc::new(view)
     }
 
+    /// This view with `base`'s endpoints for the clusters it holds endpoints of, and
+    /// `base`'s endpoint version and mesh: when only endpoints changed, that is the view
+    /// `base` would give, made without going over the whole mesh.
+    pub fn with_endpoints_from(&self, seen: &Snapshot, base: &Snapshot) -> Snapshot {
+        let mut view = self.clone();
+        view.mesh.clone_from(&base.mesh);
+        view.mesh_version = base.mesh_version;
+        let (Some(mine), Some(theirs)) =
+            (self.types.get(ENDPOINT_TYPE), base.types.get(ENDPOINT_TYPE))
+        else {
+            return view;
+        };
+        // A view that held all of the last snapshot's endpoints holds all of the new ones.
+        if seen
+            .types
+            .get(ENDPOINT_TYPE)
+            .is_some_and(|s| Arc::ptr_eq(&s.resources, &mine.resources))
+        {
+            view.types.insert(ENDPOINT_TYPE, theirs.clone());
+            return view;
+        }
+        let by_name = mine
+            .resources
+            .by_name
+            .keys()
+            .filter_map(|n| Some((n.clone(), theirs.resources.by_name.get(n)?.clone())))
+            .collect();
+        view.types.insert(
+            ENDPOINT_TYPE,
+            TypeSnapshot {
+                version: theirs.version,
+                resources: Arc::new(Resources {
+                    by_name,
+                    named_only: mine.resources.named_only.clone(),
+                }),
+            },
+        );
+        view
+    }
+
     /// A type's resources, to change in this view only.
     fn resources_mut(&mut self, type_url: &'static str) -> &mut Resources {
         Arc::make_mut(&mut self.types.entry(type_url).or_default().resources)
@@ -409,5 +449,54 @@ impl Publisher {
             mesh: Some(Arc::new(mesh.clone())),
             grpc_server: None,
         }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mesh(endpoint: &str) -> Mesh {
+        Mesh::parse(
+            "m.yaml",
+            &format!(
+                r#"services:
+  - {{name: a, calls: [b]}}
+  - {{name: b, endpoints: [{{address: "{endpoint}"}}]}}
+  - {{name: c, endpoints: [{{address: "10.0.0.9:80"}}]}}
+"#
+            ),
+        )
+        .unwrap()
+    }
+
+    fn same(x: &Snapshot, y: &Snapshot) {
+        for t in PUSH_ORDER {
+            assert_eq!(x.version_of(t), y.version_of(t), "{t}");
+            let names = |s: &Snapshot| {
+                s.types
+                    .get(t)
+                    .map(|t| t.resources.by_name.clone())
+                    .unwrap_or_default()
+            };
+            assert_eq!(names(x), names(y), "{t}");
+        }
+    }
+
+    #[test]
+    fn an_endpoint_change_gives_the_view_a_full_rebuild_would() {
+        let publisher = Publisher::default();
+        publisher.publish(mesh("10.0.0.1:80"));
+        let seen = publisher.current();
+        publisher.publish(mesh("10.0.0.2:80"));
+        let base = publisher.current();
+        for caller in ["a", "c"] {
+            let old = seen.view_for(caller);
+            let quick = old.with_endpoints_from(&seen, &base);
+            same(&quick, &base.view_for(caller));
+        }
+        // The scoped caller holds b's endpoints only.
+        let scoped = seen.view_for("a").with_endpoints_from(&seen, &base);
+        assert_eq!(scoped.types[ENDPOINT_TYPE].resources.by_name.len(), 1);
     }
 }
