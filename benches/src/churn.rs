@@ -141,14 +141,11 @@ impl Drop for Cp {
 /// One simulated proxy of service `svc-{service}`: CDS, then the EDS of its clusters, and
 /// RDS; ACKs everything, and reports each change it sees in an EDS response.
 async fn proxy(
-    xds: SocketAddr,
+    channel: tonic::transport::Channel,
     id: usize,
     service: usize,
     seen: mpsc::UnboundedSender<(usize, Instant)>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{xds}"))?
-        .connect()
-        .await?;
     let (tx, rx) = mpsc::channel(8);
     let request =
         |type_url: &str, names: Vec<String>, version: String, nonce: String| DiscoveryRequest {
@@ -291,7 +288,18 @@ async fn measure(o: Options) {
 
     let (seen_tx, mut seen) = mpsc::unbounded_channel();
     for id in 0..o.streams {
-        tokio::spawn(proxy(xds, id, id % o.services, seen_tx.clone()));
+        // Connected one after another, as a fleet of proxies comes up.
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{xds}"))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect to the control plane");
+        let seen = seen_tx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = proxy(channel, id, id % o.services, seen).await {
+                eprintln!("proxy {id}: {e}");
+            }
+        });
     }
     // Every proxy holds its two clusters' endpoints (change 0).
     let mut initial = 0;
@@ -299,7 +307,7 @@ async fn measure(o: Options) {
     while initial < o.streams * 2 {
         let (n, _) = tokio::time::timeout(Duration::from_secs(120), seen.recv())
             .await
-            .expect("proxies sync")
+            .unwrap_or_else(|_| panic!("{initial} of {} initial endpoints arrived", o.streams * 2))
             .unwrap();
         if n == 0 {
             initial += 1;
