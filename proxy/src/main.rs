@@ -69,8 +69,9 @@ enum Command {
     Certs(CertsArgs),
 }
 
+/// Where the CA is, and what it must prove itself against.
 #[derive(clap::Args)]
-struct CertsArgs {
+struct CaArgs {
     /// The control plane's CA, `host:port`: its TLS port.
     #[arg(long, env = "OUTRIGGER_CA_ADDRESS")]
     ca_address: String,
@@ -80,7 +81,13 @@ struct CertsArgs {
         env = "OUTRIGGER_CA_TRUST_ANCHOR",
         default_value = "/var/run/outrigger-ca/root-cert.pem"
     )]
-    ca_trust_anchor: PathBuf,
+    ca_trust_anchor: String,
+}
+
+#[derive(clap::Args)]
+struct CertsArgs {
+    #[command(flatten)]
+    ca: CaArgs,
     /// The SPIFFE ID the CA must prove; default: the trust domain's control plane.
     #[arg(long, env = "OUTRIGGER_CONTROL_PLANE_IDENTITY")]
     control_plane_identity: Option<String>,
@@ -132,12 +139,13 @@ fn certs(args: CertsArgs) -> ExitCode {
             (None, Some(f)) => Token::File(f),
             _ => return Err("give --token or --token-file".to_string()),
         };
-        let address = outrigger_proxy::sidecar::resolve(&args.ca_address, Duration::from_secs(60))
-            .map_err(|e| format!("--ca-address: {e}"))?;
+        let address =
+            outrigger_proxy::sidecar::resolve(&args.ca.ca_address, Duration::from_secs(60))
+                .map_err(|e| format!("--ca-address: {e}"))?;
         Ok(CaClient {
             address,
             trust: CaTrust::Anchor {
-                file: args.ca_trust_anchor.clone(),
+                file: args.ca.ca_trust_anchor.clone().into(),
                 server_id,
             },
             token,
@@ -179,16 +187,8 @@ fn certs(args: CertsArgs) -> ExitCode {
 
 #[derive(clap::Args)]
 struct SidecarArgs {
-    /// The control plane's CA, `host:port`: its TLS port.
-    #[arg(long, env = "OUTRIGGER_CA_ADDRESS")]
-    ca_address: String,
-    /// The CA's root, mounted into the pod out of band; the CA must prove itself against it.
-    #[arg(
-        long,
-        env = "OUTRIGGER_CA_TRUST_ANCHOR",
-        default_value = "/var/run/outrigger-ca/root-cert.pem"
-    )]
-    ca_trust_anchor: String,
+    #[command(flatten)]
+    ca: CaArgs,
     /// Reach the CA in plaintext and trust whatever answers: local development only.
     #[arg(long, env = "OUTRIGGER_CA_PLAINTEXT")]
     ca_plaintext: bool,
@@ -262,7 +262,7 @@ fn sidecar(args: SidecarArgs) -> ExitCode {
         );
         return ExitCode::FAILURE;
     };
-    let (ca, xds) = match (resolve(&args.ca_address), resolve(&args.xds_address)) {
+    let (ca, xds) = match (resolve(&args.ca.ca_address), resolve(&args.xds_address)) {
         (Ok(ca), Ok(xds)) => (ca, xds),
         (Err(e), _) | (_, Err(e)) => {
             eprintln!("sidecar: {e}");
@@ -271,7 +271,7 @@ fn sidecar(args: SidecarArgs) -> ExitCode {
     };
     let settings = outrigger_proxy::sidecar::Sidecar {
         ca,
-        ca_trust_anchor: (!args.ca_plaintext).then_some(args.ca_trust_anchor),
+        ca_trust_anchor: (!args.ca_plaintext).then_some(args.ca.ca_trust_anchor),
         xds,
         control_plane_identity: args.control_plane_identity,
         trust_domain: args.trust_domain,

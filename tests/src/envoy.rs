@@ -44,12 +44,18 @@ impl Envoy {
     }
 }
 
-impl Envoy {
-    /// An Envoy whose only config is a bootstrap pointing at a control plane's ADS on `xds`,
-    /// with its admin on `admin`; `api_type` is `GRPC` (state of the world) or `DELTA_GRPC`.
-    pub fn ads(node: &str, api_type: &str, xds: SocketAddr, admin: SocketAddr) -> Envoy {
-        let bootstrap = format!(
-            r#"node: {{id: {node}, cluster: test}}
+/// A bootstrap whose only dynamic config is a control plane's ADS on `xds`: `node` is the
+/// YAML of its `node:`, and `tls` the `transport_socket:` of the cluster that reaches the
+/// control plane (empty for plaintext).
+fn ads_bootstrap(
+    node: &str,
+    api_type: &str,
+    xds: SocketAddr,
+    admin: SocketAddr,
+    tls: &str,
+) -> PathBuf {
+    let bootstrap = format!(
+        r#"node: {node}
 admin:
   address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
 dynamic_resources:
@@ -68,22 +74,28 @@ static_resources:
         envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
           "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
           explicit_http_config: {{http2_protocol_options: {{}}}}
-      load_assignment:
+{tls}      load_assignment:
         cluster_name: xds
         endpoints:
           - lb_endpoints:
               - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {xds_port}}}}}}}
 "#,
-            admin_port = admin.port(),
-            xds_port = xds.port()
-        );
-        let path = crate::temp_path("envoy-bootstrap.yaml");
-        std::fs::write(&path, bootstrap).unwrap();
-        Envoy::start(&path)
-    }
+        admin_port = admin.port(),
+        xds_port = xds.port()
+    );
+    let path = crate::temp_path("envoy-bootstrap.yaml");
+    std::fs::write(&path, bootstrap).unwrap();
+    path
 }
 
 impl Envoy {
+    /// An Envoy whose only config is a bootstrap pointing at a control plane's ADS on `xds`,
+    /// with its admin on `admin`; `api_type` is `GRPC` (state of the world) or `DELTA_GRPC`.
+    pub fn ads(node: &str, api_type: &str, xds: SocketAddr, admin: SocketAddr) -> Envoy {
+        let node = format!("{{id: {node}, cluster: test}}");
+        Envoy::start(&ads_bootstrap(&node, api_type, xds, admin, ""))
+    }
+
     /// An Envoy configured only by a control plane's ADS over mTLS on `xds`: its bootstrap
     /// names the node (`node` of service `cluster`), the certificate files in `cert_dir`
     /// (kept by `outrigger-proxy certs`, and named again to it over SDS), and the control
@@ -100,30 +112,11 @@ impl Envoy {
         let inbound = inbound
             .map(|a| format!(", OUTRIGGER_INBOUND_ADDRESS: \"{a}\""))
             .unwrap_or_default();
-        let bootstrap = format!(
-            r#"node:
-  id: {node}
-  cluster: {cluster}
-  metadata: {{OUTRIGGER_CERT_DIR: "{d}"{inbound}}}
-admin:
-  address: {{socket_address: {{address: 127.0.0.1, port_value: {admin_port}}}}}
-dynamic_resources:
-  ads_config:
-    api_type: GRPC
-    transport_api_version: V3
-    grpc_services: [{{envoy_grpc: {{cluster_name: xds}}}}]
-  cds_config: {{ads: {{}}, resource_api_version: V3}}
-  lds_config: {{ads: {{}}, resource_api_version: V3}}
-static_resources:
-  clusters:
-    - name: xds
-      type: STATIC
-      connect_timeout: 1s
-      typed_extension_protocol_options:
-        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-          explicit_http_config: {{http2_protocol_options: {{}}}}
-      transport_socket:
+        let node = format!(
+            "{{id: {node}, cluster: {cluster}, metadata: {{OUTRIGGER_CERT_DIR: \"{d}\"{inbound}}}}}"
+        );
+        let tls = format!(
+            r#"      transport_socket:
         name: envoy.transport_sockets.tls
         typed_config:
           "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
@@ -137,18 +130,9 @@ static_resources:
               match_typed_subject_alt_names:
                 - san_type: URI
                   matcher: {{exact: "{control_plane}"}}
-      load_assignment:
-        cluster_name: xds
-        endpoints:
-          - lb_endpoints:
-              - endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {xds_port}}}}}}}
-"#,
-            admin_port = admin.port(),
-            xds_port = xds.port()
+"#
         );
-        let path = crate::temp_path("envoy-bootstrap.yaml");
-        std::fs::write(&path, bootstrap).unwrap();
-        Envoy::start(&path)
+        Envoy::start(&ads_bootstrap(&node, "GRPC", xds, admin, &tls))
     }
 }
 

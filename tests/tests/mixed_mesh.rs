@@ -77,11 +77,37 @@ impl Certs {
     }
 }
 
+impl Certs {
+    /// Waits until the first certificate is written.
+    async fn written(self) -> Certs {
+        let key = self.dir.join("key.pem");
+        eventually(
+            "the certificate is written",
+            Duration::from_secs(10),
+            || {
+                let key = key.clone();
+                async move { key.exists().then_some(()) }
+            },
+        )
+        .await;
+        self
+    }
+}
+
 impl Drop for Certs {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The control plane on `mesh_path`, its mTLS port, and its root written as a trust anchor.
+async fn control_plane_with_anchor(mesh_path: &Path) -> (ControlPlane, SocketAddr, PathBuf) {
+    let cp = control_plane(mesh_path).await;
+    let secure = cp.secure_xds_addr.unwrap();
+    let anchor = temp_path("ca-root.pem");
+    std::fs::write(&anchor, cp.ca.load().bundle_pem()).unwrap();
+    (cp, secure, anchor)
 }
 
 async fn control_plane(mesh_path: &Path) -> ControlPlane {
@@ -138,23 +164,12 @@ async fn an_envoy_caller_and_our_callee_share_one_mtls_mesh_set_by_the_control_p
     let mesh_path = temp_path("mesh.yaml");
     let allow_web = "{from: [{service_account: web}]}";
     std::fs::write(&mesh_path, mesh(outbound.port(), inbound, allow_web)).unwrap();
-    let cp = control_plane(&mesh_path).await;
-    let secure = cp.secure_xds_addr.unwrap();
-    let anchor = temp_path("ca-root.pem");
-    std::fs::write(&anchor, cp.ca.load().bundle_pem()).unwrap();
+    let (cp, secure, anchor) = control_plane_with_anchor(&mesh_path).await;
 
     let _api = api_sidecar(secure, &anchor, inbound, app.addr).await;
-    let certs = Certs::start(secure, &anchor, WEB, "token-web");
-    let cert = certs.dir.join("cert.pem");
-    eventually(
-        "web's certificate is written",
-        Duration::from_secs(10),
-        || {
-            let cert = cert.clone();
-            async move { cert.exists().then_some(()) }
-        },
-    )
-    .await;
+    let certs = Certs::start(secure, &anchor, WEB, "token-web")
+        .written()
+        .await;
     let envoy_admin = free_addr();
     let _envoy = Envoy::ads_mtls(
         "web-0",
@@ -322,22 +337,11 @@ async fn our_caller_and_an_envoy_callee_share_one_mtls_mesh_set_by_the_control_p
         "{from: [{service_account: web}]}",
     ) + "  - name: batch\n    namespace: shop\n    tokens: [{token: token-batch}]\n";
     std::fs::write(&mesh_path, text).unwrap();
-    let cp = control_plane(&mesh_path).await;
-    let secure = cp.secure_xds_addr.unwrap();
-    let anchor = temp_path("ca-root.pem");
-    std::fs::write(&anchor, cp.ca.load().bundle_pem()).unwrap();
+    let (cp, secure, anchor) = control_plane_with_anchor(&mesh_path).await;
 
-    let certs = Certs::start(secure, &anchor, API, "token-api");
-    let cert = certs.dir.join("cert.pem");
-    eventually(
-        "api's certificate is written",
-        Duration::from_secs(10),
-        || {
-            let cert = cert.clone();
-            async move { cert.exists().then_some(()) }
-        },
-    )
-    .await;
+    let certs = Certs::start(secure, &anchor, API, "token-api")
+        .written()
+        .await;
     let envoy_admin = free_addr();
     let _envoy = Envoy::ads_mtls(
         "api-0",
@@ -451,14 +455,11 @@ services:
 "#
     );
     std::fs::write(&mesh_path, text).unwrap();
-    let cp = control_plane(&mesh_path).await;
-    let secure = cp.secure_xds_addr.unwrap();
-    let anchor = temp_path("ca-root.pem");
-    std::fs::write(&anchor, cp.ca.load().bundle_pem()).unwrap();
+    let (cp, secure, anchor) = control_plane_with_anchor(&mesh_path).await;
     // Each app's certificate files and its gRPC bootstrap (ADS over mTLS with those files),
     // as the helper writes them.
     let bootstraps: Vec<PathBuf> = (0..3).map(|_| temp_path("grpc-bootstrap.json")).collect();
-    let certs: Vec<Certs> = ["api", "web", "batch"]
+    let certs = ["api", "web", "batch"]
         .iter()
         .zip(&bootstraps)
         .map(|(a, bootstrap)| {
@@ -476,19 +477,12 @@ services:
             ];
             Certs::start_with(secure, &anchor, &id, &format!("token-{a}"), &args)
         })
-        .collect();
-    for c in &certs {
-        let key = c.dir.join("key.pem");
-        eventually(
-            "the certificate is written",
-            Duration::from_secs(10),
-            || {
-                let key = key.clone();
-                async move { key.exists().then_some(()) }
-            },
-        )
-        .await;
+        .collect::<Vec<_>>();
+    let mut written = Vec::new();
+    for c in certs {
+        written.push(c.written().await);
     }
+    let _certs = written;
 
     let server_bootstrap = &bootstraps[0];
     let mut server = Command::new(python())
