@@ -270,6 +270,51 @@ impl Service {
         self.endpoints.first().map(|(addr, _)| addr.port())
     }
 
+    /// The two differ at most in their endpoints, and not in the port their app listens on
+    /// (which an inbound Listener routes to): a change that only moves pods.
+    pub fn same_but_endpoints(&self, other: &Service) -> bool {
+        // Every field named, so that a new one is not forgotten here.
+        let Service {
+            name,
+            namespace,
+            protocol,
+            port,
+            endpoints: _,
+            routes,
+            calls,
+            policy,
+            identity,
+            addresses,
+            mtls,
+            extra_port,
+            only_routes,
+            consumer_routes,
+            tls_mode,
+            authorization,
+        } = self;
+        (
+            name, namespace, protocol, port, routes, calls, policy, identity,
+        ) == (
+            &other.name,
+            &other.namespace,
+            &other.protocol,
+            &other.port,
+            &other.routes,
+            &other.calls,
+            &other.policy,
+            &other.identity,
+        ) && (addresses, mtls, extra_port, only_routes, consumer_routes)
+            == (
+                &other.addresses,
+                &other.mtls,
+                &other.extra_port,
+                &other.only_routes,
+                &other.consumer_routes,
+            )
+            && (tls_mode, authorization) == (&other.tls_mode, &other.authorization)
+            && self.app_port() == other.app_port()
+    }
+
     /// Both are ports of the same Service.
     pub fn same_service(&self, other: &Service) -> bool {
         self.name == other.name && self.namespace == other.namespace
@@ -425,6 +470,38 @@ impl Service {
 }
 
 impl Mesh {
+    /// The two meshes differ at most in their services' endpoints.
+    pub fn same_but_endpoints(&self, other: &Mesh) -> bool {
+        let Mesh {
+            defaults,
+            outbound_port,
+            trust_domain,
+            sampling,
+            tokens,
+            services,
+            namespace_tls,
+        } = self;
+        (
+            defaults,
+            outbound_port,
+            trust_domain,
+            sampling,
+            tokens,
+            namespace_tls,
+        ) == (
+            &other.defaults,
+            &other.outbound_port,
+            &other.trust_domain,
+            &other.sampling,
+            &other.tokens,
+            &other.namespace_tls,
+        ) && services.len() == other.services.len()
+            && services
+                .iter()
+                .zip(&other.services)
+                .all(|((ka, a), (kb, b))| ka == kb && a.same_but_endpoints(b))
+    }
+
     /// The identity a bootstrap token proves, at `now`.
     pub fn identity_for_token(
         &self,

@@ -412,21 +412,64 @@ impl Publisher {
         self.rebuild(&inputs);
     }
 
+    /// When `mesh` differs from the last one only in endpoints (pods came and went), the
+    /// next snapshot without translating the whole mesh again: every type as it was, and the
+    /// changed services' endpoints.
+    fn endpoints_moved(old: &Snapshot, mesh: &Mesh, secrets: &Resources) -> Option<Snapshot> {
+        let before = old.mesh.as_ref()?;
+        let same_secrets = old
+            .types
+            .get(SECRET_TYPE)
+            .is_some_and(|t| *t.resources == *secrets);
+        if !same_secrets || !before.same_but_endpoints(mesh) {
+            return None;
+        }
+        let mut next = Snapshot {
+            mesh_version: old.mesh_version + 1,
+            types: old.types.clone(),
+            mesh: Some(Arc::new(mesh.clone())),
+            grpc_server: None,
+        };
+        let moved: Vec<_> = mesh
+            .services
+            .iter()
+            .filter(|(name, s)| {
+                before.services.get(*name).map(|b| &b.endpoints) != Some(&s.endpoints)
+            })
+            .collect();
+        if !moved.is_empty() {
+            let endpoints = next.resources_mut(ENDPOINT_TYPE);
+            for (_, s) in moved {
+                endpoints
+                    .by_name
+                    .insert(s.cluster_name(), translate::endpoints_of(s));
+            }
+            if let Some(t) = next.types.get_mut(ENDPOINT_TYPE) {
+                t.version += 1;
+            }
+        }
+        Some(next)
+    }
+
     fn inputs(&self) -> std::sync::MutexGuard<'_, Inputs> {
         self.inputs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn rebuild(&self, inputs: &Inputs) {
         let Some(mesh) = &inputs.mesh else { return };
-        let mut fresh: BTreeMap<&'static str, Resources> = translate(mesh).into_iter().collect();
+        let mut secrets = Resources::default();
         if let Some(bundle) = &inputs.bundle {
-            let mut secrets = Resources::default();
             secrets
                 .by_name
                 .insert(BUNDLE_SECRET.into(), pack(&xds_sds::bundle_secret(bundle)));
-            fresh.insert(SECRET_TYPE, secrets);
         }
         let old = self.current();
+        if let Some(snapshot) = Self::endpoints_moved(&old, mesh, &secrets) {
+            self.tx.send_replace(Arc::new(snapshot));
+            return;
+        }
+        let mut fresh: BTreeMap<&'static str, Resources> = translate(mesh).into_iter().collect();
+        fresh.insert(SECRET_TYPE, secrets);
         let mut types = BTreeMap::new();
         for type_url in PUSH_ORDER {
             let resources = fresh.remove(type_url).unwrap_or_default();
@@ -480,6 +523,35 @@ mod tests {
                     .unwrap_or_default()
             };
             assert_eq!(names(x), names(y), "{t}");
+        }
+    }
+
+    #[test]
+    fn an_endpoint_change_publishes_what_a_full_translation_would() {
+        let publisher = Publisher::default();
+        publisher.publish(mesh("10.0.0.1:80"));
+        let before = publisher.current();
+        publisher.publish(mesh("10.0.0.2:80"));
+        let quick = publisher.current();
+        let full: BTreeMap<&'static str, Resources> =
+            translate(&mesh("10.0.0.2:80")).into_iter().collect();
+        for (t, resources) in &full {
+            assert_eq!(*quick.types[t].resources, *resources, "{t}");
+        }
+        assert_eq!(
+            quick.version_of(ENDPOINT_TYPE),
+            before.version_of(ENDPOINT_TYPE) + 1
+        );
+        assert_eq!(
+            quick.version_of(CLUSTER_TYPE),
+            before.version_of(CLUSTER_TYPE)
+        );
+        // A change beyond endpoints takes the full path, and still only moves what changed.
+        let other = Mesh::parse("m.yaml", "services: [{name: a}]").unwrap();
+        publisher.publish(other.clone());
+        let full: BTreeMap<&'static str, Resources> = translate(&other).into_iter().collect();
+        for (t, resources) in &full {
+            assert_eq!(*publisher.current().types[t].resources, *resources, "{t}");
         }
     }
 

@@ -377,6 +377,11 @@ fn lb_policy(name: &str, config: Any) -> load_balancing_policy::Policy {
     }
 }
 
+/// A service's ClusterLoadAssignment, as `translate` makes it.
+pub fn endpoints_of(service: &Service) -> Any {
+    pack(&load_assignment_for(service))
+}
+
 fn load_assignment_for(service: &Service) -> ClusterLoadAssignment {
     ClusterLoadAssignment {
         cluster_name: service.cluster_name(),

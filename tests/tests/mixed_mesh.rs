@@ -376,7 +376,13 @@ async fn our_caller_and_an_envoy_callee_share_one_mtls_mesh_set_by_the_control_p
 
     // batch is not allowed: Envoy's RBAC filter, from the mesh's rule, answers 403.
     let batch_client = TestClient::http1(batch.addr("outbound"));
-    let denied = batch_client.get("api.shop", "/hello").await.unwrap();
+    let batch_ref = &batch_client;
+    // Once batch's sidecar has its routes (until then it knows no `api.shop`).
+    let denied = eventually("batch is refused", Duration::from_secs(10), || async move {
+        let r = batch_ref.get("api.shop", "/hello").await.ok()?;
+        (r.status != 404).then_some(r)
+    })
+    .await;
     assert_eq!(denied.status, 403, "{}", denied.body);
     assert!(
         denied.body.contains("RBAC"),
