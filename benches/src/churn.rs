@@ -18,7 +18,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::{Node, address, socket_address};
@@ -31,7 +31,7 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::{cpu_seconds, free_port, memory_kib, wait_for_port, write_json};
+use crate::{Cp, cpu_seconds, free_port, memory_kib, percentile, wait_for_port, write_json};
 
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const EDS: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -127,15 +127,6 @@ fn mesh(services: usize) -> String {
         ));
     }
     s
-}
-
-struct Cp(Child);
-
-impl Drop for Cp {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// One simulated proxy of service `svc-{service}`: CDS, then the EDS of its clusters, and
@@ -237,13 +228,6 @@ async fn proxy(
         }
     }
     Ok(())
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted
-        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
-        .copied()
-        .unwrap_or_default()
 }
 
 async fn measure(o: Options) {

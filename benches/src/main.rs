@@ -481,6 +481,24 @@ fn row_json(
     row
 }
 
+/// A control plane started for a scenario, killed when dropped.
+pub(crate) struct Cp(pub(crate) std::process::Child);
+
+impl Drop for Cp {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The value at `p` (0 to 1) of sorted durations.
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted
+        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default()
+}
+
 /// Writes a scenario's rows, and says where.
 pub(crate) fn write_json(out_dir: &Path, name: &str, doc: &serde_json::Value) {
     std::fs::create_dir_all(out_dir).unwrap();

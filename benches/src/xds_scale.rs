@@ -12,7 +12,7 @@
 //! stream, and control-plane CPU for the whole push and per stream.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -22,7 +22,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::{cpu_seconds, free_port, memory_kib, wait_for_port};
+use crate::{Cp, cpu_seconds, free_port, memory_kib, percentile, wait_for_port};
 
 const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 const RDS: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
@@ -38,15 +38,6 @@ fn mesh(canary_weight: u32) -> String {
         ));
     }
     s
-}
-
-struct Cp(Child);
-
-impl Drop for Cp {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// One simulated proxy: subscribes, ACKs, and reports each route-table version it gets.
@@ -109,13 +100,6 @@ async fn simulated_proxy(
             .await;
     }
     Ok(())
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted
-        .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
-        .copied()
-        .unwrap_or_default()
 }
 
 pub fn run(args: &[String], out_dir: &Path) {

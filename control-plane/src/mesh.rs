@@ -824,14 +824,23 @@ impl Mesh {
 }
 
 impl Mesh {
+    /// The service a node names as its own: by its name or its cluster (`name.namespace`).
+    pub fn service_named(&self, name: &str) -> Option<&Service> {
+        self.services
+            .values()
+            .find(|s| s.name == name || s.cluster_name() == name)
+    }
+
+    /// The service whose workloads run as `id`.
+    pub fn service_running_as(&self, id: &SpiffeId) -> Option<&Service> {
+        self.services.values().find(|s| &s.identity == id)
+    }
+
     /// The clusters a node of service `caller` (its name or `name.namespace`) should see:
     /// what the service may call, plus every cluster those services' routes lead to. `None`
     /// means everything: an unknown caller, or one without a `calls` list.
     pub fn scope_for(&self, caller: &str) -> Option<std::collections::BTreeSet<String>> {
-        let service = self
-            .services
-            .values()
-            .find(|s| s.name == caller || s.cluster_name() == caller)?;
+        let service = self.service_named(caller)?;
         let mut scope = std::collections::BTreeSet::new();
         let mut todo: Vec<String> = service.calls.clone()?;
         while let Some(cluster) = todo.pop() {

@@ -82,10 +82,7 @@ impl Snapshot {
     /// consumer routes in place of the shared ones. `None` when it has neither.
     fn personal(&self, caller: &str) -> Option<Personal> {
         let mesh = self.mesh.as_ref()?;
-        let service = mesh
-            .services
-            .values()
-            .find(|s| s.name == caller || s.cluster_name() == caller)?;
+        let service = mesh.service_named(caller)?;
         // Every table kept for this namespace's callers: `outbound@ns`, and `name.ns'@ns`
         // for a service's own table (what proxyless gRPC clients ask for).
         let suffix = consumer_of("", &service.namespace);
@@ -115,10 +112,7 @@ impl Snapshot {
     /// What a node that proved the identity `id` should see: its service's view, or nothing
     /// if no service runs as `id`.
     pub fn view_for_identity(self: &Arc<Self>, id: &SpiffeId) -> Arc<Snapshot> {
-        let service = self
-            .mesh
-            .as_ref()
-            .and_then(|m| m.services.values().find(|s| &s.identity == id));
+        let service = self.mesh.as_ref().and_then(|m| m.service_running_as(id));
         match service {
             Some(s) => self.view_for(&s.cluster_name()),
             None => self.view_scoped(&std::collections::BTreeSet::new()),
@@ -142,12 +136,9 @@ impl Snapshot {
             }
         }
         let mesh = self.mesh.as_ref();
-        let own = mesh.zip(service).and_then(|(m, name)| {
-            m.services
-                .values()
-                .find(|s| s.name == name || s.cluster_name() == name)
-                .map(|s| (m, s))
-        });
+        let own = mesh
+            .zip(service)
+            .and_then(|(m, name)| m.service_named(name).map(|s| (m, s)));
         view.grpc_server = Some(match own {
             Some((m, s)) => GrpcServer {
                 inbound: translate::inbound_policy(m, s),
@@ -163,11 +154,8 @@ impl Snapshot {
     pub fn service_of(&self, proven: Option<&SpiffeId>, claimed: &str) -> Option<String> {
         let mesh = self.mesh.as_ref()?;
         let found = match proven {
-            Some(id) => mesh.services.values().find(|s| &s.identity == id),
-            None => mesh
-                .services
-                .values()
-                .find(|s| s.name == claimed || s.cluster_name() == claimed),
+            Some(id) => mesh.service_running_as(id),
+            None => mesh.service_named(claimed),
         };
         found.map(|s| s.cluster_name())
     }

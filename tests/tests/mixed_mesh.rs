@@ -183,18 +183,7 @@ async fn an_envoy_caller_and_our_callee_share_one_mtls_mesh_set_by_the_control_p
     // client → Envoy → mTLS → our proxy → app; the app learns the caller's proven identity.
     let client = TestClient::http1(outbound);
     let client_ref = &client;
-    let reply = eventually(
-        "Envoy reaches api",
-        Duration::from_secs(20),
-        || async move {
-            client_ref
-                .get("api.shop", "/hello")
-                .await
-                .ok()
-                .filter(|r| r.status == 200)
-        },
-    )
-    .await;
+    let reply = first_ok(&client, "Envoy reaches api").await;
     assert_eq!(reply.body, "api-app");
     assert_eq!(reply.header("x-echo-x-outrigger-client-id"), Some(WEB));
 
@@ -240,6 +229,15 @@ async fn an_envoy_caller_and_our_callee_share_one_mtls_mesh_set_by_the_control_p
         (r.status == 403).then_some(())
     })
     .await;
+}
+
+/// The first 200 that `client` gets for `api.shop`, once the mesh lets it through.
+async fn first_ok(client: &TestClient, what: &str) -> outrigger_tests::clients::Reply {
+    eventually(what, Duration::from_secs(20), || async move {
+        let r = client.get("api.shop", "/hello").await.ok()?;
+        (r.status == 200).then_some(r)
+    })
+    .await
 }
 
 /// The serial numbers of the certificates for `id` that the Envoy at `admin` holds.
@@ -354,19 +352,7 @@ async fn our_caller_and_an_envoy_callee_share_one_mtls_mesh_set_by_the_control_p
     let web = our_caller(secure, &anchor, "web").await;
     let batch = our_caller(secure, &anchor, "batch").await;
     let web_client = TestClient::http1(web.addr("outbound"));
-    let web_ref = &web_client;
-    let reply = eventually(
-        "web reaches api through Envoy",
-        Duration::from_secs(20),
-        || async move {
-            web_ref
-                .get("api.shop", "/hello")
-                .await
-                .ok()
-                .filter(|r| r.status == 200)
-        },
-    )
-    .await;
+    let reply = first_ok(&web_client, "web reaches api through Envoy").await;
     assert_eq!(reply.body, "api-app");
     // Envoy hands the app the caller's proven identity.
     let xfcc = reply
