@@ -115,7 +115,10 @@ fn protocol_detection_classifies_any_bytes() {
         .unwrap();
     proptest!(config(), |(bytes in proptest::collection::vec(any::<u8>(), 0..256))| {
         let (_, mut replay) = rt
-            .block_on(detect::detect(&bytes[..], Duration::from_millis(50)))
+            .block_on(async {
+                let deadline = tokio::time::Instant::now() + Duration::from_millis(50);
+                detect::detect(&bytes[..], deadline).await
+            })
             .unwrap();
         // Whatever was read is handed on intact.
         let mut again = Vec::new();

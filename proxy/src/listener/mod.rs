@@ -1,5 +1,6 @@
-//! Listeners: the accept loop, and per connection the interception check, protocol
+//! Listeners: the accept loop, and per connection the interception check (`arrival`), protocol
 //! detection, TLS, then HTTP (handed to `stack`) or opaque TCP.
 
 pub mod accept;
+mod arrival;
 pub mod tcp;

@@ -6,7 +6,6 @@
 //! server-speaks-first protocol still works there, only late (declare its port `opaque`).
 
 use std::io;
-use std::time::Duration;
 
 use bytes::BytesMut;
 use outrigger_core::prefixed::Prefixed;
@@ -89,13 +88,12 @@ fn classify(buf: &[u8]) -> Verdict {
     }
 }
 
-/// Reads until the protocol is known, the peer stops sending, or `timeout` passes.
+/// Reads until the protocol is known, the peer stops sending, or `deadline` passes.
 pub async fn detect<S: AsyncRead + Unpin>(
     mut stream: S,
-    timeout: Duration,
+    deadline: tokio::time::Instant,
 ) -> io::Result<(Protocol, Prefixed<S>)> {
     let mut buf = BytesMut::with_capacity(64);
-    let deadline = tokio::time::Instant::now() + timeout;
     let protocol = loop {
         if let Verdict::Known(p) = classify(&buf) {
             break p;
@@ -113,6 +111,7 @@ pub async fn detect<S: AsyncRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn verdict(bytes: &[u8]) -> Option<Protocol> {
         match classify(bytes) {
@@ -136,7 +135,12 @@ mod tests {
     async fn silent_client_becomes_opaque_after_timeout() {
         let (client, server) = tokio::io::duplex(64);
         let started = tokio::time::Instant::now();
-        let (p, _) = detect(server, Duration::from_secs(10)).await.unwrap();
+        let (p, _) = detect(
+            server,
+            tokio::time::Instant::now() + Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
         assert_eq!(p, Protocol::Opaque);
         assert_eq!(started.elapsed(), Duration::from_secs(10));
         drop(client);
@@ -149,7 +153,9 @@ mod tests {
             .await
             .unwrap();
         drop(client);
-        let (p, mut s) = detect(server, Duration::from_secs(1)).await.unwrap();
+        let (p, mut s) = detect(server, tokio::time::Instant::now() + Duration::from_secs(1))
+            .await
+            .unwrap();
         assert_eq!(p, Protocol::Http1);
         let mut all = Vec::new();
         s.read_to_end(&mut all).await.unwrap();

@@ -20,7 +20,7 @@ use crate::route::table::VirtualHost;
 /// Original destination → service, rebuilt with every config.
 #[derive(Default)]
 pub struct Destinations {
-    virtual_hosts: HashMap<SocketAddr, usize>,
+    virtual_hosts: HashMap<SocketAddr, u32>,
     clusters: HashMap<SocketAddr, Arc<Cluster>>,
     /// Inbound: the app port a connection was for (domain `:PORT`) → its virtual host.
     ports: HashMap<u16, Service>,
@@ -30,7 +30,8 @@ pub struct Destinations {
 /// the Host header names none, and the cluster its opaque TCP goes to.
 #[derive(Default, Clone)]
 pub struct Service {
-    pub virtual_host: Option<usize>,
+    /// An index into the listener's virtual hosts (`u32`: carried by every connection).
+    pub virtual_host: Option<u32>,
     pub cluster: Option<Arc<Cluster>>,
 }
 
@@ -40,7 +41,7 @@ impl Destinations {
     /// routed (and retried, and secured) like one that dials the service.
     pub fn new(virtual_hosts: &[VirtualHost], clusters: &HashMap<String, Arc<Cluster>>) -> Self {
         let mut index = Destinations::default();
-        for (i, vh) in virtual_hosts.iter().enumerate() {
+        for (i, vh) in (0u32..).zip(virtual_hosts) {
             let first_cluster = vh
                 .routes
                 .first()
