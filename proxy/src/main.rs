@@ -7,7 +7,7 @@ use outrigger_core::duration::duration_arg;
 use tokio::signal::unix::{SignalKind, signal};
 
 use outrigger_proxy::app;
-use outrigger_proxy::config::snapshot::RuntimeConfig;
+use outrigger_proxy::config::snapshot::{self, RuntimeConfig};
 
 #[derive(Parser)]
 #[command(
@@ -471,10 +471,7 @@ fn serve(
 ) -> ExitCode {
     // The thread count must be known before the runtime exists, so peek at the file.
     let workers = workers.unwrap_or_else(|| {
-        std::fs::read_to_string(&config)
-            .ok()
-            .and_then(|t| RuntimeConfig::build("", &t, 0, None).ok())
-            .map_or(0, |c| c.workers)
+        std::fs::read_to_string(&config).map_or(0, |t| snapshot::peek_workers(&t))
     });
     let rt = runtime(workers).expect("tokio runtime");
     rt.block_on(async move {

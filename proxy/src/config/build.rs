@@ -49,7 +49,7 @@ impl Builder<'_> {
 
     pub(super) fn duration(
         &self,
-        value: &Option<Spanned<String>>,
+        value: Option<&Spanned<String>>,
         field: &str,
         default: Duration,
     ) -> Result<Duration, ConfigError> {
@@ -121,7 +121,7 @@ impl Builder<'_> {
 
     pub(super) fn build_config(
         &self,
-        file: ConfigFile,
+        mut file: ConfigFile,
         version: u64,
     ) -> Result<RuntimeConfig, ConfigError> {
         let admin_address = match &file.admin {
@@ -141,8 +141,11 @@ impl Builder<'_> {
             clusters.insert(c.name.value.clone(), Arc::new(self.cluster(c, &field)?));
         }
 
-        let mut listeners: Vec<Listener> = Vec::with_capacity(file.listeners.len());
-        for (i, l) in file.listeners.iter().enumerate() {
+        // Each listener's file form is consumed as it is built, so that a mesh-sized file and
+        // its built form are never both whole in memory (that peak would stay in RSS).
+        let listener_files = std::mem::take(&mut file.listeners);
+        let mut listeners: Vec<Listener> = Vec::with_capacity(listener_files.len());
+        for (i, l) in listener_files.into_iter().enumerate() {
             let field = format!("listeners[{i}]");
             if listeners.iter().any(|other| other.name == l.name) {
                 return Err(self.err(
@@ -257,7 +260,7 @@ impl Builder<'_> {
                     },
                     id,
                     lifetime: self.duration(
-                        &ca.lifetime,
+                        ca.lifetime.as_ref(),
                         "identity.ca.lifetime",
                         Duration::from_secs(24 * 3600),
                     )?,
@@ -401,13 +404,13 @@ impl Builder<'_> {
 
     pub(super) fn listener(
         &self,
-        l: &ListenerFile,
+        mut l: ListenerFile,
         field: &str,
         clusters: &HashMap<String, Arc<Cluster>>,
     ) -> Result<Listener, ConfigError> {
         let address = self.address(&l.address, &format!("{field}.address"))?;
         let detect_timeout = self.duration(
-            &l.detect_timeout,
+            l.detect_timeout.as_ref(),
             &format!("{field}.detect_timeout"),
             DEFAULT_DETECT_TIMEOUT,
         )?;
@@ -415,7 +418,7 @@ impl Builder<'_> {
             Some(t) => Some(TcpRoute {
                 cluster: self.cluster_ref(&t.cluster, &format!("{field}.tcp.cluster"), clusters)?,
                 idle_timeout: self.duration(
-                    &t.idle_timeout,
+                    t.idle_timeout.as_ref(),
                     &format!("{field}.tcp.idle_timeout"),
                     DEFAULT_TCP_IDLE_TIMEOUT,
                 )?,
@@ -429,8 +432,9 @@ impl Builder<'_> {
                 "an opaque listener needs a `tcp` cluster",
             ));
         }
-        let mut virtual_hosts = Vec::with_capacity(l.virtual_hosts.len());
-        for (v, vh) in l.virtual_hosts.iter().enumerate() {
+        let host_files = std::mem::take(&mut l.virtual_hosts);
+        let mut virtual_hosts = Vec::with_capacity(host_files.len());
+        for (v, vh) in host_files.into_iter().enumerate() {
             let vfield = format!("{field}.virtual_hosts[{v}]");
             let mut routes = Vec::with_capacity(vh.routes.len());
             for (r, route) in vh.routes.iter().enumerate() {
@@ -443,14 +447,14 @@ impl Builder<'_> {
                 )?);
             }
             virtual_hosts.push(VirtualHost {
-                name: vh.name.clone(),
-                domains: vh.domains.clone(),
+                name: vh.name,
+                domains: vh.domains,
                 routes,
             });
         }
         let domains = DomainTable::new(&virtual_hosts)
             .map_err(|msg| self.err(&l.address, &format!("{field}.virtual_hosts"), msg))?;
-        let (tls, authorization) = self.listener_tls(l, field)?;
+        let (tls, authorization) = self.listener_tls(&l, field)?;
         let destinations = l
             .original_destination
             .then(|| Destinations::new(&virtual_hosts, clusters));
@@ -468,7 +472,7 @@ impl Builder<'_> {
             tls,
             authorization,
             idle_timeout: self.duration(
-                &l.idle_timeout,
+                l.idle_timeout.as_ref(),
                 &format!("{field}.idle_timeout"),
                 DEFAULT_HTTP_IDLE_TIMEOUT,
             )?,

@@ -18,7 +18,7 @@ impl Builder<'_> {
     /// `carry_over`).
     pub(super) fn cluster(&self, c: &ClusterFile, field: &str) -> Result<Cluster, ConfigError> {
         let connect_timeout = self.duration(
-            &c.connect_timeout,
+            c.connect_timeout.as_ref(),
             &format!("{field}.connect_timeout"),
             DEFAULT_CONNECT_TIMEOUT,
         )?;

@@ -22,7 +22,11 @@ use crate::config::snapshot::DEFAULT_ROUTE_TIMEOUT;
 use crate::policy::retry::RetryPolicy;
 use crate::route::rewrite::{PathRewrite, Redirect, Rewrite, substitution};
 use crate::route::router::{HeaderMatch, PathMatch, QueryMatch};
-use crate::route::table::{HeaderChanges, Mirror, Route};
+use crate::route::table::{HeaderChangeLists, HeaderChanges, Mirror, Route};
+
+/// The policy of every route that sets none, one for the whole process.
+static DEFAULT_RETRY: std::sync::LazyLock<Arc<RetryPolicy>> =
+    std::sync::LazyLock::new(|| Arc::new(RetryPolicy::from_model(&policy::default_retry())));
 
 impl Builder<'_> {
     /// A bucket keeps its tokens across reloads that leave its limits alone; otherwise every
@@ -127,7 +131,7 @@ impl Builder<'_> {
             });
         }
         let redirect = match &r.redirect {
-            Some(d) => Some(self.redirect(d, &format!("{field}.redirect"))?),
+            Some(d) => Some(Box::new(self.redirect(d, &format!("{field}.redirect"))?)),
             None => None,
         };
         let rewrite = match &r.rewrite {
@@ -139,7 +143,7 @@ impl Builder<'_> {
                     "`scheme`, `port` and `status` belong to a redirect",
                 ));
             }
-            Some(w) => Some(Rewrite {
+            Some(w) => Some(Box::new(Rewrite {
                 path: self.path_rewrite(w, &format!("{field}.rewrite"))?,
                 host: match &w.host {
                     Some(h) => Some(HeaderValue::from_str(&h.value).map_err(|_| {
@@ -147,7 +151,7 @@ impl Builder<'_> {
                     })?),
                     None => None,
                 },
-            }),
+            })),
             None => None,
         };
         if redirect.is_some() != r.backends.is_empty() {
@@ -234,28 +238,32 @@ impl Builder<'_> {
             )?,
             name: name.into(),
             path,
-            headers,
-            methods,
-            query,
+            headers: headers.into(),
+            methods: methods.into(),
+            query: query.into(),
             backends,
             total_weight,
             rewrite,
             redirect,
-            mirrors,
+            mirrors: mirrors.into(),
             timeout: self.duration(
-                &r.timeout,
+                r.timeout.as_deref(),
                 &format!("{field}.timeout"),
                 DEFAULT_ROUTE_TIMEOUT,
             )?,
-            request_headers: self
-                .header_changes(&r.request_headers, &format!("{field}.request_headers"))?,
-            response_headers: self
-                .header_changes(&r.response_headers, &format!("{field}.response_headers"))?,
+            request_headers: match &r.request_headers {
+                Some(h) => self.header_changes(h, &format!("{field}.request_headers"))?,
+                None => HeaderChanges::default(),
+            },
+            response_headers: match &r.response_headers {
+                Some(h) => self.header_changes(h, &format!("{field}.response_headers"))?,
+                None => HeaderChanges::default(),
+            },
             // On unless turned off (`attempts: 0`): the defaults retry only what never reached
             // the app or what it said it could not take, idempotent requests only.
             retry: Some(match &r.retry {
-                Some(retry) => self.retry(retry, &format!("{field}.retry"))?,
-                None => RetryPolicy::from_model(&policy::default_retry()),
+                Some(retry) => Arc::new(self.retry(retry, &format!("{field}.retry"))?),
+                None => DEFAULT_RETRY.clone(),
             }),
         })
     }
@@ -358,7 +366,7 @@ impl Builder<'_> {
         h: &HeaderChangesFile,
         field: &str,
     ) -> Result<HeaderChanges, ConfigError> {
-        let mut out = HeaderChanges::default();
+        let mut out = HeaderChangeLists::default();
         for (key, list, into) in [("set", &h.set, &mut out.set), ("add", &h.add, &mut out.add)] {
             for (i, kv) in list.iter().enumerate() {
                 let name = self.header_name(&kv.name, &format!("{field}.{key}[{i}].name"))?;
@@ -376,6 +384,6 @@ impl Builder<'_> {
             out.remove
                 .push(self.header_name(name, &format!("{field}.remove[{i}]"))?);
         }
-        Ok(out)
+        Ok(out.into())
     }
 }

@@ -312,11 +312,11 @@ pub struct RouteFile {
     #[serde(default)]
     pub mirror: Vec<MirrorFile>,
     #[serde(default)]
-    pub timeout: Option<Spanned<String>>,
+    pub timeout: Option<Box<Spanned<String>>>,
     #[serde(default)]
-    pub request_headers: HeaderChangesFile,
+    pub request_headers: Option<Box<HeaderChangesFile>>,
     #[serde(default)]
-    pub response_headers: HeaderChangesFile,
+    pub response_headers: Option<Box<HeaderChangesFile>>,
     #[serde(default)]
     pub retry: Option<Box<RetryFile>>,
     #[serde(default)]

@@ -156,6 +156,30 @@ impl RuntimeConfig {
     }
 }
 
+/// The `workers` of a config file, read before the runtime exists: the rest of the file is
+/// skipped, not built (a mesh-sized file would otherwise be built twice at start, and the
+/// first build's peak would stay in RSS). 0 (one per core) when the file does not parse;
+/// the load proper then says why.
+pub fn peek_workers(text: &str) -> usize {
+    #[derive(serde::Deserialize)]
+    struct WorkersOnly {
+        #[serde(default)]
+        workers: usize,
+    }
+    serde_saphyr::from_str::<WorkersOnly>(text).map_or(0, |w| w.workers)
+}
+
 pub fn parse(source: &str, text: &str) -> Result<ConfigFile, ConfigError> {
     serde_saphyr::from_str(text).map_err(|e| ConfigError::from_yaml(source, &e))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_worker_count_is_read_without_the_rest_of_the_file() {
+        let file = "workers: 3\nlisteners: [{name: x, not_a_field: 1}]\n";
+        assert_eq!(super::peek_workers(file), 3);
+        assert_eq!(super::peek_workers("listeners: []\n"), 0);
+        assert_eq!(super::peek_workers("workers: [\n"), 0);
+    }
 }

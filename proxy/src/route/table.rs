@@ -20,23 +20,25 @@ pub struct VirtualHost {
     pub routes: Vec<Route>,
 }
 
+/// One of these per route in every listener's table, so what most routes leave out is boxed
+/// (a pointer when absent) and the retry policy most share is shared.
 pub struct Route {
     /// Used as the metrics label; bounded because it comes from config, not from requests.
     pub name: Arc<str>,
     pub path: PathMatch,
-    pub headers: Vec<HeaderMatch>,
-    pub methods: Vec<Method>,
-    pub query: Vec<QueryMatch>,
+    pub headers: Box<[HeaderMatch]>,
+    pub methods: Box<[Method]>,
+    pub query: Box<[QueryMatch]>,
     /// Empty for a route that redirects.
     pub backends: Vec<WeightedBackend>,
     pub total_weight: u32,
-    pub rewrite: Option<Rewrite>,
-    pub redirect: Option<Redirect>,
-    pub mirrors: Vec<Mirror>,
+    pub rewrite: Option<Box<Rewrite>>,
+    pub redirect: Option<Box<Redirect>>,
+    pub mirrors: Box<[Mirror]>,
     pub timeout: Duration,
     pub request_headers: HeaderChanges,
     pub response_headers: HeaderChanges,
-    pub retry: Option<RetryPolicy>,
+    pub retry: Option<Arc<RetryPolicy>>,
     pub rate_limit: Option<Arc<RateLimiter>>,
     /// The share of new traces sampled here; `None`: the proxy's.
     pub sampling: Option<f64>,
@@ -54,15 +56,34 @@ pub struct Mirror {
     pub percent: f64,
 }
 
+/// Headers a route sets, adds and removes; nothing at all (a null pointer) when it changes
+/// none, as most do.
 #[derive(Default)]
-pub struct HeaderChanges {
+pub struct HeaderChanges(Option<Box<HeaderChangeLists>>);
+
+#[derive(Default)]
+pub struct HeaderChangeLists {
     pub set: Vec<(HeaderName, HeaderValue)>,
     pub add: Vec<(HeaderName, HeaderValue)>,
     pub remove: Vec<HeaderName>,
 }
 
+impl From<HeaderChangeLists> for HeaderChanges {
+    fn from(lists: HeaderChangeLists) -> Self {
+        let none = lists.set.is_empty() && lists.add.is_empty() && lists.remove.is_empty();
+        HeaderChanges((!none).then(|| Box::new(lists)))
+    }
+}
+
 impl HeaderChanges {
     pub fn apply(&self, headers: &mut http::HeaderMap) {
+        let Some(lists) = &self.0 else { return };
+        lists.apply(headers);
+    }
+}
+
+impl HeaderChangeLists {
+    fn apply(&self, headers: &mut http::HeaderMap) {
         for name in &self.remove {
             headers.remove(name);
         }

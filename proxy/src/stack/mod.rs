@@ -130,7 +130,7 @@ async fn forward<'a>(
         host: &host,
         trace: ex.trace.as_ref(),
     };
-    let policy = route.retry.as_ref().filter(|p| p.retries > 0 && !upgrade);
+    let policy = route.retry.as_deref().filter(|p| p.retries > 0 && !upgrade);
     let send = async {
         if !mirrored || bodiless || upgrade {
             return retry::send(&call, policy, timeout, req, upgrade).await;

@@ -174,7 +174,7 @@ fn route(what: &str, vhost: &str, index: usize, r: &Route) -> Result<RouteFile, 
                 rewrite: None,
                 redirect: Some(Box::new(redirect_file(&what, redirect)?)),
                 timeout: None,
-                request_headers: Default::default(),
+                request_headers: None,
                 response_headers: header_changes(
                     &r.response_headers_to_add,
                     &r.response_headers_to_remove,
@@ -257,7 +257,10 @@ fn route(what: &str, vhost: &str, index: usize, r: &Route) -> Result<RouteFile, 
             .collect::<Result<_, _>>()?,
         rewrite,
         redirect: None,
-        timeout: action.timeout.as_ref().map(|d| sp(duration_text(d))),
+        timeout: action
+            .timeout
+            .as_ref()
+            .map(|d| Box::new(sp(duration_text(d)))),
         request_headers: header_changes(&r.request_headers_to_add, &r.request_headers_to_remove),
         response_headers: header_changes(&r.response_headers_to_add, &r.response_headers_to_remove),
         retry: match &action.retry_policy {
@@ -455,7 +458,10 @@ fn query_match(what: &str, q: &QueryParameterMatcher) -> Result<QueryMatchFile, 
 }
 
 /// Envoy's header additions: those that overwrite are `set`, those that append are `add`.
-fn header_changes(add: &[HeaderValueOption], remove: &[String]) -> HeaderChangesFile {
+fn header_changes(add: &[HeaderValueOption], remove: &[String]) -> Option<Box<HeaderChangesFile>> {
+    if add.is_empty() && remove.is_empty() {
+        return None;
+    }
     use header_value_option::HeaderAppendAction;
     let value = |h: &HeaderValue| HeaderValueFile {
         name: sp(h.key.clone()),
@@ -464,7 +470,7 @@ fn header_changes(add: &[HeaderValueOption], remove: &[String]) -> HeaderChanges
     let overwrites = |o: &&HeaderValueOption| {
         o.append_action == HeaderAppendAction::OverwriteIfExistsOrAdd as i32
     };
-    HeaderChangesFile {
+    Some(Box::new(HeaderChangesFile {
         set: add
             .iter()
             .filter(overwrites)
@@ -478,5 +484,5 @@ fn header_changes(add: &[HeaderValueOption], remove: &[String]) -> HeaderChanges
             .map(value)
             .collect(),
         remove: remove.iter().map(|r| sp(r.clone())).collect(),
-    }
+    }))
 }
