@@ -6,26 +6,28 @@
 //! `error_detail`. A request with an older nonce is stale and ignored, as the protocol says.
 
 use std::collections::HashMap;
-use std::pin::Pin;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use tokio::sync::mpsc;
-use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::server::NamedService;
+use tonic::{Status, Streaming};
 
+use crate::ads_delta::DeltaStream;
 use crate::ads_stream::{Protocol, run_stream};
+use crate::ads_transport::{
+    Outbound, compressed, grpc_frame, refuse, requests, streaming_response,
+};
 use crate::node_status::NodeRegistry;
 use crate::secure_xds::Caller;
 use crate::snapshot::{Publisher, Snapshot};
 use crate::xds_limits;
 
+#[derive(Clone)]
 pub struct Ads {
     pub publisher: Arc<Publisher>,
     pub nodes: Arc<NodeRegistry>,
@@ -33,16 +35,17 @@ pub struct Ads {
 }
 
 impl Ads {
-    /// Starts the stream's task and hands tonic the receiving end.
-    fn serve<P: Protocol>(
+    /// Starts a stream's task and gives back the receiving end of what it sends.
+    pub(crate) fn open<P: Protocol>(
         &self,
-        request: Request<Streaming<P::Request>>,
-    ) -> Result<Response<ResponseStream<P::Response>>, Status> {
+        caller: Option<&Caller>,
+        requests: Streaming<P::Request>,
+    ) -> Result<mpsc::Receiver<Outbound>, Status> {
         let (tx, rx) = mpsc::channel(16);
         // Over mTLS, the certificate says who the node is; its metadata only claims it. The
         // TLS port also takes callers without a certificate, for the CA's bootstrap, but
         // config is only for a node that proved who it is.
-        let proven = match request.extensions().get::<Caller>() {
+        let proven = match caller {
             Some(Caller {
                 tls: true,
                 identity: None,
@@ -57,13 +60,13 @@ impl Ads {
         };
         tokio::spawn(run_stream::<P>(
             proven,
-            request.into_inner(),
+            requests,
             tx,
             self.publisher.clone(),
             self.nodes.clone(),
             self.nonce.clone(),
         ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(rx)
     }
 
     pub fn new(publisher: Arc<Publisher>, nodes: Arc<NodeRegistry>) -> Self {
@@ -74,8 +77,6 @@ impl Ads {
         }
     }
 }
-
-type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// One type's subscription on one stream.
 #[derive(Default)]
@@ -99,10 +100,10 @@ fn digest(resources: &[envoy_types::pb::google::protobuf::Any]) -> u64 {
     h.finish()
 }
 
-struct SotwStream {
+pub(crate) struct SotwStream {
     node: String,
     subs: HashMap<String, Subscription>,
-    out: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    out: mpsc::Sender<Outbound>,
     nodes: Arc<NodeRegistry>,
     nonce: Arc<AtomicU64>,
 }
@@ -121,7 +122,7 @@ impl Protocol for SotwStream {
 
     fn open(
         node: String,
-        out: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+        out: mpsc::Sender<Outbound>,
         nodes: Arc<NodeRegistry>,
         nonce: Arc<AtomicU64>,
     ) -> Self {
@@ -167,7 +168,7 @@ impl Protocol for SotwStream {
         sub.sent_nonce = nonce;
         sub.sent_names = sub.names.clone();
         self.nodes.sent(&self.node, type_url, version);
-        self.out.send(Ok(response)).await.is_ok()
+        self.out.send(Ok(grpc_frame(&response))).await.is_ok()
     }
 
     async fn on_request(&mut self, req: DiscoveryRequest, snapshot: &Snapshot) -> bool {
@@ -204,22 +205,51 @@ impl Protocol for SotwStream {
     }
 }
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for Ads {
-    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
+const SERVICE: &str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+const STATE_OF_THE_WORLD: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+const DELTA: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        self.serve::<SotwStream>(request)
+// The service by hand rather than tonic's generated wrapper: see `ads_transport`.
+impl NamedService for Ads {
+    const NAME: &'static str = SERVICE;
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Ads {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
     }
 
-    async fn delta_aggregated_resources(
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let response = match req.uri().path() {
+            _ if compressed(&req) => refuse(Status::unimplemented(
+                "this server takes uncompressed messages only",
+            )),
+            STATE_OF_THE_WORLD => self.serve::<SotwStream>(req),
+            DELTA => self.serve::<DeltaStream>(req),
+            _ => refuse(Status::unimplemented("no such method")),
+        };
+        std::future::ready(Ok(response))
+    }
+}
+
+impl Ads {
+    fn serve<P: Protocol>(
         &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        self.serve::<crate::ads_delta::DeltaStream>(request)
+        req: http::Request<tonic::body::Body>,
+    ) -> http::Response<tonic::body::Body>
+    where
+        P::Request: prost::Message + Default,
+    {
+        let (parts, body) = req.into_parts();
+        match self.open::<P>(parts.extensions.get(), requests(body)) {
+            Ok(rx) => streaming_response(rx),
+            Err(status) => refuse(status),
+        }
     }
 }

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::ads_stream::Protocol;
+use crate::ads_transport::{Outbound, grpc_frame};
 use crate::node_status::NodeRegistry;
 use crate::snapshot::Snapshot;
 use crate::xds_limits;
@@ -69,7 +70,7 @@ impl DeltaSub {
 pub struct DeltaStream {
     node: String,
     subs: HashMap<String, DeltaSub>,
-    out: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    out: mpsc::Sender<Outbound>,
     nodes: Arc<NodeRegistry>,
     nonce: Arc<AtomicU64>,
 }
@@ -104,7 +105,7 @@ impl Protocol for DeltaStream {
 
     fn open(
         node: String,
-        out: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+        out: mpsc::Sender<Outbound>,
         nodes: Arc<NodeRegistry>,
         nonce: Arc<AtomicU64>,
     ) -> Self {
@@ -178,7 +179,7 @@ impl Protocol for DeltaStream {
             nonce,
             ..Default::default()
         };
-        self.out.send(Ok(response)).await.is_ok()
+        self.out.send(Ok(grpc_frame(&response))).await.is_ok()
     }
 
     async fn on_request(&mut self, req: DeltaDiscoveryRequest, snapshot: &Snapshot) -> bool {

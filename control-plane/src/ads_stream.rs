@@ -10,6 +10,7 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
+use crate::ads_transport::Outbound;
 use crate::node_status::NodeRegistry;
 use crate::snapshot::{Publisher, Snapshot};
 use crate::translate::PUSH_ORDER;
@@ -27,7 +28,7 @@ pub(crate) trait Protocol: Sized + Send + 'static {
     fn check(req: &Self::Request) -> Result<(), Status>;
     fn open(
         node: String,
-        out: mpsc::Sender<Result<Self::Response, Status>>,
+        out: mpsc::Sender<Outbound>,
         nodes: Arc<NodeRegistry>,
         nonce: Arc<AtomicU64>,
     ) -> Self;
@@ -169,7 +170,7 @@ fn only_endpoints_changed(seen: &Snapshot, base: &Snapshot) -> bool {
 pub(crate) async fn run_stream<P: Protocol>(
     proven: Option<SpiffeId>,
     mut inbound: Streaming<P::Request>,
-    out: mpsc::Sender<Result<P::Response, Status>>,
+    out: mpsc::Sender<Outbound>,
     publisher: Arc<Publisher>,
     nodes: Arc<NodeRegistry>,
     nonce: Arc<AtomicU64>,

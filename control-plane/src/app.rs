@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use outrigger_core::bounded_server::{self, Gate, Limits};
@@ -168,7 +167,7 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
             tokio::spawn(async move {
                 let incoming = crate::secure_xds::incoming(socket, config, td, gate);
                 let result = crate::grpc_limits::server()
-                    .add_service(AggregatedDiscoveryServiceServer::new(ads))
+                    .add_service(ads)
                     .add_service(identity)
                     .serve_with_incoming(incoming)
                     .await;
@@ -183,7 +182,7 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
     tokio::spawn(async move {
         let incoming = crate::grpc_limits::plaintext_incoming(xds, plaintext_gate);
         let result = crate::grpc_limits::server()
-            .add_service(AggregatedDiscoveryServiceServer::new(ads))
+            .add_service(ads)
             .add_service(identity)
             .serve_with_incoming(incoming)
             .await;

@@ -5,6 +5,7 @@ pub mod admission;
 pub mod ads;
 pub mod ads_delta;
 pub mod ads_stream;
+pub mod ads_transport;
 pub mod app;
 pub mod authorization;
 pub mod ca;
