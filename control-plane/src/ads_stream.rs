@@ -208,7 +208,9 @@ pub(crate) async fn run_stream<P: Protocol>(
                 }
                 let s = stream.as_mut().expect("opened above");
                 let snapshot = views.get(snapshots.borrow().clone(), &proven, &facts, &nodes);
-                if !s.on_request(req, &snapshot).await {
+                // Boxed, as is each push: a stream spends its life waiting, and its task holds
+                // room for the largest thing it ever awaits.
+                if !Box::pin(s.on_request(req, &snapshot)).await {
                     break;
                 }
             }
@@ -219,7 +221,7 @@ pub(crate) async fn run_stream<P: Protocol>(
                 let snapshot = views.get(snapshots.borrow_and_update().clone(), &proven, &facts, &nodes);
                 if let Some(s) = stream.as_mut() {
                     for type_url in PUSH_ORDER {
-                        if !s.push(&snapshot, type_url, false).await {
+                        if !Box::pin(s.push(&snapshot, type_url, false)).await {
                             break;
                         }
                     }

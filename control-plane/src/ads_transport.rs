@@ -116,3 +116,51 @@ pub(crate) fn compressed(req: &http::Request<tonic::body::Body>) -> bool {
         .get("grpc-encoding")
         .is_some_and(|e| e.as_bytes() != b"identity")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+    use http_body_util::BodyExt;
+    use prost::Message;
+
+    fn response(version: &str) -> DiscoveryResponse {
+        DiscoveryResponse {
+            version_info: version.into(),
+            nonce: "1".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_frame_is_the_flag_the_length_and_the_message() {
+        let frame = grpc_frame(&response("7"));
+        let len = u32::from_be_bytes(frame[1..5].try_into().unwrap()) as usize;
+        assert_eq!((frame[0], frame.len()), (0, 5 + len));
+        assert_eq!(
+            DiscoveryResponse::decode(&frame[5..]).unwrap(),
+            response("7")
+        );
+    }
+
+    #[tokio::test]
+    async fn the_body_carries_each_message_then_the_status() {
+        for (end, code) in [
+            (None, "0"),
+            (Some(Status::resource_exhausted("too many")), "8"),
+        ] {
+            let (tx, rx) = mpsc::channel(4);
+            tx.send(Ok(grpc_frame(&response("1")))).await.unwrap();
+            tx.send(Ok(grpc_frame(&response("2")))).await.unwrap();
+            if let Some(status) = end {
+                tx.send(Err(status)).await.unwrap();
+            }
+            drop(tx);
+            let collected = streaming_response(rx).into_body().collect().await.unwrap();
+            let trailers = collected.trailers().cloned().expect("trailers");
+            assert_eq!(trailers.get("grpc-status").unwrap(), code);
+            let data = collected.to_bytes();
+            assert_eq!(data.len(), 2 * grpc_frame(&response("1")).len());
+        }
+    }
+}
