@@ -253,3 +253,64 @@ impl Ads {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::Service;
+
+    fn call(
+        ads: &mut Ads,
+        path: &str,
+        header: Option<(&str, &str)>,
+        caller: Option<Caller>,
+    ) -> String {
+        let mut req = http::Request::builder().uri(path).method("POST");
+        if let Some((name, value)) = header {
+            req = req.header(name, value);
+        }
+        let mut req = req.body(tonic::body::Body::default()).unwrap();
+        if let Some(caller) = caller {
+            req.extensions_mut().insert(caller);
+        }
+        let fut = ads.call(req);
+        let response = futures_util::FutureExt::now_or_never(fut)
+            .expect("answered at once")
+            .unwrap();
+        response
+            .headers()
+            .get("grpc-status")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default()
+    }
+
+    /// What the service refuses before a stream starts, each with its gRPC status.
+    #[tokio::test]
+    async fn refusals_carry_their_status() {
+        let mut ads = Ads::new(Arc::default(), Arc::default());
+        let gzip = Some(("grpc-encoding", "gzip"));
+        assert_eq!(call(&mut ads, STATE_OF_THE_WORLD, gzip, None), "12");
+        assert_eq!(call(&mut ads, DELTA, gzip, None), "12");
+        let other = "/envoy.service.discovery.v3.AggregatedDiscoveryService/Other";
+        assert_eq!(call(&mut ads, other, None, None), "12");
+        let unproven = Caller {
+            addr: None,
+            tls: true,
+            identity: None,
+        };
+        assert_eq!(
+            call(&mut ads, STATE_OF_THE_WORLD, None, Some(unproven)),
+            "16"
+        );
+        // A stream that starts answers with headers alone; its status comes in trailers.
+        assert_eq!(
+            call(
+                &mut ads,
+                STATE_OF_THE_WORLD,
+                Some(("grpc-encoding", "identity")),
+                None
+            ),
+            ""
+        );
+    }
+}
