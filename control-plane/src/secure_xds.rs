@@ -47,6 +47,7 @@ pub fn server_config(ca: &Ca, names: &[String]) -> Result<Arc<ServerConfig>, CaE
         .with_single_cert(chain, key)
         .map_err(|e| tls(&e))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
+    outrigger_core::tls::no_server_resumption(&mut config);
     Ok(Arc::new(config))
 }
 

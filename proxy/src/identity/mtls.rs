@@ -209,6 +209,7 @@ pub fn server_config(store: Arc<IdentityStore>) -> Arc<ServerConfig> {
         .with_client_cert_verifier(Arc::new(CallerVerifier(store.clone())))
         .with_cert_resolver(Arc::new(Resolver(store)));
     config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec(), ALPN_TCP.to_vec()];
+    outrigger_core::tls::no_server_resumption(&mut config);
     Arc::new(config)
 }
 
@@ -229,6 +230,7 @@ pub fn client_config(
         }))
         .with_client_cert_resolver(Arc::new(Resolver(store)));
     config.alpn_protocols = vec![alpn.to_vec()];
+    config.resumption = outrigger_core::tls::no_client_resumption();
     Arc::new(config)
 }
 
