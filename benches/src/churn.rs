@@ -18,7 +18,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::{Node, address, socket_address};
@@ -243,24 +242,20 @@ async fn measure(o: Options) {
     let mesh_path = dir.join("mesh.yaml");
     std::fs::write(&mesh_path, mesh(o.services)).unwrap();
     let (xds, admin) = (free_port(), free_port());
-    let cp = Cp(Command::new(&o.cp_bin)
-        .args(["serve", "--workers", "1", "--mesh"])
-        .arg(&mesh_path)
-        .args(["--xds", &xds.to_string(), "--admin", &admin.to_string()])
-        .args(["--kube-api", &access.url, "--kube-services"])
-        .arg("--kube-token-file")
-        .arg(&access.token_file)
-        .arg("--kube-ca-file")
-        .arg(&access.ca_file)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot start {}: {e} (cargo build --release)",
-                o.cp_bin.display()
-            )
-        }));
+    let cp = Cp::serve(
+        &o.cp_bin,
+        &mesh_path,
+        (xds, admin),
+        &[
+            "--kube-api".as_ref(),
+            access.url.as_ref(),
+            "--kube-services".as_ref(),
+            "--kube-token-file".as_ref(),
+            access.token_file.as_os_str(),
+            "--kube-ca-file".as_ref(),
+            access.ca_file.as_os_str(),
+        ],
+    );
     wait_for_port(xds);
     let pid = cp.0.id();
     // Synced: every service has its endpoint from the cluster.

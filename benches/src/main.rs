@@ -484,6 +484,33 @@ fn row_json(
 /// A control plane started for a scenario, killed when dropped.
 pub(crate) struct Cp(pub(crate) std::process::Child);
 
+impl Cp {
+    /// `serve` on one worker thread with `mesh`, xDS and admin on the given addresses, and
+    /// `extra` arguments; its log level is `warn`, its stdout dropped.
+    pub(crate) fn serve(
+        bin: &Path,
+        mesh: &Path,
+        (xds, admin): (SocketAddr, SocketAddr),
+        extra: &[&std::ffi::OsStr],
+    ) -> Cp {
+        let child = Command::new(bin)
+            .args(["serve", "--workers", "1", "--mesh"])
+            .arg(mesh)
+            .args(["--xds", &xds.to_string(), "--admin", &admin.to_string()])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start {}: {e} (cargo build --release)",
+                    bin.display()
+                )
+            });
+        Cp(child)
+    }
+}
+
 impl Drop for Cp {
     fn drop(&mut self) {
         let _ = self.0.kill();

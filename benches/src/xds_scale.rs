@@ -12,7 +12,6 @@
 //! stream, and control-plane CPU for the whole push and per stream.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -143,19 +142,7 @@ pub fn run(args: &[String], out_dir: &Path) {
         let mesh_path = dir.join("mesh.yaml");
         std::fs::write(&mesh_path, mesh(1)).unwrap();
         let (xds, admin) = (free_port(), free_port());
-        let cp = Cp(Command::new(&cp_bin)
-            .args(["serve", "--workers", "1", "--mesh"])
-            .arg(&mesh_path)
-            .args(["--xds", &xds.to_string(), "--admin", &admin.to_string()])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start {}: {e} (cargo build --release)",
-                    cp_bin.display()
-                )
-            }));
+        let cp = Cp::serve(&cp_bin, &mesh_path, (xds, admin), &[]);
         wait_for_port(xds);
         std::thread::sleep(Duration::from_millis(300));
         let pid = cp.0.id();
