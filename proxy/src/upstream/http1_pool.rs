@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -74,15 +74,16 @@ impl Http1Pool {
         cluster: &str,
         addr: SocketAddr,
         connect_timeout: Duration,
-        mut req: Request<Body>,
+        req: Request<Body>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
+        let (mut req, sent) = watch_body(req);
         while let Some(mut conn) = self.take() {
             // The exchange before may still be finishing on the connection's task.
             if conn.sender.ready().await.is_err() {
                 continue;
             }
             match conn.sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.returning(resp, conn)),
+                Ok(resp) => return Ok(self.returning(resp, conn, sent)),
                 Err(mut e) => match e.take_message() {
                     // The upstream closed it a moment ago, before a byte of this request was
                     // written: the request goes on the next one, unsent and intact.
@@ -98,7 +99,7 @@ impl Http1Pool {
             .send_request(req)
             .await
             .map_err(|e| failed(&e))?;
-        Ok(self.returning(resp, conn))
+        Ok(self.returning(resp, conn, sent))
     }
 
     /// How many idle connections wait in the pool.
@@ -155,10 +156,12 @@ impl Http1Pool {
         self: &Arc<Self>,
         resp: Response<Incoming>,
         conn: Connection,
+        request_sent: Option<Arc<AtomicBool>>,
     ) -> Response<UpstreamBody> {
         resp.map(|inner| UpstreamBody {
             inner,
             home: Some((self.clone(), conn)),
+            request_sent,
         })
     }
 }
@@ -184,18 +187,84 @@ async fn drive(conn: http1::Connection<TokioIo<TcpStream>, Body>, state: Arc<Idl
 pub struct UpstreamBody {
     inner: Incoming,
     home: Option<(Arc<Http1Pool>, Connection)>,
+    /// Set once the request's body has all been handed to the connection; `None` for a
+    /// request without one.
+    request_sent: Option<Arc<AtomicBool>>,
 }
 
 impl UpstreamBody {
     /// A body whose connection is not the pool's (HTTP/2, an upgrade).
     pub fn unpooled(inner: Incoming) -> Self {
-        UpstreamBody { inner, home: None }
+        UpstreamBody {
+            inner,
+            home: None,
+            request_sent: None,
+        }
     }
 
+    /// Back to the pool, unless the request's body is still being sent: an upstream may
+    /// answer before it has read the whole request, and such a connection is busy until the
+    /// client finishes (perhaps never). Pooled, it would hold up the next request; it is
+    /// closed once its exchange ends instead.
     fn check_in(&mut self) {
-        if let Some((pool, conn)) = self.home.take() {
+        let Some((pool, conn)) = self.home.take() else {
+            return;
+        };
+        if self
+            .request_sent
+            .as_ref()
+            .is_none_or(|sent| sent.load(Ordering::Acquire))
+        {
             pool.put(conn);
         }
+    }
+}
+
+/// A request body that tells when it has all been sent.
+struct SentBody {
+    inner: Body,
+    sent: Arc<AtomicBool>,
+}
+
+/// `req`, with a body that reports its end through the flag returned (when it has a body).
+fn watch_body(req: Request<Body>) -> (Request<Body>, Option<Arc<AtomicBool>>) {
+    use http_body_util::BodyExt;
+    if req.body().is_end_stream() {
+        return (req, None);
+    }
+    let sent = Arc::new(AtomicBool::new(false));
+    let flag = sent.clone();
+    (
+        req.map(|inner| SentBody { inner, sent: flag }.boxed()),
+        Some(sent),
+    )
+}
+
+impl hyper::body::Body for SentBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+            self.sent.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let end = self.inner.is_end_stream();
+        if end {
+            self.sent.store(true, Ordering::Release);
+        }
+        end
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -352,6 +421,84 @@ mod tests {
             b"ok"
         );
         assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// An upstream that answers every request head at once with "ok", never reads a body
+    /// to its end, and keeps its connections open: how many it accepted.
+    async fn answers_early() -> (SocketAddr, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if stream.write_all(ok).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// The upstream answers while the client is still sending its request body: that
+    /// connection is busy until the body ends, so the next request must not wait behind it.
+    /// A body sent whole gives its connection back as usual.
+    #[tokio::test]
+    async fn a_connection_still_sending_its_request_body_is_not_pooled() {
+        let (addr, accepted) = answers_early().await;
+        let pool = Arc::new(Http1Pool::default());
+        let (more, chunks) = mpsc::unbounded_channel::<Result<Frame<Bytes>, hyper::Error>>();
+        more.send(Ok(Frame::data(Bytes::from("part")))).unwrap();
+        let upload = Request::post("/")
+            .header(http::header::HOST, "svc")
+            .body(
+                StreamBody::new(tokio_stream::wrappers::UnboundedReceiverStream::new(chunks))
+                    .boxed(),
+            )
+            .unwrap();
+        let resp = pool
+            .send("c", addr, Duration::from_secs(5), upload)
+            .await
+            .unwrap();
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(pool.idle(), 0, "a connection mid-upload is never pooled");
+        let next = tokio::time::timeout(
+            Duration::from_secs(5),
+            pool.send("c", addr, Duration::from_secs(5), get("/")),
+        )
+        .await
+        .expect("the next request does not wait for the upload")
+        .unwrap();
+        next.into_body().collect().await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        drop(more);
+
+        let whole = Request::post("/")
+            .header(http::header::HOST, "svc")
+            .body(
+                Full::new(Bytes::from("all"))
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+            .unwrap();
+        let resp = pool
+            .send("c", addr, Duration::from_secs(5), whole)
+            .await
+            .unwrap();
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(pool.idle(), 1, "a connection whose body was sent goes back");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "and was the pooled one");
     }
 
     #[tokio::test]
