@@ -25,6 +25,15 @@ impl<S> Prefixed<S> {
     pub fn with_prefix(inner: S, prefix: BytesMut) -> Self {
         Prefixed { prefix, inner }
     }
+
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// Whether some of the put-back bytes are still to be read.
+    pub fn has_prefix(&self) -> bool {
+        !self.prefix.is_empty()
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
@@ -37,6 +46,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
             let n = self.prefix.len().min(out.remaining());
             out.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                // Its buffer is not kept for the rest of the connection's life.
+                self.prefix = BytesMut::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, out)

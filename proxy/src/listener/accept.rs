@@ -5,6 +5,7 @@
 //! opaque TCP runs on until the drain deadline.
 
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -20,10 +21,11 @@ use crate::config::file::{ListenerProtocol, TlsMode};
 use crate::config::snapshot::{Listener, RuntimeConfig};
 use crate::identity::mtls;
 use crate::listener::arrival::{Arrival, arrive, first_bytes, tcp_idle_timeout};
+use crate::listener::rest::{self, ReadReady, Resting};
 use crate::listener::tcp;
 use crate::net::detect::{self, Protocol};
 use crate::route::destinations::Service;
-use crate::stack::idle::{Activity, Tracked};
+use crate::stack::idle::{Activity, Quiet, Tracked};
 use crate::stack::peer::Peer;
 use crate::stack::{self, exchange::HttpContext};
 use outrigger_core::prefixed::Prefixed;
@@ -374,7 +376,7 @@ async fn serve_http<I>(
     shutdown: Drain,
 ) -> Result<(), hyper::Error>
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
 {
     let Drain {
         mut signal,
@@ -387,55 +389,77 @@ where
     let handler = {
         let activity = activity.clone();
         move |mut req: hyper::Request<hyper::body::Incoming>| {
+            let in_flight = activity.request(rest::leaves_parser_idle(&req));
             req.extensions_mut().insert(peer.clone());
-            let (ctx, in_flight) = (ctx.clone(), activity.request());
+            let ctx = ctx.clone();
             async move {
                 let resp = stack::handle(ctx, req).await?;
                 Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, in_flight)))
             }
         }
     };
-    let io = TokioIo::new(io);
-    // Both connection types have the same graceful-shutdown dance but no common trait.
-    macro_rules! drive {
-        ($conn:expr) => {{
-            let conn = $conn;
-            tokio::pin!(conn);
-            if *signal.borrow() {
+    if protocol == Protocol::Http2 {
+        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEADER_BYTES as u32)
+            .serve_connection(TokioIo::new(io), service_fn(handler));
+        tokio::pin!(conn);
+        if *signal.borrow() {
+            conn.as_mut().graceful_shutdown();
+        }
+        return tokio::select! {
+            res = conn.as_mut() => res,
+            _ = signal.changed() => {
                 conn.as_mut().graceful_shutdown();
+                conn.await
             }
-            tokio::select! {
-                res = conn.as_mut() => res,
-                _ = signal.changed() => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
-                _ = activity.idle_for(idle) => {
-                    conn.as_mut().graceful_shutdown();
-                    conn.await
-                }
+            _ = activity.idle_for(idle) => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
             }
-        }};
+        };
     }
-    match protocol {
-        Protocol::Http2 => drive!(
-            hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .max_header_list_size(MAX_HEADER_BYTES as u32)
-                .serve_connection(io, service_fn(handler))
-        ),
-        _ => drive!(
-            hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
-                .max_buf_size(MAX_HEADER_BYTES)
-                .max_headers(MAX_HEADERS)
-                // hyper keeps room for one request's future in every HTTP/1 connection from
-                // its start: boxed, that room is a pointer, and the future exists only while
-                // a request is in flight.
-                .serve_connection(io, service_fn(move |req| Box::pin(handler(req))))
-                .with_upgrades()
-        ),
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADERS);
+    // hyper keeps room for one request's future in every HTTP/1 connection from its start:
+    // boxed, that room is a pointer, and the future exists only while a request is in flight.
+    let mut service = service_fn(move |req| Box::pin(handler(req)));
+    let mut io = Resting::new(io, activity.clone());
+    loop {
+        let mut conn = http1
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        if *signal.borrow() {
+            Pin::new(&mut conn).graceful_shutdown();
+        }
+        let quiet = tokio::select! {
+            res = &mut conn => return res,
+            _ = signal.changed() => Quiet::Idle,
+            quiet = activity.quiet_for(idle, Some(rest::REST_AFTER)) => quiet,
+        };
+        if quiet == Quiet::Idle {
+            Pin::new(&mut conn).graceful_shutdown();
+            return conn.await;
+        }
+        // Upgraded connections have resolved above, so the parts are there.
+        let Some(parts) = conn.into_parts() else {
+            return Ok(());
+        };
+        service = parts.service;
+        io = parts.io.into_inner();
+        if io.put_back(parts.read_buf) {
+            activity.hold_rest();
+            continue;
+        }
+        tokio::select! {
+            ready = io.readable() => if ready.is_err() { return Ok(()) },
+            _ = signal.changed() => return Ok(()),
+            _ = activity.idle_for(idle) => return Ok(()),
+        }
     }
 }
 

@@ -3,4 +3,5 @@
 
 pub mod accept;
 mod arrival;
+pub mod rest;
 pub mod tcp;

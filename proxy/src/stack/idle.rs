@@ -6,7 +6,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,6 +21,12 @@ pub struct Activity {
     in_flight: AtomicUsize,
     /// Milliseconds since `started` of the last time the connection went quiet.
     quiet_since: AtomicU64,
+    /// Whether the last request left the HTTP/1 parser between messages (see
+    /// `listener::rest`): set as each request is dispatched.
+    restable: AtomicBool,
+    /// Whether all the connection has written has been flushed to its socket since the last
+    /// response ended (its writer's to keep).
+    flushed: AtomicBool,
 }
 
 impl Default for Activity {
@@ -29,33 +35,86 @@ impl Default for Activity {
             started: Instant::now(),
             in_flight: AtomicUsize::new(0),
             quiet_since: AtomicU64::new(0),
+            restable: AtomicBool::new(false),
+            flushed: AtomicBool::new(true),
         }
     }
 }
 
+/// What a connection's quiet came to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Quiet {
+    /// Nothing in flight for the whole idle timeout: close.
+    Idle,
+    /// Nothing in flight for the rest delay, and the connection may give back its buffers.
+    Rest,
+}
+
 impl Activity {
     /// Marks a request in flight until the returned guard (carried by its response body) drops.
-    pub fn request(self: &Arc<Self>) -> InFlight {
+    /// `restable` says whether, once this request's response is written, the connection
+    /// is between messages (an HTTP/1.1 request with no body that did not ask to close).
+    pub fn request(self: &Arc<Self>, restable: bool) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.restable.store(restable, Ordering::Release);
         InFlight(self.clone())
     }
 
     /// Resolves once the connection has been idle for `timeout`.
     pub async fn idle_for(&self, timeout: Duration) {
-        let mut wait = timeout;
+        self.quiet_for(timeout, None).await;
+    }
+
+    /// Resolves with `Idle` once nothing has been in flight for `idle`, or, given a rest
+    /// delay, with `Rest` once nothing has been in flight for that long and the connection
+    /// may rest. One timer, re-armed at most once per rest delay while requests come and go.
+    pub async fn quiet_for(&self, idle: Duration, rest_after: Option<Duration>) -> Quiet {
+        let period = rest_after.map_or(idle, |rest| rest.min(idle));
+        let mut wait = period;
         loop {
             tokio::time::sleep(wait).await;
             if self.in_flight.load(Ordering::Acquire) > 0 {
-                wait = timeout;
+                wait = period;
                 continue;
             }
-            let quiet = Duration::from_millis(self.quiet_since.load(Ordering::Acquire));
-            let idle = self.started.elapsed().saturating_sub(quiet);
-            if idle >= timeout {
-                return;
+            let since = Duration::from_millis(self.quiet_since.load(Ordering::Acquire));
+            let quiet = self.started.elapsed().saturating_sub(since);
+            if quiet >= idle {
+                return Quiet::Idle;
             }
-            wait = timeout - idle;
+            wait = idle - quiet;
+            if let Some(rest) = rest_after {
+                if quiet < rest {
+                    wait = wait.min(rest - quiet);
+                } else if self.may_rest() {
+                    return Quiet::Rest;
+                } else {
+                    wait = wait.min(rest);
+                }
+            }
         }
+    }
+
+    fn may_rest(&self) -> bool {
+        self.in_flight.load(Ordering::Acquire) == 0
+            && self.restable.load(Ordering::Acquire)
+            && self.flushed.load(Ordering::Acquire)
+    }
+
+    /// A rest found part of the next request already read: no rest again until that
+    /// request is dispatched, so the header timeout of a slow request is not started over.
+    pub fn hold_rest(&self) {
+        self.restable.store(false, Ordering::Release);
+    }
+
+    /// Something was handed to the socket's writer.
+    pub fn wrote(&self) {
+        self.flushed.store(false, Ordering::Release);
+    }
+
+    /// The socket's writer has flushed everything handed to it.
+    pub fn flushed(&self) {
+        self.flushed.store(true, Ordering::Release);
     }
 }
 
@@ -65,6 +124,8 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         let now = self.0.started.elapsed().as_millis() as u64;
         self.0.quiet_since.store(now, Ordering::Release);
+        // The response's last bytes may still be on their way to the writer.
+        self.0.wrote();
         self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -115,7 +176,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn idle_only_when_nothing_is_in_flight_for_the_whole_timeout() {
         let activity = Arc::new(Activity::default());
-        let request = activity.request();
+        let request = activity.request(false);
         let idle = tokio::spawn({
             let a = activity.clone();
             async move {

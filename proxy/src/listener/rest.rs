@@ -1,0 +1,168 @@
+//! An HTTP/1 keep-alive connection that has been quiet for a while gives back hyper's
+//! buffers (8 KB to read and 8 KB to write, kept by hyper for the connection's life) and
+//! waits for its next request holding little more than its socket. In a mesh an inbound
+//! sidecar holds a keep-alive connection from every caller, so this is the memory that grows
+//! with the mesh.
+//!
+//! hyper has no setting for this, so the connection is taken apart (`into_parts`) and a new
+//! one is made over the same socket when the next request arrives. That is safe only where
+//! hyper holds nothing of HTTP's:
+//! - no request is in flight, and all written has been flushed to the socket;
+//! - the last request was HTTP/1.1 with no body and no `Connection` or `Upgrade` header, so
+//!   the parser is between messages, never inside a body (body bytes read as a new request
+//!   would desynchronise the connection);
+//! - bytes read but not yet parsed (the start of the next request) are put back in front of
+//!   the socket, and the connection does not rest again until that request is dispatched,
+//!   so a slow request head still meets the header timeout.
+//!
+//! A connection rests only after `REST_AFTER` without a request, so one in steady use never
+//! pays for a new hyper connection per request.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use hyper::Request;
+use hyper::header;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::stack::idle::Activity;
+use outrigger_core::prefixed::Prefixed;
+
+/// How long an HTTP/1 connection has had no request in flight before it rests.
+pub(super) const REST_AFTER: Duration = Duration::from_secs(1);
+
+static RESTED: AtomicU64 = AtomicU64::new(0);
+
+/// How many times a connection has given back its buffers: the allocator's free memory
+/// grows with it, which is when handing that memory back to the system pays.
+pub fn rested_connections() -> u64 {
+    RESTED.load(Ordering::Relaxed)
+}
+
+/// Whether the parser is between messages once `req`'s response is written.
+pub(super) fn leaves_parser_idle<B: hyper::body::Body>(req: &Request<B>) -> bool {
+    req.version() == hyper::Version::HTTP_11
+        && req.body().is_end_stream()
+        && !req.headers().contains_key(header::CONNECTION)
+        && !req.headers().contains_key(header::UPGRADE)
+}
+
+/// A connection's stream as hyper sees it: bytes put back by the last rest are read first,
+/// and what is written and flushed is told to the connection's `Activity`.
+pub(super) struct Resting<I> {
+    io: I,
+    unread: Bytes,
+    activity: Arc<Activity>,
+}
+
+impl<I> Resting<I> {
+    pub(super) fn new(io: I, activity: Arc<Activity>) -> Self {
+        Resting {
+            io,
+            unread: Bytes::new(),
+            activity,
+        }
+    }
+
+    /// Takes back what hyper read but did not parse; true if there was any.
+    pub(super) fn put_back(&mut self, unread: Bytes) -> bool {
+        RESTED.fetch_add(1, Ordering::Relaxed);
+        if unread.is_empty() {
+            return false;
+        }
+        // Copied out, so the rest of hyper's read buffer is not kept alive with it.
+        self.unread = Bytes::copy_from_slice(&unread);
+        true
+    }
+}
+
+impl<I: ReadReady> Resting<I> {
+    /// Resolves once there is something to read (or the socket failed).
+    pub(super) async fn readable(&self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.io.poll_read_ready(cx)).await
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Resting<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if !self.unread.is_empty() {
+            let n = self.unread.len().min(out.remaining());
+            out.put_slice(&self.unread[..n]);
+            self.unread.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.io).poll_read(cx, out)
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Resting<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.activity.wrote();
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.activity.wrote();
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let flushed = Pin::new(&mut self.io).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = flushed {
+            self.activity.flushed();
+        }
+        flushed
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// A stream that can wait for something to read without reading it (and so without a
+/// buffer).
+pub(super) trait ReadReady {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+}
+
+impl ReadReady for Prefixed<TcpStream> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.has_prefix() {
+            return Poll::Ready(Ok(()));
+        }
+        self.get_ref().poll_read_ready(cx)
+    }
+}
+
+impl<S: ReadReady> ReadReady for tokio_rustls::server::TlsStream<S> {
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let (io, tls) = self.get_ref();
+        // Plaintext already decrypted (or a close to act on) is something to read.
+        if !tls.wants_read() {
+            return Poll::Ready(Ok(()));
+        }
+        io.poll_read_ready(cx)
+    }
+}

@@ -1,0 +1,124 @@
+//! A quiet HTTP/1 keep-alive connection gives back its buffers and rests (see
+//! `proxy/src/listener/rest.rs`): over real sockets, it still serves its next request, a
+//! request head cut short by the rest is not lost, and a request body still on its way is
+//! never taken for a new request.
+
+use std::time::Duration;
+
+use outrigger_proxy::listener::rest::rested_connections;
+use outrigger_tests::{TestProxy, cluster, config, eventually, upstreams};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const VHOSTS: &str = r#"- name: app
+  domains: ['*']
+  routes:
+    - backends: [{cluster: app}]
+"#;
+
+/// Reads one response with a `Content-Length` body; its head and body as text.
+async fn response(conn: &mut TcpStream) -> String {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut chunk))
+            .await
+            .expect("a response within the deadline")
+            .unwrap();
+        assert!(n > 0, "closed after {:?}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let length = text[..end]
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse::<usize>().unwrap())
+                })
+                .expect("content-length");
+            if buf.len() >= end + 4 + length {
+                return text;
+            }
+        }
+    }
+}
+
+async fn rested_at_least(n: u64) {
+    eventually(&format!("{n} rests"), Duration::from_secs(10), || async {
+        (rested_connections() >= n).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rested_connection_serves_its_next_request_and_keeps_a_head_cut_short() {
+    let up = upstreams::http("app").await;
+    let proxy = TestProxy::start(&config(VHOSTS, &cluster("app", "http1", &[up.addr]))).await;
+    let mut conn = TcpStream::connect(proxy.addr("outbound")).await.unwrap();
+    conn.write_all(b"GET /one HTTP/1.1\r\nhost: app\r\n\r\n")
+        .await
+        .unwrap();
+    let first = response(&mut conn).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+    let before = rested_connections();
+    rested_at_least(before + 1).await;
+
+    // The next request arrives on the rested connection, in two parts: a rest comes between
+    // them, with the first part read and not yet parsed.
+    conn.write_all(b"GET /two HTTP/1.1\r\nho").await.unwrap();
+    rested_at_least(before + 2).await;
+    conn.write_all(b"st: app\r\n\r\n").await.unwrap();
+    let second = response(&mut conn).await;
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    assert!(second.contains("x-path: /two"), "{second}");
+}
+
+/// The upstream answers a chunked upload at once, before its body is sent. The connection
+/// is then quiet with the request body unfinished: if it rested, the bytes that follow would
+/// be parsed as a new request head, and a request hidden in a body would reach the upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_still_on_its_way_is_never_read_as_a_new_request() {
+    let (up, heads) = upstreams::canned("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
+    let proxy = TestProxy::start(&config(VHOSTS, &cluster("app", "http1", &[up.addr]))).await;
+
+    let mut upload = TcpStream::connect(proxy.addr("outbound")).await.unwrap();
+    upload
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nhost: app\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        )
+        .await
+        .unwrap();
+    let answered = response(&mut upload).await;
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+
+    // A second connection, quiet from later on, shows when the upload's connection has been
+    // quiet long enough to rest; then give it time for its own check.
+    let mut quiet = TcpStream::connect(proxy.addr("outbound")).await.unwrap();
+    quiet
+        .write_all(b"GET /quiet HTTP/1.1\r\nhost: app\r\n\r\n")
+        .await
+        .unwrap();
+    let _ = response(&mut quiet).await;
+    let before = rested_connections();
+    rested_at_least(before + 1).await;
+    let rested_twice = tokio::time::timeout(Duration::from_secs(3), rested_at_least(before + 2))
+        .await
+        .is_ok();
+
+    upload
+        .write_all(b"GET /smuggled HTTP/1.1\r\nhost: app\r\n\r\n")
+        .await
+        .unwrap();
+    // Not a chunk size: the connection is closed, and nothing more is answered.
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), upload.read_to_end(&mut rest)).await;
+    let rest = String::from_utf8_lossy(&rest);
+    assert!(!rest.contains("200 OK"), "answered again: {rest}");
+    let heads = heads.lock().unwrap().join("");
+    assert!(
+        !heads.contains("/smuggled"),
+        "reached the upstream: {heads}"
+    );
+    assert!(!rested_twice, "the upload's connection rested mid-body");
+}
