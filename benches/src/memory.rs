@@ -4,7 +4,9 @@
 //!   connections (default 9,000: HAProxy wants two descriptors per connection, and the
 //!   machines here allow 20,000) that send nothing, and reads the proxy's RSS once it holds
 //!   them all; then sends one request on each, one at a time (so one upstream connection
-//!   serves them all), and reads its RSS again, with every connection kept alive. Per connection is (RSS then − RSS at start) / connections.
+//!   serves them all), and reads its RSS again, with every connection kept alive; and once
+//!   more after they have all sat unused for 5 s. Per connection is (RSS then − RSS at
+//!   start) / connections.
 //! - **Routes.** Each proxy starts on a config of `--routes` virtual hosts (default 10,000),
 //!   one route each, and on one of a single virtual host with that many routes. Per route is
 //!   (RSS on that config − RSS on a one-route config) / routes. HAProxy has no routes to
@@ -100,8 +102,20 @@ async fn read_response(stream: &mut TcpStream) -> bool {
     }
 }
 
-/// (idle KiB per connection, keep-alive KiB per connection, failed requests).
-async fn per_connection(target: &Target, n: usize) -> (f64, f64, usize) {
+/// How long the keep-alive connections sit unused before the second reading: long enough
+/// for a proxy that gives a quiet connection's buffers back to have done so.
+const QUIET: Duration = Duration::from_secs(5);
+
+/// KiB per connection: idle, kept alive just after its request, and kept alive after
+/// `QUIET`; and the failed requests.
+struct PerConnection {
+    idle: f64,
+    kept: f64,
+    kept_quiet: f64,
+    failed: usize,
+}
+
+async fn per_connection(target: &Target, n: usize) -> PerConnection {
     let pid = target.child.as_ref().expect("a process").id();
     let base_fds = open_fds(pid);
     let start = settle(pid, 0);
@@ -126,9 +140,16 @@ async fn per_connection(target: &Target, n: usize) -> (f64, f64, usize) {
         failed += usize::from(!ok);
     }
     let kept = settle(pid, base_fds + n);
+    tokio::time::sleep(QUIET).await;
+    let kept_quiet = settle(pid, base_fds + n);
     drop(conns);
     let per = |kib: u64| kib.saturating_sub(start) as f64 * 1024.0 / n as f64 / 1024.0;
-    (per(idle), per(kept), failed)
+    PerConnection {
+        idle: per(idle),
+        kept: per(kept),
+        kept_quiet: per(kept_quiet),
+        failed,
+    }
 }
 
 fn outrigger_routes(upstream: SocketAddr, n: usize, one_host: bool) -> (String, SocketAddr) {
@@ -210,11 +231,12 @@ pub(crate) fn run(raw: &[String]) {
     let mut rows = Vec::new();
     let mut table = String::new();
     table.push_str(&format!(
-        "{:<12} {:>10} {:>14} {:>16} {:>8} {:>16} {:>16}\n",
+        "{:<12} {:>10} {:>14} {:>14} {:>16} {:>8} {:>16} {:>16}\n",
         "target",
         "start MB",
         "idle KB/conn",
         "kept KB/conn",
+        "quiet 5s KB/conn",
         "failed",
         "KB/virtual host",
         "KB/route in one"
@@ -237,7 +259,7 @@ pub(crate) fn run(raw: &[String]) {
         let target = start();
         let pid = target.child.as_ref().expect("a process").id();
         let start_kib = settle(pid, 0);
-        let (idle, kept, failed) = runtime.block_on(per_connection(&target, sizes.connections));
+        let conn = runtime.block_on(per_connection(&target, sizes.connections));
         drop(target);
         let routes = |one_host: bool| -> Option<f64> {
             let n = sizes.routes;
@@ -267,12 +289,13 @@ pub(crate) fn run(raw: &[String]) {
         let (per_host, per_route) = (routes(false), routes(true));
         let kb = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
         table.push_str(&format!(
-            "{:<12} {:>10.1} {:>14.2} {:>16.2} {:>8} {:>16} {:>16}\n",
+            "{:<12} {:>10.1} {:>14.2} {:>14.2} {:>16.2} {:>8} {:>16} {:>16}\n",
             name,
             start_kib as f64 / 1024.0,
-            idle,
-            kept,
-            failed,
+            conn.idle,
+            conn.kept,
+            conn.kept_quiet,
+            conn.failed,
             kb(per_host),
             kb(per_route)
         ));
@@ -280,9 +303,11 @@ pub(crate) fn run(raw: &[String]) {
             "target": name,
             "start_rss_kib": start_kib,
             "connections": sizes.connections,
-            "idle_kib_per_connection": idle,
-            "keepalive_kib_per_connection": kept,
-            "failed_requests": failed,
+            "idle_kib_per_connection": conn.idle,
+            "keepalive_kib_per_connection": conn.kept,
+            "keepalive_quiet_kib_per_connection": conn.kept_quiet,
+            "quiet_seconds": QUIET.as_secs(),
+            "failed_requests": conn.failed,
             "routes": sizes.routes,
             "kib_per_virtual_host": per_host,
             "kib_per_route_in_one_host": per_route,

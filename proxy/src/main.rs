@@ -9,6 +9,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use outrigger_proxy::app;
 use outrigger_proxy::config::snapshot::{self, RuntimeConfig};
 
+mod release_memory;
+
 #[derive(Parser)]
 #[command(
     name = "outrigger-proxy",
@@ -486,6 +488,7 @@ fn serve(
                 return ExitCode::FAILURE;
             }
         };
+        tokio::spawn(release_memory::after_rests());
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
         tokio::select! {
