@@ -30,6 +30,15 @@ impl<S> Prefixed<S> {
         &self.inner
     }
 
+    /// The stream itself, once every put-back byte has been read; else `self` again.
+    pub fn into_inner(self) -> Result<S, Self> {
+        if self.prefix.is_empty() {
+            Ok(self.inner)
+        } else {
+            Err(self)
+        }
+    }
+
     /// Whether some of the put-back bytes are still to be read.
     pub fn has_prefix(&self) -> bool {
         !self.prefix.is_empty()

@@ -62,16 +62,24 @@ async fn a_rested_connection_serves_its_next_request_and_keeps_a_head_cut_short(
     let first = response(&mut conn).await;
     assert!(first.starts_with("HTTP/1.1 200"), "{first}");
     let before = rested_connections();
-    rested_at_least(before + 1).await;
 
-    // The next request arrives on the rested connection, in two parts: a rest comes between
-    // them, with the first part read and not yet parsed.
+    // The next request starts before the connection rests and stops half way: the rest
+    // finds its first part read and not yet parsed.
     conn.write_all(b"GET /two HTTP/1.1\r\nho").await.unwrap();
-    rested_at_least(before + 2).await;
+    rested_at_least(before + 1).await;
     conn.write_all(b"st: app\r\n\r\n").await.unwrap();
     let second = response(&mut conn).await;
     assert!(second.starts_with("HTTP/1.1 200"), "{second}");
     assert!(second.contains("x-path: /two"), "{second}");
+
+    // Then a whole rest, with nothing read: the next request wakes the connection.
+    rested_at_least(before + 2).await;
+    conn.write_all(b"GET /three HTTP/1.1\r\nhost: app\r\n\r\n")
+        .await
+        .unwrap();
+    let third = response(&mut conn).await;
+    assert!(third.starts_with("HTTP/1.1 200"), "{third}");
+    assert!(third.contains("x-path: /three"), "{third}");
 }
 
 /// The upstream answers a chunked upload at once, before its body is sent. The connection

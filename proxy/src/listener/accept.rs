@@ -4,14 +4,10 @@
 //! request in flight and close; HTTP/2 connections send GOAWAY and finish their streams;
 //! opaque TCP runs on until the drain deadline.
 
-use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -21,20 +17,15 @@ use crate::config::file::{ListenerProtocol, TlsMode};
 use crate::config::snapshot::{Listener, RuntimeConfig};
 use crate::identity::mtls;
 use crate::listener::arrival::{Arrival, arrive, first_bytes, tcp_idle_timeout};
-use crate::listener::rest::{self, ReadReady, Resting};
+use crate::listener::http::serve_http;
 use crate::listener::tcp;
 use crate::net::detect::{self, Protocol};
 use crate::route::destinations::Service;
-use crate::stack::idle::{Activity, Quiet, Tracked};
 use crate::stack::peer::Peer;
 use crate::stack::{self, exchange::HttpContext};
 use outrigger_core::prefixed::Prefixed;
 use outrigger_core::spiffe::SpiffeId;
 
-/// Protects the proxy from peers that send huge or endless headers.
-const MAX_HEADER_BYTES: usize = 64 * 1024;
-const MAX_HEADERS: usize = 128;
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Shutdown {
@@ -58,9 +49,9 @@ impl Clone for Shutdown {
 
 /// What a connection's task needs of its listener's `Shutdown`: the signal to drain on, and
 /// the tracker the drain waits on.
-struct Drain {
-    signal: watch::Receiver<bool>,
-    tracker: mpsc::Sender<()>,
+pub(super) struct Drain {
+    pub(super) signal: watch::Receiver<bool>,
+    pub(super) tracker: mpsc::Sender<()>,
 }
 
 /// Counts a connection as open for as long as it lives.
@@ -150,9 +141,64 @@ fn serve_connection(
             Some(deadline) => Some(first_bytes(&stream, deadline).await),
             None => None,
         };
-        Box::pin(serve_mesh(stream, service, detect, &ctx, shutdown)).await;
+        let start = Start::New(detect);
+        let rested = Box::pin(serve_mesh(stream, service, start, &ctx, shutdown)).await;
+        // Boxed before the wait, so that what rests is in the box and not in this future.
+        let kept = rested.map(|rested| Box::pin(keep_alive(rested, &ctx)));
+        if let Some(kept) = kept {
+            kept.await;
+        }
         ctx.connections.open.dec();
     }
+}
+
+/// A plaintext HTTP/1 connection between its rests: it waits for its next bytes holding
+/// only what `Rested` keeps, and is served again from the start when they come.
+// Not an `async fn`, which would keep its argument twice.
+#[allow(clippy::manual_async_fn)]
+fn keep_alive(mut rested: Rested, ctx: &Arc<HttpContext>) -> impl Future<Output = ()> + Send + '_ {
+    async move {
+        loop {
+            first_bytes(&rested.stream, rested.idle_by).await;
+            // Idle past its timeout: closed. The drain does not wait for a resting
+            // connection, and one that wakes after it ended is closed too.
+            if tokio::time::Instant::now() >= rested.idle_by {
+                return;
+            }
+            let Some(tracker) = rested.tracker.upgrade() else {
+                return;
+            };
+            let drain = Drain {
+                signal: rested.signal,
+                tracker,
+            };
+            let served = serve_mesh(rested.stream, rested.service, Start::Rested, ctx, drain);
+            match Box::pin(served).await {
+                Some(again) => rested = again,
+                None => return,
+            }
+        }
+    }
+}
+
+/// How a connection comes to `serve_mesh`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// Newly accepted; its protocol is to be detected by this deadline, when given.
+    New(Option<tokio::time::Instant>),
+    /// A plaintext HTTP/1 connection that rested and has something to read again.
+    Rested,
+}
+
+/// What a plaintext HTTP/1 connection that rested hands back to its task: its socket and
+/// what its next request needs, but nothing that holds the drain open. Everything else it
+/// had (hyper's connection, its buffers, the serving futures) is given back.
+struct Rested {
+    stream: TcpStream,
+    service: Service,
+    idle_by: tokio::time::Instant,
+    signal: watch::Receiver<bool>,
+    tracker: mpsc::WeakSender<()>,
 }
 
 /// A connection to a destination outside the mesh, copied through as it is.
@@ -180,16 +226,21 @@ async fn passthrough(
 async fn serve_mesh(
     stream: TcpStream,
     redirected: Service,
-    detect_by: Option<tokio::time::Instant>,
+    start: Start,
     ctx: &Arc<HttpContext>,
     shutdown: Drain,
-) {
+) -> Option<Rested> {
     let client_addr = stream.peer_addr().ok();
     let snapshot = ctx.config.load_full();
     let listener = &snapshot.listeners[ctx.listener];
     let name = listener.name.clone();
     let opaque_service = redirected.cluster.as_ref().is_some_and(|c| c.opaque);
+    let detect_by = match start {
+        Start::New(detect_by) => detect_by,
+        Start::Rested => None,
+    };
     let (protocol, io) = match listener.protocol {
+        _ if start == Start::Rested => (Protocol::Http1, Prefixed::new(stream)),
         _ if opaque_service => (Protocol::Opaque, Prefixed::new(stream)),
         ListenerProtocol::Http1 => (Protocol::Http1, Prefixed::new(stream)),
         ListenerProtocol::Http2 => (Protocol::Http2, Prefixed::new(stream)),
@@ -199,11 +250,13 @@ async fn serve_mesh(
                 detect_by.unwrap_or_else(|| tokio::time::Instant::now() + listener.detect_timeout);
             match detect::detect(stream, deadline).await {
                 Ok(found) => found,
-                Err(_) => return,
+                Err(_) => return None,
             }
         }
     };
-    ctx.connections.opened(protocol.label());
+    if start != Start::Rested {
+        ctx.connections.opened(protocol.label());
+    }
     let strict = listener
         .tls
         .as_ref()
@@ -234,11 +287,22 @@ async fn serve_mesh(
                 client_addr,
                 redirected.virtual_host.map(|i| i as usize),
             );
-            if Box::pin(serve_http(io, protocol, idle, peer, ctx.clone(), shutdown))
-                .await
-                .is_err()
-            {
-                ctx.metrics.connection_error(&name);
+            let (signal, tracker) = (shutdown.signal.clone(), shutdown.tracker.downgrade());
+            let serve = serve_http(io, protocol, idle, peer, ctx.clone(), shutdown, true);
+            match Box::pin(serve).await {
+                Err(_) => ctx.metrics.connection_error(&name),
+                Ok(Some((io, idle_by))) => {
+                    if let Ok(stream) = io.into_inner() {
+                        return Some(Rested {
+                            stream,
+                            service: redirected,
+                            idle_by,
+                            signal,
+                            tracker,
+                        });
+                    }
+                }
+                Ok(None) => {}
             }
         }
         // TLS is passed through untouched until the proxy terminates mTLS itself. Either way
@@ -253,6 +317,7 @@ async fn serve_mesh(
             None => tracing::debug!(listener = %name, "no tcp route; closing opaque connection"),
         },
     }
+    None
 }
 
 /// A connection that opened with a TLS ClientHello on a listener that terminates mTLS.
@@ -312,7 +377,7 @@ async fn serve_tls(tls: TlsConnection<'_>, ctx: &Arc<HttpContext>, shutdown: Dra
         redirected.virtual_host.map(|i| i as usize),
     );
     drop(snapshot);
-    let serve = serve_http(stream, protocol, idle, peer, ctx.clone(), shutdown);
+    let serve = serve_http(stream, protocol, idle, peer, ctx.clone(), shutdown, false);
     if Box::pin(serve).await.is_err() {
         ctx.metrics.connection_error(name);
     }
@@ -367,102 +432,6 @@ fn tcp_route(service: Service, listener: &Listener) -> Option<(Arc<Cluster>, Dur
     }
 }
 
-async fn serve_http<I>(
-    io: I,
-    protocol: Protocol,
-    idle: Duration,
-    peer: Peer,
-    ctx: Arc<HttpContext>,
-    shutdown: Drain,
-) -> Result<(), hyper::Error>
-where
-    I: AsyncRead + AsyncWrite + ReadReady + Unpin + Send + 'static,
-{
-    let Drain {
-        mut signal,
-        tracker,
-    } = shutdown;
-    let mut peer = peer;
-    peer.drain = Some(tracker.clone());
-    let _guard = tracker;
-    let activity = Arc::new(Activity::default());
-    let handler = {
-        let activity = activity.clone();
-        move |mut req: hyper::Request<hyper::body::Incoming>| {
-            let in_flight = activity.request(rest::leaves_parser_idle(&req));
-            req.extensions_mut().insert(peer.clone());
-            let ctx = ctx.clone();
-            async move {
-                let resp = stack::handle(ctx, req).await?;
-                Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, in_flight)))
-            }
-        }
-    };
-    if protocol == Protocol::Http2 {
-        let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .max_header_list_size(MAX_HEADER_BYTES as u32)
-            .serve_connection(TokioIo::new(io), service_fn(handler));
-        tokio::pin!(conn);
-        if *signal.borrow() {
-            conn.as_mut().graceful_shutdown();
-        }
-        return tokio::select! {
-            res = conn.as_mut() => res,
-            _ = signal.changed() => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-            _ = activity.idle_for(idle) => {
-                conn.as_mut().graceful_shutdown();
-                conn.await
-            }
-        };
-    }
-    let mut http1 = hyper::server::conn::http1::Builder::new();
-    http1
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(MAX_HEADER_BYTES)
-        .max_headers(MAX_HEADERS);
-    // hyper keeps room for one request's future in every HTTP/1 connection from its start:
-    // boxed, that room is a pointer, and the future exists only while a request is in flight.
-    let mut service = service_fn(move |req| Box::pin(handler(req)));
-    let mut io = Resting::new(io, activity.clone());
-    loop {
-        let mut conn = http1
-            .serve_connection(TokioIo::new(io), service)
-            .with_upgrades();
-        if *signal.borrow() {
-            Pin::new(&mut conn).graceful_shutdown();
-        }
-        let quiet = tokio::select! {
-            res = &mut conn => return res,
-            _ = signal.changed() => Quiet::Idle,
-            quiet = activity.quiet_for(idle, Some(rest::REST_AFTER)) => quiet,
-        };
-        if quiet == Quiet::Idle {
-            Pin::new(&mut conn).graceful_shutdown();
-            return conn.await;
-        }
-        // Upgraded connections have resolved above, so the parts are there.
-        let Some(parts) = conn.into_parts() else {
-            return Ok(());
-        };
-        service = parts.service;
-        io = parts.io.into_inner();
-        if io.put_back(parts.read_buf) {
-            activity.hold_rest();
-            continue;
-        }
-        tokio::select! {
-            ready = io.readable() => if ready.is_err() { return Ok(()) },
-            _ = signal.changed() => return Ok(()),
-            _ = activity.idle_for(idle) => return Ok(()),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,8 +441,13 @@ mod tests {
 
     /// Every connection that has sent nothing holds its task's future, so its size is the
     /// floor of what an idle connection costs (the bench's "idle KB/conn").
-    #[tokio::test]
-    async fn a_connection_that_has_sent_nothing_holds_a_small_future() {
+    /// A detecting inbound listener's context, and a drain signal (with what keeps it open).
+    fn context() -> (
+        Arc<HttpContext>,
+        Drain,
+        watch::Sender<bool>,
+        mpsc::Receiver<()>,
+    ) {
         let yaml = "listeners:\n  - name: in\n    address: 127.0.0.1:0\n    direction: inbound\n";
         let config = RuntimeConfig::build("t.yaml", yaml, 1, None).unwrap();
         assert_eq!(config.listeners[0].protocol, ListenerProtocol::Detect);
@@ -485,9 +459,14 @@ mod tests {
             connections: metrics.connection_series("in"),
             metrics,
         });
-        let (_stop, signal) = watch::channel(false);
-        let (tracker, _drained) = mpsc::channel(1);
-        let shutdown = Drain { signal, tracker };
+        let (stop, signal) = watch::channel(false);
+        let (tracker, drained) = mpsc::channel(1);
+        (ctx, Drain { signal, tracker }, stop, drained)
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_has_sent_nothing_holds_a_small_future() {
+        let (ctx, shutdown, _stop, _drained) = context();
         let open = OpenConnection::new(&Arc::default());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = TcpStream::connect(listener.local_addr().unwrap())
@@ -497,6 +476,30 @@ mod tests {
         let task = serve_connection(stream, ctx, shutdown, open);
         let size = std::mem::size_of_val(&task);
         assert!(size <= 272, "the connection future is {size} bytes");
+    }
+
+    /// A plaintext keep-alive connection that has rested holds its task's future and this
+    /// one, and nothing else: its size is most of what such a connection costs (the bench's
+    /// "quiet KB/conn"). The serving future it was (over a kilobyte, with room for hyper's
+    /// connection) is given back.
+    #[tokio::test]
+    async fn a_resting_connection_holds_a_small_future() {
+        let (ctx, shutdown, _stop, _drained) = context();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let rested = Rested {
+            stream,
+            service: Service::default(),
+            idle_by: tokio::time::Instant::now() + Duration::from_secs(60),
+            signal: shutdown.signal.clone(),
+            tracker: shutdown.tracker.downgrade(),
+        };
+        let task = keep_alive(rested, &ctx);
+        let size = std::mem::size_of_val(&task);
+        assert!(size <= 232, "a resting connection's future is {size} bytes");
     }
 
     /// Nobody accepts here: whatever connects is held by the backlog alone, and a connection

@@ -1,7 +1,9 @@
 //! Listeners: the accept loop, and per connection the interception check (`arrival`), protocol
-//! detection, TLS, then HTTP (handed to `stack`) or opaque TCP.
+//! detection, TLS, then HTTP (`http`, each request handed to `stack`; a quiet HTTP/1
+//! keep-alive connection rests between requests, `rest`) or opaque TCP.
 
 pub mod accept;
 mod arrival;
+mod http;
 pub mod rest;
 pub mod tcp;

@@ -83,6 +83,16 @@ impl<I> Resting<I> {
 }
 
 impl<I: ReadReady> Resting<I> {
+    /// The stream, if nothing is left in it or put back in front of it, so that a new
+    /// connection can be made over its socket alone.
+    pub(super) fn into_socket(self) -> Result<I, Self> {
+        if self.unread.is_empty() && !self.io.holds_state() {
+            Ok(self.io)
+        } else {
+            Err(self)
+        }
+    }
+
     /// Resolves once there is something to read (or the socket failed).
     pub(super) async fn readable(&self) -> io::Result<()> {
         std::future::poll_fn(|cx| self.io.poll_read_ready(cx)).await
@@ -145,9 +155,17 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Resting<I> {
 /// buffer).
 pub(super) trait ReadReady {
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+
+    /// Whether the stream itself holds bytes or state a new stream over the same socket
+    /// would lose.
+    fn holds_state(&self) -> bool;
 }
 
 impl ReadReady for Prefixed<TcpStream> {
+    fn holds_state(&self) -> bool {
+        self.has_prefix()
+    }
+
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.has_prefix() {
             return Poll::Ready(Ok(()));
@@ -157,6 +175,11 @@ impl ReadReady for Prefixed<TcpStream> {
 }
 
 impl<S: ReadReady> ReadReady for tokio_rustls::server::TlsStream<S> {
+    /// The TLS session itself.
+    fn holds_state(&self) -> bool {
+        true
+    }
+
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let (io, tls) = self.get_ref();
         // Plaintext already decrypted (or a close to act on) is something to read.

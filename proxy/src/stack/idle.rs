@@ -95,6 +95,12 @@ impl Activity {
         }
     }
 
+    /// When the connection will have been idle for `idle`, if nothing comes before.
+    pub fn idle_deadline(&self, idle: Duration) -> Instant {
+        let since = Duration::from_millis(self.quiet_since.load(Ordering::Acquire));
+        self.started + since + idle
+    }
+
     fn may_rest(&self) -> bool {
         self.in_flight.load(Ordering::Acquire) == 0
             && self.restable.load(Ordering::Acquire)
