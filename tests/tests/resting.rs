@@ -1,13 +1,21 @@
 //! A quiet HTTP/1 keep-alive connection gives back its buffers and rests (see
-//! `proxy/src/listener/rest.rs`): over real sockets, it still serves its next request, a
-//! request head cut short by the rest is not lost, and a request body still on its way is
-//! never taken for a new request.
+//! `proxy/src/listener/rest.rs`): over real sockets, plaintext and mTLS, it still serves its
+//! next request, a request head cut short by the rest is not lost, and a request body still
+//! on its way is never taken for a new request.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use outrigger_control_plane::ca::{Ca, DEFAULT_LIFETIME};
+use outrigger_core::spiffe::SpiffeId;
+use outrigger_proxy::identity::mtls;
+use outrigger_proxy::identity::store::IdentityStore;
 use outrigger_proxy::listener::rest::rested_connections;
-use outrigger_tests::{TestProxy, cluster, config, eventually, upstreams};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use outrigger_tests::{
+    TestProxy, cluster, config, eventually, identity_yaml, upstreams, write_identity,
+};
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const VHOSTS: &str = r#"- name: app
@@ -17,7 +25,7 @@ const VHOSTS: &str = r#"- name: app
 "#;
 
 /// Reads one response with a `Content-Length` body; its head and body as text.
-async fn response(conn: &mut TcpStream) -> String {
+async fn response(conn: &mut (impl AsyncRead + Unpin)) -> String {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -129,4 +137,73 @@ async fn a_body_still_on_its_way_is_never_read_as_a_new_request() {
         "reached the upstream: {heads}"
     );
     assert!(!rested_twice, "the upload's connection rested mid-body");
+}
+
+/// The same over mTLS, HTTP/1.1 by ALPN: the TLS session stays with the connection while it
+/// rests, and carries the caller's identity into its next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mtls_connection_rests_and_its_next_request_keeps_its_identity() {
+    const WEB: &str = "spiffe://mesh.test/ns/shop/sa/web";
+    const API: &str = "spiffe://mesh.test/ns/shop/sa/api";
+    let ca = Ca::generate("mesh.test").unwrap();
+    let issue = |id: &str| {
+        ca.issue(&SpiffeId::parse(id).unwrap(), DEFAULT_LIFETIME)
+            .unwrap()
+    };
+    let (chain, key) = issue(API);
+    let identity = identity_yaml(&write_identity(&chain, &key, &ca.bundle_pem()));
+    let app = upstreams::http("app").await;
+    let proxy = TestProxy::start(&format!(
+        r#"{identity}listeners:
+  - name: inbound
+    address: 127.0.0.1:0
+    direction: inbound
+    tls: {{mode: strict}}
+    virtual_hosts:
+      - name: app
+        domains: ['*']
+        routes:
+          - backends: [{{cluster: app}}]
+clusters:
+  - name: app
+    endpoints: [{{address: "{}"}}]
+"#,
+        app.addr
+    ))
+    .await;
+
+    let store = Arc::new(IdentityStore::default());
+    store.set_bundle(ca.bundle_pem().as_bytes()).unwrap();
+    let (chain, key) = issue(WEB);
+    store
+        .set_certificate(chain.as_bytes(), key.as_bytes())
+        .unwrap();
+    let expected = SpiffeId::parse(API).unwrap();
+    let config = mtls::client_config(store, vec![expected], mtls::ALPN_HTTP1);
+    let addr = proxy.addr("inbound");
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::IpAddress(addr.ip().into());
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+        .expect("handshake");
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(mtls::ALPN_HTTP1));
+
+    let before = rested_connections();
+    for (rests, path) in (1..).zip(["/one", "/two"]) {
+        send(&mut tls, path).await;
+        let answer = response(&mut tls).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.contains(&format!("x-path: {path}")), "{answer}");
+        assert!(
+            answer.contains(&format!("x-echo-x-outrigger-client-id: {WEB}")),
+            "{answer}"
+        );
+        rested_at_least(before + rests).await;
+    }
+}
+
+async fn send(conn: &mut (impl AsyncWrite + Unpin), path: &str) {
+    let head = format!("GET {path} HTTP/1.1\r\nhost: app\r\n\r\n");
+    conn.write_all(head.as_bytes()).await.unwrap();
 }
