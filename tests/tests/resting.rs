@@ -151,7 +151,7 @@ async fn an_mtls_connection_rests_and_its_next_request_keeps_its_identity() {
             .unwrap()
     };
     let (chain, key) = issue(API);
-    let identity = identity_yaml(&write_identity(&chain, &key, &ca.bundle_pem()));
+    let identity = identity_yaml(&write_identity(&chain, &key, ca.bundle_pem()));
     let app = upstreams::http("app").await;
     let proxy = TestProxy::start(&format!(
         r#"{identity}listeners:
