@@ -11,8 +11,9 @@ use outrigger_core::spiffe::SpiffeId;
 use outrigger_proxy::identity::mtls;
 use outrigger_proxy::identity::store::IdentityStore;
 use outrigger_proxy::listener::rest::rested_connections;
+use outrigger_tests::clients::get;
 use outrigger_tests::{
-    TestProxy, cluster, config, eventually, identity_yaml, upstreams, write_identity,
+    TestProxy, cluster, config, eventually, identity_yaml, metric, upstreams, write_identity,
 };
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -88,6 +89,12 @@ async fn a_rested_connection_serves_its_next_request_and_keeps_a_head_cut_short(
     let third = response(&mut conn).await;
     assert!(third.starts_with("HTTP/1.1 200"), "{third}");
     assert!(third.contains("x-path: /three"), "{third}");
+    let page = get(proxy.admin(), "/metrics").await.body;
+    let rests = metric(
+        &page,
+        r#"outrigger_connection_rests_total{listener="outbound"}"#,
+    );
+    assert!(rests >= 2, "{page}");
 }
 
 /// The upstream answers a chunked upload at once, before its body is sent. The connection

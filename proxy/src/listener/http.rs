@@ -46,6 +46,7 @@ where
     peer.drain = Some(tracker.clone());
     let _guard = tracker;
     let activity = Arc::new(Activity::default());
+    let rests = ctx.connections.rested.clone();
     let handler = {
         let activity = activity.clone();
         move |mut req: hyper::Request<hyper::body::Incoming>| {
@@ -118,6 +119,7 @@ where
         };
         service = parts.service;
         io = parts.io.into_inner();
+        rests.inc();
         if io.put_back(parts.read_buf) {
             activity.hold_rest();
             continue;

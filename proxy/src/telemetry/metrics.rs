@@ -31,6 +31,7 @@ pub struct Metrics {
     /// Where requests that matched no route are counted, by direction.
     unrouted: [Arc<RouteSeries>; 2],
     open_connections: Family<ListenerLabels, Gauge>,
+    connection_rests: Family<ListenerLabels, Counter>,
     connections: Family<ConnectionLabels, Counter>,
     connection_errors: Family<ListenerLabels, Counter>,
     tcp_bytes: Family<ListenerLabels, Counter>,
@@ -65,6 +66,8 @@ impl Default for Metrics {
 /// The connection counters of one listener.
 pub struct ConnectionSeries {
     pub open: Gauge,
+    /// Times a quiet HTTP/1 connection rested (`listener::rest`).
+    pub rested: Counter,
     opened: [(&'static str, Counter); 4],
 }
 
@@ -95,6 +98,7 @@ impl Metrics {
         let none: Arc<str> = Arc::from("none");
         let unrouted = [routes.get("inbound", &none), routes.get("outbound", &none)];
         let open_connections = Family::<ListenerLabels, Gauge>::default();
+        let connection_rests = Family::<ListenerLabels, Counter>::default();
         let connections = Family::<ConnectionLabels, Counter>::default();
         let connection_errors = Family::<ListenerLabels, Counter>::default();
         let tcp_bytes = Family::<ListenerLabels, Counter>::default();
@@ -226,6 +230,11 @@ impl Metrics {
             connections.clone(),
         );
         registry.register(
+            "connection_rests",
+            "Quiet HTTP/1 keep-alive connections that gave back their buffers to wait for their next request",
+            connection_rests.clone(),
+        );
+        registry.register(
             "connection_errors",
             "Downstream connections that ended in a protocol error (malformed or abandoned)",
             connection_errors.clone(),
@@ -251,6 +260,7 @@ impl Metrics {
             routes,
             unrouted,
             open_connections,
+            connection_rests,
             connections,
             connection_errors,
             tcp_bytes,
@@ -492,13 +502,12 @@ impl Metrics {
             };
             (protocol, self.connections.get_or_create(&labels).clone())
         });
+        let labels = ListenerLabels {
+            listener: listener.to_string(),
+        };
         ConnectionSeries {
-            open: self
-                .open_connections
-                .get_or_create(&ListenerLabels {
-                    listener: listener.to_string(),
-                })
-                .clone(),
+            open: self.open_connections.get_or_create(&labels).clone(),
+            rested: self.connection_rests.get_or_create(&labels).clone(),
             opened,
         }
     }
