@@ -332,13 +332,19 @@ services:
     assert_eq!((r.status.as_u16(), r.body.as_str()), (200, "api"));
     let r = client.get("secret", "/").await.unwrap();
     assert_eq!(r.status, 404, "web may not call secret: {r:?}");
-    // The control plane counts its pushes and how long each took to be ACKed.
-    let page = get(cp.admin_addr, "/metrics").await.body;
-    assert!(metric(&page, "outrigger_cp_pushes_total") >= 3, "{page}");
-    assert!(
-        metric(&page, "outrigger_cp_push_ack_seconds_count") >= 3,
-        "{page}"
-    );
+    // The control plane counts its pushes and how long each took to be ACKed (the last ACK
+    // may still be on its way when the proxy is ready).
+    eventually(
+        "three pushes, each ACKed",
+        Duration::from_secs(10),
+        || async {
+            let page = get(cp.admin_addr, "/metrics").await.body;
+            (metric(&page, "outrigger_cp_pushes_total") >= 3
+                && metric(&page, "outrigger_cp_push_ack_seconds_count") >= 3)
+                .then_some(())
+        },
+    )
+    .await;
 
     // Without a certificate from our CA, there is no xDS at all.
     let foreign = Ca::generate("mesh.test").unwrap();
