@@ -153,6 +153,37 @@ listeners:
     )
 }
 
+/// A proxy with one inbound listener (and an admin port) in front of `app`. `identity` is its
+/// `identity:` block and `tls` the listener's `tls:` line, if any.
+pub async fn inbound(identity: &str, app: SocketAddr, tls: &str) -> TestProxy {
+    TestProxy::start(&format!(
+        r#"{identity}admin:
+  address: 127.0.0.1:0
+listeners:
+  - name: inbound
+    address: 127.0.0.1:0
+    direction: inbound
+{tls}    virtual_hosts:
+      - name: app
+        domains: ['*']
+        routes:
+          - backends: [{{cluster: app}}]
+clusters:
+  - name: app
+    endpoints: [{{address: "{app}"}}]
+"#
+    ))
+    .await
+}
+
+/// `inbound`, in strict mTLS mode.
+pub async fn strict_inbound(identity: &str, app: SocketAddr) -> TestProxy {
+    inbound(identity, app, STRICT).await
+}
+
+/// The `tls:` line of a listener in strict mTLS mode.
+pub const STRICT: &str = "    tls: {mode: strict}\n";
+
 /// A minimal proxy config: one outbound listener with the given virtual hosts, plus
 /// clusters, on ephemeral ports, with an admin listener.
 pub fn config(virtual_hosts: &str, clusters: &str) -> String {

@@ -13,7 +13,7 @@ use outrigger_core::sign_api::SignRequest;
 use outrigger_proxy::identity::api;
 use outrigger_tests::clients::{TestClient, get};
 use outrigger_tests::fake_kube::FakeApiServer;
-use outrigger_tests::{TestProxy, eventually, metric, temp_path, upstreams};
+use outrigger_tests::{TestProxy, eventually, metric, strict_inbound, temp_path, upstreams};
 use rcgen::{CertificateParams, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
 
 const WEB: &str = "spiffe://mesh.test/ns/shop/sa/web";
@@ -80,28 +80,6 @@ fn identity_with_anchor(
     )
 }
 
-async fn inbound(identity: &str, app: SocketAddr) -> TestProxy {
-    TestProxy::start(&format!(
-        r#"{identity}admin:
-  address: 127.0.0.1:0
-listeners:
-  - name: inbound
-    address: 127.0.0.1:0
-    direction: inbound
-    tls: {{mode: strict}}
-    virtual_hosts:
-      - name: app
-        domains: ['*']
-        routes:
-          - backends: [{{cluster: app}}]
-clusters:
-  - name: app
-    endpoints: [{{address: "{app}"}}]
-"#
-    ))
-    .await
-}
-
 async fn outbound(identity: &str, peer: SocketAddr) -> TestProxy {
     TestProxy::start(&format!(
         r#"{identity}admin:
@@ -138,7 +116,7 @@ async fn ready(proxy: &TestProxy) {
 async fn proxies_get_certificates_from_the_ca_and_talk_mtls() {
     let cp = control_plane().await;
     let app = upstreams::http("app").await;
-    let b = inbound(&identity(&cp, "api-token", API, "24h"), app.addr).await;
+    let b = strict_inbound(&identity(&cp, "api-token", API, "24h"), app.addr).await;
     let a = outbound(&identity(&cp, "web-token", WEB, "24h"), b.addr("inbound")).await;
     ready(&b).await;
     ready(&a).await;
@@ -188,7 +166,7 @@ async fn the_ca_signs_only_what_a_valid_token_proves() {
 
     // A proxy with a token that proves nothing never becomes ready.
     let app = upstreams::http("app").await;
-    let stuck = inbound(&identity(&cp, "made-up", API, "24h"), app.addr).await;
+    let stuck = strict_inbound(&identity(&cp, "made-up", API, "24h"), app.addr).await;
     let admin = stuck.admin();
     // Its CSR has been answered (and refused): the readiness page says so.
     let ready = eventually(
@@ -217,7 +195,7 @@ async fn certificates_and_the_root_rotate_under_load_without_a_failed_request() 
     let cp = control_plane().await;
     let app = upstreams::http("app").await;
     // Two-second certificates: each proxy renews about every second.
-    let b = inbound(&identity(&cp, "api-token", API, "2s"), app.addr).await;
+    let b = strict_inbound(&identity(&cp, "api-token", API, "2s"), app.addr).await;
     let a = outbound(&identity(&cp, "web-token", WEB, "2s"), b.addr("inbound")).await;
     ready(&b).await;
     ready(&a).await;
@@ -507,7 +485,7 @@ async fn a_ca_that_cannot_prove_itself_against_the_anchor_gets_no_csr() {
     let impostor = Ca::generate("mesh.test").unwrap();
     let anchor = temp_path("impostor-anchor.pem");
     std::fs::write(&anchor, impostor.bundle_pem()).unwrap();
-    let misled = inbound(
+    let misled = strict_inbound(
         &identity_with_anchor(&cp, "api-token", API, "24h", &anchor),
         app.addr,
     )
@@ -524,7 +502,7 @@ async fn a_ca_that_cannot_prove_itself_against_the_anchor_gets_no_csr() {
     .await;
     assert!(why.contains("invalid peer certificate"), "{why}");
     // The good one beside it gets its certificate, so the CA was up all along.
-    let good = inbound(&identity(&cp, "web-token", WEB, "24h"), app.addr).await;
+    let good = strict_inbound(&identity(&cp, "web-token", WEB, "24h"), app.addr).await;
     ready(&good).await;
     assert_eq!(
         cp.issued.load(Ordering::Relaxed),
@@ -623,7 +601,7 @@ async fn a_ca_that_answers_for_another_identity_is_not_believed() {
         };
         let liar = upstreams::grpc_canned(answer.encode_to_vec().into()).await;
         let app = upstreams::http("app").await;
-        let proxy = inbound(
+        let proxy = strict_inbound(
             &format!(
                 r#"identity:
   ca: {{address: "{}", token: t, id: "{WEB}", plaintext: true}}

@@ -6,7 +6,9 @@ use std::net::SocketAddr;
 use outrigger_control_plane::ca::{Ca, DEFAULT_LIFETIME};
 use outrigger_core::spiffe::SpiffeId;
 use outrigger_tests::clients::{TestClient, get};
-use outrigger_tests::{TestProxy, eventually, identity_yaml, metric, upstreams, write_identity};
+use outrigger_tests::{
+    STRICT, TestProxy, eventually, identity_yaml, inbound, metric, upstreams, write_identity,
+};
 
 const WEB: &str = "spiffe://mesh.test/ns/shop/sa/web";
 const API: &str = "spiffe://mesh.test/ns/shop/sa/api";
@@ -20,28 +22,6 @@ fn identity(bundle_from: &Ca, chain_and_key: (String, String)) -> String {
 fn issue(ca: &Ca, id: &str) -> (String, String) {
     ca.issue(&SpiffeId::parse(id).unwrap(), DEFAULT_LIFETIME)
         .unwrap()
-}
-
-/// Proxy B: an inbound listener in front of the app.
-async fn inbound(identity: &str, app: SocketAddr, tls_extra: &str) -> TestProxy {
-    TestProxy::start(&format!(
-        r#"{identity}admin:
-  address: 127.0.0.1:0
-listeners:
-  - name: inbound
-    address: 127.0.0.1:0
-    direction: inbound
-{tls_extra}    virtual_hosts:
-      - name: app
-        domains: ['*']
-        routes:
-          - backends: [{{cluster: app}}]
-clusters:
-  - name: app
-    endpoints: [{{address: "{app}"}}]
-"#
-    ))
-    .await
 }
 
 /// Proxy A: an outbound listener whose cluster is proxy B, over mTLS.
@@ -66,8 +46,6 @@ clusters:
     ))
     .await
 }
-
-const STRICT: &str = "    tls: {mode: strict}\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_mtls_hop_carries_the_callers_identity() {

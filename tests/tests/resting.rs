@@ -13,7 +13,8 @@ use outrigger_proxy::identity::store::IdentityStore;
 use outrigger_proxy::listener::rest::rested_connections;
 use outrigger_tests::clients::get;
 use outrigger_tests::{
-    TestProxy, cluster, config, eventually, identity_yaml, metric, upstreams, write_identity,
+    TestProxy, cluster, config, eventually, identity_yaml, metric, strict_inbound, upstreams,
+    write_identity,
 };
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -160,24 +161,7 @@ async fn an_mtls_connection_rests_and_its_next_request_keeps_its_identity() {
     let (chain, key) = issue(API);
     let identity = identity_yaml(&write_identity(&chain, &key, ca.bundle_pem()));
     let app = upstreams::http("app").await;
-    let proxy = TestProxy::start(&format!(
-        r#"{identity}listeners:
-  - name: inbound
-    address: 127.0.0.1:0
-    direction: inbound
-    tls: {{mode: strict}}
-    virtual_hosts:
-      - name: app
-        domains: ['*']
-        routes:
-          - backends: [{{cluster: app}}]
-clusters:
-  - name: app
-    endpoints: [{{address: "{}"}}]
-"#,
-        app.addr
-    ))
-    .await;
+    let proxy = strict_inbound(&identity, app.addr).await;
 
     let store = Arc::new(IdentityStore::default());
     store.set_bundle(ca.bundle_pem().as_bytes()).unwrap();
