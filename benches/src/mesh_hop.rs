@@ -6,6 +6,9 @@
 //! µs per request summed over both proxies, and the inbound side's mTLS handshake rate (new
 //! connections with a client certificate, as fast as four clients can make them).
 //!
+//! With Envoy, one more row in the same run: a single Envoy doing plain HTTP/1.1 straight to
+//! the server, the bar a whole mTLS hop of ours should cost less than.
+//!
 //! `outrigger-bench mesh-hop [--duration SECONDS] [--rate RPS]`
 
 use std::net::SocketAddr;
@@ -225,10 +228,11 @@ impl rustls::client::danger::ServerCertVerifier for ChainOnly {
     }
 }
 
+/// The proxies a scenario goes through: the client's, and the server's when there is a hop.
 struct Pair {
     name: &'static str,
     outbound: Target,
-    inbound: Target,
+    inbound: Option<Target>,
 }
 
 pub fn run(raw: &[String]) {
@@ -265,7 +269,7 @@ pub fn run(raw: &[String]) {
     pairs.push(Pair {
         name: "outrigger",
         outbound,
-        inbound,
+        inbound: Some(inbound),
     });
     if let Some(envoy_bin) = &envoy_bin {
         let (inb, outb) = (free_port(), free_port());
@@ -292,7 +296,19 @@ pub fn run(raw: &[String]) {
         pairs.push(Pair {
             name: "envoy",
             outbound,
-            inbound,
+            inbound: Some(inbound),
+        });
+        let plain = free_port();
+        let outbound = spawn_envoy(
+            envoy_bin,
+            &envoy(plain, None, envoy_cluster(upstream, None)),
+            plain,
+            &dir.join("envoy-plain.yaml"),
+        );
+        pairs.push(Pair {
+            name: "envoy plain",
+            outbound,
+            inbound: None,
         });
     }
 
@@ -309,7 +325,7 @@ pub fn run(raw: &[String]) {
     ];
     let mut rows = Vec::new();
     let mut table = format!(
-        "{:<20} {:<10} {:>9} {:>9} {:>9} {:>16} {:>7}\n",
+        "{:<20} {:<12} {:>9} {:>9} {:>9} {:>16} {:>7}\n",
         "scenario", "target", "req/s", "p50 ms", "p99 ms", "cpu µs/req (2×)", "failed"
     );
     for pair in &pairs {
@@ -321,15 +337,19 @@ pub fn run(raw: &[String]) {
         assert!(warm.is_ok(), "h2load is installed");
         for scenario in &scenarios {
             eprintln!("running {} through {}", scenario.name, pair.name);
-            let pid_in = pair.inbound.child.as_ref().map(|c| c.id()).unwrap();
-            let in_before = cpu_seconds(pid_in);
+            let pid_in = pair
+                .inbound
+                .as_ref()
+                .and_then(|t| t.child.as_ref())
+                .map(|c| c.id());
+            let in_before = pid_in.map_or(0.0, cpu_seconds);
             let m = run_h2load(scenario, &pair.outbound, &dir.join("h2load.log"));
-            let in_cpu = cpu_seconds(pid_in) - in_before;
+            let in_cpu = pid_in.map_or(0.0, cpu_seconds) - in_before;
             let cpu = m
                 .cpu_us_per_req
                 .map(|out| out + in_cpu * 1e6 / m.requests.max(1) as f64);
             table.push_str(&format!(
-                "{:<20} {:<10} {:>9.0} {:>9.3} {:>9.3} {:>16} {:>7}\n",
+                "{:<20} {:<12} {:>9.0} {:>9.3} {:>9.3} {:>16} {:>7}\n",
                 scenario.name,
                 pair.name,
                 m.rps,
@@ -350,13 +370,16 @@ pub fn run(raw: &[String]) {
                 "h2load_args": scenario.h2load.join(" "),
             }));
         }
-        let pid_in = pair.inbound.child.as_ref().map(|c| c.id()).unwrap();
+        let Some(inbound) = &pair.inbound else {
+            continue;
+        };
+        let pid_in = inbound.child.as_ref().map(|c| c.id()).unwrap();
         let before = cpu_seconds(pid_in);
         let window = Duration::from_secs(duration.clamp(1, 5));
-        let rate = handshake_rate(pair.inbound.addr, &client_ids, window);
+        let rate = handshake_rate(inbound.addr, &client_ids, window);
         let cpu_per = (cpu_seconds(pid_in) - before) * 1e6 / (rate * window.as_secs_f64()).max(1.0);
         table.push_str(&format!(
-            "{:<20} {:<10} {:>9.0} {:>9} {:>9} {:>16} {:>7}\n",
+            "{:<20} {:<12} {:>9.0} {:>9} {:>9} {:>16} {:>7}\n",
             "mTLS handshakes/s",
             pair.name,
             rate,
