@@ -84,7 +84,8 @@ async fn a_rested_connection_serves_its_next_request_and_keeps_a_head_cut_short(
 
     // Then a whole rest, with nothing read: the next request wakes the connection.
     rested_at_least(before + 2).await;
-    conn.write_all(b"GET /three HTTP/1.1\r\nhost: app\r\n\r\n")
+    // As many clients send it: `Connection: keep-alive` does not keep a connection from resting.
+    conn.write_all(b"GET /three HTTP/1.1\r\nhost: app\r\nconnection: keep-alive\r\n\r\n")
         .await
         .unwrap();
     let third = response(&mut conn).await;
@@ -96,6 +97,7 @@ async fn a_rested_connection_serves_its_next_request_and_keeps_a_head_cut_short(
         r#"outrigger_connection_rests_total{listener="outbound"}"#,
     );
     assert!(rests >= 2, "{page}");
+    rested_at_least(before + 3).await;
 }
 
 /// The upstream answers a chunked upload at once, before its body is sent. The connection

@@ -8,8 +8,8 @@
 //! one is made over the same socket when the next request arrives. That is safe only where
 //! hyper holds nothing of HTTP's:
 //! - no request is in flight, and all written has been flushed to the socket;
-//! - the last request was HTTP/1.1 with no body and no `Connection` or `Upgrade` header, so
-//!   the parser is between messages, never inside a body (body bytes read as a new request
+//! - the last request was HTTP/1.1 with no body, no `Upgrade` header and no `Connection`
+//!   token but `keep-alive`, so the parser is between messages, never inside a body (body bytes read as a new request
 //!   would desynchronise the connection);
 //! - bytes read but not yet parsed (the start of the next request) are put back in front of
 //!   the socket, and the connection does not rest again until that request is dispatched,
@@ -45,12 +45,24 @@ pub fn rested_connections() -> u64 {
     RESTED.load(Ordering::Relaxed)
 }
 
-/// Whether the parser is between messages once `req`'s response is written.
+/// Whether the parser is between messages once `req`'s response is written: HTTP/1.1, no
+/// body, and nothing that ends or turns the connection (`Connection: close` or `upgrade`, an
+/// `Upgrade` header). `Connection: keep-alive`, which many clients send, changes nothing.
 pub(super) fn leaves_parser_idle<B: hyper::body::Body>(req: &Request<B>) -> bool {
+    let ends_or_turns = |value: &header::HeaderValue| {
+        value.to_str().map_or(true, |list| {
+            list.split(',')
+                .any(|token| !token.trim().eq_ignore_ascii_case("keep-alive"))
+        })
+    };
     req.version() == hyper::Version::HTTP_11
         && req.body().is_end_stream()
-        && !req.headers().contains_key(header::CONNECTION)
         && !req.headers().contains_key(header::UPGRADE)
+        && !req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(ends_or_turns)
 }
 
 /// A connection's stream as hyper sees it: bytes put back by the last rest are read first,
@@ -187,5 +199,48 @@ impl<S: ReadReady> ReadReady for tokio_rustls::server::TlsStream<S> {
             return Poll::Ready(Ok(()));
         }
         io.poll_read_ready(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{Empty, Full};
+
+    fn get(headers: &[(&str, &str)]) -> Request<Empty<Bytes>> {
+        let mut req = Request::get("/").body(Empty::new()).unwrap();
+        for (name, value) in headers {
+            req.headers_mut().append(
+                header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                header::HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        req
+    }
+
+    #[test]
+    fn only_a_bodiless_http11_request_that_keeps_the_connection_leaves_the_parser_idle() {
+        assert!(leaves_parser_idle(&get(&[])));
+        assert!(leaves_parser_idle(&get(&[("connection", "keep-alive")])));
+        assert!(leaves_parser_idle(&get(&[("connection", "Keep-Alive")])));
+        assert!(!leaves_parser_idle(&get(&[("connection", "close")])));
+        assert!(!leaves_parser_idle(&get(&[(
+            "connection",
+            "keep-alive, close"
+        )])));
+        assert!(!leaves_parser_idle(&get(&[
+            ("connection", "keep-alive"),
+            ("connection", "Upgrade"),
+        ])));
+        assert!(!leaves_parser_idle(&get(&[("upgrade", "websocket")])));
+        // Other nominations are left alone: such a connection does not rest.
+        assert!(!leaves_parser_idle(&get(&[("connection", "x-trace")])));
+        let mut http10 = get(&[]);
+        *http10.version_mut() = hyper::Version::HTTP_10;
+        assert!(!leaves_parser_idle(&http10));
+        let post = Request::post("/")
+            .body(Full::new(Bytes::from("x")))
+            .unwrap();
+        assert!(!leaves_parser_idle(&post));
     }
 }
