@@ -39,6 +39,14 @@ impl<S> Prefixed<S> {
         }
     }
 
+    /// Puts `bytes` (read from the stream and not used) back, in front of any still unread.
+    pub fn put_back(&mut self, bytes: &[u8]) {
+        let mut prefix = BytesMut::with_capacity(bytes.len() + self.prefix.len());
+        prefix.extend_from_slice(bytes);
+        prefix.extend_from_slice(&self.prefix);
+        self.prefix = prefix;
+    }
+
     /// Whether some of the put-back bytes are still to be read.
     pub fn has_prefix(&self) -> bool {
         !self.prefix.is_empty()

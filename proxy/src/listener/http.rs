@@ -120,6 +120,7 @@ where
         service = parts.service;
         io = parts.io.into_inner();
         rests.inc();
+        rest::count();
         if io.put_back(parts.read_buf) {
             activity.hold_rest();
             continue;

@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use hyper::Request;
 use hyper::header;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -68,29 +68,28 @@ pub(super) fn leaves_parser_idle<B: hyper::body::Body>(req: &Request<B>) -> bool
 /// A connection's stream as hyper sees it: bytes put back by the last rest are read first,
 /// and what is written and flushed is told to the connection's `Activity`.
 pub(super) struct Resting<I> {
-    io: I,
-    unread: Bytes,
+    io: Prefixed<I>,
     activity: Arc<Activity>,
+}
+
+/// Counts a rest, for the allocator's trim (`rested_connections`).
+pub(super) fn count() {
+    RESTED.fetch_add(1, Ordering::Relaxed);
 }
 
 impl<I> Resting<I> {
     pub(super) fn new(io: I, activity: Arc<Activity>) -> Self {
         Resting {
-            io,
-            unread: Bytes::new(),
+            io: Prefixed::new(io),
             activity,
         }
     }
 
     /// Takes back what hyper read but did not parse; true if there was any.
     pub(super) fn put_back(&mut self, unread: Bytes) -> bool {
-        RESTED.fetch_add(1, Ordering::Relaxed);
-        if unread.is_empty() {
-            return false;
-        }
         // Copied out, so the rest of hyper's read buffer is not kept alive with it.
-        self.unread = Bytes::copy_from_slice(&unread);
-        true
+        self.io.put_back(&unread);
+        !unread.is_empty()
     }
 }
 
@@ -98,11 +97,11 @@ impl<I: ReadReady> Resting<I> {
     /// The stream, if nothing is left in it or put back in front of it, so that a new
     /// connection can be made over its socket alone.
     pub(super) fn into_socket(self) -> Result<I, Self> {
-        if self.unread.is_empty() && !self.io.holds_state() {
-            Ok(self.io)
-        } else {
-            Err(self)
+        if self.io.get_ref().holds_state() {
+            return Err(self);
         }
+        let activity = self.activity;
+        self.io.into_inner().map_err(|io| Resting { io, activity })
     }
 
     /// Resolves once there is something to read (or the socket failed).
@@ -117,12 +116,6 @@ impl<I: AsyncRead + Unpin> AsyncRead for Resting<I> {
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if !self.unread.is_empty() {
-            let n = self.unread.len().min(out.remaining());
-            out.put_slice(&self.unread[..n]);
-            self.unread.advance(n);
-            return Poll::Ready(Ok(()));
-        }
         Pin::new(&mut self.io).poll_read(cx, out)
     }
 }
@@ -173,9 +166,19 @@ pub(super) trait ReadReady {
     fn holds_state(&self) -> bool;
 }
 
-impl ReadReady for Prefixed<TcpStream> {
+impl ReadReady for TcpStream {
     fn holds_state(&self) -> bool {
-        self.has_prefix()
+        false
+    }
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
+}
+
+impl<S: ReadReady> ReadReady for Prefixed<S> {
+    fn holds_state(&self) -> bool {
+        self.has_prefix() || self.get_ref().holds_state()
     }
 
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
