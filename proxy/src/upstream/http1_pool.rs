@@ -5,22 +5,15 @@
 //! body dropped before its end takes its connection with it: the rest of that body is still
 //! on the wire, so the connection could never carry another exchange.
 //!
-//! A connection has no task of its own: whoever holds it drives its I/O, first the request
-//! waiting for its answer, then the response body being read. An exchange so costs no wake-ups
-//! of another task and no trip through the scheduler. While a connection sits idle in the
-//! queue, a sweep that runs while any is queued closes those the upstream has closed or that
-//! have been idle past `IDLE_TIMEOUT`.
-//!
 //! The queue is crossbeam's lock-free `SegQueue`, so requests on every core take and return
 //! connections without meeting on a lock, and nothing is spawned per request. It allocates
 //! nothing until first used: an endpoint nobody calls costs a few words.
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
-use std::task::{Context, Poll, Waker};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,30 +31,26 @@ use crate::upstream::error::ProxyError;
 const MAX_IDLE: usize = 256;
 /// An idle connection unused this long is closed, even if no request comes to find it.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-/// How often idle connections are swept while any is queued: an upstream's close is noticed
-/// within this, and an expired connection closed within `IDLE_TIMEOUT` and this.
-const SWEEP_EVERY: Duration = Duration::from_secs(15);
 
 #[derive(Default)]
 pub struct Http1Pool {
     idle: SegQueue<Connection>,
     /// How many `idle` holds, to keep it within `MAX_IDLE`.
     queued: AtomicUsize,
-    /// Whether the sweep of idle connections is running.
-    sweeping: AtomicBool,
 }
 
-type ConnectionIo = http1::Connection<TokioIo<TcpStream>, Body>;
-
-/// One connection: the handle requests are sent on, and the connection's I/O, which its
-/// holder drives.
+/// One connection: the handle requests are sent on, and what its driving task reads to
+/// close it once idle too long.
 struct Connection {
     sender: http1::SendRequest<Body>,
-    /// `None` once the connection has ended (closed by either side, or failed).
-    io: Option<Pin<Box<ConnectionIo>>>,
-    /// Whole seconds on the pool's clock at which it went idle.
-    idle_since: u64,
+    state: Arc<IdleSince>,
 }
+
+/// Whole seconds on the pool's clock at which the connection went idle; `IN_USE` while it
+/// carries an exchange.
+struct IdleSince(AtomicU64);
+
+const IN_USE: u64 = u64::MAX;
 
 fn now_secs() -> u64 {
     static EPOCH: std::sync::OnceLock<tokio::time::Instant> = std::sync::OnceLock::new();
@@ -71,51 +60,10 @@ fn now_secs() -> u64 {
         .as_secs()
 }
 
-impl Connection {
-    /// Moves the connection's I/O along as far as it can go; `false` once it has ended.
-    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        if let Some(io) = &mut self.io
-            && io.as_mut().poll(cx).is_ready()
-        {
-            self.io = None;
-        }
-        self.io.is_some()
-    }
-
-    fn usable(&self, now: u64) -> bool {
-        self.io.is_some()
-            && !self.sender.is_closed()
-            && now.saturating_sub(self.idle_since) < IDLE_TIMEOUT.as_secs()
-    }
-
-    /// Waits until the connection can take a request (the exchange before it may still be
-    /// finishing); `false` if it ended instead.
-    async fn ready(&mut self) -> bool {
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(r) = self.sender.poll_ready(cx) {
-                return Poll::Ready(r.is_ok());
-            }
-            if !self.drive(cx) {
-                return Poll::Ready(false);
-            }
-            self.sender.poll_ready(cx).map(|r| r.is_ok())
-        })
-        .await
-    }
-
-    /// Polls `exchange` to its end while driving the connection's I/O.
-    async fn exchange<F: Future>(&mut self, exchange: F) -> F::Output {
-        let mut exchange = std::pin::pin!(exchange);
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(out) = exchange.as_mut().poll(cx) {
-                return Poll::Ready(out);
-            }
-            // Driving may answer the exchange (or end the connection, which answers it with
-            // an error): poll it again rather than wait for a wake-up.
-            self.drive(cx);
-            exchange.as_mut().poll(cx)
-        })
-        .await
+impl IdleSince {
+    fn expired(&self, now: u64) -> bool {
+        let since = self.0.load(Ordering::Acquire);
+        since != IN_USE && now.saturating_sub(since) >= IDLE_TIMEOUT.as_secs()
     }
 }
 
@@ -130,11 +78,11 @@ impl Http1Pool {
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let (mut req, sent) = watch_body(req);
         while let Some(mut conn) = self.take() {
-            if !conn.ready().await {
+            // The exchange before may still be finishing on the connection's task.
+            if conn.sender.ready().await.is_err() {
                 continue;
             }
-            let exchange = conn.sender.try_send_request(req);
-            match conn.exchange(exchange).await {
+            match conn.sender.try_send_request(req).await {
                 Ok(resp) => return Ok(self.returning(resp, conn, sent)),
                 Err(mut e) => match e.take_message() {
                     // The upstream closed it a moment ago, before a byte of this request was
@@ -146,8 +94,11 @@ impl Http1Pool {
         }
         // Dialling is the rare case: boxed, so that every request's future does not carry it.
         let mut conn = Box::pin(self.dial(cluster, addr, connect_timeout)).await?;
-        let exchange = conn.sender.send_request(req);
-        let resp = conn.exchange(exchange).await.map_err(|e| failed(&e))?;
+        let resp = conn
+            .sender
+            .send_request(req)
+            .await
+            .map_err(|e| failed(&e))?;
         Ok(self.returning(resp, conn, sent))
     }
 
@@ -161,53 +112,26 @@ impl Http1Pool {
         let now = now_secs();
         while let Some(conn) = self.idle.pop() {
             self.queued.fetch_sub(1, Ordering::Relaxed);
-            // Dropping one closes it.
-            if conn.usable(now) {
-                return Some(conn);
+            // Dropping one closes it: its task sees its handle go.
+            if conn.sender.is_closed() || conn.state.expired(now) {
+                continue;
             }
+            conn.state.0.store(IN_USE, Ordering::Release);
+            return Some(conn);
         }
         None
     }
 
-    fn put(self: &Arc<Self>, mut conn: Connection) {
-        conn.idle_since = now_secs();
-        if !conn.usable(conn.idle_since) {
+    fn put(&self, conn: Connection) {
+        if conn.sender.is_closed() {
             return;
         }
         if self.queued.fetch_add(1, Ordering::Relaxed) >= MAX_IDLE {
             self.queued.fetch_sub(1, Ordering::Relaxed);
             return;
         }
+        conn.state.0.store(now_secs(), Ordering::Release);
         self.idle.push(conn);
-        if !self.sweeping.swap(true, Ordering::AcqRel) {
-            tokio::spawn(sweep(Arc::downgrade(self)));
-        }
-    }
-
-    /// Closes the idle connections the upstream has closed or that have expired, and puts
-    /// the others back; `false` once none is left to watch.
-    fn sweep_once(&self) -> bool {
-        let now = now_secs();
-        // Driven once without a waker that matters: reading the upstream's close ends the
-        // connection. The next holder's poll registers a real one.
-        let mut cx = Context::from_waker(Waker::noop());
-        for _ in 0..self.queued.load(Ordering::Relaxed) {
-            let Some(mut conn) = self.idle.pop() else {
-                break;
-            };
-            self.queued.fetch_sub(1, Ordering::Relaxed);
-            if conn.drive(&mut cx) && conn.usable(now) {
-                self.queued.fetch_add(1, Ordering::Relaxed);
-                self.idle.push(conn);
-            }
-        }
-        if self.queued.load(Ordering::Relaxed) > 0 {
-            return true;
-        }
-        self.sweeping.store(false, Ordering::Release);
-        // A connection queued after the count was read, whose `put` saw the sweep running,
-        // still needs one.
-        self.queued.load(Ordering::Relaxed) > 0 && !self.sweeping.swap(true, Ordering::AcqRel)
     }
 
     async fn dial(
@@ -217,17 +141,15 @@ impl Http1Pool {
         timeout: Duration,
     ) -> Result<Connection, ProxyError> {
         let stream = connect(cluster, addr, timeout).await?;
-        let (sender, io) = http1::handshake(TokioIo::new(stream)).await.map_err(|e| {
+        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await.map_err(|e| {
             ProxyError::UpstreamConnect {
                 cluster: cluster.to_string(),
                 reason: format!("{addr}: {e}"),
             }
         })?;
-        Ok(Connection {
-            sender,
-            io: Some(Box::pin(io)),
-            idle_since: 0,
-        })
+        let state = Arc::new(IdleSince(AtomicU64::new(IN_USE)));
+        tokio::spawn(drive(conn, state.clone()));
+        Ok(Connection { sender, state })
     }
 
     fn returning(
@@ -244,15 +166,18 @@ impl Http1Pool {
     }
 }
 
-/// Sweeps a pool's idle connections while it has any and is still in use.
-async fn sweep(pool: Weak<Http1Pool>) {
+/// Runs a connection until the upstream closes it, the pool lets go of it, or it has sat
+/// idle past `IDLE_TIMEOUT`.
+async fn drive(conn: http1::Connection<TokioIo<TcpStream>, Body>, state: Arc<IdleSince>) {
+    tokio::pin!(conn);
     loop {
-        tokio::time::sleep(SWEEP_EVERY).await;
-        let Some(pool) = pool.upgrade() else {
-            return;
-        };
-        if !pool.sweep_once() {
-            return;
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = tokio::time::sleep(IDLE_TIMEOUT) => {
+                if state.expired(now_secs()) {
+                    return;
+                }
+            }
         }
     }
 }
@@ -351,16 +276,7 @@ impl hyper::body::Body for UpstreamBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let mut polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if polled.is_pending()
-            && let Some((_, conn)) = &mut this.home
-        {
-            // The body is read by the connection's I/O, which its holder drives; whatever
-            // that read (or its end) is taken at once.
-            conn.drive(cx);
-            polled = Pin::new(&mut this.inner).poll_frame(cx);
-        }
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => self.check_in(),
             Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.check_in(),
@@ -390,5 +306,262 @@ impl Drop for UpstreamBody {
 }
 
 #[cfg(test)]
-#[path = "http1_pool_tests.rs"]
-mod tests;
+mod tests {
+    use std::convert::Infallible;
+    use std::sync::atomic::AtomicUsize;
+
+    use http_body_util::{BodyExt, Full, StreamBody};
+    use hyper::service::service_fn;
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    /// What the test upstream did: connections accepted, and one message per connection
+    /// closed.
+    struct Upstream {
+        addr: SocketAddr,
+        accepted: Arc<AtomicUsize>,
+        closed: mpsc::UnboundedReceiver<()>,
+    }
+
+    /// An upstream answering `/big` with a body sent in 64 chunks, `/close` with
+    /// `Connection: close`, and anything else with "ok".
+    async fn upstream() -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (closed_tx, closed) = mpsc::unbounded_channel();
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let closed_tx = closed_tx.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(|req: Request<Incoming>| async move {
+                        let resp = match req.uri().path() {
+                            "/big" => {
+                                let chunks = (0..64).map(|_| {
+                                    Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'x'; 1024])))
+                                });
+                                let body = StreamBody::new(tokio_stream::iter(chunks));
+                                Response::new(body.boxed())
+                            }
+                            "/close" => Response::builder()
+                                .header(http::header::CONNECTION, "close")
+                                .body(Full::new(Bytes::from("ok")).boxed())
+                                .unwrap(),
+                            _ => Response::new(Full::new(Bytes::from("ok")).boxed()),
+                        };
+                        Ok::<_, Infallible>(resp)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                    let _ = closed_tx.send(());
+                });
+            }
+        });
+        Upstream {
+            addr,
+            accepted,
+            closed,
+        }
+    }
+
+    fn get(path: &str) -> Request<Body> {
+        Request::get(path)
+            .header(http::header::HOST, "svc")
+            .body(
+                Full::new(Bytes::new())
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+            .unwrap()
+    }
+
+    async fn send(pool: &Arc<Http1Pool>, up: &Upstream, path: &str) -> Response<UpstreamBody> {
+        pool.send("c", up.addr, Duration::from_secs(5), get(path))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_connection_goes_back_to_the_pool_once_its_body_is_read() {
+        let up = upstream().await;
+        let pool = Arc::new(Http1Pool::default());
+        for _ in 0..5 {
+            let resp = send(&pool, &up, "/big").await;
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body.len(), 64 * 1024);
+        }
+        assert_eq!(
+            up.accepted.load(Ordering::SeqCst),
+            1,
+            "one connection, reused"
+        );
+        assert_eq!(pool.idle(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_takes_its_connection_with_it() {
+        let mut up = upstream().await;
+        let pool = Arc::new(Http1Pool::default());
+        let mut body = send(&pool, &up, "/big").await.into_body();
+        body.frame().await.unwrap().unwrap();
+        drop(body);
+        assert_eq!(pool.idle(), 0, "a half-read connection is never pooled");
+        tokio::time::timeout(Duration::from_secs(5), up.closed.recv())
+            .await
+            .expect("the half-read connection is closed");
+        let resp = send(&pool, &up, "/").await;
+        assert_eq!(
+            &resp.into_body().collect().await.unwrap().to_bytes()[..],
+            b"ok"
+        );
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// An upstream that answers every request head at once with "ok", never reads a body
+    /// to its end, and keeps its connections open: how many it accepted.
+    async fn answers_early() -> (SocketAddr, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n @ 1..) = stream.read(&mut buf).await {
+                        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                            if stream.write_all(ok).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    /// The upstream answers while the client is still sending its request body: that
+    /// connection is busy until the body ends, so the next request must not wait behind it.
+    /// A body sent whole gives its connection back as usual.
+    #[tokio::test]
+    async fn a_connection_still_sending_its_request_body_is_not_pooled() {
+        let (addr, accepted) = answers_early().await;
+        let pool = Arc::new(Http1Pool::default());
+        let (more, chunks) = mpsc::unbounded_channel::<Result<Frame<Bytes>, hyper::Error>>();
+        more.send(Ok(Frame::data(Bytes::from("part")))).unwrap();
+        let upload = Request::post("/")
+            .header(http::header::HOST, "svc")
+            .body(
+                StreamBody::new(tokio_stream::wrappers::UnboundedReceiverStream::new(chunks))
+                    .boxed(),
+            )
+            .unwrap();
+        let resp = pool
+            .send("c", addr, Duration::from_secs(5), upload)
+            .await
+            .unwrap();
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(pool.idle(), 0, "a connection mid-upload is never pooled");
+        let next = tokio::time::timeout(
+            Duration::from_secs(5),
+            pool.send("c", addr, Duration::from_secs(5), get("/")),
+        )
+        .await
+        .expect("the next request does not wait for the upload")
+        .unwrap();
+        next.into_body().collect().await.unwrap();
+        assert_eq!(accepted.load(Ordering::SeqCst), 2);
+        drop(more);
+
+        let whole = Request::post("/")
+            .header(http::header::HOST, "svc")
+            .body(
+                Full::new(Bytes::from("all"))
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+            .unwrap();
+        let resp = pool
+            .send("c", addr, Duration::from_secs(5), whole)
+            .await
+            .unwrap();
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(pool.idle(), 1, "a connection whose body was sent goes back");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "and was the pooled one");
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closes_is_not_used_again() {
+        let mut up = upstream().await;
+        let pool = Arc::new(Http1Pool::default());
+        for _ in 0..3 {
+            let resp = send(&pool, &up, "/close").await;
+            assert_eq!(
+                &resp.into_body().collect().await.unwrap().to_bytes()[..],
+                b"ok"
+            );
+            tokio::time::timeout(Duration::from_secs(5), up.closed.recv())
+                .await
+                .expect("the upstream closed it");
+        }
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_gives_its_connection_back_without_being_read() {
+        let up = upstream().await;
+        let pool = Arc::new(Http1Pool::default());
+        let resp = send(&pool, &up, "/").await;
+        drop(resp);
+        // "ok" is two bytes, not empty: read it, then check a HEAD-like empty answer.
+        assert_eq!(pool.idle(), 0);
+        let resp = pool
+            .send(
+                "c",
+                up.addr,
+                Duration::from_secs(5),
+                Request::head("/")
+                    .header(http::header::HOST, "svc")
+                    .body(
+                        Full::new(Bytes::new())
+                            .map_err(|never| match never {})
+                            .boxed(),
+                    )
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert!(resp.body().is_end_stream());
+        drop(resp);
+        assert_eq!(pool.idle(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_closed_after_the_idle_timeout() {
+        let mut up = upstream().await;
+        let pool = Arc::new(Http1Pool::default());
+        let resp = send(&pool, &up, "/").await;
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(pool.idle(), 1);
+        tokio::time::sleep(IDLE_TIMEOUT / 2).await;
+        assert!(up.closed.try_recv().is_err(), "still open, half way");
+        tokio::time::timeout(IDLE_TIMEOUT * 2, up.closed.recv())
+            .await
+            .expect("closed once idle past the timeout");
+        // The pool finds it closed, and dials afresh.
+        let resp = send(&pool, &up, "/").await;
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(up.accepted.load(Ordering::SeqCst), 2);
+    }
+}
