@@ -44,17 +44,19 @@ where
     } = shutdown;
     let mut peer = peer;
     peer.drain = Some(tracker.clone());
+    // Shared by the connection's requests, and handed to each directly: as a request
+    // extension it would cost a map and two allocations per request.
+    let peer = Arc::new(peer);
     let _guard = tracker;
     let activity = Arc::new(Activity::default());
     let rests = ctx.connections.rested.clone();
     let handler = {
         let activity = activity.clone();
-        move |mut req: hyper::Request<hyper::body::Incoming>| {
+        move |req: hyper::Request<hyper::body::Incoming>| {
             let in_flight = activity.request(rest::leaves_parser_idle(&req));
-            req.extensions_mut().insert(peer.clone());
-            let ctx = ctx.clone();
+            let (ctx, peer) = (ctx.clone(), peer.clone());
             async move {
-                let resp = stack::handle(ctx, req).await?;
+                let resp = stack::handle(ctx, peer, req).await?;
                 Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, in_flight)))
             }
         }

@@ -11,14 +11,34 @@ use crate::route::table::Route;
 use crate::upstream::client::Body;
 use crate::upstream::error::ProxyError;
 
-/// Tells the upstream which attempt this is (1 for the first).
-pub const ATTEMPT_HEADER: &str = "x-outrigger-attempt";
+/// Tells the upstream which attempt this is (1 for the first). Header names are constants,
+/// not text: a name given as text is parsed, and a custom one allocated, at every insert.
+pub const ATTEMPT_HEADER: HeaderName = HeaderName::from_static("x-outrigger-attempt");
 /// Tells the app behind an mTLS listener the caller's verified SPIFFE ID.
-pub const CLIENT_ID_HEADER: &str = "x-outrigger-client-id";
+pub const CLIENT_ID_HEADER: HeaderName = HeaderName::from_static("x-outrigger-client-id");
 
 /// The headers the proxy vouches for. A caller's copy is removed before the proxy sets its
 /// own, and a `Connection:` nomination cannot remove the proxy's.
-const VOUCHED: [&str; 1] = [CLIENT_ID_HEADER];
+const VOUCHED: [&str; 1] = ["x-outrigger-client-id"];
+
+/// The value of `ATTEMPT_HEADER` for attempt `number`, without allocating for the first few.
+pub fn attempt_value(number: u32) -> HeaderValue {
+    static FIRST: [HeaderValue; 9] = [
+        HeaderValue::from_static("1"),
+        HeaderValue::from_static("2"),
+        HeaderValue::from_static("3"),
+        HeaderValue::from_static("4"),
+        HeaderValue::from_static("5"),
+        HeaderValue::from_static("6"),
+        HeaderValue::from_static("7"),
+        HeaderValue::from_static("8"),
+        HeaderValue::from_static("9"),
+    ];
+    match number.checked_sub(1).and_then(|i| FIRST.get(i as usize)) {
+        Some(v) => v.clone(),
+        None => HeaderValue::from(number),
+    }
+}
 
 /// Whether `name` is `vouched` as an app might read it: frameworks that map headers to
 /// variables (CGI, WSGI, Rack, nginx) fold `_` into `-`, and names arrive lowercased.
@@ -58,7 +78,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|s| s.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .map(str::trim)
+        // Removed below in any case. The token almost every response carries: skipped, it
+        // costs no name and no list.
+        .filter(|t| !t.eq_ignore_ascii_case("keep-alive"))
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         // The proxy's own headers are not the caller's to remove.
         .filter(|n| !VOUCHED.contains(&n.as_str()))
         .collect();
@@ -150,6 +174,18 @@ pub fn rewrite_request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_vouched_list_names_the_client_id_header() {
+        assert_eq!(VOUCHED, [CLIENT_ID_HEADER.as_str()]);
+    }
+
+    #[test]
+    fn attempt_values_are_the_attempt_numbers() {
+        for n in 1..=12u32 {
+            assert_eq!(attempt_value(n), n.to_string().as_str());
+        }
+    }
 
     #[test]
     fn every_spelling_of_a_vouched_header_is_stripped() {

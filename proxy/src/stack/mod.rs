@@ -47,11 +47,11 @@ use crate::upstream::error::ProxyError;
 /// One request, through the whole stack.
 pub async fn handle(
     ctx: Arc<HttpContext>,
-    mut req: Request<Incoming>,
+    peer: Arc<Peer>,
+    req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let snapshot = ctx.config.load_full();
-    let peer = req.extensions_mut().remove::<Peer>();
-    let mut ex = Exchange::new(&ctx, &snapshot, peer);
+    let mut ex = Exchange::new(&ctx, &snapshot, Some(peer));
     // access log → metrics: what they need of the request is taken before it goes down.
     let access = access_log::begin(&ex, &req);
     let span = record::span_facts(&ex, &req);
@@ -146,7 +146,10 @@ async fn forward<'a>(
             }
         }
     };
-    let mut resp = timeout::within(timeout, send)
+    // Boxed: the tries, backoffs and pool below make this the largest part of a request's
+    // future. Each layer above it (the timeout, this function, the request's own future, and
+    // the connection's slot for it) would otherwise copy all of it, once per request.
+    let mut resp = timeout::within(timeout, Box::pin(send))
         .await
         .map_err(|_| timeout::expired(timeout))??;
     match downstream_upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS) {

@@ -1,5 +1,5 @@
-//! Who is calling: what the listener learned about a connection, handed to every request on
-//! it as a request extension.
+//! Who is calling: what the listener learned about a connection, shared by every request on
+//! it.
 
 use std::sync::Arc;
 

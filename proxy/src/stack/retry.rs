@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderValue};
+use http::header::{self, HeaderMap};
 use http::{Request, Response, Uri, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -13,7 +13,7 @@ use hyper::body::Incoming;
 use crate::policy::retry::{MAX_REPLAY_BODY, Outcome, RetryPolicy, retriable, retry_after};
 use crate::stack::balance::{self, Try};
 use crate::stack::exchange::Call;
-use crate::stack::headers::ATTEMPT_HEADER;
+use crate::stack::headers::{ATTEMPT_HEADER, attempt_value};
 use crate::upstream::client::Body;
 use crate::upstream::error::ProxyError;
 use crate::upstream::http1_pool::UpstreamBody;
@@ -141,7 +141,7 @@ async fn send_with_retries(
         let mut req = head.request(body.clone());
         // The app may want to know it is seeing a retry (and log it).
         req.headers_mut()
-            .insert(ATTEMPT_HEADER, HeaderValue::from(number + 1));
+            .insert(ATTEMPT_HEADER, attempt_value(number + 1));
         let try_ = Try {
             number: number + 1,
             waited,

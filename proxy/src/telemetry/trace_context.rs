@@ -5,7 +5,7 @@
 use http::HeaderMap;
 use http::header::HeaderValue;
 
-pub const TRACEPARENT: &str = "traceparent";
+pub const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 pub const TRACESTATE: &str = "tracestate";
 const B3_HEADERS: [&str; 5] = [
     "x-b3-traceid",
@@ -77,7 +77,7 @@ pub fn new_trace_id() -> [u8; 16] {
 /// The caller's context, W3C first, then B3.
 pub fn extract(headers: &HeaderMap) -> Option<SpanContext> {
     let get = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    if let Some(tp) = get(TRACEPARENT) {
+    if let Some(tp) = get(TRACEPARENT.as_str()) {
         let parts: Vec<&str> = tp.trim().split('-').collect();
         if let [version, trace, span, flags] = parts.as_slice()
             && *version != "ff"
