@@ -33,7 +33,7 @@ impl AccessLog {
             .or(self.caller_trace)
             .map(|id| hex(&id))
             .unwrap_or_default();
-        let peer = ex.peer.as_ref().and_then(|p| p.identity_text.as_deref());
+        let peer = ex.peer.identity_text.as_deref();
         tracing::info!(
             target: "access",
             direction = ex.ctx.direction,

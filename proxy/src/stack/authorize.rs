@@ -13,7 +13,7 @@ use outrigger_core::authz::{Authorization, Request, normalised_path};
 use outrigger_core::spiffe::SpiffeId;
 
 pub fn authorize(ex: &Exchange<'_>, parts: &mut Parts) -> Result<(), ProxyError> {
-    let peer = ex.peer.as_ref().and_then(|p| p.identity.as_deref());
+    let peer = ex.peer.identity.as_deref();
     // A plaintext connection opened while the listener was permissive outlives a switch to
     // strict: its requests are refused from then on.
     if peer.is_none()
@@ -39,7 +39,7 @@ pub fn authorize(ex: &Exchange<'_>, parts: &mut Parts) -> Result<(), ProxyError>
         })?;
     }
     strip_vouched(&mut parts.headers);
-    if let Some(value) = ex.peer.as_ref().and_then(|p| p.identity_header.clone()) {
+    if let Some(value) = ex.peer.identity_header.clone() {
         parts.headers.insert(CLIENT_ID_HEADER, value);
     }
     Ok(())

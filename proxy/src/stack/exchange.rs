@@ -31,7 +31,7 @@ pub struct Exchange<'a> {
     pub snapshot: &'a RuntimeConfig,
     pub listener: &'a Listener,
     /// Who is calling, taken from the connection once.
-    pub peer: Option<Arc<Peer>>,
+    pub peer: Arc<Peer>,
     pub started: Instant,
     /// Set by the route stage.
     pub route: Option<&'a Route>,
@@ -40,7 +40,7 @@ pub struct Exchange<'a> {
 }
 
 impl<'a> Exchange<'a> {
-    pub fn new(ctx: &'a HttpContext, snapshot: &'a RuntimeConfig, peer: Option<Arc<Peer>>) -> Self {
+    pub fn new(ctx: &'a HttpContext, snapshot: &'a RuntimeConfig, peer: Arc<Peer>) -> Self {
         Exchange {
             ctx,
             snapshot,

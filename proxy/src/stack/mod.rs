@@ -51,7 +51,7 @@ pub async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let snapshot = ctx.config.load_full();
-    let mut ex = Exchange::new(&ctx, &snapshot, Some(peer));
+    let mut ex = Exchange::new(&ctx, &snapshot, peer);
     // access log → metrics: what they need of the request is taken before it goes down.
     let access = access_log::begin(&ex, &req);
     let span = record::span_facts(&ex, &req);
@@ -120,9 +120,7 @@ async fn forward<'a>(
     let upgrade = route.websocket && headers::is_upgrade(&req);
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     // Only a tunnel outlives its request and needs its own hold on the drain.
-    let drain = upgrade
-        .then(|| ex.peer.as_ref().and_then(|p| p.drain.clone()))
-        .flatten();
+    let drain = upgrade.then(|| ex.peer.drain.clone()).flatten();
     let call = Call {
         ctx: ex.ctx,
         route,

@@ -61,7 +61,7 @@ pub fn finish(
             .unwrap_or_else(|| metrics.route_series(ex.ctx.direction, &r.name)),
         None => metrics.unrouted(ex.ctx.direction).clone(),
     };
-    let peer_identity = ex.peer.as_ref().and_then(|p| p.identity_text.clone());
+    let peer_identity = ex.peer.identity_text.clone();
     let record = PendingRecord {
         metrics: metrics.clone(),
         series,
@@ -92,15 +92,15 @@ pub fn finish(
         }
     };
     if let (Some(trace), Some(facts)) = (ex.trace, facts) {
-        let peer = ex.peer.as_ref();
+        let peer = &ex.peer;
         let facts = RequestFacts {
             inbound: ex.ctx.direction == "inbound",
             method: &facts.method,
             host: &facts.host,
             route,
             status,
-            client: peer.and_then(|p| p.addr),
-            peer_identity: peer.and_then(|p| p.identity_text.as_deref().map(str::to_string)),
+            client: peer.addr,
+            peer_identity: peer.identity_text.as_deref().map(str::to_string),
             synthetic: response
                 .headers()
                 .get(ERROR_HEADER)

@@ -15,7 +15,7 @@ use crate::upstream::error::ProxyError;
 pub fn select<'a>(ex: &Exchange<'a>, host: &str, parts: &Parts) -> Result<&'a Route, ProxyError> {
     let listener = ex.listener;
     let mut routed = router::route(&listener.domains, &listener.virtual_hosts, host, parts);
-    let fallback = ex.peer.as_ref().and_then(|p| p.virtual_host);
+    let fallback = ex.peer.virtual_host;
     if let (RouteOutcome::NoVirtualHost, Some(i)) = (&routed, fallback)
         && let Some(vhost) = listener.virtual_hosts.get(i)
     {
