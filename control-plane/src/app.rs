@@ -23,8 +23,10 @@ use tokio::net::TcpListener;
 use crate::ads::Ads;
 use crate::ca::Ca;
 use crate::identity_service::IdentityService;
+use crate::load_reporting::{LoadReporting, ReportCounters};
 use crate::mesh_source::MeshSource;
 use crate::node_status::NodeRegistry;
+use crate::service_graph::{Limits as GraphLimits, ServiceGraph};
 use crate::snapshot::Publisher;
 
 pub struct Options {
@@ -32,6 +34,8 @@ pub struct Options {
     pub xds_address: SocketAddr,
     pub admin_address: SocketAddr,
     pub identity: IdentityOptions,
+    /// How often proxies report load, and what the service graph keeps.
+    pub load_reports: GraphLimits,
 }
 
 /// The CA: loaded from a directory (`ca.crt`, `ca.key`, maybe `bundle.crt`), or a root made
@@ -70,6 +74,8 @@ pub struct ControlPlane {
     pub ca: Arc<ArcSwap<Ca>>,
     /// Certificates signed since start.
     pub issued: Arc<AtomicU64>,
+    /// What the proxies' load reports say, by edge.
+    pub graph: Arc<ServiceGraph>,
     source: Arc<MeshSource>,
 }
 
@@ -144,6 +150,12 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
         token_review: options.identity.token_review.clone(),
     };
     let ca = identity.ca.clone();
+    let graph = Arc::new(ServiceGraph::new(options.load_reports));
+    let load_reporting = LoadReporting {
+        publisher: publisher.clone(),
+        graph: graph.clone(),
+        counters: Arc::new(ReportCounters::default()),
+    };
     publisher.set_bundle(ca.load().bundle_pem());
     let issued = identity.issued.clone();
     // Each gRPC port's connection cap, reported on /metrics.
@@ -162,6 +174,7 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
                 crate::secure_xds::server_config(&ca.load(), &options.identity.server_names)
                     .map_err(StartError::Ca)?;
             let (ads, identity) = (Ads::new(publisher.clone(), nodes.clone()), identity.clone());
+            let lrs = load_reporting.clone().server();
             let td = trust_domain.clone();
             let gate = secure_gate.clone();
             tokio::spawn(async move {
@@ -169,6 +182,7 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
                 let result = crate::grpc_limits::server()
                     .add_service(ads)
                     .add_service(identity)
+                    .add_service(lrs)
                     .serve_with_incoming(incoming)
                     .await;
                 if let Err(e) = result {
@@ -179,11 +193,13 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
         }
     };
     let ads = Ads::new(publisher.clone(), nodes.clone());
+    let lrs = load_reporting.clone().server();
     tokio::spawn(async move {
         let incoming = crate::grpc_limits::plaintext_incoming(xds, plaintext_gate);
         let result = crate::grpc_limits::server()
             .add_service(ads)
             .add_service(identity)
+            .add_service(lrs)
             .serve_with_incoming(incoming)
             .await;
         if let Err(e) = result {
@@ -192,9 +208,12 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
     });
     tokio::spawn(serve_admin(
         admin,
-        source.clone(),
-        nodes.clone(),
-        issued.clone(),
+        Admin {
+            source: source.clone(),
+            nodes: nodes.clone(),
+            issued: issued.clone(),
+            load: load_reporting,
+        },
         gates,
     ));
     tokio::spawn(source.clone().watch());
@@ -207,25 +226,39 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
         nodes,
         ca,
         issued,
+        graph,
         source,
     })
 }
 
-async fn serve_admin(
-    listener: TcpListener,
+/// What the admin port reads from.
+struct Admin {
     source: Arc<MeshSource>,
     nodes: Arc<NodeRegistry>,
     issued: Arc<AtomicU64>,
+    load: LoadReporting,
+}
+
+async fn serve_admin(
+    listener: TcpListener,
+    admin: Admin,
     grpc_gates: [(&'static str, Arc<crate::grpc_limits::Gate>); 2],
 ) {
     let gate = Gate::new(Limits::ADMIN);
     let admin_gate = gate.clone();
+    let Admin {
+        source,
+        nodes,
+        issued,
+        load,
+    } = admin;
     bounded_server::serve(listener, gate, bounded_server::plaintext, move |req| {
         let body = match req.uri().path() {
             "/live" | "/ready" => Ok("ok\n".to_string()),
             "/status" => Ok(serde_json::to_string_pretty(&status_json(&source, &nodes))
                 .unwrap_or_default()
                 + "\n"),
+            "/graph" => crate::graph_api::graph_json(&load.graph, req.uri().query()),
             "/metrics" => {
                 let mut ports = vec![("admin", admin_gate.open(), admin_gate.refused())];
                 ports.extend(
@@ -233,9 +266,9 @@ async fn serve_admin(
                         .iter()
                         .map(|(port, g)| (*port, g.open(), g.refused.load(Ordering::Relaxed))),
                 );
-                Ok(metrics_text(&source, &nodes, &issued, &ports))
+                Ok(metrics_text(&source, &nodes, &issued, &ports, &load))
             }
-            _ => Err("endpoints: /status /metrics /live /ready\n".to_string()),
+            _ => Err("endpoints: /status /graph /metrics /live /ready\n".to_string()),
         };
         let (status, text) = match body {
             Ok(t) => (StatusCode::OK, t),
@@ -308,6 +341,7 @@ fn metrics_text(
     nodes: &NodeRegistry,
     issued: &AtomicU64,
     ports: &[(&'static str, usize, u64)],
+    load: &LoadReporting,
 ) -> String {
     use prometheus_client::encoding::EncodeLabelSet;
     use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
@@ -404,6 +438,30 @@ fn metrics_text(
         "connections_refused",
         "Connections closed at once: the port was at its cap",
         refused,
+    );
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    struct ResultLabel {
+        result: &'static str,
+    }
+    let reports = Family::<ResultLabel, Counter>::default();
+    for (result, n) in load.counters.by_reason() {
+        reports.get_or_create(&ResultLabel { result }).inc_by(n);
+    }
+    r.register(
+        "load_reports",
+        "Load reports from proxies, by what became of them (refusals by reason)",
+        reports,
+    );
+    let (edges, _, bytes) = load.graph.usage();
+    r.register(
+        "graph_edges",
+        "Caller-to-callee edges the service graph holds",
+        gauge(edges as i64),
+    );
+    r.register(
+        "graph_bytes",
+        "Memory the service graph holds, in bytes",
+        gauge(bytes as i64),
     );
     let mut out = String::new();
     let _ = prometheus_client::encoding::text::encode(&mut out, &r);

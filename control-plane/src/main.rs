@@ -85,6 +85,9 @@ enum Command {
         /// The host names of the webhook's certificate (its Service's DNS names).
         #[arg(long, value_delimiter = ',', default_value = "outrigger.outrigger.svc")]
         webhook_dns: Vec<String>,
+        /// How often proxies report their load (the service graph's resolution).
+        #[arg(long, default_value = "5s", value_parser = duration_arg)]
+        load_report_interval: std::time::Duration,
         #[command(flatten)]
         sidecar: SidecarFlags,
     },
@@ -272,6 +275,7 @@ fn main() -> ExitCode {
             kube_services,
             instance,
             lease_namespace,
+            load_report_interval,
         } => {
             if kube_services && kube_api.is_none() {
                 eprintln!("--kube-services needs --kube-api");
@@ -309,6 +313,10 @@ fn main() -> ExitCode {
                         secure_xds_address: secure_xds,
                         server_names,
                         token_review,
+                    },
+                    load_reports: outrigger_control_plane::service_graph::Limits {
+                        interval: load_report_interval,
+                        ..Default::default()
                     },
                 };
                 match app::start(options).await {

@@ -10,6 +10,7 @@ pub mod cidr;
 pub mod config_error;
 pub mod duration;
 pub mod inbound;
+pub mod latency_sketch;
 pub mod policy;
 pub mod prefixed;
 pub mod sign_api;

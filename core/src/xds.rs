@@ -55,6 +55,12 @@ pub fn pb_duration(d: Duration) -> PbDuration {
     }
 }
 
+/// A protobuf duration as a `Duration`; `None` when it is negative or malformed.
+pub fn std_duration(d: &PbDuration) -> Option<Duration> {
+    let (seconds, nanos) = (u64::try_from(d.seconds).ok()?, u32::try_from(d.nanos).ok()?);
+    (nanos < 1_000_000_000).then(|| Duration::new(seconds, nanos))
+}
+
 pub fn u32_value(v: Option<u32>) -> Option<UInt32Value> {
     v.map(|value| UInt32Value { value })
 }

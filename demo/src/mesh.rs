@@ -28,6 +28,7 @@ pub async fn run(duration: Duration) -> Result<(), BoxError> {
         xds_address: "127.0.0.1:0".parse()?,
         admin_address: "127.0.0.1:0".parse()?,
         identity: Default::default(),
+        load_reports: Default::default(),
     })
     .await?;
     let proxy_path = dir.join("sidecar.yaml");

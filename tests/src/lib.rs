@@ -267,6 +267,7 @@ pub async fn control_plane(yaml: &str) -> outrigger_control_plane::app::ControlP
         xds_address: "127.0.0.1:0".parse().unwrap(),
         admin_address: "127.0.0.1:0".parse().unwrap(),
         identity: Default::default(),
+        load_reports: Default::default(),
     })
     .await
     .expect("the control plane starts")

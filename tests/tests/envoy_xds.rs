@@ -35,6 +35,7 @@ async fn start_control_plane(mesh_text: &str) -> (ControlPlane, PathBuf) {
         xds_address: "127.0.0.1:0".parse().unwrap(),
         admin_address: "127.0.0.1:0".parse().unwrap(),
         identity: Default::default(),
+        load_reports: Default::default(),
     };
     (
         app::start(options).await.expect("control plane starts"),

@@ -133,6 +133,7 @@ async fn grpcio_xds_client_resolves_through_the_control_plane() {
         xds_address: "127.0.0.1:0".parse().unwrap(),
         admin_address: "127.0.0.1:0".parse().unwrap(),
         identity: Default::default(),
+        load_reports: Default::default(),
     })
     .await
     .unwrap();

@@ -40,6 +40,7 @@ async fn control_plane() -> ControlPlane {
             secure_xds_address: Some("127.0.0.1:0".parse().unwrap()),
             ..Default::default()
         },
+        load_reports: Default::default(),
     })
     .await
     .unwrap()
@@ -290,6 +291,7 @@ services:
             secure_xds_address: Some("127.0.0.1:0".parse().unwrap()),
             ..Default::default()
         },
+        load_reports: Default::default(),
     })
     .await
     .unwrap();
@@ -429,6 +431,7 @@ async fn in_kubernetes_a_service_account_token_is_checked_with_a_token_review() 
             token_review: Some(Arc::new(reviewer)),
             ..Default::default()
         },
+        load_reports: Default::default(),
     })
     .await
     .unwrap();

@@ -122,6 +122,7 @@ async fn start_cp(text: &str) -> (app::ControlPlane, PathBuf) {
         xds_address: "127.0.0.1:0".parse().unwrap(),
         admin_address: "127.0.0.1:0".parse().unwrap(),
         identity: Default::default(),
+        load_reports: Default::default(),
     })
     .await
     .unwrap();

@@ -121,6 +121,7 @@ async fn control_plane(mesh_path: &Path) -> ControlPlane {
             server_names: vec!["127.0.0.1".into()],
             ..Default::default()
         },
+        load_reports: Default::default(),
     })
     .await
     .unwrap()

@@ -200,6 +200,7 @@ async fn pods_talk_through_their_sidecars(backend: &str) {
             secure_xds_address: Some(SocketAddr::new(net.gateway.into(), 0)),
             ..Default::default()
         },
+        load_reports: Default::default(),
     })
     .await
     .unwrap();

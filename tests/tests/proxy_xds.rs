@@ -83,6 +83,7 @@ async fn start_cp(mesh_text: &str) -> (ControlPlane, PathBuf) {
         xds_address: "127.0.0.1:0".parse().unwrap(),
         admin_address: "127.0.0.1:0".parse().unwrap(),
         identity: Default::default(),
+        load_reports: Default::default(),
     };
     (app::start(options).await.unwrap(), path)
 }
@@ -404,6 +405,7 @@ async fn a_mesh_directory_is_one_mesh_and_errors_name_their_file() {
         xds_address: "127.0.0.1:0".parse().unwrap(),
         admin_address: "127.0.0.1:0".parse().unwrap(),
         identity: Default::default(),
+        load_reports: Default::default(),
     })
     .await
     .unwrap();

@@ -286,6 +286,7 @@ services:
         xds_address: "127.0.0.1:0".parse().unwrap(),
         admin_address: "127.0.0.1:0".parse().unwrap(),
         identity: Default::default(),
+        load_reports: Default::default(),
     })
     .await
     .unwrap();

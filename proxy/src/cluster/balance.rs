@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
+use crate::cluster::load::EndpointLoad;
 use crate::policy::circuit_breaker::CircuitBreaker;
 use crate::policy::outlier::{self, Health, OutlierPolicy, OutlierState};
 use crate::policy::retry_budget::RetryBudget;
@@ -229,6 +230,8 @@ pub struct Endpoint {
     pub h2: H2Connection,
     /// Consecutive failures and ejection; kept across reloads with the endpoint.
     pub outlier: OutlierState,
+    /// What it was sent since the last load report; kept across reloads with the endpoint.
+    pub load: EndpointLoad,
     outstanding: AtomicU64,
     /// f64 bits of the latency estimate, in nanoseconds.
     ewma: AtomicU64,
@@ -252,6 +255,7 @@ impl Endpoint {
             h1: Arc::default(),
             h2: H2Connection::default(),
             outlier: OutlierState::default(),
+            load: EndpointLoad::default(),
             outstanding: AtomicU64::new(0),
             ewma: AtomicU64::new(0f64.to_bits()),
             stamp: AtomicU64::new(now_nanos()),
@@ -290,6 +294,7 @@ impl Endpoint {
     /// Counts a request as in flight until the guard is dropped.
     pub fn start(self: &Arc<Self>) -> InFlight {
         self.outstanding.fetch_add(1, Ordering::Relaxed);
+        self.load.issued();
         InFlight {
             endpoint: self.clone(),
             started: Instant::now(),
@@ -308,6 +313,11 @@ pub struct InFlight {
 }
 
 impl InFlight {
+    /// Counts the try in the endpoint's load report: success or error, and its latency.
+    pub fn finished(&self, success: bool) {
+        self.endpoint.load.finished(success, self.started.elapsed());
+    }
+
     /// Records the time to the response head as a latency sample.
     pub fn responded(&self) {
         self.endpoint.observe(self.started.elapsed());

@@ -3,3 +3,4 @@
 //! detection) the stack consults.
 
 pub mod balance;
+pub mod load;

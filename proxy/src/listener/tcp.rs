@@ -29,8 +29,9 @@ where
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))??;
     upstream.set_nodelay(true)?;
-    let _in_flight = endpoint.start();
-    match &cluster.tls {
+    // In load reports, a connection counts as a request, and its life as its latency.
+    let in_flight = endpoint.start();
+    let copied = match &cluster.tls {
         None => copy_with_idle_timeout(downstream, upstream, idle_timeout).await,
         // To another proxy: mTLS, with the ALPN that tells its inbound side this is opaque TCP.
         Some(tls) => {
@@ -43,7 +44,9 @@ where
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))??;
             copy_with_idle_timeout(downstream, upstream, idle_timeout).await
         }
-    }
+    };
+    in_flight.finished(copied.is_ok());
+    copied
 }
 
 /// Connects to exactly `to`, outside any cluster: traffic the mesh does not own.

@@ -89,6 +89,12 @@ pub async fn attempt(
         ) => Some(Health::GatewayFailure),
         Err(_) => None,
     };
+    // As Envoy's load reports count it: a 5xx or no answer is an error, anything else a
+    // success.
+    match &result {
+        Ok(resp) => in_flight.finished(!resp.status().is_server_error()),
+        Err(_) => in_flight.finished(false),
+    }
     let ejected = health.is_some_and(|h| cluster.observe(endpoint, h));
     if ejected {
         tracing::warn!(cluster = %cluster.name, endpoint = %endpoint.addr, ejections = endpoint.outlier.ejections(), "endpoint ejected");

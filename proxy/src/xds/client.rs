@@ -250,15 +250,28 @@ fn request(
 ) -> DiscoveryRequest {
     DiscoveryRequest {
         version_info: state.versions.get(type_url).cloned().unwrap_or_default(),
-        node: first.then(|| Node {
-            id: settings.node.clone(),
-            cluster: settings.service.clone(),
-            ..Default::default()
-        }),
+        node: first.then(|| node(settings)),
         resource_names: names,
         type_url: type_url.to_string(),
         response_nonce: state.nonces.get(type_url).cloned().unwrap_or_default(),
         ..Default::default()
+    }
+}
+
+fn node(settings: &XdsSettings) -> Node {
+    Node {
+        id: settings.node.clone(),
+        cluster: settings.service.clone(),
+        ..Default::default()
+    }
+}
+
+/// A task that ends when its handle goes out of scope.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -282,6 +295,17 @@ async fn session(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let endpoint = grpc_channel::endpoint(address, Duration::from_secs(1));
     let channel = grpc_channel::connect(endpoint, address, settings.tls.as_ref()).await?;
+    // Load reports share the connection, and end with it.
+    let reporter = AbortOnDrop(tokio::spawn({
+        let (channel, config) = (channel.clone(), store.current.clone());
+        let node = node(settings);
+        async move {
+            if let Err(status) = crate::xds::load_report::run(channel, node, config).await {
+                tracing::debug!(%status, "load reports stopped");
+            }
+        }
+    }));
+    let _reporter = reporter;
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(16);
     // A new stream knows no nonces; versions are kept so an unchanged config is not resent.

@@ -2,6 +2,7 @@
 //! into the same file model a YAML file gives, and its on-disk cache.
 
 pub mod client;
+pub mod load_report;
 pub mod route_table;
 pub mod tracing;
 pub mod translate;
