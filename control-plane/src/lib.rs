@@ -1,6 +1,7 @@
 //! The Outrigger control plane: a mesh file in, Envoy xDS v3 out.
 #![forbid(unsafe_code)]
 
+pub mod admin_client;
 pub mod admission;
 pub mod ads;
 pub mod ads_delta;
@@ -32,6 +33,7 @@ pub mod route_status;
 pub mod secure_xds;
 pub mod service_graph;
 pub mod snapshot;
+pub mod stat;
 pub mod token_review;
 pub mod translate;
 pub mod xds_limits;

@@ -7,7 +7,7 @@ use outrigger_control_plane::ca::Ca;
 use outrigger_control_plane::inject::Injector;
 use outrigger_control_plane::kube_client::{self, KubeAccess};
 use outrigger_control_plane::token_review::TokenReviewer;
-use outrigger_control_plane::{app, mesh::Mesh};
+use outrigger_control_plane::{app, mesh::Mesh, stat};
 use outrigger_core::duration::duration_arg;
 use outrigger_core::spiffe::SpiffeId;
 
@@ -122,6 +122,26 @@ enum Command {
     },
     /// Validate a mesh file and exit: 0 if valid, 1 with the error otherwise.
     Check { mesh: PathBuf },
+    /// Golden signals (success rate, requests per second, latency) of each service or each
+    /// caller → callee edge, from the proxies' load reports.
+    Stat {
+        #[arg(value_enum, default_value = "services")]
+        what: stat::What,
+        /// The control plane's admin port.
+        #[arg(long, default_value = "127.0.0.1:15014", env = "OUTRIGGER_ADMIN")]
+        admin: String,
+        /// The span the figures cover.
+        #[arg(long, default_value = "1m", value_parser = duration_arg)]
+        window: std::time::Duration,
+        /// Order of the rows (default: by name for services, busiest first for edges).
+        #[arg(long, value_enum)]
+        sort: Option<stat::SortBy>,
+        /// Redraw as new reports arrive, until interrupted.
+        #[arg(long)]
+        watch: bool,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: stat::Output,
+    },
 }
 
 /// What the injected sidecar runs and where it finds the control plane.
@@ -214,6 +234,39 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Stat {
+            what,
+            admin,
+            window,
+            sort,
+            watch,
+            output,
+        } => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            rt.block_on(async move {
+                loop {
+                    let graph = match stat::fetch(&admin, window).await {
+                        Ok(graph) => graph,
+                        Err(e) => {
+                            eprintln!("stat: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    };
+                    let text = stat::render(&graph, what, sort, output);
+                    if !watch {
+                        print!("{text}");
+                        return ExitCode::SUCCESS;
+                    }
+                    // Clear the screen and draw again from its top.
+                    print!("\x1b[2J\x1b[H{text}");
+                    let every = std::time::Duration::from_secs_f64(graph.interval_seconds.max(1.0));
+                    tokio::time::sleep(every).await;
+                }
+            })
+        }
         Command::Check { mesh } => {
             let source = mesh.display().to_string();
             let result = std::fs::read_to_string(&mesh)

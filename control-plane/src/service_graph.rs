@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use outrigger_core::latency_sketch::{BUCKETS, Sketch};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 #[derive(Debug, Clone, Copy)]
@@ -74,7 +74,7 @@ struct Edge {
 }
 
 /// An edge's (or a service's) golden signals over a window.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Signals {
     /// Requests answered per second.
     pub rps: f64,
@@ -89,7 +89,7 @@ pub struct Signals {
     pub seconds: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EdgeStats {
     pub caller: String,
     pub callee: String,
@@ -98,7 +98,7 @@ pub struct EdgeStats {
     pub signals: Signals,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ServiceStats {
     pub service: String,
     /// What its callers saw, all of them together.
