@@ -31,6 +31,79 @@ pub enum AdminError {
     },
 }
 
+/// `GET http://{addr}{path}`, whose body is JSON lines: `line` is called with each, until the
+/// server ends the stream or `line` returns false. Returns the number of lines.
+pub async fn get_lines(
+    addr: &str,
+    path: &str,
+    mut line: impl FnMut(&str) -> bool,
+) -> Result<u64, AdminError> {
+    let unreachable = |reason: String| AdminError::Unreachable {
+        addr: addr.to_string(),
+        reason,
+    };
+    let resp = tokio::time::timeout(TIMEOUT, send(addr, path))
+        .await
+        .map_err(|_| unreachable(format!("no answer within {TIMEOUT:?}")))??;
+    let status = resp.status();
+    let mut body = resp.into_body();
+    if !status.is_success() {
+        let text = Limited::new(body, 64 * 1024)
+            .collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_string())
+            .unwrap_or_default();
+        return Err(AdminError::Status {
+            addr: addr.to_string(),
+            path: path.to_string(),
+            status: status.as_u16(),
+            body: text,
+        });
+    }
+    let (mut pending, mut lines) = (Vec::new(), 0u64);
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| unreachable(e.to_string()))?;
+        let Some(data) = frame.data_ref() else {
+            continue;
+        };
+        pending.extend_from_slice(data);
+        if pending.len() > MAX_BODY {
+            return Err(unreachable("a line longer than 16 MiB".into()));
+        }
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let text = String::from_utf8_lossy(&pending[..end]).into_owned();
+            pending.drain(..=end);
+            lines += 1;
+            if !line(&text) {
+                return Ok(lines);
+            }
+        }
+    }
+    Ok(lines)
+}
+
+async fn send(addr: &str, path: &str) -> Result<http::Response<hyper::body::Incoming>, AdminError> {
+    let unreachable = |reason: String| AdminError::Unreachable {
+        addr: addr.to_string(),
+        reason,
+    };
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
+    tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header(http::header::HOST, addr)
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(|e| unreachable(e.to_string()))?;
+    sender
+        .send_request(req)
+        .await
+        .map_err(|e| unreachable(e.to_string()))
+}
+
 /// `GET http://{addr}{path}`, read as JSON.
 pub async fn get_json(addr: &str, path: &str) -> Result<serde_json::Value, AdminError> {
     let unreachable = |reason: String| AdminError::Unreachable {
@@ -38,21 +111,7 @@ pub async fn get_json(addr: &str, path: &str) -> Result<serde_json::Value, Admin
         reason,
     };
     let call = async {
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
-        tokio::spawn(conn);
-        let req = http::Request::get(path)
-            .header(http::header::HOST, addr)
-            .body(Empty::<bytes::Bytes>::new())
-            .map_err(|e| unreachable(e.to_string()))?;
-        let resp = send
-            .send_request(req)
-            .await
-            .map_err(|e| unreachable(e.to_string()))?;
+        let resp = send(addr, path).await?;
         let status = resp.status();
         let body = Limited::new(resp.into_body(), MAX_BODY)
             .collect()

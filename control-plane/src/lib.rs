@@ -34,6 +34,7 @@ pub mod secure_xds;
 pub mod service_graph;
 pub mod snapshot;
 pub mod stat;
+pub mod tap;
 pub mod token_review;
 pub mod translate;
 pub mod xds_limits;

@@ -7,7 +7,7 @@ use outrigger_control_plane::ca::Ca;
 use outrigger_control_plane::inject::Injector;
 use outrigger_control_plane::kube_client::{self, KubeAccess};
 use outrigger_control_plane::token_review::TokenReviewer;
-use outrigger_control_plane::{app, mesh::Mesh, stat};
+use outrigger_control_plane::{app, mesh::Mesh, stat, tap};
 use outrigger_core::duration::duration_arg;
 use outrigger_core::spiffe::SpiffeId;
 
@@ -142,6 +142,8 @@ enum Command {
         #[arg(short, long, value_enum, default_value = "table")]
         output: stat::Output,
     },
+    /// Live requests through one proxy: method, path, status, latency, caller and trace ID.
+    Tap(tap::TapArgs),
 }
 
 /// What the injected sidecar runs and where it finds the control plane.
@@ -266,6 +268,19 @@ fn main() -> ExitCode {
                     tokio::time::sleep(every).await;
                 }
             })
+        }
+        Command::Tap(args) => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("tokio runtime");
+            match rt.block_on(tap::run(&args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tap: {e}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Check { mesh } => {
             let source = mesh.display().to_string();

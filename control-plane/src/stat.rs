@@ -24,8 +24,9 @@ pub enum SortBy {
     P99,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Output {
+    #[default]
     Table,
     Json,
 }

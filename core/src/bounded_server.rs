@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -68,23 +67,30 @@ impl Gate {
     }
 }
 
+/// The address a request's connection came from, in the request's extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
 /// Accepts on `listener` until the process ends; each admitted connection, after `handshake`
-/// (TLS, or nothing), is served HTTP/1.1 by `handle`.
-pub async fn serve<H, Fut, Hs, HsFut, IO>(
+/// (TLS, or nothing), is served HTTP/1.1 by `handle`. Each request carries its connection's
+/// `PeerAddr`.
+pub async fn serve<H, Fut, B, Hs, HsFut, IO>(
     listener: TcpListener,
     gate: Arc<Gate>,
     handshake: Hs,
     handle: H,
 ) where
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+    Fut: Future<Output = Response<B>> + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     Hs: Fn(tokio::net::TcpStream) -> HsFut + Clone + Send + Sync + 'static,
     HsFut: Future<Output = std::io::Result<IO>> + Send + 'static,
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             // Out of file descriptors and the like: back off instead of spinning.
             Err(_) => {
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -102,7 +108,8 @@ pub async fn serve<H, Fut, Hs, HsFut, IO>(
             else {
                 return;
             };
-            let svc = service_fn(move |req| {
+            let svc = service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(PeerAddr(peer));
                 let handle = handle.clone();
                 async move { Ok::<_, Infallible>(handle(req).await) }
             });

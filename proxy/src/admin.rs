@@ -1,11 +1,13 @@
-//! The admin listener: `/live`, `/ready`, `/metrics`, `/config`.
+//! The admin listener: `/live`, `/ready`, `/metrics`, `/config`, and `/tap` for whoever
+//! `admin.tap_from` lets in.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde_json::json;
 use tokio::net::TcpListener;
@@ -13,7 +15,10 @@ use tokio::net::TcpListener;
 use crate::config::snapshot::RuntimeConfig;
 use crate::config::store::ConfigStore;
 use crate::telemetry::metrics::Metrics;
-use outrigger_core::bounded_server::{self, Gate};
+use crate::telemetry::tap::TapFilter;
+use outrigger_core::bounded_server::{self, Gate, PeerAddr};
+
+type AdminBody = BoxBody<Bytes, std::convert::Infallible>;
 
 pub struct AdminState {
     pub store: Arc<ConfigStore>,
@@ -34,8 +39,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>) {
     .await
 }
 
-fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body)));
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<AdminBody> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)).boxed());
     *resp.status_mut() = status;
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
@@ -44,8 +49,9 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
     resp
 }
 
-fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<AdminBody> {
     match req.uri().path() {
+        "/tap" => tap(state, req),
         "/live" => text(StatusCode::OK, "text/plain", "live\n".into()),
         "/ready" => {
             // Not before the listeners are up, nor before a control plane (if any) has
@@ -105,8 +111,45 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
         _ => text(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "endpoints: /live /ready /metrics /config\n".into(),
+            "endpoints: /live /ready /metrics /config /tap\n".into(),
         ),
+    }
+}
+
+/// Live requests as JSON lines, to a caller `admin.tap_from` allows, until it hangs up, its
+/// `max` is reached, or the admin port's connection age limit ends it.
+fn tap(state: &AdminState, req: &Request<Incoming>) -> Response<AdminBody> {
+    let from = req.extensions().get::<PeerAddr>().map(|p| p.0.ip());
+    let config = state.store.current.load();
+    if !from.is_some_and(|ip| config.tap_from.iter().any(|c| c.contains(ip))) {
+        state.metrics.tap_refused.inc();
+        return text(
+            StatusCode::FORBIDDEN,
+            "text/plain",
+            "tapping is allowed from admin.tap_from only (by default, the pod itself)\n".into(),
+        );
+    }
+    let filter = match TapFilter::parse(req.uri().query()) {
+        Ok(f) => f,
+        Err(e) => return text(StatusCode::BAD_REQUEST, "text/plain", format!("tap: {e}\n")),
+    };
+    match state.metrics.tap.watch(filter) {
+        Some(body) => {
+            let mut resp = Response::new(body.boxed());
+            resp.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("application/x-ndjson"),
+            );
+            resp
+        }
+        None => {
+            state.metrics.tap_refused.inc();
+            text(
+                StatusCode::TOO_MANY_REQUESTS,
+                "text/plain",
+                "tap: too many watchers on this proxy\n".into(),
+            )
+        }
     }
 }
 

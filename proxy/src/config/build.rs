@@ -30,6 +30,9 @@ use crate::route::router::DomainTable;
 use crate::route::table::VirtualHost;
 use crate::telemetry::span_export::{Collector, Tracer};
 
+/// Who may tap when the file says nothing: the pod itself.
+const DEFAULT_TAP_FROM: [&str; 2] = ["127.0.0.1", "::1"];
+
 #[derive(Clone)]
 pub(super) struct Builder<'a> {
     pub(super) source: &'a str,
@@ -128,6 +131,21 @@ impl Builder<'_> {
             Some(admin) => Some(self.address(&admin.address, "admin.address")?),
             None => None,
         };
+        let tap_from = match file.admin.as_ref().and_then(|a| a.tap_from.as_ref()) {
+            None => DEFAULT_TAP_FROM
+                .iter()
+                .map(|c| c.parse().expect("a valid address"))
+                .collect(),
+            Some(list) => list
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    c.value
+                        .parse::<outrigger_core::cidr::Cidr>()
+                        .map_err(|e| self.err(c, &format!("admin.tap_from[{i}]"), e.to_string()))
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
         let mut clusters = HashMap::new();
         for (i, c) in file.clusters.iter().enumerate() {
             let field = format!("clusters[{i}]");
@@ -161,6 +179,7 @@ impl Builder<'_> {
             version,
             source: self.source.to_string(),
             admin_address,
+            tap_from,
             workers: file.workers,
             listeners,
             clusters,

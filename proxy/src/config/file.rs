@@ -188,6 +188,10 @@ pub struct XdsFile {
 #[serde(deny_unknown_fields)]
 pub struct AdminFile {
     pub address: Spanned<String>,
+    /// Who may watch live requests on `/tap`: addresses or CIDRs. Default: the pod itself
+    /// (127.0.0.1 and ::1), which `kubectl port-forward` and `kubectl exec` reach.
+    #[serde(default)]
+    pub tap_from: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]

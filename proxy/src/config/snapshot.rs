@@ -37,6 +37,8 @@ pub struct RuntimeConfig {
     pub version: u64,
     pub source: String,
     pub admin_address: Option<SocketAddr>,
+    /// Who may watch live requests on the admin port's `/tap`.
+    pub tap_from: Vec<outrigger_core::cidr::Cidr>,
     pub workers: usize,
     pub listeners: Vec<Listener>,
     pub clusters: HashMap<String, Arc<Cluster>>,

@@ -55,6 +55,7 @@ pub async fn handle(
     // access log → metrics: what they need of the request is taken before it goes down.
     let access = access_log::begin(&ex, &req);
     let span = record::span_facts(&ex, &req);
+    let tap = ctx.metrics.tap.begin(&req);
     let response = match forward(&ctx, &mut ex, req).await {
         Ok(resp) => resp,
         Err(err) => {
@@ -65,6 +66,9 @@ pub async fn handle(
     };
     if let Some(access) = access {
         access.write(&ex, &response);
+    }
+    if let Some(tap) = tap {
+        record::tap(&ex, tap, response.status().as_u16());
     }
     Ok(record::finish(ex, span, response))
 }

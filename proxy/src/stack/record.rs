@@ -14,6 +14,7 @@ use crate::stack::exchange::Exchange;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::request_trace::{self, RequestFacts};
 use crate::telemetry::route_series::{Outcome, RouteSeries};
+use crate::telemetry::tap::{TapEvent, TapStart};
 use crate::upstream::client::Body;
 use crate::upstream::error::ERROR_HEADER;
 
@@ -109,6 +110,22 @@ pub fn finish(
         request_trace::record_request(trace, facts, &ex.ctx.metrics);
     }
     response
+}
+
+/// Shows the finished request to whoever taps the proxy.
+pub fn tap(ex: &Exchange<'_>, start: TapStart, status: u16) {
+    ex.ctx.metrics.tap.publish(TapEvent {
+        direction: ex.ctx.direction,
+        method: start.method.to_string(),
+        authority: start.authority,
+        path: start.path,
+        status,
+        latency_ms: ex.started.elapsed().as_secs_f64() * 1e3,
+        route: ex.route_label().to_string(),
+        caller: ex.peer.identity_text.as_deref().map(str::to_string),
+        caller_address: ex.peer.addr.map(|a| a.to_string()),
+        trace_id: ex.trace.as_ref().map(|t| hex(&t.span.trace_id)),
+    });
 }
 
 pub fn hex(bytes: &[u8]) -> String {

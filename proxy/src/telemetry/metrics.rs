@@ -55,6 +55,10 @@ pub struct Metrics {
     xds_nacks: Family<XdsLabels, Counter>,
     xds_reconnects: Counter,
     admin_refused: Counter,
+    /// Live requests for `/tap`'s watchers.
+    pub tap: Arc<crate::telemetry::tap::TapHub>,
+    /// Taps refused: a caller not in `admin.tap_from`, or too many watchers.
+    pub tap_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -127,6 +131,12 @@ impl Metrics {
         let xds_nacks = Family::<XdsLabels, Counter>::default();
         let xds_reconnects = Counter::default();
         let admin_refused = Counter::default();
+        let tap_refused = Counter::default();
+        registry.register(
+            "tap_refused",
+            "Taps refused on the admin port: a caller not allowed to tap, or too many watchers",
+            tap_refused.clone(),
+        );
         registry.register(
             "admin_connections_refused",
             "Connections to the admin port closed at once: it was at its connection cap",
@@ -284,6 +294,8 @@ impl Metrics {
             xds_nacks,
             xds_reconnects,
             admin_refused,
+            tap: Arc::default(),
+            tap_refused,
         }
     }
 

@@ -8,4 +8,5 @@ pub mod otlp;
 pub mod request_trace;
 pub mod route_series;
 pub mod span_export;
+pub mod tap;
 pub mod trace_context;
