@@ -147,6 +147,7 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
         publisher: publisher.clone(),
         default_lifetime: options.identity.cert_lifetime,
         issued: Arc::new(AtomicU64::new(0)),
+        signed: Arc::default(),
         token_review: options.identity.token_review.clone(),
     };
     let ca = identity.ca.clone();
@@ -158,6 +159,7 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
     };
     publisher.set_bundle(ca.load().bundle_pem());
     let issued = identity.issued.clone();
+    let signed = identity.signed.clone();
     // Each gRPC port's connection cap, reported on /metrics.
     let plaintext_gate = Arc::new(crate::grpc_limits::Gate::default());
     let secure_gate = Arc::new(crate::grpc_limits::Gate::default());
@@ -213,6 +215,8 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
             nodes: nodes.clone(),
             issued: issued.clone(),
             load: load_reporting,
+            ca: ca.clone(),
+            signed,
         },
         gates,
     ));
@@ -237,6 +241,8 @@ struct Admin {
     nodes: Arc<NodeRegistry>,
     issued: Arc<AtomicU64>,
     load: LoadReporting,
+    ca: Arc<ArcSwap<Ca>>,
+    signed: Arc<crate::diagnose::SignedCerts>,
 }
 
 async fn serve_admin(
@@ -246,12 +252,16 @@ async fn serve_admin(
 ) {
     let gate = Gate::new(Limits::ADMIN);
     let admin_gate = gate.clone();
+    let admin = Arc::new(admin);
     let Admin {
         source,
         nodes,
         issued,
         load,
-    } = admin;
+        ..
+    } = &*admin;
+    let (source, nodes, issued, load) =
+        (source.clone(), nodes.clone(), issued.clone(), load.clone());
     bounded_server::serve(listener, gate, bounded_server::plaintext, move |req| {
         let body = match req.uri().path() {
             "/live" | "/ready" => Ok("ok\n".to_string()),
@@ -259,6 +269,9 @@ async fn serve_admin(
                 .unwrap_or_default()
                 + "\n"),
             "/graph" => crate::graph_api::graph_json(&load.graph, req.uri().query()),
+            "/check" => {
+                Ok(serde_json::to_string_pretty(&check_json(&admin)).unwrap_or_default() + "\n")
+            }
             "/metrics" => {
                 let mut ports = vec![("admin", admin_gate.open(), admin_gate.refused())];
                 ports.extend(
@@ -268,7 +281,7 @@ async fn serve_admin(
                 );
                 Ok(metrics_text(&source, &nodes, &issued, &ports, &load))
             }
-            _ => Err("endpoints: /status /graph /metrics /live /ready\n".to_string()),
+            _ => Err("endpoints: /status /check /graph /metrics /live /ready\n".to_string()),
         };
         let (status, text) = match body {
             Ok(t) => (StatusCode::OK, t),
@@ -279,6 +292,51 @@ async fn serve_admin(
         async move { resp }
     })
     .await
+}
+
+/// `check`'s view: every problem the control plane can see, with its hint.
+fn check_json(admin: &Admin) -> serde_json::Value {
+    let snapshot = admin.source.publisher.current();
+    let routes = admin.source.cluster_health.routes();
+    let mut route_errors = Vec::new();
+    for (kind, outcomes) in [("HTTPRoute", &routes.http), ("GRPCRoute", &routes.grpc)] {
+        for (name, (_, list)) in &outcomes.0 {
+            for o in list {
+                for (reason, message) in [&o.accepted, &o.resolved_refs]
+                    .into_iter()
+                    .filter_map(|c| c.as_ref().err())
+                {
+                    route_errors.push((format!("{kind} {name}"), format!("{reason}: {message}")));
+                }
+            }
+        }
+    }
+    let inputs = crate::diagnose::Inputs {
+        mesh: snapshot.mesh.as_deref(),
+        mesh_error: admin
+            .source
+            .last_error
+            .load()
+            .as_ref()
+            .map(|e| e.to_string()),
+        mesh_file: admin.source.path.display().to_string(),
+        cluster_errors: admin
+            .source
+            .cluster_health
+            .errors()
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        route_errors,
+        root_not_after: admin.ca.load().not_after(),
+        signed: &admin.signed,
+        nodes: &admin.nodes,
+    };
+    json!({
+        "services": snapshot.mesh.as_ref().map_or(0, |m| m.services.len()),
+        "proxies_connected": admin.nodes.connected_count(),
+        "problems": crate::diagnose::diagnose(&inputs),
+    })
 }
 
 fn status_json(source: &MeshSource, nodes: &NodeRegistry) -> serde_json::Value {

@@ -112,6 +112,14 @@ impl Ca {
         .map_err(files)
     }
 
+    /// When the CA's own certificate ends.
+    pub fn not_after(&self) -> Option<std::time::SystemTime> {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(self.cert_pem.as_bytes()).ok()?;
+        let cert = pem.parse_x509().ok()?;
+        let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+        Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
+    }
+
     /// The roots a workload should trust.
     pub fn bundle_pem(&self) -> &str {
         &self.bundle_pem

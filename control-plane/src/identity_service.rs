@@ -33,6 +33,8 @@ pub struct IdentityService {
     pub publisher: Arc<Publisher>,
     pub default_lifetime: Duration,
     pub issued: Arc<AtomicU64>,
+    /// The last certificate signed for each identity, for `check`.
+    pub signed: Arc<crate::diagnose::SignedCerts>,
     /// In Kubernetes: tokens the mesh file does not know are service-account tokens.
     pub token_review: Option<Arc<TokenReviewer>>,
 }
@@ -82,6 +84,7 @@ impl IdentityService {
                 _ => Status::internal(e.to_string()),
             })?;
         self.issued.fetch_add(1, Ordering::Relaxed);
+        self.signed.signed(proved, lifetime);
         tracing::info!(identity = %proved, ?lifetime, "certificate issued");
         Ok(SignResponse {
             chain_pem,

@@ -7,7 +7,7 @@ use outrigger_control_plane::ca::Ca;
 use outrigger_control_plane::inject::Injector;
 use outrigger_control_plane::kube_client::{self, KubeAccess};
 use outrigger_control_plane::token_review::TokenReviewer;
-use outrigger_control_plane::{app, mesh::Mesh, stat, tap};
+use outrigger_control_plane::{app, inspect, mesh::Mesh, stat, tap};
 use outrigger_core::duration::duration_arg;
 use outrigger_core::spiffe::SpiffeId;
 
@@ -120,8 +120,36 @@ enum Command {
         #[arg(long, default_value = "24h", value_parser = duration_arg)]
         lifetime: std::time::Duration,
     },
-    /// Validate a mesh file and exit: 0 if valid, 1 with the error otherwise.
-    Check { mesh: PathBuf },
+    /// With a mesh file: validate it and exit, 0 if valid, 1 with the error otherwise.
+    /// Without: ask the running control plane what is wrong (mesh and route errors, services
+    /// with no ready endpoint, certificates near expiry, proxies that NACKed, are behind or
+    /// are gone), one line and a hint each; exits 1 if anything is.
+    Check {
+        mesh: Option<PathBuf>,
+        /// The control plane's admin port.
+        #[arg(long, default_value = "127.0.0.1:15014", env = "OUTRIGGER_ADMIN")]
+        admin: String,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: stat::Output,
+    },
+    /// Each proxy's config versions (sent, ACKed, NACKed) and last NACK, as the control plane
+    /// saw them: our proxies, Envoys and gRPC clients alike.
+    ProxyStatus {
+        #[arg(long, default_value = "127.0.0.1:15014", env = "OUTRIGGER_ADMIN")]
+        admin: String,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: stat::Output,
+    },
+    /// One proxy's running routes, clusters or endpoints (with outlier state), from its admin
+    /// port.
+    ProxyConfig {
+        #[arg(value_enum, default_value = "clusters")]
+        part: inspect::ConfigPart,
+        #[arg(long, default_value = "127.0.0.1:15020")]
+        proxy: String,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: stat::Output,
+    },
     /// Golden signals (success rate, requests per second, latency) of each service or each
     /// caller → callee edge, from the proxies' load reports.
     Stat {
@@ -244,11 +272,7 @@ fn main() -> ExitCode {
             watch,
             output,
         } => {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            rt.block_on(async move {
+            block_on(async move {
                 loop {
                     let graph = match stat::fetch(&admin, window).await {
                         Ok(graph) => graph,
@@ -269,20 +293,35 @@ fn main() -> ExitCode {
                 }
             })
         }
-        Command::Tap(args) => {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("tokio runtime");
-            match rt.block_on(tap::run(&args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("tap: {e}");
-                    ExitCode::FAILURE
-                }
+        Command::Tap(args) => report(block_on(tap::run(&args)).map(|()| String::new()), "tap"),
+        Command::Check {
+            mesh: None,
+            admin,
+            output,
+        } => {
+            let (text, healthy) = block_on(inspect::check(&admin, output));
+            print!("{text}");
+            if healthy {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
             }
         }
-        Command::Check { mesh } => {
+        Command::ProxyStatus { admin, output } => report(
+            block_on(inspect::proxy_status(&admin, output)),
+            "proxy-status",
+        ),
+        Command::ProxyConfig {
+            part,
+            proxy,
+            output,
+        } => report(
+            block_on(inspect::proxy_config(&proxy, part, output)),
+            "proxy-config",
+        ),
+        Command::Check {
+            mesh: Some(mesh), ..
+        } => {
             let source = mesh.display().to_string();
             let result = std::fs::read_to_string(&mesh)
                 .map_err(|e| outrigger_core::config_error::ConfigError::io(&source, &e))
@@ -491,5 +530,31 @@ async fn wait_for_shutdown() {
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Runs one command-line call on a small runtime of its own.
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(f)
+}
+
+/// Prints a view, or its error; the exit code says which.
+fn report(
+    result: Result<String, outrigger_control_plane::admin_client::AdminError>,
+    what: &str,
+) -> ExitCode {
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{what}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }

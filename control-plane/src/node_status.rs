@@ -19,6 +19,8 @@ pub struct TypeStatus {
     pub acked_version: Option<String>,
     pub last_nack: Option<Nack>,
     pub nacks: u64,
+    /// Its last answer for this type was a NACK: it still runs an older config.
+    pub refusing: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -167,6 +169,7 @@ impl NodeRegistry {
         let waited = self.with(node, type_url, |n| {
             let t = n.types.entry(short(type_url)).or_default();
             t.acked_version = Some(xds_limits::truncate(version, xds_limits::MAX_NAME).to_string());
+            t.refusing = false;
             t.sent_at.take().map(|at| at.elapsed())
         });
         if let Some(waited) = waited {
@@ -190,12 +193,66 @@ impl NodeRegistry {
         self.with(node, type_url, |n| {
             let t = n.types.entry(short(type_url)).or_default();
             t.nacks += 1;
+            t.refusing = true;
+            t.sent_at = None;
             t.last_nack = Some(Nack {
                 version: xds_limits::truncate(version, xds_limits::MAX_NAME).to_string(),
                 message: xds_limits::truncate(message, xds_limits::MAX_MESSAGE).to_string(),
                 at_unix,
             });
         });
+    }
+
+    /// Each node's trouble for `check`: a type it refuses, a push it has not answered within
+    /// `behind_after`, or a stream it lost; with a hint.
+    pub fn problems(
+        &self,
+        behind_after: std::time::Duration,
+    ) -> Vec<(String, String, &'static str)> {
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for (id, n) in nodes.iter() {
+            if let Some(gone) = n.gone_since.filter(|_| n.streams == 0) {
+                out.push((
+                    id.clone(),
+                    format!(
+                        "lost its stream {} ago and has not come back",
+                        crate::diagnose::human(gone.elapsed())
+                    ),
+                    "is the proxy running? Its log says why it cannot reach the control plane",
+                ));
+                continue;
+            }
+            for (t, s) in &n.types {
+                if s.refusing {
+                    let why = s.last_nack.as_ref().map_or("", |k| k.message.as_str());
+                    out.push((
+                        id.clone(),
+                        format!(
+                            "refuses {t} version {} (runs {}): {why}",
+                            s.sent_version.map_or("?".into(), |v| v.to_string()),
+                            s.acked_version.as_deref().unwrap_or("nothing")
+                        ),
+                        "the message says which field; fix the mesh file or route that made it",
+                    ));
+                } else if let Some(waited) = s
+                    .sent_at
+                    .map(|at| at.elapsed())
+                    .filter(|w| *w >= behind_after)
+                {
+                    out.push((
+                        id.clone(),
+                        format!(
+                            "has not answered {t} version {} for {}",
+                            s.sent_version.map_or("?".into(), |v| v.to_string()),
+                            crate::diagnose::human(waited)
+                        ),
+                        "the proxy may be overloaded or stuck: look at its /ready and log",
+                    ));
+                }
+            }
+        }
+        out
     }
 
     pub fn connected_count(&self) -> usize {
@@ -220,6 +277,7 @@ impl NodeRegistry {
                             "sent_version": s.sent_version.map(|v| v.to_string()),
                             "acked_version": s.acked_version,
                             "nacks": s.nacks,
+                            "refusing": s.refusing,
                             "last_nack": s.last_nack.as_ref().map(|k| json!({
                                 "version": k.version, "message": k.message, "at_unix": k.at_unix,
                             })),

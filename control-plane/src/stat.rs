@@ -135,7 +135,7 @@ fn json<T: serde::Serialize>(rows: &[T]) -> String {
 }
 
 /// Columns padded to their widest cell, two spaces apart.
-fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
+pub fn table(header: &[&str], rows: impl Iterator<Item = Vec<String>>) -> String {
     let rows: Vec<Vec<String>> = std::iter::once(header.iter().map(|h| h.to_string()).collect())
         .chain(rows)
         .collect();
