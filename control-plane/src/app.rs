@@ -263,6 +263,9 @@ async fn serve_admin(
     let (source, nodes, issued, load) =
         (source.clone(), nodes.clone(), issued.clone(), load.clone());
     bounded_server::serve(listener, gate, bounded_server::plaintext, move |req| {
+        if req.uri().path() == "/dashboard" {
+            return std::future::ready(crate::dashboard::page());
+        }
         let body = match req.uri().path() {
             "/live" | "/ready" => Ok("ok\n".to_string()),
             "/status" => Ok(serde_json::to_string_pretty(&status_json(&source, &nodes))
@@ -281,15 +284,26 @@ async fn serve_admin(
                 );
                 Ok(metrics_text(&source, &nodes, &issued, &ports, &load))
             }
-            _ => Err("endpoints: /status /check /graph /metrics /live /ready\n".to_string()),
+            _ => Err(
+                "endpoints: /dashboard /status /check /graph /metrics /live /ready\n".to_string(),
+            ),
         };
         let (status, text) = match body {
             Ok(t) => (StatusCode::OK, t),
             Err(t) => (StatusCode::NOT_FOUND, t),
         };
+        let content_type = match req.uri().path() {
+            "/status" | "/check" | "/graph" if status == StatusCode::OK => "application/json",
+            "/metrics" => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            _ => "text/plain; charset=utf-8",
+        };
         let mut resp = Response::new(Full::new(Bytes::from(text)));
         *resp.status_mut() = status;
-        async move { resp }
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static(content_type),
+        );
+        std::future::ready(resp)
     })
     .await
 }
@@ -336,6 +350,8 @@ fn check_json(admin: &Admin) -> serde_json::Value {
         "services": snapshot.mesh.as_ref().map_or(0, |m| m.services.len()),
         "proxies_connected": admin.nodes.connected_count(),
         "problems": crate::diagnose::diagnose(&inputs),
+        "ca_not_after_unix": inputs.root_not_after.map(crate::diagnose::unix),
+        "certificates": admin.signed.list().into_iter().map(|(id, end)| json!({"identity": id, "not_after_unix": end})).collect::<Vec<_>>(),
     })
 }
 

@@ -62,6 +62,14 @@ impl SignedCerts {
         last.insert(id, (SystemTime::now() + lifetime, lifetime));
     }
 
+    /// Each identity's last certificate: its end, in Unix seconds.
+    pub fn list(&self) -> Vec<(String, u64)> {
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.iter()
+            .map(|(id, (end, _))| (id.clone(), unix(*end)))
+            .collect()
+    }
+
     /// Identities whose last certificate has under a third of its life left (a proxy renews
     /// at half), or none: renewal is failing.
     fn problems(&self, now: SystemTime) -> Vec<Problem> {
@@ -199,6 +207,11 @@ fn mesh_problems(mesh: &Mesh) -> Vec<Problem> {
         }
     }
     out
+}
+
+pub fn unix(t: SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// `3d`, `5h`, `12m` or `40s`: the largest unit that fits.

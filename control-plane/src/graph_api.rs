@@ -2,7 +2,8 @@
 //! for `stat` and the dashboard.
 //!
 //! ```text
-//! /graph?window=1m   → {"interval_seconds", "window_seconds", "services": [...], "edges": [...]}
+//! /graph?window=1m   → {"interval_seconds", "window_seconds", "services": [...], "edges": [...],
+//!                       "history": {service: [{ago, rps, success_rate, p99_ms}, ...]}}
 //! ```
 
 use std::time::Duration;
@@ -33,11 +34,14 @@ pub fn window(query: Option<&str>, graph: &ServiceGraph) -> Result<Duration, Str
 
 pub fn graph_json(graph: &ServiceGraph, query: Option<&str>) -> Result<String, String> {
     let window = window(query, graph)?;
+    let limits = graph.limits();
     let body = json!({
-        "interval_seconds": graph.limits().interval.as_secs_f64(),
+        "interval_seconds": limits.interval.as_secs_f64(),
         "window_seconds": window.as_secs_f64(),
+        "history_seconds": limits.interval.as_secs_f64() * limits.history as f64,
         "services": graph.services(window),
         "edges": graph.edges(window),
+        "history": graph.service_history(),
     });
     Ok(serde_json::to_string_pretty(&body).unwrap_or_default() + "\n")
 }

@@ -13,6 +13,7 @@ pub mod ca;
 pub mod cluster_health;
 pub mod cluster_source;
 pub mod cluster_watch;
+pub mod dashboard;
 pub mod diagnose;
 pub mod gateway_api;
 pub mod gateway_routes;

@@ -9,7 +9,7 @@
 //! Memory is bounded by the history (`Limits::history` slots per edge) and the number of
 //! edges (`Limits::max_edges`); see `Limits::bytes_per_edge` for the figure.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -272,6 +272,39 @@ impl ServiceGraph {
                     success_rate: signals.success_rate,
                     p99_ms: signals.p99_ms,
                 }
+            })
+            .collect()
+    }
+
+    /// Each called service's complete slots, oldest first, with all its callers together:
+    /// the dashboard's charts.
+    pub fn service_history(&self) -> BTreeMap<String, Vec<Point>> {
+        let now = self.slot_now();
+        let width = self.limits.interval.as_secs_f64();
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slots: BTreeMap<&str, BTreeMap<u64, Slot>> = BTreeMap::new();
+        for ((_, callee), edge) in &inner.edges {
+            let service = slots.entry(callee).or_default();
+            for s in edge.slots.iter().filter(|s| s.index < now) {
+                service.entry(s.index).or_default().add(s);
+            }
+        }
+        slots
+            .into_iter()
+            .map(|(service, by_index)| {
+                let points = by_index
+                    .into_iter()
+                    .map(|(index, s)| {
+                        let signals = s.signals(width);
+                        Point {
+                            ago: (now - index - 1) as f64 * width,
+                            rps: signals.rps,
+                            success_rate: signals.success_rate,
+                            p99_ms: signals.p99_ms,
+                        }
+                    })
+                    .collect();
+                (service.to_string(), points)
             })
             .collect()
     }

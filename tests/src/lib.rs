@@ -9,6 +9,7 @@ pub mod fake_ads;
 pub mod fake_kube;
 pub mod faults;
 pub mod kube;
+pub mod mesh_traffic;
 pub mod netns;
 pub mod otlp;
 pub mod upstreams;
