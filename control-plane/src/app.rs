@@ -282,7 +282,14 @@ async fn serve_admin(
                         .iter()
                         .map(|(port, g)| (*port, g.open(), g.refused.load(Ordering::Relaxed))),
                 );
-                Ok(metrics_text(&source, &nodes, &issued, &ports, &load))
+                Ok(metrics_text(
+                    &source,
+                    &nodes,
+                    &issued,
+                    &ports,
+                    &load,
+                    admin.ca.load().not_after(),
+                ))
             }
             _ => Err(
                 "endpoints: /dashboard /status /check /graph /metrics /live /ready\n".to_string(),
@@ -416,6 +423,7 @@ fn metrics_text(
     issued: &AtomicU64,
     ports: &[(&'static str, usize, u64)],
     load: &LoadReporting,
+    ca_not_after: Option<std::time::SystemTime>,
 ) -> String {
     use prometheus_client::encoding::EncodeLabelSet;
     use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
@@ -526,6 +534,25 @@ fn metrics_text(
         "Load reports from proxies, by what became of them (refusals by reason)",
         reports,
     );
+    r.register(
+        "proxies_out_of_sync",
+        "Proxies that refuse their config, have not answered a push within 5 s, or lost their stream",
+        gauge(
+            nodes
+                .problems(crate::diagnose::BEHIND_AFTER)
+                .into_iter()
+                .map(|(node, _, _)| node)
+                .collect::<std::collections::BTreeSet<_>>()
+                .len() as i64,
+        ),
+    );
+    if let Some(end) = ca_not_after {
+        r.register(
+            "ca_expiry_timestamp_seconds",
+            "When the CA's certificate ends, Unix time",
+            gauge(crate::diagnose::unix(end) as i64),
+        );
+    }
     let (edges, _, bytes) = load.graph.usage();
     r.register(
         "graph_edges",

@@ -88,6 +88,13 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<AdminBody> {
                 }
             }
             state.metrics.admin_refused(state.gate.refused());
+            let expiry = config
+                .identity
+                .as_ref()
+                .and_then(|i| i.store.workload())
+                .and_then(|w| w.not_after.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_secs() as i64);
+            state.metrics.identity_expiry.set(expiry);
             for (name, cluster) in &config.clusters {
                 if cluster.outlier.is_some() {
                     let ejected = cluster

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub tap: Arc<crate::telemetry::tap::TapHub>,
     /// Taps refused: a caller not in `admin.tap_from`, or too many watchers.
     pub tap_refused: Counter,
+    /// When the workload certificate ends (Unix seconds); set at each scrape.
+    pub identity_expiry: Gauge,
 }
 
 impl Default for Metrics {
@@ -132,6 +134,12 @@ impl Metrics {
         let xds_reconnects = Counter::default();
         let admin_refused = Counter::default();
         let tap_refused = Counter::default();
+        let identity_expiry = Gauge::default();
+        registry.register(
+            "identity_expiry_timestamp_seconds",
+            "When this proxy's workload certificate ends, Unix time (0 without one)",
+            identity_expiry.clone(),
+        );
         registry.register(
             "tap_refused",
             "Taps refused on the admin port: a caller not allowed to tap, or too many watchers",
@@ -296,6 +304,7 @@ impl Metrics {
             admin_refused,
             tap: Arc::default(),
             tap_refused,
+            identity_expiry,
         }
     }
 
