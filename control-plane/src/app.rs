@@ -352,6 +352,13 @@ fn check_json(admin: &Admin) -> serde_json::Value {
         root_not_after: admin.ca.load().not_after(),
         signed: &admin.signed,
         nodes: &admin.nodes,
+        called: admin
+            .load
+            .graph
+            .edges(admin.load.graph.limits().interval * admin.load.graph.limits().history as u32)
+            .into_iter()
+            .map(|e| e.callee)
+            .collect(),
     };
     json!({
         "services": snapshot.mesh.as_ref().map_or(0, |m| m.services.len()),

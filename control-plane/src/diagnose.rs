@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::mesh::Mesh;
 use crate::node_status::NodeRegistry;
+use outrigger_core::duration::coarse as human;
 use outrigger_core::spiffe::SpiffeId;
 
 /// A proxy this long without ACKing what it was sent is behind.
@@ -111,6 +112,8 @@ pub struct Inputs<'a> {
     pub root_not_after: Option<SystemTime>,
     pub signed: &'a SignedCerts,
     pub nodes: &'a NodeRegistry,
+    /// Services the proxies' load reports show being called.
+    pub called: std::collections::BTreeSet<String>,
 }
 
 pub fn diagnose(inputs: &Inputs<'_>) -> Vec<Problem> {
@@ -141,7 +144,7 @@ pub fn diagnose(inputs: &Inputs<'_>) -> Vec<Problem> {
         ));
     }
     if let Some(mesh) = inputs.mesh {
-        out.extend(mesh_problems(mesh));
+        out.extend(mesh_problems(mesh, &inputs.called));
     }
     if let Some(end) = inputs.root_not_after {
         match end.duration_since(now) {
@@ -171,17 +174,30 @@ pub fn diagnose(inputs: &Inputs<'_>) -> Vec<Problem> {
     out
 }
 
-/// Services without a ready endpoint, and routes that lead only to such services.
-fn mesh_problems(mesh: &Mesh) -> Vec<Problem> {
+/// Services that are called (by a route, a `calls` list or the traffic) without a ready
+/// endpoint, and routes that lead only to such services. A service nobody calls, a client
+/// such as a job, needs no endpoint.
+fn mesh_problems(mesh: &Mesh, called: &std::collections::BTreeSet<String>) -> Vec<Problem> {
     let ready: BTreeMap<String, bool> = mesh
         .services
         .values()
         .map(|s| (s.cluster_name(), s.endpoints.iter().any(|(_, w)| *w > 0)))
         .collect();
+    let mut called = called.clone();
+    for s in mesh.services.values() {
+        let own = s.cluster_name();
+        called.extend(
+            s.routes
+                .iter()
+                .flat_map(|r| r.backends.iter().map(|(c, _)| c.clone()))
+                .filter(|c| *c != own),
+        );
+        called.extend(s.calls.iter().flatten().cloned());
+    }
     let mut out = Vec::new();
     for s in mesh.services.values() {
         let name = s.cluster_name();
-        if !ready[&name] {
+        if !ready[&name] && called.contains(&name) {
             out.push(problem(
                 "endpoints",
                 name.clone(),
@@ -214,17 +230,6 @@ pub fn unix(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// `3d`, `5h`, `12m` or `40s`: the largest unit that fits.
-pub fn human(d: Duration) -> String {
-    let s = d.as_secs();
-    match s {
-        86_400.. => format!("{}d", s / 86_400),
-        3_600.. => format!("{}h", s / 3_600),
-        60.. => format!("{}m", s / 60),
-        _ => format!("{s}s"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,12 +245,5 @@ mod tests {
         assert!(signed.problems(later)[0].message.contains("expires in"));
         let after = now + Duration::from_secs(4000);
         assert!(signed.problems(after)[0].message.contains("expired"));
-    }
-
-    #[test]
-    fn durations_read_in_their_largest_unit() {
-        assert_eq!(human(Duration::from_secs(40)), "40s");
-        assert_eq!(human(Duration::from_secs(130)), "2m");
-        assert_eq!(human(Duration::from_secs(3 * 86_400 + 5)), "3d");
     }
 }

@@ -217,7 +217,7 @@ impl NodeRegistry {
                     id.clone(),
                     format!(
                         "lost its stream {} ago and has not come back",
-                        crate::diagnose::human(gone.elapsed())
+                        outrigger_core::duration::coarse(gone.elapsed())
                     ),
                     "is the proxy running? Its log says why it cannot reach the control plane",
                 ));
@@ -245,7 +245,7 @@ impl NodeRegistry {
                         format!(
                             "has not answered {t} version {} for {}",
                             s.sent_version.map_or("?".into(), |v| v.to_string()),
-                            crate::diagnose::human(waited)
+                            outrigger_core::duration::coarse(waited)
                         ),
                         "the proxy may be overloaded or stuck: look at its /ready and log",
                     ));

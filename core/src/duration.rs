@@ -51,9 +51,27 @@ pub fn field_duration(
     }
 }
 
+/// `3d`, `5h`, `12m` or `40s`: the largest unit that fits.
+pub fn coarse(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        86_400.. => format!("{}d", s / 86_400),
+        3_600.. => format!("{}h", s / 3_600),
+        60.. => format!("{}m", s / 60),
+        _ => format!("{s}s"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn coarse_durations_read_in_their_largest_unit() {
+        assert_eq!(coarse(Duration::from_secs(40)), "40s");
+        assert_eq!(coarse(Duration::from_secs(130)), "2m");
+        assert_eq!(coarse(Duration::from_secs(3 * 86_400 + 5)), "3d");
+    }
 
     #[test]
     fn durations() {

@@ -28,7 +28,11 @@ pub async fn run(duration: Duration) -> Result<(), BoxError> {
         xds_address: "127.0.0.1:0".parse()?,
         admin_address: "127.0.0.1:0".parse()?,
         identity: Default::default(),
-        load_reports: Default::default(),
+        // Reports every second, so that `stat` and the dashboard fill within the demo.
+        load_reports: outrigger_control_plane::service_graph::Limits {
+            interval: Duration::from_secs(1),
+            ..Default::default()
+        },
     })
     .await?;
     let proxy_path = dir.join("sidecar.yaml");
@@ -57,6 +61,10 @@ pub async fn run(duration: Duration) -> Result<(), BoxError> {
     println!(
         "  control plane  xDS {}   status http://{}/status",
         cp.xds_addr, cp.admin_addr
+    );
+    println!(
+        "  dashboard      http://{}/dashboard   (or: outrigger-control-plane stat edges --admin {})",
+        cp.admin_addr, cp.admin_addr
     );
     println!(
         "  mesh file      {} (edit it while the demo runs)",
@@ -92,6 +100,17 @@ pub async fn run(duration: Duration) -> Result<(), BoxError> {
         routes["acked_version"].as_str().unwrap_or("none"),
         routes["nacks"]
     );
+    println!("from the service graph (stat edges, last 10 s):");
+    for e in cp.graph.edges(Duration::from_secs(10)) {
+        println!(
+            "  {} → {}: {:.1} rps, success {:.1} %, p99 {:.1} ms",
+            e.caller,
+            e.callee,
+            e.signals.rps,
+            e.signals.success_rate.unwrap_or(0.0) * 100.0,
+            e.signals.p99_ms.unwrap_or(0.0)
+        );
+    }
     sidecar.drain(Duration::from_secs(2)).await;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

@@ -280,11 +280,57 @@ async fn demo_runs_and_reports_traffic() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mesh_demo_shows_a_live_canary_shift() {
     let bin = workspace_binary("outrigger-demo");
-    let out = tokio::task::spawn_blocking(move || {
-        Command::new(bin)
-            .args(["--duration", "6s"])
-            .output()
-            .unwrap()
+    let mut child = Command::new(bin)
+        .args(["--duration", "6s"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // While it runs, `stat` works against the control plane it names.
+    let reader = std::io::BufReader::new(child.stdout.take().unwrap());
+    let (mut printed, reader, admin) = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let (mut reader, mut printed) = (reader, String::new());
+        loop {
+            let mut line = String::new();
+            assert!(
+                reader.read_line(&mut line).unwrap() > 0,
+                "no dashboard line: {printed}"
+            );
+            printed.push_str(&line);
+            if let Some(rest) = line.trim().strip_prefix("dashboard") {
+                let url = rest.split_whitespace().next().unwrap();
+                let admin = url
+                    .trim_start_matches("http://")
+                    .trim_end_matches("/dashboard");
+                return (printed.clone(), reader, admin.to_string());
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let stat = eventually(
+        "stat shows the demo's traffic",
+        Duration::from_secs(10),
+        || {
+            let admin = admin.clone();
+            async move {
+                let out = Command::new(workspace_binary("outrigger-control-plane"))
+                    .args(["stat", "edges", "--admin", &admin])
+                    .output()
+                    .ok()?;
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                text.contains("frontend.default").then_some(text)
+            }
+        },
+    )
+    .await;
+    assert!(stat.contains("shop.default"), "{stat}");
+    let (out, printed) = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut reader = reader;
+        reader.read_to_string(&mut printed).unwrap();
+        (child.wait_with_output().unwrap(), printed)
     })
     .await
     .unwrap();
@@ -293,7 +339,7 @@ async fn mesh_demo_shows_a_live_canary_shift() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = printed;
     // Before the edit the canary gets about 10 %; in the last second, about 50 %.
     let share = |line: &str| -> f64 {
         let v2 = line

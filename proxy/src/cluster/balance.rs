@@ -298,6 +298,7 @@ impl Endpoint {
         InFlight {
             endpoint: self.clone(),
             started: Instant::now(),
+            counted: std::cell::Cell::new(false),
         }
     }
 }
@@ -310,11 +311,14 @@ const MAX_OVERLOAD_PENALTY: Duration = Duration::from_secs(10);
 pub struct InFlight {
     endpoint: Arc<Endpoint>,
     started: Instant,
+    /// Its outcome is in the endpoint's load report.
+    counted: std::cell::Cell<bool>,
 }
 
 impl InFlight {
     /// Counts the try in the endpoint's load report: success or error, and its latency.
     pub fn finished(&self, success: bool) {
+        self.counted.set(true);
         self.endpoint.load.finished(success, self.started.elapsed());
     }
 
@@ -336,6 +340,11 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        // Given up before an answer (the request's timeout, or its caller left): an error in
+        // the load report, as a reset upstream request is in Envoy's.
+        if !self.counted.get() {
+            self.endpoint.load.finished(false, self.started.elapsed());
+        }
         self.endpoint.outstanding.fetch_sub(1, Ordering::Relaxed);
     }
 }

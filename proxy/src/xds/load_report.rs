@@ -251,6 +251,15 @@ mod tests {
     }
 
     #[test]
+    fn a_try_given_up_before_its_answer_counts_as_an_error() {
+        let c = cluster("slow");
+        drop(c.endpoints[0].start());
+        let stats = cluster_stats(&c, false, Duration::from_secs(1)).unwrap();
+        let l = &stats.upstream_locality_stats[0];
+        assert_eq!((l.total_issued_requests, l.total_error_requests), (1, 1));
+    }
+
+    #[test]
     fn only_wanted_clusters_are_sent_but_all_are_zeroed() {
         let wanted = Wanted {
             all: false,
