@@ -467,6 +467,14 @@ mod tests {
         assert_eq!(g.usage().0, 0);
     }
 
+    /// The figure the docs state: at most 42 KB per edge (every latency bucket used in every
+    /// slot), so at most 4,096 × 42 KB for the whole graph.
+    #[test]
+    fn an_edge_holds_at_most_42_kb() {
+        let per_edge = Limits::default().bytes_per_edge();
+        assert!(per_edge <= 42 * 1024, "{per_edge} bytes");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_full_graph_refuses_new_edges_and_counts_them() {
         let g = graph();

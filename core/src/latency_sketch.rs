@@ -51,8 +51,9 @@ pub fn parse_metric_name(name: &str) -> Option<usize> {
 /// Counts per bucket, kept sparse: most edges use a dozen buckets of the 81.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Sketch {
-    /// (bucket, count), sorted by bucket, no zero counts.
-    counts: Vec<(u8, u64)>,
+    /// (bucket, count), sorted by bucket, no zero counts. A u32 count (saturating) keeps a
+    /// bucket to 8 bytes: a slot of one edge over one interval never holds four billion.
+    counts: Vec<(u8, u32)>,
 }
 
 impl Sketch {
@@ -61,6 +62,7 @@ impl Sketch {
             return;
         }
         let index = index as u8;
+        let count = u32::try_from(count).unwrap_or(u32::MAX);
         match self.counts.binary_search_by_key(&index, |(i, _)| *i) {
             Ok(at) => self.counts[at].1 = self.counts[at].1.saturating_add(count),
             Err(at) => self.counts.insert(at, (index, count)),
@@ -69,17 +71,17 @@ impl Sketch {
 
     pub fn merge(&mut self, other: &Sketch) {
         for &(index, count) in &other.counts {
-            self.add(index as usize, count);
+            self.add(index as usize, u64::from(count));
         }
     }
 
     pub fn total(&self) -> u64 {
-        self.counts.iter().map(|(_, c)| c).sum()
+        self.counts.iter().map(|(_, c)| u64::from(*c)).sum()
     }
 
     /// Non-empty buckets, fastest first.
     pub fn buckets(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
-        self.counts.iter().map(|&(i, c)| (i as usize, c))
+        self.counts.iter().map(|&(i, c)| (i as usize, u64::from(c)))
     }
 
     /// The latency below which a fraction `q` of the requests fall, interpolated within its
@@ -92,6 +94,7 @@ impl Sketch {
         let rank = (q.clamp(0.0, 1.0) * total as f64).max(1.0);
         let mut below = 0u64;
         for &(index, count) in &self.counts {
+            let count = u64::from(count);
             if (below + count) as f64 >= rank {
                 let index = index as usize;
                 let high = upper_bound(index).as_secs_f64();
@@ -111,7 +114,7 @@ impl Sketch {
     }
 
     /// What one more bucket costs to hold, for the control plane's stated memory bound.
-    pub const BYTES_PER_BUCKET: usize = std::mem::size_of::<(u8, u64)>();
+    pub const BYTES_PER_BUCKET: usize = std::mem::size_of::<(u8, u32)>();
 
     pub fn heap_bytes(&self) -> usize {
         self.counts.capacity() * Self::BYTES_PER_BUCKET
