@@ -121,7 +121,11 @@ async fn control_plane(mesh_path: &Path) -> ControlPlane {
             server_names: vec!["127.0.0.1".into()],
             ..Default::default()
         },
-        load_reports: Default::default(),
+        // Envoys and our proxies report load every second.
+        load_reports: outrigger_control_plane::service_graph::Limits {
+            interval: Duration::from_secs(1),
+            ..Default::default()
+        },
     })
     .await
     .unwrap()
@@ -214,6 +218,29 @@ async fn an_envoy_caller_and_our_callee_share_one_mtls_mesh_set_by_the_control_p
 
     // Under load, both certificates are renewed several times: no request is lost.
     renewals_under_load(&client, &certs, envoy_admin, WEB).await;
+
+    // Envoy reports its load too (its bootstrap's `load_stats_config`): the edge shows, with
+    // the identity Envoy proved.
+    let admin = cp.admin_addr;
+    let edge = eventually(
+        "Envoy's load reports make an edge",
+        Duration::from_secs(15),
+        || async move {
+            let graph: serde_json::Value =
+                serde_json::from_str(&get(admin, "/graph?window=30s").await.body).ok()?;
+            graph["edges"]
+                .as_array()?
+                .iter()
+                .find(|e| e["caller"] == "web.shop" && e["callee"] == "api.shop")
+                .cloned()
+        },
+    )
+    .await;
+    assert_eq!(edge["caller_identity"], WEB, "{edge}");
+    assert!(
+        edge["requests"].as_u64() > Some(0) && edge["success_rate"] == 1.0,
+        "{edge}"
+    );
 
     // The mesh lets only batch in now: Envoy's calls as web get 403 from our proxy.
     std::fs::write(
