@@ -127,9 +127,7 @@ impl Snapshot {
         let mut view = (**self).clone();
         if view.types.contains_key(CLUSTER_TYPE) {
             for any in view.resources_mut(CLUSTER_TYPE).by_name.values_mut() {
-                if let Ok(mut c) = Cluster::decode(any.value.as_slice())
-                    && c.transport_socket.is_some()
-                {
+                if let Ok(mut c) = Cluster::decode(any.value.as_slice()) {
                     xds_grpc::for_grpc_client(&mut c);
                     *any = pack(&c);
                 }

@@ -10,7 +10,9 @@
 use std::net::SocketAddr;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket};
+use envoy_types::pb::envoy::config::core::v3::{
+    ApiVersion, ConfigSource, SelfConfigSource, TransportSocket, config_source, transport_socket,
+};
 use envoy_types::pb::envoy::config::listener::v3::{Filter, FilterChain, Listener, filter};
 use envoy_types::pb::envoy::config::route::v3::{
     NonForwardingAction, Route, RouteConfiguration, RouteMatch, VirtualHost, route, route_match,
@@ -76,9 +78,19 @@ fn socket<M: prost::Message + prost::Name>(context: &M) -> TransportSocket {
     }
 }
 
-/// A cluster as a gRPC client takes it: an SDS-named TLS context becomes the provider form,
-/// with the same peer identities. A cluster without TLS is left as it is.
+/// A cluster as a gRPC client takes it: it reports its load to the server it came from
+/// (`lrs_server: self`, gRFC A27), and an SDS-named TLS context becomes the provider form,
+/// with the same peer identities.
 pub fn for_grpc_client(cluster: &mut Cluster) {
+    cluster.lrs_server = Some(ConfigSource {
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Self_(
+            SelfConfigSource {
+                transport_api_version: ApiVersion::V3 as i32,
+            },
+        )),
+        resource_api_version: ApiVersion::V3 as i32,
+        ..Default::default()
+    });
     let Some(ts) = &cluster.transport_socket else {
         return;
     };

@@ -12,6 +12,9 @@ No generated code: the methods use raw bytes, so no protoc is needed.
                                           # (GRPC_XDS_BOOTSTRAP set); prints "SERVING"
     python grpc_echo.py xds-call TARGET   # one unary call with xDS credentials (or plaintext
                                           # for a host:port); prints {"code", "reply"}
+    python grpc_echo.py xds-calls TARGET SECONDS
+                                          # calls for that long on one channel (its load
+                                          # reports go out meanwhile); prints {"ok": n}
 """
 
 import json
@@ -134,6 +137,24 @@ def xds_call(target):
     print(json.dumps(out), flush=True)
 
 
+def xds_calls(target, seconds):
+    import time
+
+    creds = grpc.xds_channel_credentials(grpc.experimental.insecure_channel_credentials())
+    ok = 0
+    with grpc.secure_channel(target, creds) as channel:
+        call = channel.unary_unary("/test.Echo/WhoAmI")
+        end = time.monotonic() + float(seconds)
+        while time.monotonic() < end:
+            try:
+                call(b"", timeout=10)
+                ok += 1
+            except grpc.RpcError:
+                pass
+            time.sleep(0.01)
+    print(json.dumps({"ok": ok}), flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "server":
         serve()
@@ -141,5 +162,7 @@ if __name__ == "__main__":
         xds_serve(sys.argv[2])
     elif sys.argv[1] == "xds-call":
         xds_call(sys.argv[2])
+    elif sys.argv[1] == "xds-calls":
+        xds_calls(sys.argv[2], sys.argv[3])
     else:
         client(sys.argv[2], sys.argv[3])

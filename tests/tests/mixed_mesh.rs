@@ -535,6 +535,41 @@ services:
     let plaintext = grpc_call(&format!("127.0.0.1:{port}"), batch).await;
     assert_eq!(plaintext["code"], "UNAVAILABLE", "{plaintext}");
 
+    // A proxyless client reports its load too (its clusters say `lrs_server: self`): calls
+    // for three seconds make its edge, under the identity its xDS connection proved.
+    let (target, bootstrap) = ("xds:///api.shop".to_string(), web.clone());
+    let calls = tokio::task::spawn_blocking(move || {
+        Command::new(python())
+            .arg(grpc_script())
+            .args(["xds-calls", &target, "3"])
+            .env("GRPC_XDS_BOOTSTRAP", bootstrap)
+            .output()
+            .unwrap()
+    });
+    let admin = cp.admin_addr;
+    let edge = eventually(
+        "the gRPC client's load reports make an edge",
+        Duration::from_secs(15),
+        || async move {
+            let graph: serde_json::Value =
+                serde_json::from_str(&get(admin, "/graph?window=30s").await.body).ok()?;
+            graph["edges"]
+                .as_array()?
+                .iter()
+                .find(|e| e["caller"] == "web.shop" && e["callee"] == "api.shop")
+                .cloned()
+        },
+    )
+    .await;
+    assert_eq!(edge["caller_identity"], WEB, "{edge}");
+    assert!(edge["requests"].as_u64() > Some(0), "{edge}");
+    let calls = calls.await.unwrap();
+    assert!(
+        calls.status.success(),
+        "{}",
+        String::from_utf8_lossy(&calls.stderr)
+    );
+
     let status = cp.nodes.to_json();
     for node in ["api-grpc", "web-grpc", "batch-grpc"] {
         for (t, v) in status[node]["types"].as_object().unwrap() {
