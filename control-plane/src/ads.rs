@@ -20,7 +20,7 @@ use tonic::{Status, Streaming};
 use crate::ads_delta::DeltaStream;
 use crate::ads_stream::{Protocol, run_stream};
 use crate::ads_transport::{
-    Outbound, compressed, grpc_frame, refuse, requests, streaming_response,
+    MAX_REQUEST, Outbound, compressed, grpc_frame, refuse, requests, streaming_response,
 };
 use crate::node_status::NodeRegistry;
 use crate::secure_xds::Caller;
@@ -247,7 +247,7 @@ impl Ads {
         P::Request: prost::Message + Default,
     {
         let (parts, body) = req.into_parts();
-        match self.open::<P>(parts.extensions.get(), requests(body)) {
+        match self.open::<P>(parts.extensions.get(), requests(body, MAX_REQUEST)) {
             Ok(rx) => streaming_response(rx),
             Err(status) => refuse(status),
         }

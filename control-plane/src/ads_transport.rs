@@ -24,7 +24,7 @@ pub(crate) type Outbound = Result<Bytes, Status>;
 
 /// A request larger than this is refused (tonic's own default): an Envoy's first request,
 /// with its node's extension list, is tens of kilobytes.
-const MAX_REQUEST: usize = 4 * 1024 * 1024;
+pub(crate) const MAX_REQUEST: usize = 4 * 1024 * 1024;
 /// Where a stream's request buffer starts: a proxy's requests are a few hundred bytes.
 const REQUEST_BUFFER: usize = 1024;
 
@@ -41,18 +41,13 @@ pub(crate) fn grpc_frame<M: prost::Message>(message: &M) -> Bytes {
     buf.freeze()
 }
 
-/// A request's messages, decoded as they arrive.
-pub(crate) fn requests<T>(body: tonic::body::Body) -> Streaming<T>
+/// A request's messages, decoded as they arrive; one over `max` bytes ends the stream.
+pub(crate) fn requests<T>(body: tonic::body::Body, max: usize) -> Streaming<T>
 where
     T: prost::Message + Default + Send + 'static,
 {
     let decoder = ProstDecoder::new(BufferSettings::new(REQUEST_BUFFER, 32 * 1024));
-    Streaming::new_request(
-        decoder,
-        body,
-        None::<CompressionEncoding>,
-        Some(MAX_REQUEST),
-    )
+    Streaming::new_request(decoder, body, None::<CompressionEncoding>, Some(max))
 }
 
 /// The response body of one stream: what its task sends, then the trailers.

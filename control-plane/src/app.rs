@@ -176,7 +176,7 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
                 crate::secure_xds::server_config(&ca.load(), &options.identity.server_names)
                     .map_err(StartError::Ca)?;
             let (ads, identity) = (Ads::new(publisher.clone(), nodes.clone()), identity.clone());
-            let lrs = load_reporting.clone().server();
+            let lrs = load_reporting.clone();
             let td = trust_domain.clone();
             let gate = secure_gate.clone();
             tokio::spawn(async move {
@@ -195,7 +195,7 @@ pub async fn start(options: Options) -> Result<ControlPlane, StartError> {
         }
     };
     let ads = Ads::new(publisher.clone(), nodes.clone());
-    let lrs = load_reporting.clone().server();
+    let lrs = load_reporting.clone();
     tokio::spawn(async move {
         let incoming = crate::grpc_limits::plaintext_incoming(xds, plaintext_gate);
         let result = crate::grpc_limits::server()

@@ -155,6 +155,10 @@ where
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             };
+            // The server builder's `tcp_nodelay` reaches only sockets tonic accepts itself.
+            // Without it, a stream's headers and its first message leave as two segments,
+            // and Nagle holds the second until the peer's delayed ACK (40 ms).
+            let _ = tcp.set_nodelay(true);
             let Some(permit) = gate.admit() else {
                 continue;
             };

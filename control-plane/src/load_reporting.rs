@@ -7,22 +7,24 @@
 //! A report is bounded before it is read (size, clusters, counts), and a stream that sends
 //! garbage, too much or too often is cut off; every refusal is counted by reason.
 
-use std::pin::Pin;
+use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterStats;
-use envoy_types::pb::envoy::service::load_stats::v3::load_reporting_service_server::{
-    LoadReportingService, LoadReportingServiceServer,
-};
 use envoy_types::pb::envoy::service::load_stats::v3::{LoadStatsRequest, LoadStatsResponse};
 use outrigger_core::latency_sketch;
+use outrigger_core::spiffe::SpiffeId;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Request, Response, Status, Streaming};
+use tonic::server::NamedService;
+use tonic::{Code, Status, Streaming};
 
+use crate::ads_transport::{
+    Outbound, compressed, grpc_frame, refuse, requests, streaming_response,
+};
 use crate::secure_xds::Caller;
 use crate::service_graph::{EdgeReport, ServiceGraph};
 use crate::snapshot::Publisher;
@@ -78,75 +80,115 @@ pub struct LoadReporting {
     pub counters: Arc<ReportCounters>,
 }
 
-impl LoadReporting {
-    /// The gRPC service, with its message size bound.
-    pub fn server(self) -> LoadReportingServiceServer<LoadReporting> {
-        LoadReportingServiceServer::new(self).max_decoding_message_size(MAX_REPORT)
+const SERVICE: &str = "envoy.service.load_stats.v3.LoadReportingService";
+const STREAM: &str = "/envoy.service.load_stats.v3.LoadReportingService/StreamLoadStats";
+
+// By hand rather than tonic's generated wrapper, on the ADS service's transport
+// (`ads_transport`): tonic's keeps an 8 KiB encoder buffer per stream for the one small
+// answer each stream gets, which was more than half of a report stream's cost.
+impl NamedService for LoadReporting {
+    const NAME: &'static str = SERVICE;
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for LoadReporting {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let response = match req.uri().path() {
+            _ if compressed(&req) => refuse(Status::unimplemented(
+                "this server takes uncompressed messages only",
+            )),
+            STREAM => {
+                let (parts, body) = req.into_parts();
+                match proven(parts.extensions.get()) {
+                    Err(status) => refuse(status),
+                    Ok(proven) => {
+                        let (tx, rx) = mpsc::channel(2);
+                        let reports = requests::<LoadStatsRequest>(body, MAX_REPORT);
+                        tokio::spawn(self.clone().stream(proven, reports, tx));
+                        streaming_response(rx)
+                    }
+                }
+            }
+            _ => refuse(Status::unimplemented("no such method")),
+        };
+        std::future::ready(Ok(response))
     }
 }
 
-type Answers = Pin<Box<dyn tokio_stream::Stream<Item = Result<LoadStatsResponse, Status>> + Send>>;
+/// Over mTLS, the certificate says who the node is. The TLS port also takes callers without
+/// a certificate, for the CA's bootstrap, but reports only from a node that proved who it is.
+fn proven(caller: Option<&Caller>) -> Result<Option<SpiffeId>, Status> {
+    match caller {
+        Some(Caller {
+            tls: true,
+            identity: None,
+            ..
+        }) => Err(Status::unauthenticated(
+            "load reports on this port need a client certificate from the mesh's CA",
+        )),
+        Some(c) => Ok(c.identity.clone()),
+        None => Ok(None),
+    }
+}
 
-#[tonic::async_trait]
-impl LoadReportingService for LoadReporting {
-    type StreamLoadStatsStream = Answers;
-
-    async fn stream_load_stats(
-        &self,
-        request: Request<Streaming<LoadStatsRequest>>,
-    ) -> Result<Response<Answers>, Status> {
-        let proven = match request.extensions().get::<Caller>() {
-            Some(Caller {
-                tls: true,
-                identity: None,
-                ..
-            }) => {
-                return Err(Status::unauthenticated(
-                    "load reports on this port need a client certificate from the mesh's CA",
-                ));
-            }
-            Some(c) => c.identity.clone(),
-            None => None,
-        };
-        let mut reports = request.into_inner();
+impl LoadReporting {
+    /// One node's stream: its first message says who it is; the answer says how often to
+    /// report; then its reports, until it goes or is cut off.
+    async fn stream(
+        self,
+        proven: Option<SpiffeId>,
+        mut reports: Streaming<LoadStatsRequest>,
+        tx: mpsc::Sender<Outbound>,
+    ) {
         let first = match reports.message().await {
             Ok(Some(first)) => first,
-            Ok(None) => return Err(Status::cancelled("no report")),
-            Err(status) => return Err(self.refused(status)),
+            Ok(None) => return,
+            Err(status) => {
+                let _ = tx.send(Err(self.refused(status))).await;
+                return;
+            }
         };
         let node = first.node.unwrap_or_default();
-        xds_limits::check_node(&node.id, &node.cluster)?;
+        if let Err(status) = xds_limits::check_node(&node.id, &node.cluster) {
+            let _ = tx.send(Err(status)).await;
+            return;
+        }
         let Some(caller) = self
             .publisher
             .current()
             .service_of(proven.as_ref(), &node.cluster)
         else {
             self.counters.unknown_caller.fetch_add(1, Ordering::Relaxed);
-            return Err(Status::failed_precondition(
-                "load reports are taken from the mesh's services only",
-            ));
+            let refused =
+                Status::failed_precondition("load reports are taken from the mesh's services only");
+            let _ = tx.send(Err(refused)).await;
+            return;
         };
+        let interval = self.graph.limits().interval;
+        let answer = LoadStatsResponse {
+            send_all_clusters: true,
+            load_reporting_interval: Some(outrigger_core::xds::pb_duration(interval)),
+            report_endpoint_granularity: true,
+            ..Default::default()
+        };
+        if tx.send(Ok(grpc_frame(&answer))).await.is_err() {
+            return;
+        }
         let stream = ReportStream {
             caller,
             identity: proven.map(|id| id.to_string()),
-            service: self.clone(),
+            service: self,
         };
-        let (tx, rx) = mpsc::channel(2);
-        let interval = self.graph.limits().interval;
-        let _ = tx
-            .send(Ok(LoadStatsResponse {
-                send_all_clusters: true,
-                load_reporting_interval: Some(outrigger_core::xds::pb_duration(interval)),
-                report_endpoint_granularity: true,
-                ..Default::default()
-            }))
-            .await;
-        tokio::spawn(stream.run(reports, tx, interval));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        stream.run(reports, tx, interval).await;
     }
-}
 
-impl LoadReporting {
     /// Counts a stream's read error by what it says, and passes it on.
     fn refused(&self, status: Status) -> Status {
         let counter = match status.code() {
@@ -169,7 +211,7 @@ impl ReportStream {
     async fn run(
         self,
         mut reports: Streaming<LoadStatsRequest>,
-        tx: mpsc::Sender<Result<LoadStatsResponse, Status>>,
+        tx: mpsc::Sender<Outbound>,
         interval: Duration,
     ) {
         let counters = &self.service.counters;
