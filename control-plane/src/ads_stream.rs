@@ -194,7 +194,7 @@ pub(crate) async fn run_stream<P: Protocol>(
                     let cluster = P::node(&req).map(|n| n.cluster.clone()).unwrap_or_default();
                     let admitted = xds_limits::check_node(&node, &cluster)
                         .and_then(|()| NodeFacts::of(P::node(&req)))
-                        .and_then(|f| nodes.connected(&node, &cluster).map(|()| f));
+                        .and_then(|f| nodes.connected(&node, &cluster, proven.as_ref().map(|p| p.to_string())).map(|()| f));
                     match admitted {
                         Ok(f) => facts = f,
                         Err(status) => {

@@ -272,6 +272,12 @@ async fn serve_admin(
                 .unwrap_or_default()
                 + "\n"),
             "/graph" => crate::graph_api::graph_json(&load.graph, req.uri().query()),
+            "/node-config" => crate::node_config::node_config_json(
+                &source.publisher.current(),
+                &nodes,
+                req.uri().query(),
+            )
+            .map(|v| serde_json::to_string_pretty(&v).unwrap_or_default() + "\n"),
             "/check" => {
                 Ok(serde_json::to_string_pretty(&check_json(&admin)).unwrap_or_default() + "\n")
             }
@@ -292,7 +298,8 @@ async fn serve_admin(
                 ))
             }
             _ => Err(
-                "endpoints: /dashboard /status /check /graph /metrics /live /ready\n".to_string(),
+                "endpoints: /dashboard /status /check /graph /node-config /metrics /live /ready\n"
+                    .to_string(),
             ),
         };
         let (status, text) = match body {
@@ -300,7 +307,9 @@ async fn serve_admin(
             Err(t) => (StatusCode::NOT_FOUND, t),
         };
         let content_type = match req.uri().path() {
-            "/status" | "/check" | "/graph" if status == StatusCode::OK => "application/json",
+            "/status" | "/check" | "/graph" | "/node-config" if status == StatusCode::OK => {
+                "application/json"
+            }
             "/metrics" => "application/openmetrics-text; version=1.0.0; charset=utf-8",
             _ => "text/plain; charset=utf-8",
         };

@@ -19,11 +19,8 @@ pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
 pub fn window(query: Option<&str>, graph: &ServiceGraph) -> Result<Duration, String> {
     let limits = graph.limits();
     let most = limits.interval * (limits.history as u32 - 1);
-    let asked = query
-        .into_iter()
-        .flat_map(|q| q.split('&'))
-        .find_map(|pair| pair.strip_prefix("window="));
-    let window = match asked {
+    let asked = outrigger_core::query::param(query, "window");
+    let window = match asked.as_deref() {
         None => DEFAULT_WINDOW,
         Some(text) => outrigger_core::duration::parse_duration(text)
             .filter(|d| !d.is_zero())

@@ -113,13 +113,28 @@ pub enum ConfigPart {
     Endpoints,
 }
 
-/// `proxy-config`: a part of one proxy's running config, from its admin `/config`.
+/// Whose config `proxy-config` shows.
+pub enum Source<'a> {
+    /// One of our proxies, from its admin `/config`: what it runs, with outlier state.
+    Proxy(&'a str),
+    /// Any xDS client (an Envoy, a gRPC app), from the control plane at this admin address:
+    /// what it is served, beside the versions it ACKed.
+    Node { admin: &'a str, node: &'a str },
+}
+
+/// `proxy-config`: a part of one proxy's config.
 pub async fn proxy_config(
-    proxy: &str,
+    source: Source<'_>,
     part: ConfigPart,
     output: Output,
 ) -> Result<String, AdminError> {
-    let config = get_json(proxy, "/config").await?;
+    let config = match source {
+        Source::Proxy(proxy) => get_json(proxy, "/config").await?,
+        Source::Node { admin, node } => {
+            let path = format!("/node-config?node={}", outrigger_core::query::encode(node));
+            get_json(admin, &path).await?
+        }
+    };
     let snapshot = &config["snapshot"];
     let empty = Vec::new();
     let listeners = snapshot["listeners"].as_array().unwrap_or(&empty);
@@ -182,14 +197,16 @@ pub async fn proxy_config(
                     rows.push(vec![
                         s(&c["name"]),
                         s(&e["address"]),
-                        if e["ejected"] == true {
-                            "EJECTED".into()
-                        } else {
-                            "HEALTHY".into()
+                        match &e["ejected"] {
+                            Value::Bool(true) => "EJECTED".into(),
+                            Value::Bool(false) => "HEALTHY".into(),
+                            _ => "-".into(),
                         },
                         s(&e["ejections"]),
                         s(&e["outstanding"]),
-                        format!("{:.2}ms", e["latency_estimate_ms"].as_f64().unwrap_or(0.0)),
+                        e["latency_estimate_ms"]
+                            .as_f64()
+                            .map_or("-".into(), |ms| format!("{ms:.2}ms")),
                     ]);
                 }
             }

@@ -28,6 +28,7 @@ pub mod lease;
 pub mod load_reporting;
 pub mod mesh;
 pub mod mesh_source;
+pub mod node_config;
 pub mod node_status;
 pub mod policy;
 pub mod policy_attachment;

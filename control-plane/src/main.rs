@@ -147,6 +147,12 @@ enum Command {
         part: inspect::ConfigPart,
         #[arg(long, default_value = "127.0.0.1:15020")]
         proxy: String,
+        /// Instead, any xDS client (an Envoy, a gRPC app) by node id: what the control plane
+        /// at --admin serves it.
+        #[arg(long)]
+        node: Option<String>,
+        #[arg(long, default_value = "127.0.0.1:15014", env = "OUTRIGGER_ADMIN")]
+        admin: String,
         #[arg(short, long, value_enum, default_value = "table")]
         output: stat::Output,
     },
@@ -314,11 +320,22 @@ fn main() -> ExitCode {
         Command::ProxyConfig {
             part,
             proxy,
+            node,
+            admin,
             output,
-        } => report(
-            block_on(inspect::proxy_config(&proxy, part, output)),
-            "proxy-config",
-        ),
+        } => {
+            let source = match &node {
+                Some(node) => inspect::Source::Node {
+                    admin: &admin,
+                    node,
+                },
+                None => inspect::Source::Proxy(&proxy),
+            };
+            report(
+                block_on(inspect::proxy_config(source, part, output)),
+                "proxy-config",
+            )
+        }
         Command::Check {
             mesh: Some(mesh), ..
         } => {

@@ -34,6 +34,8 @@ pub struct Nack {
 pub struct NodeStatus {
     pub streams: u32,
     pub cluster: String,
+    /// The SPIFFE ID it proved, over mTLS.
+    pub identity: Option<String>,
     pub types: BTreeMap<String, TypeStatus>,
     /// When its last stream closed; a node gone for `NODE_GRACE` is forgotten.
     pub gone_since: Option<std::time::Instant>,
@@ -87,7 +89,12 @@ impl NodeRegistry {
 
     /// Registers one more stream of `node`, or says why it may not open: too many streams
     /// for one node, or too many nodes (after forgetting those gone past their grace).
-    pub fn connected(&self, node: &str, cluster: &str) -> Result<(), tonic::Status> {
+    pub fn connected(
+        &self,
+        node: &str,
+        cluster: &str,
+        identity: Option<String>,
+    ) -> Result<(), tonic::Status> {
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         if !nodes.contains_key(node) && nodes.len() >= xds_limits::MAX_NODES {
             nodes.retain(|_, n| {
@@ -129,6 +136,7 @@ impl NodeRegistry {
         n.streams += 1;
         n.gone_since = None;
         n.cluster = cluster.to_string();
+        n.identity = identity;
         Ok(())
     }
 
@@ -253,6 +261,12 @@ impl NodeRegistry {
             }
         }
         out
+    }
+
+    /// A node's service as it claimed it, the identity it proved, and its per-type status.
+    pub fn node(&self, node: &str) -> Option<NodeStatus> {
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        nodes.get(node).cloned()
     }
 
     pub fn connected_count(&self) -> usize {

@@ -40,7 +40,7 @@ impl TapArgs {
         let mut query = Vec::new();
         let mut add = |key: &str, value: Option<String>| {
             if let Some(v) = value {
-                query.push(format!("{key}={}", encode(&v)));
+                query.push(format!("{key}={}", outrigger_core::query::encode(&v)));
             }
         };
         add("path", self.path.clone());
@@ -105,17 +105,6 @@ pub fn human(line: &str) -> String {
             .unwrap_or_else(|| format!("{} (no identity)", s("caller_address"))),
         s("trace_id"),
     )
-}
-
-fn encode(text: &str) -> String {
-    text.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[cfg(test)]

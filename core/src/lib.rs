@@ -13,6 +13,7 @@ pub mod inbound;
 pub mod latency_sketch;
 pub mod policy;
 pub mod prefixed;
+pub mod query;
 pub mod sign_api;
 pub mod spiffe;
 pub mod tls;

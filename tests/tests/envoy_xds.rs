@@ -104,6 +104,28 @@ async fn envoy_follows_the_mesh_over_sotw_ads() {
         dump.contains(&format!("\"version_info\": \"{listener_version}\"")),
         "config_dump lacks version {listener_version}"
     );
+    // `proxy-config --node` shows what the control plane serves this Envoy: its routes lead
+    // to web, whose endpoint is v1.
+    let proxy_config = |part: &'static str| {
+        let admin = cp.admin_addr.to_string();
+        let out = std::process::Command::new(outrigger_tests::workspace_binary(
+            "outrigger-control-plane",
+        ))
+        .args(["proxy-config", part, "--node", "envoy-sotw", "--admin", &admin])
+        .output()
+        .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let routes = proxy_config("routes");
+    assert!(routes.contains("web.default:"), "{routes}");
+    let endpoints = proxy_config("endpoints");
+    assert!(
+        endpoints
+            .lines()
+            .any(|l| l.starts_with("web.default ") && l.contains(&v1.addr.to_string())),
+        "{endpoints}"
+    );
 
     // A mesh change reaches Envoy's routing within 2 s.
     std::fs::write(&mesh_path, mesh(outbound, v1.addr, v2.addr, "web-v2")).unwrap();

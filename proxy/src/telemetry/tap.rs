@@ -194,13 +194,8 @@ impl TapFilter {
             rate: DEFAULT_RATE,
             max: None,
         };
-        for pair in query
-            .unwrap_or_default()
-            .split('&')
-            .filter(|p| !p.is_empty())
-        {
-            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let value = percent_decode(value).ok_or_else(|| format!("{key}: bad encoding"))?;
+        for pair in outrigger_core::query::pairs(query) {
+            let (key, value) = pair.map_err(|key| format!("{key}: bad encoding"))?;
             if value.len() > 1024 {
                 return Err(format!("{key}: longer than 1024 bytes"));
             }
@@ -262,30 +257,6 @@ impl TapFilter {
                 .as_ref()
                 .is_none_or(|a| e.authority == *a || e.authority.split(':').next() == Some(a))
     }
-}
-
-fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 #[cfg(test)]
