@@ -20,7 +20,7 @@ use tonic::{Status, Streaming};
 use crate::ads_delta::DeltaStream;
 use crate::ads_stream::{Protocol, run_stream};
 use crate::ads_transport::{
-    MAX_REQUEST, Outbound, compressed, grpc_frame, refuse, requests, streaming_response,
+    MAX_REQUEST, Outbound, answer, grpc_frame, refuse, requests, streaming_response,
 };
 use crate::node_status::NodeRegistry;
 use crate::secure_xds::Caller;
@@ -226,15 +226,11 @@ impl tower::Service<http::Request<tonic::body::Body>> for Ads {
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let response = match req.uri().path() {
-            _ if compressed(&req) => refuse(Status::unimplemented(
-                "this server takes uncompressed messages only",
-            )),
-            STATE_OF_THE_WORLD => self.serve::<SotwStream>(req),
-            DELTA => self.serve::<DeltaStream>(req),
-            _ => refuse(Status::unimplemented("no such method")),
-        };
-        std::future::ready(Ok(response))
+        answer(req, |path, req| match path {
+            STATE_OF_THE_WORLD => Some(self.serve::<SotwStream>(req)),
+            DELTA => Some(self.serve::<DeltaStream>(req)),
+            _ => None,
+        })
     }
 }
 

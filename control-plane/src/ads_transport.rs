@@ -104,6 +104,26 @@ pub(crate) fn refuse(status: Status) -> http::Response<tonic::body::Body> {
     status.into_http()
 }
 
+/// One call to a hand-written service: `serve` answers the methods it has, by path; a
+/// compressed call, or one to a method it lacks, is refused with UNIMPLEMENTED.
+pub(crate) fn answer(
+    req: http::Request<tonic::body::Body>,
+    serve: impl FnOnce(
+        &str,
+        http::Request<tonic::body::Body>,
+    ) -> Option<http::Response<tonic::body::Body>>,
+) -> std::future::Ready<Result<http::Response<tonic::body::Body>, std::convert::Infallible>> {
+    let response = if compressed(&req) {
+        refuse(Status::unimplemented(
+            "this server takes uncompressed messages only",
+        ))
+    } else {
+        let path = req.uri().path().to_string();
+        serve(&path, req).unwrap_or_else(|| refuse(Status::unimplemented("no such method")))
+    };
+    std::future::ready(Ok(response))
+}
+
 /// Compression is not offered, so a client that compresses anyway is refused, as gRPC
 /// says, rather than misread.
 pub(crate) fn compressed(req: &http::Request<tonic::body::Body>) -> bool {

@@ -22,9 +22,7 @@ use tokio::time::Instant;
 use tonic::server::NamedService;
 use tonic::{Code, Status, Streaming};
 
-use crate::ads_transport::{
-    Outbound, compressed, grpc_frame, refuse, requests, streaming_response,
-};
+use crate::ads_transport::{Outbound, answer, grpc_frame, refuse, requests, streaming_response};
 use crate::secure_xds::Caller;
 use crate::service_graph::{EdgeReport, ServiceGraph};
 use crate::snapshot::Publisher;
@@ -100,11 +98,8 @@ impl tower::Service<http::Request<tonic::body::Body>> for LoadReporting {
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let response = match req.uri().path() {
-            _ if compressed(&req) => refuse(Status::unimplemented(
-                "this server takes uncompressed messages only",
-            )),
-            STREAM => {
+        answer(req, |path, req| {
+            (path == STREAM).then(|| {
                 let (parts, body) = req.into_parts();
                 match proven(parts.extensions.get()) {
                     Err(status) => refuse(status),
@@ -115,10 +110,8 @@ impl tower::Service<http::Request<tonic::body::Body>> for LoadReporting {
                         streaming_response(rx)
                     }
                 }
-            }
-            _ => refuse(Status::unimplemented("no such method")),
-        };
-        std::future::ready(Ok(response))
+            })
+        })
     }
 }
 

@@ -116,3 +116,26 @@ pub async fn four_edges() -> (ControlPlane, Vec<Box<dyn std::any::Any + Send>>) 
     ];
     (cp, keep)
 }
+
+/// The edge `caller` → `callee` of the control plane's service graph (admin at `admin`),
+/// once load reports have made it.
+pub async fn edge(admin: SocketAddr, caller: &str, callee: &str) -> serde_json::Value {
+    let (caller, callee) = (caller.to_string(), callee.to_string());
+    eventually(
+        &format!("load reports make the edge {caller} -> {callee}"),
+        Duration::from_secs(15),
+        || {
+            let (caller, callee) = (caller.clone(), callee.clone());
+            async move {
+                let page = crate::clients::get(admin, "/graph?window=30s").await.body;
+                let graph: serde_json::Value = serde_json::from_str(&page).ok()?;
+                graph["edges"]
+                    .as_array()?
+                    .iter()
+                    .find(|e| e["caller"] == caller.as_str() && e["callee"] == callee.as_str())
+                    .cloned()
+            }
+        },
+    )
+    .await
+}

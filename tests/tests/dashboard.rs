@@ -181,6 +181,22 @@ async fn the_dashboard_draws_the_mesh_in_a_real_browser() {
     )
     .unwrap();
     assert_eq!(failing, "edge bad", "90 % success is drawn as failing");
+    // Usable from the keyboard: each edge is a tab stop that names its figures.
+    for e in &before {
+        let with = [
+            ("data-caller", e["caller"].as_str().unwrap()),
+            ("data-callee", e["callee"].as_str().unwrap()),
+        ];
+        assert_eq!(
+            attribute(&dom, "g", &with, "tabindex").as_deref(),
+            Some("0")
+        );
+        let label = attribute(&dom, "g", &with, "aria-label").unwrap();
+        assert!(
+            label.contains("rps") && label.contains("success"),
+            "{label}"
+        );
+    }
     // The other sections: services, proxies (three sidecars, synced), certificates.
     assert!(
         attribute(

@@ -111,10 +111,21 @@ async fn envoy_follows_the_mesh_over_sotw_ads() {
         let out = std::process::Command::new(outrigger_tests::workspace_binary(
             "outrigger-control-plane",
         ))
-        .args(["proxy-config", part, "--node", "envoy-sotw", "--admin", &admin])
+        .args([
+            "proxy-config",
+            part,
+            "--node",
+            "envoy-sotw",
+            "--admin",
+            &admin,
+        ])
         .output()
         .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     let routes = proxy_config("routes");

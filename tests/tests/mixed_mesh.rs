@@ -221,21 +221,7 @@ async fn an_envoy_caller_and_our_callee_share_one_mtls_mesh_set_by_the_control_p
 
     // Envoy reports its load too (its bootstrap's `load_stats_config`): the edge shows, with
     // the identity Envoy proved.
-    let admin = cp.admin_addr;
-    let edge = eventually(
-        "Envoy's load reports make an edge",
-        Duration::from_secs(15),
-        || async move {
-            let graph: serde_json::Value =
-                serde_json::from_str(&get(admin, "/graph?window=30s").await.body).ok()?;
-            graph["edges"]
-                .as_array()?
-                .iter()
-                .find(|e| e["caller"] == "web.shop" && e["callee"] == "api.shop")
-                .cloned()
-        },
-    )
-    .await;
+    let edge = outrigger_tests::mesh_traffic::edge(cp.admin_addr, "web.shop", "api.shop").await;
     assert_eq!(edge["caller_identity"], WEB, "{edge}");
     assert!(
         edge["requests"].as_u64() > Some(0) && edge["success_rate"] == 1.0,
@@ -546,21 +532,7 @@ services:
             .output()
             .unwrap()
     });
-    let admin = cp.admin_addr;
-    let edge = eventually(
-        "the gRPC client's load reports make an edge",
-        Duration::from_secs(15),
-        || async move {
-            let graph: serde_json::Value =
-                serde_json::from_str(&get(admin, "/graph?window=30s").await.body).ok()?;
-            graph["edges"]
-                .as_array()?
-                .iter()
-                .find(|e| e["caller"] == "web.shop" && e["callee"] == "api.shop")
-                .cloned()
-        },
-    )
-    .await;
+    let edge = outrigger_tests::mesh_traffic::edge(cp.admin_addr, "web.shop", "api.shop").await;
     assert_eq!(edge["caller_identity"], WEB, "{edge}");
     assert!(edge["requests"].as_u64() > Some(0), "{edge}");
     let calls = calls.await.unwrap();
