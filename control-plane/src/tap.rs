@@ -1,14 +1,16 @@
-//! `outrigger-control-plane tap`: live requests through one proxy, from its admin port's
-//! `/tap`, one line each, filtered there (so only what is asked for leaves the proxy).
+//! `outrigger-control-plane tap`: live requests through one proxy, or several (a service's
+//! pods), from their admin ports' `/tap`, one line each, filtered in the proxy (so only what
+//! is asked for leaves it).
 
 use crate::admin_client::{AdminError, get_lines};
 
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct TapArgs {
-    /// The proxy's admin port (reached from where the proxy allows taps: by default its own
-    /// pod, so `kubectl port-forward <pod> 15020` first).
-    #[arg(long, default_value = "127.0.0.1:15020")]
-    pub proxy: String,
+    /// A proxy's admin port (reached from where the proxy allows taps: by default its own
+    /// pod, so `kubectl port-forward <pod> 15020` first). Repeat it to tap every pod of a
+    /// service at once; each line then names its proxy.
+    #[arg(long = "proxy", default_value = "127.0.0.1:15020")]
+    pub proxies: Vec<String>,
     /// Only paths starting with this.
     #[arg(long)]
     pub path: Option<String>,
@@ -58,26 +60,72 @@ impl TapArgs {
     }
 }
 
-/// Streams until `max` requests were shown or the proxy ends the tap (it closes admin
-/// connections after a minute: the tap then starts again).
+/// Streams until `max` requests were shown, or every proxy failed. A proxy ends a tap at its
+/// admin port's connection age limit (a minute): the tap then starts again.
 pub async fn run(args: &TapArgs) -> Result<(), AdminError> {
-    let mut shown = 0u64;
-    loop {
-        let path = args.path_and_query();
-        get_lines(&args.proxy, &path, |line| {
-            match args.output {
-                crate::stat::Output::Json => println!("{line}"),
-                crate::stat::Output::Table => println!("{}", human(line)),
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(usize, Result<String, AdminError>)>(64);
+    for (i, proxy) in args.proxies.iter().enumerate() {
+        let (tx, proxy, path) = (tx.clone(), proxy.clone(), args.path_and_query());
+        tokio::spawn(async move {
+            loop {
+                let sent = get_lines(&proxy, &path, |line| {
+                    tx.try_send((i, Ok(line.to_string()))).is_ok() || !tx.is_closed()
+                })
+                .await;
+                if let Err(e) = sent {
+                    let _ = tx.send((i, Err(e))).await;
+                    return;
+                }
+                if tx.is_closed() {
+                    return;
+                }
             }
-            if !line.starts_with("{\"dropped\"") {
-                shown += 1;
+        });
+    }
+    drop(tx);
+    let many = args.proxies.len() > 1;
+    let (mut shown, mut failed, mut last_error) = (0u64, 0, None);
+    while let Some((i, line)) = rx.recv().await {
+        let line = match line {
+            Ok(line) => line,
+            Err(e) => {
+                // With one proxy, its error is the command's, printed once at the end.
+                if many {
+                    eprintln!("tap: {e}");
+                }
+                failed += 1;
+                last_error = Some(e);
+                continue;
             }
-            args.max.is_none_or(|max| shown < max)
-        })
-        .await?;
+        };
+        let from = &args.proxies[i];
+        match args.output {
+            crate::stat::Output::Json if many => println!("{}", with_proxy(&line, from)),
+            crate::stat::Output::Json => println!("{line}"),
+            crate::stat::Output::Table if many => println!("{from}  {}", human(&line)),
+            crate::stat::Output::Table => println!("{}", human(&line)),
+        }
+        if !line.starts_with("{\"dropped\"") {
+            shown += 1;
+        }
         if args.max.is_some_and(|max| shown >= max) {
             return Ok(());
         }
+    }
+    match last_error {
+        Some(e) if failed == args.proxies.len() => Err(e),
+        _ => Ok(()),
+    }
+}
+
+/// A JSON line with the proxy it came from added.
+fn with_proxy(line: &str, proxy: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(line) {
+        Ok(serde_json::Value::Object(mut o)) => {
+            o.insert("proxy".into(), proxy.into());
+            serde_json::Value::Object(o).to_string()
+        }
+        _ => line.to_string(),
     }
 }
 

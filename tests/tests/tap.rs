@@ -48,8 +48,8 @@ clusters:
     .await
 }
 
-/// A caller's sidecar, sending to the API's over mTLS.
-async fn caller(ca: &Ca, id: &str, api: SocketAddr) -> TestClient {
+/// A caller's sidecar, sending to the API's over mTLS: a client of it, and its admin port.
+async fn caller(ca: &Ca, id: &str, api: SocketAddr) -> (TestClient, SocketAddr) {
     let proxy = TestProxy::start(&format!(
         r#"{}admin:
   address: 127.0.0.1:0
@@ -71,9 +71,10 @@ clusters:
     ))
     .await;
     let client = TestClient::http1(proxy.addr("outbound"));
+    let admin = proxy.admin();
     // The proxy lives as long as the test's runtime.
     std::mem::forget(proxy);
-    client
+    (client, admin)
 }
 
 /// Sends `paths` in turn, without end, 50 a second.
@@ -119,8 +120,8 @@ async fn tap_shows_live_requests_and_honours_its_filters() {
     let ca = Ca::generate("mesh.test").unwrap();
     let (app, _) = faulty("api").await;
     let api = api_sidecar(&ca, app.addr, None).await;
-    let web = caller(&ca, WEB, api.addr("inbound")).await;
-    let cron = caller(&ca, CRON, api.addr("inbound")).await;
+    let (web, web_admin) = caller(&ca, WEB, api.addr("inbound")).await;
+    let (cron, _) = caller(&ca, CRON, api.addr("inbound")).await;
     load(web, &["/api/items", "/status/500"]);
     load(cron, &["/api/cron"]);
 
@@ -163,6 +164,30 @@ async fn tap_shows_live_requests_and_honours_its_filters() {
     );
     for id in [WEB, CRON] {
         assert!(events.iter().any(|e| e["caller"] == id), "no {id} in {out}");
+    }
+
+    // Two proxies at once, each line naming its own: web's sees its calls leave, api's sees
+    // them arrive.
+    let both = ["--proxy", &web_admin.to_string()];
+    let (ok, out, err) = tap(
+        api.admin(),
+        &[
+            &both[..],
+            &["--path", "/status", "--max", "30", "-o", "json"],
+        ]
+        .concat(),
+    )
+    .await;
+    assert!(ok, "{err}");
+    let events = json_lines(&out);
+    assert_eq!(events.len(), 30);
+    for (proxy, direction) in [(api.admin(), "inbound"), (web_admin, "outbound")] {
+        assert!(
+            events
+                .iter()
+                .any(|e| e["proxy"] == proxy.to_string() && e["direction"] == direction),
+            "no {direction} event from {proxy} in {out}"
+        );
     }
 
     // For people: one line per request, with the caller's identity.
