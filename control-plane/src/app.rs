@@ -569,11 +569,17 @@ fn metrics_text(
             gauge(crate::diagnose::unix(end) as i64),
         );
     }
-    let (edges, _, bytes) = load.graph.usage();
+    let (entries, _, bytes) = load.graph.usage();
+    let edges = load.graph.edge_count();
     r.register(
         "graph_edges",
         "Caller-to-callee edges the service graph holds",
         gauge(edges as i64),
+    );
+    r.register(
+        "graph_routes",
+        "Caller-to-route entries the service graph holds (one per route a caller used)",
+        gauge((entries - edges) as i64),
     );
     r.register(
         "graph_bytes",

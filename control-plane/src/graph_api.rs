@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! /graph?window=1m   → {"interval_seconds", "window_seconds", "services": [...], "edges": [...],
+//!                       "routes": [...],
 //!                       "history": {service: [{ago, rps, success_rate, p99_ms}, ...]}}
 //! ```
 
@@ -38,6 +39,7 @@ pub fn graph_json(graph: &ServiceGraph, query: Option<&str>) -> Result<String, S
         "history_seconds": limits.interval.as_secs_f64() * limits.history as f64,
         "services": graph.services(window),
         "edges": graph.edges(window),
+        "routes": graph.routes(window),
         "history": graph.service_history(),
     });
     Ok(serde_json::to_string_pretty(&body).unwrap_or_default() + "\n")

@@ -248,20 +248,31 @@ impl ReportStream {
         }
         let mut edges = Vec::with_capacity(clusters.len());
         for cluster in clusters {
-            edges.push((&cluster.cluster_name, edge_report(cluster)?));
+            // Our proxies report each route they used as an entry of its service's cluster.
+            let route = cluster
+                .cluster_service_name
+                .strip_prefix(latency_sketch::ROUTE_PREFIX);
+            if route.is_some_and(|r| r.is_empty() || r.len() > xds_limits::MAX_NAME) {
+                return Err(Status::invalid_argument(format!(
+                    "a route's name is 1 to {} bytes",
+                    xds_limits::MAX_NAME
+                )));
+            }
+            edges.push((&cluster.cluster_name, route, edge_report(cluster)?));
         }
         let snapshot = self.service.publisher.current();
         let known = snapshot.types.get(CLUSTER_TYPE);
         let counters = &self.service.counters;
-        for (callee, report) in edges {
+        for (callee, route, report) in edges {
             if !known.is_some_and(|t| t.resources.by_name.contains_key(callee)) {
                 counters.unknown_cluster.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
+            let key = (self.caller.as_str(), callee.as_str(), route);
             if !self
                 .service
                 .graph
-                .record(&self.caller, callee, self.identity.as_deref(), &report)
+                .record(key, self.identity.as_deref(), &report)
             {
                 counters.graph_full.fetch_add(1, Ordering::Relaxed);
             }

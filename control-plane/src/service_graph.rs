@@ -24,7 +24,8 @@ pub struct Limits {
     pub interval: Duration,
     /// Slots kept per edge.
     pub history: usize,
-    /// Edges held at once; a report for a new edge beyond this is dropped and counted.
+    /// Entries held at once, edges and routes together; a report for a new one beyond this is
+    /// dropped and counted.
     pub max_edges: usize,
 }
 
@@ -107,6 +108,16 @@ pub struct ServiceStats {
     pub callers: usize,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RouteStats {
+    pub service: String,
+    pub route: String,
+    /// What its callers saw, all of them together: requests, not tries.
+    #[serde(flatten)]
+    pub signals: Signals,
+    pub callers: usize,
+}
+
 /// One point of a chart: a slot's figures.
 #[derive(Debug, Clone, Serialize)]
 pub struct Point {
@@ -123,9 +134,12 @@ pub struct ServiceGraph {
     inner: Mutex<Inner>,
 }
 
+/// Caller, callee, and the route of the callee's, for a route's figures (`None`: the edge's).
+type Key = (Arc<str>, Arc<str>, Option<Arc<str>>);
+
 #[derive(Default)]
 struct Inner {
-    edges: HashMap<(Arc<str>, Arc<str>), Edge>,
+    edges: HashMap<Key, Edge>,
     /// Reports for new edges dropped at `max_edges`.
     refused: u64,
 }
@@ -152,17 +166,17 @@ impl ServiceGraph {
         (self.started.elapsed().as_nanos() / self.limits.interval.as_nanos()) as u64
     }
 
-    /// Adds a report to the edge; false if the edge is new and the graph is full.
+    /// Adds a report to the edge (or, with `route`, to that route of the callee's as this
+    /// caller used it); false if it is new and the graph is full.
     pub fn record(
         &self,
-        caller: &str,
-        callee: &str,
+        (caller, callee, route): (&str, &str, Option<&str>),
         identity: Option<&str>,
         report: &EdgeReport,
     ) -> bool {
         let now = self.slot_now();
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let key: (Arc<str>, Arc<str>) = (caller.into(), callee.into());
+        let key: Key = (caller.into(), callee.into(), route.map(Arc::from));
         if !inner.edges.contains_key(&key) {
             inner.prune(now, self.limits.history as u64);
             if inner.edges.len() >= self.limits.max_edges {
@@ -205,7 +219,8 @@ impl ServiceGraph {
         let mut out: Vec<EdgeStats> = inner
             .edges
             .iter()
-            .filter_map(|((caller, callee), edge)| {
+            .filter(|((_, _, route), _)| route.is_none())
+            .filter_map(|((caller, callee, _), edge)| {
                 let (acc, covered) = edge.window(now, slots);
                 (acc.successes + acc.errors > 0).then(|| EdgeStats {
                     caller: caller.to_string(),
@@ -231,7 +246,7 @@ impl ServiceGraph {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.prune(now, self.limits.history as u64);
         let mut by_callee: HashMap<&str, (Slot, u64, usize)> = HashMap::new();
-        for ((_, callee), edge) in &inner.edges {
+        for ((_, callee, _), edge) in inner.edges.iter().filter(|(k, _)| k.2.is_none()) {
             let (acc, covered) = edge.window(now, slots);
             if acc.successes + acc.errors == 0 {
                 continue;
@@ -257,7 +272,10 @@ impl ServiceGraph {
     pub fn history(&self, caller: &str, callee: &str) -> Vec<Point> {
         let now = self.slot_now();
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(edge) = inner.edges.get(&(Arc::from(caller), Arc::from(callee))) else {
+        let Some(edge) = inner
+            .edges
+            .get(&(Arc::from(caller), Arc::from(callee), None))
+        else {
             return Vec::new();
         };
         let width = self.limits.interval.as_secs_f64();
@@ -276,6 +294,35 @@ impl ServiceGraph {
             .collect()
     }
 
+    /// Each route that callers used in the window, with what all of them saw.
+    pub fn routes(&self, window: Duration) -> Vec<RouteStats> {
+        let now = self.slot_now();
+        let slots = self.window_slots(window);
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.prune(now, self.limits.history as u64);
+        let mut by_route: BTreeMap<(&str, &str), (Slot, u64, usize)> = BTreeMap::new();
+        for ((_, callee, route), edge) in &inner.edges {
+            let Some(route) = route else { continue };
+            let (acc, covered) = edge.window(now, slots);
+            if acc.successes + acc.errors == 0 {
+                continue;
+            }
+            let entry = by_route.entry((callee, route)).or_default();
+            entry.0.add(&acc);
+            entry.1 = entry.1.max(covered);
+            entry.2 += 1;
+        }
+        by_route
+            .into_iter()
+            .map(|((service, route), (acc, covered, callers))| RouteStats {
+                service: service.to_string(),
+                route: route.to_string(),
+                signals: acc.signals(covered as f64 * self.limits.interval.as_secs_f64()),
+                callers,
+            })
+            .collect()
+    }
+
     /// Each called service's complete slots, oldest first, with all its callers together:
     /// the dashboard's charts.
     pub fn service_history(&self) -> BTreeMap<String, Vec<Point>> {
@@ -283,7 +330,7 @@ impl ServiceGraph {
         let width = self.limits.interval.as_secs_f64();
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let mut slots: BTreeMap<&str, BTreeMap<u64, Slot>> = BTreeMap::new();
-        for ((_, callee), edge) in &inner.edges {
+        for ((_, callee, _), edge) in inner.edges.iter().filter(|(k, _)| k.2.is_none()) {
             let service = slots.entry(callee).or_default();
             for s in edge.slots.iter().filter(|s| s.index < now) {
                 service.entry(s.index).or_default().add(s);
@@ -309,7 +356,8 @@ impl ServiceGraph {
             .collect()
     }
 
-    /// Edges held, reports refused for want of room, and the bytes the graph holds.
+    /// Entries held (edges and routes), reports refused for want of room, and the bytes the
+    /// graph holds.
     pub fn usage(&self) -> (usize, u64, usize) {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let bytes = inner
@@ -325,6 +373,12 @@ impl ServiceGraph {
             })
             .sum();
         (inner.edges.len(), inner.refused, bytes)
+    }
+
+    /// Edges held (routes left out).
+    pub fn edge_count(&self) -> usize {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.edges.keys().filter(|k| k.2.is_none()).count()
     }
 
     fn window_slots(&self, window: Duration) -> u64 {
@@ -420,9 +474,9 @@ mod tests {
         let g = graph();
         tokio::time::advance(Duration::from_millis(100)).await;
         for _ in 0..5 {
-            g.record("web", "api", None, &report(9, 1, 20));
+            g.record(("web", "api", None), None, &report(9, 1, 20));
             tokio::time::advance(Duration::from_millis(500)).await;
-            g.record("web", "api", None, &report(18, 2, 20));
+            g.record(("web", "api", None), None, &report(18, 2, 20));
             tokio::time::advance(Duration::from_millis(500)).await;
         }
         let edges = g.edges(Duration::from_secs(3));
@@ -440,12 +494,11 @@ mod tests {
     async fn services_merge_their_callers_and_old_slots_are_forgotten() {
         let g = graph();
         g.record(
-            "web",
-            "api",
+            ("web", "api", None),
             Some("spiffe://t/ns/a/sa/web"),
             &report(10, 0, 10),
         );
-        g.record("cron", "api", None, &report(5, 5, 30));
+        g.record(("cron", "api", None), None, &report(5, 5, 30));
         tokio::time::advance(SECOND).await;
         let services = g.services(SECOND);
         assert_eq!(services.len(), 1);
@@ -478,11 +531,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_full_graph_refuses_new_edges_and_counts_them() {
         let g = graph();
-        assert!(g.record("a", "b", None, &report(1, 0, 1)));
-        assert!(g.record("a", "c", None, &report(1, 0, 1)));
-        assert!(!g.record("a", "d", None, &report(1, 0, 1)));
+        assert!(g.record(("a", "b", None), None, &report(1, 0, 1)));
+        assert!(g.record(("a", "c", None), None, &report(1, 0, 1)));
+        assert!(!g.record(("a", "d", None), None, &report(1, 0, 1)));
         // An edge it holds still takes reports.
-        assert!(g.record("a", "b", None, &report(1, 0, 1)));
+        assert!(g.record(("a", "b", None), None, &report(1, 0, 1)));
         let (edges, refused, bytes) = g.usage();
         assert_eq!((edges, refused), (2, 1));
         assert!(bytes <= 2 * g.limits().bytes_per_edge());

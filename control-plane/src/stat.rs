@@ -6,7 +6,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::admin_client::{AdminError, get_json};
-use crate::service_graph::{EdgeStats, ServiceStats, Signals};
+use crate::service_graph::{EdgeStats, RouteStats, ServiceStats, Signals};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum What {
@@ -14,6 +14,8 @@ pub enum What {
     Services,
     /// Each caller → callee pair.
     Edges,
+    /// Each route of each service, as its callers used it (requests, not tries).
+    Routes,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -37,6 +39,8 @@ pub struct Graph {
     pub window_seconds: f64,
     pub services: Vec<ServiceStats>,
     pub edges: Vec<EdgeStats>,
+    #[serde(default)]
+    pub routes: Vec<RouteStats>,
 }
 
 pub async fn fetch(admin: &str, window: Duration) -> Result<Graph, AdminError> {
@@ -62,6 +66,31 @@ pub fn render(graph: &Graph, what: What, sort: Option<SortBy>, output: Output) -
                     &["SERVICE", "SUCCESS", "RPS", "P50", "P95", "P99", "CALLERS"],
                     rows.iter().map(|r| {
                         let mut cells = vec![r.service.clone()];
+                        cells.extend(signal_cells(&r.signals));
+                        cells.push(r.callers.to_string());
+                        cells
+                    }),
+                ),
+            }
+        }
+        What::Routes => {
+            let mut rows = graph.routes.clone();
+            let sort = sort.unwrap_or(SortBy::Name);
+            rows.sort_by(|a, b| {
+                let (an, bn) = (
+                    format!("{} {}", a.service, a.route),
+                    format!("{} {}", b.service, b.route),
+                );
+                compare(sort, (&an, &a.signals), (&bn, &b.signals))
+            });
+            match output {
+                Output::Json => json(&rows),
+                Output::Table => table(
+                    &[
+                        "SERVICE", "ROUTE", "SUCCESS", "RPS", "P50", "P95", "P99", "CALLERS",
+                    ],
+                    rows.iter().map(|r| {
+                        let mut cells = vec![r.service.clone(), r.route.clone()];
                         cells.extend(signal_cells(&r.signals));
                         cells.push(r.callers.to_string());
                         cells
@@ -195,6 +224,7 @@ mod tests {
                 },
             ],
             edges: vec![],
+            routes: vec![],
         }
     }
 

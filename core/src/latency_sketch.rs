@@ -18,6 +18,9 @@ pub const BUCKETS: usize = 81;
 const FIRST_BOUND_MICROS: f64 = 50.0;
 /// Buckets per doubling.
 const PER_OCTAVE: f64 = 4.0;
+/// A load report's `cluster_service_name` that makes the entry a route's (of the cluster's
+/// service) rather than the cluster's own: `outrigger.io/route/<route name>`.
+pub const ROUTE_PREFIX: &str = "outrigger.io/route/";
 /// What a load-report metric name starts with when it is a latency bucket.
 pub const METRIC_PREFIX: &str = "outrigger.io/latency/";
 

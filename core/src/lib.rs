@@ -11,6 +11,7 @@ pub mod config_error;
 pub mod duration;
 pub mod inbound;
 pub mod latency_sketch;
+pub mod load_counter;
 pub mod policy;
 pub mod prefixed;
 pub mod query;

@@ -72,6 +72,33 @@ async fn stat_reports_each_edges_rate_and_success_from_the_sidecars_load_reports
     }
     assert_eq!(edges.len(), 4, "no other edge: {edges:#?}");
 
+    // Per route, as callers used it: audit's default route takes both callers' requests.
+    let routes: Vec<Value> = serde_json::from_str(&stat(
+        cp.admin_addr,
+        &["routes", "--window", "5s", "-o", "json"],
+    ))
+    .unwrap();
+    for (service, route, rate, success, callers) in [
+        ("audit.default", "audit/default", 40.0, 0.925, 2),
+        ("api.default", "api/default", 40.0, 1.0, 1),
+    ] {
+        let r = routes
+            .iter()
+            .find(|r| r["service"] == service && r["route"] == route)
+            .unwrap_or_else(|| panic!("no route {route} of {service} in {routes:#?}"));
+        let rps = r["rps"].as_f64().unwrap();
+        let got = r["success_rate"].as_f64().unwrap();
+        assert!(
+            (rps / rate - 1.0).abs() <= 0.10,
+            "{route}: {rps} rps, sent {rate}"
+        );
+        assert!(
+            (got - success).abs() <= 0.02,
+            "{route}: success {got}, expected {success}"
+        );
+        assert_eq!(r["callers"], callers, "{r}");
+    }
+
     // The same figures per service, and as a table for people.
     let services: Vec<Value> = serde_json::from_str(&stat(
         cp.admin_addr,

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 
-use crate::cluster::load::EndpointLoad;
 use crate::policy::circuit_breaker::CircuitBreaker;
 use crate::policy::outlier::{self, Health, OutlierPolicy, OutlierState};
 use crate::policy::retry_budget::RetryBudget;
 use crate::upstream::client::H2Connection;
 use crate::upstream::http1_pool::Http1Pool;
+use outrigger_core::load_counter::EndpointLoad;
 
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq, Default)]
 #[serde(rename_all = "lowercase")]

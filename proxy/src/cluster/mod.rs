@@ -3,4 +3,3 @@
 //! detection) the stack consults.
 
 pub mod balance;
-pub mod load;

@@ -474,6 +474,9 @@ impl Metrics {
     }
 
     pub fn record_request(&self, series: &RouteSeries, outcome: Outcome<'_>) {
+        // The route's load report counts requests, not tries: what its callers saw.
+        series.load.issued();
+        series.load.finished(outcome.status < 500, outcome.elapsed);
         series.record(&self.requests, outcome);
     }
 

@@ -25,6 +25,8 @@ pub struct RouteSeries {
     route: Arc<str>,
     requests: ArcSwapOption<StatusCounters>,
     duration: OnceLock<Box<LatencyHistogram>>,
+    /// What the route was sent since the last load report.
+    pub load: outrigger_core::load_counter::EndpointLoad,
 }
 
 /// foldhash rather than SipHash: the keys are a status, a gRPC code and a verified identity,
@@ -74,6 +76,7 @@ impl RouteSeries {
             route,
             requests: ArcSwapOption::empty(),
             duration: OnceLock::new(),
+            load: Default::default(),
         }
     }
 

@@ -25,7 +25,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::cluster::balance::Cluster;
-use crate::config::snapshot::RuntimeConfig;
+use crate::config::file::Direction;
+use crate::config::snapshot::{Listener, RuntimeConfig};
+use outrigger_core::latency_sketch::ROUTE_PREFIX;
+use outrigger_core::load_counter::LoadTaken;
 
 /// However often the control plane asks, reports are at least this far apart...
 const MIN_INTERVAL: Duration = Duration::from_secs(1);
@@ -84,7 +87,7 @@ pub async fn run(
     let mut wanted = Wanted::from(first);
     // What was counted before the first interval (a previous stream's leftovers) is not
     // this interval's: start from zero.
-    take_report(&config.load().clusters, &wanted, Duration::ZERO);
+    take_everything(&config.load(), &wanted, Duration::ZERO);
     let mut last = Instant::now();
     let mut tick = tokio::time::interval_at(
         tokio::time::Instant::now() + wanted.interval,
@@ -106,7 +109,7 @@ pub async fn run(
             },
             _ = tick.tick() => {
                 let now = Instant::now();
-                let stats = take_report(&config.load().clusters, &wanted, now - last);
+                let stats = take_everything(&config.load(), &wanted, now - last);
                 last = now;
                 let report = LoadStatsRequest { node: None, cluster_stats: stats };
                 if tx.send(report).await.is_err() {
@@ -115,6 +118,54 @@ pub async fn run(
             }
         }
     }
+}
+
+/// The clusters' report, then the outbound routes'.
+fn take_everything(
+    config: &RuntimeConfig,
+    wanted: &Wanted,
+    interval: Duration,
+) -> Vec<ClusterStats> {
+    let mut stats = take_report(&config.clusters, wanted, interval);
+    stats.extend(take_routes(&config.listeners, wanted, interval));
+    stats
+}
+
+/// Each outbound route that saw requests since the last report, as a `ClusterStats` of the
+/// service it belongs to (its virtual host, named after the service's cluster) whose
+/// `cluster_service_name` is `outrigger.io/route/<route>`: what callers saw of each route,
+/// requests rather than tries. A route name shared by two virtual hosts shares its series,
+/// and is reported under the first.
+fn take_routes(listeners: &[Listener], wanted: &Wanted, interval: Duration) -> Vec<ClusterStats> {
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::new();
+    for l in listeners
+        .iter()
+        .filter(|l| l.direction == Direction::Outbound)
+    {
+        for vh in &l.virtual_hosts {
+            for route in &vh.routes {
+                let Some(series) = route.series.get() else {
+                    continue;
+                };
+                if !seen.insert(Arc::as_ptr(series)) {
+                    continue;
+                }
+                let taken = series.load.take();
+                if taken.issued == 0 || !wanted.wants(&vh.name) {
+                    continue;
+                }
+                out.push(ClusterStats {
+                    cluster_name: vh.name.clone(),
+                    cluster_service_name: format!("{ROUTE_PREFIX}{}", route.name),
+                    upstream_locality_stats: vec![locality(&[taken], 0)],
+                    load_report_interval: Some(outrigger_core::xds::pb_duration(interval)),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+    out
 }
 
 /// Each wanted cluster that saw traffic, with what its endpoints counted; every endpoint's
@@ -137,42 +188,57 @@ fn take_report(
 }
 
 fn cluster_stats(cluster: &Cluster, endpoints: bool, interval: Duration) -> Option<ClusterStats> {
-    let mut locality = UpstreamLocalityStats::default();
-    let mut latency = latency_sketch::Sketch::default();
-    let mut latency_seconds = [0f64; latency_sketch::BUCKETS];
+    let mut taken = Vec::with_capacity(cluster.endpoints.len());
+    let mut endpoint_stats = Vec::new();
+    let mut in_progress = 0;
     for endpoint in &cluster.endpoints {
-        let taken = endpoint.load.take();
-        let in_progress = endpoint.outstanding();
-        if taken.issued == 0 && taken.succeeded == 0 && taken.failed == 0 && in_progress == 0 {
+        let load = endpoint.load.take();
+        let busy = endpoint.outstanding();
+        if load.issued == 0 && load.succeeded == 0 && load.failed == 0 && busy == 0 {
             continue;
         }
-        locality.total_issued_requests += taken.issued;
-        locality.total_successful_requests += taken.succeeded;
-        locality.total_error_requests += taken.failed;
-        locality.total_requests_in_progress += in_progress;
-        latency.merge(&taken.latency);
-        for (index, seconds) in &taken.latency_seconds {
+        in_progress += busy;
+        if endpoints {
+            endpoint_stats.push(UpstreamEndpointStats {
+                address: Some(socket(endpoint.addr)),
+                total_successful_requests: load.succeeded,
+                total_requests_in_progress: busy,
+                total_error_requests: load.failed,
+                total_issued_requests: load.issued,
+                ..Default::default()
+            });
+        }
+        taken.push(load);
+    }
+    if taken.is_empty() {
+        return None;
+    }
+    let mut locality = locality(&taken, in_progress);
+    locality.upstream_endpoint_stats = endpoint_stats;
+    Some(ClusterStats {
+        cluster_name: cluster.name.clone(),
+        upstream_locality_stats: vec![locality],
+        load_report_interval: Some(outrigger_core::xds::pb_duration(interval)),
+        ..Default::default()
+    })
+}
+
+/// The sum of what was taken, with its latencies as our sketch's named load metrics.
+fn locality(taken: &[LoadTaken], in_progress: u64) -> UpstreamLocalityStats {
+    let mut locality = UpstreamLocalityStats {
+        total_requests_in_progress: in_progress,
+        ..Default::default()
+    };
+    let mut latency = latency_sketch::Sketch::default();
+    let mut latency_seconds = [0f64; latency_sketch::BUCKETS];
+    for t in taken {
+        locality.total_issued_requests += t.issued;
+        locality.total_successful_requests += t.succeeded;
+        locality.total_error_requests += t.failed;
+        latency.merge(&t.latency);
+        for (index, seconds) in &t.latency_seconds {
             latency_seconds[*index] += seconds;
         }
-        if endpoints {
-            locality
-                .upstream_endpoint_stats
-                .push(UpstreamEndpointStats {
-                    address: Some(socket(endpoint.addr)),
-                    total_successful_requests: taken.succeeded,
-                    total_requests_in_progress: in_progress,
-                    total_error_requests: taken.failed,
-                    total_issued_requests: taken.issued,
-                    ..Default::default()
-                });
-        }
-    }
-    if locality.total_issued_requests == 0
-        && locality.total_successful_requests == 0
-        && locality.total_error_requests == 0
-        && locality.total_requests_in_progress == 0
-    {
-        return None;
     }
     locality.load_metric_stats = latency
         .buckets()
@@ -182,12 +248,7 @@ fn cluster_stats(cluster: &Cluster, endpoints: bool, interval: Duration) -> Opti
             total_metric_value: latency_seconds[index],
         })
         .collect();
-    Some(ClusterStats {
-        cluster_name: cluster.name.clone(),
-        upstream_locality_stats: vec![locality],
-        load_report_interval: Some(outrigger_core::xds::pb_duration(interval)),
-        ..Default::default()
-    })
+    locality
 }
 
 fn socket(addr: std::net::SocketAddr) -> Address {

@@ -1,12 +1,12 @@
-//! What an endpoint has been sent since the last load report: requests issued, succeeded and
-//! failed, and their latencies in the shared sketch's buckets. Atomics only: a try adds to
-//! three counters, and the reporter takes and zeroes them once per interval.
+//! What an endpoint (or a route) has been sent since the last load report: requests issued,
+//! succeeded and failed, and their latencies in the shared sketch's buckets. Atomics only: a
+//! request adds to three counters, and the reporter takes and zeroes them once per interval.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use outrigger_core::latency_sketch::{self, BUCKETS, Sketch};
+use crate::latency_sketch::{self, BUCKETS, Sketch};
 
 #[derive(Default)]
 pub struct EndpointLoad {
