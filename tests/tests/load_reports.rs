@@ -212,7 +212,21 @@ async fn too_many_clusters_or_implausible_counts_are_cut_off() {
     .unwrap();
     let status = end_of(answers.unwrap()).await;
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
-    assert_eq!(counted(&cp, "too_large").await, 2);
+
+    // A route's name is bounded like any other.
+    let (_, answers, tx) = open(&cp, "a").await;
+    tokio::time::sleep(INTERVAL).await;
+    let mut long_route = cluster("b.default".into(), 1);
+    long_route.cluster_service_name = format!("outrigger.io/route/{}", "r".repeat(300));
+    tx.send(LoadStatsRequest {
+        node: None,
+        cluster_stats: vec![long_route],
+    })
+    .await
+    .unwrap();
+    let status = end_of(answers.unwrap()).await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert_eq!(counted(&cp, "too_large").await, 3);
     assert_eq!(graph_bytes(&cp).await, 0, "nothing of either was kept");
 }
 
