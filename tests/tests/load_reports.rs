@@ -9,20 +9,19 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterStats, UpstreamLocalityStats};
 use envoy_types::pb::envoy::service::load_stats::v3::load_reporting_service_client::LoadReportingServiceClient;
 use envoy_types::pb::envoy::service::load_stats::v3::{LoadStatsRequest, LoadStatsResponse};
-use outrigger_control_plane::app::{self, ControlPlane};
+use outrigger_control_plane::app::ControlPlane;
 use outrigger_control_plane::service_graph::Limits;
 use outrigger_tests::clients::get;
-use outrigger_tests::{metric, temp_path};
+use outrigger_tests::metric;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 
+/// The report interval `mesh_traffic::control_plane` sets.
 const INTERVAL: Duration = Duration::from_secs(1);
 
 async fn control_plane() -> ControlPlane {
-    let mesh_path = temp_path("mesh.yaml");
-    std::fs::write(
-        &mesh_path,
+    outrigger_tests::mesh_traffic::control_plane(
         r#"services:
   - name: a
     endpoints: [{address: "127.0.0.1:9"}]
@@ -30,19 +29,7 @@ async fn control_plane() -> ControlPlane {
     endpoints: [{address: "127.0.0.1:9"}]
 "#,
     )
-    .unwrap();
-    app::start(app::Options {
-        mesh_path,
-        xds_address: "127.0.0.1:0".parse().unwrap(),
-        admin_address: "127.0.0.1:0".parse().unwrap(),
-        identity: Default::default(),
-        load_reports: Limits {
-            interval: INTERVAL,
-            ..Default::default()
-        },
-    })
     .await
-    .unwrap()
 }
 
 /// Opens a report stream as a node of `service`; returns the first answer (or the status that
