@@ -361,13 +361,7 @@ fn check_json(admin: &Admin) -> serde_json::Value {
         root_not_after: admin.ca.load().not_after(),
         signed: &admin.signed,
         nodes: &admin.nodes,
-        called: admin
-            .load
-            .graph
-            .edges(admin.load.graph.limits().interval * admin.load.graph.limits().history as u32)
-            .into_iter()
-            .map(|e| e.callee)
-            .collect(),
+        called: admin.load.graph.callees(),
     };
     json!({
         "services": snapshot.mesh.as_ref().map_or(0, |m| m.services.len()),

@@ -268,29 +268,15 @@ impl ServiceGraph {
         out
     }
 
-    /// One edge's complete slots, oldest first, for charts.
-    pub fn history(&self, caller: &str, callee: &str) -> Vec<Point> {
+    /// Every service some caller reported calling within the history.
+    pub fn callees(&self) -> std::collections::BTreeSet<String> {
         let now = self.slot_now();
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(edge) = inner
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.prune(now, self.limits.history as u64);
+        inner
             .edges
-            .get(&(Arc::from(caller), Arc::from(callee), None))
-        else {
-            return Vec::new();
-        };
-        let width = self.limits.interval.as_secs_f64();
-        edge.slots
-            .iter()
-            .filter(|s| s.index < now)
-            .map(|s| {
-                let signals = s.signals(width);
-                Point {
-                    ago: (now - s.index - 1) as f64 * width,
-                    rps: signals.rps,
-                    success_rate: signals.success_rate,
-                    p99_ms: signals.p99_ms,
-                }
-            })
+            .keys()
+            .map(|(_, callee, _)| callee.to_string())
             .collect()
     }
 
