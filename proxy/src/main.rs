@@ -408,7 +408,16 @@ fn init_logging(json: bool, default_level: &str) {
     }
 }
 
+/// One worker is a current-thread runtime: the same single thread, without the bookkeeping
+/// that lets idle workers steal (parking and unparking cost it at every wake-up), and with
+/// every woken task queued behind the ones already ready, so that the writes of one turn of
+/// the loop go out together and wake their peers once.
 fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if workers == 1 {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    }
     let mut b = tokio::runtime::Builder::new_multi_thread();
     if workers > 0 {
         b.worker_threads(workers);
