@@ -411,9 +411,11 @@ fn init_logging(json: bool, default_level: &str) {
 /// One worker is a current-thread runtime: the same single thread, without the bookkeeping
 /// that lets idle workers steal (parking and unparking cost it at every wake-up), and with
 /// every woken task queued behind the ones already ready, so that the writes of one turn of
-/// the loop go out together and wake their peers once.
+/// the loop go out together and wake their peers once. `0` is one per core this process may
+/// use (its cgroup's CPU quota counts), so a sidecar limited to one CPU gets the same.
 fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    if workers == 1 {
+    let cores = || std::thread::available_parallelism().map_or(1, usize::from);
+    if workers == 1 || (workers == 0 && cores() == 1) {
         return tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build();

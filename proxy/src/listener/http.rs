@@ -63,12 +63,17 @@ where
     };
     if protocol == Protocol::Http2 {
         // Boxed, as the HTTP/1 connection below is: this future lives as long as the
-        // connection, and a rested one should not carry room for either.
+        // connection, and a rested one should not carry room for either. Each request's
+        // future is boxed too: hyper spawns a task per stream holding it, and moving a
+        // request's whole future into that task took a copy of kilobytes per request.
         let mut conn = Box::pin(
             hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_header_list_size(MAX_HEADER_BYTES as u32)
-                .serve_connection(TokioIo::new(io), service_fn(handler)),
+                .serve_connection(
+                    TokioIo::new(io),
+                    service_fn(move |req| Box::pin(handler(req))),
+                ),
         );
         if *signal.borrow() {
             conn.as_mut().graceful_shutdown();
