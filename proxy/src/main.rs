@@ -487,32 +487,43 @@ fn serve(
         std::fs::read_to_string(&config).map_or(0, |t| snapshot::peek_workers(&t))
     });
     let rt = runtime(workers).expect("tokio runtime");
-    rt.block_on(async move {
-        let options = app::Options {
-            config_path: config,
-            watch_interval: (!watch_interval.is_zero()).then_some(watch_interval),
-        };
-        let handle = match app::start(options).await {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::error!("{e}");
-                return ExitCode::FAILURE;
-            }
-        };
-        tokio::spawn(release_memory::after_rests());
-        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-        let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM"),
-            _ = int.recv() => tracing::info!("SIGINT"),
-        }
-        if handle.drain(drain_timeout).await {
-            tracing::info!("drained; exiting");
-        } else {
-            tracing::warn!("drain deadline passed; exiting with work in flight");
-        }
-        ExitCode::SUCCESS
-    })
+    // The loop runs on a thread of its own, with the main thread's stack size, so that glibc
+    // serves its allocations from a thread arena: with one worker, a connection that has sent
+    // nothing measured 0.97 KiB there against 1.01 on the main thread's heap (and a quiet
+    // keep-alive connection 1.78 against 1.15 KiB; `scripts/bench memory`).
+    let serving = std::thread::Builder::new()
+        .name("outrigger-worker".into())
+        .stack_size(8 << 20)
+        .spawn(move || {
+            rt.block_on(async move {
+                let options = app::Options {
+                    config_path: config,
+                    watch_interval: (!watch_interval.is_zero()).then_some(watch_interval),
+                };
+                let handle = match app::start(options).await {
+                    Ok(h) => h,
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        return ExitCode::FAILURE;
+                    }
+                };
+                tokio::spawn(release_memory::after_rests());
+                let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+                let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM"),
+                    _ = int.recv() => tracing::info!("SIGINT"),
+                }
+                if handle.drain(drain_timeout).await {
+                    tracing::info!("drained; exiting");
+                } else {
+                    tracing::warn!("drain deadline passed; exiting with work in flight");
+                }
+                ExitCode::SUCCESS
+            })
+        })
+        .expect("worker thread");
+    serving.join().unwrap_or(ExitCode::FAILURE)
 }
 
 fn wait_ready(admin: std::net::SocketAddr, timeout: Duration) -> ExitCode {
