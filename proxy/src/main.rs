@@ -494,36 +494,41 @@ fn serve(
     let serving = std::thread::Builder::new()
         .name("outrigger-worker".into())
         .stack_size(8 << 20)
-        .spawn(move || {
-            rt.block_on(async move {
-                let options = app::Options {
-                    config_path: config,
-                    watch_interval: (!watch_interval.is_zero()).then_some(watch_interval),
-                };
-                let handle = match app::start(options).await {
-                    Ok(h) => h,
-                    Err(e) => {
-                        tracing::error!("{e}");
-                        return ExitCode::FAILURE;
-                    }
-                };
-                tokio::spawn(release_memory::after_rests());
-                let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-                let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM"),
-                    _ = int.recv() => tracing::info!("SIGINT"),
-                }
-                if handle.drain(drain_timeout).await {
-                    tracing::info!("drained; exiting");
-                } else {
-                    tracing::warn!("drain deadline passed; exiting with work in flight");
-                }
-                ExitCode::SUCCESS
-            })
-        })
+        .spawn(move || rt.block_on(serve_until_signal(config, drain_timeout, watch_interval)))
         .expect("worker thread");
     serving.join().unwrap_or(ExitCode::FAILURE)
+}
+
+/// Starts the proxy on `config`, waits for SIGTERM or SIGINT, then drains.
+async fn serve_until_signal(
+    config: PathBuf,
+    drain_timeout: Duration,
+    watch_interval: Duration,
+) -> ExitCode {
+    let options = app::Options {
+        config_path: config,
+        watch_interval: (!watch_interval.is_zero()).then_some(watch_interval),
+    };
+    let handle = match app::start(options).await {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    tokio::spawn(release_memory::after_rests());
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM"),
+        _ = int.recv() => tracing::info!("SIGINT"),
+    }
+    if handle.drain(drain_timeout).await {
+        tracing::info!("drained; exiting");
+    } else {
+        tracing::warn!("drain deadline passed; exiting with work in flight");
+    }
+    ExitCode::SUCCESS
 }
 
 fn wait_ready(admin: std::net::SocketAddr, timeout: Duration) -> ExitCode {
