@@ -516,7 +516,7 @@ async fn serve_until_signal(
             return ExitCode::FAILURE;
         }
     };
-    tokio::spawn(release_memory::after_rests());
+    tokio::spawn(release_memory::after_frees());
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
     tokio::select! {

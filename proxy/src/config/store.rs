@@ -26,6 +26,16 @@ use outrigger_core::inbound::Inbound;
 
 pub const DEFAULT_POLL: Duration = Duration::from_millis(200);
 
+/// Configs accepted since the process started, counting the first.
+static ACCEPTED: AtomicU64 = AtomicU64::new(0);
+
+/// How many configs this process has accepted. Building one allocates far more than the
+/// result keeps (the file's parsed form, the old snapshot), so a change here tells the
+/// memory releaser that free pages are likely to be found.
+pub fn accepted_configs() -> u64 {
+    ACCEPTED.load(Ordering::Relaxed)
+}
+
 pub struct Rejection {
     pub error: ConfigError,
     pub at_unix: u64,
@@ -43,8 +53,29 @@ pub struct XdsOverlay {
 
 struct Inputs {
     /// The file text last looked at, accepted or not; the poller compares against it.
-    text: String,
+    seen: Fingerprint,
     overlay: Option<XdsOverlay>,
+}
+
+/// What is kept of a file's text to tell whether it changed: its length and a hash. The
+/// text itself is not kept, as a file of 10,000 virtual hosts is 1.2 MB; whoever could
+/// forge a collision can write the file, and so already sets the config.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    len: usize,
+    hash: u64,
+}
+
+impl Fingerprint {
+    fn of(text: &str) -> Self {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::hash::DefaultHasher::new();
+        text.hash(&mut hasher);
+        Fingerprint {
+            len: text.len(),
+            hash: hasher.finish(),
+        }
+    }
 }
 
 pub struct ConfigStore {
@@ -121,6 +152,7 @@ impl ConfigStore {
         let config = RuntimeConfig::from_model(&source, file, 1, None)?;
         config.resolve_series(&metrics);
         metrics.config_reload(true, 1);
+        ACCEPTED.fetch_add(1, Ordering::Relaxed);
         Ok(ConfigStore {
             path,
             current: Arc::new(ArcSwap::from_pointee(config)),
@@ -131,7 +163,7 @@ impl ConfigStore {
             rds_names,
             lds_names,
             inputs: Mutex::new(Inputs {
-                text,
+                seen: Fingerprint::of(&text),
                 overlay: None,
             }),
             metrics,
@@ -159,20 +191,25 @@ impl ConfigStore {
         let mut inputs = self.inputs.lock().unwrap_or_else(|p| p.into_inner());
         match std::fs::read_to_string(&self.path) {
             Ok(text) => {
-                inputs.text = text;
-                let (text, overlay) = (inputs.text.clone(), inputs.overlay.clone());
+                inputs.seen = Fingerprint::of(&text);
+                let overlay = inputs.overlay.clone();
                 self.rebuild(&source, &text, overlay.as_ref())
             }
             Err(e) => self.reject(ConfigError::io(&source, &e)),
         }
     }
 
-    /// Applies routes and clusters from the control plane. On error nothing changes, and
-    /// the caller NACKs with the message.
+    /// Applies routes and clusters from the control plane, merged with the file as it is
+    /// now. On error (the file unreadable or invalid, or the merge invalid) nothing changes,
+    /// and the caller NACKs with the message.
     pub fn apply_xds(&self, overlay: XdsOverlay) -> Result<u64, ConfigError> {
         let source = self.path.display().to_string();
         let mut inputs = self.inputs.lock().unwrap_or_else(|p| p.into_inner());
-        let text = inputs.text.clone();
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) => return self.reject(ConfigError::io(&source, &e)),
+        };
+        inputs.seen = Fingerprint::of(&text);
         let version = self.rebuild(&source, &text, Some(&overlay))?;
         inputs.overlay = Some(overlay);
         self.xds_synced.store(true, Ordering::Relaxed);
@@ -200,6 +237,7 @@ impl ConfigStore {
                 self.last_rejection.store(None);
                 self.loaded_at_unix.store(unix_now(), Ordering::Relaxed);
                 self.metrics.config_reload(true, version);
+                ACCEPTED.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(version, file = %source, xds = overlay.is_some(), "config accepted");
                 Ok(version)
             }
@@ -219,7 +257,9 @@ impl ConfigStore {
 
     fn changed_on_disk(&self) -> bool {
         match std::fs::read_to_string(&self.path) {
-            Ok(text) => self.inputs.lock().unwrap_or_else(|p| p.into_inner()).text != text,
+            Ok(text) => {
+                self.inputs.lock().unwrap_or_else(|p| p.into_inner()).seen != Fingerprint::of(&text)
+            }
             Err(_) => false,
         }
     }
@@ -278,4 +318,55 @@ fn same_listeners(
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONFIG: &str = "listeners:\n  - name: out\n    address: 127.0.0.1:0\n    direction: outbound\n    virtual_hosts:\n      - name: all\n        domains: [\"*\"]\n        routes:\n          - backends: [{cluster: web}]\nclusters:\n  - name: web\n    endpoints: [{address: \"127.0.0.1:1\"}]\n";
+
+    fn store_on(name: &str, text: &str) -> (ConfigStore, PathBuf) {
+        let path = std::env::temp_dir().join(format!("store-{name}-{}.yaml", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        let store = ConfigStore::load(path.clone(), Arc::new(Metrics::new())).unwrap();
+        (store, path)
+    }
+
+    #[test]
+    fn a_change_on_disk_is_seen_without_the_text_being_kept() {
+        let (store, path) = store_on("seen", CONFIG);
+        assert!(!store.changed_on_disk());
+        // Same length, other content: the hash, not the length, tells.
+        std::fs::write(&path, CONFIG.replace("web", "api")).unwrap();
+        assert!(store.changed_on_disk());
+        assert_eq!(store.reload().unwrap(), 2);
+        assert!(!store.changed_on_disk());
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn control_plane_config_merges_with_the_file_as_it_is_now() {
+        let (store, path) = store_on("merge", CONFIG);
+        let before = accepted_configs();
+        assert_eq!(store.apply_xds(XdsOverlay::default()).unwrap(), 2);
+        assert!(accepted_configs() > before);
+
+        // A file that cannot be read refuses the update, names the file, and keeps the
+        // config serving.
+        std::fs::remove_file(&path).unwrap();
+        let error = store.apply_xds(XdsOverlay::default()).unwrap_err();
+        assert!(
+            error.to_string().contains(&*path.display().to_string()),
+            "{error}"
+        );
+        assert_eq!(store.current.load().version, 2);
+        assert!(store.last_rejection.load().is_some());
+
+        // A file that no longer parses refuses it too.
+        std::fs::write(&path, "listeners: [").unwrap();
+        assert!(store.apply_xds(XdsOverlay::default()).is_err());
+        assert_eq!(store.current.load().version, 2);
+        std::fs::remove_file(&path).unwrap();
+    }
 }
