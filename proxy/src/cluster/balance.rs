@@ -276,9 +276,9 @@ impl Endpoint {
         Duration::from_nanos(f64::from_bits(self.ewma.load(Ordering::Relaxed)) as u64)
     }
 
-    fn observe(&self, rtt: Duration) {
+    /// `now` is `now_nanos()` at the sample, read once by the caller.
+    fn observe(&self, rtt: Duration, now: u64) {
         let rtt = rtt.as_nanos() as f64;
-        let now = now_nanos();
         let elapsed = now.saturating_sub(self.stamp.swap(now, Ordering::Relaxed)) as f64;
         let old = f64::from_bits(self.ewma.load(Ordering::Relaxed));
         // Racing updates may lose one sample; the estimate is a heuristic, not an account.
@@ -297,7 +297,7 @@ impl Endpoint {
         self.load.issued();
         InFlight {
             endpoint: self.clone(),
-            started: Instant::now(),
+            started: now_nanos(),
             counted: std::cell::Cell::new(false),
         }
     }
@@ -310,31 +310,49 @@ const MAX_OVERLOAD_PENALTY: Duration = Duration::from_secs(10);
 
 pub struct InFlight {
     endpoint: Arc<Endpoint>,
-    started: Instant,
+    /// `now_nanos()` when it started.
+    started: u64,
     /// Its outcome is in the endpoint's load report.
     counted: std::cell::Cell<bool>,
 }
 
+/// The moment a try's answer came, read once for the load report and the latency estimate:
+/// a clock read costs more than the arithmetic around it.
+#[derive(Clone, Copy)]
+pub struct Answered {
+    at: u64,
+    took: Duration,
+}
+
 impl InFlight {
+    /// Reads the clock for what the try's end records.
+    pub fn answered(&self) -> Answered {
+        let at = now_nanos();
+        Answered {
+            at,
+            took: Duration::from_nanos(at.saturating_sub(self.started)),
+        }
+    }
+
     /// Counts the try in the endpoint's load report: success or error, and its latency.
-    pub fn finished(&self, success: bool) {
+    pub fn finished(&self, success: bool, at: Answered) {
         self.counted.set(true);
-        self.endpoint.load.finished(success, self.started.elapsed());
+        self.endpoint.load.finished(success, at.took);
     }
 
     /// Records the time to the response head as a latency sample.
-    pub fn responded(&self) {
-        self.endpoint.observe(self.started.elapsed());
+    pub fn responded(&self, at: Answered) {
+        self.endpoint.observe(at.took, at.at);
     }
 
     /// The endpoint answered that it is overloaded (429, or a `Retry-After`): load, not
     /// failure. It is not ejected, but its latency estimate takes the wait it asked for (a
     /// second if it named none), so power-of-two-choices steers away until that decays.
-    pub fn overloaded(&self, retry_after: Option<Duration>) {
+    pub fn overloaded(&self, retry_after: Option<Duration>, at: Answered) {
         let asked = retry_after
             .unwrap_or(OVERLOAD_PENALTY)
             .min(MAX_OVERLOAD_PENALTY);
-        self.endpoint.observe(self.started.elapsed().max(asked));
+        self.endpoint.observe(at.took.max(asked), at.at);
     }
 }
 
@@ -343,7 +361,7 @@ impl Drop for InFlight {
         // Given up before an answer (the request's timeout, or its caller left): an error in
         // the load report, as a reset upstream request is in Envoy's.
         if !self.counted.get() {
-            self.endpoint.load.finished(false, self.started.elapsed());
+            self.endpoint.load.finished(false, self.answered().took);
         }
         self.endpoint.outstanding.fetch_sub(1, Ordering::Relaxed);
     }
@@ -381,8 +399,8 @@ mod tests {
     #[test]
     fn peak_ewma_avoids_the_slow_endpoint() {
         let c = cluster(2, LbPolicy::PeakEwma);
-        c.endpoints[0].observe(Duration::from_millis(200));
-        c.endpoints[1].observe(Duration::from_millis(2));
+        c.endpoints[0].observe(Duration::from_millis(200), now_nanos());
+        c.endpoints[1].observe(Duration::from_millis(2), now_nanos());
         let slow_picks = (0..100)
             .filter(|_| c.pick().unwrap().addr.port() == 1000)
             .count();
@@ -392,9 +410,10 @@ mod tests {
     #[test]
     fn an_endpoint_that_says_it_is_overloaded_is_steered_around() {
         let c = cluster(2, LbPolicy::PeakEwma);
-        c.endpoints[1].observe(Duration::from_millis(2));
-        c.endpoints[0].observe(Duration::from_millis(2));
-        c.endpoints[0].start().overloaded(None);
+        c.endpoints[1].observe(Duration::from_millis(2), now_nanos());
+        c.endpoints[0].observe(Duration::from_millis(2), now_nanos());
+        let try_ = c.endpoints[0].start();
+        try_.overloaded(None, try_.answered());
         assert!((0..50).all(|_| c.pick().unwrap().addr.port() == 1001));
         assert!(!c.endpoints[0].outlier.is_ejected(), "load is not failure");
     }

@@ -45,7 +45,7 @@ where
             copy_with_idle_timeout(downstream, upstream, idle_timeout).await
         }
     };
-    in_flight.finished(copied.is_ok());
+    in_flight.finished(copied.is_ok(), in_flight.answered());
     copied
 }
 

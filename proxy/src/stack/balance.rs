@@ -91,9 +91,10 @@ pub async fn attempt(
     };
     // As Envoy's load reports count it: a 5xx or no answer is an error, anything else a
     // success.
+    let answered = in_flight.answered();
     match &result {
-        Ok(resp) => in_flight.finished(!resp.status().is_server_error()),
-        Err(_) => in_flight.finished(false),
+        Ok(resp) => in_flight.finished(!resp.status().is_server_error(), answered),
+        Err(_) => in_flight.finished(false, answered),
     }
     let ejected = health.is_some_and(|h| cluster.observe(endpoint, h));
     if ejected {
@@ -116,9 +117,9 @@ pub async fn attempt(
     }
     let resp = result?;
     if overloaded(&resp) {
-        in_flight.overloaded(retry_after(resp.headers()));
+        in_flight.overloaded(retry_after(resp.headers()), answered);
     } else {
-        in_flight.responded();
+        in_flight.responded(answered);
     }
     Ok(resp)
 }

@@ -133,25 +133,28 @@ async fn forward<'a>(
         trace: ex.trace.as_ref(),
     };
     let policy = route.retry.as_deref().filter(|p| p.retries > 0 && !upgrade);
+    // One clock read for the request's deadline, which the timeout below and the retries'
+    // backoffs both keep to.
+    let deadline = tokio::time::Instant::now() + timeout;
     let send = async {
         if !mirrored || bodiless || upgrade {
-            return retry::send(&call, policy, timeout, req, upgrade).await;
+            return retry::send(&call, policy, deadline, req, upgrade).await;
         }
         match retry::replayable(req).await? {
             retry::Replay::Ready(head, body) => {
                 mirror::copy(ctx, route, &head, &body, &host);
-                retry::send_buffered(&call, policy, timeout, head, body).await
+                retry::send_buffered(&call, policy, deadline, head, body).await
             }
             retry::Replay::Once(req) => {
                 mirror::skipped(ctx, route);
-                retry::send(&call, policy, timeout, req, upgrade).await
+                retry::send(&call, policy, deadline, req, upgrade).await
             }
         }
     };
     // Boxed: the tries, backoffs and pool below make this the largest part of a request's
     // future. Each layer above it (the timeout, this function, the request's own future, and
     // the connection's slot for it) would otherwise copy all of it, once per request.
-    let mut resp = timeout::within(timeout, Box::pin(send))
+    let mut resp = timeout::within(deadline, Box::pin(send))
         .await
         .map_err(|_| timeout::expired(timeout))??;
     match downstream_upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS) {

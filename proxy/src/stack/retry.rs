@@ -23,14 +23,13 @@ use crate::upstream::http1_pool::UpstreamBody;
 pub async fn send(
     call: &Call<'_>,
     policy: Option<&RetryPolicy>,
-    timeout: Duration,
+    deadline: tokio::time::Instant,
     req: Request<Incoming>,
     upgrade: bool,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
     match policy {
         Some(policy) => match replayable(req).await? {
             Replay::Ready(head, body) => {
-                let deadline = tokio::time::Instant::now() + timeout;
                 send_with_retries(call, policy, deadline, head, body).await
             }
             Replay::Once(req) => balance::send_once(call, req.map(|b| b.boxed()), false).await,
@@ -63,15 +62,12 @@ impl Head {
 pub async fn send_buffered(
     call: &Call<'_>,
     policy: Option<&RetryPolicy>,
-    timeout: Duration,
+    deadline: tokio::time::Instant,
     head: Head,
     body: Bytes,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
     match policy {
-        Some(policy) => {
-            let deadline = tokio::time::Instant::now() + timeout;
-            send_with_retries(call, policy, deadline, head, body).await
-        }
+        Some(policy) => send_with_retries(call, policy, deadline, head, body).await,
         None => balance::send_once(call, head.request(body), false).await,
     }
 }

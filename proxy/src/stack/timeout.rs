@@ -13,10 +13,10 @@ pub fn for_request(route_timeout: Duration, headers: &HeaderMap) -> Duration {
     grpc_timeout(headers).map_or(route_timeout, |t| t.min(route_timeout))
 }
 
-/// The inner stages, cut off at `timeout`. A plain `Timeout` rather than another async layer:
+/// The inner stages, cut off at `deadline`. A plain `Timeout` rather than another async layer:
 /// the inner future is large, and each layer would move it once more per request.
-pub fn within<F: Future>(timeout: Duration, inner: F) -> tokio::time::Timeout<F> {
-    tokio::time::timeout(timeout, inner)
+pub fn within<F: Future>(deadline: tokio::time::Instant, inner: F) -> tokio::time::Timeout<F> {
+    tokio::time::timeout_at(deadline, inner)
 }
 
 /// What the caller gets when the timeout passes: a 504.
@@ -70,8 +70,13 @@ mod tests {
             Ok::<_, ProxyError>(())
         };
         let t = Duration::from_secs(1);
-        let err = within(t, slow).await.map_err(|_| expired(t)).unwrap_err();
+        let started = tokio::time::Instant::now();
+        let err = within(started + t, slow)
+            .await
+            .map_err(|_| expired(t))
+            .unwrap_err();
         assert!(matches!(err, ProxyError::UpstreamTimeout { after } if after == t));
+        assert_eq!(started.elapsed(), t);
     }
 
     #[test]

@@ -287,7 +287,7 @@ mod tests {
         for (i, ok) in [(0, true), (0, true), (1, false)] {
             let e = &c.endpoints[i];
             let t = e.start();
-            t.finished(ok);
+            t.finished(ok, t.answered());
         }
         let stats = cluster_stats(&c, true, Duration::from_secs(5)).expect("traffic");
         let l = &stats.upstream_locality_stats[0];
@@ -329,8 +329,10 @@ mod tests {
             endpoints: false,
         };
         let (a, b) = (cluster("a"), cluster("b"));
-        a.endpoints[0].start().finished(true);
-        b.endpoints[0].start().finished(true);
+        for cluster in [&a, &b] {
+            let try_ = cluster.endpoints[0].start();
+            try_.finished(true, try_.answered());
+        }
         let clusters: HashMap<String, Arc<Cluster>> =
             [("a".into(), Arc::new(a)), ("b".into(), Arc::new(b))].into();
         let report = take_report(&clusters, &wanted, Duration::from_secs(1));
