@@ -189,14 +189,9 @@ impl ConfigStore {
     pub fn reload(&self) -> Result<u64, ConfigError> {
         let source = self.path.display().to_string();
         let mut inputs = self.inputs.lock().unwrap_or_else(|p| p.into_inner());
-        match std::fs::read_to_string(&self.path) {
-            Ok(text) => {
-                inputs.seen = Fingerprint::of(&text);
-                let overlay = inputs.overlay.clone();
-                self.rebuild(&source, &text, overlay.as_ref())
-            }
-            Err(e) => self.reject(ConfigError::io(&source, &e)),
-        }
+        let text = self.look_at_file(&source, &mut inputs)?;
+        let overlay = inputs.overlay.clone();
+        self.rebuild(&source, &text, overlay.as_ref())
     }
 
     /// Applies routes and clusters from the control plane, merged with the file as it is
@@ -205,15 +200,23 @@ impl ConfigStore {
     pub fn apply_xds(&self, overlay: XdsOverlay) -> Result<u64, ConfigError> {
         let source = self.path.display().to_string();
         let mut inputs = self.inputs.lock().unwrap_or_else(|p| p.into_inner());
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(text) => text,
-            Err(e) => return self.reject(ConfigError::io(&source, &e)),
-        };
-        inputs.seen = Fingerprint::of(&text);
+        let text = self.look_at_file(&source, &mut inputs)?;
         let version = self.rebuild(&source, &text, Some(&overlay))?;
         inputs.overlay = Some(overlay);
         self.xds_synced.store(true, Ordering::Relaxed);
         Ok(version)
+    }
+
+    /// The file's text as it is now, which the poller then compares against; a file that
+    /// cannot be read is a rejected config. Callers hold the `inputs` lock.
+    fn look_at_file(&self, source: &str, inputs: &mut Inputs) -> Result<String, ConfigError> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(text) => {
+                inputs.seen = Fingerprint::of(&text);
+                Ok(text)
+            }
+            Err(e) => Err(self.reject(ConfigError::io(source, &e))),
+        }
     }
 
     /// Callers hold the `inputs` lock.
@@ -241,18 +244,19 @@ impl ConfigStore {
                 tracing::info!(version, file = %source, xds = overlay.is_some(), "config accepted");
                 Ok(version)
             }
-            Err(error) => self.reject(error),
+            Err(error) => Err(self.reject(error)),
         }
     }
 
-    fn reject(&self, error: ConfigError) -> Result<u64, ConfigError> {
+    /// Records a refused config and hands its error back.
+    fn reject(&self, error: ConfigError) -> ConfigError {
         tracing::error!(%error, "config rejected; the previous config keeps serving");
         self.metrics.config_reload(false, 0);
         self.last_rejection.store(Some(Arc::new(Rejection {
             error: error.clone(),
             at_unix: unix_now(),
         })));
-        Err(error)
+        error
     }
 
     fn changed_on_disk(&self) -> bool {
