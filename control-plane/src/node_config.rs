@@ -83,7 +83,7 @@ pub fn node_config_json(
         .iter()
         .map(|(t, s)| {
             (
-                t.clone(),
+                t.to_string(),
                 json!({"sent_version": s.sent_version.map(|v| v.to_string()), "acked_version": s.acked_version, "refusing": s.refusing}),
             )
         })

@@ -17,7 +17,8 @@ pub struct TypeStatus {
     /// When the last push went out, until its ACK comes back.
     pub sent_at: Option<std::time::Instant>,
     pub acked_version: Option<String>,
-    pub last_nack: Option<Nack>,
+    /// Boxed: most nodes never NACK, and a node's status is kept for as long as it is connected.
+    pub last_nack: Option<Box<Nack>>,
     pub nacks: u64,
     /// Its last answer for this type was a NACK: it still runs an older config.
     pub refusing: bool,
@@ -36,7 +37,9 @@ pub struct NodeStatus {
     pub cluster: String,
     /// The SPIFFE ID it proved, over mTLS.
     pub identity: Option<String>,
-    pub types: BTreeMap<String, TypeStatus>,
+    /// By the type's short name (`Cluster`, …), in name order. A node has a few at most, so a
+    /// sorted vector: a map's node would hold room for eleven, per node.
+    pub types: Vec<(&'static str, TypeStatus)>,
     /// When its last stream closed; a node gone for `NODE_GRACE` is forgotten.
     pub gone_since: Option<std::time::Instant>,
 }
@@ -67,8 +70,29 @@ impl Default for NodeRegistry {
     }
 }
 
-fn short(type_url: &str) -> String {
-    type_url.rsplit('.').next().unwrap_or(type_url).to_string()
+/// The short name of a served type (`…cluster.v3.Cluster` → `Cluster`).
+fn short(type_url: &str) -> &'static str {
+    let served = crate::translate::PUSH_ORDER
+        .iter()
+        .find(|t| **t == type_url)
+        .copied()
+        .unwrap_or("unknown");
+    served.rsplit('.').next().unwrap_or(served)
+}
+
+impl NodeStatus {
+    /// The status of one served type, added (in name order) at its first use.
+    fn of_type(&mut self, type_url: &str) -> &mut TypeStatus {
+        let name = short(type_url);
+        let at = match self.types.binary_search_by(|(t, _)| (*t).cmp(name)) {
+            Ok(at) => at,
+            Err(at) => {
+                self.types.insert(at, (name, TypeStatus::default()));
+                at
+            }
+        };
+        &mut self.types[at].1
+    }
 }
 
 impl NodeRegistry {
@@ -166,7 +190,7 @@ impl NodeRegistry {
 
     pub fn sent(&self, node: &str, type_url: &str, version: u64) {
         self.with(node, type_url, |n| {
-            let t = n.types.entry(short(type_url)).or_default();
+            let t = n.of_type(type_url);
             t.sent_version = Some(version);
             t.sent_at = Some(std::time::Instant::now());
         });
@@ -175,7 +199,7 @@ impl NodeRegistry {
 
     pub fn acked(&self, node: &str, type_url: &str, version: &str) {
         let waited = self.with(node, type_url, |n| {
-            let t = n.types.entry(short(type_url)).or_default();
+            let t = n.of_type(type_url);
             t.acked_version = Some(xds_limits::truncate(version, xds_limits::MAX_NAME).to_string());
             t.refusing = false;
             t.sent_at.take().map(|at| at.elapsed())
@@ -190,7 +214,7 @@ impl NodeRegistry {
         let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         nodes
             .iter()
-            .map(|(id, n)| (id.clone(), n.types.values().map(|t| t.nacks).sum()))
+            .map(|(id, n)| (id.clone(), n.types.iter().map(|(_, t)| t.nacks).sum()))
             .collect()
     }
 
@@ -199,15 +223,15 @@ impl NodeRegistry {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         self.with(node, type_url, |n| {
-            let t = n.types.entry(short(type_url)).or_default();
+            let t = n.of_type(type_url);
             t.nacks += 1;
             t.refusing = true;
             t.sent_at = None;
-            t.last_nack = Some(Nack {
+            t.last_nack = Some(Box::new(Nack {
                 version: xds_limits::truncate(version, xds_limits::MAX_NAME).to_string(),
                 message: xds_limits::truncate(message, xds_limits::MAX_MESSAGE).to_string(),
                 at_unix,
-            });
+            }));
         });
     }
 
@@ -287,7 +311,7 @@ impl NodeRegistry {
                     .types
                     .iter()
                     .map(|(t, s)| {
-                        (t.clone(), json!({
+                        (t.to_string(), json!({
                             "sent_version": s.sent_version.map(|v| v.to_string()),
                             "acked_version": s.acked_version,
                             "nacks": s.nacks,
@@ -302,5 +326,47 @@ impl NodeRegistry {
             })
             .collect();
         Value::Object(entries)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::translate::{CLUSTER_TYPE, ENDPOINT_TYPE, ROUTE_TYPE};
+
+    #[test]
+    fn a_node_keeps_one_status_per_served_type_in_name_order() {
+        let nodes = NodeRegistry::default();
+        nodes.connected("a", "svc", None).unwrap();
+        nodes.sent("a", ROUTE_TYPE, 3);
+        nodes.sent("a", CLUSTER_TYPE, 3);
+        nodes.sent("a", ENDPOINT_TYPE, 3);
+        nodes.acked("a", CLUSTER_TYPE, "3");
+        nodes.nacked("a", ROUTE_TYPE, "3", "bad route");
+        nodes.sent("a", "type.googleapis.com/not.Served", 3);
+        nodes.sent("a", ROUTE_TYPE, 4);
+
+        let a = nodes.node("a").unwrap();
+        let names: Vec<_> = a.types.iter().map(|(t, _)| *t).collect();
+        assert_eq!(
+            names,
+            ["Cluster", "ClusterLoadAssignment", "RouteConfiguration"]
+        );
+        let route = &a
+            .types
+            .iter()
+            .find(|(t, _)| *t == "RouteConfiguration")
+            .unwrap()
+            .1;
+        assert_eq!(
+            (route.sent_version, route.nacks, route.refusing),
+            (Some(4), 1, true)
+        );
+        assert_eq!(route.last_nack.as_ref().unwrap().message, "bad route");
+
+        let json = nodes.to_json();
+        assert_eq!(json["a"]["types"]["Cluster"]["acked_version"], "3");
+        assert_eq!(json["a"]["types"]["RouteConfiguration"]["nacks"], 1);
+        assert_eq!(nodes.nacks_per_node(), [("a".to_string(), 1)]);
     }
 }
