@@ -14,13 +14,13 @@ use std::task::{Context, Poll};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use tokio::sync::mpsc;
+use tonic::Status;
 use tonic::server::NamedService;
-use tonic::{Status, Streaming};
 
 use crate::ads_delta::DeltaStream;
 use crate::ads_stream::{Protocol, run_stream};
 use crate::ads_transport::{
-    MAX_REQUEST, Outbound, answer, grpc_frame, refuse, requests, streaming_response,
+    MAX_REQUEST, Outbound, Requests, answer, grpc_frame, refuse, requests, streaming_response,
 };
 use crate::node_status::NodeRegistry;
 use crate::secure_xds::Caller;
@@ -39,7 +39,7 @@ impl Ads {
     pub(crate) fn open<P: Protocol>(
         &self,
         caller: Option<&Caller>,
-        requests: Streaming<P::Request>,
+        requests: Requests<P::Request>,
     ) -> Result<mpsc::Receiver<Outbound>, Status> {
         let (tx, rx) = mpsc::channel(16);
         // Over mTLS, the certificate says who the node is; its metadata only claims it. The

@@ -8,9 +8,9 @@ use std::sync::atomic::AtomicU64;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use tokio::sync::mpsc;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
-use crate::ads_transport::Outbound;
+use crate::ads_transport::{Outbound, Requests};
 use crate::node_status::NodeRegistry;
 use crate::snapshot::{Publisher, Snapshot};
 use crate::translate::PUSH_ORDER;
@@ -21,7 +21,7 @@ use outrigger_core::xds_sds;
 
 /// What differs between state-of-the-world and delta; the stream loop is shared.
 pub(crate) trait Protocol: Sized + Send + 'static {
-    type Request: Send + 'static;
+    type Request: prost::Message + Default + Send + 'static;
     type Response: Send + 'static;
     fn node(req: &Self::Request) -> Option<&Node>;
     /// Refuses a request whose strings or lists exceed what a stream may make us hold.
@@ -173,7 +173,7 @@ fn only_endpoints_changed(seen: &Snapshot, base: &Snapshot) -> bool {
 /// each event is handled in a boxed future that is freed when it is done.
 pub(crate) async fn run_stream<P: Protocol>(
     proven: Option<SpiffeId>,
-    mut inbound: Streaming<P::Request>,
+    mut inbound: Requests<P::Request>,
     out: mpsc::Sender<Outbound>,
     publisher: Arc<Publisher>,
     nodes: Arc<NodeRegistry>,

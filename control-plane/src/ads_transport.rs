@@ -5,9 +5,10 @@
 //! largest response it ever sent (the first full push, tens of kilobytes), for as long as the
 //! stream lives. With 10,000 proxies that buffer was a third of the control plane's memory.
 //! Here a stream's task encodes each response once, into a buffer of exactly its size, and
-//! the connection writes that buffer and frees it. Requests are still read by tonic's decoder,
-//! which starts small and grows only for a large request.
+//! the connection writes that buffer and frees it. Requests are read the same way: a buffer
+//! holds a message only until it is complete.
 
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -15,8 +16,6 @@ use bytes::{BufMut, Bytes, BytesMut};
 use http_body::Frame;
 use tokio::sync::mpsc;
 use tonic::Status;
-use tonic::codec::{BufferSettings, CompressionEncoding, Streaming};
-use tonic_prost::ProstDecoder;
 
 /// What a stream's task hands its connection: an encoded response, or the status that ends
 /// the stream.
@@ -25,8 +24,6 @@ pub(crate) type Outbound = Result<Bytes, Status>;
 /// A request larger than this is refused (tonic's own default): an Envoy's first request,
 /// with its node's extension list, is tens of kilobytes.
 pub(crate) const MAX_REQUEST: usize = 4 * 1024 * 1024;
-/// Where a stream's request buffer starts: a proxy's requests are a few hundred bytes.
-const REQUEST_BUFFER: usize = 1024;
 
 /// One gRPC message: the uncompressed flag, the length, then the message, in one buffer of
 /// exactly that size.
@@ -42,12 +39,91 @@ pub(crate) fn grpc_frame<M: prost::Message>(message: &M) -> Bytes {
 }
 
 /// A request's messages, decoded as they arrive; one over `max` bytes ends the stream.
-pub(crate) fn requests<T>(body: tonic::body::Body, max: usize) -> Streaming<T>
-where
-    T: prost::Message + Default + Send + 'static,
-{
-    let decoder = ProstDecoder::new(BufferSettings::new(REQUEST_BUFFER, 32 * 1024));
-    Streaming::new_request(decoder, body, None::<CompressionEncoding>, Some(max))
+pub(crate) fn requests<T: prost::Message + Default>(
+    body: tonic::body::Body,
+    max: usize,
+) -> Requests<T> {
+    Requests {
+        body,
+        buf: BytesMut::new(),
+        max,
+        ended: false,
+        message: PhantomData,
+    }
+}
+
+/// The messages of one call, read from its body.
+///
+/// Its buffer holds only a message not yet complete, and is freed once a message is decoded
+/// and nothing follows. A decoder that keeps its buffer (tonic's does) keeps the largest
+/// message a stream ever sent for as long as the stream lives: an Envoy's requests carry its
+/// node's extension list, tens of kilobytes, and a load report may be a megabyte.
+pub(crate) struct Requests<T> {
+    body: tonic::body::Body,
+    buf: BytesMut,
+    max: usize,
+    ended: bool,
+    message: PhantomData<fn() -> T>,
+}
+
+impl<T: prost::Message + Default> Requests<T> {
+    /// The next message; `None` once the client has ended the call cleanly.
+    pub(crate) async fn message(&mut self) -> Result<Option<T>, Status> {
+        use http_body_util::BodyExt;
+        loop {
+            if let Some(message) = self.decode()? {
+                return Ok(Some(message));
+            }
+            if self.ended {
+                return match self.buf.is_empty() {
+                    true => Ok(None),
+                    false => Err(Status::internal("the call ended inside a message")),
+                };
+            }
+            match self.body.frame().await {
+                None => self.ended = true,
+                Some(Err(status)) => return Err(status),
+                // Trailers from a client carry nothing a server needs.
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+
+    /// A whole message off the front of the buffer, if there is one.
+    fn decode(&mut self) -> Result<Option<T>, Status> {
+        if self.buf.len() < 5 {
+            return Ok(None);
+        }
+        if self.buf[0] != 0 {
+            return Err(Status::unimplemented(
+                "this server takes uncompressed messages only",
+            ));
+        }
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if len > self.max {
+            // The code tonic gives a message over its limit, which callers count as such.
+            return Err(Status::out_of_range(format!(
+                "a message of {len} bytes; the limit is {} bytes",
+                self.max
+            )));
+        }
+        // No room is set aside for the length a message claims: the buffer grows with what
+        // arrives, so a client that claims 4 MB and sends a byte costs a byte.
+        if self.buf.len() < 5 + len {
+            return Ok(None);
+        }
+        let frame = self.buf.split_to(5 + len);
+        if self.buf.is_empty() {
+            self.buf = BytesMut::new();
+        }
+        T::decode(&frame[5..])
+            .map(Some)
+            .map_err(|e| Status::internal(format!("a message that does not decode: {e}")))
+    }
 }
 
 /// The response body of one stream: what its task sends, then the trailers.
@@ -176,6 +252,77 @@ mod tests {
             assert_eq!(trailers.get("grpc-status").unwrap(), code);
             let data = collected.to_bytes();
             assert_eq!(data.len(), 2 * grpc_frame(&response("1")).len());
+        }
+    }
+
+    /// A call's body that delivers `chunks` as its DATA frames, then ends.
+    fn body_of(chunks: Vec<Bytes>) -> tonic::body::Body {
+        let frames = chunks.into_iter().map(|c| Ok::<_, Status>(Frame::data(c)));
+        tonic::body::Body::new(http_body_util::StreamBody::new(tokio_stream::iter(frames)))
+    }
+
+    #[tokio::test]
+    async fn messages_are_read_across_frames_and_the_buffer_is_freed_between_them() {
+        let (one, two) = (grpc_frame(&response("1")), grpc_frame(&response("2")));
+        let big = grpc_frame(&DiscoveryResponse {
+            version_info: "x".repeat(40_000),
+            ..Default::default()
+        });
+        // The first message in three pieces, the second and a large third in one frame.
+        let mut both = BytesMut::new();
+        both.extend_from_slice(&two);
+        both.extend_from_slice(&big);
+        let chunks = vec![
+            one.slice(..2),
+            one.slice(2..7),
+            one.slice(7..),
+            both.freeze(),
+        ];
+        let mut requests = requests::<DiscoveryResponse>(body_of(chunks), MAX_REQUEST);
+        assert_eq!(requests.message().await.unwrap().unwrap(), response("1"));
+        assert_eq!(
+            requests.buf.capacity(),
+            0,
+            "nothing follows the first message"
+        );
+        assert_eq!(requests.message().await.unwrap().unwrap(), response("2"));
+        assert_eq!(
+            requests
+                .message()
+                .await
+                .unwrap()
+                .unwrap()
+                .version_info
+                .len(),
+            40_000
+        );
+        assert_eq!(
+            requests.buf.capacity(),
+            0,
+            "the large message's room is given back"
+        );
+        assert_eq!(requests.message().await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn a_bad_message_ends_the_call_with_a_status_that_says_why() {
+        let one = grpc_frame(&response("1"));
+        let mut compressed = one.to_vec();
+        compressed[0] = 1;
+        let mut oversized = one.to_vec();
+        oversized[1..5].copy_from_slice(&(MAX_REQUEST as u32 + 1).to_be_bytes());
+        let cases = [
+            (vec![Bytes::from(compressed)], tonic::Code::Unimplemented),
+            (vec![Bytes::from(oversized)], tonic::Code::OutOfRange),
+            (vec![one.slice(..one.len() - 1)], tonic::Code::Internal),
+            (
+                vec![Bytes::from_static(&[0, 0, 0, 0, 2, 0xff, 0xff])],
+                tonic::Code::Internal,
+            ),
+        ];
+        for (chunks, code) in cases {
+            let mut requests = requests::<DiscoveryResponse>(body_of(chunks), MAX_REQUEST);
+            assert_eq!(requests.message().await.unwrap_err().code(), code);
         }
     }
 }

@@ -20,9 +20,11 @@ use outrigger_core::spiffe::SpiffeId;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::server::NamedService;
-use tonic::{Code, Status, Streaming};
+use tonic::{Code, Status};
 
-use crate::ads_transport::{Outbound, answer, grpc_frame, refuse, requests, streaming_response};
+use crate::ads_transport::{
+    Outbound, Requests, answer, grpc_frame, refuse, requests, streaming_response,
+};
 use crate::secure_xds::Caller;
 use crate::service_graph::{EdgeReport, ServiceGraph};
 use crate::snapshot::Publisher;
@@ -137,7 +139,7 @@ impl LoadReporting {
     async fn stream(
         self,
         proven: Option<SpiffeId>,
-        mut reports: Streaming<LoadStatsRequest>,
+        mut reports: Requests<LoadStatsRequest>,
         tx: mpsc::Sender<Outbound>,
     ) {
         let first = match reports.message().await {
@@ -203,7 +205,7 @@ struct ReportStream {
 impl ReportStream {
     async fn run(
         self,
-        mut reports: Streaming<LoadStatsRequest>,
+        mut reports: Requests<LoadStatsRequest>,
         tx: mpsc::Sender<Outbound>,
         interval: Duration,
     ) {
