@@ -13,14 +13,15 @@ use std::task::{Context, Poll};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use tokio::sync::mpsc;
+use futures_util::SinkExt;
 use tonic::Status;
 use tonic::server::NamedService;
 
 use crate::ads_delta::DeltaStream;
 use crate::ads_stream::{Protocol, run_stream};
 use crate::ads_transport::{
-    MAX_REQUEST, Outbound, Requests, answer, grpc_frame, refuse, requests, streaming_response,
+    MAX_REQUEST, OutboundRx, OutboundTx, Requests, answer, grpc_frame, outbound, refuse, requests,
+    streaming_response,
 };
 use crate::node_status::NodeRegistry;
 use crate::secure_xds::Caller;
@@ -40,8 +41,8 @@ impl Ads {
         &self,
         caller: Option<&Caller>,
         requests: Requests<P::Request>,
-    ) -> Result<mpsc::Receiver<Outbound>, Status> {
-        let (tx, rx) = mpsc::channel(16);
+    ) -> Result<OutboundRx, Status> {
+        let (tx, rx) = outbound(16);
         // Over mTLS, the certificate says who the node is; its metadata only claims it. The
         // TLS port also takes callers without a certificate, for the CA's bootstrap, but
         // config is only for a node that proved who it is.
@@ -103,7 +104,7 @@ fn digest(resources: &[envoy_types::pb::google::protobuf::Any]) -> u64 {
 pub(crate) struct SotwStream {
     node: String,
     subs: HashMap<String, Subscription>,
-    out: mpsc::Sender<Outbound>,
+    out: OutboundTx,
     nodes: Arc<NodeRegistry>,
     nonce: Arc<AtomicU64>,
 }
@@ -122,7 +123,7 @@ impl Protocol for SotwStream {
 
     fn open(
         node: String,
-        out: mpsc::Sender<Outbound>,
+        out: OutboundTx,
         nodes: Arc<NodeRegistry>,
         nonce: Arc<AtomicU64>,
     ) -> Self {

@@ -16,11 +16,11 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
 use envoy_types::pb::google::protobuf::Any;
-use tokio::sync::mpsc;
+use futures_util::SinkExt;
 use tonic::Status;
 
 use crate::ads_stream::Protocol;
-use crate::ads_transport::{Outbound, grpc_frame};
+use crate::ads_transport::{OutboundTx, grpc_frame};
 use crate::node_status::NodeRegistry;
 use crate::snapshot::Snapshot;
 use crate::xds_limits;
@@ -70,7 +70,7 @@ impl DeltaSub {
 pub struct DeltaStream {
     node: String,
     subs: HashMap<String, DeltaSub>,
-    out: mpsc::Sender<Outbound>,
+    out: OutboundTx,
     nodes: Arc<NodeRegistry>,
     nonce: Arc<AtomicU64>,
 }
@@ -105,7 +105,7 @@ impl Protocol for DeltaStream {
 
     fn open(
         node: String,
-        out: mpsc::Sender<Outbound>,
+        out: OutboundTx,
         nodes: Arc<NodeRegistry>,
         nonce: Arc<AtomicU64>,
     ) -> Self {

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use tokio::sync::mpsc;
+use futures_util::SinkExt;
 use tonic::Status;
 
-use crate::ads_transport::{Outbound, Requests};
+use crate::ads_transport::{OutboundTx, Requests};
 use crate::node_status::NodeRegistry;
 use crate::snapshot::{Publisher, Snapshot};
 use crate::translate::PUSH_ORDER;
@@ -26,12 +26,8 @@ pub(crate) trait Protocol: Sized + Send + 'static {
     fn node(req: &Self::Request) -> Option<&Node>;
     /// Refuses a request whose strings or lists exceed what a stream may make us hold.
     fn check(req: &Self::Request) -> Result<(), Status>;
-    fn open(
-        node: String,
-        out: mpsc::Sender<Outbound>,
-        nodes: Arc<NodeRegistry>,
-        nonce: Arc<AtomicU64>,
-    ) -> Self;
+    fn open(node: String, out: OutboundTx, nodes: Arc<NodeRegistry>, nonce: Arc<AtomicU64>)
+    -> Self;
     fn node_id(&self) -> &str;
     /// Handles one request; false when the stream is gone.
     fn on_request(
@@ -174,7 +170,7 @@ fn only_endpoints_changed(seen: &Snapshot, base: &Snapshot) -> bool {
 pub(crate) async fn run_stream<P: Protocol>(
     proven: Option<SpiffeId>,
     mut inbound: Requests<P::Request>,
-    out: mpsc::Sender<Outbound>,
+    out: OutboundTx,
     publisher: Arc<Publisher>,
     nodes: Arc<NodeRegistry>,
     nonce: Arc<AtomicU64>,
@@ -228,7 +224,7 @@ struct StreamState<P> {
     /// The node's view of the last snapshot: a request that changes nothing rebuilds nothing.
     views: ViewCache,
     proven: Option<SpiffeId>,
-    out: mpsc::Sender<Outbound>,
+    out: OutboundTx,
     nodes: Arc<NodeRegistry>,
     nonce: Arc<AtomicU64>,
 }
@@ -299,7 +295,7 @@ mod tests {
     #[test]
     fn a_waiting_stream_holds_about_a_kilobyte() {
         let publisher = std::sync::Arc::new(crate::snapshot::Publisher::default());
-        let (tx, _rx) = tokio::sync::mpsc::channel(1);
+        let (tx, _rx) = crate::ads_transport::outbound(1);
         let inbound =
             crate::ads_transport::requests::<DiscoveryRequest>(tonic::body::Body::empty(), 1024);
         let task = super::run_stream::<crate::ads::SotwStream>(

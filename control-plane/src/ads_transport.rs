@@ -14,12 +14,23 @@ use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http_body::Frame;
-use tokio::sync::mpsc;
 use tonic::Status;
 
 /// What a stream's task hands its connection: an encoded response, or the status that ends
 /// the stream.
 pub(crate) type Outbound = Result<Bytes, Status>;
+
+/// A stream's responses on their way to its connection. futures' channel rather than tokio's:
+/// tokio's sets aside a block of 32 slots when it is made (1.5 KB here), held for as long as
+/// the stream lives, where this one holds a response only while it waits to be written.
+pub(crate) type OutboundTx = futures_channel::mpsc::Sender<Outbound>;
+pub(crate) type OutboundRx = futures_channel::mpsc::Receiver<Outbound>;
+
+/// A stream's channel for at most `bound` responses waiting (plus one per sender): a client
+/// that stops reading stops its stream's task there.
+pub(crate) fn outbound(bound: usize) -> (OutboundTx, OutboundRx) {
+    futures_channel::mpsc::channel(bound)
+}
 
 /// A request larger than this is refused (tonic's own default): an Envoy's first request,
 /// with its node's extension list, is tens of kilobytes.
@@ -128,7 +139,7 @@ impl<T: prost::Message + Default> Requests<T> {
 
 /// The response body of one stream: what its task sends, then the trailers.
 struct ResponseBody {
-    rx: mpsc::Receiver<Outbound>,
+    rx: OutboundRx,
     done: bool,
 }
 
@@ -143,7 +154,8 @@ impl http_body::Body for ResponseBody {
         if self.done {
             return Poll::Ready(None);
         }
-        let status = match self.rx.poll_recv(cx) {
+        use futures_util::StreamExt;
+        let status = match self.rx.poll_next_unpin(cx) {
             Poll::Pending => return Poll::Pending,
             Poll::Ready(Some(Ok(message))) => return Poll::Ready(Some(Ok(Frame::data(message)))),
             Poll::Ready(Some(Err(status))) => status,
@@ -163,9 +175,7 @@ impl http_body::Body for ResponseBody {
 }
 
 /// The response that carries a stream: headers now, messages as the task sends them.
-pub(crate) fn streaming_response(
-    rx: mpsc::Receiver<Outbound>,
-) -> http::Response<tonic::body::Body> {
+pub(crate) fn streaming_response(rx: OutboundRx) -> http::Response<tonic::body::Body> {
     let mut response =
         http::Response::new(tonic::body::Body::new(ResponseBody { rx, done: false }));
     response.headers_mut().insert(
@@ -212,6 +222,7 @@ pub(crate) fn compressed(req: &http::Request<tonic::body::Body>) -> bool {
 mod tests {
     use super::*;
     use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
+    use futures_util::SinkExt;
     use http_body_util::BodyExt;
     use prost::Message;
 
@@ -240,7 +251,7 @@ mod tests {
             (None, "0"),
             (Some(Status::resource_exhausted("too many")), "8"),
         ] {
-            let (tx, rx) = mpsc::channel(4);
+            let (mut tx, rx) = outbound(4);
             tx.send(Ok(grpc_frame(&response("1")))).await.unwrap();
             tx.send(Ok(grpc_frame(&response("2")))).await.unwrap();
             if let Some(status) = end {

@@ -15,15 +15,15 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterStats;
 use envoy_types::pb::envoy::service::load_stats::v3::{LoadStatsRequest, LoadStatsResponse};
+use futures_util::SinkExt;
 use outrigger_core::latency_sketch;
 use outrigger_core::spiffe::SpiffeId;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::server::NamedService;
 use tonic::{Code, Status};
 
 use crate::ads_transport::{
-    Outbound, Requests, answer, grpc_frame, refuse, requests, streaming_response,
+    OutboundTx, Requests, answer, grpc_frame, outbound, refuse, requests, streaming_response,
 };
 use crate::secure_xds::Caller;
 use crate::service_graph::{EdgeReport, ServiceGraph};
@@ -106,7 +106,7 @@ impl tower::Service<http::Request<tonic::body::Body>> for LoadReporting {
                 match proven(parts.extensions.get()) {
                     Err(status) => refuse(status),
                     Ok(proven) => {
-                        let (tx, rx) = mpsc::channel(2);
+                        let (tx, rx) = outbound(2);
                         let reports = requests::<LoadStatsRequest>(body, MAX_REPORT);
                         tokio::spawn(self.clone().stream(proven, reports, tx));
                         streaming_response(rx)
@@ -140,7 +140,7 @@ impl LoadReporting {
         self,
         proven: Option<SpiffeId>,
         mut reports: Requests<LoadStatsRequest>,
-        tx: mpsc::Sender<Outbound>,
+        mut tx: OutboundTx,
     ) {
         let first = match reports.message().await {
             Ok(Some(first)) => first,
@@ -206,7 +206,7 @@ impl ReportStream {
     async fn run(
         self,
         mut reports: Requests<LoadStatsRequest>,
-        tx: mpsc::Sender<Outbound>,
+        mut tx: OutboundTx,
         interval: Duration,
     ) {
         let counters = &self.service.counters;
