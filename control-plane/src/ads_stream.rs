@@ -2,9 +2,10 @@
 //! push order. State of the world (`ads.rs`) and delta (`ads_delta.rs`) differ only in what
 //! the `Protocol` trait hides.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use futures_util::SinkExt;
@@ -64,7 +65,7 @@ fn view(snapshot: Arc<Snapshot>, proven: &Option<SpiffeId>, node: &NodeFacts) ->
 }
 
 /// What a stream's first request says about its node.
-#[derive(Default)]
+#[derive(Default, Clone, PartialEq, Eq, Hash)]
 struct NodeFacts {
     /// The node's service: it decides the node's scope.
     cluster: String,
@@ -114,7 +115,56 @@ impl NodeFacts {
     }
 }
 
-/// The last snapshot a stream saw and the node's view of it.
+/// Who a node is, as far as its view goes: streams whose nodes are the same see the same view.
+#[derive(Default, Clone, PartialEq, Eq, Hash)]
+struct Viewer {
+    proven: Option<SpiffeId>,
+    facts: NodeFacts,
+}
+
+/// Views of the latest snapshot, by viewer, shared by every stream: the replicas of a service
+/// see the same view, so a change builds one view per service rather than one per proxy.
+/// Only one snapshot's views are kept; the first stream to come with a newer snapshot drops
+/// them. At most `MAX_SHARED_VIEWS` are kept; a stream past that builds its own.
+#[derive(Default)]
+pub(crate) struct SharedViews(Mutex<Option<ViewsOf>>);
+
+/// A snapshot, and its views by viewer.
+type ViewsOf = (Arc<Snapshot>, HashMap<Viewer, Arc<Snapshot>>);
+
+const MAX_SHARED_VIEWS: usize = 16_384;
+
+impl SharedViews {
+    /// The view of `base` for `who`, built by `build` if no stream has built it yet. The lock
+    /// is not held while building: two streams may build the same view, and one is kept.
+    fn get_or_build(
+        &self,
+        base: &Arc<Snapshot>,
+        who: &Viewer,
+        build: impl FnOnce() -> Arc<Snapshot>,
+    ) -> Arc<Snapshot> {
+        let lock = || self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((seen, views)) = &*lock()
+            && Arc::ptr_eq(seen, base)
+            && let Some(view) = views.get(who)
+        {
+            return view.clone();
+        }
+        let fresh = build();
+        let mut current = lock();
+        let views = match &mut *current {
+            Some((seen, views)) if Arc::ptr_eq(seen, base) => views,
+            other => &mut other.insert((base.clone(), HashMap::new())).1,
+        };
+        if views.len() >= MAX_SHARED_VIEWS {
+            return fresh;
+        }
+        views.entry(who.clone()).or_insert(fresh).clone()
+    }
+}
+
+/// The last snapshot a stream saw and the node's view of it: a request that changes nothing
+/// takes nothing shared.
 #[derive(Default)]
 struct ViewCache(Option<(Arc<Snapshot>, Arc<Snapshot>)>);
 
@@ -122,33 +172,34 @@ impl ViewCache {
     fn get(
         &mut self,
         base: Arc<Snapshot>,
-        proven: &Option<SpiffeId>,
-        node: &NodeFacts,
+        who: &Viewer,
+        shared: &SharedViews,
         nodes: &NodeRegistry,
     ) -> Arc<Snapshot> {
-        match &self.0 {
-            Some((seen, view)) if Arc::ptr_eq(seen, &base) => view.clone(),
+        if let Some((seen, view)) = &self.0
+            && Arc::ptr_eq(seen, &base)
+        {
+            return view.clone();
+        }
+        let fresh = shared.get_or_build(&base, who, || match &self.0 {
             // A node that sees the whole mesh as it is sees the new one as it is.
             Some((seen, view))
                 if Arc::ptr_eq(seen, view) && only_endpoints_changed(seen, &base) =>
             {
-                self.0 = Some((base.clone(), base.clone()));
-                base
+                base.clone()
             }
             // Only endpoints moved (pods came and went): the view keeps everything else, and
             // takes the new endpoints of the clusters it already holds.
             Some((seen, view)) if only_endpoints_changed(seen, &base) => {
-                let fresh = Arc::new(view.with_endpoints_from(seen, &base));
-                self.0 = Some((base, fresh.clone()));
-                fresh
+                Arc::new(view.with_endpoints_from(seen, &base))
             }
             _ => {
                 nodes.views_built.inc();
-                let fresh = view(base.clone(), proven, node);
-                self.0 = Some((base, fresh.clone()));
-                fresh
+                view(base.clone(), &who.proven, &who.facts)
             }
-        }
+        });
+        self.0 = Some((base, fresh.clone()));
+        fresh
     }
 }
 
@@ -177,10 +228,13 @@ pub(crate) async fn run_stream<P: Protocol>(
 ) {
     let mut state = StreamState::<P> {
         snapshots: publisher.subscribe(),
+        publisher,
         stream: None,
-        facts: NodeFacts::default(),
+        who: Viewer {
+            proven,
+            facts: NodeFacts::default(),
+        },
         views: ViewCache::default(),
-        proven,
         out,
         nodes,
         nonce,
@@ -217,13 +271,14 @@ enum Event<R> {
 /// What a stream keeps between events.
 struct StreamState<P> {
     snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
+    /// For the views every stream shares.
+    publisher: Arc<Publisher>,
     /// Opened by the node's first request.
     stream: Option<P>,
-    /// What the node's first request says of it.
-    facts: NodeFacts,
+    /// The identity it proved, and what its first request says of it.
+    who: Viewer,
     /// The node's view of the last snapshot: a request that changes nothing rebuilds nothing.
     views: ViewCache,
-    proven: Option<SpiffeId>,
     out: OutboundTx,
     nodes: Arc<NodeRegistry>,
     nonce: Arc<AtomicU64>,
@@ -244,11 +299,11 @@ impl<P: Protocol> StreamState<P> {
             let admitted = xds_limits::check_node(&node, &cluster)
                 .and_then(|()| NodeFacts::of(P::node(&req)))
                 .and_then(|f| {
-                    let proven = self.proven.as_ref().map(|p| p.to_string());
+                    let proven = self.who.proven.as_ref().map(|p| p.to_string());
                     self.nodes.connected(&node, &cluster, proven).map(|()| f)
                 });
             match admitted {
-                Ok(f) => self.facts = f,
+                Ok(f) => self.who.facts = f,
                 Err(status) => {
                     tracing::warn!(node = %xds_limits::truncate(&node, xds_limits::MAX_NAME), error = %status.message(), "ADS stream refused");
                     let _ = self.out.send(Err(status)).await;
@@ -264,7 +319,9 @@ impl<P: Protocol> StreamState<P> {
             ));
         }
         let base = self.snapshots.borrow().clone();
-        let snapshot = self.views.get(base, &self.proven, &self.facts, &self.nodes);
+        let snapshot = self
+            .views
+            .get(base, &self.who, &self.publisher.views, &self.nodes);
         let s = self.stream.as_mut().expect("opened above");
         s.on_request(req, &snapshot).await
     }
@@ -272,7 +329,9 @@ impl<P: Protocol> StreamState<P> {
     /// A new snapshot: each type the node lacks, in push order; false when the stream is gone.
     async fn on_change(&mut self) -> bool {
         let base = self.snapshots.borrow_and_update().clone();
-        let snapshot = self.views.get(base, &self.proven, &self.facts, &self.nodes);
+        let snapshot = self
+            .views
+            .get(base, &self.who, &self.publisher.views, &self.nodes);
         if let Some(s) = self.stream.as_mut() {
             for type_url in PUSH_ORDER {
                 if !s.push(&snapshot, type_url, false).await {
@@ -288,7 +347,51 @@ impl<P: Protocol> StreamState<P> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+
+    use super::{NodeFacts, SharedViews, Viewer};
+    use crate::snapshot::Snapshot;
+
+    fn viewer(cluster: &str) -> Viewer {
+        Viewer {
+            proven: None,
+            facts: NodeFacts {
+                cluster: cluster.into(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Replicas share one view of a snapshot; another service, or the next snapshot, gets a
+    /// view of its own.
+    #[test]
+    fn replicas_share_a_view_until_the_snapshot_changes() {
+        let shared = SharedViews::default();
+        let base = Arc::new(Snapshot::default());
+        let mut builds = 0;
+        let mut get = |base: &Arc<Snapshot>, who: &Viewer| {
+            shared.get_or_build(base, who, || {
+                builds += 1;
+                Arc::new(Snapshot::default())
+            })
+        };
+        let first = get(&base, &viewer("a"));
+        let replica = get(&base, &viewer("a"));
+        assert!(Arc::ptr_eq(&first, &replica));
+        let other = get(&base, &viewer("b"));
+        assert!(!Arc::ptr_eq(&first, &other));
+        let next = Arc::new(Snapshot::default());
+        let after = get(&next, &viewer("a"));
+        assert!(!Arc::ptr_eq(&first, &after));
+        assert_eq!(builds, 3);
+        // The old snapshot's views are gone: only the new one's are held.
+        let held = shared.0.lock().unwrap();
+        let (seen, views) = held.as_ref().unwrap();
+        assert!(Arc::ptr_eq(seen, &next));
+        assert_eq!(views.len(), 1);
+    }
 
     /// A control plane holds one of these per connected proxy, for the proxy's life: its
     /// size is memory per stream (2.9 KB before requests were boxed out of the wait).

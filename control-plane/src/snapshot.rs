@@ -357,6 +357,8 @@ pub struct Publisher {
     /// What the snapshot is built from, held while it is built and sent: two publishes can
     /// neither interleave nor give different resources the same version.
     inputs: std::sync::Mutex<Inputs>,
+    /// The views streams took of the current snapshot.
+    pub(crate) views: crate::ads_stream::SharedViews,
 }
 
 #[derive(Default)]
@@ -371,6 +373,7 @@ impl Default for Publisher {
         Publisher {
             tx: watch::channel(Arc::new(Snapshot::default())).0,
             inputs: Default::default(),
+            views: Default::default(),
         }
     }
 }

@@ -33,6 +33,18 @@ async fn open_stream(
     Result<DiscoveryResponse, tonic::Status>,
     mpsc::Sender<DiscoveryRequest>,
 ) {
+    open_stream_of(cp, node, "a").await
+}
+
+/// As `open_stream`, for a node of service `cluster`.
+async fn open_stream_of(
+    cp: &ControlPlane,
+    node: &str,
+    cluster: &str,
+) -> (
+    Result<DiscoveryResponse, tonic::Status>,
+    mpsc::Sender<DiscoveryRequest>,
+) {
     let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", cp.xds_addr))
         .await
         .unwrap();
@@ -40,7 +52,7 @@ async fn open_stream(
     tx.send(DiscoveryRequest {
         node: Some(Node {
             id: node.into(),
-            cluster: "a".into(),
+            cluster: cluster.into(),
             ..Default::default()
         }),
         type_url: CDS.into(),
@@ -154,9 +166,10 @@ async fn requests_that_change_nothing_rebuild_nothing() {
         .await
         .unwrap();
     }
-    // A second stream's first request builds one view, and is handled after the first
-    // stream's (the channel above holds 4 at most, so at least 196 were read already).
-    let (second, _keep) = open_stream(&cp, "second").await;
+    // A second stream's first request, from another service, builds one view, and is handled
+    // after the first stream's (the channel above holds 4 at most, so at least 196 were read
+    // already).
+    let (second, _keep) = open_stream_of(&cp, "second", "b").await;
     assert!(second.is_ok());
     let after = views().await;
     assert!(
@@ -164,6 +177,10 @@ async fn requests_that_change_nothing_rebuild_nothing() {
         "{before} → {after}: unchanged requests rebuilt the view"
     );
     assert!(after > before, "the second stream built its view");
+    // A replica of a service already seen shares its view: it builds none.
+    let (third, _keep) = open_stream_of(&cp, "third", "b").await;
+    assert!(third.is_ok());
+    assert_eq!(views().await, after, "a replica built a view of its own");
 }
 
 /// A client's NACK is recorded against its node and type, with the client's message, in
