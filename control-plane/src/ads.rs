@@ -20,12 +20,13 @@ use tonic::server::NamedService;
 use crate::ads_delta::DeltaStream;
 use crate::ads_stream::{Protocol, run_stream};
 use crate::ads_transport::{
-    MAX_REQUEST, OutboundRx, OutboundTx, Requests, answer, grpc_frame, outbound, refuse, requests,
+    MAX_REQUEST, OutboundRx, OutboundTx, Requests, answer, outbound, refuse, requests,
     streaming_response,
 };
 use crate::node_status::NodeRegistry;
 use crate::secure_xds::Caller;
 use crate::snapshot::{Publisher, Snapshot};
+use crate::sotw_responses;
 use crate::xds_limits;
 
 #[derive(Clone)]
@@ -91,16 +92,6 @@ struct Subscription {
     sent_digest: Option<u64>,
 }
 
-fn digest(resources: &[envoy_types::pb::google::protobuf::Any]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::hash::DefaultHasher::new();
-    for r in resources {
-        r.type_url.hash(&mut h);
-        r.value.hash(&mut h);
-    }
-    h.finish()
-}
-
 pub(crate) struct SotwStream {
     node: String,
     subs: HashMap<String, Subscription>,
@@ -149,27 +140,20 @@ impl Protocol for SotwStream {
         if !force && sub.sent_version == Some(version) {
             return true;
         }
-        let resources = snapshot.select(type_url, &sub.names);
-        let digest = digest(&resources);
-        if !force && sub.sent_digest == Some(digest) {
+        let response = sotw_responses::response(snapshot, type_url, &sub.names);
+        if !force && sub.sent_digest == Some(response.digest) {
             // Nothing this subscriber holds changed: it keeps the version it has.
             sub.sent_version = Some(version);
             return true;
         }
         let nonce = self.nonce.fetch_add(1, Ordering::Relaxed).to_string();
-        let response = DiscoveryResponse {
-            version_info: version.to_string(),
-            resources,
-            type_url: type_url.to_string(),
-            nonce: nonce.clone(),
-            ..Default::default()
-        };
-        sub.sent_digest = Some(digest);
+        let frame = response.frame(&nonce);
+        sub.sent_digest = Some(response.digest);
         sub.sent_version = Some(version);
         sub.sent_nonce = nonce;
         sub.sent_names = sub.names.clone();
         self.nodes.sent(&self.node, type_url, version);
-        self.out.send(Ok(grpc_frame(&response))).await.is_ok()
+        self.out.send(Ok(frame)).await.is_ok()
     }
 
     async fn on_request(&mut self, req: DiscoveryRequest, snapshot: &Snapshot) -> bool {

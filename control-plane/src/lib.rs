@@ -37,6 +37,7 @@ pub mod route_status;
 pub mod secure_xds;
 pub mod service_graph;
 pub mod snapshot;
+pub mod sotw_responses;
 pub mod stat;
 pub mod tap;
 pub mod token_review;

@@ -42,6 +42,8 @@ pub struct Snapshot {
     pub mesh: Option<Arc<Mesh>>,
     /// For a proxyless gRPC node: what its server Listeners say (`xds_grpc`).
     pub grpc_server: Option<GrpcServer>,
+    /// Its state-of-the-world responses, encoded once for every stream that gets them.
+    pub responses: crate::sotw_responses::Responses,
 }
 
 /// The inbound side of a gRPC node's service, for the Listener a gRPC server asks for.
@@ -418,6 +420,7 @@ impl Publisher {
             types: old.types.clone(),
             mesh: Some(Arc::new(mesh.clone())),
             grpc_server: None,
+            responses: Default::default(),
         };
         let moved: Vec<_> = mesh
             .services
@@ -480,6 +483,7 @@ impl Publisher {
             types,
             mesh: Some(Arc::new(mesh.clone())),
             grpc_server: None,
+            responses: Default::default(),
         }));
     }
 }
