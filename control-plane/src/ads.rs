@@ -18,7 +18,7 @@ use tonic::Status;
 use tonic::server::NamedService;
 
 use crate::ads_delta::DeltaStream;
-use crate::ads_stream::{Protocol, run_stream};
+use crate::ads_stream::{Protocol, SharedViews, run_stream};
 use crate::ads_transport::{
     MAX_REQUEST, OutboundRx, OutboundTx, Requests, answer, outbound, refuse, requests,
     streaming_response,
@@ -26,7 +26,6 @@ use crate::ads_transport::{
 use crate::node_status::NodeRegistry;
 use crate::secure_xds::Caller;
 use crate::snapshot::{Publisher, Snapshot};
-use crate::sotw_responses;
 use crate::xds_limits;
 
 #[derive(Clone)]
@@ -34,6 +33,8 @@ pub struct Ads {
     pub publisher: Arc<Publisher>,
     pub nodes: Arc<NodeRegistry>,
     nonce: Arc<AtomicU64>,
+    /// The views of the current snapshot, shared by the streams whose nodes see the same.
+    views: Arc<SharedViews>,
 }
 
 impl Ads {
@@ -67,6 +68,7 @@ impl Ads {
             self.publisher.clone(),
             self.nodes.clone(),
             self.nonce.clone(),
+            self.views.clone(),
         ));
         Ok(rx)
     }
@@ -76,6 +78,7 @@ impl Ads {
             publisher,
             nodes,
             nonce: Arc::new(AtomicU64::new(0)),
+            views: Default::default(),
         }
     }
 }
@@ -140,7 +143,7 @@ impl Protocol for SotwStream {
         if !force && sub.sent_version == Some(version) {
             return true;
         }
-        let response = sotw_responses::response(snapshot, type_url, &sub.names);
+        let response = snapshot.response(type_url, &sub.names);
         if !force && sub.sent_digest == Some(response.digest) {
             // Nothing this subscriber holds changed: it keeps the version it has.
             sub.sent_version = Some(version);

@@ -225,10 +225,11 @@ pub(crate) async fn run_stream<P: Protocol>(
     publisher: Arc<Publisher>,
     nodes: Arc<NodeRegistry>,
     nonce: Arc<AtomicU64>,
+    shared: Arc<SharedViews>,
 ) {
     let mut state = StreamState::<P> {
         snapshots: publisher.subscribe(),
-        publisher,
+        shared,
         stream: None,
         who: Viewer {
             proven,
@@ -271,8 +272,8 @@ enum Event<R> {
 /// What a stream keeps between events.
 struct StreamState<P> {
     snapshots: tokio::sync::watch::Receiver<Arc<Snapshot>>,
-    /// For the views every stream shares.
-    publisher: Arc<Publisher>,
+    /// The views every stream shares.
+    shared: Arc<SharedViews>,
     /// Opened by the node's first request.
     stream: Option<P>,
     /// The identity it proved, and what its first request says of it.
@@ -319,9 +320,7 @@ impl<P: Protocol> StreamState<P> {
             ));
         }
         let base = self.snapshots.borrow().clone();
-        let snapshot = self
-            .views
-            .get(base, &self.who, &self.publisher.views, &self.nodes);
+        let snapshot = self.views.get(base, &self.who, &self.shared, &self.nodes);
         let s = self.stream.as_mut().expect("opened above");
         s.on_request(req, &snapshot).await
     }
@@ -329,9 +328,7 @@ impl<P: Protocol> StreamState<P> {
     /// A new snapshot: each type the node lacks, in push order; false when the stream is gone.
     async fn on_change(&mut self) -> bool {
         let base = self.snapshots.borrow_and_update().clone();
-        let snapshot = self
-            .views
-            .get(base, &self.who, &self.publisher.views, &self.nodes);
+        let snapshot = self.views.get(base, &self.who, &self.shared, &self.nodes);
         if let Some(s) = self.stream.as_mut() {
             for type_url in PUSH_ORDER {
                 if !s.push(&snapshot, type_url, false).await {
@@ -406,6 +403,7 @@ mod tests {
             inbound,
             tx,
             publisher,
+            Default::default(),
             Default::default(),
             Default::default(),
         );

@@ -284,6 +284,18 @@ impl Snapshot {
         self.types.get(type_url).map_or(0, |t| t.version)
     }
 
+    /// The state-of-the-world response of a type for `names`, encoded once per snapshot.
+    pub fn response(
+        &self,
+        type_url: &str,
+        names: &[String],
+    ) -> Arc<crate::sotw_responses::Encoded> {
+        self.responses
+            .get_or_encode(type_url, names, self.version_of(type_url), || {
+                self.select(type_url, names)
+            })
+    }
+
     /// The resources of a type: all of them for a wildcard (no names), else those named.
     pub fn select(&self, type_url: &str, names: &[String]) -> Vec<Any> {
         let Some(t) = self.types.get(type_url) else {
@@ -359,8 +371,6 @@ pub struct Publisher {
     /// What the snapshot is built from, held while it is built and sent: two publishes can
     /// neither interleave nor give different resources the same version.
     inputs: std::sync::Mutex<Inputs>,
-    /// The views streams took of the current snapshot.
-    pub(crate) views: crate::ads_stream::SharedViews,
 }
 
 #[derive(Default)]
@@ -375,7 +385,6 @@ impl Default for Publisher {
         Publisher {
             tx: watch::channel(Arc::new(Snapshot::default())).0,
             inputs: Default::default(),
-            views: Default::default(),
         }
     }
 }

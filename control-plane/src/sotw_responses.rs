@@ -12,8 +12,6 @@ use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 
-use crate::snapshot::Snapshot;
-
 /// `DiscoveryResponse.nonce`'s field number.
 const NONCE_FIELD: u32 = 5;
 
@@ -75,66 +73,92 @@ fn digest(resources: &[Any]) -> u64 {
     h.finish()
 }
 
-/// `type_url`'s response for `names` (all, when empty) from `snapshot`.
-pub fn response(snapshot: &Snapshot, type_url: &str, names: &[String]) -> Arc<Encoded> {
-    let lock = || {
-        snapshot
-            .responses
-            .0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-    };
-    if let Some(hit) = lock()
-        .iter()
-        .find(|e| e.type_url == type_url && e.names == names)
-    {
-        return hit.clone();
-    }
-    let resources = snapshot.select(type_url, names);
-    let fresh = Arc::new(Encoded {
-        type_url: type_url.to_string(),
-        names: names.to_vec(),
-        digest: digest(&resources),
-        body: DiscoveryResponse {
-            version_info: snapshot.version_of(type_url).to_string(),
-            resources,
-            type_url: type_url.to_string(),
-            ..Default::default()
+impl Responses {
+    /// `type_url`'s response at `version` for `names` (all, when empty), encoded from what
+    /// `select` gives if it has not been yet.
+    pub fn get_or_encode(
+        &self,
+        type_url: &str,
+        names: &[String],
+        version: u64,
+        select: impl FnOnce() -> Vec<Any>,
+    ) -> Arc<Encoded> {
+        let lock = || self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hit) = lock()
+            .iter()
+            .find(|e| e.type_url == type_url && e.names == names)
+        {
+            return hit.clone();
         }
-        .encode_to_vec()
-        .into(),
-    });
-    let mut kept = lock();
-    if kept.len() < MAX_KEPT {
-        kept.push(fresh.clone());
+        let resources = select();
+        let fresh = Arc::new(Encoded {
+            type_url: type_url.to_string(),
+            names: names.to_vec(),
+            digest: digest(&resources),
+            body: DiscoveryResponse {
+                version_info: version.to_string(),
+                resources,
+                type_url: type_url.to_string(),
+                ..Default::default()
+            }
+            .encode_to_vec()
+            .into(),
+        });
+        let mut kept = lock();
+        if kept.len() < MAX_KEPT {
+            kept.push(fresh.clone());
+        }
+        fresh
     }
-    fresh
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const CDS: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+
+    fn one_cluster() -> Vec<Any> {
+        vec![Any {
+            type_url: CDS.into(),
+            value: vec![10, 1, b'a'],
+        }]
+    }
+
     /// The frame is the response prost would encode with the nonce in it.
     #[test]
     fn a_frame_is_the_whole_response_with_its_nonce() {
-        let snapshot = Snapshot::default();
-        let encoded = response(&snapshot, crate::translate::CLUSTER_TYPE, &[]);
+        let kept = Responses::default();
+        let encoded = kept.get_or_encode(CDS, &[], 7, one_cluster);
         let frame = encoded.frame("42");
         let decoded = DiscoveryResponse::decode(&frame[5..]).unwrap();
-        assert_eq!(decoded.nonce, "42");
-        assert_eq!(decoded.type_url, crate::translate::CLUSTER_TYPE);
+        assert_eq!(
+            (
+                decoded.version_info.as_str(),
+                decoded.type_url.as_str(),
+                decoded.nonce.as_str()
+            ),
+            ("7", CDS, "42")
+        );
+        assert_eq!(decoded.resources, one_cluster());
         assert_eq!(
             u32::from_be_bytes(frame[1..5].try_into().unwrap()) as usize,
             frame.len() - 5
         );
-        // Asked again, the same encoding is handed out; a clone of the snapshot keeps none.
-        let again = response(&snapshot, crate::translate::CLUSTER_TYPE, &[]);
-        assert!(Arc::ptr_eq(&encoded, &again));
-        let copy = snapshot.clone();
-        assert!(!Arc::ptr_eq(
-            &encoded,
-            &response(&copy, crate::translate::CLUSTER_TYPE, &[])
-        ));
+    }
+
+    /// Asked again, the same encoding is handed out without selecting; other names get their
+    /// own; a clone keeps none.
+    #[test]
+    fn each_response_is_encoded_once_and_a_clone_starts_empty() {
+        let kept = Responses::default();
+        let first = kept.get_or_encode(CDS, &[], 7, one_cluster);
+        let again = kept.get_or_encode(CDS, &[], 7, || unreachable!("encoded already"));
+        assert!(Arc::ptr_eq(&first, &again));
+        let named = kept.get_or_encode(CDS, &["a".to_string()], 7, one_cluster);
+        assert!(!Arc::ptr_eq(&first, &named));
+        let copy = kept.clone();
+        let fresh = copy.get_or_encode(CDS, &[], 7, one_cluster);
+        assert!(!Arc::ptr_eq(&first, &fresh));
     }
 }
