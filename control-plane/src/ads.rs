@@ -23,7 +23,7 @@ use crate::ads_transport::{
     MAX_REQUEST, OutboundRx, OutboundTx, Requests, answer, outbound, refuse, requests,
     streaming_response,
 };
-use crate::node_status::NodeRegistry;
+use crate::node_status::{NodeEntry, NodeRegistry};
 use crate::secure_xds::Caller;
 use crate::snapshot::{Publisher, Snapshot};
 use crate::xds_limits;
@@ -97,6 +97,8 @@ struct Subscription {
 
 pub(crate) struct SotwStream {
     node: String,
+    /// The node's status, which its pushes and ACKs update.
+    entry: NodeEntry,
     subs: HashMap<String, Subscription>,
     out: OutboundTx,
     nodes: Arc<NodeRegistry>,
@@ -117,12 +119,14 @@ impl Protocol for SotwStream {
 
     fn open(
         node: String,
+        entry: NodeEntry,
         out: OutboundTx,
         nodes: Arc<NodeRegistry>,
         nonce: Arc<AtomicU64>,
     ) -> Self {
         SotwStream {
             node,
+            entry,
             subs: HashMap::new(),
             out,
             nodes,
@@ -155,7 +159,7 @@ impl Protocol for SotwStream {
         sub.sent_version = Some(version);
         sub.sent_nonce = nonce;
         sub.sent_names = sub.names.clone();
-        self.nodes.sent(&self.node, type_url, version);
+        self.nodes.sent(&self.entry, type_url, version);
         self.out.send(Ok(frame)).await.is_ok()
     }
 
@@ -174,11 +178,11 @@ impl Protocol for SotwStream {
                 Some(err) => {
                     tracing::warn!(node = %self.node, type_url = %req.type_url, version = %req.version_info, error = %err.message, "NACK");
                     self.nodes
-                        .nacked(&self.node, &req.type_url, &req.version_info, &err.message);
+                        .nacked(&self.entry, &req.type_url, &req.version_info, &err.message);
                 }
                 None => self
                     .nodes
-                    .acked(&self.node, &req.type_url, &req.version_info),
+                    .acked(&self.entry, &req.type_url, &req.version_info),
             }
         }
         sub.names = req.resource_names;

@@ -21,7 +21,7 @@ use tonic::Status;
 
 use crate::ads_stream::Protocol;
 use crate::ads_transport::{OutboundTx, grpc_frame};
-use crate::node_status::NodeRegistry;
+use crate::node_status::{NodeEntry, NodeRegistry};
 use crate::snapshot::Snapshot;
 use crate::xds_limits;
 
@@ -69,6 +69,8 @@ impl DeltaSub {
 
 pub struct DeltaStream {
     node: String,
+    /// The node's status, which its pushes and ACKs update.
+    entry: NodeEntry,
     subs: HashMap<String, DeltaSub>,
     out: OutboundTx,
     nodes: Arc<NodeRegistry>,
@@ -105,12 +107,14 @@ impl Protocol for DeltaStream {
 
     fn open(
         node: String,
+        entry: NodeEntry,
         out: OutboundTx,
         nodes: Arc<NodeRegistry>,
         nonce: Arc<AtomicU64>,
     ) -> Self {
         DeltaStream {
             node,
+            entry,
             subs: HashMap::new(),
             out,
             nodes,
@@ -170,7 +174,7 @@ impl Protocol for DeltaStream {
             sub.in_flight.remove(&oldest);
         }
         sub.in_flight.insert(nonce.clone(), version);
-        self.nodes.sent(&self.node, type_url, version);
+        self.nodes.sent(&self.entry, type_url, version);
         let response = DeltaDiscoveryResponse {
             system_version_info: version.to_string(),
             resources,
@@ -195,9 +199,9 @@ impl Protocol for DeltaStream {
                 Some(err) => {
                     tracing::warn!(node = %self.node, type_url = %req.type_url, error = %err.message, "delta NACK");
                     self.nodes
-                        .nacked(&self.node, &req.type_url, &version, &err.message);
+                        .nacked(&self.entry, &req.type_url, &version, &err.message);
                 }
-                None => self.nodes.acked(&self.node, &req.type_url, &version),
+                None => self.nodes.acked(&self.entry, &req.type_url, &version),
             }
         }
         if first {

@@ -12,7 +12,7 @@ use futures_util::SinkExt;
 use tonic::Status;
 
 use crate::ads_transport::{OutboundTx, Requests};
-use crate::node_status::NodeRegistry;
+use crate::node_status::{NodeEntry, NodeRegistry};
 use crate::snapshot::{Publisher, Snapshot};
 use crate::translate::PUSH_ORDER;
 use crate::xds_limits;
@@ -27,8 +27,13 @@ pub(crate) trait Protocol: Sized + Send + 'static {
     fn node(req: &Self::Request) -> Option<&Node>;
     /// Refuses a request whose strings or lists exceed what a stream may make us hold.
     fn check(req: &Self::Request) -> Result<(), Status>;
-    fn open(node: String, out: OutboundTx, nodes: Arc<NodeRegistry>, nonce: Arc<AtomicU64>)
-    -> Self;
+    fn open(
+        node: String,
+        entry: NodeEntry,
+        out: OutboundTx,
+        nodes: Arc<NodeRegistry>,
+        nonce: Arc<AtomicU64>,
+    ) -> Self;
     fn node_id(&self) -> &str;
     /// Handles one request; false when the stream is gone.
     fn on_request(
@@ -301,19 +306,25 @@ impl<P: Protocol> StreamState<P> {
                 .and_then(|()| NodeFacts::of(P::node(&req)))
                 .and_then(|f| {
                     let proven = self.who.proven.as_ref().map(|p| p.to_string());
-                    self.nodes.connected(&node, &cluster, proven).map(|()| f)
+                    self.nodes
+                        .connected(&node, &cluster, proven)
+                        .map(|entry| (f, entry))
                 });
-            match admitted {
-                Ok(f) => self.who.facts = f,
+            let entry = match admitted {
+                Ok((f, entry)) => {
+                    self.who.facts = f;
+                    entry
+                }
                 Err(status) => {
                     tracing::warn!(node = %xds_limits::truncate(&node, xds_limits::MAX_NAME), error = %status.message(), "ADS stream refused");
                     let _ = self.out.send(Err(status)).await;
                     return false;
                 }
-            }
+            };
             tracing::info!(%node, "ADS stream opened");
             self.stream = Some(P::open(
                 node,
+                entry,
                 self.out.clone(),
                 self.nodes.clone(),
                 self.nonce.clone(),

@@ -4,7 +4,7 @@
 //! a plain mutex is fine.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
@@ -44,8 +44,20 @@ pub struct NodeStatus {
     pub gone_since: Option<std::time::Instant>,
 }
 
+/// One node's status, held by each of its streams, so that a push or an ACK updates it
+/// without finding the node among all the others.
+#[derive(Clone, Default)]
+pub struct NodeEntry(Arc<Mutex<NodeStatus>>);
+
+impl NodeEntry {
+    fn lock(&self) -> MutexGuard<'_, NodeStatus> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Lock order: the registry's, then a node's; a stream's updates take only its node's.
 pub struct NodeRegistry {
-    nodes: Mutex<BTreeMap<String, NodeStatus>>,
+    nodes: Mutex<BTreeMap<String, NodeEntry>>,
     /// Pushes sent, and the time from each push to its ACK.
     pub pushes: prometheus_client::metrics::counter::Counter,
     pub push_ack: prometheus_client::metrics::histogram::Histogram,
@@ -100,15 +112,14 @@ impl NodeRegistry {
     /// does not serve is not kept.
     fn with<R: Default>(
         &self,
-        node: &str,
+        node: &NodeEntry,
         type_url: &str,
         f: impl FnOnce(&mut NodeStatus) -> R,
     ) -> R {
         if !xds_limits::served(type_url) {
             return R::default();
         }
-        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        nodes.get_mut(node).map(f).unwrap_or_default()
+        f(&mut node.lock())
     }
 
     /// Registers one more stream of `node`, or says why it may not open: too many streams
@@ -118,10 +129,11 @@ impl NodeRegistry {
         node: &str,
         cluster: &str,
         identity: Option<String>,
-    ) -> Result<(), tonic::Status> {
+    ) -> Result<NodeEntry, tonic::Status> {
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         if !nodes.contains_key(node) && nodes.len() >= xds_limits::MAX_NODES {
             nodes.retain(|_, n| {
+                let n = n.lock();
                 n.streams > 0
                     || n.gone_since
                         .is_none_or(|t| t.elapsed() < xds_limits::NODE_GRACE)
@@ -131,6 +143,7 @@ impl NodeRegistry {
                 let mut gone: Vec<_> = nodes
                     .iter()
                     .filter_map(|(id, n)| {
+                        let n = n.lock();
                         n.gone_since
                             .filter(|_| n.streams == 0)
                             .map(|t| (t, id.clone()))
@@ -150,7 +163,8 @@ impl NodeRegistry {
                 ));
             }
         }
-        let n = nodes.entry(node.to_string()).or_default();
+        let entry = nodes.entry(node.to_string()).or_default().clone();
+        let mut n = entry.lock();
         if n.streams >= xds_limits::MAX_STREAMS_PER_NODE {
             return Err(tonic::Status::resource_exhausted(format!(
                 "node `{node}` already has {} streams open",
@@ -161,12 +175,14 @@ impl NodeRegistry {
         n.gone_since = None;
         n.cluster = cluster.to_string();
         n.identity = identity;
-        Ok(())
+        drop(n);
+        Ok(entry)
     }
 
     pub fn disconnected(&self, node: &str) {
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = nodes.get_mut(node) {
+        if let Some(n) = nodes.get(node) {
+            let mut n = n.lock();
             n.streams = n.streams.saturating_sub(1);
             if n.streams == 0 {
                 n.gone_since = Some(std::time::Instant::now());
@@ -182,13 +198,14 @@ impl NodeRegistry {
         }
         *swept = Some(now);
         nodes.retain(|_, n| {
+            let n = n.lock();
             n.streams > 0
                 || n.gone_since
                     .is_none_or(|t| now - t < xds_limits::NODE_GRACE)
         });
     }
 
-    pub fn sent(&self, node: &str, type_url: &str, version: u64) {
+    pub fn sent(&self, node: &NodeEntry, type_url: &str, version: u64) {
         self.with(node, type_url, |n| {
             let t = n.of_type(type_url);
             t.sent_version = Some(version);
@@ -197,7 +214,7 @@ impl NodeRegistry {
         self.pushes.inc();
     }
 
-    pub fn acked(&self, node: &str, type_url: &str, version: &str) {
+    pub fn acked(&self, node: &NodeEntry, type_url: &str, version: &str) {
         let waited = self.with(node, type_url, |n| {
             let t = n.of_type(type_url);
             t.acked_version = Some(xds_limits::truncate(version, xds_limits::MAX_NAME).to_string());
@@ -214,11 +231,16 @@ impl NodeRegistry {
         let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         nodes
             .iter()
-            .map(|(id, n)| (id.clone(), n.types.iter().map(|(_, t)| t.nacks).sum()))
+            .map(|(id, n)| {
+                (
+                    id.clone(),
+                    n.lock().types.iter().map(|(_, t)| t.nacks).sum(),
+                )
+            })
             .collect()
     }
 
-    pub fn nacked(&self, node: &str, type_url: &str, version: &str, message: &str) {
+    pub fn nacked(&self, node: &NodeEntry, type_url: &str, version: &str, message: &str) {
         let at_unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -244,6 +266,7 @@ impl NodeRegistry {
         let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::new();
         for (id, n) in nodes.iter() {
+            let n = n.lock();
             if let Some(gone) = n.gone_since.filter(|_| n.streams == 0) {
                 out.push((
                     id.clone(),
@@ -290,7 +313,7 @@ impl NodeRegistry {
     /// A node's service as it claimed it, the identity it proved, and its per-type status.
     pub fn node(&self, node: &str) -> Option<NodeStatus> {
         let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-        nodes.get(node).cloned()
+        nodes.get(node).map(|n| n.lock().clone())
     }
 
     pub fn connected_count(&self) -> usize {
@@ -298,7 +321,7 @@ impl NodeRegistry {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-            .filter(|n| n.streams > 0)
+            .filter(|n| n.lock().streams > 0)
             .count()
     }
 
@@ -307,6 +330,7 @@ impl NodeRegistry {
         let entries: serde_json::Map<String, Value> = nodes
             .iter()
             .map(|(id, n)| {
+                let n = n.lock();
                 let types: serde_json::Map<String, Value> = n
                     .types
                     .iter()
@@ -337,14 +361,14 @@ mod tests {
     #[test]
     fn a_node_keeps_one_status_per_served_type_in_name_order() {
         let nodes = NodeRegistry::default();
-        nodes.connected("a", "svc", None).unwrap();
-        nodes.sent("a", ROUTE_TYPE, 3);
-        nodes.sent("a", CLUSTER_TYPE, 3);
-        nodes.sent("a", ENDPOINT_TYPE, 3);
-        nodes.acked("a", CLUSTER_TYPE, "3");
-        nodes.nacked("a", ROUTE_TYPE, "3", "bad route");
-        nodes.sent("a", "type.googleapis.com/not.Served", 3);
-        nodes.sent("a", ROUTE_TYPE, 4);
+        let a = nodes.connected("a", "svc", None).unwrap();
+        nodes.sent(&a, ROUTE_TYPE, 3);
+        nodes.sent(&a, CLUSTER_TYPE, 3);
+        nodes.sent(&a, ENDPOINT_TYPE, 3);
+        nodes.acked(&a, CLUSTER_TYPE, "3");
+        nodes.nacked(&a, ROUTE_TYPE, "3", "bad route");
+        nodes.sent(&a, "type.googleapis.com/not.Served", 3);
+        nodes.sent(&a, ROUTE_TYPE, 4);
 
         let a = nodes.node("a").unwrap();
         let names: Vec<_> = a.types.iter().map(|(t, _)| *t).collect();
