@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::task::{Context, Poll};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -18,12 +18,11 @@ use tonic::Status;
 use tonic::server::NamedService;
 
 use crate::ads_delta::DeltaStream;
-use crate::ads_stream::{Protocol, SharedViews, run_stream};
+use crate::ads_stream::{Protocol, SharedViews, StreamLink, run_stream};
 use crate::ads_transport::{
-    MAX_REQUEST, OutboundRx, OutboundTx, Requests, answer, outbound, refuse, requests,
-    streaming_response,
+    MAX_REQUEST, OutboundRx, Requests, answer, outbound, refuse, requests, streaming_response,
 };
-use crate::node_status::{NodeEntry, NodeRegistry};
+use crate::node_status::NodeRegistry;
 use crate::secure_xds::Caller;
 use crate::snapshot::{Publisher, Snapshot};
 use crate::xds_limits;
@@ -96,13 +95,8 @@ struct Subscription {
 }
 
 pub(crate) struct SotwStream {
-    node: String,
-    /// The node's status, which its pushes and ACKs update.
-    entry: NodeEntry,
+    link: StreamLink,
     subs: HashMap<String, Subscription>,
-    out: OutboundTx,
-    nodes: Arc<NodeRegistry>,
-    nonce: Arc<AtomicU64>,
 }
 
 impl Protocol for SotwStream {
@@ -117,25 +111,15 @@ impl Protocol for SotwStream {
         xds_limits::check_names(&req.type_url, &req.version_info, req.resource_names.iter())
     }
 
-    fn open(
-        node: String,
-        entry: NodeEntry,
-        out: OutboundTx,
-        nodes: Arc<NodeRegistry>,
-        nonce: Arc<AtomicU64>,
-    ) -> Self {
+    fn open(link: StreamLink) -> Self {
         SotwStream {
-            node,
-            entry,
+            link,
             subs: HashMap::new(),
-            out,
-            nodes,
-            nonce,
         }
     }
 
-    fn node_id(&self) -> &str {
-        &self.node
+    fn link(&self) -> &StreamLink {
+        &self.link
     }
 
     /// Sends `type_url` if the subscriber has not seen this version (or `force`).
@@ -153,14 +137,14 @@ impl Protocol for SotwStream {
             sub.sent_version = Some(version);
             return true;
         }
-        let nonce = self.nonce.fetch_add(1, Ordering::Relaxed).to_string();
+        let nonce = self.link.next_nonce();
         let frame = response.frame(&nonce);
         sub.sent_digest = Some(response.digest);
         sub.sent_version = Some(version);
         sub.sent_nonce = nonce;
         sub.sent_names = sub.names.clone();
-        self.nodes.sent(&self.entry, type_url, version);
-        self.out.send(Ok(frame)).await.is_ok()
+        self.link.sent(type_url, version);
+        self.link.out.send(Ok(frame)).await.is_ok()
     }
 
     async fn on_request(&mut self, req: DiscoveryRequest, snapshot: &Snapshot) -> bool {
@@ -171,18 +155,16 @@ impl Protocol for SotwStream {
         let sub = self.subs.entry(req.type_url.clone()).or_default();
         if !req.response_nonce.is_empty() {
             if req.response_nonce != sub.sent_nonce {
-                tracing::debug!(node = %self.node, type_url = %req.type_url, "stale nonce; ignored");
+                tracing::debug!(node = %self.link.node, type_url = %req.type_url, "stale nonce; ignored");
                 return true;
             }
             match &req.error_detail {
                 Some(err) => {
-                    tracing::warn!(node = %self.node, type_url = %req.type_url, version = %req.version_info, error = %err.message, "NACK");
-                    self.nodes
-                        .nacked(&self.entry, &req.type_url, &req.version_info, &err.message);
+                    tracing::warn!(node = %self.link.node, type_url = %req.type_url, version = %req.version_info, error = %err.message, "NACK");
+                    self.link
+                        .nacked(&req.type_url, &req.version_info, &err.message);
                 }
-                None => self
-                    .nodes
-                    .acked(&self.entry, &req.type_url, &req.version_info),
+                None => self.link.acked(&req.type_url, &req.version_info),
             }
         }
         sub.names = req.resource_names;

@@ -8,8 +8,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{
@@ -19,9 +17,8 @@ use envoy_types::pb::google::protobuf::Any;
 use futures_util::SinkExt;
 use tonic::Status;
 
-use crate::ads_stream::Protocol;
-use crate::ads_transport::{OutboundTx, grpc_frame};
-use crate::node_status::{NodeEntry, NodeRegistry};
+use crate::ads_stream::{Protocol, StreamLink};
+use crate::ads_transport::grpc_frame;
 use crate::snapshot::Snapshot;
 use crate::xds_limits;
 
@@ -68,13 +65,8 @@ impl DeltaSub {
 }
 
 pub struct DeltaStream {
-    node: String,
-    /// The node's status, which its pushes and ACKs update.
-    entry: NodeEntry,
+    link: StreamLink,
     subs: HashMap<String, DeltaSub>,
-    out: OutboundTx,
-    nodes: Arc<NodeRegistry>,
-    nonce: Arc<AtomicU64>,
 }
 
 impl Protocol for DeltaStream {
@@ -105,25 +97,15 @@ impl Protocol for DeltaStream {
         xds_limits::check_names(&req.type_url, "", all.into_iter())
     }
 
-    fn open(
-        node: String,
-        entry: NodeEntry,
-        out: OutboundTx,
-        nodes: Arc<NodeRegistry>,
-        nonce: Arc<AtomicU64>,
-    ) -> Self {
+    fn open(link: StreamLink) -> Self {
         DeltaStream {
-            node,
-            entry,
+            link,
             subs: HashMap::new(),
-            out,
-            nodes,
-            nonce,
         }
     }
 
-    fn node_id(&self) -> &str {
-        &self.node
+    fn link(&self) -> &StreamLink {
+        &self.link
     }
 
     /// Sends what changed for `type_url`; with `always`, sends even an empty response (the
@@ -161,7 +143,7 @@ impl Protocol for DeltaStream {
             return true;
         }
         let version = snapshot.version_of(type_url);
-        let nonce = self.nonce.fetch_add(1, Ordering::Relaxed).to_string();
+        let nonce = self.link.next_nonce();
         // A client that never answers must not grow this: only the newest pushes are kept
         // waiting for their ACK.
         if sub.in_flight.len() >= MAX_IN_FLIGHT
@@ -174,7 +156,7 @@ impl Protocol for DeltaStream {
             sub.in_flight.remove(&oldest);
         }
         sub.in_flight.insert(nonce.clone(), version);
-        self.nodes.sent(&self.entry, type_url, version);
+        self.link.sent(type_url, version);
         let response = DeltaDiscoveryResponse {
             system_version_info: version.to_string(),
             resources,
@@ -183,7 +165,7 @@ impl Protocol for DeltaStream {
             nonce,
             ..Default::default()
         };
-        self.out.send(Ok(grpc_frame(&response))).await.is_ok()
+        self.link.out.send(Ok(grpc_frame(&response))).await.is_ok()
     }
 
     async fn on_request(&mut self, req: DeltaDiscoveryRequest, snapshot: &Snapshot) -> bool {
@@ -197,11 +179,10 @@ impl Protocol for DeltaStream {
             let version = version.to_string();
             match &req.error_detail {
                 Some(err) => {
-                    tracing::warn!(node = %self.node, type_url = %req.type_url, error = %err.message, "delta NACK");
-                    self.nodes
-                        .nacked(&self.entry, &req.type_url, &version, &err.message);
+                    tracing::warn!(node = %self.link.node, type_url = %req.type_url, error = %err.message, "delta NACK");
+                    self.link.nacked(&req.type_url, &version, &err.message);
                 }
-                None => self.nodes.acked(&self.entry, &req.type_url, &version),
+                None => self.link.acked(&req.type_url, &version),
             }
         }
         if first {
@@ -220,6 +201,7 @@ impl Protocol for DeltaStream {
         // Subscriptions add up over requests: the total is bounded, not only each request.
         if sub.names.len() > xds_limits::MAX_NAMES {
             let _ = self
+                .link
                 .out
                 .send(Err(Status::resource_exhausted(format!(
                     "at most {} resource names subscribed per type",

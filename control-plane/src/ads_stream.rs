@@ -27,14 +27,8 @@ pub(crate) trait Protocol: Sized + Send + 'static {
     fn node(req: &Self::Request) -> Option<&Node>;
     /// Refuses a request whose strings or lists exceed what a stream may make us hold.
     fn check(req: &Self::Request) -> Result<(), Status>;
-    fn open(
-        node: String,
-        entry: NodeEntry,
-        out: OutboundTx,
-        nodes: Arc<NodeRegistry>,
-        nonce: Arc<AtomicU64>,
-    ) -> Self;
-    fn node_id(&self) -> &str;
+    fn open(link: StreamLink) -> Self;
+    fn link(&self) -> &StreamLink;
     /// Handles one request; false when the stream is gone.
     fn on_request(
         &mut self,
@@ -48,6 +42,38 @@ pub(crate) trait Protocol: Sized + Send + 'static {
         type_url: &str,
         force: bool,
     ) -> impl Future<Output = bool> + Send;
+}
+
+/// What either protocol's side of a stream holds of it: the node, where its responses go, and
+/// where what it was sent and what it answered are recorded.
+pub(crate) struct StreamLink {
+    pub node: String,
+    /// The node's status, which the stream's pushes and ACKs update.
+    entry: NodeEntry,
+    pub out: OutboundTx,
+    nodes: Arc<NodeRegistry>,
+    nonce: Arc<AtomicU64>,
+}
+
+impl StreamLink {
+    /// A nonce no other response of this control plane has carried.
+    pub fn next_nonce(&self) -> String {
+        self.nonce
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            .to_string()
+    }
+
+    pub fn sent(&self, type_url: &str, version: u64) {
+        self.nodes.sent(&self.entry, type_url, version);
+    }
+
+    pub fn acked(&self, type_url: &str, version: &str) {
+        self.nodes.acked(&self.entry, type_url, version);
+    }
+
+    pub fn nacked(&self, type_url: &str, version: &str, message: &str) {
+        self.nodes.nacked(&self.entry, type_url, version, message);
+    }
 }
 
 /// What the node sees. Only a node that proved its identity gets its workload secret: the
@@ -262,8 +288,8 @@ pub(crate) async fn run_stream<P: Protocol>(
         }
     }
     if let Some(s) = state.stream {
-        tracing::info!(node = %s.node_id(), "ADS stream closed");
-        state.nodes.disconnected(s.node_id());
+        tracing::info!(node = %s.link().node, "ADS stream closed");
+        state.nodes.disconnected(&s.link().node);
     }
 }
 
@@ -322,13 +348,13 @@ impl<P: Protocol> StreamState<P> {
                 }
             };
             tracing::info!(%node, "ADS stream opened");
-            self.stream = Some(P::open(
+            self.stream = Some(P::open(StreamLink {
                 node,
                 entry,
-                self.out.clone(),
-                self.nodes.clone(),
-                self.nonce.clone(),
-            ));
+                out: self.out.clone(),
+                nodes: self.nodes.clone(),
+                nonce: self.nonce.clone(),
+            }));
         }
         let base = self.snapshots.borrow().clone();
         let snapshot = self.views.get(base, &self.who, &self.shared, &self.nodes);
