@@ -546,4 +546,36 @@ mod tests {
             assert!(e.contains(field), "{bad}: {e}");
         }
     }
+    #[test]
+    fn a_host_rewrite_must_be_an_authority() {
+        let with_rewrite = |host: &str| {
+            format!(
+                r#"listeners:
+  - name: out
+    address: 127.0.0.1:0
+    direction: outbound
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - backends: [{{cluster: up}}]
+            rewrite: {{host: "{host}"}}
+clusters:
+  - name: up
+    endpoints: [{{address: "127.0.0.1:1"}}]
+"#
+            )
+        };
+        for good in ["shop", "shop.pay.svc:8080", "[::1]:80"] {
+            RuntimeConfig::build("p.yaml", &with_rewrite(good), 1, None)
+                .unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+        for bad in ["a b", "shop/x", "shop?q"] {
+            let e = RuntimeConfig::build("p.yaml", &with_rewrite(bad), 1, None)
+                .err()
+                .unwrap_or_else(|| panic!("{bad} was accepted"))
+                .to_string();
+            assert!(e.contains("rewrite.host"), "{bad}: {e}");
+        }
+    }
 }

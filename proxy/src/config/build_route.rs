@@ -146,9 +146,15 @@ impl Builder<'_> {
             Some(w) => Some(Box::new(Rewrite {
                 path: self.path_rewrite(w, &format!("{field}.rewrite"))?,
                 host: match &w.host {
-                    Some(h) => Some(HeaderValue::from_str(&h.value).map_err(|_| {
-                        self.err(h, &format!("{field}.rewrite.host"), "not a valid host")
-                    })?),
+                    Some(h) => Some(
+                        h.value
+                            .parse::<http::uri::Authority>()
+                            .ok()
+                            .and_then(|_| HeaderValue::from_str(&h.value).ok())
+                            .ok_or_else(|| {
+                                self.err(h, &format!("{field}.rewrite.host"), "not a valid host")
+                            })?,
+                    ),
                     None => None,
                 },
             })),

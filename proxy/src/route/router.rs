@@ -123,11 +123,18 @@ impl DomainTable {
     /// `host` may carry a port. A domain written with its port matches only that port; one
     /// written without matches any port.
     pub fn find(&self, host: &str) -> Option<usize> {
-        let host = host.to_ascii_lowercase();
-        if let Some(&i) = self.exact.get(&host) {
+        // Hosts arrive lower-case nearly always; only the rest pay for a lower-case copy.
+        let lower;
+        let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+            lower = host.to_ascii_lowercase();
+            lower.as_str()
+        } else {
+            host
+        };
+        if let Some(&i) = self.exact.get(host) {
             return Some(i);
         }
-        let bare = strip_port(&host);
+        let bare = strip_port(host);
         if let Some(&i) = self.exact.get(bare) {
             return Some(i);
         }

@@ -83,11 +83,11 @@ async fn forward<'a>(
     let (mut parts, body) = req.into_parts();
     authorize::authorize(ex, &mut parts)?;
     let host = route::request_host_of(&parts)?;
-    let route = route::select(ex, &host, &parts)?;
+    let route = route::select(ex, host.as_str(), &parts)?;
     ex.route = Some(route);
     rate_limit::admit(ex, route)?;
     if let Some(redirect) = &route.redirect {
-        let mut resp = redirect.respond(&host, &parts.uri, &route.path);
+        let mut resp = redirect.respond(host.as_str(), &parts.uri, &route.path);
         route.response_headers.apply(resp.headers_mut());
         return Ok(resp);
     }
@@ -104,7 +104,7 @@ async fn forward<'a>(
             route,
             &mirror::head_of(&parts),
             &bytes::Bytes::new(),
-            &host,
+            host.as_str(),
         );
     }
     let timeout = timeout::for_request(route.timeout, &parts.headers);
@@ -129,7 +129,7 @@ async fn forward<'a>(
         ctx: ex.ctx,
         route,
         cluster,
-        host: &host,
+        host: host.as_str(),
         trace: ex.trace.as_ref(),
     };
     let policy = route.retry.as_deref().filter(|p| p.retries > 0 && !upgrade);
@@ -142,7 +142,7 @@ async fn forward<'a>(
         }
         match retry::replayable(req).await? {
             retry::Replay::Ready(head, body) => {
-                mirror::copy(ctx, route, &head, &body, &host);
+                mirror::copy(ctx, route, &head, &body, host.as_str());
                 retry::send_buffered(&call, policy, deadline, head, body).await
             }
             retry::Replay::Once(req) => {

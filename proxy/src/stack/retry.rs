@@ -112,7 +112,7 @@ async fn send_with_retries(
     call: &Call<'_>,
     policy: &RetryPolicy,
     deadline: tokio::time::Instant,
-    head: Head,
+    mut head: Head,
     body: Bytes,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
     let Call {
@@ -134,10 +134,12 @@ async fn send_with_retries(
             .ok_or_else(|| ProxyError::NoEndpoint {
                 cluster: cluster.name.clone(),
             })?;
-        let mut req = head.request(body.clone());
-        // The app may want to know it is seeing a retry (and log it).
-        req.headers_mut()
+        // The app may want to know it is seeing a retry (and log it). Set on the kept head
+        // rather than on its copy: the copy's header table is full to the byte, so adding to
+        // it would grow it on every request.
+        head.headers
             .insert(ATTEMPT_HEADER, attempt_value(number + 1));
+        let req = head.request(body.clone());
         let try_ = Try {
             number: number + 1,
             waited,

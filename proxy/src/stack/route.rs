@@ -3,6 +3,7 @@
 
 use http::header;
 use http::request::Parts;
+use http::uri::Authority;
 
 use crate::route::rewrite::Rewrite;
 use crate::route::router::{self, PathMatch, RouteOutcome};
@@ -40,8 +41,8 @@ pub fn rewrite(
     rewrite: &Rewrite,
     matched: &PathMatch,
     parts: &mut Parts,
-    host: String,
-) -> Result<String, ProxyError> {
+    host: Authority,
+) -> Result<Authority, ProxyError> {
     if let Some(target) = rewrite.target(&parts.uri, matched) {
         parts.uri = target
             .parse()
@@ -56,7 +57,8 @@ pub fn rewrite(
                     .parse()
                     .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
             }
-            Ok(value.to_str().map(str::to_string).unwrap_or(host))
+            // The config accepted only a value that is an authority.
+            Ok(Authority::try_from(value.as_bytes()).unwrap_or(host))
         }
         None => Ok(host),
     }
@@ -64,8 +66,8 @@ pub fn rewrite(
 
 /// The host a request is for: `:authority` for HTTP/2 (and absolute-form HTTP/1), else `Host`.
 /// When both are present they must agree: the proxy routes by one, and an app behind it may
-/// read the other.
-pub fn request_host_of(parts: &http::request::Parts) -> Result<String, ProxyError> {
+/// read the other. The parsed `Authority` is the host from then on, so it is copied once.
+pub fn request_host_of(parts: &http::request::Parts) -> Result<Authority, ProxyError> {
     let mut hosts = parts.headers.get_all(header::HOST).iter();
     if let Some(authority) = parts.uri.authority() {
         let disagree = hosts.any(|h| {
@@ -77,19 +79,17 @@ pub fn request_host_of(parts: &http::request::Parts) -> Result<String, ProxyErro
                 "Host and the request's authority disagree",
             ));
         }
-        return Ok(authority.as_str().to_string());
+        return Ok(authority.clone());
     }
     let host = match (hosts.next(), hosts.next()) {
         (Some(h), None) => h,
         (None, _) => return Err(ProxyError::BadRequest("missing Host header")),
         (Some(_), Some(_)) => return Err(ProxyError::BadRequest("more than one Host header")),
     };
-    let host = host
-        .to_str()
+    host.to_str()
         .map_err(|_| ProxyError::BadRequest("Host header is not ASCII"))?;
-    host.parse::<http::uri::Authority>()
-        .map_err(|_| ProxyError::BadRequest("Host header is not a valid authority"))?;
-    Ok(host.to_string())
+    Authority::try_from(host.as_bytes())
+        .map_err(|_| ProxyError::BadRequest("Host header is not a valid authority"))
 }
 
 #[cfg(test)]
@@ -102,7 +102,7 @@ mod tests {
         for h in hosts {
             b = b.header(header::HOST, *h);
         }
-        request_host_of(&b.body(()).unwrap().into_parts().0)
+        request_host_of(&b.body(()).unwrap().into_parts().0).map(|a| a.to_string())
     }
 
     #[test]
