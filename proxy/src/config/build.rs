@@ -546,6 +546,7 @@ mod tests {
             assert!(e.contains(field), "{bad}: {e}");
         }
     }
+
     #[test]
     fn a_host_rewrite_must_be_an_authority() {
         let with_rewrite = |host: &str| {

@@ -20,7 +20,7 @@ use crate::config::file::{
 };
 use crate::config::snapshot::DEFAULT_ROUTE_TIMEOUT;
 use crate::policy::retry::RetryPolicy;
-use crate::route::rewrite::{PathRewrite, Redirect, Rewrite, substitution};
+use crate::route::rewrite::{HostRewrite, PathRewrite, Redirect, Rewrite, substitution};
 use crate::route::router::{HeaderMatch, PathMatch, QueryMatch};
 use crate::route::table::{HeaderChangeLists, HeaderChanges, Mirror, Route};
 
@@ -146,15 +146,9 @@ impl Builder<'_> {
             Some(w) => Some(Box::new(Rewrite {
                 path: self.path_rewrite(w, &format!("{field}.rewrite"))?,
                 host: match &w.host {
-                    Some(h) => Some(
-                        h.value
-                            .parse::<http::uri::Authority>()
-                            .ok()
-                            .and_then(|_| HeaderValue::from_str(&h.value).ok())
-                            .ok_or_else(|| {
-                                self.err(h, &format!("{field}.rewrite.host"), "not a valid host")
-                            })?,
-                    ),
+                    Some(h) => Some(HostRewrite::parse(&h.value).ok_or_else(|| {
+                        self.err(h, &format!("{field}.rewrite.host"), "not a valid host")
+                    })?),
                     None => None,
                 },
             })),

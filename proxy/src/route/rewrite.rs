@@ -2,6 +2,7 @@
 //! or answer it with a redirect instead. Both follow Envoy's semantics, so one xDS route
 //! means the same in our proxy and in Envoy.
 
+use http::uri::Authority;
 use http::{HeaderValue, Response, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Empty};
 use regex::Regex;
@@ -66,7 +67,24 @@ pub fn substitution(envoy: &str) -> String {
 pub struct Rewrite {
     pub path: Option<PathRewrite>,
     /// Sent as the Host (`:authority`) instead of the caller's.
-    pub host: Option<HeaderValue>,
+    pub host: Option<HostRewrite>,
+}
+
+/// A rewritten host, parsed once when the config is built: the header the backend sees, and
+/// the authority the request is then sent to.
+pub struct HostRewrite {
+    pub value: HeaderValue,
+    pub authority: Authority,
+}
+
+impl HostRewrite {
+    /// `None` unless `host` is an authority (`host[:port]`).
+    pub fn parse(host: &str) -> Option<HostRewrite> {
+        Some(HostRewrite {
+            authority: host.parse().ok()?,
+            value: HeaderValue::from_str(host).ok()?,
+        })
+    }
 }
 
 impl Rewrite {

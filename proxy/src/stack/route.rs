@@ -49,16 +49,15 @@ pub fn rewrite(
             .map_err(|_| ProxyError::BadRequest("the rewritten path is not a valid target"))?;
     }
     match &rewrite.host {
-        Some(value) => {
-            parts.headers.insert(header::HOST, value.clone());
+        Some(rewritten) => {
+            parts.headers.insert(header::HOST, rewritten.value.clone());
             if parts.uri.authority().is_some() {
                 let origin = parts.uri.path_and_query().map_or("/", |p| p.as_str());
                 parts.uri = origin
                     .parse()
                     .map_err(|_| ProxyError::BadRequest("invalid request target"))?;
             }
-            // The config accepted only a value that is an authority.
-            Ok(Authority::try_from(value.as_bytes()).unwrap_or(host))
+            Ok(rewritten.authority.clone())
         }
         None => Ok(host),
     }
