@@ -75,6 +75,55 @@ async fn http1_get_and_chunked_post_keep_alive() {
     );
 }
 
+/// An HTTP/1 head may carry 100 headers, as Envoy's and hyper's defaults allow. One more is
+/// answered 431 by the proxy itself and never reaches the app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_head_over_100_headers_is_refused_at_the_proxy() {
+    // An app that answers every head it reads with an empty 200, and counts the heads.
+    let heads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = listener.local_addr().unwrap();
+    let counted = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut r = BufReader::new(stream);
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line == "\r\n" {
+                        counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if r.get_mut().write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let proxy = one_cluster_proxy("app.test", "http1", app).await;
+    for (count, status, reached) in [(90, "HTTP/1.1 200", 1), (101, "HTTP/1.1 431", 1)] {
+        let mut head = "GET / HTTP/1.1\r\nhost: app.test\r\n".to_string();
+        for i in 1..count {
+            head.push_str(&format!("x-h{i}: v\r\n"));
+        }
+        head.push_str("\r\n");
+        let mut s = BufReader::new(TcpStream::connect(proxy.addr("outbound")).await.unwrap());
+        s.get_mut().write_all(head.as_bytes()).await.unwrap();
+        let reply = read_head(&mut s).await;
+        assert!(reply.starts_with(status), "{count} headers: {reply}");
+        assert_eq!(
+            heads.load(std::sync::atomic::Ordering::SeqCst),
+            reached,
+            "{count} headers: heads the app read"
+        );
+    }
+}
+
 async fn read_head(r: &mut BufReader<TcpStream>) -> String {
     let mut head = String::new();
     loop {

@@ -20,7 +20,9 @@ use crate::stack::{self, exchange::HttpContext};
 
 /// Protects the proxy from peers that send huge or endless headers.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
-const MAX_HEADERS: usize = 128;
+/// Envoy's default too. No more than hyper's own default of 100: hyper parses that many in
+/// place, and any larger cap costs two 4 KiB heap buffers on every request.
+const MAX_HEADERS: usize = 100;
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves HTTP on `io` until it closes. With `hand_back`, an HTTP/1 connection that rests
