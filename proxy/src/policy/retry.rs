@@ -155,7 +155,7 @@ pub fn retriable(on: &RetryOn, outcome: &Outcome<'_>) -> bool {
             // A gRPC failure before any message comes as a trailers-only response: the
             // status is in the headers.
             match headers
-                .get("grpc-status")
+                .get(crate::stack::headers::GRPC_STATUS)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u8>().ok())
             {

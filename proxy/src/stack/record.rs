@@ -11,6 +11,7 @@ use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 
 use crate::stack::exchange::Exchange;
+use crate::stack::headers::GRPC_STATUS;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::request_trace::{self, RequestFacts};
 use crate::telemetry::route_series::{Outcome, RouteSeries};
@@ -76,7 +77,7 @@ pub fn finish(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/grpc"));
-    let response = match headers.get("grpc-status").and_then(|v| v.to_str().ok()) {
+    let response = match headers.get(GRPC_STATUS).and_then(|v| v.to_str().ok()) {
         // A gRPC status after messages arrives in the trailers: count the call then.
         None if grpc => response.map(|inner| {
             GrpcStatusBody {
@@ -177,7 +178,7 @@ impl hyper::body::Body for GrpcStatusBody {
             std::task::Poll::Ready(Some(Ok(frame))) => {
                 if let Some(status) = frame
                     .trailers_ref()
-                    .and_then(|t| t.get("grpc-status"))
+                    .and_then(|t| t.get(GRPC_STATUS))
                     .and_then(|v| v.to_str().ok())
                 {
                     self.grpc_status = Some(status.to_string());

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use http::HeaderMap;
 
+use crate::stack::headers::GRPC_TIMEOUT;
 use crate::upstream::error::ProxyError;
 
 /// The time a request may take, from its route and its `grpc-timeout`.
@@ -26,7 +27,7 @@ pub fn expired(timeout: Duration) -> ProxyError {
 
 /// `grpc-timeout`: an integer of up to 8 digits and a unit (gRPC over HTTP/2, "Timeout").
 fn grpc_timeout(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let value = headers.get(GRPC_TIMEOUT)?.to_str().ok()?;
     let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
     if digits.is_empty() || digits.len() > 8 {
         return None;

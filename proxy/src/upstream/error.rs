@@ -6,16 +6,16 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
 use crate::policy::retry::Outcome;
 use crate::upstream::client::Body;
 
-pub const ERROR_HEADER: &str = "x-outrigger-error";
+pub const ERROR_HEADER: HeaderName = HeaderName::from_static("x-outrigger-error");
 /// Set on a fast failure from a circuit-breaker threshold, so a client can tell "the mesh
 /// shed load" from "the service is down".
-pub const OVERLOADED_HEADER: &str = "x-outrigger-overloaded";
+pub const OVERLOADED_HEADER: HeaderName = HeaderName::from_static("x-outrigger-overloaded");
 
 /// Which side of the proxy a failure came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
