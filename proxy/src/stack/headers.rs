@@ -86,6 +86,26 @@ static HOP_BY_HOP: [HeaderName; 6] = [
 ];
 /// `te`'s bit beside `HOP_BY_HOP`'s.
 const TE_PRESENT: u8 = 1 << HOP_BY_HOP.len();
+/// The lengths of those names and of `te`, as bits: a name of any other length is none of
+/// them, and most names are told apart by this alone, without comparing their bytes.
+const HOP_BY_HOP_LENGTHS: u32 = {
+    let names = [
+        "connection",
+        "proxy-authorization",
+        "transfer-encoding",
+        "upgrade",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+    ];
+    let mut bits = 0;
+    let mut i = 0;
+    while i < names.len() {
+        bits |= 1 << names[i].len();
+        i += 1;
+    }
+    bits
+};
 
 /// Connection-scoped headers describe one hop and must not be forwarded (RFC 9110 §7.6.1).
 /// `te: trailers` is the exception: gRPC needs it end to end.
@@ -94,6 +114,10 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // lookup of each (which hashes the name) cost more than all the rest of this function.
     let mut present = 0u8;
     for name in headers.keys() {
+        let len = name.as_str().len();
+        if len >= 32 || HOP_BY_HOP_LENGTHS & (1 << len) == 0 {
+            continue;
+        }
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
             present |= 1 << i;
         } else if name == header::TE {
