@@ -47,7 +47,7 @@ pub struct Try {
 pub async fn attempt(
     call: &Call<'_>,
     endpoint: &Arc<Endpoint>,
-    req: Request<Body>,
+    mut req: Request<Body>,
     upgrade: bool,
     try_: Try,
 ) -> Result<Response<UpstreamBody>, ProxyError> {
@@ -60,15 +60,15 @@ pub async fn attempt(
     } = *call;
     let per_try_timeout = try_.per_try_timeout;
     let span = trace.map(|t| AttemptSpan::begin(t, try_.number, try_.waited));
-    let mut upstream_req = headers::rewrite_request(req, route, host, cluster.protocol, upgrade)?;
+    headers::rewrite_request(&mut req, route, host, cluster.protocol, upgrade)?;
     if let Some(span) = &span {
         // The upstream's parent is this attempt.
-        trace_context::inject(upstream_req.headers_mut(), &span.ctx);
+        trace_context::inject(req.headers_mut(), &span.ctx);
     }
     // An HTTP/1.1 request needs a connection to itself until its response head.
     let _connection = pool::connection(call, upgrade).await?;
     let in_flight = endpoint.start();
-    let send = pool::send(call, endpoint, upstream_req, upgrade);
+    let send = pool::send(call, endpoint, req, upgrade);
     let result = match per_try_timeout {
         Some(t) => tokio::time::timeout(t, send)
             .await

@@ -176,50 +176,51 @@ pub fn is_upgrade(req: &Request<Incoming>) -> bool {
         })
 }
 
+/// Readies a request for the endpoint it goes to, in place: a request is moved whole at
+/// every stage it passes, and taking it apart and back together here would move it twice more.
 pub fn rewrite_request(
-    req: Request<Body>,
+    req: &mut Request<Body>,
     route: &Route,
     host: &str,
     protocol: UpstreamProtocol,
     upgrade: bool,
-) -> Result<Request<Body>, ProxyError> {
-    let (mut parts, body) = req.into_parts();
+) -> Result<(), ProxyError> {
     let invalid = || ProxyError::BadRequest("invalid request target");
     if !upgrade {
-        strip_hop_by_hop(&mut parts.headers);
+        strip_hop_by_hop(req.headers_mut());
     }
     match protocol {
         UpstreamProtocol::Http1 => {
             // The connection is already the endpoint's: the target goes in origin form, and
             // the name the client asked for rides in Host, which an HTTP/2 client did not send.
-            if parts.uri.authority().is_some() || parts.uri.path_and_query().is_none() {
+            let uri = req.uri();
+            if uri.authority().is_some() || uri.path_and_query().is_none() {
                 let mut origin = http::uri::Parts::default();
                 origin.path_and_query = Some(
-                    parts
-                        .uri
-                        .path_and_query()
+                    uri.path_and_query()
                         .cloned()
                         .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
                 );
-                parts.uri = Uri::from_parts(origin).map_err(|_| invalid())?;
+                *req.uri_mut() = Uri::from_parts(origin).map_err(|_| invalid())?;
             }
-            parts.version = Version::HTTP_11;
-            if !parts.headers.contains_key(header::HOST) {
+            *req.version_mut() = Version::HTTP_11;
+            if !req.headers().contains_key(header::HOST) {
                 let value = HeaderValue::from_str(host)
                     .map_err(|_| ProxyError::BadRequest("invalid host"))?;
-                parts.headers.insert(header::HOST, value);
+                req.headers_mut().insert(header::HOST, value);
             }
         }
         UpstreamProtocol::Http2 => {
             // The connection is already the endpoint's; the URI only supplies :authority.
-            let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-            parts.uri = Uri::try_from(format!("http://{host}{path}")).map_err(|_| invalid())?;
-            parts.version = Version::HTTP_2;
-            parts.headers.remove(header::HOST);
+            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            *req.uri_mut() =
+                Uri::try_from(format!("http://{host}{path}")).map_err(|_| invalid())?;
+            *req.version_mut() = Version::HTTP_2;
+            req.headers_mut().remove(header::HOST);
         }
     }
-    route.request_headers.apply(&mut parts.headers);
-    Ok(Request::from_parts(parts, body))
+    route.request_headers.apply(req.headers_mut());
+    Ok(())
 }
 
 #[cfg(test)]
