@@ -74,9 +74,9 @@ impl Http1Pool {
         cluster: &str,
         addr: SocketAddr,
         connect_timeout: Duration,
-        req: Request<Body>,
+        mut req: Request<Body>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
-        let (mut req, sent) = watch_body(req);
+        let sent = watch_body(&mut req);
         while let Some(mut conn) = self.take() {
             // The exchange before may still be finishing on the connection's task.
             if conn.sender.ready().await.is_err() {
@@ -226,18 +226,22 @@ struct SentBody {
     sent: Arc<AtomicBool>,
 }
 
-/// `req`, with a body that reports its end through the flag returned (when it has a body).
-fn watch_body(req: Request<Body>) -> (Request<Body>, Option<Arc<AtomicBool>>) {
-    use http_body_util::BodyExt;
+/// Gives `req` a body that reports its end through the flag returned (when it has a body). In
+/// place: the request is moved whole at every stage, and a bodiless one needs nothing here.
+fn watch_body(req: &mut Request<Body>) -> Option<Arc<AtomicBool>> {
+    use http_body_util::{BodyExt, Empty};
     if req.body().is_end_stream() {
-        return (req, None);
+        return None;
     }
     let sent = Arc::new(AtomicBool::new(false));
-    let flag = sent.clone();
-    (
-        req.map(|inner| SentBody { inner, sent: flag }.boxed()),
-        Some(sent),
-    )
+    let placeholder = Empty::new().map_err(|never| match never {}).boxed();
+    let inner = std::mem::replace(req.body_mut(), placeholder);
+    *req.body_mut() = SentBody {
+        inner,
+        sent: sent.clone(),
+    }
+    .boxed();
+    Some(sent)
 }
 
 impl hyper::body::Body for SentBody {
