@@ -298,6 +298,34 @@ pub(crate) struct Measured {
     p50_ms: f64,
     p99_ms: f64,
     cpu_us_per_req: Option<f64>,
+    /// The share of the machine's CPU time its hypervisor took back while the row ran.
+    steal_pct: f64,
+}
+
+/// The machine's stolen and total CPU ticks so far (the `cpu` line of /proc/stat). A share
+/// of steal over a row says the row ran while the VM's neighbours were busy, which moves
+/// every figure in it: a row to read with care, or to run again.
+pub(crate) fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: Vec<u64> = stat
+        .lines()
+        .find_map(|l| l.strip_prefix("cpu "))
+        .map(|l| {
+            l.split_whitespace()
+                .filter_map(|t| t.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    // user nice system idle iowait irq softirq steal; guest time is inside user already.
+    let total = ticks.iter().take(8).sum();
+    (ticks.get(7).copied().unwrap_or(0), total)
+}
+
+/// Steal since `before` (from `machine_ticks`), in percent.
+pub(crate) fn steal_since(before: (u64, u64)) -> f64 {
+    let now = machine_ticks();
+    let total = now.1.saturating_sub(before.1).max(1);
+    now.0.saturating_sub(before.0) as f64 * 100.0 / total as f64
 }
 
 impl Measured {
@@ -310,6 +338,7 @@ impl Measured {
             "p50_ms": self.p50_ms,
             "p99_ms": self.p99_ms,
             "cpu_us_per_request": self.cpu_us_per_req,
+            "steal_pct": self.steal_pct,
         });
         if let (Some(head), serde_json::Value::Object(measured)) = (head.as_object_mut(), measured)
         {
@@ -324,6 +353,7 @@ pub(crate) fn run_h2load(scenario: &Scenario, target: &Target, log: &Path) -> Me
     // h2load appends to its log; each run must start from an empty one.
     let _ = std::fs::remove_file(log);
     let cpu_before = pid.map(cpu_seconds);
+    let ticks_before = machine_ticks();
     let started = Instant::now();
     let out = Command::new("h2load")
         .args(&scenario.h2load)
@@ -334,6 +364,7 @@ pub(crate) fn run_h2load(scenario: &Scenario, target: &Target, log: &Path) -> Me
         .expect("h2load is installed (apt-get install nghttp2-client)");
     let wall = started.elapsed().as_secs_f64();
     let cpu = pid.map(|p| cpu_seconds(p) - cpu_before.unwrap());
+    let steal_pct = steal_since(ticks_before);
     let text = String::from_utf8_lossy(&out.stdout);
     let mut lat: Vec<u64> = Vec::new();
     let mut failed = 0;
@@ -369,6 +400,7 @@ pub(crate) fn run_h2load(scenario: &Scenario, target: &Target, log: &Path) -> Me
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
         cpu_us_per_req: cpu.map(|c| c * 1e6 / requests.max(1) as f64),
+        steal_pct,
     }
 }
 
@@ -650,7 +682,7 @@ fn main() {
     });
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<17} {:<10} {:>10} {:>9} {:>9} {:>11} {:>9} {:>9} {:>7}\n",
+        "{:<17} {:<10} {:>10} {:>9} {:>9} {:>11} {:>9} {:>9} {:>7} {:>8}\n",
         "scenario",
         "target",
         "req/s",
@@ -659,12 +691,13 @@ fn main() {
         "cpu µs/req",
         "idle MB",
         "peak MB",
-        "failed"
+        "failed",
+        "steal %"
     ));
     let mb = |k: Option<u64>| k.map_or("-".to_string(), |k| format!("{:.1}", k as f64 / 1024.0));
     for (s, t, m, idle, peak) in &table {
         out.push_str(&format!(
-            "{:<17} {:<10} {:>10.0} {:>9.3} {:>9.3} {:>11} {:>9} {:>9} {:>7}\n",
+            "{:<17} {:<10} {:>10.0} {:>9.3} {:>9.3} {:>11} {:>9} {:>9} {:>7} {:>8.1}\n",
             s,
             t,
             m.rps,
@@ -673,7 +706,8 @@ fn main() {
             m.cpu_us_per_req.map_or("-".into(), |c| format!("{c:.1}")),
             mb(*idle),
             mb(*peak),
-            m.failed
+            m.failed,
+            m.steal_pct
         ));
     }
     println!("\n{out}");

@@ -8,8 +8,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use crate::{
-    Measured, RunArgs, Target, cpu_seconds, free_port, memory_kib, start_envoy, start_haproxy,
-    start_outrigger, wait_for_port,
+    Measured, RunArgs, Target, cpu_seconds, free_port, machine_ticks, memory_kib, start_envoy,
+    start_haproxy, start_outrigger, steal_since, wait_for_port,
 };
 
 pub(crate) const SCENARIO: &str = "http1 wrk nginx";
@@ -83,11 +83,13 @@ fn run_wrk(target: &Target, duration: u64) -> Measured {
         .args(["-t1", "-c32", "-d1s", &url])
         .output();
     let before = pid.map(cpu_seconds);
+    let ticks_before = machine_ticks();
     let out = Command::new("wrk")
         .args(["-t1", "-c32", &format!("-d{duration}s"), "--latency", &url])
         .output()
         .expect("wrk is installed (apt-get install wrk)");
     let cpu = pid.map(|p| cpu_seconds(p) - before.unwrap());
+    let steal_pct = steal_since(ticks_before);
     let (requests, failed, p50_ms, p99_ms) = parse(&String::from_utf8_lossy(&out.stdout));
     Measured {
         requests,
@@ -96,6 +98,7 @@ fn run_wrk(target: &Target, duration: u64) -> Measured {
         p50_ms,
         p99_ms,
         cpu_us_per_req: cpu.map(|c| c * 1e6 / requests.max(1) as f64),
+        steal_pct,
     }
 }
 

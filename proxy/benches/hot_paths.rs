@@ -87,8 +87,16 @@ fn rewriting(c: &mut Criterion) {
             let body = Empty::<Bytes>::new()
                 .map_err(|never| match never {})
                 .boxed();
-            let req = Request::from_parts(parts, body);
-            rewrite_request(req, route, "vh0.example", UpstreamProtocol::Http1, false).unwrap()
+            let mut req = Request::from_parts(parts, body);
+            rewrite_request(
+                &mut req,
+                route,
+                "vh0.example",
+                UpstreamProtocol::Http1,
+                false,
+            )
+            .unwrap();
+            req
         })
     });
 }

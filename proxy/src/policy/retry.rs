@@ -3,8 +3,12 @@
 
 use std::time::Duration;
 
-use http::{HeaderMap, Method, StatusCode};
+use http::{HeaderMap, HeaderName, Method, StatusCode};
 use outrigger_core::backoff::Backoff;
+
+/// gRPC's status, read from a trailers-only response's headers (or from trailers). Names are
+/// constants, not text: a name given as text is parsed at every lookup.
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// Bodies up to this size are kept for replay; a larger request is sent once.
 pub const MAX_REPLAY_BODY: u64 = 64 * 1024;
@@ -155,7 +159,7 @@ pub fn retriable(on: &RetryOn, outcome: &Outcome<'_>) -> bool {
             // A gRPC failure before any message comes as a trailers-only response: the
             // status is in the headers.
             match headers
-                .get(crate::stack::headers::GRPC_STATUS)
+                .get(GRPC_STATUS)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u8>().ok())
             {

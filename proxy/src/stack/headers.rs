@@ -16,10 +16,6 @@ use crate::upstream::error::ProxyError;
 pub const ATTEMPT_HEADER: HeaderName = HeaderName::from_static("x-outrigger-attempt");
 /// Tells the app behind an mTLS listener the caller's verified SPIFFE ID.
 pub const CLIENT_ID_HEADER: HeaderName = HeaderName::from_static("x-outrigger-client-id");
-/// gRPC's status, read from a trailers-only response's headers (or from trailers).
-pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
-/// A gRPC client's own deadline.
-pub const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// The headers the proxy vouches for. A caller's copy is removed before the proxy sets its
 /// own, and a `Connection:` nomination cannot remove the proxy's.

@@ -10,8 +10,8 @@ use http::header;
 use http::{Method, Request, Response};
 use http_body_util::BodyExt;
 
+use crate::policy::retry::GRPC_STATUS;
 use crate::stack::exchange::Exchange;
-use crate::stack::headers::GRPC_STATUS;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::request_trace::{self, RequestFacts};
 use crate::telemetry::route_series::{Outcome, RouteSeries};

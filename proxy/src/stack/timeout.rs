@@ -4,10 +4,12 @@
 use std::future::Future;
 use std::time::Duration;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 
-use crate::stack::headers::GRPC_TIMEOUT;
 use crate::upstream::error::ProxyError;
+
+/// A gRPC client's own deadline.
+const GRPC_TIMEOUT: HeaderName = HeaderName::from_static("grpc-timeout");
 
 /// The time a request may take, from its route and its `grpc-timeout`.
 pub fn for_request(route_timeout: Duration, headers: &HeaderMap) -> Duration {
