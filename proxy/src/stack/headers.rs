@@ -71,33 +71,32 @@ pub fn strip_vouched(headers: &mut HeaderMap) {
 }
 
 /// The hop-by-hop headers removed whether or not `Connection` names them; `Connection`
-/// first.
+/// first. Spelled once, here, for both the names and their lengths below.
+const HOP_BY_HOP_NAMES: [&str; 6] = [
+    "connection",
+    "proxy-authorization",
+    "transfer-encoding",
+    "upgrade",
+    "keep-alive",
+    "proxy-connection",
+];
 static HOP_BY_HOP: [HeaderName; 6] = [
-    header::CONNECTION,
-    header::PROXY_AUTHORIZATION,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static(HOP_BY_HOP_NAMES[0]),
+    HeaderName::from_static(HOP_BY_HOP_NAMES[1]),
+    HeaderName::from_static(HOP_BY_HOP_NAMES[2]),
+    HeaderName::from_static(HOP_BY_HOP_NAMES[3]),
+    HeaderName::from_static(HOP_BY_HOP_NAMES[4]),
+    HeaderName::from_static(HOP_BY_HOP_NAMES[5]),
 ];
 /// `te`'s bit beside `HOP_BY_HOP`'s.
 const TE_PRESENT: u8 = 1 << HOP_BY_HOP.len();
 /// The lengths of those names and of `te`, as bits: a name of any other length is none of
 /// them, and most names are told apart by this alone, without comparing their bytes.
 const HOP_BY_HOP_LENGTHS: u32 = {
-    let names = [
-        "connection",
-        "proxy-authorization",
-        "transfer-encoding",
-        "upgrade",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-    ];
-    let mut bits = 0;
+    let mut bits = 1 << "te".len();
     let mut i = 0;
-    while i < names.len() {
-        bits |= 1 << names[i].len();
+    while i < HOP_BY_HOP_NAMES.len() {
+        bits |= 1 << HOP_BY_HOP_NAMES[i].len();
         i += 1;
     }
     bits
