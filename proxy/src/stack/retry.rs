@@ -49,12 +49,34 @@ pub struct Head {
 impl Head {
     /// A new request with this head and `body`.
     pub fn request(&self, body: Bytes) -> Request<Body> {
+        self.request_with(self.headers.clone(), body)
+    }
+
+    /// A new request with this head and `body`, its header table moved rather than copied.
+    pub fn into_request(mut self, body: Bytes) -> Request<Body> {
+        let headers = std::mem::take(&mut self.headers);
+        self.request_with(headers, body)
+    }
+
+    /// A new request with this head's method, URI and version, and `headers`.
+    fn request_with(&self, headers: HeaderMap, body: Bytes) -> Request<Body> {
         let mut req = Request::new(Full::new(body).map_err(|never| match never {}).boxed());
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = self.uri.clone();
         *req.version_mut() = self.version;
-        *req.headers_mut() = self.headers.clone();
+        *req.headers_mut() = headers;
         req
+    }
+
+    /// A request for the next try: it takes this head's own header table and leaves a copy
+    /// in its place. The copy is sized to the byte, while the table the request arrived in
+    /// has room to spare; the upstream connection reuses the table it was sent for the
+    /// response it parses next, and one with no room grows on every response with more
+    /// headers than its request.
+    fn take_request(&mut self, body: Bytes) -> Request<Body> {
+        let copy = self.headers.clone();
+        let headers = std::mem::replace(&mut self.headers, copy);
+        self.request_with(headers, body)
     }
 }
 
@@ -68,7 +90,7 @@ pub async fn send_buffered(
 ) -> Result<Response<UpstreamBody>, ProxyError> {
     match policy {
         Some(policy) => send_with_retries(call, policy, deadline, head, body).await,
-        None => balance::send_once(call, head.request(body), false).await,
+        None => balance::send_once(call, head.into_request(body), false).await,
     }
 }
 
@@ -134,12 +156,11 @@ async fn send_with_retries(
             .ok_or_else(|| ProxyError::NoEndpoint {
                 cluster: cluster.name.clone(),
             })?;
-        // The app may want to know it is seeing a retry (and log it). Set on the kept head
-        // rather than on its copy: the copy's header table is full to the byte, so adding to
-        // it would grow it on every request.
+        // The app may want to know it is seeing a retry (and log it). Set before the copy is
+        // made, so that neither table grows for it.
         head.headers
             .insert(ATTEMPT_HEADER, attempt_value(number + 1));
-        let req = head.request(body.clone());
+        let req = head.take_request(body.clone());
         let try_ = Try {
             number: number + 1,
             waited,
