@@ -103,6 +103,44 @@ async fn a_rested_connection_serves_its_next_request_and_keeps_a_head_cut_short(
 /// The upstream answers a chunked upload at once, before its body is sent. The connection
 /// is then quiet with the request body unfinished: if it rested, the bytes that follow would
 /// be parsed as a new request head, and a request hidden in a body would reach the upstream.
+/// The header timeout (30 s) holds on a keep-alive connection whose next head trickles in a
+/// line every two seconds: the connection rests part way, and is cut off about 30 s after
+/// the head began, not kept open for as long as the client keeps sending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_trickled_past_the_header_timeout_is_cut_off() {
+    let up = upstreams::http("app").await;
+    let proxy = TestProxy::start(&config(VHOSTS, &cluster("app", "http1", &[up.addr]))).await;
+    let mut conn = TcpStream::connect(proxy.addr("outbound")).await.unwrap();
+    send(&mut conn, "/first").await;
+    let first = response(&mut conn).await;
+    assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+
+    let started = tokio::time::Instant::now();
+    conn.write_all(b"GET /slow HTTP/1.1\r\nhost: app\r\n")
+        .await
+        .unwrap();
+    let (mut reader, mut writer) = conn.into_split();
+    let trickle = tokio::spawn(async move {
+        for i in 0.. {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            let line = format!("x-line-{i}: {i}\r\n");
+            if writer.write_all(line.as_bytes()).await.is_err() {
+                return;
+            }
+        }
+    });
+    // Whatever the proxy says (a 408 or nothing), the connection ends.
+    let mut sink = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(45), reader.read_to_end(&mut sink)).await;
+    trickle.abort();
+    let took = started.elapsed();
+    assert!(ended.is_ok(), "still open after {took:?}");
+    assert!(
+        took >= Duration::from_secs(29) && took < Duration::from_secs(40),
+        "cut off after {took:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_still_on_its_way_is_never_read_as_a_new_request() {
     let (up, heads) = upstreams::canned("HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;

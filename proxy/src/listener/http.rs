@@ -12,6 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::listener::accept::Drain;
+use crate::listener::head_timer::HeadTimer;
 use crate::listener::rest::{self, ReadReady, Resting};
 use crate::net::detect::Protocol;
 use crate::stack::idle::{Activity, Quiet, Tracked};
@@ -95,7 +96,6 @@ where
     }
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
-        .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEADER_BYTES)
         .max_headers(MAX_HEADERS);
@@ -104,6 +104,9 @@ where
     let mut service = service_fn(move |req| Box::pin(handler(req)));
     let mut io = Resting::new(io, activity.clone());
     loop {
+        // A timer of its own for each stretch between rests, so that a resting connection
+        // holds none.
+        http1.timer(HeadTimer::new());
         // Boxed: a resting connection gives back all of hyper's, its state with its buffers.
         let mut conn = Box::new(
             http1
@@ -114,6 +117,8 @@ where
             Pin::new(&mut *conn).graceful_shutdown();
         }
         let quiet = tokio::select! {
+            // In order: each wake polls the connection first, and draws no random number.
+            biased;
             res = &mut *conn => return res.map(|()| None),
             _ = signal.changed() => Quiet::Idle,
             quiet = activity.quiet_for(idle, Some(rest::REST_AFTER)) => quiet,

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use tokio::time::Instant;
 
+use crate::net::alarm::Alarm;
 use crate::upstream::client::Body;
 
 pub struct Activity {
@@ -72,7 +73,8 @@ impl Activity {
         let period = rest_after.map_or(idle, |rest| rest.min(idle));
         let mut wait = period;
         loop {
-            tokio::time::sleep(wait).await;
+            // An `Alarm`: the connection's task polls this on every wake.
+            Alarm::after(wait).await;
             if self.in_flight.load(Ordering::Acquire) > 0 {
                 wait = period;
                 continue;

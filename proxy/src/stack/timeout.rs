@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use http::{HeaderMap, HeaderName};
 
+use crate::net::alarm::{self, Within};
 use crate::upstream::error::ProxyError;
 
 /// A gRPC client's own deadline.
@@ -16,10 +17,11 @@ pub fn for_request(route_timeout: Duration, headers: &HeaderMap) -> Duration {
     grpc_timeout(headers).map_or(route_timeout, |t| t.min(route_timeout))
 }
 
-/// The inner stages, cut off at `deadline`. A plain `Timeout` rather than another async layer:
-/// the inner future is large, and each layer would move it once more per request.
-pub fn within<F: Future>(deadline: tokio::time::Instant, inner: F) -> tokio::time::Timeout<F> {
-    tokio::time::timeout_at(deadline, inner)
+/// The inner stages, cut off at `deadline`. A plain future rather than another async layer:
+/// the inner future is large, and each layer would move it once more per request. Its timer
+/// is an `Alarm`, which the request's many wakes do not each poll in full.
+pub fn within<F: Future>(deadline: tokio::time::Instant, inner: F) -> Within<F> {
+    alarm::within(deadline, inner)
 }
 
 /// What the caller gets when the timeout passes: a 504.

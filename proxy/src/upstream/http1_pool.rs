@@ -24,6 +24,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::net::alarm::Alarm;
 use crate::upstream::client::{Body, connect, failed};
 use crate::upstream::error::ProxyError;
 
@@ -170,13 +171,19 @@ impl Http1Pool {
 /// idle past `IDLE_TIMEOUT`.
 async fn drive(conn: http1::Connection<TokioIo<TcpStream>, Body>, state: Arc<IdleSince>) {
     tokio::pin!(conn);
+    // Polled on each of the connection's wakes, several per request: an `Alarm` skips the
+    // timer's full poll until it goes off.
+    let idle = Alarm::after(IDLE_TIMEOUT);
+    tokio::pin!(idle);
     loop {
         tokio::select! {
+            biased;
             _ = conn.as_mut() => return,
-            _ = tokio::time::sleep(IDLE_TIMEOUT) => {
+            _ = idle.as_mut() => {
                 if state.expired(now_secs()) {
                     return;
                 }
+                idle.as_mut().reset(tokio::time::Instant::now() + IDLE_TIMEOUT);
             }
         }
     }
