@@ -2,6 +2,7 @@
 //! the try says about the endpoint's health fed back to outlier detection and the try's own
 //! span.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,20 +21,23 @@ use crate::upstream::client::Body;
 use crate::upstream::error::ProxyError;
 use crate::upstream::http1_pool::UpstreamBody;
 
-pub async fn send_once(
-    call: &Call<'_>,
+#[allow(clippy::manual_async_fn)] // one slot per argument, not two
+pub fn send_once<'a>(
+    call: &'a Call<'a>,
     req: Request<Body>,
     upgrade: bool,
-) -> Result<Response<UpstreamBody>, ProxyError> {
-    let endpoint = call.cluster.pick().ok_or_else(|| ProxyError::NoEndpoint {
-        cluster: call.cluster.name.clone(),
-    })?;
-    let try_ = Try {
-        number: 1,
-        waited: Duration::ZERO,
-        per_try_timeout: None,
-    };
-    attempt(call, endpoint, req, upgrade, try_).await
+) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> {
+    async move {
+        let endpoint = call.cluster.pick().ok_or_else(|| ProxyError::NoEndpoint {
+            cluster: call.cluster.name.clone(),
+        })?;
+        let try_ = Try {
+            number: 1,
+            waited: Duration::ZERO,
+            per_try_timeout: None,
+        };
+        attempt(call, endpoint, req, upgrade, try_).await
+    }
 }
 
 /// Which try this is, for retries and for its span.
@@ -43,85 +47,89 @@ pub struct Try {
     pub per_try_timeout: Option<Duration>,
 }
 
-/// One try at one endpoint.
-pub async fn attempt(
-    call: &Call<'_>,
-    endpoint: &Arc<Endpoint>,
+/// One try at one endpoint. A function returning an `async` block, for the reason given at
+/// `retry::send`.
+#[allow(clippy::manual_async_fn)] // one slot per argument, not two
+pub fn attempt<'a>(
+    call: &'a Call<'a>,
+    endpoint: &'a Arc<Endpoint>,
     mut req: Request<Body>,
     upgrade: bool,
     try_: Try,
-) -> Result<Response<UpstreamBody>, ProxyError> {
-    let Call {
-        ctx,
-        route,
-        cluster,
-        host,
-        trace,
-    } = *call;
-    let per_try_timeout = try_.per_try_timeout;
-    let span = trace.map(|t| AttemptSpan::begin(t, try_.number, try_.waited));
-    headers::rewrite_request(&mut req, route, host, cluster.protocol, upgrade)?;
-    if let Some(span) = &span {
-        // The upstream's parent is this attempt.
-        trace_context::inject(req.headers_mut(), &span.ctx);
-    }
-    // An HTTP/1.1 request needs a connection to itself until its response head.
-    let _connection = pool::connection(call, upgrade).await?;
-    let in_flight = endpoint.start();
-    let send = pool::send(call, endpoint, req, upgrade);
-    let result = match per_try_timeout {
-        Some(t) => tokio::time::timeout(t, send)
-            .await
-            .unwrap_or(Err(ProxyError::UpstreamTimeout { after: t })),
-        None => send.await,
-    };
-    // 429, or a 503 that says when to come back, is a load signal, not a failure: it never
-    // counts toward ejection (the balancer steers around it instead).
-    let health = match &result {
-        Ok(resp) if overloaded(resp) => None,
-        Ok(resp) if matches!(resp.status().as_u16(), 502..=504) => Some(Health::GatewayFailure),
-        Ok(resp) if resp.status().is_server_error() => Some(Health::ServerError),
-        Ok(_) => Some(Health::Success),
-        Err(
-            ProxyError::UpstreamConnect { .. }
-            | ProxyError::UpstreamTimeout { .. }
-            | ProxyError::UpstreamFailed { .. },
-        ) => Some(Health::GatewayFailure),
-        Err(_) => None,
-    };
-    // As Envoy's load reports count it: a 5xx or no answer is an error, anything else a
-    // success.
-    let answered = in_flight.answered();
-    match &result {
-        Ok(resp) => in_flight.finished(!resp.status().is_server_error(), answered),
-        Err(_) => in_flight.finished(false, answered),
-    }
-    let ejected = health.is_some_and(|h| cluster.observe(endpoint, h));
-    if ejected {
-        tracing::warn!(cluster = %cluster.name, endpoint = %endpoint.addr, ejections = endpoint.outlier.ejections(), "endpoint ejected");
-        ctx.metrics.ejection(&cluster.name);
-    }
-    if let (Some(span), Some(trace)) = (span, trace) {
-        let outcome = match &result {
-            Ok(resp) => Ok(resp.status().as_u16()),
-            Err(e) => Err(e.code()),
-        };
-        span.end(
+) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> {
+    async move {
+        let Call {
+            ctx,
+            route,
+            cluster,
+            host,
             trace,
-            &ctx.metrics,
-            &cluster.name,
-            endpoint.addr,
-            outcome,
-            ejected,
-        );
+        } = *call;
+        let per_try_timeout = try_.per_try_timeout;
+        let span = trace.map(|t| AttemptSpan::begin(t, try_.number, try_.waited));
+        headers::rewrite_request(&mut req, route, host, cluster.protocol, upgrade)?;
+        if let Some(span) = &span {
+            // The upstream's parent is this attempt.
+            trace_context::inject(req.headers_mut(), &span.ctx);
+        }
+        // An HTTP/1.1 request needs a connection to itself until its response head.
+        let _connection = pool::connection(call, upgrade).await?;
+        let in_flight = endpoint.start();
+        let send = pool::send(call, endpoint, req, upgrade);
+        let result = match per_try_timeout {
+            Some(t) => tokio::time::timeout(t, send)
+                .await
+                .unwrap_or(Err(ProxyError::UpstreamTimeout { after: t })),
+            None => send.await,
+        };
+        // 429, or a 503 that says when to come back, is a load signal, not a failure: it never
+        // counts toward ejection (the balancer steers around it instead).
+        let health = match &result {
+            Ok(resp) if overloaded(resp) => None,
+            Ok(resp) if matches!(resp.status().as_u16(), 502..=504) => Some(Health::GatewayFailure),
+            Ok(resp) if resp.status().is_server_error() => Some(Health::ServerError),
+            Ok(_) => Some(Health::Success),
+            Err(
+                ProxyError::UpstreamConnect { .. }
+                | ProxyError::UpstreamTimeout { .. }
+                | ProxyError::UpstreamFailed { .. },
+            ) => Some(Health::GatewayFailure),
+            Err(_) => None,
+        };
+        // As Envoy's load reports count it: a 5xx or no answer is an error, anything else a
+        // success.
+        let answered = in_flight.answered();
+        match &result {
+            Ok(resp) => in_flight.finished(!resp.status().is_server_error(), answered),
+            Err(_) => in_flight.finished(false, answered),
+        }
+        let ejected = health.is_some_and(|h| cluster.observe(endpoint, h));
+        if ejected {
+            tracing::warn!(cluster = %cluster.name, endpoint = %endpoint.addr, ejections = endpoint.outlier.ejections(), "endpoint ejected");
+            ctx.metrics.ejection(&cluster.name);
+        }
+        if let (Some(span), Some(trace)) = (span, trace) {
+            let outcome = match &result {
+                Ok(resp) => Ok(resp.status().as_u16()),
+                Err(e) => Err(e.code()),
+            };
+            span.end(
+                trace,
+                &ctx.metrics,
+                &cluster.name,
+                endpoint.addr,
+                outcome,
+                ejected,
+            );
+        }
+        let resp = result?;
+        if overloaded(&resp) {
+            in_flight.overloaded(retry_after(resp.headers()), answered);
+        } else {
+            in_flight.responded(answered);
+        }
+        Ok(resp)
     }
-    let resp = result?;
-    if overloaded(&resp) {
-        in_flight.overloaded(retry_after(resp.headers()), answered);
-    } else {
-        in_flight.responded(answered);
-    }
-    Ok(resp)
 }
 
 /// An answer that says the endpoint has too much to do right now.

@@ -31,6 +31,7 @@ pub mod timeout;
 pub mod upgrade;
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::sync::Arc;
 
 use http::{Request, Response, StatusCode};
@@ -44,125 +45,132 @@ use crate::telemetry::request_trace::Trace;
 use crate::upstream::client::Body;
 use crate::upstream::error::ProxyError;
 
-/// One request, through the whole stack.
-pub async fn handle(
+/// One request, through the whole stack. This and the stages below return `async` blocks
+/// rather than being `async fn`s, for the reason given at `retry::send`.
+#[allow(clippy::manual_async_fn)] // one slot per argument, not two
+pub fn handle(
     ctx: Arc<HttpContext>,
     peer: Arc<Peer>,
     req: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
-    let snapshot = ctx.config.load_full();
-    let mut ex = Exchange::new(&ctx, &snapshot, peer);
-    // access log → metrics: what they need of the request is taken before it goes down.
-    let access = access_log::begin(&ex, &req);
-    let span = record::span_facts(&ex, &req);
-    let tap = ctx.metrics.tap.begin(&req);
-    let response = match forward(&ctx, &mut ex, req).await {
-        Ok(resp) => resp,
-        Err(err) => {
-            let trace_id = ex.trace.as_ref().map(|t| record::hex(&t.span.trace_id));
-            tracing::debug!(error = %err, side = ?err.side(), trace_id, "synthetic response");
-            err.into_response()
+) -> impl Future<Output = Result<Response<Body>, Infallible>> {
+    async move {
+        let snapshot = ctx.config.load_full();
+        let mut ex = Exchange::new(&ctx, &snapshot, peer);
+        // access log → metrics: what they need of the request is taken before it goes down.
+        let access = access_log::begin(&ex, &req);
+        let span = record::span_facts(&ex, &req);
+        let tap = ctx.metrics.tap.begin(&req);
+        let response = match forward(&ctx, &mut ex, req).await {
+            Ok(resp) => resp,
+            Err(err) => {
+                let trace_id = ex.trace.as_ref().map(|t| record::hex(&t.span.trace_id));
+                tracing::debug!(error = %err, side = ?err.side(), trace_id, "synthetic response");
+                err.into_response()
+            }
+        };
+        if let Some(access) = access {
+            access.write(&ex, &response);
         }
-    };
-    if let Some(access) = access {
-        access.write(&ex, &response);
+        if let Some(tap) = tap {
+            record::tap(&ex, tap, response.status().as_u16());
+        }
+        Ok(record::finish(ex, span, response))
     }
-    if let Some(tap) = tap {
-        record::tap(&ex, tap, response.status().as_u16());
-    }
-    Ok(record::finish(ex, span, response))
 }
 
 /// authorize → route → rate limit → (redirect, rewrite, mirror) → timeout → retry → balance →
 /// pool, and the response back.
-async fn forward<'a>(
-    ctx: &Arc<HttpContext>,
-    ex: &mut Exchange<'a>,
+#[allow(clippy::manual_async_fn)] // one slot per argument, not two
+fn forward<'a, 'b>(
+    ctx: &'b Arc<HttpContext>,
+    ex: &'b mut Exchange<'a>,
     req: Request<Incoming>,
-) -> Result<Response<Body>, ProxyError> {
-    let (mut parts, body) = req.into_parts();
-    authorize::authorize(ex, &mut parts)?;
-    let host = route::request_host_of(&parts)?;
-    let route = route::select(ex, host.as_str(), &parts)?;
-    ex.route = Some(route);
-    rate_limit::admit(ex, route)?;
-    if let Some(redirect) = &route.redirect {
-        let mut resp = redirect.respond(host.as_str(), &parts.uri, &route.path);
-        route.response_headers.apply(resp.headers_mut());
-        return Ok(resp);
-    }
-    let host = match &route.rewrite {
-        Some(rewrite) => route::rewrite(rewrite, &route.path, &mut parts, host)?,
-        None => host,
-    };
-    // A copy of a request without a body goes now; one with a body once the body is read.
-    let mirrored = !route.mirrors.is_empty();
-    let bodiless = mirrored && mirror::bodiless(&body);
-    if bodiless {
-        mirror::copy(
-            ctx,
+) -> impl Future<Output = Result<Response<Body>, ProxyError>> {
+    async move {
+        let (mut parts, body) = req.into_parts();
+        authorize::authorize(ex, &mut parts)?;
+        let host = route::request_host_of(&parts)?;
+        let route = route::select(ex, host.as_str(), &parts)?;
+        ex.route = Some(route);
+        rate_limit::admit(ex, route)?;
+        if let Some(redirect) = &route.redirect {
+            let mut resp = redirect.respond(host.as_str(), &parts.uri, &route.path);
+            route.response_headers.apply(resp.headers_mut());
+            return Ok(resp);
+        }
+        let host = match &route.rewrite {
+            Some(rewrite) => route::rewrite(rewrite, &route.path, &mut parts, host)?,
+            None => host,
+        };
+        // A copy of a request without a body goes now; one with a body once the body is read.
+        let mirrored = !route.mirrors.is_empty();
+        let bodiless = mirrored && mirror::bodiless(&body);
+        if bodiless {
+            mirror::copy(
+                ctx,
+                route,
+                &mirror::head_of(&parts),
+                &bytes::Bytes::new(),
+                host.as_str(),
+            );
+        }
+        let timeout = timeout::for_request(route.timeout, &parts.headers);
+        let mut req = Request::from_parts(parts, body);
+        if let Some(tracer) = &ex.snapshot.tracing {
+            ex.trace = Trace::start(tracer, req.headers(), route.sampling);
+        }
+        let cluster = &pick_backend(&route.backends, route.total_weight).cluster;
+        // Held until the response head: past the threshold, fail fast rather than queue.
+        let Some(slot) = cluster.breaker.try_request() else {
+            ex.ctx.metrics.overflow(&cluster.name, "requests");
+            return Err(ProxyError::Overloaded {
+                cluster: cluster.name.clone(),
+                limit: "max_requests",
+            });
+        };
+        let upgrade = route.websocket && headers::is_upgrade(&req);
+        let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        // Only a tunnel outlives its request and needs its own hold on the drain.
+        let drain = upgrade.then(|| ex.peer.drain.clone()).flatten();
+        let call = Call {
+            ctx: ex.ctx,
             route,
-            &mirror::head_of(&parts),
-            &bytes::Bytes::new(),
-            host.as_str(),
-        );
-    }
-    let timeout = timeout::for_request(route.timeout, &parts.headers);
-    let mut req = Request::from_parts(parts, body);
-    if let Some(tracer) = &ex.snapshot.tracing {
-        ex.trace = Trace::start(tracer, req.headers(), route.sampling);
-    }
-    let cluster = &pick_backend(&route.backends, route.total_weight).cluster;
-    // Held until the response head: past the threshold, fail fast rather than queue.
-    let Some(slot) = cluster.breaker.try_request() else {
-        ex.ctx.metrics.overflow(&cluster.name, "requests");
-        return Err(ProxyError::Overloaded {
-            cluster: cluster.name.clone(),
-            limit: "max_requests",
-        });
-    };
-    let upgrade = route.websocket && headers::is_upgrade(&req);
-    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    // Only a tunnel outlives its request and needs its own hold on the drain.
-    let drain = upgrade.then(|| ex.peer.drain.clone()).flatten();
-    let call = Call {
-        ctx: ex.ctx,
-        route,
-        cluster,
-        host: host.as_str(),
-        trace: ex.trace.as_ref(),
-    };
-    let policy = route.retry.as_deref().filter(|p| p.retries > 0 && !upgrade);
-    // One clock read for the request's deadline, which the timeout below and the retries'
-    // backoffs both keep to.
-    let deadline = tokio::time::Instant::now() + timeout;
-    let send = async {
-        if !mirrored || bodiless || upgrade {
-            return retry::send(&call, policy, deadline, req, upgrade).await;
-        }
-        match retry::replayable(req).await? {
-            retry::Replay::Ready(head, body) => {
-                mirror::copy(ctx, route, &head, &body, host.as_str());
-                retry::send_buffered(&call, policy, deadline, head, body).await
+            cluster,
+            host: host.as_str(),
+            trace: ex.trace.as_ref(),
+        };
+        let policy = route.retry.as_deref().filter(|p| p.retries > 0 && !upgrade);
+        // One clock read for the request's deadline, which the timeout below and the retries'
+        // backoffs both keep to.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let send = async {
+            if !mirrored || bodiless || upgrade {
+                return retry::send(&call, policy, deadline, req, upgrade).await;
             }
-            retry::Replay::Once(req) => {
-                mirror::skipped(ctx, route);
-                retry::send(&call, policy, deadline, req, upgrade).await
+            // Taken apart before the next await (as in `retry::send`).
+            let (head, body) = match retry::replayable(req).await? {
+                retry::Replay::Ready(head, body) => (head, body),
+                retry::Replay::Once(req) => {
+                    mirror::skipped(ctx, route);
+                    return retry::send(&call, policy, deadline, req, upgrade).await;
+                }
+            };
+            mirror::copy(ctx, route, &head, &body, host.as_str());
+            retry::send_buffered(&call, policy, deadline, head, body).await
+        };
+        // Boxed: the tries, backoffs and pool below make this the largest part of a request's
+        // future. Each layer above it (the timeout, this function, the request's own future, and
+        // the connection's slot for it) would otherwise copy all of it, once per request.
+        let mut resp = timeout::within(deadline, Box::pin(send))
+            .await
+            .map_err(|_| timeout::expired(timeout))??;
+        match downstream_upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS) {
+            Some(downstream) => {
+                upgrade::tunnel(downstream, &mut resp, slot, drain, ex.listener.idle_timeout)
             }
+            None => headers::strip_hop_by_hop(resp.headers_mut()),
         }
-    };
-    // Boxed: the tries, backoffs and pool below make this the largest part of a request's
-    // future. Each layer above it (the timeout, this function, the request's own future, and
-    // the connection's slot for it) would otherwise copy all of it, once per request.
-    let mut resp = timeout::within(deadline, Box::pin(send))
-        .await
-        .map_err(|_| timeout::expired(timeout))??;
-    match downstream_upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS) {
-        Some(downstream) => {
-            upgrade::tunnel(downstream, &mut resp, slot, drain, ex.listener.idle_timeout)
-        }
-        None => headers::strip_hop_by_hop(resp.headers_mut()),
+        route.response_headers.apply(resp.headers_mut());
+        Ok(resp.map(|b| b.boxed()))
     }
-    route.response_headers.apply(resp.headers_mut());
-    Ok(resp.map(|b| b.boxed()))
 }

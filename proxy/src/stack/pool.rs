@@ -3,6 +3,7 @@
 //! connection limit; HTTP/2 multiplexes onto the endpoint's one connection; an upgrade gets a
 //! fresh connection that becomes the tunnel.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use http::{Request, Response};
@@ -37,33 +38,37 @@ pub async fn connection(
     }
 }
 
-pub async fn send(
-    call: &Call<'_>,
-    endpoint: &Arc<Endpoint>,
+/// A function returning an `async` block, for the reason given at `retry::send`.
+#[allow(clippy::manual_async_fn)] // one slot per argument, not two
+pub fn send<'a>(
+    call: &'a Call<'a>,
+    endpoint: &'a Arc<Endpoint>,
     req: Request<Body>,
     upgrade: bool,
-) -> Result<Response<UpstreamBody>, ProxyError> {
-    let cluster = call.cluster;
-    let timeout = cluster.connect_timeout;
-    let unpooled = |resp: Response<_>| resp.map(UpstreamBody::unpooled);
-    match (upgrade, cluster.protocol) {
-        // An upgrade dials a connection of its own: boxed, like every dial.
-        (true, _) => Box::pin(send_upgrade(&cluster.name, endpoint.addr, timeout, req))
-            .await
-            .map(unpooled),
-        (false, UpstreamProtocol::Http1) => {
-            endpoint
-                .h1
-                .send(&cluster.name, endpoint.addr, timeout, req)
+) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> {
+    async move {
+        let cluster = call.cluster;
+        let timeout = cluster.connect_timeout;
+        let unpooled = |resp: Response<_>| resp.map(UpstreamBody::unpooled);
+        match (upgrade, cluster.protocol) {
+            // An upgrade dials a connection of its own: boxed, like every dial.
+            (true, _) => Box::pin(send_upgrade(&cluster.name, endpoint.addr, timeout, req))
                 .await
-        }
-        (false, UpstreamProtocol::Http2) => {
-            let tls = cluster.tls.as_ref().map(|t| &t.config);
-            endpoint
-                .h2
-                .send(&cluster.name, endpoint.addr, timeout, tls, req)
-                .await
-                .map(unpooled)
+                .map(unpooled),
+            (false, UpstreamProtocol::Http1) => {
+                endpoint
+                    .h1
+                    .send(&cluster.name, endpoint.addr, timeout, req)
+                    .await
+            }
+            (false, UpstreamProtocol::Http2) => {
+                let tls = cluster.tls.as_ref().map(|t| &t.config);
+                endpoint
+                    .h2
+                    .send(&cluster.name, endpoint.addr, timeout, tls, req)
+                    .await
+                    .map(unpooled)
+            }
         }
     }
 }

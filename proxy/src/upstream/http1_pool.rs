@@ -9,6 +9,7 @@
 //! connections without meeting on a lock, and nothing is spawned per request. It allocates
 //! nothing until first used: an endpoint nobody calls costs a few words.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -70,37 +71,42 @@ impl IdleSince {
 
 impl Http1Pool {
     /// Sends `req` on an idle connection, or on a new one when none is left.
-    pub async fn send(
-        self: &Arc<Self>,
-        cluster: &str,
+    /// A function returning an `async` block rather than an `async fn`, so that its future
+    /// keeps one slot for the request rather than two (see `stack::retry::send`).
+    #[allow(clippy::manual_async_fn)] // one slot per argument, not two
+    pub fn send<'a>(
+        self: &'a Arc<Self>,
+        cluster: &'a str,
         addr: SocketAddr,
         connect_timeout: Duration,
         mut req: Request<Body>,
-    ) -> Result<Response<UpstreamBody>, ProxyError> {
-        let sent = watch_body(&mut req);
-        while let Some(mut conn) = self.take() {
-            // The exchange before may still be finishing on the connection's task.
-            if conn.sender.ready().await.is_err() {
-                continue;
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + 'a {
+        async move {
+            let sent = watch_body(&mut req);
+            while let Some(mut conn) = self.take() {
+                // The exchange before may still be finishing on the connection's task.
+                if conn.sender.ready().await.is_err() {
+                    continue;
+                }
+                match conn.sender.try_send_request(req).await {
+                    Ok(resp) => return Ok(self.returning(resp, conn, sent)),
+                    Err(mut e) => match e.take_message() {
+                        // The upstream closed it a moment ago, before a byte of this request was
+                        // written: the request goes on the next one, unsent and intact.
+                        Some(unsent) => req = unsent,
+                        None => return Err(failed(&e.into_error())),
+                    },
+                }
             }
-            match conn.sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.returning(resp, conn, sent)),
-                Err(mut e) => match e.take_message() {
-                    // The upstream closed it a moment ago, before a byte of this request was
-                    // written: the request goes on the next one, unsent and intact.
-                    Some(unsent) => req = unsent,
-                    None => return Err(failed(&e.into_error())),
-                },
-            }
+            // Dialling is the rare case: boxed, so that every request's future does not carry it.
+            let mut conn = Box::pin(self.dial(cluster, addr, connect_timeout)).await?;
+            let resp = conn
+                .sender
+                .send_request(req)
+                .await
+                .map_err(|e| failed(&e))?;
+            Ok(self.returning(resp, conn, sent))
         }
-        // Dialling is the rare case: boxed, so that every request's future does not carry it.
-        let mut conn = Box::pin(self.dial(cluster, addr, connect_timeout)).await?;
-        let resp = conn
-            .sender
-            .send_request(req)
-            .await
-            .map_err(|e| failed(&e))?;
-        Ok(self.returning(resp, conn, sent))
     }
 
     /// How many idle connections wait in the pool.
