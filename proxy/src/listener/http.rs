@@ -2,11 +2,11 @@
 //! its HTTP/1 connection made again after each rest (`rest.rs`), each request handed to the
 //! stack, and closed on drain or after its idle timeout.
 
-use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -57,11 +57,10 @@ where
         let activity = activity.clone();
         move |req: hyper::Request<hyper::body::Incoming>| {
             let in_flight = activity.request(rest::leaves_parser_idle(&req));
-            let (ctx, peer) = (ctx.clone(), peer.clone());
-            async move {
-                let resp = stack::handle(ctx, peer, req).await?;
-                Ok::<_, Infallible>(resp.map(|body| Tracked::new(body, in_flight)))
-            }
+            // A combinator rather than an `async` block around it, which would keep a second
+            // slot for the request.
+            stack::handle(ctx.clone(), peer.clone(), Box::new(req))
+                .map(move |resp| resp.map(|resp| resp.map(|body| Tracked::new(body, in_flight))))
         }
     };
     if protocol == Protocol::Http2 {
