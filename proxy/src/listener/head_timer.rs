@@ -20,10 +20,10 @@ use hyper::rt::{Sleep, Timer};
 
 use crate::net::alarm::Alarm;
 
-/// One connection's shared timer. Only that connection's task takes the lock, so it is never
-/// waited on.
+/// One connection's shared timer, made at the first head. Only that connection's task takes
+/// the lock, so it is never waited on.
 #[allow(clippy::disallowed_types)]
-type Shared = Arc<std::sync::Mutex<Pin<Box<Alarm>>>>;
+type Shared = Arc<std::sync::Mutex<Option<Pin<Box<Alarm>>>>>;
 
 /// The `Timer` to give hyper's HTTP/1.1 builder, one per connection.
 pub struct HeadTimer {
@@ -31,13 +31,25 @@ pub struct HeadTimer {
 }
 
 impl HeadTimer {
-    /// Must be made inside the runtime, as tokio's timers are.
+    /// A timer with no alarm yet: a resting connection's builder holds one of these, a few
+    /// words. Its alarm is made at the first head, inside the runtime.
     pub fn new() -> HeadTimer {
         HeadTimer {
-            // Set when the first head's deadline is known.
-            alarm: Arc::new(Box::pin(Alarm::at(tokio::time::Instant::now())).into()),
+            alarm: Arc::new(None.into()),
         }
     }
+}
+
+/// The shared alarm, set to go off no later than `deadline`.
+fn no_later_than(
+    alarm: &mut Option<Pin<Box<Alarm>>>,
+    deadline: tokio::time::Instant,
+) -> Pin<&mut Alarm> {
+    let alarm = alarm.get_or_insert_with(|| Box::pin(Alarm::at(deadline)));
+    if alarm.deadline() > deadline {
+        alarm.as_mut().reset(deadline);
+    }
+    alarm.as_mut()
 }
 
 /// One head's deadline.
@@ -58,11 +70,11 @@ impl Timer for HeadTimer {
 
     fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn Sleep>> {
         let deadline = tokio::time::Instant::from_std(deadline);
-        let mut alarm = self.alarm.lock().unwrap_or_else(PoisonError::into_inner);
         // The shared alarm must go off no later than any head's deadline.
-        if alarm.deadline() > deadline {
-            alarm.as_mut().reset(deadline);
-        }
+        no_later_than(
+            &mut self.alarm.lock().unwrap_or_else(PoisonError::into_inner),
+            deadline,
+        );
         Box::pin(HeadSleep {
             alarm: self.alarm.clone(),
             deadline,
@@ -74,10 +86,10 @@ impl Timer for HeadTimer {
             Some(head) => {
                 let head = head.get_mut();
                 head.deadline = tokio::time::Instant::from_std(new_deadline);
-                let mut alarm = head.alarm.lock().unwrap_or_else(PoisonError::into_inner);
-                if alarm.deadline() > head.deadline {
-                    alarm.as_mut().reset(head.deadline);
-                }
+                no_later_than(
+                    &mut head.alarm.lock().unwrap_or_else(PoisonError::into_inner),
+                    head.deadline,
+                );
             }
             None => *sleep = self.sleep_until(new_deadline),
         }
@@ -89,7 +101,8 @@ impl Future for HeadSleep {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         let deadline = self.deadline;
-        let mut alarm = self.alarm.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut shared = self.alarm.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut alarm = no_later_than(&mut shared, deadline);
         loop {
             if alarm.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;

@@ -95,6 +95,7 @@ where
     }
     let mut http1 = hyper::server::conn::http1::Builder::new();
     http1
+        .timer(HeadTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(MAX_HEADER_BYTES)
         .max_headers(MAX_HEADERS);
@@ -103,9 +104,6 @@ where
     let mut service = service_fn(move |req| Box::pin(handler(req)));
     let mut io = Resting::new(io, activity.clone());
     loop {
-        // A timer of its own for each stretch between rests, so that a resting connection
-        // holds none.
-        http1.timer(HeadTimer::new());
         // Boxed: a resting connection gives back all of hyper's, its state with its buffers.
         let mut conn = Box::new(
             http1
@@ -130,6 +128,9 @@ where
         let Some(parts) = conn.into_parts() else {
             return Ok(None);
         };
+        // A fresh timer, whose alarm is made at the next head: a resting connection holds
+        // none.
+        http1.timer(HeadTimer::new());
         service = parts.service;
         io = parts.io.into_inner();
         rests.inc();
