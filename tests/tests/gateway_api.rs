@@ -410,21 +410,23 @@ status:
     })
     .await;
     let entry = &ours(&written)[0];
-    assert_eq!(entry["parentRef"]["name"], "catalog");
+    // Each check names the status it saw, so that a failure says which write it was.
+    assert_eq!(entry["parentRef"]["name"], "catalog", "{written:#}");
     let conditions = entry["conditions"].as_array().unwrap();
     for (kind, reason) in [("Accepted", "Accepted"), ("ResolvedRefs", "ResolvedRefs")] {
         let c = conditions.iter().find(|c| c["type"] == kind).unwrap();
         assert_eq!(
             (c["status"].as_str(), c["reason"].as_str()),
-            (Some("True"), Some(reason))
+            (Some("True"), Some(reason)),
+            "{written:#}"
         );
-        assert_eq!(c["observedGeneration"], 1);
+        assert_eq!(c["observedGeneration"], 1, "{written:#}");
     }
     assert_eq!(
-        written["status"]["parents"][0]["controllerName"],
-        "example.com/gateway"
+        written["status"]["parents"][0]["controllerName"], "example.com/gateway",
+        "{written:#}"
     );
-    assert_eq!(ours(&written).len(), 1);
+    assert_eq!(ours(&written).len(), 1, "{written:#}");
 
     // Both replicas serve the route; one wrote, once, and an unchanged cluster costs no write.
     for mesh in [&a, &b] {
