@@ -15,6 +15,7 @@ use crate::policy::retry::retry_after;
 use crate::stack::exchange::Call;
 use crate::stack::headers;
 use crate::stack::pool;
+use crate::stack::timeout;
 use crate::telemetry::request_trace::AttemptSpan;
 use crate::telemetry::trace_context;
 use crate::upstream::client::Body;
@@ -77,7 +78,9 @@ pub fn attempt<'a>(
         let in_flight = endpoint.start();
         let send = pool::send(call, endpoint, req, upgrade);
         let result = match per_try_timeout {
-            Some(t) => tokio::time::timeout(t, send)
+            // An `Alarm`, as the request's timeout is: the try's many wakes do not each poll
+            // its timer in full.
+            Some(t) => timeout::within(tokio::time::Instant::now() + t, send)
                 .await
                 .unwrap_or(Err(ProxyError::UpstreamTimeout { after: t })),
             None => send.await,
