@@ -9,7 +9,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use outrigger_proxy::app;
 use outrigger_proxy::config::snapshot::{self, RuntimeConfig};
 
-mod release_memory;
+mod allocator;
 
 #[derive(Parser)]
 #[command(
@@ -428,6 +428,7 @@ fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn main() -> ExitCode {
+    allocator::no_huge_pages();
     let cli = Cli::parse();
     match cli.command {
         Command::Init(args) => init(args),
@@ -516,7 +517,7 @@ async fn serve_until_signal(
             return ExitCode::FAILURE;
         }
     };
-    tokio::spawn(release_memory::after_frees());
+    tokio::spawn(allocator::release_after_frees());
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
     tokio::select! {
