@@ -9,7 +9,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use outrigger_proxy::app;
 use outrigger_proxy::config::snapshot::{self, RuntimeConfig};
 
-mod allocator;
+mod release_memory;
 
 #[derive(Parser)]
 #[command(
@@ -428,7 +428,6 @@ fn runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn main() -> ExitCode {
-    allocator::no_huge_pages();
     let cli = Cli::parse();
     match cli.command {
         Command::Init(args) => init(args),
@@ -517,7 +516,7 @@ async fn serve_until_signal(
             return ExitCode::FAILURE;
         }
     };
-    tokio::spawn(allocator::release_after_frees());
+    tokio::spawn(release_memory::after_frees());
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
     tokio::select! {
