@@ -421,6 +421,8 @@ pub(crate) struct RunArgs {
     pub only: Option<String>,
     /// `None`: HAProxy is left out of the comparison.
     pub haproxy_bin: Option<PathBuf>,
+    /// How many times the side-by-side scenarios run through every target (`rounds`).
+    pub rounds: usize,
 }
 
 pub(crate) fn run_args(raw: &[String]) -> RunArgs {
@@ -435,6 +437,7 @@ pub(crate) fn run_args(raw: &[String]) -> RunArgs {
         haproxy_bin: std::env::var_os("HAPROXY_BIN")
             .map(PathBuf::from)
             .or_else(|| Some(PathBuf::from("/usr/sbin/haproxy")).filter(|p| p.exists())),
+        rounds: 1,
     };
     let mut it = raw.iter();
     while let Some(flag) = it.next() {
@@ -448,8 +451,9 @@ pub(crate) fn run_args(raw: &[String]) -> RunArgs {
             "--baseline" => args.baseline_bin = Some(value.into()),
             "--only" => args.only = Some(value.clone()),
             "--haproxy" => args.haproxy_bin = Some(value.into()),
+            "--rounds" => args.rounds = value.parse().expect("--rounds N"),
             other => panic!(
-                "unknown flag {other}; flags: --duration S --rate RPS --proxy PATH --envoy PATH --out DIR --baseline PATH --only NAME --haproxy PATH"
+                "unknown flag {other}; flags: --duration S --rate RPS --proxy PATH --envoy PATH --out DIR --baseline PATH --only NAME --haproxy PATH --rounds N"
             ),
         }
     }
@@ -574,6 +578,7 @@ mod kube_idle;
 mod memory;
 mod mesh_hop;
 mod resilience;
+mod rounds;
 mod tracing_cost;
 mod wrk_nginx;
 mod xds_scale;
@@ -623,37 +628,67 @@ fn main() {
         }
         t
     };
-    for start in &targets {
-        let target = start();
-        let pid = target.child.as_ref().map(|c| c.id());
-        // Let the process settle before calling its memory "idle".
-        std::thread::sleep(Duration::from_millis(500));
-        let idle_kib = pid.map(|p| memory_kib(p, "VmRSS:"));
-        // Warm up connection pools and caches so the first scenario is not penalised.
-        let _ = Command::new("h2load")
-            .args(["--h1", "-c", "10", "-n", "2000"])
-            .arg(format!("http://{}/", target.addr))
-            .output();
-        let chosen = scenarios(&args).into_iter().filter(|s| {
+    // Every target is started, and measured idle, before the first row; then each round
+    // runs each scenario through every target in turn (see `rounds`).
+    let started: Vec<(Target, Option<u64>)> = targets
+        .iter()
+        .map(|start| {
+            let target = start();
+            let pid = target.child.as_ref().map(|c| c.id());
+            // Let the process settle before calling its memory "idle".
+            std::thread::sleep(Duration::from_millis(500));
+            let idle_kib = pid.map(|p| memory_kib(p, "VmRSS:"));
+            // Warm up connection pools and caches so the first scenario is not penalised.
+            let _ = Command::new("h2load")
+                .args(["--h1", "-c", "10", "-n", "2000"])
+                .arg(format!("http://{}/", target.addr))
+                .output();
+            (target, idle_kib)
+        })
+        .collect();
+    let chosen: Vec<Scenario> = scenarios(&args)
+        .into_iter()
+        .filter(|s| {
             args.only
                 .as_deref()
                 .is_none_or(|only| s.name.contains(only))
-        });
-        for scenario in chosen {
-            eprintln!("running {:<16} through {}", scenario.name, target.name);
-            let m = run_h2load(&scenario, &target, &dir.join("h2load.log"));
-            let peak_kib = pid.map(|p| memory_kib(p, "VmHWM:"));
-            rows.push(row_json(
-                scenario.name,
-                target.name,
-                scenario.fixed_rate,
-                &m,
-                (idle_kib, peak_kib),
-                ("h2load_args", &scenario.h2load.join(" ")),
-            ));
-            table.push((scenario.name, target.name, m, idle_kib, peak_kib));
+        })
+        .collect();
+    for round in 0..args.rounds {
+        for scenario in &chosen {
+            for i in rounds::order(started.len(), round) {
+                let (target, idle_kib) = &started[i];
+                let pid = target.child.as_ref().map(|c| c.id());
+                eprintln!(
+                    "round {}: running {:<16} through {}",
+                    round + 1,
+                    scenario.name,
+                    target.name
+                );
+                let m = run_h2load(scenario, target, &dir.join("h2load.log"));
+                let peak_kib = pid.map(|p| memory_kib(p, "VmHWM:"));
+                let mut row = row_json(
+                    scenario.name,
+                    target.name,
+                    scenario.fixed_rate,
+                    &m,
+                    (*idle_kib, peak_kib),
+                    ("h2load_args", &scenario.h2load.join(" ")),
+                );
+                row["round"] = json!(round + 1);
+                rows.push(row);
+                table.push(rounds::Row {
+                    round,
+                    scenario: scenario.name,
+                    target: target.name,
+                    measured: m,
+                    idle_kib: *idle_kib,
+                    peak_kib,
+                });
+            }
         }
     }
+    drop(started);
 
     if args
         .only
@@ -669,21 +704,29 @@ fn main() {
                 (idle_kib, peak_kib),
                 ("wrk_args", "-t1 -c32 (nginx upstream)"),
             ));
-            table.push((wrk_nginx::SCENARIO, target, m, idle_kib, peak_kib));
+            table.push(rounds::Row {
+                round: 0,
+                scenario: wrk_nginx::SCENARIO,
+                target,
+                measured: m,
+                idle_kib,
+                peak_kib,
+            });
         }
     }
 
-    // The h2load scenarios in their order, then the wrk row.
-    table.sort_by_key(|(s, _, _, _, _)| {
+    // The h2load scenarios in their order (each in round order), then the wrk row.
+    table.sort_by_key(|r| {
         scenarios(&args)
             .iter()
-            .position(|x| x.name == *s)
+            .position(|x| x.name == r.scenario)
             .unwrap_or(usize::MAX)
     });
     let mut out = String::new();
     out.push_str(&format!(
-        "{:<17} {:<10} {:>10} {:>9} {:>9} {:>11} {:>9} {:>9} {:>7} {:>8}\n",
+        "{:<17} {:<5} {:<10} {:>10} {:>9} {:>9} {:>11} {:>9} {:>9} {:>7} {:>8}\n",
         "scenario",
+        "round",
         "target",
         "req/s",
         "p50 ms",
@@ -695,21 +738,28 @@ fn main() {
         "steal %"
     ));
     let mb = |k: Option<u64>| k.map_or("-".to_string(), |k| format!("{:.1}", k as f64 / 1024.0));
-    for (s, t, m, idle, peak) in &table {
+    for r in &table {
+        let m = &r.measured;
         out.push_str(&format!(
-            "{:<17} {:<10} {:>10.0} {:>9.3} {:>9.3} {:>11} {:>9} {:>9} {:>7} {:>8.1}\n",
-            s,
-            t,
+            "{:<17} {:<5} {:<10} {:>10.0} {:>9.3} {:>9.3} {:>11} {:>9} {:>9} {:>7} {:>8.1}\n",
+            r.scenario,
+            r.round + 1,
+            r.target,
             m.rps,
             m.p50_ms,
             m.p99_ms,
             m.cpu_us_per_req.map_or("-".into(), |c| format!("{c:.1}")),
-            mb(*idle),
-            mb(*peak),
+            mb(r.idle_kib),
+            mb(r.peak_kib),
             m.failed,
             m.steal_pct
         ));
     }
+    let mut names: Vec<&'static str> = chosen.iter().map(|s| s.name).collect();
+    names.push(wrk_nginx::SCENARIO);
+    let (summary, summary_json) = rounds::summary(&table, &names);
+    out.push('\n');
+    out.push_str(&summary);
     println!("\n{out}");
     let stamp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -722,6 +772,7 @@ fn main() {
         "fixed_rate_rps": args.rate,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         "rows": rows,
+        "summary": summary_json,
     });
     let path = args.out_dir.join("results.json");
     let mut f = std::fs::File::create(&path).unwrap();
