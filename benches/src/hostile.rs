@@ -212,13 +212,13 @@ pub fn run(args: &[String]) {
     )
     .unwrap();
     let proxy = Process(
-        Command::new(PathBuf::from("target/release/outrigger-proxy"))
+        Command::new(crate::default_proxy())
             .args(["run", "--workers", "1", "--config"])
             .arg(&config)
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())
             .spawn()
-            .expect("target/release/outrigger-proxy (scripts/bench builds it)"),
+            .expect("the release proxy (scripts/bench builds it)"),
     );
     for addr in [xds, secure, cp_admin, webhook, proxy_admin] {
         wait_for_port(addr);

@@ -425,11 +425,19 @@ pub(crate) struct RunArgs {
     pub rounds: usize,
 }
 
+/// The proxy measured unless `--proxy` says otherwise: `PROXY_BIN` (scripts/bench sets it to
+/// the profile-guided build, see scripts/pgo), else the plain release build.
+pub(crate) fn default_proxy() -> PathBuf {
+    std::env::var_os("PROXY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target/release/outrigger-proxy"))
+}
+
 pub(crate) fn run_args(raw: &[String]) -> RunArgs {
     let mut args = RunArgs {
         duration: 10,
         rate: 1000,
-        proxy_bin: PathBuf::from("target/release/outrigger-proxy"),
+        proxy_bin: default_proxy(),
         envoy_bin: std::env::var_os("ENVOY_BIN").map(PathBuf::from),
         out_dir: PathBuf::from("target/bench"),
         baseline_bin: None,
