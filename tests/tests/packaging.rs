@@ -208,6 +208,20 @@ fn the_dockerfiles_build_the_real_binaries_and_run_as_non_root() {
     // The proxy image is also the init container's: it needs iptables.
     let proxy = std::fs::read_to_string(repo().join("deploy/proxy.Dockerfile")).unwrap();
     assert!(proxy.contains("install -y --no-install-recommends iptables"));
+    // The proxy in the image is the profile-guided build the benches measure: the profile
+    // scripts/pgo writes is made before the build that reads it.
+    let steps = instructions(&repo().join("deploy/proxy.Dockerfile"));
+    let run = |needle: &str| {
+        steps
+            .iter()
+            .position(|(op, a)| op == "RUN" && a.contains(needle))
+            .unwrap_or_else(|| panic!("proxy.Dockerfile: no RUN with {needle}"))
+    };
+    let profile = run("scripts/pgo --profile-only");
+    let build = run("-Cprofile-use=/src/target/pgo/proxy.profdata");
+    assert!(profile < build && steps[build].1.contains("cargo build"));
+    let pgo = std::fs::read_to_string(repo().join("scripts/pgo")).unwrap();
+    assert!(pgo.contains(r#"out="$PWD/target/pgo""#) && pgo.contains(r#""$out/proxy.profdata""#));
     // Builds do not send the host's target directory or venv to the daemon.
     let ignore = std::fs::read_to_string(repo().join(".dockerignore")).unwrap();
     assert!(ignore.lines().any(|l| l == "target"));
