@@ -591,8 +591,29 @@ mod tracing_cost;
 mod wrk_nginx;
 mod xds_scale;
 
+/// What `--help` prints: each subcommand's flags are also named when one is unknown.
+const USAGE: &str = "\
+usage: outrigger-bench [FLAGS]          the comparison: no proxy, Outrigger, Envoy, HAProxy
+         --duration S --rate RPS --rounds N --only NAME --out DIR
+         --proxy PATH --baseline PATH --envoy PATH --haproxy PATH
+       outrigger-bench SUBCOMMAND [FLAGS]
+         memory      RSS per idle and keep-alive connection, per virtual host and route
+         mesh-hop    two sidecars with mTLS against one Envoy doing plain HTTP
+         xds-scale   the control plane: memory per ADS stream, full-push p99
+         churn       the control plane: endpoint changes per second across scoped streams
+         resilience  an endpoint failing one request in ten, behind retries and ejection
+         tracing     a span per request, and a dead collector
+         hostile     too many and misbehaving connections at the admin and control-plane ports
+         chaos       a fault mid-run: ours on its defaults, Envoy set up as Istio's sidecar
+         kube-idle   what the control plane asks of a Kubernetes API server
+Environment: PROXY_BIN (the proxy measured), ENVOY_BIN, HAPROXY_BIN. scripts/bench runs it.";
+
 fn main() {
     let raw: Vec<String> = std::env::args().skip(1).collect();
+    if raw.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return;
+    }
     match raw.first().map(String::as_str) {
         Some("xds-scale") => return xds_scale::run(&raw[1..], Path::new("target/bench")),
         Some("resilience") => return resilience::run(&raw[1..]),
