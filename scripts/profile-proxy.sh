@@ -28,7 +28,7 @@ CONFIG
 
 # Builds target/pgo/release/outrigger-proxy with the profile at $1 (an absolute path). cargo
 # does not look at a profile's contents, only at the flags, so the build reads it under a name
-# that changes with them: a new profile rebuilds the proxy, the same one does not.
+# taken from its contents: a new profile rebuilds the proxy, the same one does not.
 build_with_profile() {
   local named
   named="${1%.profdata}-$(sha256sum "$1" | cut -c1-16).profdata"
